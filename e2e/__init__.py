@@ -1,0 +1,1 @@
+"""End-to-end suite and the tooling it shares with the runtime tests and the demo."""

@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Builds the pinned control-plane binaries from their Go modules (Go module proxy only)
+# into ~/.cache/kubeonnx/bin/<component>-<version>/, skipping what is already there.
+# Prints the directory of each component on stdout, one "NAME=DIR" line each.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=versions.env
+source "$here/versions.env"
+
+cache=${KUBEONNX_CACHE:-$HOME/.cache/kubeonnx}
+export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-buildvcs=false
+log() { printf '[build-binaries] %s\n' "$*" >&2; }
+
+# Each component lands in its own version-keyed directory, moved into place only
+# when every binary of it has been built, so an interrupted build is never reused.
+have() { local dir=$1; shift; for b in "$@"; do [ -x "$dir/$b" ] || return 1; done; }
+
+build_kubernetes() {
+  local v=$K8S_VERSION dir="$cache/bin/kubernetes-$K8S_VERSION"
+  local bins=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
+  if have "$dir" "${bins[@]}"; then log "kubernetes $v: cached"; echo "KUBERNETES_BIN=$dir"; return; fi
+  log "kubernetes $v: building ${bins[*]} (a cold build takes a while on 2 cores)"
+  local work; work=$(mktemp -d); trap 'rm -rf "$work"' RETURN
+  local minor=${v#v1.}; minor=${minor%%.*}
+  local staging_version="v0.${v#v1.}"
+  # k8s.io/kubernetes replaces its staging modules with local paths, so it cannot be
+  # built as a dependency directly: pin each staging module to its published version.
+  local gomod; gomod=$(go mod download -json "k8s.io/kubernetes@$v" | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')
+  local staging; staging=$(sed -n 's#^\s*\(k8s\.io/[^ ]*\) => \./staging/.*#\1#p' "$gomod" | sort -u)
+  [ -n "$staging" ] || { log "no staging replaces found in $gomod"; exit 1; }
+  (
+    cd "$work"
+    go mod init kubeonnx.local/k8s-build >/dev/null 2>&1
+    for m in $staging; do go mod edit -replace "$m=$m@$staging_version"; done
+    local pkgs=(); for b in "${bins[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/$b@$v"); done
+    go get "${pkgs[@]}" >&2
+    local pkg="k8s.io/component-base/version" cg="k8s.io/client-go/pkg/version"
+    local date; date=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+    local ld="-s -w"
+    for p in $pkg $cg; do
+      ld+=" -X $p.gitVersion=$v -X $p.gitMajor=1 -X $p.gitMinor=$minor -X $p.gitTreeState=clean -X $p.buildDate=$date"
+    done
+    mkdir -p out
+    for b in "${bins[@]}"; do
+      log "  go build $b"
+      go build -ldflags "$ld" -o "out/$b" "k8s.io/kubernetes/cmd/$b"
+    done
+    mkdir -p "$cache/bin" && rm -rf "$dir" && mv out "$dir"
+  )
+  echo "KUBERNETES_BIN=$dir"
+}
+
+build_etcd() {
+  local v=$ETCD_VERSION dir="$cache/bin/etcd-$ETCD_VERSION"
+  if have "$dir" etcd; then log "etcd $v: cached"; echo "ETCD_BIN=$dir"; return; fi
+  log "etcd $v: building"
+  local work; work=$(mktemp -d); trap 'rm -rf "$work"' RETURN
+  (
+    cd "$work"
+    go mod init kubeonnx.local/etcd-build >/dev/null 2>&1
+    # The server module replaces its sibling modules with local paths, as kubernetes does.
+    for m in go.etcd.io/etcd/api/v3 go.etcd.io/etcd/client/pkg/v3 go.etcd.io/etcd/client/v3 go.etcd.io/etcd/pkg/v3; do
+      go mod edit -replace "$m=$m@$v"
+    done
+    go get "go.etcd.io/etcd/server/v3@$v" >&2
+    mkdir -p out
+    go build -ldflags "-s -w -X go.etcd.io/etcd/api/v3/version.GitSHA=$v" -o out/etcd go.etcd.io/etcd/server/v3
+    mkdir -p "$cache/bin" && rm -rf "$dir" && mv out "$dir"
+  )
+  echo "ETCD_BIN=$dir"
+}
+
+build_installable() {  # NAME VERSION PACKAGE LDFLAGS VAR
+  local name=$1 v=$2 pkg=$3 ld=$4 var=$5 dir="$cache/bin/$1-$2"
+  if have "$dir" "$name"; then log "$name $v: cached"; echo "$var=$dir"; return; fi
+  log "$name $v: building"
+  local work; work=$(mktemp -d); trap 'rm -rf "$work"' RETURN
+  GOBIN="$work/out" go install -ldflags "-s -w $ld" "$pkg@$v"
+  mkdir -p "$cache/bin" && rm -rf "$dir" && mv "$work/out" "$dir"
+  echo "$var=$dir"
+}
+
+want=${*:-kubernetes etcd kwok helm}
+for c in $want; do
+  case $c in
+    kubernetes) build_kubernetes ;;
+    etcd) build_etcd ;;
+    kwok) build_installable kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok \
+            "-X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION" KWOK_BIN ;;
+    helm) build_installable helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm \
+            "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" HELM_BIN ;;
+    *) log "unknown component: $c"; exit 2 ;;
+  esac
+done

@@ -1,0 +1,111 @@
+"""Generate the ONNX models the tests, benchmarks and demo use (no downloads).
+
+    python -m e2e.generate_models DIR     # writes DIR/<name>.onnx and prints their paths
+
+Models:
+  mlp      tiny MLP, FP32 [-1,4] -> [-1,3], dynamic batch: server overhead dominates
+  fixed    the same MLP with a fixed batch of 2: runs request by request
+  mixed    several inputs and outputs of mixed types: FP32, INT64, BOOL and STRING
+  medium   a 4-layer 1024-wide MLP, FP32 [-1,256] -> [-1,10]: compute dominates (~13 MB)
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+IR_VERSION = 8
+
+
+def _model(graph: onnx.GraphProto) -> onnx.ModelProto:
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="kubeonnx-tests"
+    )
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model)
+    return model
+
+
+def _dense_layers(sizes: list[int], batch: int | str, seed: int, name: str) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    current = "input"
+    for i, (n_in, n_out) in enumerate(zip(sizes, sizes[1:], strict=False)):
+        w = (rng.standard_normal((n_in, n_out)) / np.sqrt(n_in)).astype(np.float32)
+        b = (rng.standard_normal(n_out) * 0.1).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
+        last = i == len(sizes) - 2
+        nodes.append(helper.make_node("MatMul", [current, f"w{i}"], [f"mm{i}"]))
+        nodes.append(helper.make_node("Add", [f"mm{i}", f"b{i}"], ["output" if last else f"a{i}"]))
+        if not last:
+            nodes.append(helper.make_node("Relu", [f"a{i}"], [f"r{i}"]))
+            current = f"r{i}"
+    graph = helper.make_graph(
+        nodes, name,
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, sizes[0]])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [batch, sizes[-1]])],
+        initializer=inits,
+    )
+    return _model(graph)
+
+
+def mixed_model() -> onnx.ModelProto:
+    b = "batch"
+    one = numpy_helper.from_array(np.array(1, dtype=np.int64), "one")
+    axes = numpy_helper.from_array(np.array([1], dtype=np.int64), "axes")
+    nodes = [
+        helper.make_node("ReduceSum", ["features", "axes"], ["score"], keepdims=1),
+        helper.make_node("Add", ["ids", "one"], ["ids_plus_one"]),
+        helper.make_node("Not", ["mask"], ["mask_not"]),
+        helper.make_node("Identity", ["tag"], ["tag_out"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "mixed",
+        [
+            helper.make_tensor_value_info("features", TensorProto.FLOAT, [b, 4]),
+            helper.make_tensor_value_info("ids", TensorProto.INT64, [b, 2]),
+            helper.make_tensor_value_info("mask", TensorProto.BOOL, [b, 2]),
+            helper.make_tensor_value_info("tag", TensorProto.STRING, [b, 1]),
+        ],
+        [
+            helper.make_tensor_value_info("score", TensorProto.FLOAT, [b, 1]),
+            helper.make_tensor_value_info("ids_plus_one", TensorProto.INT64, [b, 2]),
+            helper.make_tensor_value_info("mask_not", TensorProto.BOOL, [b, 2]),
+            helper.make_tensor_value_info("tag_out", TensorProto.STRING, [b, 1]),
+        ],
+        initializer=[one, axes],
+    )
+    return _model(graph)
+
+
+MODELS = {
+    "mlp": lambda: _dense_layers([4, 16, 3], "batch", 1, "mlp"),
+    "fixed": lambda: _dense_layers([4, 16, 3], 2, 1, "fixed"),
+    "mixed": mixed_model,
+    "medium": lambda: _dense_layers([256, 1024, 1024, 1024, 10], "batch", 2, "medium"),
+}
+
+
+def generate(directory: Path, names: list[str] | None = None) -> dict[str, Path]:
+    """Write the named models (all by default) into `directory`; return their paths."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name in names or list(MODELS):
+        path = directory / f"{name}.onnx"
+        if not path.exists():
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(MODELS[name]().SerializeToString())
+            tmp.replace(path)
+        paths[name] = path
+    return paths
+
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else "models")
+    for name, path in generate(out, sys.argv[2:] or None).items():
+        print(f"{name}\t{path}")

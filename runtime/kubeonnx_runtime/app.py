@@ -1,0 +1,247 @@
+"""The HTTP layer: the Open Inference Protocol v2 REST API over a DataPlane.
+
+The only module that imports FastAPI. Endpoints are thin: they decode, call the data plane,
+encode. Domain errors become HTTP status codes in one place (`_error_response`).
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import time
+import uuid
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .codec import HEADER_LENGTH, decode_request, encode_response
+from .datatypes import OIP_TO_NUMPY
+from .dataplane import DataPlane
+from .errors import InvalidRequest, ModelNotFound, NotReady, RuntimeServeError, ServerBusy
+from .logs import request_id_var
+from .metrics import RuntimeMetrics
+
+log = logging.getLogger(__name__)
+
+_STATUS: dict[type[RuntimeServeError], int] = {
+    InvalidRequest: 400,
+    ModelNotFound: 404,
+    ServerBusy: 503,
+    NotReady: 503,
+}
+
+_TENSOR = {
+    "type": "object",
+    "required": ["name", "shape", "datatype"],
+    "properties": {
+        "name": {"type": "string"},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        "datatype": {"type": "string", "enum": list(OIP_TO_NUMPY)},
+        "parameters": {"type": "object"},
+        "data": {"type": "array", "items": {}},
+    },
+}
+INFER_REQUEST_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["inputs"],
+    "properties": {
+        "id": {"type": "string"},
+        "parameters": {"type": "object"},
+        "inputs": {"type": "array", "items": _TENSOR, "minItems": 1},
+        "outputs": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["name"],
+                "properties": {"name": {"type": "string"}, "parameters": {"type": "object"}},
+            },
+        },
+    },
+}
+_INFER_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": INFER_REQUEST_SCHEMA},
+            "application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"},
+                "description": "binary tensor extension: JSON header of "
+                "Inference-Header-Content-Length bytes, then the tensors",
+            },
+        },
+    }
+}
+
+
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status, headers, media_type="application/json")
+
+
+def _error_response(exc: RuntimeServeError) -> Response:
+    status = _STATUS.get(type(exc), 500)
+    headers = {"Retry-After": "1"} if status == 503 else None
+    return _json({"error": str(exc)}, status, headers)
+
+
+class RequestIdMiddleware:
+    """Tags each request with an id (the caller's X-Request-Id or a new one) for logs."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = next((v.decode() for k, v in scope["headers"] if k == b"x-request-id"), None)
+        rid = rid or uuid.uuid4().hex
+        token = request_id_var.set(rid)
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            request_id_var.reset(token)
+
+
+def _decompress(body: bytes, encoding: str | None) -> bytes:
+    try:
+        if encoding == "gzip":
+            return gzip.decompress(body)
+        if encoding == "deflate":
+            return zlib.decompress(body)
+    except (OSError, zlib.error, EOFError) as exc:
+        raise InvalidRequest(f"request body is not valid {encoding}: {exc}") from None
+    if encoding not in (None, "", "identity"):
+        raise InvalidRequest(f"unsupported Content-Encoding {encoding!r}")
+    return body
+
+
+def create_app(
+    dataplane: DataPlane,
+    metrics: RuntimeMetrics,
+    *,
+    on_startup: Callable[[], Awaitable[None]] | None = None,
+    on_shutdown: Callable[[], Awaitable[None]] | None = None,
+) -> FastAPI:
+    """Build the FastAPI app around an injected data plane and metrics registry."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        dataplane.batcher.start()
+        if on_startup:
+            await on_startup()
+        try:
+            yield
+        finally:
+            if on_shutdown:
+                await on_shutdown()
+            await dataplane.batcher.stop()
+
+    app = FastAPI(
+        title="kubeonnx runtime",
+        summary="Open Inference Protocol v2 for one ONNX model",
+        version=dataplane.server_metadata()["version"],
+        lifespan=lifespan,
+    )
+    app.add_middleware(RequestIdMiddleware)
+
+    @app.exception_handler(RuntimeServeError)
+    async def _domain_error(_: Request, exc: RuntimeServeError) -> Response:
+        return _error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        return _json({"error": str(exc.detail)}, exc.status_code, dict(exc.headers or {}))
+
+    @app.get("/v2", summary="Server metadata")
+    async def server_metadata() -> Response:
+        return _json(dataplane.server_metadata())
+
+    @app.get("/v2/health/live", summary="Liveness")
+    async def live() -> Response:
+        return _json({"live": dataplane.live()})
+
+    @app.get("/v2/health/ready", summary="Readiness (503 while draining)")
+    async def ready() -> Response:
+        ok = dataplane.ready()
+        return _json({"ready": ok}, 200 if ok else 503)
+
+    @app.get("/v2/models/{name}", summary="Model metadata")
+    @app.get("/v2/models/{name}/versions/{version}", summary="Model metadata")
+    async def model_metadata(name: str, version: str | None = None) -> Response:
+        return _json(dataplane.model_metadata(name, version))
+
+    @app.get("/v2/models/{name}/ready", summary="Model readiness")
+    @app.get("/v2/models/{name}/versions/{version}/ready", summary="Model readiness")
+    async def model_ready(name: str, version: str | None = None) -> Response:
+        ok = dataplane.model_ready(name, version)
+        return _json({"name": name, "ready": ok}, 200 if ok else 503)
+
+    model_label = dataplane.name
+    inflight = metrics.inflight.labels(model_label)
+    latency = metrics.latency.labels(model_label)
+
+    async def infer(request: Request, name: str, version: str | None = None) -> Response:
+        started = time.perf_counter()
+        inflight.inc()
+        status = 500
+        try:
+            body = _decompress(await request.body(), request.headers.get("content-encoding"))
+            raw_length = request.headers.get(HEADER_LENGTH)
+            try:
+                header_length = int(raw_length) if raw_length is not None else None
+            except ValueError:
+                raise InvalidRequest(
+                    f"Inference-Header-Content-Length {raw_length!r} is not an integer"
+                ) from None
+            decoded = decode_request(body, header_length)
+            outputs = await dataplane.infer(name, version, decoded)
+            payload, out_header_length = encode_response(
+                dataplane.name, dataplane.version, decoded, outputs
+            )
+            status = 200
+            if out_header_length is None:
+                return Response(payload, media_type="application/json")
+            return Response(
+                payload,
+                media_type="application/octet-stream",
+                headers={"Inference-Header-Content-Length": str(out_header_length)},
+            )
+        except RuntimeServeError as exc:
+            status = _STATUS.get(type(exc), 500)
+            if status >= 500:
+                log.warning("inference refused: %s", exc)
+            else:
+                log.info("bad inference request: %s", exc)
+            return _error_response(exc)
+        finally:
+            inflight.dec()
+            latency.observe(time.perf_counter() - started)
+            metrics.requests.labels(model_label, str(status)).inc()
+
+    app.add_api_route(
+        "/v2/models/{name}/infer", infer, methods=["POST"], summary="Inference",
+        openapi_extra=_INFER_DOC,
+    )
+    app.add_api_route(
+        "/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"],
+        summary="Inference", openapi_extra=_INFER_DOC,
+    )
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

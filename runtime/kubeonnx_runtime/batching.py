@@ -1,0 +1,177 @@
+"""Dynamic batching: pure merge and split, and an async batcher with a bounded queue.
+
+Concurrent requests whose inputs agree on everything but the first dimension are merged
+into one model run of at most `max_batch_size` rows, waiting at most `max_delay_s` for
+company, and split back. A full queue refuses at once (ServerBusy) instead of growing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import ServerBusy
+
+log = logging.getLogger(__name__)
+
+Tensors = dict[str, np.ndarray]
+BatchKey = tuple[tuple[str, str, tuple[int, ...]], ...]
+
+
+def batch_key(inputs: Tensors) -> BatchKey:
+    """Requests with equal keys can be concatenated along their first dimension."""
+    return tuple(sorted((n, a.dtype.str, a.shape[1:]) for n, a in inputs.items()))
+
+
+def rows(inputs: Tensors) -> int:
+    return next(iter(inputs.values())).shape[0]
+
+
+def merge(requests: list[Tensors]) -> Tensors:
+    if len(requests) == 1:
+        return requests[0]
+    return {name: np.concatenate([r[name] for r in requests]) for name in requests[0]}
+
+
+def split(outputs: Tensors, sizes: list[int]) -> list[Tensors]:
+    """Split merged outputs back into per-request outputs of `sizes` rows each."""
+    if len(sizes) == 1:
+        return [outputs]
+    total = sum(sizes)
+    for name, arr in outputs.items():
+        if arr.ndim == 0 or arr.shape[0] != total:
+            raise ValueError(f"output '{name}' has {arr.shape[:1]} rows for a batch of {total}")
+    cuts = list(itertools.accumulate(sizes))[:-1]
+    parts = {name: np.split(arr, cuts) for name, arr in outputs.items()}
+    return [{name: parts[name][i] for name in outputs} for i in range(len(sizes))]
+
+
+@dataclass
+class _Pending:
+    inputs: Tensors
+    rows: int
+    key: BatchKey
+    future: asyncio.Future[Tensors]
+    deadline: float = field(default=0.0)
+
+
+class Batcher:
+    """Queues requests and runs them, merged where the model allows, one batch at a time."""
+
+    def __init__(
+        self,
+        run: Callable[[Tensors], Tensors],
+        *,
+        max_batch_size: int,
+        max_delay_s: float,
+        max_queue: int,
+        batchable: bool,
+        on_batch: Callable[[int], None] | None = None,
+        on_queue_depth: Callable[[int], None] | None = None,
+    ) -> None:
+        self._run = run
+        self.max_batch_size = max_batch_size if batchable else 1
+        self.max_delay_s = max_delay_s if self.max_batch_size > 1 else 0.0
+        self.max_queue = max_queue
+        self._on_batch = on_batch or (lambda n: None)
+        self._on_queue_depth = on_queue_depth or (lambda n: None)
+        self._queue: deque[_Pending] = deque()
+        self._wakeup = asyncio.Event()
+        # One model run at a time: the session already uses every CPU of the container.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kubeonnx-infer")
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start the batching loop on the running event loop."""
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._executor.shutdown(wait=True)
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    async def infer(self, inputs: Tensors) -> Tensors:
+        n = rows(inputs) if self.max_batch_size > 1 else 1
+        if len(self._queue) >= self.max_queue:
+            raise ServerBusy(f"the request queue is full ({self.max_queue} waiting); retry shortly")
+        loop = asyncio.get_running_loop()
+        item = _Pending(inputs, n, batch_key(inputs), loop.create_future())
+        item.deadline = time.monotonic() + self.max_delay_s
+        self._queue.append(item)
+        self._on_queue_depth(len(self._queue))
+        self._wakeup.set()
+        return await item.future
+
+    def _take_batch(self) -> list[_Pending]:
+        """Take the head request and every queued one that merges with it, up to the limit."""
+        head = self._queue.popleft()
+        batch, total, skipped = [head], head.rows, deque[_Pending]()
+        while self._queue and total < self.max_batch_size:
+            item = self._queue.popleft()
+            if item.key == head.key and total + item.rows <= self.max_batch_size:
+                batch.append(item)
+                total += item.rows
+            else:
+                skipped.append(item)
+        self._queue.extendleft(reversed(skipped))
+        return batch
+
+    def _ready_rows(self) -> int:
+        head = self._queue[0]
+        return sum(i.rows for i in self._queue if i.key == head.key)
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            # Wait for company until the head's deadline or a full batch.
+            while self._ready_rows() < self.max_batch_size:
+                remaining = self._queue[0].deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+            batch = [i for i in self._take_batch() if not i.future.cancelled()]
+            self._on_queue_depth(len(self._queue))
+            if not batch:
+                continue
+            self._on_batch(sum(i.rows for i in batch))
+            try:
+                results = await loop.run_in_executor(self._executor, self._run_batch, batch)
+            except Exception as exc:
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+                continue
+            for item, result in zip(batch, results, strict=True):
+                if not item.future.done():
+                    item.future.set_result(result)
+
+    def _run_batch(self, batch: list[_Pending]) -> list[Tensors]:
+        if len(batch) == 1:
+            return [self._run(batch[0].inputs)]
+        outputs = self._run(merge([i.inputs for i in batch]))
+        try:
+            return split(outputs, [i.rows for i in batch])
+        except ValueError as exc:
+            # The model's outputs do not follow its inputs' rows: answer one by one.
+            log.warning("batch split failed (%s); running the batch request by request", exc)
+            return [self._run(i.inputs) for i in batch]

@@ -1,0 +1,37 @@
+"""Argument handling of `kubeonnx serve`."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from pydantic import ValidationError
+
+from .settings import ServeSettings
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def main(argv: list[str]) -> int:
+    try:
+        settings = ServeSettings(_cli_parse_args=argv)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{_flag(str(e['loc'][0]))} (KUBEONNX_{str(e['loc'][0]).upper()}): {e['msg']}"
+            for e in exc.errors()
+        )
+        message = f"invalid settings: {problems}"
+        print(f"kubeonnx serve: {message}", file=sys.stderr)
+        path = os.environ.get("KUBEONNX_TERMINATION_LOG", "/dev/termination-log")
+        if os.path.exists(os.path.dirname(path) or "."):
+            try:
+                with open(path, "w") as f:
+                    f.write(message + "\n")
+            except OSError:
+                pass
+        return 2
+    from .server import serve  # onnxruntime is imported only once settings are valid
+
+    return serve(settings)

@@ -1,0 +1,84 @@
+"""The data plane: health, metadata and inference on numpy arrays, with no web framework in it."""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, Protocol
+
+import numpy as np
+
+from .batching import Batcher
+from .codec import InferRequest
+from .errors import InvalidRequest, ModelNotFound, NotReady
+
+try:
+    SERVER_VERSION = version("kubeonnx")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    SERVER_VERSION = "0+unknown"
+
+
+class ServedModel(Protocol):
+    """What the data plane needs of a model (OnnxModel, or a stand-in in unit tests)."""
+
+    inputs: list[Any]
+    outputs: list[Any]
+    output_names: list[str]
+    device: str
+
+    def validate(self, inputs: dict[str, np.ndarray], outputs: list[str] | None) -> None: ...
+
+
+class DataPlane:
+    def __init__(self, model: ServedModel, batcher: Batcher, *, name: str, version: str) -> None:
+        self.model = model
+        self.batcher = batcher
+        self.name = name
+        self.version = version
+        self.draining = False
+
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        return not self.draining
+
+    def server_metadata(self) -> dict[str, Any]:
+        return {
+            "name": "kubeonnx",
+            "version": SERVER_VERSION,
+            "extensions": ["binary_tensor_data"],
+        }
+
+    def _check_model(self, name: str, version: str | None) -> None:
+        if name != self.name:
+            raise ModelNotFound(f"model '{name}' is not served here; this server serves '{self.name}'")
+        if version not in (None, "", self.version):
+            raise ModelNotFound(
+                f"model '{name}' has no version '{version}'; the served version is '{self.version}'"
+            )
+
+    def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
+        self._check_model(name, version)
+        return {
+            "name": self.name,
+            "versions": [self.version],
+            "platform": "onnxruntime_onnx",
+            "inputs": [t.metadata() for t in self.model.inputs],
+            "outputs": [t.metadata() for t in self.model.outputs],
+        }
+
+    def model_ready(self, name: str, version: str | None = None) -> bool:
+        self._check_model(name, version)
+        return self.ready()
+
+    async def infer(
+        self, name: str, version: str | None, request: InferRequest
+    ) -> dict[str, np.ndarray]:
+        self._check_model(name, version)
+        if self.draining:
+            raise NotReady("the server is shutting down")
+        wanted = [o.name for o in request.outputs] if request.outputs is not None else None
+        self.model.validate(request.inputs, wanted)
+        if wanted is not None and len(set(wanted)) != len(wanted):
+            raise InvalidRequest("an output is requested twice")
+        return await self.batcher.infer(request.inputs)

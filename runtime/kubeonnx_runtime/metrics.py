@@ -1,0 +1,46 @@
+"""Prometheus metrics of the runtime, on a registry the caller owns."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class RuntimeMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            "kubeonnx_requests", "Inference requests answered, by model and HTTP status code.",
+            ["model", "code"], registry=registry,
+        )
+        self.latency = Histogram(
+            "kubeonnx_request_duration_seconds", "Inference request latency, queueing included.",
+            ["model"], buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.batch_size = Histogram(
+            "kubeonnx_batch_size", "Rows per model run after dynamic batching.",
+            ["model"], buckets=BATCH_BUCKETS, registry=registry,
+        )
+        self.queue_depth = Gauge(
+            "kubeonnx_queue_depth", "Requests waiting for a model run.", ["model"],
+            registry=registry,
+        )
+        self.inflight = Gauge(
+            "kubeonnx_inflight_requests",
+            "Inference requests being handled now (queued or running); KEDA scales on it.",
+            ["model"], registry=registry,
+        )
+        self.download_bytes = Counter(
+            "kubeonnx_model_download_bytes", "Bytes of model downloaded at start-up.",
+            ["model"], registry=registry,
+        )
+        self.download_seconds = Gauge(
+            "kubeonnx_model_download_seconds", "Seconds spent fetching and verifying the model.",
+            ["model"], registry=registry,
+        )
+        self.load_seconds = Gauge(
+            "kubeonnx_model_load_seconds", "Seconds spent creating the inference session.",
+            ["model"], registry=registry,
+        )

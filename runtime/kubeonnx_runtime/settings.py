@@ -1,0 +1,58 @@
+"""The runtime's settings: `KUBEONNX_*` environment variables or the same-named flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServeSettings(BaseSettings):
+    """Settings of `kubeonnx serve`; flag `--model-uri` is variable `KUBEONNX_MODEL_URI`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="KUBEONNX_",
+        cli_prog_name="kubeonnx serve",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        cli_exit_on_error=True,
+        extra="ignore",
+        protected_namespaces=(),
+    )
+
+    model_uri: str = Field(description="where the model is: s3://BUCKET/KEY or file:///PATH")
+    model_sha256: str | None = Field(
+        None, description="expected sha256 of the model file; a mismatch refuses to start"
+    )
+    model_name: str = Field("model", description="the name clients use in /v2/models/{name}")
+    model_version: str = Field("1", description="the version reported in model metadata")
+    s3_endpoint: str | None = Field(None, description="S3-compatible endpoint URL")
+    s3_region: str | None = Field(None, description="S3 region")
+    device: Literal["cpu", "cuda"] = Field("cpu", description="execution provider")
+    threads: int = Field(0, ge=0, description="intra-op threads; 0 = from the CPU quota")
+    max_batch_size: int = Field(32, ge=1, description="rows merged into one model run")
+    max_batch_delay_ms: float = Field(2.0, ge=0, description="how long a request waits for company")
+    max_queue: int = Field(256, ge=1, description="queued requests beyond which 503 is answered")
+    quota_config: Path | None = Field(None, description="mounted quota configuration file")
+    host: str = Field("0.0.0.0", description="address to listen on")
+    port: int = Field(8080, ge=1, le=65535, description="port to listen on")
+    cache_dir: Path = Field(Path("/var/cache/kubeonnx"), description="model download cache")
+    termination_log: Path = Field(
+        Path("/dev/termination-log"), description="where a fatal start-up error is written"
+    )
+    drain_seconds: float = Field(
+        5.0, ge=0, description="after SIGTERM: seconds to answer not-ready before closing"
+    )
+    log_level: str = Field("info", description="debug, info, warning or error")
+
+    @field_validator("model_sha256")
+    @classmethod
+    def _hex64(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        assert value is not None
+        if len(value) != 64 or any(c not in "0123456789abcdefABCDEF" for c in value):
+            raise ValueError("must be 64 hexadecimal characters")
+        return value.lower()
