@@ -14,14 +14,14 @@ log() { printf '[build-binaries] %s\n' "$*" >&2; }
 
 # Each component lands in its own version-keyed directory, moved into place only
 # when every binary of it has been built, so an interrupted build is never reused.
-have() { local dir=$1; shift; for b in "$@"; do [ -x "$dir/$b" ] || return 1; done; }
+have() { local dir=$1; shift; for b in "$@"; do [ -e "$dir/$b" ] || return 1; done; }
 
 build_kubernetes() {
   local v=$K8S_VERSION dir="$cache/bin/kubernetes-$K8S_VERSION"
   local bins=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
   if have "$dir" "${bins[@]}"; then log "kubernetes $v: cached"; echo "KUBERNETES_BIN=$dir"; return; fi
   log "kubernetes $v: building ${bins[*]} (a cold build takes a while on 2 cores)"
-  local work; work=$(mktemp -d); trap 'rm -rf "$work"' RETURN
+  local work; work=$(mktemp -d); trap "rm -rf '$work'; trap - RETURN" RETURN
   local minor=${v#v1.}; minor=${minor%%.*}
   local staging_version="v0.${v#v1.}"
   # k8s.io/kubernetes replaces its staging modules with local paths, so it cannot be
@@ -55,7 +55,7 @@ build_etcd() {
   local v=$ETCD_VERSION dir="$cache/bin/etcd-$ETCD_VERSION"
   if have "$dir" etcd; then log "etcd $v: cached"; echo "ETCD_BIN=$dir"; return; fi
   log "etcd $v: building"
-  local work; work=$(mktemp -d); trap 'rm -rf "$work"' RETURN
+  local work; work=$(mktemp -d); trap "rm -rf '$work'; trap - RETURN" RETURN
   (
     cd "$work"
     go mod init kubeonnx.local/etcd-build >/dev/null 2>&1
@@ -75,10 +75,28 @@ build_installable() {  # NAME VERSION PACKAGE LDFLAGS VAR
   local name=$1 v=$2 pkg=$3 ld=$4 var=$5 dir="$cache/bin/$1-$2"
   if have "$dir" "$name"; then log "$name $v: cached"; echo "$var=$dir"; return; fi
   log "$name $v: building"
-  local work; work=$(mktemp -d); trap 'rm -rf "$work"' RETURN
+  local work; work=$(mktemp -d); trap "rm -rf '$work'; trap - RETURN" RETURN
   GOBIN="$work/out" go install -ldflags "-s -w $ld" "$pkg@$v"
   mkdir -p "$cache/bin" && rm -rf "$dir" && mv "$work/out" "$dir"
   echo "$var=$dir"
+}
+
+build_kwok() {
+  local v=$KWOK_VERSION dir="$cache/bin/kwok-$KWOK_VERSION"
+  if have "$dir" kwok stages.yaml; then log "kwok $v: cached"; echo "KWOK_BIN=$dir"; return; fi
+  rm -rf "$dir"
+  build_installable kwok "$v" sigs.k8s.io/kwok/cmd/kwok \
+    "-X sigs.k8s.io/kwok/pkg/consts.Version=$v" KWOK_BIN >/dev/null
+  # kwok needs Stage objects to drive node and pod status; take the "fast" set shipped in
+  # its own module (already in the module cache from the build above).
+  local src; src=$(go mod download -json "sigs.k8s.io/kwok@$v" | python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')/kustomize/stage
+  local f out="$dir/stages.yaml"; : > "$out.tmp"
+  for f in node/fast/node-initialize.yaml node/heartbeat/node-heartbeat.yaml \
+           pod/fast/pod-ready.yaml pod/fast/pod-complete.yaml pod/fast/pod-delete.yaml; do
+    printf -- '---\n' >> "$out.tmp"; cat "$src/$f" >> "$out.tmp"
+  done
+  mv "$out.tmp" "$out"
+  echo "KWOK_BIN=$dir"
 }
 
 want=${*:-kubernetes etcd kwok helm}
@@ -86,8 +104,7 @@ for c in $want; do
   case $c in
     kubernetes) build_kubernetes ;;
     etcd) build_etcd ;;
-    kwok) build_installable kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok \
-            "-X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION" KWOK_BIN ;;
+    kwok) build_kwok ;;
     helm) build_installable helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm \
             "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" HELM_BIN ;;
     *) log "unknown component: $c"; exit 2 ;;

@@ -11,6 +11,7 @@ Models:
 
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def _dense_layers(sizes: list[int], batch: int | str, seed: int, name: str) -> o
     rng = np.random.default_rng(seed)
     nodes, inits = [], []
     current = "input"
-    for i, (n_in, n_out) in enumerate(zip(sizes, sizes[1:], strict=False)):
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
         w = (rng.standard_normal((n_in, n_out)) / np.sqrt(n_in)).astype(np.float32)
         b = (rng.standard_normal(n_out) * 0.1).astype(np.float32)
         inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
@@ -46,7 +47,8 @@ def _dense_layers(sizes: list[int], batch: int | str, seed: int, name: str) -> o
             nodes.append(helper.make_node("Relu", [f"a{i}"], [f"r{i}"]))
             current = f"r{i}"
     graph = helper.make_graph(
-        nodes, name,
+        nodes,
+        name,
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, sizes[0]])],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, [batch, sizes[-1]])],
         initializer=inits,
@@ -65,7 +67,8 @@ def mixed_model() -> onnx.ModelProto:
         helper.make_node("Identity", ["tag"], ["tag_out"]),
     ]
     graph = helper.make_graph(
-        nodes, "mixed",
+        nodes,
+        "mixed",
         [
             helper.make_tensor_value_info("features", TensorProto.FLOAT, [b, 4]),
             helper.make_tensor_value_info("ids", TensorProto.INT64, [b, 2]),

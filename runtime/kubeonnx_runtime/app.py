@@ -22,8 +22,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .codec import HEADER_LENGTH, decode_request, encode_response
-from .datatypes import OIP_TO_NUMPY
 from .dataplane import DataPlane
+from .datatypes import OIP_TO_NUMPY
 from .errors import InvalidRequest, ModelNotFound, NotReady, RuntimeServeError, ServerBusy
 from .logs import request_id_var
 from .metrics import RuntimeMetrics
@@ -232,12 +232,18 @@ def create_app(
             metrics.requests.labels(model_label, str(status)).inc()
 
     app.add_api_route(
-        "/v2/models/{name}/infer", infer, methods=["POST"], summary="Inference",
+        "/v2/models/{name}/infer",
+        infer,
+        methods=["POST"],
+        summary="Inference",
         openapi_extra=_INFER_DOC,
     )
     app.add_api_route(
-        "/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"],
-        summary="Inference", openapi_extra=_INFER_DOC,
+        "/v2/models/{name}/versions/{version}/infer",
+        infer,
+        methods=["POST"],
+        summary="Inference",
+        openapi_extra=_INFER_DOC,
     )
 
     @app.get("/metrics", summary="Prometheus metrics")

@@ -51,7 +51,9 @@ class DataPlane:
 
     def _check_model(self, name: str, version: str | None) -> None:
         if name != self.name:
-            raise ModelNotFound(f"model '{name}' is not served here; this server serves '{self.name}'")
+            raise ModelNotFound(
+                f"model '{name}' is not served here; this server serves '{self.name}'"
+            )
         if version not in (None, "", self.version):
             raise ModelNotFound(
                 f"model '{name}' has no version '{version}'; the served version is '{self.version}'"

@@ -92,8 +92,15 @@ def fetch_model(
     if parsed.scheme == "s3":
         if not parsed.netloc or not parsed.path.strip("/"):
             raise FatalStartupError(f"model uri {uri} must be s3://BUCKET/KEY")
-        return _fetch_s3(uri, parsed.netloc, parsed.path.lstrip("/"), cache_dir, sha256,
-                         s3 or S3Options(), started)
+        return _fetch_s3(
+            uri,
+            parsed.netloc,
+            parsed.path.lstrip("/"),
+            cache_dir,
+            sha256,
+            s3 or S3Options(),
+            started,
+        )
     raise FatalStartupError(
         f"unsupported model uri scheme {parsed.scheme or '(none)'!r} in {uri}; use s3:// or file://"
     )
@@ -110,7 +117,9 @@ def _s3_client(options: S3Options):  # type: ignore[no-untyped-def]
         read_timeout=60,
     )
     return boto3.client(
-        "s3", endpoint_url=options.endpoint or None, region_name=options.region or None,
+        "s3",
+        endpoint_url=options.endpoint or None,
+        region_name=options.region or None,
         config=config,
     )
 
@@ -132,8 +141,13 @@ def _s3_error(uri: str, exc: Exception) -> FatalStartupError:
 
 
 def _fetch_s3(
-    uri: str, bucket: str, key: str, cache_dir: Path, sha256: str | None,
-    options: S3Options, started: float,
+    uri: str,
+    bucket: str,
+    key: str,
+    cache_dir: Path,
+    sha256: str | None,
+    options: S3Options,
+    started: float,
 ) -> FetchedModel:
     from botocore.exceptions import BotoCoreError, ClientError
 
@@ -246,6 +260,9 @@ class _Progress:
             rate = self.done / max(now - self.started, 1e-9)
             log.info(
                 "model download %.0f%% (%d of %d bytes, %.1f MB/s)",
-                100 * self.done / max(self.size, 1), self.done, self.size, rate / 1e6,
+                100 * self.done / max(self.size, 1),
+                self.done,
+                self.size,
+                rate / 1e6,
                 extra={"uri": self.uri},
             )

@@ -12,35 +12,52 @@ class RuntimeMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self.requests = Counter(
-            "kubeonnx_requests", "Inference requests answered, by model and HTTP status code.",
-            ["model", "code"], registry=registry,
+            "kubeonnx_requests",
+            "Inference requests answered, by model and HTTP status code.",
+            ["model", "code"],
+            registry=registry,
         )
         self.latency = Histogram(
-            "kubeonnx_request_duration_seconds", "Inference request latency, queueing included.",
-            ["model"], buckets=LATENCY_BUCKETS, registry=registry,
+            "kubeonnx_request_duration_seconds",
+            "Inference request latency, queueing included.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
         self.batch_size = Histogram(
-            "kubeonnx_batch_size", "Rows per model run after dynamic batching.",
-            ["model"], buckets=BATCH_BUCKETS, registry=registry,
+            "kubeonnx_batch_size",
+            "Rows per model run after dynamic batching.",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=registry,
         )
         self.queue_depth = Gauge(
-            "kubeonnx_queue_depth", "Requests waiting for a model run.", ["model"],
+            "kubeonnx_queue_depth",
+            "Requests waiting for a model run.",
+            ["model"],
             registry=registry,
         )
         self.inflight = Gauge(
             "kubeonnx_inflight_requests",
             "Inference requests being handled now (queued or running); KEDA scales on it.",
-            ["model"], registry=registry,
+            ["model"],
+            registry=registry,
         )
         self.download_bytes = Counter(
-            "kubeonnx_model_download_bytes", "Bytes of model downloaded at start-up.",
-            ["model"], registry=registry,
+            "kubeonnx_model_download_bytes",
+            "Bytes of model downloaded at start-up.",
+            ["model"],
+            registry=registry,
         )
         self.download_seconds = Gauge(
-            "kubeonnx_model_download_seconds", "Seconds spent fetching and verifying the model.",
-            ["model"], registry=registry,
+            "kubeonnx_model_download_seconds",
+            "Seconds spent fetching and verifying the model.",
+            ["model"],
+            registry=registry,
         )
         self.load_seconds = Gauge(
-            "kubeonnx_model_load_seconds", "Seconds spent creating the inference session.",
-            ["model"], registry=registry,
+            "kubeonnx_model_load_seconds",
+            "Seconds spent creating the inference session.",
+            ["model"],
+            registry=registry,
         )

@@ -84,7 +84,9 @@ class OnnxModel:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own untyped errors
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc)
-            raise FatalStartupError(f"{path.name} is not a loadable ONNX model: {first_line}") from None
+            raise FatalStartupError(
+                f"{path.name} is not a loadable ONNX model: {first_line}"
+            ) from None
         if device == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
             raise FatalStartupError(
                 "CUDA execution provider failed to initialise (no GPU visible to the container?)"
@@ -98,9 +100,7 @@ class OnnxModel:
         self.output_names = [t.name for t in self.outputs]
         # Requests can be merged along the first dimension only when every input and
         # output has a dynamic one.
-        self.batchable = all(
-            t.shape and t.shape[0] == -1 for t in [*self.inputs, *self.outputs]
-        )
+        self.batchable = all(t.shape and t.shape[0] == -1 for t in [*self.inputs, *self.outputs])
 
     def validate(self, inputs: dict[str, np.ndarray], outputs: list[str] | None) -> None:
         """Raise InvalidRequest naming the first input or output that does not fit the model."""
@@ -146,6 +146,8 @@ class OnnxModel:
             shape = tuple(1 if d == -1 else d for d in spec.shape)
             dtype = OIP_TO_NUMPY[spec.datatype]
             feed[spec.name] = (
-                np.full(shape, b"", dtype=np.object_) if dtype == np.object_ else np.zeros(shape, dtype)
+                np.full(shape, b"", dtype=np.object_)
+                if dtype == np.object_
+                else np.zeros(shape, dtype)
             )
         self.run(feed)

@@ -48,7 +48,9 @@ class DrainingServer(uvicorn.Server):
             super().handle_exit(sig, frame)
             return
         self.dataplane.draining = True
-        log.info("signal %s: not ready; closing in %.1fs", signal.Signals(sig).name, self.drain_seconds)
+        log.info(
+            "signal %s: not ready; closing in %.1fs", signal.Signals(sig).name, self.drain_seconds
+        )
         timer = threading.Timer(self.drain_seconds, super().handle_exit, (sig, None))
         timer.daemon = True
         timer.start()
@@ -66,8 +68,13 @@ def load(settings: ServeSettings, metrics: RuntimeMetrics) -> OnnxModel:
     metrics.download_seconds.labels(label).set(fetched.seconds)
     log.info(
         "model fetched",
-        extra={"uri": settings.model_uri, "sha256": fetched.sha256, "bytes": fetched.size,
-               "downloaded_bytes": fetched.downloaded_bytes, "seconds": round(fetched.seconds, 3)},
+        extra={
+            "uri": settings.model_uri,
+            "sha256": fetched.sha256,
+            "bytes": fetched.size,
+            "downloaded_bytes": fetched.downloaded_bytes,
+            "seconds": round(fetched.seconds, 3),
+        },
     )
     model = OnnxModel(fetched.path, device=settings.device, threads=settings.threads)
     metrics.load_seconds.labels(label).set(model.load_seconds)
@@ -77,9 +84,13 @@ def load(settings: ServeSettings, metrics: RuntimeMetrics) -> OnnxModel:
         raise FatalStartupError(f"model warm-up run failed: {exc}") from None
     log.info(
         "model loaded",
-        extra={"device": model.device, "threads": model.threads, "batchable": model.batchable,
-               "inputs": [t.metadata() for t in model.inputs],
-               "outputs": [t.metadata() for t in model.outputs]},
+        extra={
+            "device": model.device,
+            "threads": model.threads,
+            "batchable": model.batchable,
+            "inputs": [t.metadata() for t in model.inputs],
+            "outputs": [t.metadata() for t in model.outputs],
+        },
     )
     return model
 
@@ -110,8 +121,15 @@ def serve(settings: ServeSettings) -> int:
     dataplane = DataPlane(model, batcher, name=settings.model_name, version=settings.model_version)
     app = create_app(dataplane, metrics)
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-        timeout_graceful_shutdown=30, lifespan="on", http="httptools", loop="uvloop",
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=30,
+        lifespan="on",
+        http="httptools",
+        loop="uvloop",
     )
     server = DrainingServer(config, dataplane, settings.drain_seconds)
     # uvicorn re-raises the signal it caught once it has shut down; after a graceful

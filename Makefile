@@ -1,0 +1,40 @@
+# kubeonnx: the two set-up commands are `make demo` (the whole flow) and `make check` (the tests).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: venv binaries lint unit e2e check cluster-up cluster-down models demo demo-down clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[operator,runtime,dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+binaries:            ## build the pinned control-plane binaries (cached)
+	bash e2e/build-binaries.sh
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+unit: venv           ## unit and runtime integration tests (no cluster)
+	$(VENV)/bin/pytest tests
+
+e2e: venv binaries   ## the e2e suite against the local control plane (or E2E_KUBECONFIG)
+	$(VENV)/bin/pytest e2e
+
+check: lint unit e2e ## everything CI runs
+
+cluster-up: venv binaries
+	$(PY) -m e2e.cluster up
+
+cluster-down: venv
+	$(PY) -m e2e.cluster down
+
+models: venv
+	$(PY) -m e2e.generate_models models

@@ -1,0 +1,428 @@
+"""A real Kubernetes control plane on loopback: etcd, kube-apiserver, kube-controller-manager,
+kube-scheduler, and kwok standing in for nodes and kubelets.
+
+    python -m e2e.cluster up      # builds missing binaries, starts, writes .cluster/kubeconfig
+    python -m e2e.cluster down    # stops every process it started and removes its data
+
+The pytest fixture in e2e/conftest.py calls the same `up` and `down`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+STATE_DIR = ROOT / ".cluster"
+STATE_FILE = STATE_DIR / "state.json"
+KUBECONFIG = STATE_DIR / "kubeconfig"
+E2E = Path(__file__).resolve().parent
+
+
+def log(msg: str) -> None:
+    print(f"[cluster] {msg}", file=sys.stderr, flush=True)
+
+
+def build_binaries() -> dict[str, Path]:
+    """Run the pinned build (a no-op when cached); return each binary's path."""
+    out = subprocess.run(
+        ["bash", str(E2E / "build-binaries.sh")], check=True, stdout=subprocess.PIPE, text=True
+    ).stdout
+    dirs = dict(line.split("=", 1) for line in out.split() if "=" in line)
+    paths = {}
+    for var, names in {
+        "KUBERNETES_BIN": [
+            "kube-apiserver",
+            "kube-controller-manager",
+            "kube-scheduler",
+            "kubectl",
+        ],
+        "ETCD_BIN": ["etcd"],
+        "KWOK_BIN": ["kwok"],
+        "HELM_BIN": ["helm"],
+    }.items():
+        for name in names:
+            paths[name] = Path(dirs[var]) / name
+    return paths
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class ClusterState:
+    data_dir: str
+    kubeconfig: str
+    server: str
+    token: str
+    bin_dir: dict[str, str]
+    pids: dict[str, int] = field(default_factory=dict)
+    ports: dict[str, int] = field(default_factory=dict)
+
+    def save(self) -> None:
+        STATE_DIR.mkdir(exist_ok=True)
+        STATE_FILE.write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls) -> ClusterState | None:
+        if not STATE_FILE.exists():
+            return None
+        return cls(**json.loads(STATE_FILE.read_text()))
+
+
+def _start(state: ClusterState, name: str, argv: list[str]) -> None:
+    logf = open(Path(state.data_dir) / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
+    proc = subprocess.Popen(
+        argv,
+        stdout=logf,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    state.pids[name] = proc.pid
+    state.save()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie child of ours counts as gone.
+    with contextlib.suppress(ChildProcessError):
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    return True
+
+
+def _wait(what: str, check, timeout: float, state: ClusterState | None = None) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except Exception as exc:
+            last = exc
+        if state:
+            for name, pid in state.pids.items():
+                if not _alive(pid):
+                    tail = (Path(state.data_dir) / f"{name}.log").read_text(errors="replace")[
+                        -3000:
+                    ]
+                    raise RuntimeError(f"{name} exited while waiting for {what}:\n{tail}")
+        time.sleep(0.2)
+    raise TimeoutError(f"timed out waiting for {what}" + (f": {last}" if last else ""))
+
+
+def _https_ok(url: str, token: str) -> bool:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, context=ctx, timeout=2) as resp:
+        return bool(resp.status == 200)
+
+
+def kubectl(state: ClusterState, *args: str, input: str | None = None) -> str:
+    return subprocess.run(
+        [state.bin_dir["kubectl"], "--kubeconfig", state.kubeconfig, *args],
+        check=True,
+        capture_output=True,
+        text=True,
+        input=input,
+    ).stdout
+
+
+NODE_READY_JSONPATH = (
+    'jsonpath={range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\\n"}{end}'
+)
+NODES = [
+    # name, gpu count, extra labels
+    ("kwok-cpu-0", 0, {}),
+    ("kwok-cpu-1", 0, {}),
+    ("kwok-gpu-h100", 1, {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}),
+    ("kwok-gpu-a100", 4, {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}),
+]
+
+
+def node_manifest(name: str, gpus: int, labels: dict[str, str]) -> dict[str, object]:
+    capacity = {"cpu": "32", "memory": "256Gi", "pods": "110", "ephemeral-storage": "500Gi"}
+    node_labels = {
+        "kubernetes.io/hostname": name,
+        "kubernetes.io/os": "linux",
+        "kubernetes.io/arch": "amd64",
+        "type": "kwok",
+        **labels,
+    }
+    taints = []
+    if gpus:
+        capacity["nvidia.com/gpu"] = str(gpus)
+        node_labels["nvidia.com/gpu.present"] = "true"
+        node_labels["nvidia.com/gpu.count"] = str(gpus)
+        taints.append({"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"})
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": name,
+            "labels": node_labels,
+            "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
+        },
+        "spec": {"taints": taints},
+        "status": {
+            "capacity": capacity,
+            "allocatable": capacity,
+            "nodeInfo": {
+                "architecture": "amd64",
+                "operatingSystem": "linux",
+                "kubeletVersion": "fake",
+                "containerRuntimeVersion": "kwok",
+            },
+        },
+    }
+
+
+def up() -> ClusterState:
+    """Start the control plane (stopping a previous one first); return its state."""
+    if ClusterState.load():
+        down()
+    started = time.monotonic()
+    bins = build_binaries()
+    data = Path(tempfile.mkdtemp(prefix="kubeonnx-cluster-"))
+    pki = data / "pki"
+    pki.mkdir()
+    token = secrets.token_hex(16)
+    (data / "tokens.csv").write_text(f'{token},admin,admin,"system:masters"\n')
+    subprocess.run(
+        ["openssl", "genrsa", "-out", str(pki / "sa.key"), "2048"], check=True, capture_output=True
+    )
+    subprocess.run(
+        ["openssl", "rsa", "-in", str(pki / "sa.key"), "-pubout", "-out", str(pki / "sa.pub")],
+        check=True,
+        capture_output=True,
+    )
+    ports = {k: free_port() for k in ("etcd", "etcd-peer", "apiserver", "kcm", "scheduler", "kwok")}
+    server = f"https://127.0.0.1:{ports['apiserver']}"
+    STATE_DIR.mkdir(exist_ok=True)
+    KUBECONFIG.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "kubeonnx-e2e",
+                "clusters": [
+                    {
+                        "name": "kubeonnx-e2e",
+                        "cluster": {"server": server, "insecure-skip-tls-verify": True},
+                    }
+                ],
+                "users": [{"name": "admin", "user": {"token": token}}],
+                "contexts": [
+                    {
+                        "name": "kubeonnx-e2e",
+                        "context": {
+                            "cluster": "kubeonnx-e2e",
+                            "user": "admin",
+                            "namespace": "default",
+                        },
+                    }
+                ],
+            },
+            indent=2,
+        )
+    )
+    state = ClusterState(
+        str(data), str(KUBECONFIG), server, token, {k: str(v) for k, v in bins.items()}, ports=ports
+    )
+    state.save()
+    try:
+        _start(
+            state,
+            "etcd",
+            [
+                str(bins["etcd"]),
+                "--data-dir",
+                str(data / "etcd"),
+                "--name",
+                "default",
+                "--listen-client-urls",
+                f"http://127.0.0.1:{ports['etcd']}",
+                "--advertise-client-urls",
+                f"http://127.0.0.1:{ports['etcd']}",
+                "--listen-peer-urls",
+                f"http://127.0.0.1:{ports['etcd-peer']}",
+                "--initial-advertise-peer-urls",
+                f"http://127.0.0.1:{ports['etcd-peer']}",
+                "--initial-cluster",
+                f"default=http://127.0.0.1:{ports['etcd-peer']}",
+                "--listen-metrics-urls",
+                "",
+                "--unsafe-no-fsync",
+                "--log-level",
+                "warn",
+            ],
+        )
+        _start(
+            state,
+            "kube-apiserver",
+            [
+                str(bins["kube-apiserver"]),
+                f"--etcd-servers=http://127.0.0.1:{ports['etcd']}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={ports['apiserver']}",
+                f"--cert-dir={pki}",
+                f"--token-auth-file={data / 'tokens.csv'}",
+                "--authorization-mode=RBAC",
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                f"--service-account-key-file={pki / 'sa.pub'}",
+                f"--service-account-signing-key-file={pki / 'sa.key'}",
+                "--service-cluster-ip-range=10.96.0.0/16",
+                "--allow-privileged=true",
+                "--endpoint-reconciler-type=none",
+                "--v=1",
+            ],
+        )
+        _wait("kube-apiserver", lambda: _https_ok(f"{server}/readyz", token), 90, state)
+        kcm_kubeconfig = str(KUBECONFIG)
+        _start(
+            state,
+            "kube-controller-manager",
+            [
+                str(bins["kube-controller-manager"]),
+                f"--kubeconfig={kcm_kubeconfig}",
+                f"--authentication-kubeconfig={kcm_kubeconfig}",
+                f"--authorization-kubeconfig={kcm_kubeconfig}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={ports['kcm']}",
+                "--leader-elect=false",
+                f"--service-account-private-key-file={pki / 'sa.key'}",
+                "--controllers=*,-nodeipam,-persistentvolume-binder,-attachdetach,"
+                "-persistentvolume-expander,-cloud-node-lifecycle,-ttl,-bootstrapsigner,-tokencleaner",
+                "--concurrent-deployment-syncs=10",
+                "--concurrent-replicaset-syncs=10",
+                "--concurrent-gc-syncs=20",
+                "--kube-api-qps=200",
+                "--kube-api-burst=400",
+                "--v=1",
+            ],
+        )
+        _start(
+            state,
+            "kube-scheduler",
+            [
+                str(bins["kube-scheduler"]),
+                f"--kubeconfig={kcm_kubeconfig}",
+                f"--authentication-kubeconfig={kcm_kubeconfig}",
+                f"--authorization-kubeconfig={kcm_kubeconfig}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={ports['scheduler']}",
+                "--leader-elect=false",
+                "--kube-api-qps=200",
+                "--kube-api-burst=400",
+                "--v=1",
+            ],
+        )
+        _start(
+            state,
+            "kwok",
+            [
+                str(bins["kwok"]),
+                f"--kubeconfig={kcm_kubeconfig}",
+                "--manage-all-nodes=false",
+                "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
+                "--manage-nodes-with-label-selector=",
+                "--cidr=10.244.0.0/16",
+                "--node-ip=10.244.0.1",
+                f"--server-address=127.0.0.1:{ports['kwok']}",
+                f"--config={Path(bins['kwok']).parent / 'stages.yaml'}",
+            ],
+        )
+        nodes = "\n---\n".join(json.dumps(node_manifest(*n)) for n in NODES)
+        kubectl(state, "apply", "-f", "-", input=nodes)
+        kubectl(state, "apply", "-f", str(E2E / "manifests" / "keda-scaledobject-crd.yaml"))
+        _wait(
+            "default service account",
+            lambda: "default" in kubectl(state, "get", "serviceaccount", "default", "-o", "name"),
+            60,
+            state,
+        )
+        _wait(
+            "nodes Ready",
+            lambda: (
+                kubectl(
+                    state,
+                    "get",
+                    "nodes",
+                    "-o",
+                    NODE_READY_JSONPATH,
+                ).split()
+                == ["True"] * len(NODES)
+            ),
+            60,
+            state,
+        )
+        kubectl(
+            state,
+            "wait",
+            "--for=condition=Established",
+            "--timeout=30s",
+            "crd/scaledobjects.keda.sh",
+        )
+    except BaseException:
+        down()
+        raise
+    log(f"up in {time.monotonic() - started:.1f}s; kubeconfig: {KUBECONFIG}")
+    print(KUBECONFIG)
+    return state
+
+
+def down() -> None:
+    """Stop every process `up` started and remove its data; safe to call twice."""
+    state = ClusterState.load()
+    if state is None:
+        return
+    order = ["kwok", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"]
+    pids = [state.pids[n] for n in order if n in state.pids]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    for pid in pids:
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+    shutil.rmtree(state.data_dir, ignore_errors=True)
+    STATE_FILE.unlink(missing_ok=True)
+    KUBECONFIG.unlink(missing_ok=True)
+    log("down")
+
+
+if __name__ == "__main__":
+    command = sys.argv[1] if len(sys.argv) > 1 else "up"
+    if command == "up":
+        up()
+    elif command == "down":
+        down()
+    else:
+        sys.exit(f"usage: python -m e2e.cluster up|down (not {command!r})")

@@ -1,0 +1,106 @@
+"""Fixtures of the e2e suite: the local control plane (or E2E_KUBECONFIG's cluster) and a
+fresh namespace per test."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from e2e import cluster as local_cluster
+
+T = TypeVar("T")
+
+
+@dataclass
+class Cluster:
+    kubeconfig: str
+    kubectl_bin: str
+    local: bool  # our own control plane (kwok nodes) rather than E2E_KUBECONFIG's
+
+    def kubectl(
+        self, *args: str, input: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [self.kubectl_bin, "--kubeconfig", self.kubeconfig, *args],
+            capture_output=True,
+            text=True,
+            input=input,
+            timeout=120,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed:\n{proc.stderr}")
+        return proc
+
+    def get(self, *args: str) -> dict[str, Any] | None:
+        proc = self.kubectl("get", *args, "-o", "json", check=False)
+        if proc.returncode != 0:
+            if "NotFound" in proc.stderr or "not found" in proc.stderr:
+                return None
+            raise AssertionError(proc.stderr)
+        result: dict[str, Any] = json.loads(proc.stdout)
+        return result
+
+    def apply(
+        self, manifest: dict[str, Any] | str, namespace: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        text = manifest if isinstance(manifest, str) else json.dumps(manifest)
+        ns = ["-n", namespace] if namespace else []
+        return self.kubectl("apply", *ns, "-f", "-", input=text, check=False)
+
+
+def eventually(
+    check: Callable[[], T | None],
+    timeout: float = 60,
+    interval: float = 0.5,
+    what: str = "condition",
+) -> T:
+    """Poll until `check` returns something truthy; fail with the last value seen."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[Cluster]:
+    external = os.environ.get("E2E_KUBECONFIG")
+    if external:
+        kubectl = os.environ.get("KUBECTL") or shutil.which("kubectl")
+        if not kubectl:
+            kubectl = str(local_cluster.build_binaries()["kubectl"])
+        yield Cluster(external, kubectl, local=False)
+        return
+    state = local_cluster.up()
+    try:
+        yield Cluster(state.kubeconfig, state.bin_dir["kubectl"], local=True)
+    finally:
+        local_cluster.down()
+
+
+@pytest.fixture
+def namespace(cluster: Cluster) -> Iterator[str]:
+    name = f"e2e-{uuid.uuid4().hex[:8]}"
+    cluster.kubectl("create", "namespace", name)
+    try:
+        yield name
+    finally:
+        cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent

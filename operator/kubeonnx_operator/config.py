@@ -1,0 +1,80 @@
+"""Operator configuration: runtime images, accelerator profiles, ingress and KEDA defaults.
+
+Read from a YAML file (`--config` or KUBEONNX_OPERATOR_CONFIG) and `KUBEONNX_OPERATOR_*`
+environment variables; the variables win.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_IMAGE = "ghcr.io/kubeonnx/runtime:0.1.0"
+DEFAULT_GPU_IMAGE = "ghcr.io/kubeonnx/runtime:0.1.0-cuda"
+
+
+class AcceleratorProfile(BaseModel):
+    """How to ask for one kind of accelerator: the extended resource and where it lives."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+    resource_name: str = "nvidia.com/gpu"
+    node_selector: dict[str, str] = {}
+    tolerations: list[dict[str, Any]] = [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    ]
+
+
+class OperatorConfig(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="KUBEONNX_OPERATOR_",
+        env_nested_delimiter="__",
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+    )
+
+    runtime_image: str = DEFAULT_IMAGE
+    runtime_gpu_image: str = DEFAULT_GPU_IMAGE
+    image_pull_policy: str = "IfNotPresent"
+    profiles: dict[str, AcceleratorProfile] = {
+        "h100": AcceleratorProfile(
+            node_selector={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+        ),
+        "nvidia": AcceleratorProfile(node_selector={"nvidia.com/gpu.present": "true"}),
+    }
+    ingress_class: str | None = None
+    prometheus_address: str = "http://prometheus-operated.monitoring.svc:9090"
+    cluster_domain: str = "cluster.local"
+    namespaces: list[str] = Field(default_factory=list, description="empty: every namespace")
+    resync_seconds: float = 60.0
+    health_port: int = 8081
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (env_settings, init_settings)
+
+
+def load_config(path: str | Path | None = None) -> OperatorConfig:
+    """The file's settings (if any) under the environment's."""
+    path = path or os.environ.get("KUBEONNX_OPERATOR_CONFIG")
+    data: dict[str, Any] = {}
+    if path:
+        loaded = yaml.safe_load(Path(path).read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ValueError(f"operator config {path} must be a YAML mapping")
+        data = loaded or {}
+    return OperatorConfig(**data)

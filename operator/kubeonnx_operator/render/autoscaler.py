@@ -1,0 +1,72 @@
+"""The autoscaler: an HPA on CPU, or a KEDA ScaledObject on in-flight requests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import OperatorConfig
+from .model import Model
+
+
+def _target(model: Model) -> dict[str, str]:
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "name": model.name}
+
+
+def render_hpa(model: Model) -> dict[str, Any]:
+    scaling = model.spec.scaling
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": model.metadata(),
+        "spec": {
+            "scaleTargetRef": _target(model),
+            "minReplicas": max(scaling.min_replicas, 1),
+            "maxReplicas": scaling.max_replicas,
+            "metrics": [
+                {
+                    "type": "Resource",
+                    "resource": {
+                        "name": "cpu",
+                        "target": {
+                            "type": "Utilization",
+                            "averageUtilization": scaling.target_cpu_utilization,
+                        },
+                    },
+                }
+            ],
+        },
+    }
+
+
+def inflight_query(model: Model) -> str:
+    """The PromQL that KEDA scales on: the runtime's in-flight gauge, summed over replicas."""
+    return (
+        f'sum(kubeonnx_inflight_requests{{namespace="{model.namespace}",model="{model.name}"}})'
+        " or vector(0)"
+    )
+
+
+def render_scaled_object(model: Model, config: OperatorConfig) -> dict[str, Any]:
+    scaling = model.spec.scaling
+    return {
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "ScaledObject",
+        "metadata": model.metadata(),
+        "spec": {
+            "scaleTargetRef": _target(model),
+            "minReplicaCount": scaling.min_replicas,
+            "maxReplicaCount": scaling.max_replicas,
+            "pollingInterval": 15,
+            "cooldownPeriod": 300,
+            "triggers": [
+                {
+                    "type": "prometheus",
+                    "metadata": {
+                        "serverAddress": config.prometheus_address,
+                        "query": inflight_query(model),
+                        "threshold": str(scaling.target_inflight_requests),
+                    },
+                }
+            ],
+        },
+    }

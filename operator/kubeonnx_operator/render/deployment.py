@@ -1,0 +1,176 @@
+"""The Deployment of the runtime: the runtime's contract (env, port, probes), GPU placement,
+S3 credentials, and a locked-down pod."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import OperatorConfig
+from .model import CONTAINER, HTTP_PORT, Model
+
+CACHE_DIR = "/var/cache/kubeonnx"
+TERMINATION_LOG = "/dev/termination-log"
+RUNTIME_UID = 65532
+DEFAULT_REQUESTS = {"cpu": "1", "memory": "1Gi"}
+
+
+def _env(model: Model) -> list[dict[str, Any]]:
+    spec = model.spec
+    values: list[tuple[str, str | None]] = [
+        ("KUBEONNX_MODEL_URI", spec.model.uri),
+        ("KUBEONNX_MODEL_SHA256", spec.model.sha256),
+        ("KUBEONNX_MODEL_NAME", model.name),
+        ("KUBEONNX_S3_ENDPOINT", spec.model.s3.endpoint),
+        ("KUBEONNX_S3_REGION", spec.model.s3.region),
+        ("AWS_REGION", spec.model.s3.region),
+        ("KUBEONNX_DEVICE", "cuda" if model.gpu else "cpu"),
+        ("KUBEONNX_THREADS", str(spec.runtime.threads)),
+        ("KUBEONNX_MAX_BATCH_SIZE", str(spec.runtime.max_batch_size)),
+        ("KUBEONNX_MAX_BATCH_DELAY_MS", f"{spec.runtime.max_batch_delay_ms:g}"),
+        ("KUBEONNX_MAX_QUEUE", str(spec.runtime.max_queue)),
+        ("KUBEONNX_PORT", str(HTTP_PORT)),
+        ("KUBEONNX_ROUTE_PREFIX", model.route_path),
+        ("KUBEONNX_CACHE_DIR", CACHE_DIR),
+        ("KUBEONNX_TERMINATION_LOG", TERMINATION_LOG),
+    ]
+    env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in values if v]
+    secret = spec.model.s3.credentials_secret
+    if secret:
+        for key, optional in (
+            ("AWS_ACCESS_KEY_ID", False),
+            ("AWS_SECRET_ACCESS_KEY", False),
+            ("AWS_SESSION_TOKEN", True),
+        ):
+            ref: dict[str, Any] = {"name": secret, "key": key}
+            if optional:
+                ref["optional"] = True
+            env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
+    return env
+
+
+def _resources(model: Model, config: OperatorConfig) -> dict[str, Any]:
+    spec = model.spec
+    requests = {k: str(v) for k, v in (spec.resources.requests or DEFAULT_REQUESTS).items()}
+    limits = {k: str(v) for k, v in spec.resources.limits.items()}
+    if model.gpu:
+        assert spec.accelerator.profile is not None
+        gpu_resource = config.profiles[spec.accelerator.profile].resource_name
+        limits[gpu_resource] = str(spec.accelerator.count)
+    resources: dict[str, Any] = {"requests": requests}
+    if limits:
+        resources["limits"] = limits
+    return resources
+
+
+def _placement(model: Model, config: OperatorConfig) -> dict[str, Any]:
+    """The profile's nodeSelector and tolerations merged with spec.scheduling (which wins)."""
+    spec = model.spec
+    node_selector: dict[str, str] = {}
+    tolerations: list[dict[str, Any]] = []
+    if model.gpu:
+        assert spec.accelerator.profile is not None
+        profile = config.profiles[spec.accelerator.profile]
+        node_selector.update(profile.node_selector)
+        tolerations.extend(profile.tolerations)
+    node_selector.update(spec.scheduling.node_selector)
+    for toleration in spec.scheduling.tolerations:
+        if toleration not in tolerations:
+            tolerations.append(toleration)
+    placement: dict[str, Any] = {}
+    if node_selector:
+        placement["nodeSelector"] = node_selector
+    if tolerations:
+        placement["tolerations"] = tolerations
+    if spec.scheduling.affinity:
+        placement["affinity"] = spec.scheduling.affinity
+    return placement
+
+
+def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": "http"},
+        "periodSeconds": period,
+        "timeoutSeconds": 2,
+        "failureThreshold": failures,
+    }
+
+
+def render_deployment(model: Model, config: OperatorConfig) -> dict[str, Any]:
+    spec = model.spec
+    image = spec.runtime.image or (config.runtime_gpu_image if model.gpu else config.runtime_image)
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": image,
+        "imagePullPolicy": config.image_pull_policy,
+        "command": ["kubeonnx"],
+        "args": ["serve"],
+        "env": _env(model),
+        "ports": [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"}],
+        # Up to 30 minutes to download and load a large model before liveness applies.
+        "startupProbe": _probe("/v2/health/live", 5, 360),
+        "readinessProbe": _probe("/v2/health/ready", 5, 2),
+        "livenessProbe": _probe("/v2/health/live", 10, 3),
+        "resources": _resources(model, config),
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {
+            "runAsNonRoot": True,
+            "readOnlyRootFilesystem": True,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": [
+            {"name": "model-cache", "mountPath": CACHE_DIR},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+    pod_spec: dict[str, Any] = {
+        "automountServiceAccountToken": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUNTIME_UID,
+            "runAsGroup": RUNTIME_UID,
+            "fsGroup": RUNTIME_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        # The runtime answers not-ready for a few seconds after SIGTERM, then drains.
+        "terminationGracePeriodSeconds": 60,
+        "containers": [container],
+        "volumes": [
+            {"name": "model-cache", "emptyDir": {}},
+            {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "64Mi"}},
+        ],
+        **_placement(model, config),
+    }
+    if spec.service_account_name:
+        pod_spec["serviceAccountName"] = spec.service_account_name
+    deployment_spec: dict[str, Any] = {
+        "selector": {"matchLabels": model.selector},
+        "revisionHistoryLimit": 3,
+        "progressDeadlineSeconds": 900,
+        # Never below the ready count during a rollout: surge first, then retire.
+        "strategy": {
+            "type": "RollingUpdate",
+            "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+        },
+        "template": {
+            "metadata": {
+                "labels": model.labels,
+                "annotations": {
+                    "prometheus.io/scrape": "true",
+                    "prometheus.io/port": str(HTTP_PORT),
+                    "prometheus.io/path": "/metrics",
+                },
+            },
+            "spec": pod_spec,
+        },
+    }
+    if spec.scaling.autoscaler == "none":
+        # With an autoscaler, it owns replicas; a replicas field here would fight it.
+        deployment_spec["replicas"] = spec.scaling.min_replicas
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": model.metadata(),
+        "spec": deployment_spec,
+    }

@@ -1,0 +1,71 @@
+"""The parent as the renderers see it: name, namespace and typed spec, plus derived names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import OperatorConfig
+from ..spec import InferenceModelSpec, InvalidSpec
+
+GROUP = "kubeonnx.io"
+MODEL_LABEL = f"{GROUP}/inferencemodel"
+MANAGED_BY = "kubeonnx"
+HTTP_PORT = 8080
+SERVICE_PORT = 80
+CONTAINER = "runtime"
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    namespace: str
+    spec: InferenceModelSpec
+
+    @property
+    def selector(self) -> dict[str, str]:
+        return {MODEL_LABEL: self.name}
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return {
+            "app.kubernetes.io/name": "kubeonnx-runtime",
+            "app.kubernetes.io/instance": self.name,
+            "app.kubernetes.io/component": "inference",
+            "app.kubernetes.io/part-of": "kubeonnx",
+            "app.kubernetes.io/managed-by": MANAGED_BY,
+            MODEL_LABEL: self.name,
+        }
+
+    def metadata(self) -> dict[str, object]:
+        return {"name": self.name, "namespace": self.namespace, "labels": self.labels}
+
+    @property
+    def route_path(self) -> str:
+        """The path prefix under which the Ingress routes to this model."""
+        return (self.spec.ingress.path or f"/models/{self.namespace}/{self.name}").rstrip("/")
+
+    def url(self, config: OperatorConfig) -> str:
+        host = f"{self.name}.{self.namespace}.svc.{config.cluster_domain}"
+        return f"http://{host}/v2/models/{self.name}"
+
+    def external_url(self) -> str | None:
+        ing = self.spec.ingress
+        if not ing.enabled or not ing.host:
+            return None
+        scheme = "https" if ing.tls_secret else "http"
+        return f"{scheme}://{ing.host}{self.route_path}"
+
+    @property
+    def gpu(self) -> bool:
+        return self.spec.accelerator.count > 0
+
+
+def check_against_config(model: Model, config: OperatorConfig) -> None:
+    """What the CRD cannot know: the accelerator profiles come from the operator's config."""
+    profile = model.spec.accelerator.profile
+    if model.gpu and profile not in config.profiles:
+        known = ", ".join(sorted(config.profiles)) or "(none configured)"
+        raise InvalidSpec(
+            f"spec.accelerator.profile {profile!r} is not a profile of this operator; "
+            f"known: {known}"
+        )

@@ -1,0 +1,151 @@
+"""Status derived in pure code from what was observed: the Deployment and its pods.
+
+Conditions follow metav1.Condition: a list keyed by type, lastTransitionTime kept unless
+the status flips, observedGeneration set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .render.model import CONTAINER
+
+READY = "Ready"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ready: bool
+    reason: str
+    message: str
+
+
+def _container_status(pod: dict[str, Any]) -> dict[str, Any] | None:
+    for cs in pod.get("status", {}).get("containerStatuses") or []:
+        if cs.get("name") == CONTAINER:
+            return dict(cs)
+    return None
+
+
+def _pod_problem(pod: dict[str, Any]) -> Verdict | None:
+    """The one thing that keeps this pod from serving, if it is one we can name."""
+    status = pod.get("status", {})
+    for cond in status.get("conditions") or []:
+        if (
+            cond.get("type") == "PodScheduled"
+            and cond.get("status") == "False"
+            and cond.get("reason") == "Unschedulable"
+        ):
+            return Verdict(False, "Unschedulable", cond.get("message") or "pod cannot be scheduled")
+    cs = _container_status(pod)
+    if cs is None:
+        return None
+    state = cs.get("state") or {}
+    last = (cs.get("lastState") or {}).get("terminated") or {}
+    terminated = state.get("terminated") or {}
+    waiting = state.get("waiting") or {}
+    for term in (terminated, last):
+        if term and term.get("exitCode", 0) != 0 and (term.get("message") or "").strip():
+            return Verdict(False, "ModelLoadFailed", term["message"].strip())
+    if waiting.get("reason") == "CrashLoopBackOff" or (terminated and terminated.get("exitCode")):
+        code = (terminated or last).get("exitCode")
+        why = (terminated or last).get("reason") or "Error"
+        return Verdict(
+            False,
+            "CrashLoop",
+            f"container {CONTAINER} restarted {cs.get('restartCount', 0)} times "
+            f"(last exit: {why}, code {code})",
+        )
+    if waiting.get("reason") in {"ImagePullBackOff", "ErrImagePull", "InvalidImageName"}:
+        return Verdict(False, "ImagePullFailed", waiting.get("message") or waiting["reason"])
+    if waiting.get("reason") == "CreateContainerConfigError":
+        return Verdict(False, "InvalidSpec", waiting.get("message") or waiting["reason"])
+    return None
+
+
+def derive_verdict(
+    deployment: dict[str, Any] | None, pods: list[dict[str, Any]], min_replicas: int
+) -> Verdict:
+    """Ready only when the current Deployment has rolled out and enough pods are ready."""
+    if deployment is None:
+        return Verdict(False, "Progressing", "waiting for the Deployment to be created")
+    spec, status = deployment.get("spec", {}), deployment.get("status", {})
+    desired = spec.get("replicas", 1)
+    ready = status.get("readyReplicas", 0)
+    updated = status.get("updatedReplicas", 0)
+    total = status.get("replicas", 0)
+    observed = status.get("observedGeneration", 0) >= deployment["metadata"].get("generation", 0)
+    rolled_out = observed and updated >= desired and total == updated
+    required = max(min_replicas, 1)
+    if desired == 0 and min_replicas == 0 and observed:
+        return Verdict(True, "ScaledToZero", "scaled to zero; KEDA scales up on demand")
+    if rolled_out and ready >= min(required, desired) and ready >= 1:
+        return Verdict(True, "Ready", f"{ready}/{desired} replicas ready")
+    # Not ready: name the first problem a pod shows, newest pods first.
+    newest_first = sorted(
+        pods, key=lambda p: p.get("metadata", {}).get("creationTimestamp") or "", reverse=True
+    )
+    for pod in newest_first:
+        problem = _pod_problem(pod)
+        if problem is not None:
+            return problem
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "Progressing" and cond.get("reason") == "ProgressDeadlineExceeded":
+            return Verdict(False, "ProgressDeadlineExceeded", cond.get("message") or "")
+    return Verdict(
+        False,
+        "Progressing",
+        f"{ready}/{desired} replicas ready, {updated}/{desired} updated",
+    )
+
+
+def set_condition(
+    conditions: list[dict[str, Any]], new: dict[str, Any], now: str
+) -> list[dict[str, Any]]:
+    """Replace the condition of new's type; keep lastTransitionTime unless the status flips."""
+    out = []
+    found = False
+    for cond in conditions:
+        if cond.get("type") != new["type"]:
+            out.append(cond)
+            continue
+        found = True
+        same = cond.get("status") == new["status"]
+        out.append(
+            {**new, "lastTransitionTime": cond.get("lastTransitionTime", now) if same else now}
+        )
+    if not found:
+        out.append({**new, "lastTransitionTime": now})
+    return out
+
+
+def derive_status(
+    *,
+    generation: int,
+    previous: dict[str, Any],
+    verdict: Verdict,
+    deployment: dict[str, Any] | None,
+    url: str | None,
+    external_url: str | None,
+    now: str,
+) -> dict[str, Any]:
+    """The whole status subresource, from the verdict and what was observed."""
+    desired = (deployment or {}).get("spec", {}).get("replicas", 0)
+    ready = (deployment or {}).get("status", {}).get("readyReplicas", 0)
+    condition = {
+        "type": READY,
+        "status": "True" if verdict.ready else "False",
+        "reason": verdict.reason,
+        "message": verdict.message,
+        "observedGeneration": generation,
+    }
+    return {
+        "observedGeneration": generation,
+        "replicas": desired,
+        "readyReplicas": ready,
+        "replicaSummary": f"{ready}/{desired}",
+        "url": url,
+        "externalURL": external_url,
+        "conditions": set_condition(list(previous.get("conditions") or []), condition, now),
+    }
