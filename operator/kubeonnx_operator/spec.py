@@ -74,7 +74,7 @@ class ScalingSpec(_Spec):
     min_replicas: int = Field(1, ge=0, le=1000)
     max_replicas: int = Field(1, ge=1, le=1000)
     autoscaler: Literal["hpa", "keda", "none"] = "hpa"
-    target_cpu_utilization: int = Field(70, ge=1, le=100)
+    target_cpu_utilization: int = Field(70, ge=1, le=100, alias="targetCPUUtilization")
     target_inflight_requests: int = Field(8, ge=1, le=100000)
 
     @model_validator(mode="after")

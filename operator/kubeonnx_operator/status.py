@@ -91,6 +91,9 @@ def derive_verdict(
         if problem is not None:
             return problem
     for cond in status.get("conditions") or []:
+        if cond.get("type") == "ReplicaFailure" and cond.get("status") == "True":
+            # Pods could not even be created: a missing ServiceAccount, a quota, a policy.
+            return Verdict(False, "ReplicaFailure", cond.get("message") or "")
         if cond.get("type") == "Progressing" and cond.get("reason") == "ProgressDeadlineExceeded":
             return Verdict(False, "ProgressDeadlineExceeded", cond.get("message") or "")
     return Verdict(

@@ -115,6 +115,21 @@ class RequestIdMiddleware:
             request_id_var.reset(token)
 
 
+class RoutePrefixMiddleware:
+    """Serves `<prefix>/v2/...` as `/v2/...`, so an Ingress needs no rewrite annotation."""
+
+    def __init__(self, app: ASGIApp, prefix: str) -> None:
+        self.app = app
+        self.prefix = prefix.rstrip("/")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope.get("path", "")
+        if scope["type"] == "http" and path.startswith(self.prefix + "/"):
+            scope = {**scope, "path": path[len(self.prefix) :]}
+            scope.pop("raw_path", None)
+        await self.app(scope, receive, send)
+
+
 def _decompress(body: bytes, encoding: str | None) -> bytes:
     try:
         if encoding == "gzip":
@@ -134,6 +149,7 @@ def create_app(
     *,
     on_startup: Callable[[], Awaitable[None]] | None = None,
     on_shutdown: Callable[[], Awaitable[None]] | None = None,
+    route_prefix: str = "",
 ) -> FastAPI:
     """Build the FastAPI app around an injected data plane and metrics registry."""
 
@@ -156,6 +172,8 @@ def create_app(
         lifespan=lifespan,
     )
     app.add_middleware(RequestIdMiddleware)
+    if route_prefix.strip("/"):
+        app.add_middleware(RoutePrefixMiddleware, prefix=route_prefix)
 
     @app.exception_handler(RuntimeServeError)
     async def _domain_error(_: Request, exc: RuntimeServeError) -> Response:

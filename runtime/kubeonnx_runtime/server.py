@@ -119,7 +119,7 @@ def serve(settings: ServeSettings) -> int:
         on_queue_depth=queue_depth.set,
     )
     dataplane = DataPlane(model, batcher, name=settings.model_name, version=settings.model_version)
-    app = create_app(dataplane, metrics)
+    app = create_app(dataplane, metrics, route_prefix=settings.route_prefix)
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -36,6 +36,9 @@ class ServeSettings(BaseSettings):
     max_batch_delay_ms: float = Field(2.0, ge=0, description="how long a request waits for company")
     max_queue: int = Field(256, ge=1, description="queued requests beyond which 503 is answered")
     quota_config: Path | None = Field(None, description="mounted quota configuration file")
+    route_prefix: str = Field(
+        "", description="path prefix an Ingress routes under; served as well as the bare paths"
+    )
     host: str = Field("0.0.0.0", description="address to listen on")
     port: int = Field(8080, ge=1, le=65535, description="port to listen on")
     cache_dir: Path = Field(Path("/var/cache/kubeonnx"), description="model download cache")

@@ -1,0 +1,107 @@
+"""kopf wiring: watches feed the work queue; the queue runs the one reconcile.
+
+Every trigger is level-based: an InferenceModel event (create, update, resume on start,
+our own status write), an event on an owned child (deleted or edited by hand, a pod
+changing state), or the periodic resync. The handlers store nothing on the objects: no
+finalizers, no kopf annotations, so Argo CD sees only what it applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import logging
+from typing import Any
+
+import kopf
+from lightkube import AsyncClient
+
+from .config import OperatorConfig
+from .kube import Kube
+from .reconcile import Reconciler
+from .render.model import MANAGED_BY, MODEL_LABEL
+from .workqueue import WorkQueue
+
+log = logging.getLogger(__name__)
+
+CHILD_RESOURCES = [
+    ("apps", "v1", "deployments"),
+    ("", "v1", "services"),
+    ("", "v1", "pods"),
+    ("autoscaling", "v2", "horizontalpodautoscalers"),
+    ("networking.k8s.io", "v1", "ingresses"),
+    ("policy", "v1", "poddisruptionbudgets"),
+    ("keda.sh", "v1alpha1", "scaledobjects"),
+]
+
+
+def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+    state: dict[str, Any] = {}
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        # In a pod: the service account; elsewhere: KUBECONFIG or ~/.kube/config.
+        return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+    @kopf.on.startup(registry=registry)
+    async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.posting.level = logging.WARNING
+        settings.watching.server_timeout = 300
+        settings.networking.request_timeout = 60
+        client = AsyncClient(field_manager="kubeonnx")
+        reconciler = Reconciler(Kube(client), config)
+        queue = WorkQueue(reconciler.reconcile)
+        state.update(client=client, queue=queue)
+        state["resync"] = asyncio.get_running_loop().create_task(_resync(queue, config))
+
+    @kopf.on.cleanup(registry=registry)
+    async def cleanup(**_: Any) -> None:
+        task = state.get("resync")
+        if task:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if "queue" in state:
+            await state["queue"].idle()
+        if "client" in state:
+            await state["client"].close()
+
+    @kopf.on.probe(id="reconciling", registry=registry)
+    def probe(**_: Any) -> int:
+        queue: WorkQueue | None = state.get("queue")
+        return len(queue.bodies) if queue else 0
+
+    @kopf.on.event("kubeonnx.io", "v1alpha1", "inferencemodels", registry=registry)
+    async def model_event(
+        event: dict[str, Any], body: kopf.Body, namespace: str, name: str, **_: Any
+    ) -> None:
+        queue: WorkQueue = state["queue"]
+        if event.get("type") == "DELETED":
+            queue.observe((namespace, name), None)
+        else:
+            queue.observe((namespace, name), copy.deepcopy(dict(body)))
+
+    async def child_event(labels: kopf.Labels, namespace: str, **_: Any) -> None:
+        owner = labels.get(MODEL_LABEL)
+        if owner and "queue" in state:
+            state["queue"].trigger((namespace, owner))
+
+    for group, version, plural in CHILD_RESOURCES:
+        kopf.on.event(
+            group,
+            version,
+            plural,
+            registry=registry,
+            labels={"app.kubernetes.io/managed-by": MANAGED_BY, MODEL_LABEL: kopf.PRESENT},
+        )(child_event)
+
+    return registry
+
+
+async def _resync(queue: WorkQueue, config: OperatorConfig) -> None:
+    """Re-run every reconcile now and then, so drift that no event reports is repaired."""
+    while True:
+        await asyncio.sleep(config.resync_seconds)
+        queue.trigger_all()

@@ -1,0 +1,162 @@
+"""One level-based reconcile of an InferenceModel: render, apply, prune, observe, report.
+
+Running it twice changes nothing: applies of unchanged manifests are no-ops on the server,
+and status is written only when what was derived differs from what is there.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from lightkube import ApiError
+
+from .config import OperatorConfig
+from .kube import CHILD_KINDS, Kube, is_not_found
+from .render import Model, render_children
+from .render.model import MANAGED_BY, MODEL_LABEL, check_against_config
+from .spec import InvalidSpec, parse_spec
+from .status import Verdict, derive_status, derive_verdict
+
+log = logging.getLogger(__name__)
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def owner_reference(body: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": body["apiVersion"],
+        "kind": body["kind"],
+        "name": body["metadata"]["name"],
+        "uid": body["metadata"]["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def status_changed(previous: dict[str, Any], new: dict[str, Any]) -> bool:
+    return any(previous.get(k) != v for k, v in new.items())
+
+
+class Reconciler:
+    def __init__(
+        self, kube: Kube, config: OperatorConfig, now: Callable[[], str] = utc_now
+    ) -> None:
+        self.kube = kube
+        self.config = config
+        self.now = now
+
+    async def reconcile(self, body: dict[str, Any]) -> None:
+        meta = body["metadata"]
+        if meta.get("deletionTimestamp"):
+            return  # the garbage collector removes the children
+        name, namespace = meta["name"], meta["namespace"]
+        generation = int(meta.get("generation", 1))
+        previous = body.get("status") or {}
+        try:
+            model = Model(name, namespace, parse_spec(body.get("spec")))
+            check_against_config(model, self.config)
+        except InvalidSpec as exc:
+            log.warning("InferenceModel %s/%s: invalid spec: %s", namespace, name, exc)
+            await self._report(
+                body,
+                previous,
+                Verdict(False, "InvalidSpec", str(exc)),
+                None,
+                None,
+                None,
+                generation,
+            )
+            return
+
+        owner = owner_reference(body)
+        applied: dict[tuple[str, str], dict[str, Any]] = {}
+        problem: Verdict | None = None
+        for child in render_children(model, self.config):
+            child["metadata"]["ownerReferences"] = [owner]
+            key = (child["apiVersion"], child["kind"])
+            try:
+                applied[key] = await self.kube.apply(child)
+            except ApiError as exc:
+                if child["kind"] == "ScaledObject" and is_not_found(exc):
+                    problem = Verdict(
+                        False,
+                        "KedaNotInstalled",
+                        "autoscaler keda needs KEDA (keda.sh/v1alpha1 ScaledObject) in the cluster",
+                    )
+                    continue
+                if exc.status.code in (400, 422):  # the API server refused what we rendered
+                    problem = Verdict(
+                        False, "InvalidSpec", f"{child['kind']} refused: {exc.status.message}"
+                    )
+                    continue
+                raise
+        await self._prune(model, body["metadata"]["uid"], set(applied))
+
+        deployment = applied.get(("apps/v1", "Deployment"))
+        pods = await self.kube.list("v1", "Pod", namespace, model.selector)
+        verdict = derive_verdict(deployment, pods, model.spec.scaling.min_replicas)
+        if problem is not None:  # a child we could not create outranks what the pods show
+            verdict = problem
+        await self._report(
+            body,
+            previous,
+            verdict,
+            deployment,
+            model.url(self.config),
+            model.external_url(),
+            generation,
+        )
+
+    async def _prune(self, model: Model, owner_uid: str, keep: set[tuple[str, str]]) -> None:
+        """Delete children this model owns that were not rendered this time."""
+        labels = {MODEL_LABEL: model.name, "app.kubernetes.io/managed-by": MANAGED_BY}
+        for api_version, kind in CHILD_KINDS:
+            if (api_version, kind) in keep:
+                continue
+            try:
+                found = await self.kube.list(api_version, kind, model.namespace, labels)
+            except ApiError as exc:
+                if is_not_found(exc):  # the kind is not installed (KEDA)
+                    continue
+                raise
+            for obj in found:
+                refs = obj["metadata"].get("ownerReferences") or []
+                if any(r.get("uid") == owner_uid for r in refs):
+                    log.info(
+                        "deleting %s %s/%s: no longer rendered",
+                        kind,
+                        model.namespace,
+                        obj["metadata"]["name"],
+                    )
+                    await self.kube.delete(
+                        api_version, kind, model.namespace, obj["metadata"]["name"]
+                    )
+
+    async def _report(
+        self,
+        body: dict[str, Any],
+        previous: dict[str, Any],
+        verdict: Verdict,
+        deployment: dict[str, Any] | None,
+        url: str | None,
+        external_url: str | None,
+        generation: int,
+    ) -> None:
+        status = derive_status(
+            generation=generation,
+            previous=previous,
+            verdict=verdict,
+            deployment=deployment,
+            url=url,
+            external_url=external_url,
+            now=self.now(),
+        )
+        if status_changed(previous, status):
+            meta = body["metadata"]
+            await self.kube.patch_model_status(meta["namespace"], meta["name"], status)
+            body["status"] = status
