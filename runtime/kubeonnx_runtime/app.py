@@ -216,6 +216,7 @@ def create_app(
         inflight.inc()
         status = 500
         try:
+            dataplane.check_model(name, version)  # a wrong name is 404 whatever the body
             body = _decompress(await request.body(), request.headers.get("content-encoding"))
             raw_length = request.headers.get(HEADER_LENGTH)
             try:
@@ -244,6 +245,9 @@ def create_app(
             else:
                 log.info("bad inference request: %s", exc)
             return _error_response(exc)
+        except Exception as exc:
+            log.exception("inference failed")
+            return _json({"error": f"inference failed: {type(exc).__name__}: {exc}"}, 500)
         finally:
             inflight.dec()
             latency.observe(time.perf_counter() - started)

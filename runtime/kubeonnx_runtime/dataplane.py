@@ -9,7 +9,7 @@ import numpy as np
 
 from .batching import Batcher
 from .codec import InferRequest
-from .errors import InvalidRequest, ModelNotFound, NotReady
+from .errors import InvalidRequest, ModelNotFound
 
 try:
     SERVER_VERSION = version("kubeonnx")
@@ -49,7 +49,7 @@ class DataPlane:
             "extensions": ["binary_tensor_data"],
         }
 
-    def _check_model(self, name: str, version: str | None) -> None:
+    def check_model(self, name: str, version: str | None) -> None:
         if name != self.name:
             raise ModelNotFound(
                 f"model '{name}' is not served here; this server serves '{self.name}'"
@@ -60,7 +60,7 @@ class DataPlane:
             )
 
     def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
-        self._check_model(name, version)
+        self.check_model(name, version)
         return {
             "name": self.name,
             "versions": [self.version],
@@ -70,15 +70,13 @@ class DataPlane:
         }
 
     def model_ready(self, name: str, version: str | None = None) -> bool:
-        self._check_model(name, version)
+        self.check_model(name, version)
         return self.ready()
 
     async def infer(
         self, name: str, version: str | None, request: InferRequest
     ) -> dict[str, np.ndarray]:
-        self._check_model(name, version)
-        if self.draining:
-            raise NotReady("the server is shutting down")
+        self.check_model(name, version)
         wanted = [o.name for o in request.outputs] if request.outputs is not None else None
         self.model.validate(request.inputs, wanted)
         if wanted is not None and len(set(wanted)) != len(wanted):

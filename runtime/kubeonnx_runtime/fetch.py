@@ -160,7 +160,12 @@ def _fetch_s3(
             # HEAD cannot tell a missing bucket from a missing key; ask the bucket.
             try:
                 client.head_bucket(Bucket=bucket)
-            except (ClientError, BotoCoreError) as bucket_exc:
+            except ClientError as bucket_exc:
+                bucket_code = str(bucket_exc.response.get("Error", {}).get("Code", ""))
+                if bucket_code in {"404", "NoSuchBucket", "NotFound"}:
+                    raise FatalStartupError(f"cannot fetch {uri}: no such bucket") from None
+                raise _s3_error(uri, bucket_exc) from None
+            except BotoCoreError as bucket_exc:
                 raise _s3_error(uri, bucket_exc) from None
         raise _s3_error(uri, exc) from None
     except BotoCoreError as exc:

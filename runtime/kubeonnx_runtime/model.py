@@ -31,6 +31,18 @@ class TensorSpec:
         return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
 
 
+_InvalidArgument = ort.capi.onnxruntime_pybind11_state.InvalidArgument
+
+
+def _as_strings(arr: np.ndarray) -> np.ndarray:
+    """onnxruntime takes string tensors as object arrays of str; BYTES arrive as bytes."""
+    out = np.empty(arr.shape, dtype=np.object_)
+    out.ravel()[:] = [
+        x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x) for x in arr.ravel()
+    ]
+    return out
+
+
 def _tensor_spec(arg: ort.NodeArg) -> TensorSpec:
     datatype = ONNX_TO_OIP.get(arg.type)
     if datatype is None:
@@ -135,8 +147,11 @@ class OnnxModel:
                 )
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        feed = {k: (v.astype(np.str_) if v.dtype == np.object_ else v) for k, v in inputs.items()}
-        results = self.session.run(self.output_names, feed)
+        feed = {k: (_as_strings(v) if v.dtype == np.object_ else v) for k, v in inputs.items()}
+        try:
+            results = self.session.run(self.output_names, feed)
+        except _InvalidArgument as exc:  # the values, not the server, are at fault
+            raise InvalidRequest(f"the model rejected the input: {exc}") from None
         return dict(zip(self.output_names, results, strict=True))
 
     def warm_up(self) -> None:

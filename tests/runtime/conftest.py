@@ -1,0 +1,175 @@
+"""Fixtures for runtime tests: generated models, a real S3 API (moto server on loopback),
+and the real `kubeonnx serve` process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import boto3
+import httpx
+import pytest
+from moto.server import ThreadedMotoServer
+
+from e2e.generate_models import generate
+
+KUBEONNX = str(Path(sys.executable).parent / "kubeonnx")
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return generate(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3(s3_endpoint: str, models: dict[str, Path]):  # type: ignore[no-untyped-def]
+    """A bucket 'models' holding every generated model at <name>/model.onnx, and junk."""
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_endpoint,
+        **{
+            "aws_access_key_id": "testing",
+            "aws_secret_access_key": "testing",
+            "region_name": "us-east-1",
+        },
+    )
+    client.create_bucket(Bucket="models")
+    for name, path in models.items():
+        client.upload_file(str(path), "models", f"{name}/model.onnx")
+    client.put_object(Bucket="models", Key="junk/model.onnx", Body=b"this is not a model" * 100)
+    return client
+
+
+@dataclass
+class Served:
+    proc: subprocess.Popen[bytes]
+    url: str
+    termination_log: Path
+    log_path: Path
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+def start_server(
+    tmp: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    wait_ready: bool = True,
+    timeout: float = 60,
+) -> Served:
+    port = free_port()
+    term = tmp / "termination-log"
+    log_path = tmp / f"serve-{port}.log"
+    full_env = {
+        **os.environ,
+        **S3_ENV,
+        "KUBEONNX_PORT": str(port),
+        "KUBEONNX_HOST": "127.0.0.1",
+        "KUBEONNX_CACHE_DIR": str(tmp / "cache"),
+        "KUBEONNX_TERMINATION_LOG": str(term),
+        "KUBEONNX_DRAIN_SECONDS": "0",
+        **(env or {}),
+    }
+    with log_path.open("wb") as logf:
+        proc = subprocess.Popen(
+            [KUBEONNX, "serve", *args], env=full_env, stdout=logf, stderr=subprocess.STDOUT
+        )
+    served = Served(proc, f"http://127.0.0.1:{port}", term, log_path)
+    if wait_ready:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise AssertionError(f"server exited {proc.returncode}:\n{served.logs()}")
+            try:
+                if httpx.get(f"{served.url}/v2/health/ready", timeout=1).status_code == 200:
+                    return served
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        served.stop(signal.SIGKILL)
+        raise AssertionError(f"server not ready in {timeout}s:\n{served.logs()}")
+    return served
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
+    """Start `kubeonnx serve` with the given flags; every server is stopped afterwards."""
+    started: list[Served] = []
+
+    def _start(*args: str, **kwargs) -> Served:  # type: ignore[no-untyped-def]
+        served = start_server(tmp_path, *args, **kwargs)
+        started.append(served)
+        return served
+
+    yield _start
+    for served in started:
+        served.stop(signal.SIGKILL, timeout=10)
+
+
+@pytest.fixture(scope="module")
+def mlp_server(
+    tmp_path_factory: pytest.TempPathFactory, models: dict[str, Path]
+) -> Iterator[Served]:
+    served = start_server(
+        tmp_path_factory.mktemp("mlp"),
+        "--model-uri",
+        f"file://{models['mlp']}",
+        "--model-name",
+        "mlp",
+    )
+    yield served
+    served.stop(signal.SIGKILL, timeout=10)
+
+
+@pytest.fixture(scope="module")
+def mixed_server(
+    tmp_path_factory: pytest.TempPathFactory, models: dict[str, Path]
+) -> Iterator[Served]:
+    served = start_server(
+        tmp_path_factory.mktemp("mixed"),
+        "--model-uri",
+        f"file://{models['mixed']}",
+        "--model-name",
+        "mixed",
+    )
+    yield served
+    served.stop(signal.SIGKILL, timeout=10)

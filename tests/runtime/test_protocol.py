@@ -1,0 +1,323 @@
+"""The Open Inference Protocol over the real server process, with tritonclient unchanged."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import signal
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from tritonclient.utils import InferenceServerException
+
+from tests.runtime.conftest import Served
+
+
+def client(served: Served) -> triton.InferenceServerClient:
+    return triton.InferenceServerClient(served.url.removeprefix("http://"), concurrency=4)
+
+
+def mlp_reference(models, x: np.ndarray) -> np.ndarray:  # type: ignore[no-untyped-def]
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(models["mlp"]), providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": x})[0]
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_tritonclient_round_trip_matches_onnxruntime(
+    mlp_server: Served, models, binary: bool
+) -> None:
+    c = client(mlp_server)
+    assert c.is_server_live() and c.is_server_ready() and c.is_model_ready("mlp")
+    meta = c.get_model_metadata("mlp")
+    assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 4]}]
+    x = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    inp = triton.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=binary)
+    out = triton.InferRequestedOutput("output", binary_data=binary)
+    result = c.infer("mlp", [inp], outputs=[out], request_id="r-1")
+    np.testing.assert_allclose(result.as_numpy("output"), mlp_reference(models, x), rtol=1e-5)
+    assert result.get_response()["id"] == "r-1"
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_mixed_types_including_int64_bool_and_bytes(mixed_server: Served, binary: bool) -> None:
+    c = client(mixed_server)
+    feats = np.arange(8, dtype=np.float32).reshape(2, 4)
+    ids = np.array([[1, 2], [3, 2**40]], dtype=np.int64)
+    mask = np.array([[True, False], [False, False]])
+    tag = np.array([[b"alpha"], ["βeta".encode()]], dtype=np.object_)
+    inputs = []
+    for name, arr, dt in [
+        ("features", feats, "FP32"),
+        ("ids", ids, "INT64"),
+        ("mask", mask, "BOOL"),
+        ("tag", tag, "BYTES"),
+    ]:
+        i = triton.InferInput(name, list(arr.shape), dt)
+        i.set_data_from_numpy(arr, binary_data=binary)
+        inputs.append(i)
+    outs = [
+        triton.InferRequestedOutput(n, binary_data=binary)
+        for n in ("score", "ids_plus_one", "mask_not", "tag_out")
+    ]
+    r = c.infer("mixed", inputs, outputs=outs)
+    np.testing.assert_allclose(r.as_numpy("score"), feats.sum(1, keepdims=True))
+    np.testing.assert_array_equal(r.as_numpy("ids_plus_one"), ids + 1)
+    np.testing.assert_array_equal(r.as_numpy("mask_not"), ~mask)
+    assert [x.decode() if isinstance(x, bytes) else x for x in r.as_numpy("tag_out").ravel()] == [
+        "alpha",
+        "βeta",
+    ]
+
+
+def test_requested_outputs_only(mixed_server: Served) -> None:
+    body = {
+        "inputs": [
+            {"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]},
+            {"name": "ids", "shape": [1, 2], "datatype": "INT64", "data": [1, 2]},
+            {"name": "mask", "shape": [1, 2], "datatype": "BOOL", "data": [True, False]},
+            {"name": "tag", "shape": [1, 1], "datatype": "BYTES", "data": ["x"]},
+        ],
+        "outputs": [{"name": "score"}],
+    }
+    r = httpx.post(f"{mixed_server.url}/v2/models/mixed/infer", json=body)
+    assert r.status_code == 200
+    assert [o["name"] for o in r.json()["outputs"]] == ["score"]
+    assert r.json()["outputs"][0]["data"] == [10.0]
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (
+            {
+                "inputs": [
+                    {"name": "nope", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}
+                ]
+            },
+            "unknown input 'nope'",
+        ),
+        (
+            {
+                "inputs": [
+                    {"name": "input", "shape": [1, 5], "datatype": "FP32", "data": [1, 2, 3, 4, 5]}
+                ]
+            },
+            "has shape [1, 5]",
+        ),
+        (
+            {
+                "inputs": [
+                    {"name": "input", "shape": [1, 4], "datatype": "INT32", "data": [1, 2, 3, 4]}
+                ]
+            },
+            "the model takes FP32",
+        ),
+        (
+            {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3]}]},
+            "3 elements of data for a shape of 4",
+        ),
+        (
+            {
+                "inputs": [
+                    {"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}
+                ],
+                "outputs": [{"name": "nope"}],
+            },
+            "unknown output 'nope'",
+        ),
+        ({"inputs": []}, "'inputs' must be a non-empty list"),
+        (
+            {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP99", "data": [1]}]},
+            "unknown datatype 'FP99'",
+        ),
+    ],
+)
+def test_bad_requests_get_400_naming_the_problem(mlp_server: Served, body, message: str) -> None:  # type: ignore[no-untyped-def]
+    r = httpx.post(f"{mlp_server.url}/v2/models/mlp/infer", json=body)
+    assert r.status_code == 400, r.text
+    assert message in r.json()["error"]
+
+
+def test_malformed_json_and_binary_framing_get_400(mlp_server: Served) -> None:
+    url = f"{mlp_server.url}/v2/models/mlp/infer"
+    r = httpx.post(url, content=b"{not json")
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
+    header = (
+        b'{"inputs":[{"name":"input","shape":[1,4],"datatype":"FP32",'
+        b'"parameters":{"binary_data_size":16}}]}'
+    )
+    r = httpx.post(
+        url,
+        content=header + b"\0" * 8,
+        headers={"Inference-Header-Content-Length": str(len(header))},
+    )
+    assert r.status_code == 400 and "runs past the end of the body" in r.json()["error"]
+    r = httpx.post(url, content=header, headers={"Inference-Header-Content-Length": "9999"})
+    assert r.status_code == 400 and "does not fit" in r.json()["error"]
+
+
+def test_unknown_model_or_version_is_404(mlp_server: Served) -> None:
+    assert httpx.get(f"{mlp_server.url}/v2/models/other").status_code == 404
+    assert httpx.get(f"{mlp_server.url}/v2/models/mlp/versions/7").status_code == 404
+    assert httpx.get(f"{mlp_server.url}/v2/models/mlp/versions/1").status_code == 200
+    r = httpx.post(f"{mlp_server.url}/v2/models/other/infer", json={"inputs": []})
+    assert r.status_code == 404 and "other" in r.json()["error"]
+
+
+def test_server_metadata_metrics_and_docs(mlp_server: Served) -> None:
+    meta = httpx.get(f"{mlp_server.url}/v2").json()
+    assert meta["name"] == "kubeonnx" and "binary_tensor_data" in meta["extensions"]
+    metrics = httpx.get(f"{mlp_server.url}/metrics").text
+    for name in (
+        "kubeonnx_requests_total",
+        "kubeonnx_request_duration_seconds_bucket",
+        "kubeonnx_batch_size_bucket",
+        "kubeonnx_queue_depth",
+        "kubeonnx_inflight_requests",
+        "kubeonnx_model_load_seconds",
+    ):
+        assert name in metrics
+    assert httpx.get(f"{mlp_server.url}/docs").status_code == 200
+    assert "/v2/models/{name}/infer" in httpx.get(f"{mlp_server.url}/openapi.json").text
+
+
+def test_batched_answers_equal_unbatched_under_concurrency(serve, models) -> None:  # type: ignore[no-untyped-def]
+    served = serve(
+        "--model-uri",
+        f"file://{models['mlp']}",
+        "--model-name",
+        "mlp",
+        "--max-batch-size",
+        "16",
+        "--max-batch-delay-ms",
+        "20",
+    )
+    rng = np.random.default_rng(42)
+    inputs = [
+        rng.standard_normal((int(rng.integers(1, 4)), 4)).astype(np.float32) for _ in range(64)
+    ]
+    expected = [mlp_reference(models, x) for x in inputs]
+
+    def call(x: np.ndarray) -> np.ndarray:
+        c = client(served)
+        i = triton.InferInput("input", list(x.shape), "FP32")
+        i.set_data_from_numpy(x)
+        return c.infer("mlp", [i]).as_numpy("output")
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        got = list(pool.map(call, inputs))
+    for g, e in zip(got, expected, strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
+    # The batcher really merged requests: some model runs had more than one row... and
+    # more rows than any single request.
+    metrics = httpx.get(f"{served.url}/metrics").text
+    count = next(
+        float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith("kubeonnx_batch_size_count")
+    )
+    assert count < len(inputs), f"{count} model runs for {len(inputs)} requests"
+
+
+def test_fixed_batch_model_runs_request_by_request(serve, models) -> None:  # type: ignore[no-untyped-def]
+    served = serve("--model-uri", f"file://{models['fixed']}", "--model-name", "fixed")
+    c = client(served)
+    assert c.get_model_metadata("fixed")["inputs"][0]["shape"] == [2, 4]
+    x = np.ones((2, 4), dtype=np.float32)
+    i = triton.InferInput("input", [2, 4], "FP32")
+    i.set_data_from_numpy(x)
+    assert c.infer("fixed", [i]).as_numpy("output").shape == (2, 3)
+    with pytest.raises(InferenceServerException, match="has shape"):
+        j = triton.InferInput("input", [3, 4], "FP32")
+        j.set_data_from_numpy(np.ones((3, 4), dtype=np.float32))
+        c.infer("fixed", [j])
+
+
+def test_full_queue_answers_503_with_retry_after(serve, models) -> None:  # type: ignore[no-untyped-def]
+    served = serve(
+        "--model-uri",
+        f"file://{models['medium']}",
+        "--model-name",
+        "m",
+        "--max-queue",
+        "1",
+        "--max-batch-size",
+        "1",
+        "--threads",
+        "1",
+    )
+    body = {
+        "inputs": [
+            {"name": "input", "shape": [256, 256], "datatype": "FP32", "data": [0.5] * (256 * 256)}
+        ]
+    }
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        responses = list(
+            pool.map(
+                lambda _: httpx.post(f"{served.url}/v2/models/m/infer", json=body, timeout=60),
+                range(16),
+            )
+        )
+    codes = [r.status_code for r in responses]
+    assert 200 in codes and 503 in codes, codes
+    refused = next(r for r in responses if r.status_code == 503)
+    assert refused.headers["retry-after"] == "1"
+    assert "queue is full" in refused.json()["error"]
+
+
+def test_route_prefix_serves_the_same_api(serve, models) -> None:  # type: ignore[no-untyped-def]
+    served = serve(
+        "--model-uri",
+        f"file://{models['mlp']}",
+        "--model-name",
+        "mlp",
+        "--route-prefix",
+        "/models/ns/mlp",
+    )
+    assert httpx.get(f"{served.url}/models/ns/mlp/v2/models/mlp").status_code == 200
+    assert httpx.get(f"{served.url}/v2/models/mlp").status_code == 200
+
+
+def test_sigterm_turns_not_ready_then_finishes_in_flight_requests(serve, models) -> None:  # type: ignore[no-untyped-def]
+    served = serve(
+        "--model-uri",
+        f"file://{models['medium']}",
+        "--model-name",
+        "m",
+        "--max-batch-size",
+        "1",
+        "--threads",
+        "1",
+        env={"KUBEONNX_DRAIN_SECONDS": "1.5"},
+    )
+    body = {
+        "inputs": [
+            {"name": "input", "shape": [512, 256], "datatype": "FP32", "data": [0.5] * (512 * 256)}
+        ]
+    }
+    results: list[int] = []
+
+    def slow_requests() -> None:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            for r in pool.map(
+                lambda _: httpx.post(f"{served.url}/v2/models/m/infer", json=body, timeout=60),
+                range(4),
+            ):
+                results.append(r.status_code)
+
+    worker = threading.Thread(target=slow_requests)
+    worker.start()
+    time.sleep(0.3)
+    served.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    assert httpx.get(f"{served.url}/v2/health/ready").status_code == 503
+    assert httpx.get(f"{served.url}/v2/health/live").status_code == 200
+    worker.join(60)
+    assert served.proc.wait(30) == 0
+    assert results == [200] * 4
