@@ -99,6 +99,15 @@ build_kwok() {
   echo "KWOK_BIN=$dir"
 }
 
+# Helm reports (and checks charts' kubeVersion against) the client-go it was built with.
+helm_k8s_ldflags() {
+  local minor=${K8S_VERSION#v1.}; minor=${minor%%.*}
+  local p
+  for p in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
+    printf -- '-X %s.k8sVersionMajor=1 -X %s.k8sVersionMinor=%s ' "$p" "$p" "$minor"
+  done
+}
+
 want=${*:-kubernetes etcd kwok helm}
 for c in $want; do
   case $c in
@@ -106,7 +115,7 @@ for c in $want; do
     etcd) build_etcd ;;
     kwok) build_kwok ;;
     helm) build_installable helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm \
-            "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" HELM_BIN ;;
+            "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean $(helm_k8s_ldflags)" HELM_BIN ;;
     *) log "unknown component: $c"; exit 2 ;;
   esac
 done

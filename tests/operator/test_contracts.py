@@ -1,0 +1,66 @@
+"""crds/ is the contract: every example fits its CRD's schema, and the chart carries crds/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _strip_k8s(schema: Any) -> Any:
+    if isinstance(schema, dict):
+        return {k: _strip_k8s(v) for k, v in schema.items() if not k.startswith("x-kubernetes")}
+    if isinstance(schema, list):
+        return [_strip_k8s(v) for v in schema]
+    return schema
+
+
+def crd_schemas() -> dict[tuple[str, str], dict[str, Any]]:
+    schemas = {}
+    for path in (ROOT / "crds").glob("*.yaml"):
+        crd = yaml.safe_load(path.read_text())
+        for version in crd["spec"]["versions"]:
+            key = (f"{crd['spec']['group']}/{version['name']}", crd["spec"]["names"]["kind"])
+            schemas[key] = _strip_k8s(version["schema"]["openAPIV3Schema"])
+    return schemas
+
+
+EXAMPLE_DOCS = [
+    pytest.param(doc, id=f"{path.name}:{doc['metadata']['name']}")
+    for path in sorted((ROOT / "examples").glob("*.yaml"))
+    for doc in yaml.safe_load_all(path.read_text())
+    if doc and doc.get("apiVersion", "").startswith("kubeonnx.io/")
+]
+
+
+@pytest.mark.parametrize("doc", EXAMPLE_DOCS)
+def test_every_example_fits_its_crd_schema(doc: dict[str, Any]) -> None:
+    schema = crd_schemas()[(doc["apiVersion"], doc["kind"])]
+    jsonschema.validate(doc, schema)
+
+
+def test_every_schema_field_has_a_description() -> None:
+    missing = []
+
+    def walk(schema: dict[str, Any], path: str) -> None:
+        for name, sub in (schema.get("properties") or {}).items():
+            if name not in {"apiVersion", "kind", "metadata"} and not sub.get("description"):
+                missing.append(f"{path}.{name}")
+            walk(sub, f"{path}.{name}")
+        if isinstance(schema.get("items"), dict):
+            walk(schema["items"], f"{path}[]")
+
+    for (_, kind), schema in crd_schemas().items():
+        walk(schema, kind)
+    assert not missing
+
+
+def test_chart_carries_the_same_crds() -> None:
+    chart_crds = ROOT / "charts" / "kubeonnx" / "crds"
+    for path in (ROOT / "crds").glob("*.yaml"):
+        assert (chart_crds / path.name).read_text() == path.read_text(), path.name

@@ -1,0 +1,143 @@
+"""Renderers against golden manifests, and the behaviour a model owner relies on."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubeonnx_operator.config import OperatorConfig
+from kubeonnx_operator.render import Model, render_children
+from kubeonnx_operator.spec import parse_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def models_in(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d and d["kind"] == "InferenceModel"]
+
+
+def render(doc: dict[str, Any], config: OperatorConfig | None = None) -> dict[str, dict[str, Any]]:
+    meta = doc["metadata"]
+    model = Model(meta["name"], meta.get("namespace", "default"), parse_spec(doc["spec"]))
+    return {c["kind"]: c for c in render_children(model, config or OperatorConfig())}
+
+
+def spec(**fields: Any) -> dict[str, Any]:
+    return {
+        "metadata": {"name": "m", "namespace": "ns"},
+        "spec": {"model": {"uri": "s3://b/k.onnx"}, **fields},
+    }
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
+def test_examples_render_to_their_golden_manifests(example: Path) -> None:
+    rendered = [c for doc in models_in(example) for c in render(doc).values()]
+    text = yaml.safe_dump_all(rendered, sort_keys=False)
+    golden = GOLDEN / example.name
+    if os.environ.get("UPDATE_GOLDEN"):
+        golden.parent.mkdir(exist_ok=True)
+        golden.write_text(text)
+    assert golden.exists(), f"no golden file; run UPDATE_GOLDEN=1 pytest {__file__}"
+    assert text == golden.read_text()
+
+
+def test_gpu_model_gets_limits_placement_cuda_image_and_device() -> None:
+    children = render(
+        spec(
+            accelerator={"count": 2, "profile": "h100"},
+            scheduling={
+                "nodeSelector": {"zone": "a"},
+                "tolerations": [{"key": "spot", "operator": "Exists"}],
+            },
+        )
+    )
+    pod = children["Deployment"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert container["image"].endswith("-cuda")
+    assert {"name": "KUBEONNX_DEVICE", "value": "cuda"} in container["env"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3", "zone": "a"}
+    keys = [t["key"] for t in pod["tolerations"]]
+    assert keys == ["nvidia.com/gpu", "spot"]
+
+
+def test_cpu_model_has_no_gpu_and_a_locked_down_pod() -> None:
+    deployment = render(spec())["Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert "limits" not in container["resources"]
+    assert {"name": "KUBEONNX_DEVICE", "value": "cpu"} in container["env"]
+    assert "nodeSelector" not in pod and "tolerations" not in pod
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"]
+    assert sc["capabilities"] == {"drop": ["ALL"]} and sc["runAsNonRoot"]
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    probes = {
+        k: container[k]["httpGet"]["path"]
+        for k in ("startupProbe", "readinessProbe", "livenessProbe")
+    }
+    assert probes == {
+        "startupProbe": "/v2/health/live",
+        "readinessProbe": "/v2/health/ready",
+        "livenessProbe": "/v2/health/live",
+    }
+
+
+def test_replicas_belong_to_the_autoscaler_when_there_is_one() -> None:
+    assert "replicas" not in render(spec())["Deployment"]["spec"]
+    fixed = render(spec(scaling={"autoscaler": "none", "minReplicas": 3, "maxReplicas": 3}))
+    assert fixed["Deployment"]["spec"]["replicas"] == 3
+    assert "HorizontalPodAutoscaler" not in fixed and "ScaledObject" not in fixed
+
+
+def test_autoscaler_choice_renders_one_kind() -> None:
+    hpa = render(spec(scaling={"maxReplicas": 4}))
+    assert "HorizontalPodAutoscaler" in hpa and "ScaledObject" not in hpa
+    keda = render(spec(scaling={"autoscaler": "keda", "minReplicas": 0, "maxReplicas": 4}))
+    so = keda["ScaledObject"]
+    assert "HorizontalPodAutoscaler" not in keda
+    assert so["spec"]["minReplicaCount"] == 0
+    trigger = so["spec"]["triggers"][0]
+    assert trigger["type"] == "prometheus"
+    assert 'kubeonnx_inflight_requests{namespace="ns",model="m"}' in trigger["metadata"]["query"]
+
+
+def test_pdb_only_when_more_than_one_replica_and_ingress_only_when_enabled() -> None:
+    single = render(spec())
+    assert "PodDisruptionBudget" not in single and "Ingress" not in single
+    many = render(
+        spec(
+            scaling={"maxReplicas": 2},
+            ingress={"enabled": True, "host": "h.example", "tlsSecret": "t"},
+        )
+    )
+    assert many["PodDisruptionBudget"]["spec"]["maxUnavailable"] == 1
+    rule = many["Ingress"]["spec"]["rules"][0]
+    assert rule["http"]["paths"][0]["path"] == "/models/ns/m"
+    assert "annotations" not in many["Ingress"]["metadata"]  # no rewrite needed
+    env = many["Deployment"]["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "KUBEONNX_ROUTE_PREFIX", "value": "/models/ns/m"} in env
+
+
+def test_credentials_come_from_the_named_secret() -> None:
+    env = render(spec(model={"uri": "s3://b/k", "s3": {"credentialsSecret": "creds"}}))[
+        "Deployment"
+    ]["spec"]["template"]["spec"]["containers"][0]["env"]
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in env if "valueFrom" in e}
+    assert refs["AWS_ACCESS_KEY_ID"] == {"name": "creds", "key": "AWS_ACCESS_KEY_ID"}
+    assert refs["AWS_SESSION_TOKEN"]["optional"] is True
+
+
+def test_children_are_named_and_labelled_after_the_parent() -> None:
+    for child in render(spec(scaling={"maxReplicas": 2})).values():
+        assert child["metadata"]["name"] == "m" and child["metadata"]["namespace"] == "ns"
+        assert child["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "kubeonnx"
+        assert child["metadata"]["labels"]["kubeonnx.io/inferencemodel"] == "m"
+        assert "ownerReferences" not in child["metadata"]  # added by the reconciler

@@ -1,0 +1,53 @@
+"""The typed spec refuses what the CRD refuses, with a message naming the field."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from kubeonnx_operator.config import OperatorConfig
+from kubeonnx_operator.render.model import Model, check_against_config
+from kubeonnx_operator.spec import InvalidSpec, parse_spec
+
+URI = {"uri": "s3://b/k.onnx"}
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (
+            {"model": URI, "scaling": {"minReplicas": 3, "maxReplicas": 2}},
+            "spec.scaling.minReplicas must not be greater than spec.scaling.maxReplicas",
+        ),
+        ({"model": URI, "scaling": {"minReplicas": 0}}, "needs autoscaler keda"),
+        ({"model": URI, "scaling": {"autoscaler": "magic"}}, "spec.scaling.autoscaler"),
+        ({"model": {"uri": "http://x/m.onnx"}}, "spec.model.uri 'http://x/m.onnx' must start"),
+        ({"model": {**URI, "sha256": "abc"}}, "spec.model.sha256"),
+        ({"model": URI, "accelerator": {"count": -1}}, "spec.accelerator.count"),
+        ({"model": URI, "accelerator": {"count": 1}}, "spec.accelerator.profile is required"),
+        ({"model": URI, "runtime": {"maxBatchSize": 0}}, "spec.runtime.maxBatchSize"),
+        ({"model": URI, "ingress": {"enabled": True}}, "spec.ingress.host is required"),
+        ({}, "spec.model"),
+    ],
+)
+def test_invalid_specs_name_the_field(spec: dict[str, Any], message: str) -> None:
+    with pytest.raises(
+        InvalidSpec,
+        match=message.replace(".", r"\.").replace("(", r"\(").replace(")", r"\)").replace("'", "."),
+    ):
+        parse_spec(spec)
+
+
+def test_unknown_profile_is_refused_against_the_operator_config() -> None:
+    model = Model(
+        "m", "ns", parse_spec({"model": URI, "accelerator": {"count": 1, "profile": "tpu"}})
+    )
+    with pytest.raises(InvalidSpec, match="'tpu' is not a profile of this operator; known: h100"):
+        check_against_config(model, OperatorConfig())
+
+
+def test_defaults_match_the_crd() -> None:
+    spec = parse_spec({"model": URI})
+    assert spec.runtime.max_batch_size == 32 and spec.runtime.max_queue == 256
+    assert spec.scaling.autoscaler == "hpa" and spec.scaling.min_replicas == 1
+    assert spec.scaling.target_cpu_utilization == 70

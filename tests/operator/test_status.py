@@ -1,0 +1,164 @@
+"""Status derivation from observed Deployments and pods."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kubeonnx_operator.status import derive_status, derive_verdict, set_condition
+
+
+def deployment(
+    desired: int = 1,
+    ready: int = 1,
+    updated: int | None = None,
+    total: int | None = None,
+    generation: int = 2,
+    observed: int = 2,
+    conditions: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    return {
+        "metadata": {"generation": generation},
+        "spec": {"replicas": desired},
+        "status": {
+            "observedGeneration": observed,
+            "readyReplicas": ready,
+            "updatedReplicas": desired if updated is None else updated,
+            "replicas": desired if total is None else total,
+            "conditions": conditions or [],
+        },
+    }
+
+
+def pod(**status: Any) -> dict[str, Any]:
+    return {"metadata": {"creationTimestamp": "2026-01-01T00:00:00Z"}, "status": status}
+
+
+def runtime(**fields: Any) -> dict[str, Any]:
+    return {"name": "runtime", **fields}
+
+
+def test_ready_when_rolled_out_and_ready() -> None:
+    v = derive_verdict(deployment(desired=2, ready=2), [], min_replicas=2)
+    assert (v.ready, v.reason) == (True, "Ready")
+
+
+def test_old_pods_still_present_is_progressing() -> None:
+    v = derive_verdict(deployment(desired=2, ready=2, updated=1, total=3), [], min_replicas=1)
+    assert (v.ready, v.reason) == (False, "Progressing")
+
+
+def test_deployment_not_yet_observed_is_progressing() -> None:
+    v = derive_verdict(deployment(generation=3, observed=2), [], min_replicas=1)
+    assert not v.ready and v.reason == "Progressing"
+
+
+def test_unschedulable_carries_the_schedulers_message() -> None:
+    msg = "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."
+    p = pod(
+        phase="Pending",
+        conditions=[
+            {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": msg}
+        ],
+    )
+    v = derive_verdict(deployment(ready=0), [p], min_replicas=1)
+    assert (v.ready, v.reason, v.message) == (False, "Unschedulable", msg)
+
+
+def test_model_load_failure_carries_the_termination_message() -> None:
+    p = pod(
+        containerStatuses=[
+            runtime(
+                restartCount=3,
+                state={"waiting": {"reason": "CrashLoopBackOff"}},
+                lastState={
+                    "terminated": {
+                        "exitCode": 1,
+                        "reason": "Error",
+                        "message": "checksum mismatch for s3://b/k\n",
+                    }
+                },
+            )
+        ]
+    )
+    v = derive_verdict(deployment(ready=0), [p], min_replicas=1)
+    assert (v.reason, v.message) == ("ModelLoadFailed", "checksum mismatch for s3://b/k")
+
+
+def test_crash_without_message_is_crashloop() -> None:
+    p = pod(
+        containerStatuses=[
+            runtime(
+                restartCount=5,
+                state={"waiting": {"reason": "CrashLoopBackOff"}},
+                lastState={"terminated": {"exitCode": 137, "reason": "OOMKilled"}},
+            )
+        ]
+    )
+    v = derive_verdict(deployment(ready=0), [p], min_replicas=1)
+    assert v.reason == "CrashLoop" and "OOMKilled" in v.message and "5 times" in v.message
+
+
+def test_replica_failure_names_why_pods_cannot_be_created() -> None:
+    d = deployment(
+        ready=0,
+        updated=0,
+        total=0,
+        conditions=[
+            {
+                "type": "ReplicaFailure",
+                "status": "True",
+                "message": 'serviceaccount "reader" not found',
+            }
+        ],
+    )
+    v = derive_verdict(d, [], min_replicas=1)
+    assert v.reason == "ReplicaFailure" and "reader" in v.message
+
+
+def test_scaled_to_zero_is_ready() -> None:
+    v = derive_verdict(deployment(desired=0, ready=0), [], min_replicas=0)
+    assert (v.ready, v.reason) == (True, "ScaledToZero")
+
+
+def test_transition_time_kept_unless_status_flips() -> None:
+    old = [
+        {
+            "type": "Ready",
+            "status": "False",
+            "reason": "Progressing",
+            "message": "",
+            "lastTransitionTime": "t0",
+        }
+    ]
+    same = set_condition(
+        old, {"type": "Ready", "status": "False", "reason": "Unschedulable", "message": "x"}, "t1"
+    )
+    assert same[0]["lastTransitionTime"] == "t0" and same[0]["reason"] == "Unschedulable"
+    flipped = set_condition(
+        old, {"type": "Ready", "status": "True", "reason": "Ready", "message": ""}, "t2"
+    )
+    assert flipped[0]["lastTransitionTime"] == "t2"
+
+
+def test_status_is_stable_when_nothing_changed() -> None:
+    v = derive_verdict(deployment(), [], min_replicas=1)
+    first = derive_status(
+        generation=2,
+        previous={},
+        verdict=v,
+        deployment=deployment(),
+        url="u",
+        external_url=None,
+        now="t0",
+    )
+    again = derive_status(
+        generation=2,
+        previous=first,
+        verdict=v,
+        deployment=deployment(),
+        url="u",
+        external_url=None,
+        now="t9",
+    )
+    assert first == again
+    assert first["replicaSummary"] == "1/1" and first["observedGeneration"] == 2
