@@ -51,7 +51,7 @@ def run_operator(argv: list[str]) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    for noisy in ("httpx", "httpx2", "httpcore"):
+    for noisy in ("httpx", "httpx2", "httpcore", "kopf.objects"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     kopf.run(
         registry=build_registry(config),

@@ -82,6 +82,8 @@ class Reconciler:
             try:
                 applied[key] = await self.kube.apply(child)
             except ApiError as exc:
+                if exc.status.code == 403 and "being terminated" in (exc.status.message or ""):
+                    return  # the namespace is going away, and the model with it
                 if child["kind"] == "ScaledObject" and is_not_found(exc):
                     problem = Verdict(
                         False,

@@ -1,0 +1,472 @@
+"""The operator against the real control plane: children, status, drift, restarts, CEL."""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from e2e.conftest import Cluster, eventually
+from e2e.operator_process import OperatorProcess
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+CHILD_KINDS = "deployments,services,horizontalpodautoscalers,scaledobjects.keda.sh,ingresses,poddisruptionbudgets"
+
+
+@pytest.fixture(scope="module")
+def operator(
+    cluster: Cluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
+    cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
+    cluster.kubectl(
+        "wait", "--for=condition=Established", "--timeout=30s", "crd/inferencemodels.kubeonnx.io"
+    )
+    op = OperatorProcess(cluster.kubeconfig, tmp_path_factory.mktemp("operator"))
+    op.start()
+    yield op
+    op.stop()
+    print(op.logs()[-5000:])
+
+
+def model(name: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "kubeonnx.io/v1alpha1",
+        "kind": "InferenceModel",
+        "metadata": {"name": name},
+        "spec": {"model": {"uri": f"s3://models/{name}/model.onnx"}, **spec},
+    }
+
+
+def ready(cluster: Cluster, ns: str, name: str, timeout: float = 60) -> dict[str, Any]:
+    def check() -> dict[str, Any] | None:
+        im = cluster.get("inferencemodel", name, "-n", ns)
+        if not im:
+            return None
+        status = im.get("status") or {}
+        conds = {c["type"]: c for c in status.get("conditions", [])}
+        gen = im["metadata"]["generation"]
+        if (
+            conds.get("Ready", {}).get("status") == "True"
+            and status.get("observedGeneration") == gen
+        ):
+            return im
+        return None
+
+    return eventually(check, timeout, what=f"InferenceModel {ns}/{name} Ready")
+
+
+def condition(cluster: Cluster, ns: str, name: str) -> dict[str, Any]:
+    im = cluster.get("inferencemodel", name, "-n", ns) or {}
+    return {c["type"]: c for c in (im.get("status") or {}).get("conditions", [])}.get("Ready", {})
+
+
+def children(cluster: Cluster, ns: str, name: str) -> dict[str, dict[str, Any]]:
+    found = cluster.get(CHILD_KINDS, "-n", ns, "-l", f"kubeonnx.io/inferencemodel={name}")
+    return {o["kind"]: o for o in (found or {}).get("items", [])}
+
+
+def prepare_namespace(cluster: Cluster, ns: str) -> None:
+    cluster.kubectl("create", "serviceaccount", "model-reader", "-n", ns)
+    cluster.kubectl(
+        "create",
+        "secret",
+        "generic",
+        "s3-credentials",
+        "-n",
+        ns,
+        "--from-literal=AWS_ACCESS_KEY_ID=k",
+        "--from-literal=AWS_SECRET_ACCESS_KEY=s",
+    )
+
+
+def test_every_example_is_served_with_the_right_children(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    prepare_namespace(cluster, namespace)
+    for path in EXAMPLES:
+        applied = cluster.apply(path.read_text(), namespace)
+        assert applied.returncode == 0, applied.stderr
+    names = [
+        d["metadata"]["name"]
+        for p in EXAMPLES
+        for d in yaml.safe_load_all(p.read_text())
+        if d and d["kind"] == "InferenceModel"
+    ]
+    for name in names:
+        im = ready(cluster, namespace, name)
+        uid = im["metadata"]["uid"]
+        kids = children(cluster, namespace, name)
+        assert {"Deployment", "Service"} <= set(kids)
+        for kid in kids.values():
+            (ref,) = kid["metadata"]["ownerReferences"]
+            assert ref["uid"] == uid and ref["controller"] is True
+        assert im["status"]["url"] == (
+            f"http://{name}.{namespace}.svc.cluster.local/v2/models/{name}"
+        )
+
+    cpu = children(cluster, namespace, "mlp-cpu")
+    assert cpu["HorizontalPodAutoscaler"]["spec"]["maxReplicas"] == 3
+    assert "ScaledObject" not in cpu
+
+    gpu = children(cluster, namespace, "resnet-gpu")
+    assert gpu["ScaledObject"]["spec"]["minReplicaCount"] == 0
+    assert "HorizontalPodAutoscaler" not in gpu
+    pods = cluster.get("pods", "-n", namespace, "-l", "kubeonnx.io/inferencemodel=resnet-gpu")
+    assert pods and pods["items"]
+    for pod in pods["items"]:
+        node = cluster.get("node", pod["spec"]["nodeName"])
+        assert (
+            node and node["metadata"]["labels"]["nvidia.com/gpu.product"] == "NVIDIA-H100-80GB-HBM3"
+        )
+        limits = pod["spec"]["containers"][0]["resources"]["limits"]
+        assert limits["nvidia.com/gpu"] == "1"
+
+    public = children(cluster, namespace, "mlp-public")
+    ingress = public["Ingress"]["spec"]
+    assert ingress["tls"][0]["secretName"] == "models-example-com-tls"
+    assert public["PodDisruptionBudget"]["spec"]["maxUnavailable"] == 1
+    im = cluster.get("inferencemodel", "mlp-public", "-n", namespace)
+    assert (
+        im
+        and im["status"]["externalURL"]
+        == f"https://models.example.com/models/{namespace}/mlp-public"
+    )
+
+    table = cluster.kubectl("get", "inferencemodels", "-n", namespace).stdout
+    header, *rows = table.splitlines()
+    assert header.split() == ["NAME", "READY", "REASON", "REPLICAS", "GPU", "URL", "AGE"]
+    by_name = {r.split()[0]: r.split() for r in rows}
+    assert by_name["resnet-gpu"][1:5] == ["True", "Ready", "1/1", "1"]
+    assert by_name["mlp-cpu"][1:5] == ["True", "Ready", "1/1", "0"]
+
+
+def test_spec_change_rolls_the_deployment_and_advances_observed_generation(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    assert cluster.apply(model("roll"), namespace).returncode == 0
+    first = ready(cluster, namespace, "roll")
+    before = children(cluster, namespace, "roll")["Deployment"]
+    assert cluster.apply(model("roll", runtime={"maxBatchSize": 8}), namespace).returncode == 0
+    after_im = ready(cluster, namespace, "roll")
+    assert after_im["status"]["observedGeneration"] == first["metadata"]["generation"] + 1
+    after = children(cluster, namespace, "roll")["Deployment"]
+    assert after["metadata"]["generation"] > before["metadata"]["generation"]
+    env = {
+        e["name"]: e.get("value") for e in after["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert env["KUBEONNX_MAX_BATCH_SIZE"] == "8"
+    rs = cluster.get("replicasets", "-n", namespace, "-l", "kubeonnx.io/inferencemodel=roll")
+    assert rs and len(rs["items"]) == 2
+
+
+def test_autoscaler_switch_and_ingress_disable_remove_stale_children(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    ing = {"enabled": True, "host": "h.example"}
+    assert (
+        cluster.apply(
+            model("switch", ingress=ing, scaling={"maxReplicas": 2}), namespace
+        ).returncode
+        == 0
+    )
+    ready(cluster, namespace, "switch")
+    assert {"HorizontalPodAutoscaler", "Ingress", "PodDisruptionBudget"} <= set(
+        children(cluster, namespace, "switch")
+    )
+    keda = {"autoscaler": "keda", "minReplicas": 1, "maxReplicas": 2}
+    assert cluster.apply(model("switch", scaling=keda), namespace).returncode == 0
+
+    def switched() -> set[str] | None:
+        kinds = set(children(cluster, namespace, "switch"))
+        ok = "ScaledObject" in kinds and not kinds & {"HorizontalPodAutoscaler", "Ingress"}
+        return kinds if ok else None
+
+    eventually(switched, 30, what="the HPA and Ingress to be replaced")
+
+
+def test_a_child_deleted_or_edited_by_hand_comes_back(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    assert cluster.apply(model("drift"), namespace).returncode == 0
+    ready(cluster, namespace, "drift")
+    cluster.kubectl("delete", "service", "drift", "-n", namespace)
+    eventually(
+        lambda: cluster.get("service", "drift", "-n", namespace),
+        15,
+        what="the Service to be restored",
+    )
+    cluster.kubectl(
+        "patch",
+        "deployment",
+        "drift",
+        "-n",
+        namespace,
+        "--type=json",
+        "-p",
+        json.dumps(
+            [
+                {
+                    "op": "replace",
+                    "path": "/spec/template/spec/containers/0/image",
+                    "value": "evil/image:1",
+                }
+            ]
+        ),
+    )
+
+    def image() -> str | None:
+        d = cluster.get("deployment", "drift", "-n", namespace) or {}
+        img = d["spec"]["template"]["spec"]["containers"][0]["image"]
+        return img if img != "evil/image:1" else None
+
+    assert eventually(image, 15, what="the Deployment edit to be reverted").startswith("ghcr.io/")
+
+
+def test_unchanged_models_are_not_written_again(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    assert cluster.apply(model("still", scaling={"maxReplicas": 2}), namespace).returncode == 0
+    ready(cluster, namespace, "still")
+    eventually(lambda: cluster.get("pdb", "still", "-n", namespace), 10, what="the PDB")
+
+    def versions() -> dict[str, Any]:
+        # Controllers write status (the HPA's, the PDB's); what must not move is the
+        # InferenceModel itself and what the kubeonnx field manager last wrote to each child.
+        found = (
+            cluster.get(
+                CHILD_KINDS,
+                "-n",
+                namespace,
+                "-l",
+                "kubeonnx.io/inferencemodel=still",
+                "--show-managed-fields",
+            )
+            or {}
+        )
+        kids = {o["kind"]: o for o in found.get("items", [])}
+        im = cluster.get("inferencemodel", "still", "-n", namespace) or {}
+        ours = {
+            kind: [
+                (m.get("time"), m.get("operation"))
+                for m in kid["metadata"]["managedFields"]
+                if m["manager"] == "kubeonnx"
+            ]
+            + [kid["metadata"].get("generation")]
+            for kind, kid in kids.items()
+        }
+        return {"InferenceModel": im["metadata"]["resourceVersion"], **ours}
+
+    import time
+
+    time.sleep(3)  # let the pod's own status settle
+    before = versions()
+    assert len(before) == 5
+    time.sleep(12)  # more than two resyncs (resyncSeconds 5) re-run the reconcile
+    assert versions() == before
+
+
+def test_operator_killed_and_restarted_converges_without_duplicates(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    operator.stop(signal.SIGKILL)
+    try:
+        assert (
+            cluster.apply(model("restart", scaling={"maxReplicas": 3}), namespace).returncode == 0
+        )
+    finally:
+        operator.start()
+    ready(cluster, namespace, "restart")
+    operator.stop(signal.SIGKILL)
+    operator.start()
+    ready(cluster, namespace, "restart")
+    all_kids = cluster.get(CHILD_KINDS, "-n", namespace)
+    kinds = [
+        o["kind"] for o in (all_kids or {}).get("items", []) if o["metadata"]["name"] == "restart"
+    ]
+    assert sorted(kinds) == [
+        "Deployment",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "Service",
+    ]
+
+
+def test_deleting_the_model_removes_every_child(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    ing = {"enabled": True, "host": "h.example"}
+    assert (
+        cluster.apply(model("gone", ingress=ing, scaling={"maxReplicas": 2}), namespace).returncode
+        == 0
+    )
+    ready(cluster, namespace, "gone")
+    cluster.kubectl("delete", "inferencemodel", "gone", "-n", namespace)
+    eventually(
+        lambda: not children(cluster, namespace, "gone"),
+        60,
+        what="every child to be garbage-collected",
+    )
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (
+            {"scaling": {"minReplicas": 3, "maxReplicas": 2}},
+            "spec.scaling.minReplicas must not be greater than spec.scaling.maxReplicas",
+        ),
+        (
+            {"scaling": {"minReplicas": 0, "maxReplicas": 2}},
+            "spec.scaling.minReplicas 0 (scale to zero) needs autoscaler keda",
+        ),
+        ({"scaling": {"autoscaler": "magic"}}, 'Unsupported value: "magic"'),
+        (
+            {"model": {"uri": "http://example.com/m.onnx"}},
+            "spec.model.uri must start with s3:// or file://",
+        ),
+        ({"model": {"uri": "s3://b/k", "sha256": "abc"}}, "spec.model.sha256"),
+        ({"accelerator": {"count": -1}}, "spec.accelerator.count"),
+        (
+            {"accelerator": {"count": 1}},
+            "spec.accelerator.profile is required when spec.accelerator.count > 0",
+        ),
+        ({"runtime": {"maxBatchSize": 0}}, "spec.runtime.maxBatchSize"),
+        (
+            {"ingress": {"enabled": True}},
+            "spec.ingress.host is required when spec.ingress.enabled is true",
+        ),
+    ],
+)
+def test_invalid_objects_are_refused_by_the_api_server(
+    cluster: Cluster,
+    operator: OperatorProcess,
+    namespace: str,
+    spec: dict[str, Any],
+    message: str,
+) -> None:
+    obj = model("bad", **spec)
+    obj["spec"] = {**obj["spec"], **spec}
+    refused = cluster.apply(obj, namespace)
+    assert refused.returncode != 0
+    assert message in refused.stderr
+    assert cluster.get("inferencemodel", "bad", "-n", namespace) is None
+
+
+def test_too_many_gpus_shows_unschedulable_with_the_schedulers_message(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    greedy = model("greedy", accelerator={"count": 8, "profile": "nvidia"})
+    assert cluster.apply(greedy, namespace).returncode == 0
+    cond = eventually(
+        lambda: (
+            (c := condition(cluster, namespace, "greedy")).get("reason") == "Unschedulable" and c
+        ),
+        60,
+        what="REASON Unschedulable",
+    )
+    assert cond["status"] == "False"
+    assert "Insufficient nvidia.com/gpu" in cond["message"]
+    row = cluster.kubectl("get", "im", "greedy", "-n", namespace, "--no-headers").stdout.split()
+    assert row[1:3] == ["False", "Unschedulable"]
+    described = cluster.kubectl("describe", "im", "greedy", "-n", namespace).stdout
+    assert "Insufficient nvidia.com/gpu" in described
+
+
+def test_a_model_that_fails_to_load_shows_the_runtimes_message(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    if not cluster.local:
+        pytest.skip("simulates the kubelet's report, which only kwok nodes allow")
+    assert cluster.apply(model("broken"), namespace).returncode == 0
+    ready(cluster, namespace, "broken")
+    pods = cluster.get("pods", "-n", namespace, "-l", "kubeonnx.io/inferencemodel=broken")
+    assert pods
+    pod = pods["items"][0]["metadata"]["name"]
+    line = "checksum mismatch for s3://models/broken/model.onnx: sha256 is ab..., expects cd..."
+    crashed = {
+        "status": {
+            "phase": "Running",
+            "conditions": [
+                {"type": "Ready", "status": "False"},
+                {"type": "ContainersReady", "status": "False"},
+            ],
+            "containerStatuses": [
+                {
+                    "name": "runtime",
+                    "ready": False,
+                    "restartCount": 2,
+                    "image": "x",
+                    "imageID": "",
+                    "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                    "lastState": {
+                        "terminated": {"exitCode": 1, "reason": "Error", "message": line}
+                    },
+                }
+            ],
+        }
+    }
+    cluster.kubectl("annotate", "pod", pod, "-n", namespace, "kwok.x-k8s.io/status=custom")
+    cluster.kubectl(
+        "patch",
+        "pod",
+        pod,
+        "-n",
+        namespace,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps(crashed),
+    )
+    cond = eventually(
+        lambda: (
+            (c := condition(cluster, namespace, "broken")).get("reason") == "ModelLoadFailed" and c
+        ),
+        30,
+        what="REASON ModelLoadFailed",
+    )
+    assert cond["message"] == line
+
+
+def test_helm_chart_installs_the_operator(cluster: Cluster, namespace: str) -> None:
+    if not cluster.local:
+        pytest.skip("installs cluster-scoped RBAC; run against the local plane only")
+    from e2e.cluster import build_binaries
+
+    helm = str(build_binaries()["helm"])
+    import subprocess
+
+    release = f"kubeonnx-{namespace}"
+    proc = subprocess.run(
+        [
+            helm,
+            "--kubeconfig",
+            cluster.kubeconfig,
+            "install",
+            release,
+            str(ROOT / "charts" / "kubeonnx"),
+            "-n",
+            namespace,
+            "--skip-crds",
+            "--wait",
+            "--timeout",
+            "60s",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    try:
+        assert proc.returncode == 0, proc.stderr
+        dep = cluster.get("deployment", release, "-n", namespace)
+        assert dep and dep["status"].get("readyReplicas") == 1
+    finally:
+        subprocess.run(
+            [helm, "--kubeconfig", cluster.kubeconfig, "uninstall", release, "-n", namespace],
+            capture_output=True,
+        )
