@@ -17,7 +17,16 @@ from e2e.operator_process import OperatorProcess
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
-CHILD_KINDS = "deployments,services,horizontalpodautoscalers,scaledobjects.keda.sh,ingresses,poddisruptionbudgets"
+CHILD_KINDS = ",".join(
+    [
+        "deployments",
+        "services",
+        "horizontalpodautoscalers",
+        "scaledobjects.keda.sh",
+        "ingresses",
+        "poddisruptionbudgets",
+    ]
+)
 
 
 @pytest.fixture(scope="module")

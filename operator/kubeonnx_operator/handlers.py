@@ -75,17 +75,18 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
 
     @kopf.on.event("kubeonnx.io", "v1alpha1", "inferencemodels", registry=registry)
     async def model_event(
-        event: dict[str, Any], body: kopf.Body, namespace: str, name: str, **_: Any
+        event: kopf.RawEvent, body: kopf.Body, namespace: str | None, name: str, **_: Any
     ) -> None:
         queue: WorkQueue = state["queue"]
+        assert namespace is not None  # InferenceModel is namespaced
         if event.get("type") == "DELETED":
             queue.observe((namespace, name), None)
         else:
             queue.observe((namespace, name), copy.deepcopy(dict(body)))
 
-    async def child_event(labels: kopf.Labels, namespace: str, **_: Any) -> None:
+    async def child_event(labels: kopf.Labels, namespace: str | None, **_: Any) -> None:
         owner = labels.get(MODEL_LABEL)
-        if owner and "queue" in state:
+        if owner and namespace and "queue" in state:
             state["queue"].trigger((namespace, owner))
 
     for group, version, plural in CHILD_RESOURCES:

@@ -57,11 +57,12 @@ class Kube:
         return _as_dict(obj)
 
     async def list(
-        self, api_version: str, kind: str, namespace: str, labels: dict[str, str]
+        self, api_version: str, kind: str, namespace: str, labels: dict[str, Any]
     ) -> list[dict[str, Any]]:
         res = _resource(api_version, kind)
         return [
-            _as_dict(o) async for o in self.client.list(res, namespace=namespace, labels=labels)
+            _as_dict(o)
+            async for o in self.client.list(res, namespace=namespace, labels=dict(labels.items()))
         ]
 
     async def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:

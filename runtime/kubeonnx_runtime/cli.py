@@ -16,7 +16,7 @@ def _flag(field: str) -> str:
 
 def main(argv: list[str]) -> int:
     try:
-        settings = ServeSettings(_cli_parse_args=argv)  # type: ignore[call-arg]
+        settings = ServeSettings(_cli_parse_args=argv)
     except ValidationError as exc:
         problems = "; ".join(
             f"{_flag(str(e['loc'][0]))} (KUBEONNX_{str(e['loc'][0]).upper()}): {e['msg']}"

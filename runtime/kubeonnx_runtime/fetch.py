@@ -15,6 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 from .errors import FatalStartupError
@@ -106,7 +107,7 @@ def fetch_model(
     )
 
 
-def _s3_client(options: S3Options):  # type: ignore[no-untyped-def]
+def _s3_client(options: S3Options) -> Any:
     import boto3
     from botocore.config import Config
 
@@ -203,7 +204,7 @@ def _fetch_s3(
     return FetchedModel(final, digest, size, size, time.monotonic() - started)
 
 
-def _download(client, bucket: str, key: str, size: int, dest: Path, uri: str) -> str:  # type: ignore[no-untyped-def]
+def _download(client: Any, bucket: str, key: str, size: int, dest: Path, uri: str) -> str:
     """Fetch parts in parallel, write them in place, hash them in order as they arrive."""
     from botocore.exceptions import BotoCoreError
 
