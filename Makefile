@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: venv binaries lint unit e2e check cluster-up cluster-down models demo demo-down clean
+.PHONY: venv binaries lint unit e2e check cluster-up cluster-down models demo demo-down
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -38,3 +38,8 @@ cluster-down: venv
 
 models: venv
 	$(PY) -m e2e.generate_models models
+
+demo: venv           ## the whole flow on an embedded default (README's first command)
+	$(PY) -m e2e.demo
+
+demo-down: cluster-down

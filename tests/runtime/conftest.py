@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,12 +12,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import boto3
 import httpx
 import pytest
-from moto.server import ThreadedMotoServer
 
+from e2e.cluster import free_port
 from e2e.generate_models import generate
+from e2e.s3 import LocalS3
 
 KUBEONNX = str(Path(sys.executable).parent / "kubeonnx")
 S3_ENV = {
@@ -28,43 +27,28 @@ S3_ENV = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="session")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return generate(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[str]:
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
+def local_s3() -> Iterator[LocalS3]:
+    server = LocalS3().start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")
-def s3(s3_endpoint: str, models: dict[str, Path]):  # type: ignore[no-untyped-def]
+def s3_endpoint(local_s3: LocalS3) -> str:
+    return local_s3.endpoint
+
+
+@pytest.fixture(scope="session")
+def s3(local_s3: LocalS3, models: dict[str, Path]):  # type: ignore[no-untyped-def]
     """A bucket 'models' holding every generated model at <name>/model.onnx, and junk."""
-    client = boto3.client(
-        "s3",
-        endpoint_url=s3_endpoint,
-        **{
-            "aws_access_key_id": "testing",
-            "aws_secret_access_key": "testing",
-            "region_name": "us-east-1",
-        },
-    )
-    client.create_bucket(Bucket="models")
-    for name, path in models.items():
-        client.upload_file(str(path), "models", f"{name}/model.onnx")
+    local_s3.put_models(models)
+    client = local_s3.client()
     client.put_object(Bucket="models", Key="junk/model.onnx", Body=b"this is not a model" * 100)
     return client
 

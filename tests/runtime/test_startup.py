@@ -13,7 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.runtime.conftest import S3_ENV, Served, free_port
+from e2e.cluster import free_port
+from tests.runtime.conftest import S3_ENV, Served
 
 ZERO_SHA = "0" * 64
 

@@ -1,0 +1,127 @@
+"""Run a Deployment's runtime container as a local process, as the kubelet would run it.
+
+Taken verbatim from the pod spec: command, args, environment (Secret references resolved),
+the probes' paths. Translated, as a kubelet provides them: each volume mount path and the
+termination message path become local directories or files, the container port becomes a
+free loopback port (named ports resolved), and the process listens on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from e2e.cluster import free_port
+
+
+@dataclass
+class LocalContainer:
+    proc: subprocess.Popen[bytes]
+    port: int
+    container: dict[str, Any]
+    termination_log: Path
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def probe(self, kind: str, timeout: float = 120) -> float:
+        """Poll the container's own probe until it passes; return the seconds it took."""
+        get = self.container[kind]["httpGet"]
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"runtime exited {self.proc.returncode} before its {kind} passed: "
+                    f"{self.termination_log.read_text() if self.termination_log.exists() else ''}"
+                    f"\n{self.log_path.read_text(errors='replace')[-3000:]}"
+                )
+            try:
+                if 200 <= httpx.get(f"{self.url}{get['path']}", timeout=2).status_code < 400:
+                    return time.monotonic() - started
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"{kind} on {get['path']} did not pass in {timeout}s")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            return self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+def resolve_env(container: dict[str, Any], secrets: dict[str, dict[str, Any]]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for item in container.get("env", []):
+        if "value" in item:
+            env[item["name"]] = item["value"]
+            continue
+        ref = item["valueFrom"]["secretKeyRef"]
+        data = (secrets.get(ref["name"]) or {}).get("data") or {}
+        if ref["key"] in data:
+            env[item["name"]] = base64.b64decode(data[ref["key"]]).decode()
+        elif not ref.get("optional"):
+            raise AssertionError(f"Secret {ref['name']} has no key {ref['key']}")
+    return env
+
+
+def run_container(
+    deployment: dict[str, Any],
+    secrets: dict[str, dict[str, Any]],
+    workdir: Path,
+    container_name: str = "runtime",
+) -> LocalContainer:
+    pod = deployment["spec"]["template"]["spec"]
+    container = next(c for c in pod["containers"] if c["name"] == container_name)
+    env = resolve_env(container, secrets)
+
+    # Volumes: each mount path maps to a local directory; rewrite paths under it.
+    mounts = {
+        m["mountPath"]: workdir / "volumes" / m["name"] for m in container.get("volumeMounts", [])
+    }
+    term_path = container.get("terminationMessagePath", "/dev/termination-log")
+    local_term = workdir / "termination-log"
+    for local in mounts.values():
+        local.mkdir(parents=True, exist_ok=True)
+
+    def translate(value: str) -> str:
+        if value == term_path:
+            return str(local_term)
+        for mount, local in mounts.items():
+            if value == mount or value.startswith(mount + "/"):
+                return str(local) + value[len(mount) :]
+        return value
+
+    env = {k: translate(v) for k, v in env.items()}
+    ports = {p.get("name"): p["containerPort"] for p in container.get("ports", [])}
+    (container_port,) = set(ports.values())
+    local_port = free_port()
+    env = {k: (str(local_port) if v == str(container_port) else v) for k, v in env.items()}
+    env["KUBEONNX_HOST"] = "127.0.0.1"
+
+    command = container.get("command", []) + container.get("args", [])
+    venv_bin = Path(sys.executable).parent
+    command[0] = (
+        shutil.which(command[0], path=f"{venv_bin}{os.pathsep}{os.environ['PATH']}") or command[0]
+    )
+    log_path = workdir / "runtime.log"
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("KUBEONNX_", "AWS_"))}
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            command, env={**base_env, **env}, stdout=log, stderr=subprocess.STDOUT
+        )
+    return LocalContainer(proc, local_port, container, local_term, log_path)
