@@ -215,17 +215,23 @@ def create_app(
         started = time.perf_counter()
         inflight.inc()
         status = 500
+        batcher = dataplane.batcher
         try:
             dataplane.check_model(name, version)  # a wrong name is 404 whatever the body
-            body = _decompress(await request.body(), request.headers.get("content-encoding"))
-            raw_length = request.headers.get(HEADER_LENGTH)
+            batcher.admit()
             try:
-                header_length = int(raw_length) if raw_length is not None else None
-            except ValueError:
-                raise InvalidRequest(
-                    f"Inference-Header-Content-Length {raw_length!r} is not an integer"
-                ) from None
-            decoded = decode_request(body, header_length)
+                body = _decompress(await request.body(), request.headers.get("content-encoding"))
+                raw_length = request.headers.get(HEADER_LENGTH)
+                try:
+                    header_length = int(raw_length) if raw_length is not None else None
+                except ValueError:
+                    raise InvalidRequest(
+                        f"Inference-Header-Content-Length {raw_length!r} is not an integer"
+                    ) from None
+                decoded = decode_request(body, header_length)
+            finally:
+                # Decoded or refused: from here to the queue nothing awaits.
+                batcher.withdraw()
             outputs = await dataplane.infer(name, version, decoded)
             payload, out_header_length = encode_response(
                 dataplane.name, dataplane.version, decoded, outputs

@@ -89,6 +89,12 @@ class Batcher:
         # One model run at a time: the session already uses every CPU of the container.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kubeonnx-infer")
         self._task: asyncio.Task[None] | None = None
+        # Requests admitted but still being decoded: worth waiting for only if there are any.
+        self.arriving = 0
+        # Model runs shorter than this block the event loop for less than a thread hand-off
+        # costs, so they run inline; longer ones go to the executor (measured, EWMA).
+        self.inline_below_s = 0.0005
+        self._run_seconds = float("inf")
 
     def start(self) -> None:
         """Start the batching loop on the running event loop."""
@@ -104,6 +110,13 @@ class Batcher:
     @property
     def depth(self) -> int:
         return len(self._queue)
+
+    def admit(self) -> None:
+        """A request has arrived and is being read; `withdraw` once it is decoded or refused."""
+        self.arriving += 1
+
+    def withdraw(self) -> None:
+        self.arriving = max(0, self.arriving - 1)
 
     async def infer(self, inputs: Tensors) -> Tensors:
         n = rows(inputs) if self.max_batch_size > 1 else 1
@@ -141,8 +154,9 @@ class Batcher:
             while not self._queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            # Wait for company until the head's deadline or a full batch.
-            while self._ready_rows() < self.max_batch_size:
+            # Wait for company until the head's deadline or a full batch, and only while
+            # other requests are on their way: a lone request is never delayed.
+            while self._ready_rows() < self.max_batch_size and self.arriving > 0:
                 remaining = self._queue[0].deadline - time.monotonic()
                 if remaining <= 0:
                     break
@@ -155,7 +169,17 @@ class Batcher:
                 continue
             self._on_batch(sum(i.rows for i in batch))
             try:
-                results = await loop.run_in_executor(self._executor, self._run_batch, batch)
+                started = time.perf_counter()
+                if self._run_seconds < self.inline_below_s:
+                    results = self._run_batch(batch)
+                else:
+                    results = await loop.run_in_executor(self._executor, self._run_batch, batch)
+                took = time.perf_counter() - started
+                self._run_seconds = (
+                    took
+                    if self._run_seconds == float("inf")
+                    else 0.9 * self._run_seconds + 0.1 * took
+                )
             except Exception as exc:
                 for item in batch:
                     if not item.future.done():
