@@ -90,7 +90,7 @@ def run_wrk(
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     out = proc.stdout.read() if proc.stdout else ""
-    _, status, usage = os.wait4(proc.pid, 0)
+    _, _, usage = os.wait4(proc.pid, 0)
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     p50 = _ms(re.search(r"50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
     p99 = _ms(re.search(r"99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
@@ -148,7 +148,7 @@ def bodies(work: Path, model: str, features: int) -> dict[str, Path]:
     paths["json"].write_text(json.dumps(js))
     paths["binary"].write_bytes(header + x.tobytes())
     scripts = {}
-    for kind, body in paths.items():
+    for kind in paths:
         extra = (
             f'wrk.headers["Inference-Header-Content-Length"] = "{len(header)}"'
             if kind == "binary"

@@ -172,6 +172,7 @@ class Batcher:
                 started = time.perf_counter()
                 if self._run_seconds < self.inline_below_s:
                     results = self._run_batch(batch)
+                    await asyncio.sleep(0)  # let the loop read sockets between runs
                 else:
                     results = await loop.run_in_executor(self._executor, self._run_batch, batch)
                 took = time.perf_counter() - started
