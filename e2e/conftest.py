@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import pytest
 
 from e2e import cluster as local_cluster
+from e2e.operator_process import OperatorProcess
 
 T = TypeVar("T")
 
@@ -49,6 +50,10 @@ class Cluster:
             raise AssertionError(proc.stderr)
         result: dict[str, Any] = json.loads(proc.stdout)
         return result
+
+    def create_secret(self, name: str, namespace: str, data: dict[str, str]) -> None:
+        literals = [f"--from-literal={k}={v}" for k, v in data.items()]
+        self.kubectl("create", "secret", "generic", name, "-n", namespace, *literals)
 
     def apply(
         self, manifest: dict[str, Any] | str, namespace: str | None = None
@@ -104,3 +109,19 @@ def namespace(cluster: Cluster) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def operator(
+    cluster: Cluster, repo_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
+    """The CRDs installed and `kubeonnx operator` running as a process, per test module."""
+    cluster.kubectl("apply", "--server-side", "-f", str(repo_root / "crds"))
+    cluster.kubectl(
+        "wait", "--for=condition=Established", "--timeout=30s", "crd/inferencemodels.kubeonnx.io"
+    )
+    op = OperatorProcess(cluster.kubeconfig, tmp_path_factory.mktemp("operator"))
+    op.start()
+    yield op
+    op.stop()
+    print(op.logs()[-5000:])

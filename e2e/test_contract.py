@@ -31,31 +31,12 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalS3]:
     s3.stop()
 
 
-@pytest.fixture(scope="module")
-def operator(
-    cluster: Cluster, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[OperatorProcess]:
-    cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
-    op = OperatorProcess(cluster.kubeconfig, tmp_path_factory.mktemp("operator"))
-    op.start()
-    yield op
-    op.stop()
-
-
 def test_the_operators_deployment_runs_as_a_working_runtime(
     cluster: Cluster, operator: OperatorProcess, s3: LocalS3, namespace: str, tmp_path: Path
 ) -> None:
     doc = yaml.safe_load(EXAMPLE.read_text())
     doc["spec"]["model"]["s3"]["endpoint"] = s3.endpoint  # where "the store" is in this test
-    cluster.kubectl(
-        "create",
-        "secret",
-        "generic",
-        "s3-credentials",
-        "-n",
-        namespace,
-        *[f"--from-literal={k}={v}" for k, v in CREDENTIALS.items()],
-    )
+    cluster.create_secret("s3-credentials", namespace, CREDENTIALS)
     assert cluster.apply(doc, namespace).returncode == 0
     name = doc["metadata"]["name"]
     deployment = eventually(

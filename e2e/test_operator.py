@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,21 +26,6 @@ CHILD_KINDS = ",".join(
         "poddisruptionbudgets",
     ]
 )
-
-
-@pytest.fixture(scope="module")
-def operator(
-    cluster: Cluster, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[OperatorProcess]:
-    cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
-    cluster.kubectl(
-        "wait", "--for=condition=Established", "--timeout=30s", "crd/inferencemodels.kubeonnx.io"
-    )
-    op = OperatorProcess(cluster.kubeconfig, tmp_path_factory.mktemp("operator"))
-    op.start()
-    yield op
-    op.stop()
-    print(op.logs()[-5000:])
 
 
 def model(name: str, **spec: Any) -> dict[str, Any]:
@@ -83,15 +67,8 @@ def children(cluster: Cluster, ns: str, name: str) -> dict[str, dict[str, Any]]:
 
 def prepare_namespace(cluster: Cluster, ns: str) -> None:
     cluster.kubectl("create", "serviceaccount", "model-reader", "-n", ns)
-    cluster.kubectl(
-        "create",
-        "secret",
-        "generic",
-        "s3-credentials",
-        "-n",
-        ns,
-        "--from-literal=AWS_ACCESS_KEY_ID=k",
-        "--from-literal=AWS_SECRET_ACCESS_KEY=s",
+    cluster.create_secret(
+        "s3-credentials", ns, {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}
     )
 
 

@@ -72,17 +72,6 @@ class Kube:
             if not is_not_found(exc):
                 raise
 
-    async def get_model(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            obj = await self.client.get(
-                _resource("kubeonnx.io/v1alpha1", "InferenceModel"), name, namespace=namespace
-            )
-        except ApiError as exc:
-            if is_not_found(exc):
-                return None
-            raise
-        return _as_dict(obj)
-
     async def patch_model_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         try:
             await self.client.patch(

@@ -7,6 +7,7 @@ import sys
 
 from pydantic import ValidationError
 
+from .errors import write_termination_message
 from .settings import ServeSettings
 
 
@@ -24,13 +25,9 @@ def main(argv: list[str]) -> int:
         )
         message = f"invalid settings: {problems}"
         print(f"kubeonnx serve: {message}", file=sys.stderr)
-        path = os.environ.get("KUBEONNX_TERMINATION_LOG", "/dev/termination-log")
-        if os.path.exists(os.path.dirname(path) or "."):
-            try:
-                with open(path, "w") as f:
-                    f.write(message + "\n")
-            except OSError:
-                pass
+        write_termination_message(
+            os.environ.get("KUBEONNX_TERMINATION_LOG", "/dev/termination-log"), message
+        )
         return 2
     from .server import serve  # onnxruntime is imported only once settings are valid
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
 
 class RuntimeServeError(Exception):
     """Base class: the message is what the client (or the operator) reads."""
@@ -25,3 +30,12 @@ class NotReady(RuntimeServeError):
 
 class FatalStartupError(Exception):
     """Start-up cannot succeed: the message is written to the termination log as one line."""
+
+
+def write_termination_message(path: str | Path, message: str) -> None:
+    """One line for `kubectl describe` and the operator's status; never fails the caller."""
+    line = " ".join(message.split())[:4000]
+    try:
+        Path(path).write_text(line + "\n")
+    except OSError as exc:
+        log.warning("cannot write termination message to %s: %s", path, exc)

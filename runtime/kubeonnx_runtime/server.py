@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, disable_created_metrics
 from .app import create_app
 from .batching import Batcher
 from .dataplane import DataPlane
-from .errors import FatalStartupError
+from .errors import FatalStartupError, write_termination_message
 from .fetch import S3Options, fetch_model
 from .logs import configure_logging
 from .metrics import RuntimeMetrics
@@ -21,16 +21,6 @@ from .model import OnnxModel
 from .settings import ServeSettings
 
 log = logging.getLogger("kubeonnx.serve")
-
-
-def write_termination_message(path: str, message: str) -> None:
-    """One line for `kubectl describe` and the operator's status; never fails the caller."""
-    line = " ".join(message.split())[:4000]
-    try:
-        with open(path, "w") as f:
-            f.write(line + "\n")
-    except OSError as exc:
-        log.warning("cannot write termination message to %s: %s", path, exc)
 
 
 class DrainingServer(uvicorn.Server):
@@ -103,7 +93,7 @@ def serve(settings: ServeSettings) -> int:
         model = load(settings, metrics)
     except FatalStartupError as exc:
         log.error("fatal: %s", exc)
-        write_termination_message(str(settings.termination_log), str(exc))
+        write_termination_message(settings.termination_log, str(exc))
         return 1
 
     label = settings.model_name

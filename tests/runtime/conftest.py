@@ -129,31 +129,25 @@ def serve(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
         served.stop(signal.SIGKILL, timeout=10)
 
 
+def _module_server(
+    factory: pytest.TempPathFactory, models: dict[str, Path], name: str
+) -> Iterator[Served]:
+    served = start_server(
+        factory.mktemp(name), "--model-uri", f"file://{models[name]}", "--model-name", name
+    )
+    yield served
+    served.stop(signal.SIGKILL, timeout=10)
+
+
 @pytest.fixture(scope="module")
 def mlp_server(
     tmp_path_factory: pytest.TempPathFactory, models: dict[str, Path]
 ) -> Iterator[Served]:
-    served = start_server(
-        tmp_path_factory.mktemp("mlp"),
-        "--model-uri",
-        f"file://{models['mlp']}",
-        "--model-name",
-        "mlp",
-    )
-    yield served
-    served.stop(signal.SIGKILL, timeout=10)
+    yield from _module_server(tmp_path_factory, models, "mlp")
 
 
 @pytest.fixture(scope="module")
 def mixed_server(
     tmp_path_factory: pytest.TempPathFactory, models: dict[str, Path]
 ) -> Iterator[Served]:
-    served = start_server(
-        tmp_path_factory.mktemp("mixed"),
-        "--model-uri",
-        f"file://{models['mixed']}",
-        "--model-name",
-        "mixed",
-    )
-    yield served
-    served.stop(signal.SIGKILL, timeout=10)
+    yield from _module_server(tmp_path_factory, models, "mixed")

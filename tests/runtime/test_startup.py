@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from e2e.cluster import free_port
-from tests.runtime.conftest import S3_ENV, Served
+from tests.runtime.conftest import Served, start_server
 
 ZERO_SHA = "0" * 64
 
@@ -56,26 +56,8 @@ def test_s3_model_is_downloaded_verified_and_then_reused_from_cache(
 
 def run_to_failure(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> Served:
     """Start a server that must fail: it exits non-zero and never answers ready."""
-    port = free_port()
-    term = tmp_path / "termination-log"
-    log_path = tmp_path / "serve.log"
-    full_env = {
-        **os.environ,
-        **S3_ENV,
-        "KUBEONNX_PORT": str(port),
-        "KUBEONNX_HOST": "127.0.0.1",
-        "KUBEONNX_CACHE_DIR": str(tmp_path / "cache"),
-        "KUBEONNX_TERMINATION_LOG": str(term),
-        **(env or {}),
-    }
-    with log_path.open("wb") as logf:
-        proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "kubeonnx"), "serve", *args],
-            env=full_env,
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-        )
-    served = Served(proc, f"http://127.0.0.1:{port}", term, log_path)
+    served = start_server(tmp_path, *args, env=env, wait_ready=False)
+    proc = served.proc
     deadline = time.monotonic() + 60
     while proc.poll() is None and time.monotonic() < deadline:
         try:
