@@ -7,11 +7,13 @@ encode. Domain errors become HTTP status codes in one place (`_error_response`).
 from __future__ import annotations
 
 import gzip
+import itertools
 import logging
+import os
+import re
 import time
-import uuid
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -90,44 +92,157 @@ def _error_response(exc: RuntimeServeError) -> Response:
     return _json({"error": str(exc)}, status, headers)
 
 
-class RequestIdMiddleware:
-    """Tags each request with an id (the caller's X-Request-Id or a new one) for logs."""
+INFER_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/infer$")
 
-    def __init__(self, app: ASGIApp) -> None:
+# (status, content type, extra headers, body) of an inference answer
+InferAnswer = tuple[int, str, list[tuple[bytes, bytes]], bytes]
+
+
+class InferHandler:
+    """Inference over HTTP, framework-free: bytes in, status and bytes out, metered."""
+
+    def __init__(self, dataplane: DataPlane, metrics: RuntimeMetrics) -> None:
+        self.dataplane = dataplane
+        label = dataplane.name
+        self.inflight = metrics.inflight.labels(label)
+        self.latency = metrics.latency.labels(label)
+        self._requests = metrics.requests
+        self._by_code: dict[int, Any] = {}
+
+    def _count(self, status: int) -> None:
+        counter = self._by_code.get(status)
+        if counter is None:
+            counter = self._by_code[status] = self._requests.labels(
+                self.dataplane.name, str(status)
+            )
+        counter.inc()
+
+    async def __call__(
+        self,
+        name: str,
+        version: str | None,
+        headers: Mapping[str, str],
+        read_body: Callable[[], Awaitable[bytes]],
+    ) -> InferAnswer:
+        dataplane, batcher = self.dataplane, self.dataplane.batcher
+        started = time.perf_counter()
+        self.inflight.inc()
+        status = 500
+        try:
+            dataplane.check_model(name, version)  # a wrong name is 404 whatever the body
+            batcher.admit()
+            try:
+                body = _decompress(await read_body(), headers.get("content-encoding"))
+                raw_length = headers.get(HEADER_LENGTH)
+                try:
+                    header_length = int(raw_length) if raw_length is not None else None
+                except ValueError:
+                    raise InvalidRequest(
+                        f"Inference-Header-Content-Length {raw_length!r} is not an integer"
+                    ) from None
+                decoded = decode_request(body, header_length)
+            finally:
+                # Decoded or refused: from here to the queue nothing awaits.
+                batcher.withdraw()
+            outputs = await dataplane.infer(name, version, decoded)
+            payload, out_header_length = encode_response(
+                dataplane.name, dataplane.version, decoded, outputs
+            )
+            status = 200
+            if out_header_length is None:
+                return 200, "application/json", [], payload
+            return (
+                200,
+                "application/octet-stream",
+                [(b"inference-header-content-length", str(out_header_length).encode())],
+                payload,
+            )
+        except RuntimeServeError as exc:
+            status = _STATUS.get(type(exc), 500)
+            if status >= 500:
+                log.warning("inference refused: %s", exc)
+            else:
+                log.info("bad inference request: %s", exc)
+            extra = [(b"retry-after", b"1")] if status == 503 else []
+            return status, "application/json", extra, orjson.dumps({"error": str(exc)})
+        except Exception as exc:
+            log.exception("inference failed")
+            message = f"inference failed: {type(exc).__name__}: {exc}"
+            return 500, "application/json", [], orjson.dumps({"error": message})
+        finally:
+            self.inflight.dec()
+            self.latency.observe(time.perf_counter() - started)
+            self._count(status)
+
+
+async def _read_body(receive: Receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise InvalidRequest("the client went away before sending the whole body")
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+class FrontDoor:
+    """The outermost ASGI layer: request ids, the Ingress route prefix, and the inference
+    fast path, which skips the framework's routing and dependency injection (on the tiny
+    model they cost more than the model). Everything else goes to the FastAPI app."""
+
+    def __init__(self, app: ASGIApp, infer: InferHandler, route_prefix: str = "") -> None:
         self.app = app
+        self.infer = infer
+        self.prefix = route_prefix.rstrip("/")
+        self._ids = itertools.count(1)
+        self._id_prefix = os.urandom(4).hex()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        path: str = scope["path"]
+        if self.prefix and path.startswith(self.prefix + "/"):
+            path = path[len(self.prefix) :]
+            scope = {**scope, "path": path}
+            scope.pop("raw_path", None)
         rid = next((v.decode() for k, v in scope["headers"] if k == b"x-request-id"), None)
-        rid = rid or uuid.uuid4().hex
+        rid = rid or f"{self._id_prefix}-{next(self._ids):x}"
         token = request_id_var.set(rid)
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
-            await send(message)
-
         try:
-            await self.app(scope, receive, send_with_id)
+            match = INFER_PATH.match(path) if scope["method"] == "POST" else None
+            if match is None:
+                await self.app(scope, receive, _with_request_id(send, rid))
+                return
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+            status, ctype, extra, payload = await self.infer(
+                match[1], match[2], headers, lambda: _read_body(receive)
+            )
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": status,
+                    "headers": [
+                        (b"content-type", ctype.encode()),
+                        (b"content-length", str(len(payload)).encode()),
+                        (b"x-request-id", rid.encode()),
+                        *extra,
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": payload})
         finally:
             request_id_var.reset(token)
 
 
-class RoutePrefixMiddleware:
-    """Serves `<prefix>/v2/...` as `/v2/...`, so an Ingress needs no rewrite annotation."""
+def _with_request_id(send: Send, rid: str) -> Send:
+    async def send_with_id(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+        await send(message)
 
-    def __init__(self, app: ASGIApp, prefix: str) -> None:
-        self.app = app
-        self.prefix = prefix.rstrip("/")
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path: str = scope.get("path", "")
-        if scope["type"] == "http" and path.startswith(self.prefix + "/"):
-            scope = {**scope, "path": path[len(self.prefix) :]}
-            scope.pop("raw_path", None)
-        await self.app(scope, receive, send)
+    return send_with_id
 
 
 def _decompress(body: bytes, encoding: str | None) -> bytes:
@@ -150,8 +265,8 @@ def create_app(
     on_startup: Callable[[], Awaitable[None]] | None = None,
     on_shutdown: Callable[[], Awaitable[None]] | None = None,
     route_prefix: str = "",
-) -> FastAPI:
-    """Build the FastAPI app around an injected data plane and metrics registry."""
+) -> FrontDoor:
+    """Build the app around an injected data plane and metrics registry."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -171,9 +286,6 @@ def create_app(
         version=dataplane.server_metadata()["version"],
         lifespan=lifespan,
     )
-    app.add_middleware(RequestIdMiddleware)
-    if route_prefix.strip("/"):
-        app.add_middleware(RoutePrefixMiddleware, prefix=route_prefix)
 
     @app.exception_handler(RuntimeServeError)
     async def _domain_error(_: Request, exc: RuntimeServeError) -> Response:
@@ -207,57 +319,13 @@ def create_app(
         ok = dataplane.model_ready(name, version)
         return _json({"name": name, "ready": ok}, 200 if ok else 503)
 
-    model_label = dataplane.name
-    inflight = metrics.inflight.labels(model_label)
-    latency = metrics.latency.labels(model_label)
+    handler = InferHandler(dataplane, metrics)
 
     async def infer(request: Request, name: str, version: str | None = None) -> Response:
-        started = time.perf_counter()
-        inflight.inc()
-        status = 500
-        batcher = dataplane.batcher
-        try:
-            dataplane.check_model(name, version)  # a wrong name is 404 whatever the body
-            batcher.admit()
-            try:
-                body = _decompress(await request.body(), request.headers.get("content-encoding"))
-                raw_length = request.headers.get(HEADER_LENGTH)
-                try:
-                    header_length = int(raw_length) if raw_length is not None else None
-                except ValueError:
-                    raise InvalidRequest(
-                        f"Inference-Header-Content-Length {raw_length!r} is not an integer"
-                    ) from None
-                decoded = decode_request(body, header_length)
-            finally:
-                # Decoded or refused: from here to the queue nothing awaits.
-                batcher.withdraw()
-            outputs = await dataplane.infer(name, version, decoded)
-            payload, out_header_length = encode_response(
-                dataplane.name, dataplane.version, decoded, outputs
-            )
-            status = 200
-            if out_header_length is None:
-                return Response(payload, media_type="application/json")
-            return Response(
-                payload,
-                media_type="application/octet-stream",
-                headers={"Inference-Header-Content-Length": str(out_header_length)},
-            )
-        except RuntimeServeError as exc:
-            status = _STATUS.get(type(exc), 500)
-            if status >= 500:
-                log.warning("inference refused: %s", exc)
-            else:
-                log.info("bad inference request: %s", exc)
-            return _error_response(exc)
-        except Exception as exc:
-            log.exception("inference failed")
-            return _json({"error": f"inference failed: {type(exc).__name__}: {exc}"}, 500)
-        finally:
-            inflight.dec()
-            latency.observe(time.perf_counter() - started)
-            metrics.requests.labels(model_label, str(status)).inc()
+        # Served by FrontDoor's fast path; kept as a route so /docs describes it.
+        status, ctype, extra, payload = await handler(name, version, request.headers, request.body)
+        headers = {k.decode(): v.decode() for k, v in extra}
+        return Response(payload, status, headers, media_type=ctype)
 
     app.add_api_route(
         "/v2/models/{name}/infer",
@@ -278,4 +346,4 @@ def create_app(
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    return app
+    return FrontDoor(app, handler, route_prefix)

@@ -271,6 +271,16 @@ def test_full_queue_answers_503_with_retry_after(serve, models) -> None:  # type
     assert "queue is full" in refused.json()["error"]
 
 
+def test_every_answer_carries_a_request_id(mlp_server: Served) -> None:
+    url = f"{mlp_server.url}/v2/models/mlp/infer"
+    body = {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [1] * 4}]}
+    mine = httpx.post(url, json=body, headers={"X-Request-Id": "abc-123"})
+    assert mine.headers["x-request-id"] == "abc-123"
+    ids = {httpx.post(url, json=body).headers["x-request-id"] for _ in range(3)}
+    ids.add(httpx.get(f"{mlp_server.url}/v2/health/ready").headers["x-request-id"])
+    assert len(ids) == 4
+
+
 def test_route_prefix_serves_the_same_api(serve, models) -> None:  # type: ignore[no-untyped-def]
     served = serve(
         "--model-uri",
