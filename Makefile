@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: venv binaries lint unit e2e check cluster-up cluster-down models demo demo-down
+.PHONY: venv binaries lint unit e2e check cluster-up cluster-down models demo demo-down bench
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -43,3 +43,12 @@ demo: venv           ## the whole flow on an embedded default (README's first co
 	$(PY) -m e2e.demo
 
 demo-down: cluster-down
+
+benchmarks/.venv-peer/bin/mlserver:
+	python3 -m venv benchmarks/.venv-peer
+	benchmarks/.venv-peer/bin/pip install --quiet mlserver==1.7.1 onnxruntime numpy
+
+bench: venv benchmarks/.venv-peer/bin/mlserver   ## runtime and operator benchmarks (docs/performance.md)
+	command -v wrk >/dev/null || (apt-get install -y -qq wrk || sudo apt-get install -y -qq wrk)
+	$(PY) benchmarks/runtime_bench.py --out benchmarks/results/runtime.md
+	$(PY) benchmarks/operator_bench.py --out benchmarks/results/operator.md

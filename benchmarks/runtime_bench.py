@@ -91,22 +91,29 @@ def run_wrk(
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     out = proc.stdout.read() if proc.stdout else ""
     _, _, usage = os.wait4(proc.pid, 0)
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    p50 = _ms(re.search(r"50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
-    p99 = _ms(re.search(r"99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
-    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    try:
+        rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+        p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
+        p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
+        total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    except (AttributeError, KeyError) as exc:
+        raise RuntimeError(f"cannot read wrk's output ({exc}):\n{out}") from None
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if non2xx:
         raise RuntimeError(f"{non2xx.group(1)} failed responses:\n{out}")
     return rps, p50, p99, total, usage.ru_utime + usage.ru_stime
 
 
-def start(cmd: list[str], url: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def start(
+    cmd: list[str], url: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
         ["taskset", "-c", "0", *cmd],
         env={**os.environ, **(env or {})},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        cwd=cwd,
     )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -185,9 +192,45 @@ def raw_limit(path: Path, features: int, seconds: float, batch: int = 1, threads
     return sum(counts) * batch / seconds
 
 
+PEER = ROOT / "benchmarks" / ".venv-peer" / "bin" / "mlserver"
+
+
+def peer_dir(work: Path, model: str, path: Path, port: int) -> Path:
+    """An MLServer model repository serving `path` with benchmarks/peer_mlserver."""
+    d = work / f"peer-{model}-{port}"
+    d.mkdir()
+    (d / "onnx_runtime.py").write_text(
+        (ROOT / "benchmarks/peer_mlserver/onnx_runtime.py").read_text()
+    )
+    # parallel_workers 0: inference in the server process. MLServer 1.7.1's default worker
+    # pool fails to start here ("There is no current event loop"), see docs/performance.md.
+    (d / "settings.json").write_text(
+        json.dumps(
+            {
+                "http_port": port,
+                "grpc_port": free_port(),
+                "metrics_port": free_port(),
+                "parallel_workers": 0,
+                "debug": False,
+            }
+        )
+    )
+    (d / "model-settings.json").write_text(
+        json.dumps(
+            {
+                "name": model,
+                "implementation": "onnx_runtime.OnnxModel",
+                "parameters": {"uri": str(path)},
+            }
+        )
+    )
+    return d
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--models", nargs="+", default=["mlp", "medium"])
     parser.add_argument("--out")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kubeonnx-bench-"))
@@ -200,7 +243,8 @@ def main() -> None:
         "mlp": (4, [1, 16, 64]),
         "medium": (256, [1, 16, 64]),
     }
-    for model, (features, concurrencies) in plan.items():
+    for model in args.models:
+        features, concurrencies = plan[model]
         scripts = bodies(work, model, features)
         limit = raw_limit(models[model], features, 3)
         limit2 = raw_limit(models[model], features, 3, threads=2)
@@ -210,6 +254,7 @@ def main() -> None:
             f"{limit2:,.0f} runs/s (2 threads, one session), "
             f"{limit_b:,.0f} rows/s at batch 32"
         )
+        print(lines[-1], flush=True)
         servers = {
             "naive FastAPI (JSON)": (
                 [
@@ -235,8 +280,14 @@ def main() -> None:
             "kubeonnx, batching (JSON)": ([kubeonnx, "serve"], "json", {}),
             "kubeonnx, batching (binary)": ([kubeonnx, "serve"], "binary", {}),
         }
+        if PEER.exists():
+            servers["MLServer 1.7.1 (JSON)"] = ([str(PEER), "start", "{peer_dir}"], "json", {})
         for label, (cmd, kind, extra_env) in servers.items():
             port = free_port()
+            cwd = None
+            if "{peer_dir}" in cmd:
+                cwd = peer_dir(work, model, models[model], port)
+                cmd = [c.replace("{peer_dir}", str(cwd)) for c in cmd]
             env = {
                 "KUBEONNX_MODEL_URI": f"file://{models[model]}",
                 "KUBEONNX_MODEL_NAME": model,
@@ -250,7 +301,7 @@ def main() -> None:
             }
             cmd = [c.replace("{port}", str(port)) for c in cmd]
             url = f"http://127.0.0.1:{port}/v2/models/{model}/infer"
-            proc = start(cmd, f"http://127.0.0.1:{port}/docs", env)
+            proc = start(cmd, f"http://127.0.0.1:{port}/v2/health/live", env, cwd)
             try:
                 run_wrk(url, scripts[kind], 4, 1)  # warm-up
                 for c in concurrencies:
@@ -271,7 +322,7 @@ def main() -> None:
                     points.append(point)
                     print(point, flush=True)
             finally:
-                proc.send_signal(signal.SIGKILL)
+                os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
 
     table = [

@@ -29,6 +29,9 @@ ROOT = Path(__file__).resolve().parent.parent
 STATE_DIR = ROOT / ".cluster"
 STATE_FILE = STATE_DIR / "state.json"
 KUBECONFIG = STATE_DIR / "kubeconfig"
+# A second identity for the operator, so its API writes can be told apart in the audit log.
+OPERATOR_KUBECONFIG = STATE_DIR / "operator.kubeconfig"
+OPERATOR_USER = "kubeonnx-operator"
 E2E = Path(__file__).resolve().parent
 
 
@@ -57,6 +60,30 @@ def build_binaries() -> dict[str, Path]:
         for name in names:
             paths[name] = Path(dirs[var]) / name
     return paths
+
+
+def _kubeconfig(server: str, user: str, token: str) -> str:
+    return json.dumps(
+        {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "current-context": "kubeonnx-e2e",
+            "clusters": [
+                {
+                    "name": "kubeonnx-e2e",
+                    "cluster": {"server": server, "insecure-skip-tls-verify": True},
+                }
+            ],
+            "users": [{"name": user, "user": {"token": token}}],
+            "contexts": [
+                {
+                    "name": "kubeonnx-e2e",
+                    "context": {"cluster": "kubeonnx-e2e", "user": user, "namespace": "default"},
+                }
+            ],
+        },
+        indent=2,
+    )
 
 
 def free_port() -> int:
@@ -164,7 +191,7 @@ NODES = [
 
 
 def node_manifest(name: str, gpus: int, labels: dict[str, str]) -> dict[str, object]:
-    capacity = {"cpu": "32", "memory": "256Gi", "pods": "110", "ephemeral-storage": "500Gi"}
+    capacity = {"cpu": "256", "memory": "2Ti", "pods": "500", "ephemeral-storage": "10Ti"}
     node_labels = {
         "kubernetes.io/hostname": name,
         "kubernetes.io/os": "linux",
@@ -210,7 +237,30 @@ def up() -> ClusterState:
     pki = data / "pki"
     pki.mkdir()
     token = secrets.token_hex(16)
-    (data / "tokens.csv").write_text(f'{token},admin,admin,"system:masters"\n')
+    operator_token = secrets.token_hex(16)
+    (data / "tokens.csv").write_text(
+        f'{token},admin,admin,"system:masters"\n'
+        f'{operator_token},{OPERATOR_USER},{OPERATOR_USER},"system:masters"\n'
+    )
+    # The API writes the operator makes, and only those, go to the audit log: the operator
+    # benchmark counts them.
+    (data / "audit-policy.yaml").write_text(
+        json.dumps(
+            {
+                "apiVersion": "audit.k8s.io/v1",
+                "kind": "Policy",
+                "omitStages": ["RequestReceived"],
+                "rules": [
+                    {
+                        "level": "Metadata",
+                        "users": [OPERATOR_USER],
+                        "verbs": ["create", "update", "patch", "delete", "deletecollection"],
+                    },
+                    {"level": "None"},
+                ],
+            }
+        )
+    )
     subprocess.run(
         ["openssl", "genrsa", "-out", str(pki / "sa.key"), "2048"], check=True, capture_output=True
     )
@@ -222,33 +272,8 @@ def up() -> ClusterState:
     ports = {k: free_port() for k in ("etcd", "etcd-peer", "apiserver", "kcm", "scheduler", "kwok")}
     server = f"https://127.0.0.1:{ports['apiserver']}"
     STATE_DIR.mkdir(exist_ok=True)
-    KUBECONFIG.write_text(
-        json.dumps(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "current-context": "kubeonnx-e2e",
-                "clusters": [
-                    {
-                        "name": "kubeonnx-e2e",
-                        "cluster": {"server": server, "insecure-skip-tls-verify": True},
-                    }
-                ],
-                "users": [{"name": "admin", "user": {"token": token}}],
-                "contexts": [
-                    {
-                        "name": "kubeonnx-e2e",
-                        "context": {
-                            "cluster": "kubeonnx-e2e",
-                            "user": "admin",
-                            "namespace": "default",
-                        },
-                    }
-                ],
-            },
-            indent=2,
-        )
-    )
+    KUBECONFIG.write_text(_kubeconfig(server, "admin", token))
+    OPERATOR_KUBECONFIG.write_text(_kubeconfig(server, OPERATOR_USER, operator_token))
     state = ClusterState(
         str(data), str(KUBECONFIG), server, token, {k: str(v) for k, v in bins.items()}, ports=ports
     )
@@ -291,6 +316,9 @@ def up() -> ClusterState:
                 f"--secure-port={ports['apiserver']}",
                 f"--cert-dir={pki}",
                 f"--token-auth-file={data / 'tokens.csv'}",
+                f"--audit-policy-file={data / 'audit-policy.yaml'}",
+                f"--audit-log-path={data / 'audit.log'}",
+                "--audit-log-format=json",
                 "--authorization-mode=RBAC",
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
                 f"--service-account-key-file={pki / 'sa.pub'}",
@@ -415,6 +443,7 @@ def down() -> None:
     shutil.rmtree(state.data_dir, ignore_errors=True)
     STATE_FILE.unlink(missing_ok=True)
     KUBECONFIG.unlink(missing_ok=True)
+    OPERATOR_KUBECONFIG.unlink(missing_ok=True)
     log("down")
 
 

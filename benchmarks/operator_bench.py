@@ -1,0 +1,172 @@
+"""Operator benchmark on the local control plane, every figure from one run.
+
+    .venv/bin/python benchmarks/operator_bench.py [--sizes 100 500] [--out FILE.md]
+
+For each size N: the floor is one `kubectl apply --server-side` of the same manifests the
+operator renders for N InferenceModels (Deployment, Service, HPA each); the operator run is
+N InferenceModels applied at once, timed until every one has all three children and a
+written status. Then the operator's peak RSS (VmHWM), and the API writes it makes over an
+hour-equivalent of idle resyncs: restarted with resyncSeconds 1 and watched for 60 s, its
+writes counted in the API server's audit log (the operator has an identity of its own).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "operator"))
+from kubeonnx_operator.config import OperatorConfig  # noqa: E402
+from kubeonnx_operator.render import Model, render_children  # noqa: E402
+from kubeonnx_operator.spec import parse_spec  # noqa: E402
+
+from e2e import cluster as local_cluster  # noqa: E402
+from e2e.operator_process import OperatorProcess  # noqa: E402
+
+SPEC = {"model": {"uri": "s3://models/bench/model.onnx"}}
+
+
+def inference_models(n: int) -> list[dict[str, Any]]:
+    return [
+        {
+            "apiVersion": "kubeonnx.io/v1alpha1",
+            "kind": "InferenceModel",
+            "metadata": {"name": f"m{i:04d}"},
+            "spec": SPEC,
+        }
+        for i in range(n)
+    ]
+
+
+def audit_writes(state: local_cluster.ClusterState) -> int:
+    path = Path(state.data_dir) / "audit.log"
+    return sum(1 for _ in path.open()) if path.exists() else 0
+
+
+def peak_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def converged(kubectl, ns: str, n: int) -> bool:  # type: ignore[no-untyped-def]
+    ims = json.loads(kubectl("get", "inferencemodels", "-n", ns, "-o", "json"))["items"]
+    with_status = sum(
+        1
+        for im in ims
+        if (im.get("status") or {}).get("observedGeneration") == im["metadata"]["generation"]
+    )
+    kids = kubectl(
+        "get",
+        "deployments,services,horizontalpodautoscalers",
+        "-n",
+        ns,
+        "-l",
+        "app.kubernetes.io/managed-by=kubeonnx",
+        "-o",
+        "name",
+    ).split()
+    return with_status == n and len(kids) == 3 * n
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 500])
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="kubeonnx-opbench-"))
+    state = local_cluster.up()
+    op = None
+    rows = []
+
+    def kubectl(*a: str, input: str | None = None) -> str:
+        return local_cluster.kubectl(state, *a, input=input)
+
+    try:
+        kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
+        kubectl("wait", "--for=condition=Established", "crd/inferencemodels.kubeonnx.io")
+        op = OperatorProcess(str(local_cluster.OPERATOR_KUBECONFIG), work, resyncSeconds=60)
+        op.start()
+        assert op.proc is not None
+        config = OperatorConfig()
+        for n in args.sizes:
+            floor_ns, op_ns = f"floor-{n}", f"op-{n}"
+            kubectl("create", "namespace", floor_ns)
+            kubectl("create", "namespace", op_ns)
+            manifests = [
+                c
+                for d in inference_models(n)
+                for c in render_children(
+                    Model(d["metadata"]["name"], floor_ns, parse_spec(d["spec"])), config
+                )
+            ]
+            floor_file = work / f"floor-{n}.yaml"
+            floor_file.write_text(yaml.safe_dump_all(manifests))
+            t0 = time.monotonic()
+            kubectl("apply", "--server-side", "--field-manager=floor", "-f", str(floor_file))
+            floor_s = time.monotonic() - t0
+
+            ims = "\n---\n".join(json.dumps(d) for d in inference_models(n))
+            t0 = time.monotonic()
+            kubectl("apply", "-n", op_ns, "-f", "-", input=ims)
+            while not converged(kubectl, op_ns, n):
+                time.sleep(0.5)
+            op_s = time.monotonic() - t0
+            rows.append((n, floor_s, op_s, peak_mb(op.proc.pid)))
+            print(
+                f"N={n}: floor {floor_s:.1f}s, operator {op_s:.1f}s "
+                f"({op_s / floor_s:.2f}x), peak {rows[-1][3]:.0f} MB",
+                flush=True,
+            )
+
+        # Idle: an hour of 60 s resyncs, compressed to 60 s of 1 s resyncs; a restart first.
+        op.stop()
+        (work / "idle").mkdir()
+        idle = OperatorProcess(
+            str(local_cluster.OPERATOR_KUBECONFIG), work / "idle", resyncSeconds=1
+        )
+        before = audit_writes(state)
+        idle.start()
+        op = idle
+        time.sleep(60)
+        idle_writes = audit_writes(state) - before
+        total = sum(args.sizes)
+        print(
+            f"idle: {idle_writes} API writes by the operator over 60 resyncs of {total} "
+            "models (restart included)",
+            flush=True,
+        )
+    finally:
+        if op is not None:
+            op.stop()
+        local_cluster.down()
+
+    lines = [
+        "| models | floor: kubectl apply --server-side (s) | operator: all children + "
+        "status (s) | ratio | operator peak RSS (MB) |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [f"| {n} | {f:.1f} | {o:.1f} | {o / f:.2f}x | {m:.0f} |" for n, f, o, m in rows]
+    lines.append(
+        f"\nIdle: **{idle_writes}** API writes by the operator over an hour-equivalent "
+        f"of resyncs (60 x 1 s) of {total} models, after a restart."
+    )
+    report = "\n".join(lines) + "\n"
+    print(report)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(report)
+
+
+if __name__ == "__main__":
+    main()
