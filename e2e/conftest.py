@@ -27,6 +27,20 @@ class Cluster:
     kubeconfig: str
     kubectl_bin: str
     local: bool  # our own control plane (kwok nodes) rather than E2E_KUBECONFIG's
+    operator_kubeconfig: str = ""  # an identity of the operator's own (local plane only)
+    audit_log: Path | None = None  # the operator identity's API writes (local plane only)
+
+    def operator_writes(self, namespace: str) -> int:
+        """API writes the operator has made in `namespace`, from the audit log."""
+        assert self.audit_log is not None
+        if not self.audit_log.exists():
+            return 0
+        with self.audit_log.open() as f:
+            return sum(
+                1
+                for line in f
+                if json.loads(line).get("objectRef", {}).get("namespace") == namespace
+            )
 
     def kubectl(
         self, *args: str, input: str | None = None, check: bool = True
@@ -91,7 +105,13 @@ def cluster() -> Iterator[Cluster]:
         return
     state = local_cluster.up()
     try:
-        yield Cluster(state.kubeconfig, state.bin_dir["kubectl"], local=True)
+        yield Cluster(
+            state.kubeconfig,
+            state.bin_dir["kubectl"],
+            local=True,
+            operator_kubeconfig=str(local_cluster.OPERATOR_KUBECONFIG),
+            audit_log=Path(state.data_dir) / "audit.log",
+        )
     finally:
         local_cluster.down()
 
@@ -120,7 +140,9 @@ def operator(
     cluster.kubectl(
         "wait", "--for=condition=Established", "--timeout=30s", "crd/inferencemodels.kubeonnx.io"
     )
-    op = OperatorProcess(cluster.kubeconfig, tmp_path_factory.mktemp("operator"))
+    op = OperatorProcess(
+        cluster.operator_kubeconfig or cluster.kubeconfig, tmp_path_factory.mktemp("operator")
+    )
     op.start()
     yield op
     op.stop()

@@ -19,6 +19,7 @@ from lightkube import AsyncClient
 
 from .config import OperatorConfig
 from .kube import Kube
+from .observed import ObservedChildren
 from .reconcile import Reconciler
 from .render.model import MANAGED_BY, MODEL_LABEL
 from .workqueue import WorkQueue
@@ -39,6 +40,7 @@ CHILD_RESOURCES = [
 def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
     state: dict[str, Any] = {}
+    observed = ObservedChildren()
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -51,7 +53,7 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         settings.watching.server_timeout = 300
         settings.networking.request_timeout = 60
         client = AsyncClient(field_manager="kubeonnx")
-        reconciler = Reconciler(Kube(client), config)
+        reconciler = Reconciler(Kube(client), config, observed)
         queue = WorkQueue(reconciler.reconcile)
         state.update(client=client, queue=queue)
         state["resync"] = asyncio.get_running_loop().create_task(_resync(queue, config))
@@ -81,13 +83,22 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         assert namespace is not None  # InferenceModel is namespaced
         if event.get("type") == "DELETED":
             queue.observe((namespace, name), None)
+            observed.forget((namespace, name))
         else:
             queue.observe((namespace, name), copy.deepcopy(dict(body)))
 
-    async def child_event(labels: kopf.Labels, namespace: str | None, **_: Any) -> None:
+    async def child_event(
+        event: kopf.RawEvent,
+        body: kopf.Body,
+        labels: kopf.Labels,
+        namespace: str | None,
+        **_: Any,
+    ) -> None:
         owner = labels.get(MODEL_LABEL)
         if owner and namespace and "queue" in state:
-            state["queue"].trigger((namespace, owner))
+            key = (namespace, owner)
+            observed.record(key, dict(body), deleted=event.get("type") == "DELETED")
+            state["queue"].trigger(key)
 
     for group, version, plural in CHILD_RESOURCES:
         kopf.on.event(

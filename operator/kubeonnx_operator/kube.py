@@ -12,14 +12,6 @@ from lightkube.types import PatchType
 FIELD_MANAGER = "kubeonnx"
 
 # The kinds the operator reads or writes, by (apiVersion, kind).
-CHILD_KINDS = [
-    ("apps/v1", "Deployment"),
-    ("v1", "Service"),
-    ("autoscaling/v2", "HorizontalPodAutoscaler"),
-    ("keda.sh/v1alpha1", "ScaledObject"),
-    ("networking.k8s.io/v1", "Ingress"),
-    ("policy/v1", "PodDisruptionBudget"),
-]
 # Custom resources get generic classes; built-in kinds use lightkube's own.
 _CUSTOM = {
     ("kubeonnx.io/v1alpha1", "InferenceModel"): "inferencemodels",
@@ -44,7 +36,7 @@ def is_not_found(exc: ApiError) -> bool:
 
 
 class Kube:
-    """Typed-enough access to the API: apply, list, delete, status."""
+    """Typed-enough access to the API: apply, delete, status."""
 
     def __init__(self, client: AsyncClient) -> None:
         self.client = client
@@ -55,15 +47,6 @@ class Kube:
             codecs.from_dict(manifest), field_manager=FIELD_MANAGER, force=True
         )
         return _as_dict(obj)
-
-    async def list(
-        self, api_version: str, kind: str, namespace: str, labels: dict[str, Any]
-    ) -> list[dict[str, Any]]:
-        res = _resource(api_version, kind)
-        return [
-            _as_dict(o)
-            async for o in self.client.list(res, namespace=namespace, labels=dict(labels.items()))
-        ]
 
     async def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
         try:

@@ -14,9 +14,10 @@ from typing import Any
 from lightkube import ApiError
 
 from .config import OperatorConfig
-from .kube import CHILD_KINDS, Kube, is_not_found
+from .kube import Kube, is_not_found
+from .observed import ObservedChildren, digest, our_fields
 from .render import Model, render_children
-from .render.model import MANAGED_BY, MODEL_LABEL, check_against_config
+from .render.model import check_against_config
 from .spec import InvalidSpec, parse_spec
 from .status import Verdict, derive_status, derive_verdict
 
@@ -44,9 +45,17 @@ def status_changed(previous: dict[str, Any], new: dict[str, Any]) -> bool:
 
 class Reconciler:
     def __init__(
-        self, kube: Kube, config: OperatorConfig, now: Callable[[], str] = utc_now
+        self,
+        kube: Kube,
+        config: OperatorConfig,
+        observed: ObservedChildren,
+        now: Callable[[], str] = utc_now,
     ) -> None:
         self.kube = kube
+        self.observed = observed
+        # What was last applied to each child: (digest of the manifest, our_fields of the
+        # result). In memory only: after a restart every child is applied once again.
+        self.applied: dict[tuple[str, str, str, str], tuple[str, str]] = {}
         self.config = config
         self.now = now
 
@@ -74,13 +83,16 @@ class Reconciler:
             return
 
         owner = owner_reference(body)
-        applied: dict[tuple[str, str], dict[str, Any]] = {}
+        key = (namespace, name)
+        rendered: set[tuple[str, str]] = set()
+        deployment: dict[str, Any] | None = None
         problem: Verdict | None = None
         for child in render_children(model, self.config):
             child["metadata"]["ownerReferences"] = [owner]
-            key = (child["apiVersion"], child["kind"])
+            kind = (child["apiVersion"], child["kind"])
+            rendered.add(kind)
             try:
-                applied[key] = await self.kube.apply(child)
+                live = await self._apply_if_needed(key, child)
             except ApiError as exc:
                 if exc.status.code == 403 and "being terminated" in (exc.status.message or ""):
                     return  # the namespace is going away, and the model with it
@@ -97,10 +109,11 @@ class Reconciler:
                     )
                     continue
                 raise
-        await self._prune(model, body["metadata"]["uid"], set(applied))
+            if child["kind"] == "Deployment":
+                deployment = live or self.observed.deployment(key)
+        await self._prune(model, body["metadata"]["uid"], rendered)
 
-        deployment = applied.get(("apps/v1", "Deployment"))
-        pods = await self.kube.list("v1", "Pod", namespace, model.selector)
+        pods = self.observed.pods((namespace, name))
         verdict = derive_verdict(deployment, pods, model.spec.scaling.min_replicas)
         if problem is not None:  # a child we could not create outranks what the pods show
             verdict = problem
@@ -114,30 +127,30 @@ class Reconciler:
             generation,
         )
 
+    async def _apply_if_needed(
+        self, key: tuple[str, str], manifest: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """Apply unless the watch shows the child as last applied, untouched since: an idle
+        resync then sends nothing. Returns the live object when it applied."""
+        meta = manifest["metadata"]
+        ident = (manifest["apiVersion"], manifest["kind"], meta["namespace"], meta["name"])
+        wanted = digest(manifest)
+        seen = self.observed.child(key, manifest["apiVersion"], manifest["kind"], meta["name"])
+        if seen is not None and self.applied.get(ident) == (wanted, seen.fields):
+            return None
+        live = await self.kube.apply(manifest)
+        self.applied[ident] = (wanted, our_fields(live))
+        return live
+
     async def _prune(self, model: Model, owner_uid: str, keep: set[tuple[str, str]]) -> None:
         """Delete children this model owns that were not rendered this time."""
-        labels = {MODEL_LABEL: model.name, "app.kubernetes.io/managed-by": MANAGED_BY}
-        for api_version, kind in CHILD_KINDS:
-            if (api_version, kind) in keep:
+        for child in self.observed.children((model.namespace, model.name)):
+            if (child.api_version, child.kind) in keep or owner_uid not in child.owner_uids:
                 continue
-            try:
-                found = await self.kube.list(api_version, kind, model.namespace, labels)
-            except ApiError as exc:
-                if is_not_found(exc):  # the kind is not installed (KEDA)
-                    continue
-                raise
-            for obj in found:
-                refs = obj["metadata"].get("ownerReferences") or []
-                if any(r.get("uid") == owner_uid for r in refs):
-                    log.info(
-                        "deleting %s %s/%s: no longer rendered",
-                        kind,
-                        model.namespace,
-                        obj["metadata"]["name"],
-                    )
-                    await self.kube.delete(
-                        api_version, kind, model.namespace, obj["metadata"]["name"]
-                    )
+            log.info(
+                "deleting %s %s/%s: no longer rendered", child.kind, model.namespace, child.name
+            )
+            await self.kube.delete(child.api_version, child.kind, model.namespace, child.name)
 
     async def _report(
         self,
