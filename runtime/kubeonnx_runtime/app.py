@@ -86,10 +86,17 @@ def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
     return Response(orjson.dumps(body), status, headers, media_type="application/json")
 
 
-def _error_response(exc: RuntimeServeError) -> Response:
+def _error_parts(exc: RuntimeServeError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """The one mapping of domain errors to HTTP: status, extra headers, JSON body."""
     status = _STATUS.get(type(exc), 500)
-    headers = {"Retry-After": "1"} if status == 503 else None
-    return _json({"error": str(exc)}, status, headers)
+    extra = [(b"retry-after", b"1")] if status == 503 else []
+    return status, extra, orjson.dumps({"error": str(exc)})
+
+
+def _error_response(exc: RuntimeServeError) -> Response:
+    status, extra, body = _error_parts(exc)
+    headers = {k.decode(): v.decode() for k, v in extra}
+    return Response(body, status, headers, media_type="application/json")
 
 
 INFER_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/infer$")
@@ -158,13 +165,12 @@ class InferHandler:
                 payload,
             )
         except RuntimeServeError as exc:
-            status = _STATUS.get(type(exc), 500)
+            status, extra, body = _error_parts(exc)
             if status >= 500:
                 log.warning("inference refused: %s", exc)
             else:
                 log.info("bad inference request: %s", exc)
-            extra = [(b"retry-after", b"1")] if status == 503 else []
-            return status, "application/json", extra, orjson.dumps({"error": str(exc)})
+            return status, "application/json", extra, body
         except Exception as exc:
             log.exception("inference failed")
             message = f"inference failed: {type(exc).__name__}: {exc}"
