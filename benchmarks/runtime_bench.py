@@ -126,13 +126,13 @@ def start(
     raise RuntimeError(f"{cmd} did not start")
 
 
-def bodies(work: Path, model: str, features: int) -> dict[str, Path]:
-    x = np.random.default_rng(0).standard_normal((1, features)).astype(np.float32)
+def bodies(work: Path, model: str, shape: tuple[int, ...]) -> dict[str, Path]:
+    x = np.random.default_rng(0).standard_normal((1, *shape)).astype(np.float32)
     js = {
         "inputs": [
             {
                 "name": "input",
-                "shape": [1, features],
+                "shape": list(x.shape),
                 "datatype": "FP32",
                 "data": x.ravel().tolist(),
             }
@@ -143,7 +143,7 @@ def bodies(work: Path, model: str, features: int) -> dict[str, Path]:
             "inputs": [
                 {
                     "name": "input",
-                    "shape": [1, features],
+                    "shape": list(x.shape),
                     "datatype": "FP32",
                     "parameters": {"binary_data_size": x.nbytes},
                 }
@@ -168,13 +168,15 @@ def bodies(work: Path, model: str, features: int) -> dict[str, Path]:
     return scripts
 
 
-def raw_limit(path: Path, features: int, seconds: float, batch: int = 1, threads: int = 1) -> float:
+def raw_limit(
+    path: Path, shape: tuple[int, ...], seconds: float, batch: int = 1, threads: int = 1
+) -> float:
     """Rows/s of a bare session.run loop in this process (pinned to CPU 0)."""
     os.sched_setaffinity(0, {0})
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    x = np.random.default_rng(0).standard_normal((batch, features)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((batch, *shape)).astype(np.float32)
     counts = [0] * threads
     stop = time.monotonic() + seconds
 
@@ -192,6 +194,12 @@ def raw_limit(path: Path, features: int, seconds: float, batch: int = 1, threads
     return sum(counts) * batch / seconds
 
 
+# model -> the shape of one row of its input
+PLAN: dict[str, tuple[int, ...]] = {
+    "mlp": (4,),  # tiny: server overhead dominates
+    "wide": (256,),  # model and server cost about the same per row
+    "convnet": (3, 32, 32),  # medium: compute dominates
+}
 PEER = ROOT / "benchmarks" / ".venv-peer" / "bin" / "mlserver"
 
 
@@ -230,25 +238,22 @@ def peer_dir(work: Path, model: str, path: Path, port: int) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=int, default=5)
-    parser.add_argument("--models", nargs="+", default=["mlp", "medium"])
+    parser.add_argument("--models", nargs="+", choices=list(PLAN), default=list(PLAN))
     parser.add_argument("--out")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kubeonnx-bench-"))
-    models = generate(work / "models", ["mlp", "medium"])
+    models = generate(work / "models", args.models)
     kubeonnx = str(Path(sys.executable).parent / "kubeonnx")
     points: list[Point] = []
     lines: list[str] = []
 
-    plan = {
-        "mlp": (4, [1, 16, 64]),
-        "medium": (256, [1, 16, 64]),
-    }
+    concurrencies = [1, 16, 64]
     for model in args.models:
-        features, concurrencies = plan[model]
-        scripts = bodies(work, model, features)
-        limit = raw_limit(models[model], features, 3)
-        limit2 = raw_limit(models[model], features, 3, threads=2)
-        limit_b = raw_limit(models[model], features, 3, batch=32)
+        shape = PLAN[model]
+        scripts = bodies(work, model, shape)
+        limit = raw_limit(models[model], shape, 3)
+        limit2 = raw_limit(models[model], shape, 3, threads=2)
+        limit_b = raw_limit(models[model], shape, 3, batch=32)
         lines.append(
             f"raw onnxruntime, {model}: {limit:,.0f} runs/s (1 thread), "
             f"{limit2:,.0f} runs/s (2 threads, one session), "

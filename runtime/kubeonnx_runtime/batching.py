@@ -169,13 +169,13 @@ class Batcher:
                 continue
             self._on_batch(sum(i.rows for i in batch))
             try:
-                started = time.perf_counter()
                 if self._run_seconds < self.inline_below_s:
-                    results = self._run_batch(batch)
+                    results, took = self._run_batch(batch)
                     await asyncio.sleep(0)  # let the loop read sockets between runs
                 else:
-                    results = await loop.run_in_executor(self._executor, self._run_batch, batch)
-                took = time.perf_counter() - started
+                    results, took = await loop.run_in_executor(
+                        self._executor, self._run_batch, batch
+                    )
                 self._run_seconds = (
                     took
                     if self._run_seconds == float("inf")
@@ -190,13 +190,19 @@ class Batcher:
                 if not item.future.done():
                     item.future.set_result(result)
 
-    def _run_batch(self, batch: list[_Pending]) -> list[Tensors]:
+    def _run_batch(self, batch: list[_Pending]) -> tuple[list[Tensors], float]:
+        """Run a batch; also return how long the model took, timed in the thread that ran it
+        (timing the await instead would add the event loop's own delays, and keep a fast
+        model off the loop for good once it had been sent to the executor)."""
+        started = time.perf_counter()
         if len(batch) == 1:
-            return [self._run(batch[0].inputs)]
-        outputs = self._run(merge([i.inputs for i in batch]))
-        try:
-            return split(outputs, [i.rows for i in batch])
-        except ValueError as exc:
-            # The model's outputs do not follow its inputs' rows: answer one by one.
-            log.warning("batch split failed (%s); running the batch request by request", exc)
-            return [self._run(i.inputs) for i in batch]
+            results = [self._run(batch[0].inputs)]
+        else:
+            outputs = self._run(merge([i.inputs for i in batch]))
+            try:
+                results = split(outputs, [i.rows for i in batch])
+            except ValueError as exc:
+                # The model's outputs do not follow its inputs' rows: answer one by one.
+                log.warning("batch split failed (%s); running the batch request by request", exc)
+                results = [self._run(i.inputs) for i in batch]
+        return results, time.perf_counter() - started

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -93,3 +95,35 @@ async def test_a_full_queue_refuses_instead_of_growing() -> None:
     finally:
         release.set()
         await batcher.stop()
+
+
+@pytest.mark.parametrize(("model_seconds", "inline"), [(0.0, True), (0.003, False)])
+async def test_only_fast_models_run_on_the_event_loop_however_busy_it_is(
+    model_seconds: float, inline: bool
+) -> None:
+    threads: list[str] = []
+
+    def model(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        threads.append(threading.current_thread().name)
+        time.sleep(model_seconds)
+        return inputs
+
+    async def hog() -> None:
+        # Other work on the loop: an await on the executor comes back late.
+        while True:
+            time.sleep(0.002)  # noqa: ASYNC251 - blocking on purpose
+            await asyncio.sleep(0)
+
+    batcher = Batcher(model, max_batch_size=1, max_delay_s=0, max_queue=10, batchable=False)
+    batcher.start()
+    busy = asyncio.ensure_future(hog())
+    try:
+        for _ in range(6):
+            await batcher.infer({"x": np.zeros((1, 2))})
+    finally:
+        busy.cancel()
+        await batcher.stop()
+    # The first run is timed on the inference thread; what follows depends on the model only.
+    assert threads[0].startswith("kubeonnx-infer")
+    on_loop = [name == threading.current_thread().name for name in threads[1:]]
+    assert on_loop == [inline] * 5, threads

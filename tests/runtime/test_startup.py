@@ -33,20 +33,20 @@ def metric(served: Served, name: str) -> float:
 def test_s3_model_is_downloaded_verified_and_then_reused_from_cache(
     serve, s3, s3_endpoint: str, models: dict[str, Path], tmp_path: Path
 ) -> None:
-    # medium is larger than one part, so it is fetched in parallel ranged parts.
+    # wide is larger than one part, so it is fetched in parallel ranged parts.
     args = (
         "--model-uri",
-        "s3://models/medium/model.onnx",
+        "s3://models/wide/model.onnx",
         "--s3-endpoint",
         s3_endpoint,
         "--model-sha256",
-        sha256(models["medium"]),
+        sha256(models["wide"]),
     )
     first = serve(*args)
-    size = models["medium"].stat().st_size
+    size = models["wide"].stat().st_size
     assert metric(first, "kubeonnx_model_download_bytes_total") == size
     cached = list((tmp_path / "cache").glob("*.onnx"))
-    assert len(cached) == 1 and sha256(cached[0]) == sha256(models["medium"])
+    assert len(cached) == 1 and sha256(cached[0]) == sha256(models["wide"])
     assert not list((tmp_path / "cache").glob("*.part"))
     first.stop()
 
