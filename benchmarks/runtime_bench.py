@@ -1,6 +1,6 @@
 """Runtime benchmark: every figure from one run, side by side, on this machine.
 
-    .venv/bin/python benchmarks/runtime_bench.py [--seconds 5] [--out FILE.md]
+    .venv/bin/python benchmarks/runtime_bench.py [--seconds 10] [--out FILE.md]
 
 Servers run pinned to CPU 0 with one intra-op thread; wrk (compiled, Debian's `wrk`) runs
 pinned to CPU 1, so the load generator does not compete with the server. Each point: batch
@@ -237,7 +237,7 @@ def peer_dir(work: Path, model: str, path: Path, port: int) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--models", nargs="+", choices=list(PLAN), default=list(PLAN))
     parser.add_argument("--out")
     args = parser.parse_args()

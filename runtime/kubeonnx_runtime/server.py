@@ -116,6 +116,10 @@ def serve(settings: ServeSettings) -> int:
         port=settings.port,
         log_config=None,
         access_log=False,
+        # Nothing here reads the client address, so X-Forwarded-* parsing on every request
+        # (2% of the event loop in a profile) buys nothing; nor does advertising uvicorn.
+        proxy_headers=False,
+        server_header=False,
         timeout_graceful_shutdown=30,
         lifespan="on",
         http="httptools",
