@@ -99,6 +99,9 @@ def _error_response(exc: RuntimeServeError) -> Response:
     return Response(body, status, headers, media_type="application/json")
 
 
+# What the inference fast path reads of a request's headers (ASGI names them in lower case).
+_READ_HEADERS = frozenset({b"x-request-id", b"content-encoding", HEADER_LENGTH.encode()})
+
 INFER_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/infer$")
 
 # (status, content type, extra headers, body) of an inference answer
@@ -213,15 +216,17 @@ class FrontDoor:
             path = path[len(self.prefix) :]
             scope = {**scope, "path": path}
             scope.pop("raw_path", None)
-        rid = next((v.decode() for k, v in scope["headers"] if k == b"x-request-id"), None)
-        rid = rid or f"{self._id_prefix}-{next(self._ids):x}"
+        # One pass over the headers for the few the fast path reads (no dict of them all).
+        headers = {
+            k.decode(): v.decode("latin-1") for k, v in scope["headers"] if k in _READ_HEADERS
+        }
+        rid = headers.pop("x-request-id", None) or f"{self._id_prefix}-{next(self._ids):x}"
         token = request_id_var.set(rid)
         try:
             match = INFER_PATH.match(path) if scope["method"] == "POST" else None
             if match is None:
                 await self.app(scope, receive, _with_request_id(send, rid))
                 return
-            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
             status, ctype, extra, payload = await self.infer(
                 match[1], match[2], headers, lambda: _read_body(receive)
             )

@@ -1,0 +1,155 @@
+"""Where one `kubeonnx serve` configuration spends its CPU, under the benchmark's load.
+
+    .venv/bin/python benchmarks/runtime_profile.py --model convnet --body binary -c 64
+    .venv/bin/python benchmarks/runtime_profile.py --model mlp --py-spy PATH/TO/py-spy
+
+Runs the server pinned to CPU 0 and wrk pinned to CPU 1, as runtime_bench.py does, and
+reports CPU per request for each of the server's threads (from /proc/PID/task/*/stat) and
+the average rows per model run (from the server's own kubeonnx_batch_size metric). With
+--py-spy, the main thread is also sampled during the load and its samples are split into
+kubeonnx's request path and the HTTP stack (uvicorn, uvloop, asyncio), with the busiest
+lines of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from runtime_bench import PLAN, bodies, run_wrk, start
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from e2e.cluster import free_port
+from e2e.generate_models import generate
+
+TICK = os.sysconf("SC_CLK_TCK")
+# Leaf frames in these run on behalf of kubeonnx's request path (the model included).
+OURS = ("kubeonnx_runtime/", "prometheus_client/", "numpy/", "orjson", "onnxruntime/")
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds per thread, keyed by 'tid name'."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat.rsplit(")", 1)[1].split()
+        out[f"{tid} {name}"] = (int(fields[11]) + int(fields[12])) / TICK
+    return out
+
+
+def batch_stats(url: str) -> tuple[float, float]:
+    text = httpx.get(f"{url}/metrics").text
+
+    def value(prefix: str) -> float:
+        return next(float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith(prefix))
+
+    return value("kubeonnx_batch_size_sum"), value("kubeonnx_batch_size_count")
+
+
+def summarize_profile(raw: Path) -> list[str]:
+    """Split py-spy's raw (collapsed) stacks of the event-loop thread by whose code runs."""
+    leaves: Counter[str] = Counter()
+    total = ours = 0
+    for line in raw.read_text().splitlines():
+        if not line.strip():
+            continue
+        stack, count = line.rsplit(" ", 1)
+        frames = stack.split(";")
+        if frames[0].startswith("Thread._bootstrap"):
+            continue  # the inference thread: its time is the model's
+        n = int(count)
+        total += n
+        leaves[frames[-1]] += n
+        if any(mark in frames[-1] for mark in OURS):
+            ours += n
+    if not total:
+        return ["no samples of the main thread"]
+    lines = [
+        f"main thread: {total} samples; kubeonnx's request path and the model "
+        f"{100 * ours / total:.1f}%, "
+        f"HTTP stack and event loop {100 * (total - ours) / total:.1f}%",
+        "busiest lines (self time):",
+    ]
+    lines += [f"  {100 * n / total:5.1f}%  {leaf}" for leaf, n in leaves.most_common(15)]
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", choices=list(PLAN), default="convnet")
+    parser.add_argument("--body", choices=["binary", "json"], default="binary")
+    parser.add_argument("-c", "--concurrency", type=int, default=64)
+    parser.add_argument("--seconds", type=int, default=8)
+    parser.add_argument("--batching", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--py-spy", help="path to a py-spy binary: also sample the main thread")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="kubeonnx-profile-"))
+    path = generate(work / "models", [args.model])[args.model]
+    script = bodies(work, args.model, PLAN[args.model])[args.body]
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {
+        "KUBEONNX_MODEL_URI": f"file://{path}",
+        "KUBEONNX_MODEL_NAME": args.model,
+        "KUBEONNX_PORT": str(port),
+        "KUBEONNX_HOST": "127.0.0.1",
+        "KUBEONNX_THREADS": "1",
+        "KUBEONNX_LOG_LEVEL": "warning",
+        "KUBEONNX_CACHE_DIR": str(work / "cache"),
+        "KUBEONNX_TERMINATION_LOG": str(work / "term"),
+    }
+    if not args.batching:
+        env["KUBEONNX_MAX_BATCH_SIZE"] = "1"
+    kubeonnx = str(Path(sys.executable).parent / "kubeonnx")
+    proc = start([kubeonnx, "serve"], f"{base}/v2/health/live", env)
+    url = f"{base}/v2/models/{args.model}/infer"
+    try:
+        run_wrk(url, script, 4, 1)  # warm-up
+        rows_before, runs_before = batch_stats(base)
+        cpu_before = thread_cpu(proc.pid)
+        spy = None
+        if args.py_spy:
+            record = [
+                *("taskset", "-c", "1", args.py_spy, "record", "--nonblocking", "-r", "400"),
+                *("-f", "raw", "-o", str(work / "profile.txt"), "-p", str(proc.pid)),
+                *("-d", str(max(1, args.seconds - 1))),
+            ]
+            spy = subprocess.Popen(
+                record,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        rps, _, _, total, _ = run_wrk(url, script, args.concurrency, args.seconds)
+        if spy is not None:
+            spy.wait()
+        cpu_after = thread_cpu(proc.pid)
+        rows_after, runs_after = batch_stats(base)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    print(f"{args.model}, {args.body}, concurrency {args.concurrency}: {rps:,.0f} req/s")
+    runs = runs_after - runs_before
+    if runs:
+        print(f"rows per model run: {(rows_after - rows_before) / runs:.1f} over {runs:.0f} runs")
+    for thread, seconds in cpu_after.items():
+        used = seconds - cpu_before.get(thread, 0.0)
+        if used > 0.01:
+            print(f"thread {thread}: {used:.2f} CPU s, {1000 * used / total:.3f} ms per request")
+    if args.py_spy:
+        print("\n".join(summarize_profile(work / "profile.txt")))
+
+
+if __name__ == "__main__":
+    main()
