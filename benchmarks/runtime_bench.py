@@ -126,6 +126,20 @@ def start(
     raise RuntimeError(f"{cmd} did not start")
 
 
+def serve_env(model: str, path: Path, port: int, work: Path) -> dict[str, str]:
+    """`kubeonnx serve` settings for a benchmark: the model from a file, one intra-op thread."""
+    return {
+        "KUBEONNX_MODEL_URI": f"file://{path}",
+        "KUBEONNX_MODEL_NAME": model,
+        "KUBEONNX_PORT": str(port),
+        "KUBEONNX_HOST": "127.0.0.1",
+        "KUBEONNX_THREADS": "1",
+        "KUBEONNX_LOG_LEVEL": "warning",
+        "KUBEONNX_CACHE_DIR": str(work / "cache"),
+        "KUBEONNX_TERMINATION_LOG": str(work / "term"),
+    }
+
+
 def bodies(work: Path, model: str, shape: tuple[int, ...]) -> dict[str, Path]:
     x = np.random.default_rng(0).standard_normal((1, *shape)).astype(np.float32)
     js = {
@@ -293,17 +307,7 @@ def main() -> None:
             if "{peer_dir}" in cmd:
                 cwd = peer_dir(work, model, models[model], port)
                 cmd = [c.replace("{peer_dir}", str(cwd)) for c in cmd]
-            env = {
-                "KUBEONNX_MODEL_URI": f"file://{models[model]}",
-                "KUBEONNX_MODEL_NAME": model,
-                "KUBEONNX_PORT": str(port),
-                "KUBEONNX_HOST": "127.0.0.1",
-                "KUBEONNX_THREADS": "1",
-                "KUBEONNX_LOG_LEVEL": "warning",
-                "KUBEONNX_CACHE_DIR": str(work / "cache"),
-                "KUBEONNX_TERMINATION_LOG": str(work / "term"),
-                **extra_env,
-            }
+            env = {**serve_env(model, models[model], port, work), **extra_env}
             cmd = [c.replace("{port}", str(port)) for c in cmd]
             url = f"http://127.0.0.1:{port}/v2/models/{model}/infer"
             proc = start(cmd, f"http://127.0.0.1:{port}/v2/health/live", env, cwd)

@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runtime_bench import PLAN, bodies, run_wrk, start
+from runtime_bench import PLAN, bodies, run_wrk, serve_env, start
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from e2e.cluster import free_port
@@ -99,16 +99,7 @@ def main() -> None:
     script = bodies(work, args.model, PLAN[args.model])[args.body]
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    env = {
-        "KUBEONNX_MODEL_URI": f"file://{path}",
-        "KUBEONNX_MODEL_NAME": args.model,
-        "KUBEONNX_PORT": str(port),
-        "KUBEONNX_HOST": "127.0.0.1",
-        "KUBEONNX_THREADS": "1",
-        "KUBEONNX_LOG_LEVEL": "warning",
-        "KUBEONNX_CACHE_DIR": str(work / "cache"),
-        "KUBEONNX_TERMINATION_LOG": str(work / "term"),
-    }
+    env = serve_env(args.model, path, port, work)
     if not args.batching:
         env["KUBEONNX_MAX_BATCH_SIZE"] = "1"
     kubeonnx = str(Path(sys.executable).parent / "kubeonnx")

@@ -7,7 +7,7 @@ Models:
   fixed    the same MLP with a fixed batch of 2: runs request by request
   mixed    several inputs and outputs of mixed types: FP32, INT64, BOOL and STRING
   wide     a 4-layer 1024-wide MLP, FP32 [-1,256] -> [-1,10] (~9.5 MB): about 0.2 ms a run
-           alone, 57 us a row in batches of 32; model and server cost about the same
+           alone, about 60 us a row in batches of 32; model and server cost about the same
   convnet  a small image classifier, FP32 [-1,3,32,32] -> [-1,10] (~1.5 MB): four 3x3
            convolutions, about 1.2 ms a row whatever the batch; compute dominates
 """
