@@ -196,12 +196,20 @@ def test_server_metadata_metrics_and_docs(mlp_server: Served) -> None:
     assert "/v2/models/{name}/infer" in httpx.get(f"{mlp_server.url}/openapi.json").text
 
 
-def test_batched_answers_equal_unbatched_under_concurrency(serve, models) -> None:  # type: ignore[no-untyped-def]
+# mlp: a tiny model, run on the event loop. convnet: four-dimensional inputs, merged along
+# their first dimension like any other; its runs (a millisecond a row) take the inference
+# thread.
+@pytest.mark.parametrize(
+    ("model", "row", "requests"), [("mlp", (4,), 64), ("convnet", (3, 32, 32), 24)]
+)
+def test_batched_answers_equal_unbatched_under_concurrency(  # type: ignore[no-untyped-def]
+    serve, models, model: str, row: tuple[int, ...], requests: int
+) -> None:
     served = serve(
         "--model-uri",
-        f"file://{models['mlp']}",
+        f"file://{models[model]}",
         "--model-name",
-        "mlp",
+        model,
         "--max-batch-size",
         "16",
         "--max-batch-delay-ms",
@@ -209,46 +217,22 @@ def test_batched_answers_equal_unbatched_under_concurrency(serve, models) -> Non
     )
     rng = np.random.default_rng(42)
     inputs = [
-        rng.standard_normal((int(rng.integers(1, 4)), 4)).astype(np.float32) for _ in range(64)
+        rng.standard_normal((int(rng.integers(1, 4)), *row)).astype(np.float32)
+        for _ in range(requests)
     ]
-    expected = [reference(models, x) for x in inputs]
+    expected = [reference(models, x, model) for x in inputs]
 
     def call(x: np.ndarray) -> np.ndarray:
-        c = client(served)
         i = triton.InferInput("input", list(x.shape), "FP32")
         i.set_data_from_numpy(x)
-        return c.infer("mlp", [i]).as_numpy("output")
+        return client(served).infer(model, [i]).as_numpy("output")
 
-    with concurrent.futures.ThreadPoolExecutor(32) as pool:
-        got = list(pool.map(call, inputs))
-    for g, e in zip(got, expected, strict=True):
-        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
-    # The batcher really merged requests: fewer model runs than requests.
-    count = batch_runs(served)
-    assert count < len(inputs), f"{count} model runs for {len(inputs)} requests"
-
-
-def test_image_batches_merge_and_match_onnxruntime(serve, models) -> None:  # type: ignore[no-untyped-def]
-    # Four-dimensional inputs merge along their first dimension like any other; convnet's
-    # runs (about a millisecond a row) take the inference thread, not the event loop.
-    served = serve("--model-uri", f"file://{models['convnet']}", "--model-name", "convnet")
-    rng = np.random.default_rng(7)
-    inputs = [
-        rng.standard_normal((int(rng.integers(1, 3)), 3, 32, 32)).astype(np.float32)
-        for _ in range(24)
-    ]
-    expected = [reference(models, x, "convnet") for x in inputs]
-
-    def call(x: np.ndarray) -> np.ndarray:
-        i = triton.InferInput("input", list(x.shape), "FP32")
-        i.set_data_from_numpy(x, binary_data=True)
-        return client(served).infer("convnet", [i]).as_numpy("output")
-
-    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
         got = list(pool.map(call, inputs))
     for g, e in zip(got, expected, strict=True):
         assert g.shape == e.shape
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
+    # The batcher really merged requests: fewer model runs than requests.
     count = batch_runs(served)
     assert count < len(inputs), f"{count} model runs for {len(inputs)} requests"
 
