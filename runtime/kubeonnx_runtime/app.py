@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .codec import HEADER_LENGTH, decode_request, encode_response
 from .dataplane import DataPlane
 from .datatypes import OIP_TO_NUMPY
-from .errors import InvalidRequest, ModelNotFound, NotReady, RuntimeServeError, ServerBusy
+from .errors import InvalidRequest, ModelNotFound, RuntimeServeError, ServerBusy
 from .logs import request_id_var
 from .metrics import RuntimeMetrics
 
@@ -36,7 +36,6 @@ _STATUS: dict[type[RuntimeServeError], int] = {
     InvalidRequest: 400,
     ModelNotFound: 404,
     ServerBusy: 503,
-    NotReady: 503,
 }
 
 _TENSOR = {
@@ -154,7 +153,7 @@ class InferHandler:
             finally:
                 # Decoded or refused: from here to the queue nothing awaits.
                 batcher.withdraw()
-            outputs = await dataplane.infer(name, version, decoded)
+            outputs = await dataplane.infer(decoded)
             payload, out_header_length = encode_response(
                 dataplane.name, dataplane.version, decoded, outputs
             )

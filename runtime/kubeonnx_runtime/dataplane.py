@@ -73,10 +73,9 @@ class DataPlane:
         self.check_model(name, version)
         return self.ready()
 
-    async def infer(
-        self, name: str, version: str | None, request: InferRequest
-    ) -> dict[str, np.ndarray]:
-        self.check_model(name, version)
+    async def infer(self, request: InferRequest) -> dict[str, np.ndarray]:
+        """Validate and run a decoded request; the caller has checked the model's name
+        (`check_model`) before reading the body."""
         wanted = [o.name for o in request.outputs] if request.outputs is not None else None
         self.model.validate(request.inputs, wanted)
         if wanted is not None and len(set(wanted)) != len(wanted):

@@ -24,10 +24,6 @@ class ServerBusy(RuntimeServeError):
     """The batching queue is full (HTTP 503 with Retry-After)."""
 
 
-class NotReady(RuntimeServeError):
-    """The model is not loaded yet, or the server is draining (HTTP 503)."""
-
-
 class FatalStartupError(Exception):
     """Start-up cannot succeed: the message is written to the termination log as one line."""
 

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 PART_SIZE = 8 * 1024 * 1024
 PARALLEL_PARTS = 8
 PROGRESS_EVERY_S = 5.0
-RETRIES = 5
+RETRIES = 5  # per S3 call (botocore) and per part whose stream breaks (here)
 # S3 error codes after which retrying cannot help.
 _FATAL_S3_CODES = {
     "NoSuchBucket": "no such bucket",
@@ -45,7 +45,6 @@ _FATAL_S3_CODES = {
 class S3Options:
     endpoint: str | None = None
     region: str | None = None
-    retries: int = 5
 
 
 @dataclass(frozen=True)
@@ -112,7 +111,7 @@ def _s3_client(options: S3Options) -> Any:
     from botocore.config import Config
 
     config = Config(
-        retries={"max_attempts": options.retries, "mode": "standard"},
+        retries={"max_attempts": RETRIES, "mode": "standard"},
         max_pool_connections=PARALLEL_PARTS + 2,
         connect_timeout=10,
         read_timeout=60,
@@ -125,11 +124,16 @@ def _s3_client(options: S3Options) -> Any:
     )
 
 
+def _code(exc: Any) -> str:
+    """The S3 error code of a botocore ClientError ("NoSuchKey", "403", ...)."""
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
 def _s3_error(uri: str, exc: Exception) -> FatalStartupError:
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
     if isinstance(exc, ClientError):
-        code = str(exc.response.get("Error", {}).get("Code", ""))
+        code = _code(exc)
         what = _FATAL_S3_CODES.get(code, f"S3 error {code}")
         return FatalStartupError(f"cannot fetch {uri}: {what}")
     if isinstance(exc, NoCredentialsError):
@@ -156,14 +160,12 @@ def _fetch_s3(
     try:
         head = client.head_object(Bucket=bucket, Key=key)
     except ClientError as exc:
-        code = str(exc.response.get("Error", {}).get("Code", ""))
-        if code in {"404", "NoSuchKey", "NotFound"}:
+        if _code(exc) in {"404", "NoSuchKey", "NotFound"}:
             # HEAD cannot tell a missing bucket from a missing key; ask the bucket.
             try:
                 client.head_bucket(Bucket=bucket)
             except ClientError as bucket_exc:
-                bucket_code = str(bucket_exc.response.get("Error", {}).get("Code", ""))
-                if bucket_code in {"404", "NoSuchBucket", "NotFound"}:
+                if _code(bucket_exc) in {"404", "NoSuchBucket", "NotFound"}:
                     raise FatalStartupError(f"cannot fetch {uri}: no such bucket") from None
                 raise _s3_error(uri, bucket_exc) from None
             except BotoCoreError as bucket_exc:
