@@ -12,9 +12,9 @@ import yaml
 from pydantic import ValidationError
 
 from .config import OperatorConfig, load_config
-from .render import Model, render_children
-from .render.model import check_against_config
-from .spec import InvalidSpec, parse_spec
+from .render import render_children
+from .render.model import load_model
+from .spec import InvalidSpec
 
 
 def _config(path: str | None) -> OperatorConfig:
@@ -108,8 +108,7 @@ def render(argv: list[str]) -> int:
                 errors += 1
                 continue
             try:
-                model = Model(name, namespace, parse_spec(doc.get("spec")))
-                check_against_config(model, config)
+                model = load_model(name, namespace, doc.get("spec"), config)
             except InvalidSpec as exc:
                 print(f"kubeonnx render: {where}: {exc}", file=sys.stderr)
                 errors += 1

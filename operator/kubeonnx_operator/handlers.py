@@ -21,7 +21,7 @@ from .config import OperatorConfig
 from .kube import Kube
 from .observed import ObservedChildren
 from .reconcile import Reconciler
-from .render.model import MANAGED_BY, MODEL_LABEL
+from .render.model import FIELD_MANAGER, MANAGED_BY, MODEL_LABEL
 from .workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         settings.posting.level = logging.WARNING
         settings.watching.server_timeout = 300
         settings.networking.request_timeout = 60
-        client = AsyncClient(field_manager="kubeonnx")
+        client = AsyncClient(field_manager=FIELD_MANAGER)
         reconciler = Reconciler(Kube(client), config, observed)
         queue = WorkQueue(reconciler.reconcile)
         state.update(client=client, queue=queue)

@@ -9,7 +9,7 @@ from lightkube.codecs import resource_registry
 from lightkube.generic_resource import create_namespaced_resource
 from lightkube.types import PatchType
 
-FIELD_MANAGER = "kubeonnx"
+from .render.model import FIELD_MANAGER
 
 # The kinds the operator reads or writes, by (apiVersion, kind).
 # Custom resources get generic classes; built-in kinds use lightkube's own.

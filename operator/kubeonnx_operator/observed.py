@@ -13,8 +13,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from .render.model import FIELD_MANAGER
+
 Key = tuple[str, str]  # namespace, owner name
-FIELD_MANAGER = "kubeonnx"
 
 
 def digest(value: Any) -> str:

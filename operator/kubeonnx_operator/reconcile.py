@@ -17,8 +17,8 @@ from .config import OperatorConfig
 from .kube import Kube, is_not_found
 from .observed import ObservedChildren, digest, our_fields
 from .render import Model, render_children
-from .render.model import check_against_config
-from .spec import InvalidSpec, parse_spec
+from .render.model import load_model
+from .spec import InvalidSpec
 from .status import Verdict, derive_status, derive_verdict
 
 log = logging.getLogger(__name__)
@@ -64,22 +64,11 @@ class Reconciler:
         if meta.get("deletionTimestamp"):
             return  # the garbage collector removes the children
         name, namespace = meta["name"], meta["namespace"]
-        generation = int(meta.get("generation", 1))
-        previous = body.get("status") or {}
         try:
-            model = Model(name, namespace, parse_spec(body.get("spec")))
-            check_against_config(model, self.config)
+            model = load_model(name, namespace, body.get("spec"), self.config)
         except InvalidSpec as exc:
             log.warning("InferenceModel %s/%s: invalid spec: %s", namespace, name, exc)
-            await self._report(
-                body,
-                previous,
-                Verdict(False, "InvalidSpec", str(exc)),
-                None,
-                None,
-                None,
-                generation,
-            )
+            await self._report(body, Verdict(False, "InvalidSpec", str(exc)))
             return
 
         owner = owner_reference(body)
@@ -117,15 +106,7 @@ class Reconciler:
         verdict = derive_verdict(deployment, pods, model.spec.scaling.min_replicas)
         if problem is not None:  # a child we could not create outranks what the pods show
             verdict = problem
-        await self._report(
-            body,
-            previous,
-            verdict,
-            deployment,
-            model.url(self.config),
-            model.external_url(),
-            generation,
-        )
+        await self._report(body, verdict, deployment, model)
 
     async def _apply_if_needed(
         self, key: tuple[str, str], manifest: dict[str, Any]
@@ -155,20 +136,19 @@ class Reconciler:
     async def _report(
         self,
         body: dict[str, Any],
-        previous: dict[str, Any],
         verdict: Verdict,
-        deployment: dict[str, Any] | None,
-        url: str | None,
-        external_url: str | None,
-        generation: int,
+        deployment: dict[str, Any] | None = None,
+        model: Model | None = None,
     ) -> None:
+        """Write the derived status, only when it differs from what the object has."""
+        previous = body.get("status") or {}
         status = derive_status(
-            generation=generation,
+            generation=int(body["metadata"].get("generation", 1)),
             previous=previous,
             verdict=verdict,
             deployment=deployment,
-            url=url,
-            external_url=external_url,
+            url=model.url(self.config) if model else None,
+            external_url=model.external_url() if model else None,
             now=self.now(),
         )
         if status_changed(previous, status):

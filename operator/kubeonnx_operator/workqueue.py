@@ -39,6 +39,9 @@ class WorkQueue:
         if body is None:
             self.bodies.pop(key, None)
             self._failures.pop(key, None)
+            retry = self._retries.pop(key, None)
+            if retry:
+                retry.cancel()
             return
         self.bodies[key] = body
         self.trigger(key)
@@ -84,7 +87,11 @@ class WorkQueue:
         old = self._retries.pop(key, None)
         if old:
             old.cancel()
-        self._retries[key] = asyncio.get_running_loop().call_later(delay, self.trigger, key)
+        self._retries[key] = asyncio.get_running_loop().call_later(delay, self._retry, key)
+
+    def _retry(self, key: Key) -> None:
+        self._retries.pop(key, None)
+        self.trigger(key)
 
     async def idle(self) -> None:
         """Wait until no reconcile is running (tests and shutdown)."""

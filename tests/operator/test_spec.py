@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 from kubeonnx_operator.config import OperatorConfig
-from kubeonnx_operator.render.model import Model, check_against_config
+from kubeonnx_operator.render.model import load_model
 from kubeonnx_operator.spec import InvalidSpec, parse_spec
 
 URI = {"uri": "s3://b/k.onnx"}
@@ -39,11 +39,9 @@ def test_invalid_specs_name_the_field(spec: dict[str, Any], message: str) -> Non
 
 
 def test_unknown_profile_is_refused_against_the_operator_config() -> None:
-    model = Model(
-        "m", "ns", parse_spec({"model": URI, "accelerator": {"count": 1, "profile": "tpu"}})
-    )
+    spec = {"model": URI, "accelerator": {"count": 1, "profile": "tpu"}}
     with pytest.raises(InvalidSpec, match="'tpu' is not a profile of this operator; known: h100"):
-        check_against_config(model, OperatorConfig())
+        load_model("m", "ns", spec, OperatorConfig())
 
 
 def test_defaults_match_the_crd() -> None:

@@ -52,10 +52,9 @@ def _resources(model: Model, config: OperatorConfig) -> dict[str, Any]:
     spec = model.spec
     requests = {k: str(v) for k, v in (spec.resources.requests or DEFAULT_REQUESTS).items()}
     limits = {k: str(v) for k, v in spec.resources.limits.items()}
-    if model.gpu:
-        assert spec.accelerator.profile is not None
-        gpu_resource = config.profiles[spec.accelerator.profile].resource_name
-        limits[gpu_resource] = str(spec.accelerator.count)
+    profile = model.profile(config)
+    if profile is not None:
+        limits[profile.resource_name] = str(spec.accelerator.count)
     resources: dict[str, Any] = {"requests": requests}
     if limits:
         resources["limits"] = limits
@@ -67,9 +66,8 @@ def _placement(model: Model, config: OperatorConfig) -> dict[str, Any]:
     spec = model.spec
     node_selector: dict[str, str] = {}
     tolerations: list[dict[str, Any]] = []
-    if model.gpu:
-        assert spec.accelerator.profile is not None
-        profile = config.profiles[spec.accelerator.profile]
+    profile = model.profile(config)
+    if profile is not None:
         node_selector.update(profile.node_selector)
         tolerations.extend(profile.tolerations)
     node_selector.update(spec.scheduling.node_selector)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from ..config import OperatorConfig
-from ..spec import InferenceModelSpec, InvalidSpec
+from ..config import AcceleratorProfile, OperatorConfig
+from ..spec import InferenceModelSpec, InvalidSpec, parse_spec
 
 GROUP = "kubeonnx.io"
 MODEL_LABEL = f"{GROUP}/inferencemodel"
 MANAGED_BY = "kubeonnx"
+FIELD_MANAGER = "kubeonnx"  # the operator's server-side apply identity
 HTTP_PORT = 8080
 SERVICE_PORT = 80
 CONTAINER = "runtime"
@@ -59,9 +61,18 @@ class Model:
     def gpu(self) -> bool:
         return self.spec.accelerator.count > 0
 
+    def profile(self, config: OperatorConfig) -> AcceleratorProfile | None:
+        """The accelerator profile of a GPU model (see `load_model`); None on CPU."""
+        profile = self.spec.accelerator.profile
+        return config.profiles[profile] if self.gpu and profile is not None else None
 
-def check_against_config(model: Model, config: OperatorConfig) -> None:
-    """What the CRD cannot know: the accelerator profiles come from the operator's config."""
+
+def load_model(
+    name: str, namespace: str, raw_spec: dict[str, Any] | None, config: OperatorConfig
+) -> Model:
+    """Parse an InferenceModel's spec and check what the CRD cannot know: that its
+    accelerator profile is one of this operator's. Raises InvalidSpec."""
+    model = Model(name, namespace, parse_spec(raw_spec))
     profile = model.spec.accelerator.profile
     if model.gpu and profile not in config.profiles:
         known = ", ".join(sorted(config.profiles)) or "(none configured)"
@@ -69,3 +80,4 @@ def check_against_config(model: Model, config: OperatorConfig) -> None:
             f"spec.accelerator.profile {profile!r} is not a profile of this operator; "
             f"known: {known}"
         )
+    return model
