@@ -32,6 +32,9 @@ from kubeonnx_operator.spec import parse_spec  # noqa: E402
 from e2e import cluster as local_cluster  # noqa: E402
 from e2e.operator_process import OperatorProcess  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from procstat import peak_mb  # noqa: E402
+
 SPEC = {"model": {"uri": "s3://models/bench/model.onnx"}}
 
 
@@ -50,13 +53,6 @@ def inference_models(n: int) -> list[dict[str, Any]]:
 def audit_writes(state: local_cluster.ClusterState) -> int:
     path = Path(state.data_dir) / "audit.log"
     return sum(1 for _ in path.open()) if path.exists() else 0
-
-
-def peak_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def converged(kubectl, ns: str, n: int) -> bool:  # type: ignore[no-untyped-def]

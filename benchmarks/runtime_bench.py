@@ -33,7 +33,9 @@ sys.path.insert(0, str(ROOT))
 from e2e.cluster import free_port  # noqa: E402
 from e2e.generate_models import generate  # noqa: E402
 
-TICK = os.sysconf("SC_CLK_TCK")
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from procstat import cpu_seconds, peak_mb  # noqa: E402
+
 LUA = """
 local f = io.open("{body}", "rb"); wrk.body = f:read("*a"); f:close()
 wrk.method = "POST"
@@ -53,18 +55,6 @@ class Point:
     cpu_per_1k: float
     wrk_cpu_per_1k: float
     peak_mb: float
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
-
-
-def peak_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def _ms(text: str) -> float:

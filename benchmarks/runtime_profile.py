@@ -25,26 +25,15 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from procstat import thread_cpu
 from runtime_bench import PLAN, bodies, run_wrk, serve_env, start
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from e2e.cluster import free_port
 from e2e.generate_models import generate
 
-TICK = os.sysconf("SC_CLK_TCK")
 # Leaf frames in these run on behalf of kubeonnx's request path (the model included).
 OURS = ("kubeonnx_runtime/", "prometheus_client/", "numpy/", "orjson", "onnxruntime/")
-
-
-def thread_cpu(pid: int) -> dict[str, float]:
-    """CPU seconds per thread, keyed by 'tid name'."""
-    out = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
-        name = stat[stat.index("(") + 1 : stat.rindex(")")]
-        fields = stat.rsplit(")", 1)[1].split()
-        out[f"{tid} {name}"] = (int(fields[11]) + int(fields[12])) / TICK
-    return out
 
 
 def batch_stats(url: str) -> tuple[float, float]:
