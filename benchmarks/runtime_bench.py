@@ -24,7 +24,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import numpy as np
 import onnxruntime as ort
 
@@ -32,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from e2e.cluster import free_port  # noqa: E402
 from e2e.generate_models import generate  # noqa: E402
+from e2e.serving import wait_serving  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from procstat import cpu_seconds, peak_mb  # noqa: E402
@@ -105,15 +105,12 @@ def start(
         start_new_session=True,
         cwd=cwd,
     )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(url, timeout=1)
-            return proc
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"{cmd} did not start")
+    try:
+        wait_serving(url, proc, 60, what=" ".join(cmd))
+    except RuntimeError:
+        proc.kill()
+        raise
+    return proc
 
 
 def serve_env(model: str, path: Path, port: int, work: Path) -> dict[str, str]:

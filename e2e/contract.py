@@ -13,14 +13,12 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from e2e.cluster import free_port
+from e2e.serving import wait_serving
 
 
 @dataclass
@@ -37,22 +35,17 @@ class LocalContainer:
 
     def probe(self, kind: str, timeout: float = 120) -> float:
         """Poll the container's own probe until it passes; return the seconds it took."""
-        get = self.container[kind]["httpGet"]
-        started = time.monotonic()
-        while time.monotonic() - started < timeout:
-            if self.proc.poll() is not None:
-                raise AssertionError(
-                    f"runtime exited {self.proc.returncode} before its {kind} passed: "
-                    f"{self.termination_log.read_text() if self.termination_log.exists() else ''}"
-                    f"\n{self.log_path.read_text(errors='replace')[-3000:]}"
-                )
-            try:
-                if 200 <= httpx.get(f"{self.url}{get['path']}", timeout=2).status_code < 400:
-                    return time.monotonic() - started
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"{kind} on {get['path']} did not pass in {timeout}s")
+        return wait_serving(
+            f"{self.url}{self.container[kind]['httpGet']['path']}",
+            self.proc,
+            timeout,
+            what=f"the runtime (its {kind})",
+            logs=self.logs,
+        )
+
+    def logs(self) -> str:
+        term = self.termination_log.read_text() if self.termination_log.exists() else ""
+        return f"{term}\n{self.log_path.read_text(errors='replace')[-3000:]}"
 
     def stop(self) -> int:
         if self.proc.poll() is None:

@@ -6,13 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import yaml
 
 from e2e.cluster import free_port
+from e2e.serving import wait_serving
 
 
 class OperatorProcess:
@@ -38,18 +37,13 @@ class OperatorProcess:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"operator exited:\n{self.logs()[-3000:]}")
-            try:
-                url = f"http://127.0.0.1:{self.health_port}/healthz"
-                with urllib.request.urlopen(url, timeout=1) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError(f"operator not healthy in 60s:\n{self.logs()[-3000:]}")
+        wait_serving(
+            f"http://127.0.0.1:{self.health_port}/healthz",
+            self.proc,
+            60,
+            what="the operator",
+            logs=lambda: self.logs()[-3000:],
+        )
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is None or self.proc.poll() is not None:

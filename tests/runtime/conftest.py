@@ -7,17 +7,16 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
 from e2e.cluster import free_port
 from e2e.generate_models import generate
 from e2e.s3 import LocalS3
+from e2e.serving import wait_serving
 
 KUBEONNX = str(Path(sys.executable).parent / "kubeonnx")
 S3_ENV = {
@@ -99,18 +98,18 @@ def start_server(
         )
     served = Served(proc, f"http://127.0.0.1:{port}", term, log_path)
     if wait_ready:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise AssertionError(f"server exited {proc.returncode}:\n{served.logs()}")
-            try:
-                if httpx.get(f"{served.url}/v2/health/ready", timeout=1).status_code == 200:
-                    return served
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        served.stop(signal.SIGKILL)
-        raise AssertionError(f"server not ready in {timeout}s:\n{served.logs()}")
+        try:
+            wait_serving(
+                f"{served.url}/v2/health/ready",
+                proc,
+                timeout,
+                what="kubeonnx serve",
+                logs=served.logs,
+                ok=lambda status: status == 200,
+            )
+        except RuntimeError:
+            served.stop(signal.SIGKILL)
+            raise
     return served
 
 
