@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -72,29 +71,7 @@ def main() -> int:
             *[f"--from-literal={k}={v}" for k, v in CREDENTIALS.items()],
         )
         print(kubectl("apply", "-n", NAMESPACE, "-f", "-", input=json.dumps(doc)).strip())
-        deadline = time.monotonic() + 60
-        deployment = None
-        while deployment is None and time.monotonic() < deadline:
-            out = subprocess.run(
-                [
-                    state.bin_dir["kubectl"],
-                    "--kubeconfig",
-                    state.kubeconfig,
-                    "get",
-                    "deployment",
-                    name,
-                    "-n",
-                    NAMESPACE,
-                    "-o",
-                    "json",
-                ],
-                capture_output=True,
-                text=True,
-            )
-            deployment = json.loads(out.stdout) if out.returncode == 0 else None
-            time.sleep(0.5)
-        if deployment is None:
-            raise RuntimeError("the operator made no Deployment in 60s")
+        kubectl("wait", "-n", NAMESPACE, "--for=create", "--timeout=60s", f"deployment/{name}")
         kubectl(
             "wait",
             "-n",
@@ -103,6 +80,7 @@ def main() -> int:
             "--timeout=60s",
             f"inferencemodel/{name}",
         )
+        deployment = json.loads(kubectl("get", "deployment", name, "-n", NAMESPACE, "-o", "json"))
 
         step("The runtime, run exactly as the Deployment's container says")
         secret = json.loads(

@@ -6,7 +6,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
+import onnxruntime as ort
 import pytest
 import tritonclient.http as triton
 import yaml
@@ -23,16 +25,25 @@ EXAMPLE = ROOT / "examples" / "cpu-hpa.yaml"
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalS3]:
-    models = generate(tmp_path_factory.mktemp("models"), ["mlp"])
+def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate(tmp_path_factory.mktemp("models"), ["mlp"])["mlp"]
+
+
+@pytest.fixture(scope="module")
+def s3(model_path: Path) -> Iterator[LocalS3]:
     s3 = LocalS3().start()
-    s3.put_models(models, keys={"mlp": "mlp/v1/model.onnx"})
+    s3.put_models({"mlp": model_path}, keys={"mlp": "mlp/v1/model.onnx"})
     yield s3
     s3.stop()
 
 
 def test_the_operators_deployment_runs_as_a_working_runtime(
-    cluster: Cluster, operator: OperatorProcess, s3: LocalS3, namespace: str, tmp_path: Path
+    cluster: Cluster,
+    operator: OperatorProcess,
+    s3: LocalS3,
+    model_path: Path,
+    namespace: str,
+    tmp_path: Path,
 ) -> None:
     doc = yaml.safe_load(EXAMPLE.read_text())
     doc["spec"]["model"]["s3"]["endpoint"] = s3.endpoint  # where "the store" is in this test
@@ -53,17 +64,18 @@ def test_the_operators_deployment_runs_as_a_working_runtime(
         client = triton.InferenceServerClient(runtime.url.removeprefix("http://"))
         meta = client.get_model_metadata(name)
         assert meta["inputs"][0]["shape"] == [-1, 4]
-        x = np.ones((2, 4), dtype=np.float32)
+        x = np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)
         inp = triton.InferInput("input", [2, 4], "FP32")
         inp.set_data_from_numpy(x)
         out = client.infer(name, [inp]).as_numpy("output")
-        assert out is not None and out.shape == (2, 3)
+        # The answer is the model's own: the model the S3 stand-in holds, run directly.
+        expected = ort.InferenceSession(str(model_path)).run(None, {"input": x})[0]
+        assert out is not None
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
         # The Ingress path reaches the same API without a rewrite.
         im = cluster.get("inferencemodel", name, "-n", namespace)
         assert im and im["status"]["url"].endswith(f"/v2/models/{name}")
         env = {e["name"]: e.get("value") for e in runtime.container["env"]}
-        import httpx
-
         prefixed = httpx.get(f"{runtime.url}{env['KUBEONNX_ROUTE_PREFIX']}/v2/models/{name}")
         assert prefixed.status_code == 200
     finally:
