@@ -50,5 +50,6 @@ benchmarks/.venv-peer/bin/mlserver:
 
 bench: venv benchmarks/.venv-peer/bin/mlserver   ## runtime and operator benchmarks (docs/performance.md)
 	command -v wrk >/dev/null || (apt-get install -y -qq wrk || sudo apt-get install -y -qq wrk)
+	mkdir -p benchmarks/results
 	$(PY) benchmarks/runtime_bench.py --out benchmarks/results/runtime.md
 	$(PY) benchmarks/operator_bench.py --out benchmarks/results/operator.md
