@@ -283,8 +283,16 @@ def main() -> None:
                 "binary",
                 {"KUBEONNX_MAX_BATCH_SIZE": "1"},
             ),
-            "kubeonnx, batching (JSON)": ([kubeonnx, "serve"], "json", {}),
-            "kubeonnx, batching (binary)": ([kubeonnx, "serve"], "binary", {}),
+            "kubeonnx, batching (JSON)": (
+                [kubeonnx, "serve"],
+                "json",
+                {"KUBEONNX_MAX_BATCH_SIZE": "32"},
+            ),
+            "kubeonnx, batching (binary)": (
+                [kubeonnx, "serve"],
+                "binary",
+                {"KUBEONNX_MAX_BATCH_SIZE": "32"},
+            ),
         }
         if PEER.exists():
             servers["MLServer 1.7.1 (JSON)"] = ([str(PEER), "start", "{peer_dir}"], "json", {})

@@ -89,8 +89,7 @@ def main() -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = serve_env(args.model, path, port, work)
-    if not args.batching:
-        env["KUBEONNX_MAX_BATCH_SIZE"] = "1"
+    env["KUBEONNX_MAX_BATCH_SIZE"] = "32" if args.batching else "1"
     kubeonnx = str(Path(sys.executable).parent / "kubeonnx")
     proc = start([kubeonnx, "serve"], f"{base}/v2/health/live", env)
     url = f"{base}/v2/models/{args.model}/infer"

@@ -10,6 +10,12 @@ Models:
            alone, about 60 us a row in batches of 32; model and server cost about the same
   convnet  a small image classifier, FP32 [-1,3,32,32] -> [-1,10] (~1.5 MB): four 3x3
            convolutions, about 1.2 ms a row whatever the batch; compute dominates
+  centered x - mean(x over the rows), FP32 [-1,4] -> [-1,4]: dynamic first dimension, but
+           each answer depends on every row of the request, so it must never be batched
+  lookup   an embedding table, INT64 ids [-1,2] -> FP32 [-1,2,3]: an id outside 0..9 fails
+           the run (Gather), which poisons any batch it is merged into
+  valid    a 3x3 convolution without padding, FP32 [1,1,H,W] with dynamic H and W: a
+           warm-up on 1x1 cannot run it
 """
 
 from __future__ import annotations
@@ -133,12 +139,53 @@ def mixed_model() -> onnx.ModelProto:
     return _model(graph)
 
 
+def centered_model() -> onnx.ModelProto:
+    nodes = [
+        helper.make_node("ReduceMean", ["input"], ["mean"], axes=[0], keepdims=1),
+        helper.make_node("Sub", ["input", "mean"], ["output"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "centered",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 4])],
+    )
+    return _model(graph)
+
+
+def lookup_model() -> onnx.ModelProto:
+    table = np.arange(30, dtype=np.float32).reshape(10, 3)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["output"], axis=0)],
+        "lookup",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 2])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 2, 3])],
+        initializer=[numpy_helper.from_array(table, "table")],
+    )
+    return _model(graph)
+
+
+def valid_conv_model() -> onnx.ModelProto:
+    kernel = np.full((1, 1, 3, 3), 1 / 9, dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["input", "kernel"], ["output"])],
+        "valid",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 1, "h", "w"])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 1, "oh", "ow"])],
+        initializer=[numpy_helper.from_array(kernel, "kernel")],
+    )
+    return _model(graph)
+
+
 MODELS = {
     "mlp": lambda: _dense_layers([4, 16, 3], "batch", 1, "mlp"),
     "fixed": lambda: _dense_layers([4, 16, 3], 2, 1, "fixed"),
     "mixed": mixed_model,
     "wide": lambda: _dense_layers([256, 1024, 1024, 1024, 10], "batch", 2, "wide"),
     "convnet": convnet_model,
+    "centered": centered_model,
+    "lookup": lookup_model,
+    "valid": valid_conv_model,
 }
 
 

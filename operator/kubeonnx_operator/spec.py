@@ -42,7 +42,7 @@ class ModelSource(_Spec):
 
 class RuntimeSpec(_Spec):
     image: str = ""
-    max_batch_size: int = Field(32, ge=1, le=4096)
+    max_batch_size: int = Field(1, ge=1, le=4096)  # 1: off; rows may depend on each other
     max_batch_delay_ms: float = Field(2, ge=0, le=1000)
     max_queue: int = Field(256, ge=1, le=100000)
     threads: int = Field(0, ge=0, le=256)

@@ -6,7 +6,7 @@ encode. Domain errors become HTTP status codes in one place (`_error_response`).
 
 from __future__ import annotations
 
-import gzip
+import asyncio
 import itertools
 import logging
 import os
@@ -14,6 +14,7 @@ import re
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -23,10 +24,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .codec import HEADER_LENGTH, decode_request, encode_response
+from .codec import HEADER_LENGTH, InferRequest, encode_response
 from .dataplane import DataPlane
 from .datatypes import OIP_TO_NUMPY
-from .errors import InvalidRequest, ModelNotFound, RuntimeServeError, ServerBusy
+from .errors import (
+    InvalidRequest,
+    ModelNotFound,
+    PayloadTooLarge,
+    RuntimeServeError,
+    ServerBusy,
+)
 from .logs import request_id_var
 from .metrics import RuntimeMetrics
 
@@ -35,8 +42,12 @@ log = logging.getLogger(__name__)
 _STATUS: dict[type[RuntimeServeError], int] = {
     InvalidRequest: 400,
     ModelNotFound: 404,
+    PayloadTooLarge: 413,
     ServerBusy: 503,
 }
+# Bodies up to this size are decoded on the event loop (well under a millisecond); larger or
+# compressed ones on a thread of their own, so the loop keeps answering probes meanwhile.
+DECODE_INLINE_BELOW = 256 * 1024
 
 _TENSOR = {
     "type": "object",
@@ -88,8 +99,18 @@ def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
 def _error_parts(exc: RuntimeServeError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     """The one mapping of domain errors to HTTP: status, extra headers, JSON body."""
     status = _STATUS.get(type(exc), 500)
-    extra = [(b"retry-after", b"1")] if status == 503 else []
+    extra = []
+    if status == 503:
+        extra.append((b"retry-after", b"1"))
+    elif status == 413:  # the rest of the body is not worth reading
+        extra.append((b"connection", b"close"))
     return status, extra, orjson.dumps({"error": str(exc)})
+
+
+def _internal_error() -> tuple[int, str, list[tuple[bytes, bytes]], bytes]:
+    """What a client reads of a server fault: no exception text, only the id to quote."""
+    rid = request_id_var.get() or "-"
+    return 500, "application/json", [], orjson.dumps({"error": f"internal error (request {rid})"})
 
 
 def _error_response(exc: RuntimeServeError) -> Response:
@@ -99,7 +120,9 @@ def _error_response(exc: RuntimeServeError) -> Response:
 
 
 # What the inference fast path reads of a request's headers (ASGI names them in lower case).
-_READ_HEADERS = frozenset({b"x-request-id", b"content-encoding", HEADER_LENGTH.encode()})
+_READ_HEADERS = frozenset(
+    {b"x-request-id", b"content-encoding", b"content-length", HEADER_LENGTH.encode()}
+)
 
 INFER_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/infer$")
 
@@ -110,13 +133,18 @@ InferAnswer = tuple[int, str, list[tuple[bytes, bytes]], bytes]
 class InferHandler:
     """Inference over HTTP, framework-free: bytes in, status and bytes out, metered."""
 
-    def __init__(self, dataplane: DataPlane, metrics: RuntimeMetrics) -> None:
+    def __init__(self, dataplane: DataPlane, metrics: RuntimeMetrics, max_body: int) -> None:
         self.dataplane = dataplane
+        self.max_body = max_body
         label = dataplane.name
         self.inflight = metrics.inflight.labels(label)
         self.latency = metrics.latency.labels(label)
         self._requests = metrics.requests
         self._by_code: dict[int, Any] = {}
+        self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kubeonnx-decode")
+
+    def close(self) -> None:
+        self._decoder.shutdown(wait=False, cancel_futures=True)
 
     def _count(self, status: int) -> None:
         counter = self._by_code.get(status)
@@ -126,12 +154,15 @@ class InferHandler:
             )
         counter.inc()
 
+    def _decode(self, body: bytes, encoding: str | None, header_length: int | None) -> InferRequest:
+        return self.dataplane.decode(inflate(body, encoding, self.max_body), header_length)
+
     async def __call__(
         self,
         name: str,
         version: str | None,
         headers: Mapping[str, str],
-        read_body: Callable[[], Awaitable[bytes]],
+        receive: Receive,
     ) -> InferAnswer:
         dataplane, batcher = self.dataplane, self.dataplane.batcher
         started = time.perf_counter()
@@ -139,19 +170,25 @@ class InferHandler:
         status = 500
         try:
             dataplane.check_model(name, version)  # a wrong name is 404 whatever the body
+            header_length = _int_header(headers, HEADER_LENGTH)
+            declared = _int_header(headers, "content-length")
+            if declared is not None and declared > self.max_body:
+                raise PayloadTooLarge(
+                    f"the request body is {declared} bytes; the limit is {self.max_body}"
+                )
+            body = await read_body(receive, self.max_body)
+            encoding = headers.get("content-encoding")
+            # The body is complete: from here to the queue only decoding remains, which is
+            # worth the batcher waiting for.
             batcher.admit()
             try:
-                body = _decompress(await read_body(), headers.get("content-encoding"))
-                raw_length = headers.get(HEADER_LENGTH)
-                try:
-                    header_length = int(raw_length) if raw_length is not None else None
-                except ValueError:
-                    raise InvalidRequest(
-                        f"Inference-Header-Content-Length {raw_length!r} is not an integer"
-                    ) from None
-                decoded = decode_request(body, header_length)
+                if encoding in (None, "", "identity") and len(body) < DECODE_INLINE_BELOW:
+                    decoded = self._decode(body, encoding, header_length)
+                else:
+                    decoded = await asyncio.get_running_loop().run_in_executor(
+                        self._decoder, self._decode, body, encoding, header_length
+                    )
             finally:
-                # Decoded or refused: from here to the queue nothing awaits.
                 batcher.withdraw()
             outputs = await dataplane.infer(decoded)
             payload, out_header_length = encode_response(
@@ -173,25 +210,63 @@ class InferHandler:
             else:
                 log.info("bad inference request: %s", exc)
             return status, "application/json", extra, body
-        except Exception as exc:
+        except Exception:
             log.exception("inference failed")
-            message = f"inference failed: {type(exc).__name__}: {exc}"
-            return 500, "application/json", [], orjson.dumps({"error": message})
+            return _internal_error()
         finally:
             self.inflight.dec()
             self.latency.observe(time.perf_counter() - started)
             self._count(status)
 
 
-async def _read_body(receive: Receive) -> bytes:
-    chunks = []
+def _int_header(headers: Mapping[str, str], name: str) -> int | None:
+    raw = headers.get(name)
+    if raw is None:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise InvalidRequest(f"header {name} {raw!r} is not an integer") from None
+
+
+async def read_body(receive: Receive, limit: int) -> bytes:
+    """The whole body, refused (413) as soon as it grows past `limit` bytes."""
+    chunks, size = [], 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise InvalidRequest("the client went away before sending the whole body")
-        chunks.append(message.get("body", b""))
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
         if not message.get("more_body"):
-            return b"".join(chunks)
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def inflate(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """Undo Content-Encoding gzip or deflate, refusing (413) output beyond `limit` bytes
+    without ever holding more than that (a small body can inflate to gigabytes)."""
+    if encoding in (None, "", "identity"):
+        return body
+    if encoding == "gzip":
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    elif encoding == "deflate":
+        inflater = zlib.decompressobj()
+    else:
+        raise InvalidRequest(f"unsupported Content-Encoding {encoding!r}; use gzip or deflate")
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise InvalidRequest(f"request body is not valid {encoding}: {exc}") from None
+    if len(out) > limit:
+        raise PayloadTooLarge(f"the request body inflates to more than the limit of {limit} bytes")
+    if not inflater.eof:
+        raise InvalidRequest(f"request body is not valid {encoding}: it is truncated")
+    if inflater.unused_data:
+        raise InvalidRequest(f"request body has data after the end of its {encoding} stream")
+    return out
 
 
 class FrontDoor:
@@ -226,9 +301,7 @@ class FrontDoor:
             if match is None:
                 await self.app(scope, receive, _with_request_id(send, rid))
                 return
-            status, ctype, extra, payload = await self.infer(
-                match[1], match[2], headers, lambda: _read_body(receive)
-            )
+            status, ctype, extra, payload = await self.infer(match[1], match[2], headers, receive)
             await send(
                 {
                     "type": "http.response.start",
@@ -255,19 +328,6 @@ def _with_request_id(send: Send, rid: str) -> Send:
     return send_with_id
 
 
-def _decompress(body: bytes, encoding: str | None) -> bytes:
-    try:
-        if encoding == "gzip":
-            return gzip.decompress(body)
-        if encoding == "deflate":
-            return zlib.decompress(body)
-    except (OSError, zlib.error, EOFError) as exc:
-        raise InvalidRequest(f"request body is not valid {encoding}: {exc}") from None
-    if encoding not in (None, "", "identity"):
-        raise InvalidRequest(f"unsupported Content-Encoding {encoding!r}")
-    return body
-
-
 def create_app(
     dataplane: DataPlane,
     metrics: RuntimeMetrics,
@@ -275,6 +335,7 @@ def create_app(
     on_startup: Callable[[], Awaitable[None]] | None = None,
     on_shutdown: Callable[[], Awaitable[None]] | None = None,
     route_prefix: str = "",
+    max_body: int = 64 * 1024 * 1024,
 ) -> FrontDoor:
     """Build the app around an injected data plane and metrics registry."""
 
@@ -289,6 +350,7 @@ def create_app(
             if on_shutdown:
                 await on_shutdown()
             await dataplane.batcher.stop()
+            handler.close()
 
     app = FastAPI(
         title="kubeonnx runtime",
@@ -329,11 +391,13 @@ def create_app(
         ok = dataplane.model_ready(name, version)
         return _json({"name": name, "ready": ok}, 200 if ok else 503)
 
-    handler = InferHandler(dataplane, metrics)
+    handler = InferHandler(dataplane, metrics, max_body)
 
     async def infer(request: Request, name: str, version: str | None = None) -> Response:
         # Served by FrontDoor's fast path; kept as a route so /docs describes it.
-        status, ctype, extra, payload = await handler(name, version, request.headers, request.body)
+        status, ctype, extra, payload = await handler(
+            name, version, request.headers, request.receive
+        )
         headers = {k.decode(): v.decode() for k, v in extra}
         return Response(payload, status, headers, media_type=ctype)
 

@@ -1,8 +1,12 @@
 """Dynamic batching: pure merge and split, and an async batcher with a bounded queue.
 
-Concurrent requests whose inputs agree on everything but the first dimension are merged
-into one model run of at most `max_batch_size` rows, waiting at most `max_delay_s` for
-company, and split back. A full queue refuses at once (ServerBusy) instead of growing.
+Batching is for models whose rows are independent (each output row depends only on the same
+input row); the owner says so by asking for batches of more than one row. Concurrent
+requests whose inputs agree on everything but the first dimension, and whose inputs all
+have the same number of rows, are merged into one model run of at most `max_batch_size`
+rows, waiting at most `max_delay_s` for company, and split back. A merged run that fails
+is run again request by request, so only the request at fault gets the error. A full queue
+refuses at once (ServerBusy) instead of growing.
 """
 
 from __future__ import annotations
@@ -32,8 +36,13 @@ def batch_key(inputs: Tensors) -> BatchKey:
     return tuple(sorted((n, a.dtype.str, a.shape[1:]) for n, a in inputs.items()))
 
 
-def rows(inputs: Tensors) -> int:
-    return next(iter(inputs.values())).shape[0]
+def rows(inputs: Tensors) -> int | None:
+    """The request's rows: the first dimension that every input shares, else None (such a
+    request cannot be cut back out of a merged run, so it runs alone)."""
+    counts = {a.shape[0] if a.ndim else None for a in inputs.values()}
+    if len(counts) != 1:
+        return None
+    return counts.pop()
 
 
 def merge(requests: list[Tensors]) -> Tensors:
@@ -59,7 +68,7 @@ def split(outputs: Tensors, sizes: list[int]) -> list[Tensors]:
 class _Pending:
     inputs: Tensors
     rows: int
-    key: BatchKey
+    key: BatchKey | None  # None: runs alone
     future: asyncio.Future[Tensors]
     deadline: float = field(default=0.0)
 
@@ -119,11 +128,12 @@ class Batcher:
         self.arriving = max(0, self.arriving - 1)
 
     async def infer(self, inputs: Tensors) -> Tensors:
-        n = rows(inputs) if self.max_batch_size > 1 else 1
         if len(self._queue) >= self.max_queue:
             raise ServerBusy(f"the request queue is full ({self.max_queue} waiting); retry shortly")
+        n = rows(inputs) if self.max_batch_size > 1 else None
+        key = batch_key(inputs) if n is not None else None
         loop = asyncio.get_running_loop()
-        item = _Pending(inputs, n, batch_key(inputs), loop.create_future())
+        item = _Pending(inputs, n or 1, key, loop.create_future())
         item.deadline = time.monotonic() + self.max_delay_s
         self._queue.append(item)
         self._on_queue_depth(len(self._queue))
@@ -134,7 +144,7 @@ class Batcher:
         """Take the head request and every queued one that merges with it, up to the limit."""
         head = self._queue.popleft()
         batch, total, skipped = [head], head.rows, deque[_Pending]()
-        while self._queue and total < self.max_batch_size:
+        while head.key is not None and self._queue and total < self.max_batch_size:
             item = self._queue.popleft()
             if item.key == head.key and total + item.rows <= self.max_batch_size:
                 batch.append(item)
@@ -146,6 +156,8 @@ class Batcher:
 
     def _ready_rows(self) -> int:
         head = self._queue[0]
+        if head.key is None:
+            return self.max_batch_size
         return sum(i.rows for i in self._queue if i.key == head.key)
 
     async def _loop(self) -> None:
@@ -181,28 +193,39 @@ class Batcher:
                     if self._run_seconds == float("inf")
                     else 0.9 * self._run_seconds + 0.1 * took
                 )
-            except Exception as exc:
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(exc)
-                continue
+            except Exception as exc:  # the executor itself failed; the model's errors are results
+                results = [exc] * len(batch)
             for item, result in zip(batch, results, strict=True):
-                if not item.future.done():
+                if item.future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    item.future.set_exception(result)
+                else:
                     item.future.set_result(result)
 
-    def _run_batch(self, batch: list[_Pending]) -> tuple[list[Tensors], float]:
-        """Run a batch; also return how long the model took, timed in the thread that ran it
-        (timing the await instead would add the event loop's own delays, and keep a fast
-        model off the loop for good once it had been sent to the executor)."""
+    def _run_batch(self, batch: list[_Pending]) -> tuple[list[Tensors | Exception], float]:
+        """Run a batch: each request's outputs, or the error that request alone caused. Also
+        return how long the model took, timed in the thread that ran it (timing the await
+        instead would add the event loop's own delays, and keep a fast model off the loop
+        for good once it had been sent to the executor)."""
         started = time.perf_counter()
-        if len(batch) == 1:
-            results = [self._run(batch[0].inputs)]
-        else:
-            outputs = self._run(merge([i.inputs for i in batch]))
+        if len(batch) > 1:
             try:
-                results = split(outputs, [i.rows for i in batch])
-            except ValueError as exc:
-                # The model's outputs do not follow its inputs' rows: answer one by one.
-                log.warning("batch split failed (%s); running the batch request by request", exc)
-                results = [self._run(i.inputs) for i in batch]
+                outputs = self._run(merge([i.inputs for i in batch]))
+                merged: list[Tensors | Exception] = list(split(outputs, [i.rows for i in batch]))
+                return merged, time.perf_counter() - started
+            except Exception as exc:
+                # One request may have poisoned the run (a value the model refuses), or the
+                # outputs do not follow the rows: answer each request on its own.
+                log.info(
+                    "merged run of %d requests failed (%s); running them one by one",
+                    len(batch),
+                    type(exc).__name__,
+                )
+        results: list[Tensors | Exception] = []
+        for item in batch:
+            try:
+                results.append(self._run(item.inputs))
+            except Exception as exc:
+                results.append(exc)
         return results, time.perf_counter() - started

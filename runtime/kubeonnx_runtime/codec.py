@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import orjson
 
-from .datatypes import OIP_TO_NUMPY, oip_datatype
+from .datatypes import OIP_TO_NUMPY, TensorSpec, oip_datatype
 from .errors import InvalidRequest
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -43,18 +44,45 @@ def _parameters(obj: dict[str, Any], where: str) -> dict[str, Any]:
     return params
 
 
+# numpy's limit on dimensions; no model takes more.
+MAX_RANK = 32
+
+
 def _shape(raw: Any, where: str) -> tuple[int, ...]:
     if not isinstance(raw, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in raw
     ):
         raise InvalidRequest(f"{where}: 'shape' must be a list of non-negative integers")
+    if len(raw) > MAX_RANK:
+        raise InvalidRequest(f"{where}: 'shape' has {len(raw)} dimensions; at most {MAX_RANK}")
     return tuple(raw)
+
+
+def _flag(params: dict[str, Any], key: str, default: bool, where: str) -> bool:
+    value = params.get(key, default)
+    if not isinstance(value, bool):
+        raise InvalidRequest(f"{where}: '{key}' must be true or false, not {value!r}")
+    return value
+
+
+def _check_against_model(
+    spec: TensorSpec, datatype: str, shape: tuple[int, ...], where: str
+) -> None:
+    """The cheap checks, made before any tensor data is read."""
+    if datatype != spec.datatype:
+        raise InvalidRequest(f"{where} has datatype {datatype}; the model takes {spec.datatype}")
+    if not spec.fits(shape):
+        raise InvalidRequest(
+            f"{where} has shape {list(shape)}; the model takes {list(spec.shape)} (-1 is any size)"
+        )
 
 
 def _decode_bytes_tensor(buf: memoryview, count: int, where: str) -> np.ndarray:
     items: list[bytes] = []
     offset = 0
     while offset < len(buf):
+        if len(items) == count:
+            raise InvalidRequest(f"{where}: more BYTES elements than its shape's {count}")
         if offset + 4 > len(buf):
             raise InvalidRequest(f"{where}: truncated BYTES element length")
         (length,) = struct.unpack_from("<I", buf, offset)
@@ -70,46 +98,103 @@ def _decode_bytes_tensor(buf: memoryview, count: int, where: str) -> np.ndarray:
     return arr
 
 
+def _decode_binary(buf: memoryview, datatype: str, count: int, where: str) -> np.ndarray:
+    if datatype == "BYTES":
+        return _decode_bytes_tensor(buf, count, where)
+    dtype = OIP_TO_NUMPY[datatype]
+    if len(buf) != count * dtype.itemsize:
+        raise InvalidRequest(
+            f"{where}: {len(buf)} bytes of binary data for {count} elements of {datatype} "
+            f"(expected {count * dtype.itemsize})"
+        )
+    if datatype == "BOOL":
+        raw = np.frombuffer(buf, dtype=np.uint8)
+        if raw.size and raw.max() > 1:
+            raise InvalidRequest(f"{where}: BOOL bytes must be 0 or 1")
+    return np.frombuffer(buf, dtype=dtype)
+
+
+def _flat_count(data: list[Any]) -> int | None:
+    """Elements of a flat list, or None when it nests (numpy counts those)."""
+    return None if data and isinstance(data[0], list) else len(data)
+
+
 def _decode_json_data(data: Any, datatype: str, count: int, where: str) -> np.ndarray:
     if not isinstance(data, list):
         data = [data]
+    flat_count = _flat_count(data)
+    if flat_count is not None and flat_count != count:  # before any conversion
+        raise InvalidRequest(f"{where}: {flat_count} elements of data for a shape of {count}")
     if datatype == "BYTES":
         flat = np.array(data, dtype=np.object_).ravel()
         if flat.size != count:
             raise InvalidRequest(f"{where}: {flat.size} elements of data for a shape of {count}")
         out = np.empty(count, dtype=np.object_)
         for i, item in enumerate(flat):
-            if isinstance(item, str):
-                out[i] = item.encode()
-            elif isinstance(item, bytes):
-                out[i] = item
-            else:
+            if not isinstance(item, str):
                 raise InvalidRequest(f"{where}: BYTES data must be strings")
+            out[i] = item.encode()
         return out
     dtype = OIP_TO_NUMPY[datatype]
     try:
         arr = np.asarray(data)
     except ValueError:
         raise InvalidRequest(f"{where}: 'data' is a ragged nested list") from None
-    if arr.dtype == np.object_ or arr.dtype.kind in {"U", "S"}:
-        raise InvalidRequest(f"{where}: 'data' holds non-numeric values for datatype {datatype}")
-    if datatype == "BOOL" and arr.size and arr.dtype != np.bool_:
-        raise InvalidRequest(f"{where}: BOOL data must be true or false")
-    if datatype != "BOOL" and arr.dtype == np.bool_ and arr.size:
-        raise InvalidRequest(f"{where}: booleans given for datatype {datatype}")
-    if dtype.kind in {"i", "u"} and arr.dtype.kind == "f":
-        raise InvalidRequest(f"{where}: fractional numbers given for datatype {datatype}")
     if arr.size != count:
         raise InvalidRequest(f"{where}: {arr.size} elements of data for a shape of {count}")
-    if dtype.kind in {"i", "u"} and arr.size:
-        info = np.iinfo(dtype)
+    if count == 0:
+        return np.empty(0, dtype)
+    if arr.dtype.kind in {"U", "S"}:
+        raise InvalidRequest(f"{where}: 'data' holds non-numeric values for datatype {datatype}")
+    if datatype == "BOOL":
+        if arr.dtype != np.bool_:
+            raise InvalidRequest(f"{where}: BOOL data must be true or false")
+        return arr.ravel()
+    if arr.dtype == np.bool_:
+        raise InvalidRequest(f"{where}: booleans given for datatype {datatype}")
+    if dtype.kind in {"i", "u"}:
+        return _integers(arr, dtype, datatype, where)
+    try:
+        out = arr.astype(dtype).ravel()
+    except (TypeError, ValueError):  # objects that are not numbers
+        raise InvalidRequest(
+            f"{where}: 'data' holds non-numeric values for datatype {datatype}"
+        ) from None
+    if not np.isfinite(out).all():
+        # JSON cannot carry inf or NaN, so a non-finite value here overflowed the datatype.
+        raise InvalidRequest(f"{where}: a value is out of range for datatype {datatype}")
+    return out
+
+
+def _integers(arr: np.ndarray, dtype: np.dtype, datatype: str, where: str) -> np.ndarray:
+    """Integers exactly as sent: no fractions, nothing wrapped around or rounded."""
+    info = np.iinfo(dtype)
+    if arr.dtype.kind in {"i", "u"}:
         if int(arr.min()) < info.min or int(arr.max()) > info.max:
             raise InvalidRequest(f"{where}: a value is out of range for datatype {datatype}")
-    return arr.astype(dtype, copy=False).ravel()
+        return arr.astype(dtype).ravel()
+    # numpy made floats or objects: integers beyond int64 mixed with others, or fractions.
+    # Python's own integers are exact; check them one by one.
+    values = arr.ravel().tolist()
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise InvalidRequest(
+                f"{where}: 'data' holds non-numeric values for datatype {datatype}"
+            )
+        if isinstance(v, float):
+            raise InvalidRequest(f"{where}: fractional numbers given for datatype {datatype}")
+        if not info.min <= v <= info.max:
+            raise InvalidRequest(f"{where}: a value is out of range for datatype {datatype}")
+    return np.array(values, dtype=dtype)
 
 
-def decode_request(body: bytes, header_length: int | None) -> InferRequest:
-    """Decode an infer request body; `header_length` is the binary extension's JSON length."""
+def decode_request(
+    body: bytes, header_length: int | None, model_inputs: Mapping[str, TensorSpec] | None = None
+) -> InferRequest:
+    """Decode an infer request body; `header_length` is the binary extension's JSON length.
+
+    With `model_inputs`, every input's name, datatype and shape is checked against the model
+    before its data is read, and a missing input is refused."""
     if header_length is None:
         header_bytes, binary = body, memoryview(b"")
     else:
@@ -147,6 +232,13 @@ def decode_request(body: bytes, header_length: int | None) -> InferRequest:
                 + ", ".join(OIP_TO_NUMPY)
             )
         shape = _shape(raw.get("shape"), where)
+        if model_inputs is not None:
+            spec = model_inputs.get(name)
+            if spec is None:
+                raise InvalidRequest(
+                    f"unknown input '{name}'; the model's inputs are " + ", ".join(model_inputs)
+                )
+            _check_against_model(spec, datatype, shape, where)
         count = math.prod(shape)
         size = _parameters(raw, where).get("binary_data_size")
         if size is not None:
@@ -163,32 +255,29 @@ def decode_request(body: bytes, header_length: int | None) -> InferRequest:
                 raise InvalidRequest(
                     f"{where}: binary_data_size {size} runs past the end of the body"
                 )
-            buf = binary[offset : offset + size]
+            arr = _decode_binary(binary[offset : offset + size], datatype, count, where)
             offset += size
-            if datatype == "BYTES":
-                arr = _decode_bytes_tensor(buf, count, where)
-            else:
-                dtype = OIP_TO_NUMPY[datatype]
-                if size != count * dtype.itemsize:
-                    raise InvalidRequest(
-                        f"{where}: {size} bytes of binary data for shape {list(shape)} of "
-                        f"{datatype} (expected {count * dtype.itemsize})"
-                    )
-                arr = np.frombuffer(buf, dtype=dtype)
         else:
             if "data" not in raw:
                 raise InvalidRequest(f"{where} has neither 'data' nor binary_data_size")
             arr = _decode_json_data(raw["data"], datatype, count, where)
-        inputs[name] = arr.reshape(shape)
+        try:
+            inputs[name] = arr.reshape(shape)
+        except ValueError:  # a zero-element shape too large for numpy
+            raise InvalidRequest(f"{where}: shape {list(shape)} is too large") from None
     if offset != len(binary):
         raise InvalidRequest(
             f"the body has {len(binary) - offset} bytes of binary data that no input claims"
         )
+    if model_inputs is not None:
+        for name in model_inputs:
+            if name not in inputs:
+                raise InvalidRequest(f"missing input '{name}'")
 
     request_params = _parameters(header, "request")
     outputs: list[RequestedOutput] | None = None
     raw_outputs = header.get("outputs")
-    default_binary = bool(request_params.get("binary_data_output", False))
+    default_binary = _flag(request_params, "binary_data_output", False, "request parameters")
     if raw_outputs is not None:
         if not isinstance(raw_outputs, list):
             raise InvalidRequest("'outputs' must be a list")
@@ -196,10 +285,14 @@ def decode_request(body: bytes, header_length: int | None) -> InferRequest:
         for i, raw in enumerate(raw_outputs):
             if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
                 raise InvalidRequest(f"outputs[{i}] must be an object with a 'name'")
-            params = _parameters(raw, f"output '{raw['name']}'")
+            where = f"output '{raw['name']}'"
+            params = _parameters(raw, where)
             outputs.append(
-                RequestedOutput(raw["name"], bool(params.get("binary_data", default_binary)))
+                RequestedOutput(raw["name"], _flag(params, "binary_data", default_binary, where))
             )
+        names = [o.name for o in outputs]
+        if len(set(names)) != len(names):
+            raise InvalidRequest("an output is requested twice")
     request_id = header.get("id")
     return InferRequest(
         inputs=inputs,
@@ -222,7 +315,8 @@ def _bytes_tensor_buffer(arr: np.ndarray) -> bytes:
 def _json_data(arr: np.ndarray) -> Any:
     flat = arr.ravel()
     if flat.dtype.kind in {"O", "U", "S"}:
-        return [x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x) for x in flat]
+        # The model's strings are text (see _as_strings), so bytes here are UTF-8.
+        return [x.decode() if isinstance(x, bytes) else str(x) for x in flat]
     if flat.dtype == np.float16:
         return flat.astype(np.float32)
     return flat

@@ -8,8 +8,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from .batching import Batcher
-from .codec import InferRequest
-from .errors import InvalidRequest, ModelNotFound
+from .codec import InferRequest, decode_request
+from .datatypes import TensorSpec
+from .errors import ModelNotFound
 
 try:
     SERVER_VERSION = version("kubeonnx")
@@ -20,12 +21,12 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 class ServedModel(Protocol):
     """What the data plane needs of a model (OnnxModel, or a stand-in in unit tests)."""
 
-    inputs: list[Any]
-    outputs: list[Any]
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
     output_names: list[str]
     device: str
 
-    def validate(self, inputs: dict[str, np.ndarray], outputs: list[str] | None) -> None: ...
+    def check_outputs(self, names: list[str]) -> None: ...
 
 
 class DataPlane:
@@ -35,6 +36,7 @@ class DataPlane:
         self.name = name
         self.version = version
         self.draining = False
+        self._inputs = {t.name: t for t in model.inputs}
 
     def live(self) -> bool:
         return True
@@ -73,11 +75,13 @@ class DataPlane:
         self.check_model(name, version)
         return self.ready()
 
+    def decode(self, body: bytes, header_length: int | None) -> InferRequest:
+        """Decode a request body, checking it against the model before reading tensor data;
+        the caller has checked the model's name (`check_model`) before reading the body."""
+        request = decode_request(body, header_length, self._inputs)
+        if request.outputs is not None:
+            self.model.check_outputs([o.name for o in request.outputs])
+        return request
+
     async def infer(self, request: InferRequest) -> dict[str, np.ndarray]:
-        """Validate and run a decoded request; the caller has checked the model's name
-        (`check_model`) before reading the body."""
-        wanted = [o.name for o in request.outputs] if request.outputs is not None else None
-        self.model.validate(request.inputs, wanted)
-        if wanted is not None and len(set(wanted)) != len(wanted):
-            raise InvalidRequest("an output is requested twice")
         return await self.batcher.infer(request.inputs)

@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+# scheme://user:password@host -> scheme://user:***@host (an S3 endpoint may carry them)
+_URL_PASSWORD = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s:@]*:)[^/\s@]+@")
+
+
+def redact(text: str) -> str:
+    """The text with the password of any URL in it replaced by ***."""
+    return _URL_PASSWORD.sub(r"\1***@", text)
 
 
 class RuntimeServeError(Exception):
@@ -20,6 +29,10 @@ class ModelNotFound(RuntimeServeError):
     """No model by that name or version is served here (HTTP 404)."""
 
 
+class PayloadTooLarge(RuntimeServeError):
+    """The request body, as sent or once inflated, is over the size limit (HTTP 413)."""
+
+
 class ServerBusy(RuntimeServeError):
     """The batching queue is full (HTTP 503 with Retry-After)."""
 
@@ -30,7 +43,7 @@ class FatalStartupError(Exception):
 
 def write_termination_message(path: str | Path, message: str) -> None:
     """One line for `kubectl describe` and the operator's status; never fails the caller."""
-    line = " ".join(message.split())[:4000]
+    line = redact(" ".join(message.split()))[:4000]
     try:
         Path(path).write_text(line + "\n")
     except OSError as exc:

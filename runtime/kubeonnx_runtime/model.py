@@ -8,39 +8,41 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from .datatypes import OIP_TO_NUMPY, ONNX_TO_OIP
+from .datatypes import OIP_TO_NUMPY, ONNX_TO_OIP, TensorSpec
 from .errors import FatalStartupError, InvalidRequest
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    datatype: str
-    shape: tuple[int, ...]  # -1 for a dynamic dimension
-
-    def metadata(self) -> dict[str, object]:
-        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
-
-
 _InvalidArgument = ort.capi.onnxruntime_pybind11_state.InvalidArgument
+# "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : " and source locations ("/src/.../gather.cc:86 ")
+_ORT_NOISE = re.compile(r"\[ONNXRuntimeError\] : \d+ : \w+ : |\S+\.(?:cc|h|cpp):\d+ (?:\S+ )?")
 
 
-def _as_strings(arr: np.ndarray) -> np.ndarray:
-    """onnxruntime takes string tensors as object arrays of str; BYTES arrive as bytes."""
+def _as_strings(arr: np.ndarray, name: str) -> np.ndarray:
+    """onnxruntime takes string tensors as object arrays of str; BYTES arrive as bytes, which
+    must be UTF-8 (onnxruntime would otherwise turn them into their Python repr)."""
     out = np.empty(arr.shape, dtype=np.object_)
-    out.ravel()[:] = [
-        x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x) for x in arr.ravel()
-    ]
+    flat = out.ravel()
+    for i, x in enumerate(arr.ravel()):
+        try:
+            flat[i] = x.decode() if isinstance(x, bytes) else str(x)
+        except UnicodeDecodeError:
+            raise InvalidRequest(
+                f"input '{name}': element {i} is not UTF-8; the model's string inputs take text"
+            ) from None
     return out
+
+
+def model_error(exc: Exception) -> str:
+    """onnxruntime's message without its error-code prefix and source file locations."""
+    return _ORT_NOISE.sub("", " ".join(str(exc).split())).strip()
 
 
 def _tensor_spec(arg: ort.NodeArg) -> TensorSpec:
@@ -108,38 +110,14 @@ class OnnxModel:
         self.threads = options.intra_op_num_threads
         self.inputs = [_tensor_spec(a) for a in self.session.get_inputs()]
         self.outputs = [_tensor_spec(a) for a in self.session.get_outputs()]
-        self._inputs_by_name = {t.name: t for t in self.inputs}
         self.output_names = [t.name for t in self.outputs]
         # Requests can be merged along the first dimension only when every input and
         # output has a dynamic one.
         self.batchable = all(t.shape and t.shape[0] == -1 for t in [*self.inputs, *self.outputs])
 
-    def validate(self, inputs: dict[str, np.ndarray], outputs: list[str] | None) -> None:
-        """Raise InvalidRequest naming the first input or output that does not fit the model."""
-        for name in inputs:
-            if name not in self._inputs_by_name:
-                raise InvalidRequest(
-                    f"unknown input '{name}'; the model's inputs are "
-                    + ", ".join(t.name for t in self.inputs)
-                )
-        for spec in self.inputs:
-            arr = inputs.get(spec.name)
-            if arr is None:
-                raise InvalidRequest(f"missing input '{spec.name}'")
-            want = OIP_TO_NUMPY[spec.datatype]
-            if arr.dtype != want:
-                got = "BYTES" if arr.dtype == np.object_ else str(arr.dtype).upper()
-                raise InvalidRequest(
-                    f"input '{spec.name}' has datatype {got}; the model takes {spec.datatype}"
-                )
-            if len(arr.shape) != len(spec.shape) or any(
-                d != -1 and d != g for d, g in zip(spec.shape, arr.shape, strict=True)
-            ):
-                raise InvalidRequest(
-                    f"input '{spec.name}' has shape {list(arr.shape)}; the model takes "
-                    f"{list(spec.shape)} (-1 is any size)"
-                )
-        for name in outputs or []:
+    def check_outputs(self, names: list[str]) -> None:
+        """Raise InvalidRequest naming the first requested output the model does not have."""
+        for name in names:
             if name not in self.output_names:
                 raise InvalidRequest(
                     f"unknown output '{name}'; the model's outputs are "
@@ -147,22 +125,47 @@ class OnnxModel:
                 )
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        feed = {k: (_as_strings(v) if v.dtype == np.object_ else v) for k, v in inputs.items()}
+        feed = {k: (_as_strings(v, k) if v.dtype == np.object_ else v) for k, v in inputs.items()}
         try:
             results = self.session.run(self.output_names, feed)
         except _InvalidArgument as exc:  # the values, not the server, are at fault
-            raise InvalidRequest(f"the model rejected the input: {exc}") from None
+            raise InvalidRequest(
+                f"the model cannot run on this input: {model_error(exc)}"
+            ) from None
         return dict(zip(self.output_names, results, strict=True))
 
-    def warm_up(self) -> None:
-        """Run once on zeros so the first real request pays no lazy initialisation."""
-        feed: dict[str, np.ndarray] = {}
-        for spec in self.inputs:
-            shape = tuple(1 if d == -1 else d for d in spec.shape)
-            dtype = OIP_TO_NUMPY[spec.datatype]
-            feed[spec.name] = (
-                np.full(shape, b"", dtype=np.object_)
-                if dtype == np.object_
-                else np.zeros(shape, dtype)
-            )
-        self.run(feed)
+    def warm_up(self) -> bool:
+        """Run once on zeros so the first real request pays no lazy initialisation.
+
+        Dynamic dimensions are first filled with 1; a model that cannot run on that (a
+        convolution without padding needs at least its kernel's size) is tried once more with
+        64 in every dynamic dimension but the first. A model that runs on neither is still
+        served, unwarmed, and the log says so: zeros are not every model's valid input."""
+        problems = []
+        for fill in (1, 64):
+            feed: dict[str, np.ndarray] = {}
+            for spec in self.inputs:
+                shape = tuple(
+                    (1 if i == 0 else fill) if d == -1 else d for i, d in enumerate(spec.shape)
+                )
+                dtype = OIP_TO_NUMPY[spec.datatype]
+                feed[spec.name] = (
+                    np.full(shape, b"", dtype=np.object_)
+                    if dtype == np.object_
+                    else np.zeros(shape, dtype)
+                )
+            try:
+                self.run(feed)
+                return True
+            except Exception as exc:
+                problems.append(
+                    f"{ {k: list(v.shape) for k, v in feed.items()} }: {model_error(exc)}"
+                )
+            if all(d != -1 for spec in self.inputs for d in spec.shape[1:]):
+                break  # nothing else to vary
+        log.warning(
+            "warm-up skipped: the model did not run on zeros; the first request pays for "
+            "initialisation",
+            extra={"attempts": problems},
+        )
+        return False

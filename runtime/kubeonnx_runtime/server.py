@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import signal
+import socket
 import threading
 from types import FrameType
 
 import uvicorn
 from prometheus_client import CollectorRegistry, disable_created_metrics
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .app import create_app
 from .batching import Batcher
@@ -46,6 +50,113 @@ class DrainingServer(uvicorn.Server):
         timer.start()
 
 
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the limits it lacks: a request head (request line
+    and headers) of at most `max_head` bytes (431), and a request that arrives whole within
+    `read_timeout` seconds of its first byte, a new connection's first request within that
+    time of connecting (408). Either way the connection is closed: a slow or endless client
+    holds neither memory nor the event loop for long.
+
+    The head is counted before the parser sees it, because httptools gathers a header by
+    concatenation, which takes seconds on a header of tens of megabytes."""
+
+    max_head = 64 * 1024
+    read_timeout = 30.0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._in_head = True  # waiting for (the rest of) a request line and headers
+        self._head_bytes = 0
+        self._incomplete = True  # a request (or a first one) is on its way
+        self._started = self.loop.time()
+        self._deadline: asyncio.TimerHandle | None = None
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if not self._incomplete:
+            self._incomplete, self._started = True, self.loop.time()
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._in_head, self._head_bytes, self._incomplete = True, 0, False
+        self._disarm()
+        super().on_message_complete()
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_head:
+            self._head_bytes += len(data)
+        super().data_received(data)
+        if self.transport.is_closing():
+            return
+        if self._in_head and self._head_bytes > self.max_head:
+            self._refuse(
+                431,
+                b"Request Header Fields Too Large",
+                f"the request line and headers are over the limit of {self.max_head} bytes",
+            )
+        elif self._incomplete and self._deadline is None:
+            # Only a request that did not arrive in one read costs a timer.
+            self._arm()
+
+    def _arm(self) -> None:
+        self._deadline = self.loop.call_at(self._started + self.read_timeout, self._expired)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _expired(self) -> None:
+        self._deadline = None
+        if self._incomplete and not self.transport.is_closing():
+            self._refuse(
+                408,
+                b"Request Timeout",
+                f"the request did not arrive whole within {self.read_timeout:g} seconds",
+            )
+
+    def _refuse(self, status: int, reason: bytes, message: str) -> None:
+        log.info("connection closed: %s", message, extra={"status": status})
+        body = json.dumps({"error": message}).encode()
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n%s" % (status, reason, len(body), body)
+        )
+        self.transport.close()
+        self._incomplete = False
+
+
+def guarded_protocol(max_head: int, read_timeout: float) -> type[GuardedHttpProtocol]:
+    return type(
+        "GuardedHttpProtocol",
+        (GuardedHttpProtocol,),
+        {"max_head": max_head, "read_timeout": read_timeout},
+    )
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """Bind the port before the model is fetched: a port in use fails at once, with a
+    termination message, not after a long download."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise FatalStartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def load(settings: ServeSettings, metrics: RuntimeMetrics) -> OnnxModel:
     label = settings.model_name
     fetched = fetch_model(
@@ -68,10 +179,7 @@ def load(settings: ServeSettings, metrics: RuntimeMetrics) -> OnnxModel:
     )
     model = OnnxModel(fetched.path, device=settings.device, threads=settings.threads)
     metrics.load_seconds.labels(label).set(model.load_seconds)
-    try:
-        model.warm_up()
-    except Exception as exc:
-        raise FatalStartupError(f"model warm-up run failed: {exc}") from None
+    model.warm_up()
     log.info(
         "model loaded",
         extra={
@@ -90,10 +198,17 @@ def serve(settings: ServeSettings) -> int:
     disable_created_metrics()
     metrics = RuntimeMetrics(CollectorRegistry())
     try:
+        sock = listen(settings.host, settings.port)
         model = load(settings, metrics)
     except FatalStartupError as exc:
         log.error("fatal: %s", exc)
         write_termination_message(settings.termination_log, str(exc))
+        return 1
+    except Exception as exc:  # unforeseen: still one line for the operator's status
+        log.exception("fatal: start-up failed")
+        write_termination_message(
+            settings.termination_log, f"start-up failed: {type(exc).__name__}: {exc}"
+        )
         return 1
 
     label = settings.model_name
@@ -109,7 +224,12 @@ def serve(settings: ServeSettings) -> int:
         on_queue_depth=queue_depth.set,
     )
     dataplane = DataPlane(model, batcher, name=settings.model_name, version=settings.model_version)
-    app = create_app(dataplane, metrics, route_prefix=settings.route_prefix)
+    app = create_app(
+        dataplane,
+        metrics,
+        route_prefix=settings.route_prefix,
+        max_body=settings.max_request_bytes,
+    )
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -122,7 +242,8 @@ def serve(settings: ServeSettings) -> int:
         server_header=False,
         timeout_graceful_shutdown=30,
         lifespan="on",
-        http="httptools",
+        http=guarded_protocol(settings.max_header_bytes, settings.read_timeout_s),
+        limit_concurrency=settings.max_connections,
         loop="uvloop",
     )
     server = DrainingServer(config, dataplane, settings.drain_seconds)
@@ -131,5 +252,5 @@ def serve(settings: ServeSettings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     log.info("serving", extra={"model": settings.model_name, "port": settings.port})
-    server.run()
+    server.run(sockets=[sock])
     return 0

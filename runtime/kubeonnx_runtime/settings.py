@@ -32,9 +32,32 @@ class ServeSettings(BaseSettings):
     s3_region: str | None = Field(None, description="S3 region")
     device: Literal["cpu", "cuda"] = Field("cpu", description="execution provider")
     threads: int = Field(0, ge=0, description="intra-op threads; 0 = from the CPU quota")
-    max_batch_size: int = Field(32, ge=1, description="rows merged into one model run")
+    max_batch_size: int = Field(
+        1,
+        ge=1,
+        description="rows merged into one model run; above 1 turns dynamic batching on, which "
+        "is right only for models whose rows are independent (each output row depends on the "
+        "same input row alone)",
+    )
     max_batch_delay_ms: float = Field(2.0, ge=0, description="how long a request waits for company")
     max_queue: int = Field(256, ge=1, description="queued requests beyond which 503 is answered")
+    max_request_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=1024,
+        description="largest request body, as sent and once inflated (gzip, deflate); 413 beyond",
+    )
+    max_header_bytes: int = Field(
+        64 * 1024, ge=1024, description="largest request line and headers; 431 beyond"
+    )
+    read_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="seconds a request may take to arrive whole (a new connection: its first "
+        "request); 408 and the connection closed beyond",
+    )
+    max_connections: int = Field(
+        2048, ge=1, description="open connections beyond which requests are answered 503"
+    )
     quota_config: Path | None = Field(None, description="mounted quota configuration file")
     route_prefix: str = Field(
         "", description="path prefix an Ingress routes under; served as well as the bare paths"
@@ -48,7 +71,14 @@ class ServeSettings(BaseSettings):
     drain_seconds: float = Field(
         5.0, ge=0, description="after SIGTERM: seconds to answer not-ready before closing"
     )
-    log_level: str = Field("info", description="debug, info, warning or error")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="debug, info, warning or error"
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("model_sha256")
     @classmethod

@@ -46,6 +46,6 @@ def test_unknown_profile_is_refused_against_the_operator_config() -> None:
 
 def test_defaults_match_the_crd() -> None:
     spec = parse_spec({"model": URI})
-    assert spec.runtime.max_batch_size == 32 and spec.runtime.max_queue == 256
+    assert spec.runtime.max_batch_size == 1 and spec.runtime.max_queue == 256
     assert spec.scaling.autoscaler == "hpa" and spec.scaling.min_replicas == 1
     assert spec.scaling.target_cpu_utilization == 70

@@ -127,3 +127,50 @@ async def test_only_fast_models_run_on_the_event_loop_however_busy_it_is(
     assert threads[0].startswith("kubeonnx-infer")
     on_loop = [name == threading.current_thread().name for name in threads[1:]]
     assert on_loop == [inline] * 5, threads
+
+
+async def test_a_request_whose_inputs_disagree_on_rows_runs_alone() -> None:
+    """Its rows could not be cut back out of a merged run: another request's would leak."""
+    runs: list[dict[str, tuple[int, ...]]] = []
+
+    def model(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        runs.append({k: v.shape for k, v in inputs.items()})
+        return {"a": inputs["a"] + 1, "b": inputs["b"] + 1}
+
+    batcher = Batcher(model, max_batch_size=8, max_delay_s=0.05, max_queue=100, batchable=True)
+    batcher.start()
+    try:
+        even = {"a": np.full((2, 1), 10.0), "b": np.full((2, 1), 20.0)}
+        odd = {"a": np.full((1, 1), 30.0), "b": np.full((2, 1), 40.0)}
+        twin = {"a": np.full((1, 1), 50.0), "b": np.full((1, 1), 60.0)}
+        outs = await asyncio.gather(*(batcher.infer(x) for x in (even, odd, twin)))
+    finally:
+        await batcher.stop()
+    for x, out in zip((even, odd, twin), outs, strict=True):
+        np.testing.assert_array_equal(out["a"], x["a"] + 1)
+        np.testing.assert_array_equal(out["b"], x["b"] + 1)
+    assert {"a": (1, 1), "b": (2, 1)} in runs  # the odd one, alone
+    assert {"a": (3, 1), "b": (3, 1)} in runs  # the two that agree, merged
+
+
+async def test_a_failed_merged_run_is_answered_request_by_request() -> None:
+    class Poison(Exception):
+        pass
+
+    def model(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if (inputs["x"] < 0).any():
+            raise Poison("negative value")
+        return {"y": inputs["x"] * 2}
+
+    batcher = Batcher(model, max_batch_size=8, max_delay_s=0.05, max_queue=100, batchable=True)
+    batcher.start()
+    try:
+        xs = [np.full((1, 2), v, np.float32) for v in (1, 2, -3, 4)]
+        outs = await asyncio.gather(*(batcher.infer({"x": x}) for x in xs), return_exceptions=True)
+    finally:
+        await batcher.stop()
+    assert isinstance(outs[2], Poison)
+    for i in (0, 1, 3):
+        result = outs[i]
+        assert isinstance(result, dict)
+        np.testing.assert_array_equal(result["y"], xs[i] * 2)
