@@ -1,8 +1,11 @@
 """Model fetch at start-up: s3:// (boto3, parallel ranged parts) and file://, verified.
 
 A download is hashed while it streams, written to a `.part` file and renamed into the cache
-only when complete and, if a sha256 was given, matching it. A cached file is reused when its
-recorded digest matches. Nothing half-downloaded or mismatched is ever returned.
+only when complete and, if a sha256 was given, matching it. Every part is fetched from the
+object version that HEAD saw (If-Match on its ETag, and its VersionId where the bucket has
+versions): an object overwritten mid-download starts the download over, never mixes two
+versions. A cached file is hashed again before it is reused (a copy changed on disk is
+fetched again). Nothing half-downloaded, mixed or mismatched is ever returned.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ PART_SIZE = 8 * 1024 * 1024
 PARALLEL_PARTS = 8
 PROGRESS_EVERY_S = 5.0
 RETRIES = 5  # per S3 call (botocore) and per part whose stream breaks (here)
+RESTARTS = 3  # whole downloads, when the object changes while it is being fetched
 # S3 error codes after which retrying cannot help.
 _FATAL_S3_CODES = {
     "NoSuchBucket": "no such bucket",
@@ -45,6 +49,10 @@ _FATAL_S3_CODES = {
 class S3Options:
     endpoint: str | None = None
     region: str | None = None
+
+
+class ObjectChanged(Exception):
+    """The object was overwritten while its parts were being fetched."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +78,10 @@ def _check_digest(uri: str, actual: str, expected: str | None) -> None:
             f"checksum mismatch for {uri}: sha256 is {actual}, spec.model.sha256 expects "
             f"{expected.lower()}"
         )
+
+
+def _cache_error(cache_dir: Path, exc: OSError) -> FatalStartupError:
+    return FatalStartupError(f"cannot use the model cache {cache_dir}: {exc.strerror or exc}")
 
 
 def fetch_model(
@@ -154,11 +166,32 @@ def _fetch_s3(
     options: S3Options,
     started: float,
 ) -> FetchedModel:
-    from botocore.exceptions import BotoCoreError, ClientError
 
     client = _s3_client(options)
     try:
-        head = client.head_object(Bucket=bucket, Key=key)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _cache_error(cache_dir, exc) from None
+    for attempt in range(1, RESTARTS + 1):
+        head = _head(client, uri, bucket, key)
+        try:
+            return _fetch_version(client, uri, bucket, key, head, cache_dir, sha256, started)
+        except ObjectChanged:
+            log.warning(
+                "model object changed during download; starting over",
+                extra={"uri": uri, "attempt": attempt},
+            )
+    raise FatalStartupError(
+        f"cannot fetch {uri}: the object changed during each of {RESTARTS} downloads"
+    )
+
+
+def _head(client: Any, uri: str, bucket: str, key: str) -> dict[str, Any]:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        head: dict[str, Any] = client.head_object(Bucket=bucket, Key=key)
+        return head
     except ClientError as exc:
         if _code(exc) in {"404", "NoSuchKey", "NotFound"}:
             # HEAD cannot tell a missing bucket from a missing key; ask the bucket.
@@ -173,26 +206,61 @@ def _fetch_s3(
         raise _s3_error(uri, exc) from None
     except BotoCoreError as exc:
         raise _s3_error(uri, exc) from None
-    size = int(head["ContentLength"])
-    etag = str(head.get("ETag", "")).strip('"')
 
+
+def _fetch_version(
+    client: Any,
+    uri: str,
+    bucket: str,
+    key: str,
+    head: dict[str, Any],
+    cache_dir: Path,
+    sha256: str | None,
+    started: float,
+) -> FetchedModel:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    size = int(head["ContentLength"])
+    etag = str(head.get("ETag", ""))
+    log.debug("model object", extra={"uri": uri, "bytes": size, "etag": etag})
     # The cache key names the object version; the digest file records what was verified.
-    ident = hashlib.sha256(f"{uri}\0{etag}\0{size}".encode()).hexdigest()[:32]
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    ident = hashlib.sha256(f"{uri}\0{etag.strip(chr(34))}\0{size}".encode()).hexdigest()[:32]
     final = cache_dir / f"{ident}.onnx"
     digest_file = cache_dir / f"{ident}.sha256"
     if final.is_file() and digest_file.is_file() and final.stat().st_size == size:
         recorded = digest_file.read_text().strip()
         if not sha256 or recorded == sha256.lower():
-            log.info("model cache hit", extra={"uri": uri, "path": str(final)})
-            return FetchedModel(final, recorded, size, 0, time.monotonic() - started)
+            # The bytes, not the note beside them: hashing costs little next to loading.
+            actual = _hash_file(final)
+            if actual == recorded:
+                log.info("model cache hit", extra={"uri": uri, "path": str(final)})
+                return FetchedModel(final, actual, size, 0, time.monotonic() - started)
+            log.warning(
+                "cached model does not match its recorded sha256; fetching it again",
+                extra={"uri": uri, "path": str(final), "sha256": actual, "recorded": recorded},
+            )
+            digest_file.unlink(missing_ok=True)
 
+    version = {"IfMatch": etag} if etag else {}
+    if head.get("VersionId"):
+        version["VersionId"] = str(head["VersionId"])
     part = cache_dir / f"{ident}.part"
     try:
-        digest = _download(client, bucket, key, size, part, uri)
-    except (ClientError, BotoCoreError) as exc:
+        digest = _download(client, bucket, key, size, part, uri, version)
+    except ClientError as exc:
+        part.unlink(missing_ok=True)
+        if _code(exc) in {"412", "PreconditionFailed"}:
+            raise ObjectChanged() from None
+        raise _s3_error(uri, exc) from None
+    except BotoCoreError as exc:
         part.unlink(missing_ok=True)
         raise _s3_error(uri, exc) from None
+    except OSError as exc:
+        part.unlink(missing_ok=True)
+        raise FatalStartupError(
+            f"cannot write {uri} ({size} bytes) to the model cache {cache_dir}: "
+            f"{exc.strerror or exc}"
+        ) from None
     except BaseException:
         part.unlink(missing_ok=True)
         raise
@@ -201,13 +269,19 @@ def _fetch_s3(
     except FatalStartupError:
         part.unlink(missing_ok=True)
         raise
-    os.replace(part, final)
-    digest_file.write_text(digest + "\n")
+    try:
+        os.replace(part, final)
+        digest_file.write_text(digest + "\n")
+    except OSError as exc:
+        raise _cache_error(cache_dir, exc) from None
     return FetchedModel(final, digest, size, size, time.monotonic() - started)
 
 
-def _download(client: Any, bucket: str, key: str, size: int, dest: Path, uri: str) -> str:
-    """Fetch parts in parallel, write them in place, hash them in order as they arrive."""
+def _download(
+    client: Any, bucket: str, key: str, size: int, dest: Path, uri: str, version: dict[str, str]
+) -> str:
+    """Fetch parts of one object version in parallel, write them in place, hash them in
+    order as they arrive."""
     from botocore.exceptions import BotoCoreError
 
     digest = hashlib.sha256()
@@ -218,7 +292,9 @@ def _download(client: Any, bucket: str, key: str, size: int, dest: Path, uri: st
         # botocore retries failed calls; a stream that breaks mid-body is retried here.
         for attempt in range(1, RETRIES + 1):
             try:
-                resp = client.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{end}")
+                resp = client.get_object(
+                    Bucket=bucket, Key=key, Range=f"bytes={start}-{end}", **version
+                )
                 data: bytes = resp["Body"].read()
                 if len(data) == end - start + 1:
                     return data

@@ -7,7 +7,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +78,7 @@ def start_server(
     env: dict[str, str] | None = None,
     wait_ready: bool = True,
     timeout: float = 60,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> Served:
     port = free_port()
     term = tmp / "termination-log"
@@ -94,7 +95,11 @@ def start_server(
     }
     with log_path.open("wb") as logf:
         proc = subprocess.Popen(
-            [KUBEONNX, "serve", *args], env=full_env, stdout=logf, stderr=subprocess.STDOUT
+            [KUBEONNX, "serve", *args],
+            env=full_env,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            preexec_fn=preexec_fn,
         )
     served = Served(proc, f"http://127.0.0.1:{port}", term, log_path)
     if wait_ready:

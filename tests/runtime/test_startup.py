@@ -128,3 +128,170 @@ def test_wrong_credentials_are_access_denied(s3_with_auth: str, tmp_path: Path) 
 def test_invalid_settings_are_refused_with_the_flag_named(tmp_path: Path) -> None:
     served = run_to_failure(tmp_path, "--model-uri", "file:///x.onnx", "--model-sha256", "abc")
     assert "--model-sha256" in served.termination_log.read_text()
+
+
+def test_a_cached_model_changed_on_disk_is_fetched_again(
+    serve, s3, s3_endpoint: str, models: dict[str, Path], tmp_path: Path
+) -> None:
+    """The cache is trusted for its bytes, not for the digest file written beside them."""
+    args = ("--model-uri", "s3://models/mlp/model.onnx", "--s3-endpoint", s3_endpoint)
+    serve(*args, "--model-sha256", sha256(models["mlp"])).stop()
+    (cached,) = (tmp_path / "cache").glob("*.onnx")
+    tampered = bytearray(cached.read_bytes())
+    tampered[-8:] = b"tampered"
+    cached.write_bytes(bytes(tampered))
+    for extra in (("--model-sha256", sha256(models["mlp"])), ()):  # with and without sha256
+        again = serve(*args, *extra)
+        assert metric(again, "kubeonnx_model_download_bytes_total") == cached.stat().st_size
+        assert sha256(cached) == sha256(models["mlp"])
+        again.stop()
+        cached.write_bytes(bytes(tampered))
+
+
+def test_an_object_overwritten_during_download_is_never_mixed(
+    s3, s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Parts come from the version HEAD saw; when it changes, the download starts over."""
+    from kubeonnx_runtime import fetch
+
+    v1, v2 = os.urandom(64 * 1024), os.urandom(64 * 1024)
+    s3.put_object(Bucket="models", Key="changing/model.onnx", Body=v1)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setattr(fetch, "PART_SIZE", 8 * 1024)
+    monkeypatch.setattr(fetch, "PARALLEL_PARTS", 1)
+    real_client = fetch._s3_client
+    calls = {"get": 0}
+
+    class OverwriteAfterFirstPart:
+        def __init__(self, client: object) -> None:
+            self._client = client
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self._client, name)
+
+        def get_object(self, **kwargs: object) -> object:
+            calls["get"] += 1
+            if calls["get"] == 2:
+                s3.put_object(Bucket="models", Key="changing/model.onnx", Body=v2)
+            return self._client.get_object(**kwargs)  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(fetch, "_s3_client", lambda o: OverwriteAfterFirstPart(real_client(o)))
+    fetched = fetch.fetch_model(
+        "s3://models/changing/model.onnx",
+        tmp_path / "cache",
+        s3=fetch.S3Options(endpoint=s3_endpoint, region="us-east-1"),
+    )
+    assert fetched.path.read_bytes() == v2
+    assert fetched.sha256 == hashlib.sha256(v2).hexdigest()
+
+
+def test_a_model_that_cannot_run_on_ones_is_served_unwarmed_or_warmed_larger(
+    serve, models: dict[str, Path]
+) -> None:
+    """valid is a 3x3 convolution without padding over dynamic H and W: 1x1 cannot run."""
+    served = serve("--model-uri", f"file://{models['valid']}", "--model-name", "valid")
+    body = {
+        "inputs": [{"name": "input", "shape": [1, 1, 3, 3], "datatype": "FP32", "data": [9] * 9}]
+    }
+    r = httpx.post(f"{served.url}/v2/models/valid/infer", json=body)
+    assert r.status_code == 200 and r.json()["outputs"][0]["data"] == pytest.approx([9.0])
+    small = {
+        "inputs": [{"name": "input", "shape": [1, 1, 2, 2], "datatype": "FP32", "data": [1] * 4}]
+    }
+    r = httpx.post(f"{served.url}/v2/models/valid/infer", json=small)
+    assert r.status_code == 400 and "Conv" in r.json()["error"], r.text
+
+
+def test_a_port_in_use_fails_at_once_with_a_termination_message(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        served = run_to_failure(
+            tmp_path,
+            "--model-uri",
+            "s3://never-fetched/model.onnx",
+            env={"KUBEONNX_PORT": str(port)},
+        )
+    message = served.termination_log.read_text()
+    assert f"cannot listen on 127.0.0.1:{port}" in message and "in use" in message, served.logs()
+
+
+def test_an_unusable_cache_directory_fails_with_a_termination_message(
+    s3, s3_endpoint: str, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    served = run_to_failure(
+        tmp_path,
+        "--model-uri",
+        "s3://models/mlp/model.onnx",
+        "--s3-endpoint",
+        s3_endpoint,
+        env={"KUBEONNX_CACHE_DIR": str(blocker / "cache")},
+    )
+    message = served.termination_log.read_text()
+    assert f"cannot use the model cache {blocker / 'cache'}" in message, served.logs()
+
+
+def test_a_full_disk_fails_with_a_termination_message(s3, s3_endpoint: str, tmp_path: Path) -> None:
+    """A file size limit stands in for a full disk: the write fails the same way (OSError)."""
+    import resource
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
+
+    served = start_server(
+        tmp_path,
+        "--model-uri",
+        "s3://models/wide/model.onnx",
+        "--s3-endpoint",
+        s3_endpoint,
+        wait_ready=False,
+        preexec_fn=small_files,
+    )
+    assert served.proc.wait(60) != 0
+    message = served.termination_log.read_text()
+    assert "cannot write s3://models/wide/model.onnx" in message, served.logs()
+    assert "to the model cache" in message
+    assert not list((tmp_path / "cache").glob("*.part"))
+
+
+def test_a_bad_log_level_is_refused_with_the_flag_named(tmp_path: Path) -> None:
+    served = run_to_failure(tmp_path, "--model-uri", "file:///x.onnx", "--log-level", "loud")
+    assert "--log-level" in served.termination_log.read_text()
+
+
+def test_credentials_never_reach_the_termination_message_or_the_log(tmp_path: Path) -> None:
+    port = free_port()  # nothing listens there
+    served = run_to_failure(
+        tmp_path,
+        "--model-uri",
+        "s3://models/mlp/model.onnx",
+        "--s3-endpoint",
+        f"http://reader:hunter2secret@127.0.0.1:{port}",
+        "--log-level",
+        "debug",
+        env={"AWS_MAX_ATTEMPTS": "1"},
+    )
+    message = served.termination_log.read_text()
+    assert "reader:***@" in message and "unreachable" in message, message
+    assert "hunter2secret" not in message
+    assert "hunter2secret" not in served.logs()
+
+
+def test_debug_logging_keeps_s3_request_headers_out_of_the_log(serve, s3, s3_endpoint: str) -> None:
+    served = serve(
+        "--model-uri",
+        "s3://models/mlp/model.onnx",
+        "--s3-endpoint",
+        s3_endpoint,
+        "--log-level",
+        "debug",
+    )
+    logs = served.logs()
+    assert '"level": "debug"' in logs  # debug logging is on
+    assert "Authorization" not in logs and "AWS4-HMAC-SHA256" not in logs
