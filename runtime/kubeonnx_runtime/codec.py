@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -153,9 +153,10 @@ def _decode_json_data(data: Any, datatype: str, count: int, where: str) -> np.nd
     if arr.dtype == np.bool_:
         raise InvalidRequest(f"{where}: booleans given for datatype {datatype}")
     if dtype.kind in {"i", "u"}:
-        return _integers(arr, dtype, datatype, where)
+        return _integers(arr, data, datatype, where)
     try:
-        out = arr.astype(dtype).ravel()
+        with np.errstate(over="ignore"):  # overflow is refused below, by name
+            out = arr.astype(dtype).ravel()
     except (TypeError, ValueError):  # objects that are not numbers
         raise InvalidRequest(
             f"{where}: 'data' holds non-numeric values for datatype {datatype}"
@@ -166,26 +167,37 @@ def _decode_json_data(data: Any, datatype: str, count: int, where: str) -> np.nd
     return out
 
 
-def _integers(arr: np.ndarray, dtype: np.dtype, datatype: str, where: str) -> np.ndarray:
+def _integers(arr: np.ndarray, data: list[Any], datatype: str, where: str) -> np.ndarray:
     """Integers exactly as sent: no fractions, nothing wrapped around or rounded."""
+    dtype = OIP_TO_NUMPY[datatype]
     info = np.iinfo(dtype)
     if arr.dtype.kind in {"i", "u"}:
         if int(arr.min()) < info.min or int(arr.max()) > info.max:
             raise InvalidRequest(f"{where}: a value is out of range for datatype {datatype}")
         return arr.astype(dtype).ravel()
-    # numpy made floats or objects: integers beyond int64 mixed with others, or fractions.
-    # Python's own integers are exact; check them one by one.
-    values = arr.ravel().tolist()
+    # numpy made floats or objects of the JSON values (integers of both signs beyond int64
+    # mixed, or fractions): the parsed values themselves are exact, so check them one by one.
+    values = list(_flatten(data))
     for v in values:
         if isinstance(v, bool) or not isinstance(v, int | float):
             raise InvalidRequest(
                 f"{where}: 'data' holds non-numeric values for datatype {datatype}"
             )
-        if isinstance(v, float):
+        if isinstance(v, float) and not v.is_integer():
             raise InvalidRequest(f"{where}: fractional numbers given for datatype {datatype}")
         if not info.min <= v <= info.max:
             raise InvalidRequest(f"{where}: a value is out of range for datatype {datatype}")
+        if isinstance(v, float):  # integral but written as a float: its digits may be lost
+            raise InvalidRequest(f"{where}: {v!r} is not an integer, as datatype {datatype} needs")
     return np.array(values, dtype=dtype)
+
+
+def _flatten(data: list[Any]) -> Iterator[Any]:
+    for item in data:
+        if isinstance(item, list):
+            yield from _flatten(item)
+        else:
+            yield item
 
 
 def decode_request(

@@ -10,6 +10,7 @@ import socket
 import threading
 from types import FrameType
 
+import httptools
 import uvicorn
 from prometheus_client import CollectorRegistry, disable_created_metrics
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -50,6 +51,10 @@ class DrainingServer(uvicorn.Server):
         timer.start()
 
 
+class _HeadTooLarge(Exception):
+    pass
+
+
 class GuardedHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the limits it lacks: a request head (request line
     and headers) of at most `max_head` bytes (431), and a request that arrives whole within
@@ -83,7 +88,14 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        # What arrived while reading the head bounds its size from above; only a request
+        # that may be over the limit pays for measuring it.
+        if self._head_bytes > self.max_head and self._head_size() > self.max_head:
+            raise _HeadTooLarge()
         super().on_headers_complete()
+
+    def _head_size(self) -> int:
+        return len(self.url) + sum(len(k) + len(v) + 4 for k, v in self.headers)
 
     def on_message_complete(self) -> None:
         self._in_head, self._head_bytes, self._incomplete = True, 0, False
@@ -91,20 +103,37 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().on_message_complete()
 
     def data_received(self, data: bytes) -> None:
+        # uvicorn's own, with the head counted and its limit enforced.
+        self._unset_keepalive_if_required()
         if self._in_head:
             self._head_bytes += len(data)
-        super().data_received(data)
-        if self.transport.is_closing():
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            if isinstance(exc.__context__, _HeadTooLarge):  # raised by on_headers_complete
+                self._head_too_large()
+                return
+            self.logger.warning("Invalid HTTP request received.")
+            self.send_400_response("Invalid HTTP request received.")
+            return
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
             return
         if self._in_head and self._head_bytes > self.max_head:
-            self._refuse(
-                431,
-                b"Request Header Fields Too Large",
-                f"the request line and headers are over the limit of {self.max_head} bytes",
-            )
+            self._head_too_large()
         elif self._incomplete and self._deadline is None:
             # Only a request that did not arrive in one read costs a timer.
             self._arm()
+
+    def _head_too_large(self) -> None:
+        self._refuse(
+            431,
+            b"Request Header Fields Too Large",
+            f"the request line and headers are over the limit of {self.max_head} bytes",
+        )
 
     def _arm(self) -> None:
         self._deadline = self.loop.call_at(self._started + self.read_timeout, self._expired)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 
 import numpy as np
@@ -114,3 +115,124 @@ def test_unclaimed_binary_bytes_are_refused() -> None:
     )
     with pytest.raises(InvalidRequest, match="no input claims"):
         decode_request(body, n)
+
+
+def _json_request(*inputs: dict, parameters: dict | None = None) -> bytes:  # type: ignore[type-arg]
+    return json.dumps({"inputs": list(inputs), "parameters": parameters or {}}).encode()
+
+
+@pytest.mark.parametrize(
+    ("datatype", "data"),
+    [
+        ("UINT64", [1, 2**63, 2**64 - 1]),  # numpy reads these as floats: exactness matters
+        ("INT64", [-(2**63), 2**63 - 1, 0]),
+        ("INT32", []),  # zero rows: numpy calls an empty list float64
+        ("UINT8", []),
+        ("FP32", []),
+    ],
+)
+def test_integers_are_decoded_exactly_and_empty_tensors_are_fine(
+    datatype: str, data: list[int]
+) -> None:
+    shape = [len(data)] if data else [0, 4]
+    req = decode_request(
+        _json_request({"name": "x", "shape": shape, "datatype": datatype, "data": data}), None
+    )
+    assert req.inputs["x"].shape == tuple(shape)
+    assert [int(v) for v in req.inputs["x"].ravel()] == data
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (
+            _json_request({"name": "x", "shape": [1], "datatype": "UINT64", "data": [2**64]}),
+            "out of range",
+        ),
+        (
+            _json_request({"name": "x", "shape": [2], "datatype": "UINT64", "data": [-1, 2**63]}),
+            "out of range",
+        ),
+        (
+            _json_request({"name": "x", "shape": [2], "datatype": "INT64", "data": [1, 2.5]}),
+            "fractional",
+        ),
+        (
+            _json_request({"name": "x", "shape": [1], "datatype": "FP32", "data": [1e39]}),
+            "out of range for datatype FP32",
+        ),
+        (
+            _json_request({"name": "x", "shape": [1], "datatype": "FP16", "data": [70000]}),
+            "out of range for datatype FP16",
+        ),
+        (
+            _json_request(
+                {"name": "x", "shape": [1], "datatype": "FP32", "data": [1]},
+                parameters={"binary_data_output": "false"},
+            ),
+            "'binary_data_output' must be true or false",
+        ),
+        (
+            orjson.dumps(
+                {
+                    "inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}],
+                    "outputs": [{"name": "y", "parameters": {"binary_data": 1}}],
+                }
+            ),
+            "'binary_data' must be true or false",
+        ),
+        (
+            _json_request({"name": "x", "shape": [1] * 70, "datatype": "FP32", "data": [1]}),
+            "70 dimensions",
+        ),
+        (
+            _json_request({"name": "x", "shape": [0, 2**62], "datatype": "FP32", "data": []}),
+            "too large",
+        ),
+        (
+            _json_request({"name": "x", "shape": [2, 2], "datatype": "FP32", "data": [0] * 10**6}),
+            "1000000 elements of data for a shape of 4",
+        ),
+    ],
+)
+def test_values_that_do_not_fit_are_refused(body: bytes, message: str) -> None:
+    with pytest.raises(InvalidRequest, match=message):
+        decode_request(body, None)
+
+
+def test_bool_bytes_other_than_0_and_1_are_refused() -> None:
+    body, n = binary_body(
+        {
+            "inputs": [
+                {
+                    "name": "b",
+                    "shape": [2],
+                    "datatype": "BOOL",
+                    "parameters": {"binary_data_size": 2},
+                }
+            ]
+        },
+        b"\x01\x02",
+    )
+    with pytest.raises(InvalidRequest, match="BOOL bytes must be 0 or 1"):
+        decode_request(body, n)
+
+
+def test_inputs_are_checked_against_the_model_before_their_data_is_read() -> None:
+    from kubeonnx_runtime.datatypes import TensorSpec
+
+    model = {"x": TensorSpec("x", "FP32", (-1, 4)), "y": TensorSpec("y", "INT64", (-1,))}
+    # The data is not even numbers: only the datatype check can have refused it.
+    wrong_type = {"name": "x", "shape": [1, 4], "datatype": "BYTES", "data": ["a"] * 4}
+    wrong_shape = {"name": "x", "shape": [1, 5], "datatype": "FP32", "data": "junk"}
+    unknown = {"name": "z", "shape": [1], "datatype": "FP32", "data": "junk"}
+    for tensor, message in [
+        (wrong_type, "has datatype BYTES; the model takes FP32"),
+        (wrong_shape, r"has shape \[1, 5\]; the model takes \[-1, 4\]"),
+        (unknown, "unknown input 'z'; the model's inputs are x, y"),
+    ]:
+        with pytest.raises(InvalidRequest, match=message):
+            decode_request(_json_request(tensor), None, model)
+    only_x = {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}
+    with pytest.raises(InvalidRequest, match="missing input 'y'"):
+        decode_request(_json_request(only_x), None, model)

@@ -1,15 +1,25 @@
-"""Property-based fuzz of the HTTP API against the real server: nothing answers 5xx, and the
-server stays up and correct afterwards."""
+"""Fuzz and hostile requests against the real server: nothing answers 5xx, every hostile
+request gets the status it must, the event loop keeps answering and memory stays bounded."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
+import socket
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.runtime.conftest import Served
+from tests.runtime.conftest import Served, start_server
 
 DATATYPES = ["BOOL", "UINT8", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES", "X", ""]
 json_values = st.recursive(
@@ -94,3 +104,346 @@ def test_server_is_up_and_correct_after_the_fuzz(mixed_server: Served) -> None:
     }
     r = httpx.post(f"{mixed_server.url}/v2/models/mixed/infer", json=body)
     assert r.status_code == 200 and r.json()["outputs"][0]["data"] == [4.0]
+
+
+# Hostile requests, one by one, each with the status it must get. While each is sent, a probe
+# asks /v2/health/live every 20 ms: every answer must come within 1 s (the event loop is never
+# frozen), and the server's RSS must grow by less than 64 MiB.
+
+LIMIT = 8 * 1024 * 1024  # --max-request-bytes of the guarded server
+HEAD_LIMIT = 16 * 1024
+READ_TIMEOUT = 1.0
+MAX_CONNECTIONS = 300
+BATCH_DELAY_MS = 200
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory: pytest.TempPathFactory, models: dict[str, Path]) -> Iterator[Served]:
+    served = start_server(
+        tmp_path_factory.mktemp("guarded"),
+        *("--model-uri", f"file://{models['mixed']}", "--model-name", "mixed"),
+        env={
+            "KUBEONNX_MAX_REQUEST_BYTES": str(LIMIT),
+            "KUBEONNX_MAX_HEADER_BYTES": str(HEAD_LIMIT),
+            "KUBEONNX_READ_TIMEOUT_S": str(READ_TIMEOUT),
+            "KUBEONNX_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
+            "KUBEONNX_MAX_BATCH_SIZE": "8",
+            "KUBEONNX_MAX_BATCH_DELAY_MS": str(BATCH_DELAY_MS),
+        },
+    )
+    yield served
+    served.stop(signal.SIGKILL, timeout=10)
+
+
+def rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+class LivenessProbe(threading.Thread):
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.url = f"{url}/v2/health/live"
+        self.worst = 0.0
+        self.failures: list[str] = []
+        self.answers = 0
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        with httpx.Client(timeout=1.0) as http:
+            while True:
+                started = time.monotonic()
+                try:
+                    status = http.get(self.url).status_code
+                    if status != 200:
+                        self.failures.append(f"status {status}")
+                    self.answers += 1
+                except httpx.HTTPError as exc:
+                    self.failures.append(repr(exc))
+                self.worst = max(self.worst, time.monotonic() - started)
+                if self._stop_event.wait(0.02):
+                    return
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+
+
+@contextlib.contextmanager
+def unharmed(served: Served) -> Iterator[None]:
+    before = rss(served.proc.pid)
+    probe = LivenessProbe(served.url)
+    probe.start()
+    try:
+        yield
+    finally:
+        probe.stop()
+    assert not probe.failures and probe.answers > 0, probe.failures[:3]
+    assert probe.worst < 1.0, f"/v2/health/live took {probe.worst:.2f}s"
+    assert httpx.get(f"{served.url}/v2/health/live", timeout=1).status_code == 200
+    grown = rss(served.proc.pid) - before
+    assert grown < 64 * 1024 * 1024, f"RSS grew {grown / 2**20:.0f} MiB"
+
+
+def address(served: Served) -> tuple[str, int]:
+    host, port = served.url.removeprefix("http://").split(":")
+    return host, int(port)
+
+
+def exchange(served: Served, data: bytes, timeout: float = 10) -> tuple[int | None, bytes]:
+    """Send raw bytes, read until the server closes; (status, body), status None if the
+    server reset the connection without an answer the client could read."""
+    with socket.create_connection(address(served), timeout=timeout) as sock:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(data)
+        chunks = []
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+    response = b"".join(chunks)
+    if not response:
+        return None, b""
+    head, _, body = response.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def post(path: str, body: bytes, **headers: str) -> bytes:
+    lines = [f"POST {path} HTTP/1.1", "Host: test", f"Content-Length: {len(body)}"]
+    lines += [f"{k.replace('_', '-')}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+INFER = "/v2/models/mixed/infer"
+
+
+def tensor(name: str, datatype: str, shape: list[int], data: object) -> dict:  # type: ignore[type-arg]
+    return {"name": name, "datatype": datatype, "shape": shape, "data": data}
+
+
+def mixed_inputs(rows: int = 1, tag: object = None) -> list[dict]:  # type: ignore[type-arg]
+    return [
+        tensor("features", "FP32", [rows, 4], [1.0] * 4 * rows),
+        tensor("ids", "INT64", [rows, 2], [1] * 2 * rows),
+        tensor("mask", "BOOL", [rows, 2], [True] * 2 * rows),
+        tag or tensor("tag", "BYTES", [rows, 1], ["t"] * rows),
+    ]
+
+
+def json_body(inputs: list[dict], **extra: object) -> bytes:  # type: ignore[type-arg]
+    return json.dumps({"inputs": inputs, **extra}).encode()
+
+
+def binary_tag(raw: bytes) -> tuple[bytes, int]:
+    """A request whose BYTES input 'tag' travels as binary data."""
+    buf = struct.pack("<I", len(raw)) + raw
+    tag = {
+        "name": "tag",
+        "datatype": "BYTES",
+        "shape": [1, 1],
+        "parameters": {"binary_data_size": len(buf)},
+    }
+    head = json_body(mixed_inputs(tag=tag))
+    return head + buf, len(head)
+
+
+def gzip_bomb() -> bytes:
+    out = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    zeros = b"\0" * (1 << 20)
+    return b"".join([*(out.compress(zeros) for _ in range(64)), out.flush()])
+
+
+def deflate_bomb() -> bytes:
+    out = zlib.compressobj(9)
+    zeros = b"\0" * (1 << 20)
+    return b"".join([*(out.compress(zeros) for _ in range(64)), out.flush()])
+
+
+def bool_byte_two() -> tuple[bytes, int]:
+    mask = {"name": "mask", "datatype": "BOOL", "shape": [1, 2]}
+    mask["parameters"] = {"binary_data_size": 2}  # type: ignore[assignment]
+    inputs = [i for i in mixed_inputs() if i["name"] != "mask"] + [mask]
+    head = json_body(inputs)
+    return head + b"\x01\x02", len(head)
+
+
+HOSTILE: dict[str, tuple[Callable[[], bytes], int, str]] = {
+    "gzip bomb (64 MiB of zeros in 64 KiB)": (
+        lambda: post(INFER, gzip_bomb(), Content_Encoding="gzip"),
+        413,
+        "inflates to more than",
+    ),
+    "deflate bomb": (
+        lambda: post(INFER, deflate_bomb(), Content_Encoding="deflate"),
+        413,
+        "inflates to more than",
+    ),
+    "truncated gzip": (
+        lambda: post(INFER, gzip_bomb()[:1000], Content_Encoding="gzip"),
+        400,
+        "truncated",
+    ),
+    "Content-Length of 1 GB, nothing sent": (
+        lambda: f"POST {INFER} HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000000\r\n\r\n".encode(),
+        413,
+        "the limit is 8388608",
+    ),
+    "chunked body past the limit": (
+        lambda: (
+            f"POST {INFER} HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+            + b"".join(b"10000\r\n" + b"\0" * 0x10000 + b"\r\n" for _ in range(160))
+            + b"0\r\n\r\n"
+        ),
+        413,
+        "over the limit of 8388608",
+    ),
+    "100 KB header line": (
+        lambda: post(INFER, json_body(mixed_inputs()), X_Junk="a" * 100_000),
+        431,
+        "over the limit of 16384",
+    ),
+    "request line of 100 KB": (
+        lambda: post("/v2/models/" + "m" * 100_000 + "/infer", b"{}"),
+        431,
+        "over the limit",
+    ),
+    "BYTES tensor of 5 MB for an FP32 input": (
+        lambda: json_body(
+            [tensor("features", "BYTES", [150_000, 4], ["abcd"] * 600_000), *mixed_inputs()[1:]]
+        ),
+        400,
+        "input 'features' has datatype BYTES; the model takes FP32",
+    ),
+    "1.5 M numbers for a shape of 4": (
+        lambda: json_body([tensor("features", "FP32", [1, 4], [0.5] * 1_500_000)]),
+        400,
+        "1500000 elements of data for a shape of 4",
+    ),
+    "70 dimensions": (
+        lambda: json_body([tensor("features", "FP32", [1] * 70, [1.0])]),
+        400,
+        "70 dimensions",
+    ),
+    "shape of 2^62 rows": (
+        lambda: json_body([tensor("features", "FP32", [2**62, 4], [])]),
+        400,
+        "0 elements of data for a shape of",
+    ),
+    "BYTES that are not UTF-8, binary": (
+        lambda: binary_tag(b"\xff\xfe\x00ok"),
+        400,
+        "input 'tag': element 0 is not UTF-8",
+    ),
+    "BOOL byte 2": (bool_byte_two, 400, "BOOL bytes must be 0 or 1"),
+    "binary_data_output 'false'": (
+        lambda: json_body(mixed_inputs(), parameters={"binary_data_output": "false"}),
+        400,
+        "'binary_data_output' must be true or false",
+    ),
+    "FP32 overflow": (
+        lambda: json_body([tensor("features", "FP32", [1, 4], [1e39] * 4), *mixed_inputs()[1:]]),
+        400,
+        "out of range for datatype FP32",
+    ),
+    "zero rows": (lambda: json_body(mixed_inputs(rows=0)), 200, '"shape":[0,1]'),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_request_gets_its_status_and_harms_nobody(guarded: Served, case: str) -> None:
+    make, expected, message = HOSTILE[case]
+    made = make()
+    if isinstance(made, tuple):  # a binary-extension body and its header length
+        body, header_length = made
+        raw = post(INFER, body, Inference_Header_Content_Length=str(header_length))
+    elif made.startswith(b"POST "):
+        raw = made
+    else:
+        raw = post(INFER, made)
+    with unharmed(guarded):
+        status, answer = exchange(guarded, raw)
+    assert status == expected, (status, answer[:300])
+    assert message.encode() in answer, answer[:300]
+    if status >= 400:
+        assert json.loads(answer)["error"]
+
+
+def test_a_huge_header_is_cut_off_without_reading_it(guarded: Served) -> None:
+    """httptools gathers a header by concatenation: 50 MB took seconds of the event loop."""
+    raw = post(INFER, b"{}", X_Junk="a" * 50_000_000)
+    with unharmed(guarded):
+        started = time.monotonic()
+        status, _ = exchange(guarded, raw)
+        took = time.monotonic() - started
+    assert status in (431, None)  # the answer may be lost to the reset of the unread rest
+    assert took < 5, f"the server read for {took:.1f}s"
+
+
+def open_slowly(served: Served, n: int) -> list[socket.socket]:
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection(address(served), timeout=5)
+        s.sendall(f"POST {INFER} HTTP/1.1\r\nHost: t\r\n".encode())
+        socks.append(s)
+    return socks
+
+
+def test_slow_clients_are_timed_out_and_do_not_hold_others_back(guarded: Served) -> None:
+    """200 slowloris connections, one header byte each per 0.2 s: each is answered 408 and
+    closed after the read timeout, while a well-behaved client is served all along."""
+    with unharmed(guarded):
+        socks = open_slowly(guarded, 200)
+        try:
+            deadline = time.monotonic() + 3 * READ_TIMEOUT
+            ok = 0
+            with httpx.Client(timeout=5) as http:
+                while time.monotonic() < deadline:
+                    for s in socks:
+                        with contextlib.suppress(OSError):
+                            s.send(b"X")
+                    r = http.post(f"{guarded.url}{INFER}", content=json_body(mixed_inputs()))
+                    ok += r.status_code == 200
+                    time.sleep(0.2)
+            assert ok >= 5
+            closed = 0
+            for s in socks:
+                s.settimeout(2)
+                with contextlib.suppress(OSError):
+                    data = s.recv(4096)
+                    closed += data.startswith(b"HTTP/1.1 408") or data == b""
+            assert closed == len(socks), f"{len(socks) - closed} slow connections still open"
+        finally:
+            for s in socks:
+                s.close()
+
+
+def test_the_connection_cap_refuses_beyond_it(guarded: Served) -> None:
+    socks = open_slowly(guarded, MAX_CONNECTIONS)
+    try:
+        r = httpx.post(f"{guarded.url}{INFER}", content=json_body(mixed_inputs()), timeout=5)
+        assert r.status_code == 503
+    finally:
+        for s in socks:
+            s.close()
+    time.sleep(0.2)
+    r = httpx.post(f"{guarded.url}{INFER}", content=json_body(mixed_inputs()), timeout=5)
+    assert r.status_code == 200
+
+
+def test_a_stalled_upload_does_not_make_the_batcher_wait(guarded: Served) -> None:
+    """The batcher waits for company only for requests whose bodies are complete; one that
+    never finishes its upload must not add the batch delay to everyone else's requests."""
+    body = json_body(mixed_inputs())
+    with socket.create_connection(address(guarded), timeout=5) as stalled:
+        stalled.sendall(post(INFER, body)[:-10])  # all but the last 10 bytes
+        latencies = []
+        with httpx.Client(timeout=5) as http:
+            http.post(f"{guarded.url}{INFER}", content=body)
+            for _ in range(5):
+                started = time.monotonic()
+                assert http.post(f"{guarded.url}{INFER}", content=body).status_code == 200
+                latencies.append(time.monotonic() - started)
+        answer = stalled.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert max(latencies) < BATCH_DELAY_MS / 1000 / 2, latencies
