@@ -1,6 +1,11 @@
 """Runtime benchmark: every figure from one run, side by side, on this machine.
 
     .venv/bin/python benchmarks/runtime_bench.py [--seconds 10] [--out FILE.md]
+        [--models mlp convnet] [--only batching naive] [--baseline DIR]
+
+--baseline DIR adds kubeonnx as checked out in DIR (e.g. `git worktree add DIR COMMIT`),
+with batching, to the same run: a change is measured against the code before it, side by
+side. --only keeps the servers whose label contains one of the words given.
 
 Servers run pinned to CPU 0 with one intra-op thread; wrk (compiled, Debian's `wrk`) runs
 pinned to CPU 1, so the load generator does not compete with the server. Each point: batch
@@ -241,6 +246,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--models", nargs="+", choices=list(PLAN), default=list(PLAN))
     parser.add_argument("--out")
+    parser.add_argument("--baseline", type=Path, help="a checkout of kubeonnx to compare with")
+    parser.add_argument("--only", nargs="+", help="servers whose label contains one of these")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kubeonnx-bench-"))
     models = generate(work / "models", args.models)
@@ -296,6 +303,17 @@ def main() -> None:
         }
         if PEER.exists():
             servers["MLServer 1.7.1 (JSON)"] = ([str(PEER), "start", "{peer_dir}"], "json", {})
+        if args.baseline:
+            # The baseline's runtime package shadows this checkout's (PYTHONPATH comes first).
+            baseline_env = {
+                "PYTHONPATH": str(args.baseline.resolve() / "runtime"),
+                "KUBEONNX_MAX_BATCH_SIZE": "32",
+            }
+            for kind in ("json", "binary"):
+                label = f"kubeonnx @ baseline, batching ({'JSON' if kind == 'json' else kind})"
+                servers[label] = ([kubeonnx, "serve"], kind, baseline_env)
+        if args.only:
+            servers = {k: v for k, v in servers.items() if any(w in k for w in args.only)}
         for label, (cmd, kind, extra_env) in servers.items():
             port = free_port()
             cwd = None
