@@ -20,6 +20,11 @@ session = ort.InferenceSession(model_path, options, providers=["CPUExecutionProv
 app = FastAPI()
 
 
+@app.get("/v2/health/live")
+async def live() -> Response:  # what the benchmark waits for before it loads the server
+    return Response(b'{"live":true}', media_type="application/json")
+
+
 @app.post("/v2/models/{name}/infer")
 async def infer(name: str, request: Request) -> Response:
     body = json.loads(await request.body())
