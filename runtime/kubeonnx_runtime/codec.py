@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import struct
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,9 @@ from .datatypes import OIP_TO_NUMPY, TensorSpec, oip_datatype
 from .errors import InvalidRequest
 
 HEADER_LENGTH = "inference-header-content-length"
+# A value too large for its float datatype is refused by name (_decode_json_data); numpy's
+# warning about the cast that found it would only repeat that, outside the log's format.
+warnings.filterwarnings("ignore", "overflow encountered in cast", RuntimeWarning, __name__)
 
 
 @dataclass(frozen=True)
@@ -155,8 +159,7 @@ def _decode_json_data(data: Any, datatype: str, count: int, where: str) -> np.nd
     if dtype.kind in {"i", "u"}:
         return _integers(arr, data, datatype, where)
     try:
-        with np.errstate(over="ignore"):  # overflow is refused below, by name
-            out = arr.astype(dtype).ravel()
+        out = arr.astype(dtype).ravel()  # an overflow is refused below, by name
     except (TypeError, ValueError):  # objects that are not numbers
         raise InvalidRequest(
             f"{where}: 'data' holds non-numeric values for datatype {datatype}"
