@@ -39,10 +39,12 @@ def batch_key(inputs: Tensors) -> BatchKey:
 def rows(inputs: Tensors) -> int | None:
     """The request's rows: the first dimension that every input shares, else None (such a
     request cannot be cut back out of a merged run, so it runs alone)."""
-    counts = {a.shape[0] if a.ndim else None for a in inputs.values()}
-    if len(counts) != 1:
-        return None
-    return counts.pop()
+    n: int | None = None
+    for i, a in enumerate(inputs.values()):
+        if not a.ndim or (i and a.shape[0] != n):
+            return None
+        n = a.shape[0]
+    return n
 
 
 def merge(requests: list[Tensors]) -> Tensors:

@@ -36,9 +36,12 @@ class TensorSpec:
         return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
 
     def fits(self, shape: tuple[int, ...]) -> bool:
-        return len(shape) == len(self.shape) and all(
-            d in (-1, g) for d, g in zip(self.shape, shape, strict=True)
-        )
+        if len(shape) != len(self.shape):
+            return False
+        for d, g in zip(self.shape, shape):  # noqa: B905, SIM110 - lengths checked; a plain loop is faster
+            if d != -1 and d != g:
+                return False
+        return True
 
 
 NUMPY_TO_OIP: dict[np.dtype, str] = {v: k for k, v in OIP_TO_NUMPY.items()}

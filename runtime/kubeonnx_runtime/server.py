@@ -81,11 +81,6 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._disarm()
         super().connection_lost(exc)
 
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        if not self._incomplete:
-            self._incomplete, self._started = True, self.loop.time()
-
     def on_headers_complete(self) -> None:
         self._in_head = False
         # What arrived while reading the head bounds its size from above; only a request
@@ -99,12 +94,15 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._in_head, self._head_bytes, self._incomplete = True, 0, False
-        self._disarm()
+        if self._deadline is not None:
+            self._disarm()
         super().on_message_complete()
 
     def data_received(self, data: bytes) -> None:
         # uvicorn's own, with the head counted and its limit enforced.
         self._unset_keepalive_if_required()
+        if not self._incomplete:  # the first bytes of the next request on this connection
+            self._incomplete, self._started = True, self.loop.time()
         if self._in_head:
             self._head_bytes += len(data)
         try:
