@@ -36,14 +36,18 @@ from .errors import (
 )
 from .logs import request_id_var
 from .metrics import RuntimeMetrics
+from .quota import Quota, QuotaExceeded, QuotaUnavailable, Unauthorized
 
 log = logging.getLogger(__name__)
 
 _STATUS: dict[type[RuntimeServeError], int] = {
     InvalidRequest: 400,
+    Unauthorized: 401,
     ModelNotFound: 404,
     PayloadTooLarge: 413,
+    QuotaExceeded: 429,
     ServerBusy: 503,
+    QuotaUnavailable: 503,
 }
 # Bodies up to this size are decoded on the event loop (well under a millisecond); larger or
 # compressed ones on a thread of their own, so the loop keeps answering probes meanwhile.
@@ -100,7 +104,9 @@ def _error_parts(exc: RuntimeServeError) -> tuple[int, list[tuple[bytes, bytes]]
     """The one mapping of domain errors to HTTP: status, extra headers, JSON body."""
     status = _STATUS.get(type(exc), 500)
     extra = []
-    if status == 503:
+    if isinstance(exc, QuotaExceeded):  # Retry-After and the budget the client has left
+        extra = exc.decision.headers(time.time())
+    elif status == 503:
         extra.append((b"retry-after", b"1"))
     elif status == 413:  # the rest of the body is not worth reading
         extra.append((b"connection", b"close"))
@@ -133,9 +139,16 @@ InferAnswer = tuple[int, str, list[tuple[bytes, bytes]], bytes]
 class InferHandler:
     """Inference over HTTP, framework-free: bytes in, status and bytes out, metered."""
 
-    def __init__(self, dataplane: DataPlane, metrics: RuntimeMetrics, max_body: int) -> None:
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        metrics: RuntimeMetrics,
+        max_body: int,
+        quota: Quota | None = None,
+    ) -> None:
         self.dataplane = dataplane
         self.max_body = max_body
+        self.quota = quota
         label = dataplane.name
         self.inflight = metrics.inflight.labels(label)
         self.latency = metrics.latency.labels(label)
@@ -170,6 +183,8 @@ class InferHandler:
         status = 500
         try:
             dataplane.check_model(name, version)  # a wrong name is 404 whatever the body
+            quota = self.quota
+            tenant = quota.identify(headers) if quota is not None else ""  # 401 before the body
             header_length = _int_header(headers, HEADER_LENGTH)
             declared = _int_header(headers, "content-length")
             if declared is not None and declared > self.max_body:
@@ -190,19 +205,19 @@ class InferHandler:
                     )
             finally:
                 batcher.withdraw()
+            extra: list[tuple[bytes, bytes]] = []
+            if quota is not None:  # rows are known now, before the model runs
+                decision = await quota.admit(tenant, request_rows(decoded.inputs))
+                extra = decision.headers(time.time())
             outputs = await dataplane.infer(decoded)
             payload, out_header_length = encode_response(
                 dataplane.name, dataplane.version, decoded, outputs
             )
             status = 200
             if out_header_length is None:
-                return 200, "application/json", [], payload
-            return (
-                200,
-                "application/octet-stream",
-                [(b"inference-header-content-length", str(out_header_length).encode())],
-                payload,
-            )
+                return 200, "application/json", extra, payload
+            extra.append((b"inference-header-content-length", str(out_header_length).encode()))
+            return 200, "application/octet-stream", extra, payload
         except RuntimeServeError as exc:
             status, extra, body = _error_parts(exc)
             if status >= 500:
@@ -217,6 +232,11 @@ class InferHandler:
             self.inflight.dec()
             self.latency.observe(time.perf_counter() - started)
             self._count(status)
+
+
+def request_rows(inputs: Mapping[str, Any]) -> int:
+    """The rows a request counts for in a quota: its inputs' largest first dimension."""
+    return max((a.shape[0] if a.ndim else 1 for a in inputs.values()), default=0)
 
 
 def _int_header(headers: Mapping[str, str], name: str) -> int | None:
@@ -277,6 +297,7 @@ class FrontDoor:
     def __init__(self, app: ASGIApp, infer: InferHandler, route_prefix: str = "") -> None:
         self.app = app
         self.infer = infer
+        self._read = _READ_HEADERS | ({infer.quota.header.encode()} if infer.quota else set())
         self.prefix = route_prefix.rstrip("/")
         self._ids = itertools.count(1)
         self._id_prefix = os.urandom(4).hex()
@@ -291,9 +312,7 @@ class FrontDoor:
             scope = {**scope, "path": path}
             scope.pop("raw_path", None)
         # One pass over the headers for the few the fast path reads (no dict of them all).
-        headers = {
-            k.decode(): v.decode("latin-1") for k, v in scope["headers"] if k in _READ_HEADERS
-        }
+        headers = {k.decode(): v.decode("latin-1") for k, v in scope["headers"] if k in self._read}
         rid = headers.pop("x-request-id", None) or f"{self._id_prefix}-{next(self._ids):x}"
         token = request_id_var.set(rid)
         try:
@@ -336,6 +355,7 @@ def create_app(
     on_shutdown: Callable[[], Awaitable[None]] | None = None,
     route_prefix: str = "",
     max_body: int = 64 * 1024 * 1024,
+    quota: Quota | None = None,
 ) -> FrontDoor:
     """Build the app around an injected data plane and metrics registry."""
 
@@ -391,7 +411,13 @@ def create_app(
         ok = dataplane.model_ready(name, version)
         return _json({"name": name, "ready": ok}, 200 if ok else 503)
 
-    handler = InferHandler(dataplane, metrics, max_body)
+    handler = InferHandler(dataplane, metrics, max_body, quota)
+
+    @app.get("/v2/quota", summary="The calling tenant's limits, usage and reset times")
+    async def quota_usage(request: Request) -> Response:
+        if quota is None:
+            return _json({"error": "no quota policy applies to this model"}, 404)
+        return _json(await quota.usage(quota.identify(request.headers)))
 
     async def infer(request: Request, name: str, version: str | None = None) -> Response:
         # Served by FrontDoor's fast path; kept as a route so /docs describes it.

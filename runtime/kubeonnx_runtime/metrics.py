@@ -55,6 +55,21 @@ class RuntimeMetrics:
             ["model"],
             registry=registry,
         )
+        self.quota_decisions = Counter(
+            "kubeonnx_quota_decisions",
+            "Quota decisions by tenant: admitted, refused, shadow_refused (counted, not "
+            "refused), admitted_unchecked (Redis down, failureMode Open), unavailable (Redis "
+            "down, failureMode Closed), unauthorized.",
+            ["model", "tenant", "decision"],
+            registry=registry,
+        )
+        self.quota_redis_seconds = Histogram(
+            "kubeonnx_quota_redis_seconds",
+            "Round trips to the quota store (Redis), timeouts included.",
+            ["model"],
+            buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05),
+            registry=registry,
+        )
         self.load_seconds = Gauge(
             "kubeonnx_model_load_seconds",
             "Seconds spent creating the inference session.",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import socket
 import threading
@@ -23,6 +24,7 @@ from .fetch import S3Options, fetch_model
 from .logs import configure_logging
 from .metrics import RuntimeMetrics
 from .model import OnnxModel
+from .quota import Quota, connect_redis, load_quota_config
 from .settings import ServeSettings
 
 log = logging.getLogger("kubeonnx.serve")
@@ -184,6 +186,33 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def make_quota(settings: ServeSettings, metrics: RuntimeMetrics) -> Quota | None:
+    """The quota policy the mounted configuration describes, if any (FatalStartupError if
+    the file is unreadable or invalid)."""
+    if settings.quota_config is None:
+        return None
+    config = load_quota_config(settings.quota_config)
+    client = connect_redis(config.redis, os.environ) if config.redis else None
+    decisions = metrics.quota_decisions
+    label = settings.model_name
+    log.info(
+        "quota policy",
+        extra={
+            "policy": config.policy,
+            "tenants": len(config.tenants),
+            "store": "redis" if client else "memory (per replica)",
+            "failure_mode": config.failure_mode,
+            "shadow": config.shadow,
+        },
+    )
+    return Quota(
+        config,
+        redis_client=client,
+        on_decision=lambda tenant, outcome: decisions.labels(label, tenant, outcome).inc(),
+        on_redis_seconds=metrics.quota_redis_seconds.labels(label).observe,
+    )
+
+
 def load(settings: ServeSettings, metrics: RuntimeMetrics) -> OnnxModel:
     label = settings.model_name
     fetched = fetch_model(
@@ -226,6 +255,7 @@ def serve(settings: ServeSettings) -> int:
     metrics = RuntimeMetrics(CollectorRegistry())
     try:
         sock = listen(settings.host, settings.port)
+        quota = make_quota(settings, metrics)
         model = load(settings, metrics)
     except FatalStartupError as exc:
         log.error("fatal: %s", exc)
@@ -256,6 +286,7 @@ def serve(settings: ServeSettings) -> int:
         metrics,
         route_prefix=settings.route_prefix,
         max_body=settings.max_request_bytes,
+        quota=quota,
     )
     config = uvicorn.Config(
         app,

@@ -1,0 +1,453 @@
+"""Per-tenant quotas: who is asking, and whether their budget allows this request.
+
+A tenant is named by an API key, of which the runtime knows only the sha256. Each tenant
+has limits, each a number of requests or of rows (dim 0 of the request's inputs) per window
+of 1s, 1m, 1h or 1d. Windows are calendar buckets in UTC (the minute, the hour, the day
+that is under way), so every replica agrees on when a window resets without talking to the
+others, and the reset time a client is told is exact.
+
+A decision checks every window of the tenant and counts the request in all of them, or in
+none (a refused request costs nothing): in Redis with one Lua script, one round trip, shared
+by every replica; without Redis, in this process's memory (exact per replica only).
+
+When Redis does not answer within its timeout, `failureMode` decides: `Closed` refuses
+(503), `Open` admits, `Local` enforces limit / replicas in memory. After three failures in a
+row a circuit breaker stops asking Redis for a second, so a dead Redis costs nothing per
+request. `shadow` decides and counts but never refuses (to roll a policy out).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic.alias_generators import to_camel
+
+from .errors import FatalStartupError, RuntimeServeError, redact
+
+log = logging.getLogger(__name__)
+
+WINDOW_SECONDS = {"1s": 1, "1m": 60, "1h": 3600, "1d": 86400}
+REDIS_TIMEOUT_S = 0.025
+BREAKER_FAILURES = 3
+BREAKER_OPEN_S = 1.0
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class Limit(_Config):
+    unit: Literal["requests", "rows"]
+    limit: int = Field(ge=0)
+    window: Literal["1s", "1m", "1h", "1d"]
+
+    @property
+    def name(self) -> str:
+        return f"{self.unit}-{self.window}"
+
+
+class TenantConfig(_Config):
+    name: str = Field(min_length=1)
+    key_sha256: list[str] = Field(default_factory=list)
+    limits: list[Limit] = Field(default_factory=list)
+
+    @field_validator("key_sha256")
+    @classmethod
+    def _hex(cls, values: list[str]) -> list[str]:
+        for v in values:
+            if len(v) != 64 or any(c not in "0123456789abcdef" for c in v.lower()):
+                raise ValueError("each keySha256 must be 64 hexadecimal characters")
+        return [v.lower() for v in values]
+
+
+class DefaultTenant(_Config):
+    limits: list[Limit] = Field(default_factory=list)
+
+
+class RedisBackend(_Config):
+    url: str
+    password_env: str | None = None  # the variable that holds the password, if any
+
+
+class QuotaConfig(_Config):
+    """The file `KUBEONNX_QUOTA_CONFIG` names: what the operator renders from a QuotaPolicy."""
+
+    policy: str = Field(min_length=1)
+    tenant_header: str = "X-Api-Key"
+    tenants: list[TenantConfig] = Field(default_factory=list)
+    default_tenant: DefaultTenant | None = None
+    failure_mode: Literal["Closed", "Open", "Local"] = "Closed"
+    shadow: bool = False
+    redis: RedisBackend | None = None
+    replicas: int = Field(1, ge=1)  # how many replicas share the limits (failureMode Local)
+
+    @field_validator("tenants")
+    @classmethod
+    def _unique(cls, tenants: list[TenantConfig]) -> list[TenantConfig]:
+        names = [t.name for t in tenants]
+        if len(set(names)) != len(names):
+            raise ValueError("tenant names must be unique")
+        return tenants
+
+
+DEFAULT_TENANT = "default"
+
+
+def load_quota_config(path: Path) -> QuotaConfig:
+    """Read the quota configuration (JSON or YAML), or raise FatalStartupError naming the
+    problem."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise FatalStartupError(f"cannot read the quota configuration {path}: {exc}") from None
+    try:
+        return QuotaConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors()
+        )
+        raise FatalStartupError(f"invalid quota configuration {path}: {problems}") from None
+
+
+def key_hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class Unauthorized(RuntimeServeError):
+    """No known API key and no default tenant (HTTP 401)."""
+
+
+class QuotaUnavailable(RuntimeServeError):
+    """The shared counters cannot be reached and failureMode is Closed (HTTP 503)."""
+
+
+class QuotaExceeded(RuntimeServeError):
+    """A window of the tenant's budget would be exceeded (HTTP 429)."""
+
+    def __init__(self, message: str, decision: Decision) -> None:
+        super().__init__(message)
+        self.decision = decision
+
+
+@dataclass(frozen=True)
+class WindowState:
+    limit: Limit
+    used: int  # after this request when admitted, before it when refused
+    reset_at: float  # epoch seconds
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.limit.limit - self.used)
+
+
+@dataclass(frozen=True)
+class Decision:
+    tenant: str
+    admitted: bool
+    windows: tuple[WindowState, ...]
+    violated: WindowState | None = None
+    source: str = "redis"  # redis, memory, local (Redis down), open (Redis down)
+
+    def headers(self, now: float) -> list[tuple[bytes, bytes]]:
+        """RateLimit-Policy and RateLimit (IETF httpapi ratelimit-headers draft), and the
+        X-RateLimit-* trio for the window closest to its limit; Retry-After when refused.
+        Reset times are seconds from now."""
+        if not self.windows:
+            return []
+        policy = ", ".join(
+            f'"{w.limit.name}";q={w.limit.limit};w={WINDOW_SECONDS[w.limit.window]}'
+            for w in self.windows
+        )
+        current = ", ".join(
+            f'"{w.limit.name}";r={w.remaining};t={_until(w.reset_at, now)}' for w in self.windows
+        )
+        tightest = self.violated or min(
+            self.windows, key=lambda w: w.remaining / max(w.limit.limit, 1)
+        )
+        headers = [
+            (b"ratelimit-policy", policy.encode()),
+            (b"ratelimit", current.encode()),
+            (b"x-ratelimit-limit", str(tightest.limit.limit).encode()),
+            (b"x-ratelimit-remaining", str(tightest.remaining).encode()),
+            (b"x-ratelimit-reset", str(_until(tightest.reset_at, now)).encode()),
+        ]
+        if self.violated is not None:
+            headers.append((b"retry-after", str(_until(self.violated.reset_at, now)).encode()))
+        return headers
+
+
+def _bucket(limit: Limit, now: float) -> int:
+    return int(now // WINDOW_SECONDS[limit.window])
+
+
+def _reset_at(limit: Limit, now: float) -> float:
+    return float((_bucket(limit, now) + 1) * WINDOW_SECONDS[limit.window])
+
+
+def _until(at: float, now: float) -> int:
+    return max(1, math.ceil(at - now))
+
+
+# KEYS: one counter per window. ARGV: per window, its cost and its limit, then the TTL.
+# Checks every window first and counts in all of them only if all allow it.
+# Returns {admitted (1/0), index of the violated window (0 if none), used per window...}.
+_CHECK_AND_COUNT = """
+local n = #KEYS
+local used, violated = {}, 0
+for i = 1, n do
+  local cur = tonumber(redis.call('GET', KEYS[i]) or '0')
+  used[i] = cur
+  if violated == 0 and cur + tonumber(ARGV[2 * i - 1]) > tonumber(ARGV[2 * i]) then
+    violated = i
+  end
+end
+if violated > 0 then
+  return {0, violated, unpack(used)}
+end
+for i = 1, n do
+  local cost = tonumber(ARGV[2 * i - 1])
+  used[i] = redis.call('INCRBY', KEYS[i], cost)
+  redis.call('EXPIRE', KEYS[i], tonumber(ARGV[2 * n + i]), 'NX')
+end
+return {1, 0, unpack(used)}
+"""
+
+
+class MemoryCounters:
+    """The same windows in this process: (tenant, limit name) -> (bucket, used)."""
+
+    def __init__(self, scale: float = 1.0) -> None:
+        self.scale = scale  # failureMode Local: each replica's share of the limit
+        self._counts: dict[tuple[str, str], tuple[int, int]] = {}
+
+    def limit_of(self, limit: Limit) -> Limit:
+        if self.scale == 1.0:
+            return limit
+        return limit.model_copy(update={"limit": int(limit.limit * self.scale)})
+
+    def used(self, tenant: str, limit: Limit, bucket: int) -> int:
+        seen, used = self._counts.get((tenant, limit.name), (bucket, 0))
+        return used if seen == bucket else 0
+
+    def check_and_count(
+        self, tenant: str, costs: list[tuple[Limit, int]], now: float
+    ) -> tuple[bool, int, list[int]]:
+        buckets = [_bucket(lim, now) for lim, _ in costs]
+        used = [self.used(tenant, lim, b) for (lim, _), b in zip(costs, buckets, strict=True)]
+        for i, ((lim, cost), u) in enumerate(zip(costs, used, strict=True)):
+            if u + cost > self.limit_of(lim).limit:
+                return False, i + 1, used
+        for i, ((lim, cost), b) in enumerate(zip(costs, buckets, strict=True)):
+            used[i] += cost
+            self._counts[(tenant, lim.name)] = (b, used[i])
+        return True, 0, used
+
+
+class Quota:
+    """Identifies tenants and decides requests; one per runtime process."""
+
+    def __init__(
+        self,
+        config: QuotaConfig,
+        *,
+        redis_client: Any | None = None,
+        clock: Callable[[], float] = time.time,
+        on_decision: Callable[[str, str], None] | None = None,
+        on_redis_seconds: Callable[[float], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.header = config.tenant_header.lower()
+        self._bearer = self.header == "authorization"
+        self._by_hash = {h: t.name for t in config.tenants for h in t.key_sha256}
+        self._limits = {t.name: t.limits for t in config.tenants}
+        if config.default_tenant is not None:
+            self._limits[DEFAULT_TENANT] = config.default_tenant.limits
+        self._clock = clock
+        self._redis = redis_client
+        self._script = redis_client.register_script(_CHECK_AND_COUNT) if redis_client else None
+        self._memory = MemoryCounters()
+        self._local = MemoryCounters(1 / config.replicas)
+        self._failures = 0
+        self._breaker_until = 0.0
+        self._on_decision = on_decision or (lambda tenant, decision: None)
+        self._on_redis_seconds = on_redis_seconds or (lambda s: None)
+
+    @property
+    def exact(self) -> bool:
+        """Whether the counts are shared by every replica (Redis), or this process's own."""
+        return self._redis is not None
+
+    def identify(self, headers: Mapping[str, str]) -> str:
+        """The tenant the request's key names; the default tenant for a missing or unknown
+        key, or Unauthorized when the policy has none."""
+        raw = headers.get(self.header)
+        if raw is not None and self._bearer:
+            raw = raw[7:] if raw[:7].lower() == "bearer " else None
+        tenant = self._by_hash.get(key_hash(raw.strip())) if raw else None
+        if tenant is not None:
+            return tenant
+        if self.config.default_tenant is not None:
+            return DEFAULT_TENANT
+        self._on_decision("", "unauthorized")
+        what = "no" if not raw else "an unknown"
+        raise Unauthorized(f"{what} API key in {self.config.tenant_header}")
+
+    async def admit(self, tenant: str, rows: int) -> Decision:
+        """Count the request against every window of the tenant, or refuse it (QuotaExceeded,
+        QuotaUnavailable); the Decision's headers go on the answer either way."""
+        limits = self._limits.get(tenant, [])
+        now = self._clock()
+        costs = [(lim, 1 if lim.unit == "requests" else rows) for lim in limits]
+        if not costs:
+            return self._decided(Decision(tenant, True, ()), "admitted")
+        if self._redis is None:
+            return self._settle(
+                tenant, costs, now, *self._memory.check_and_count(tenant, costs, now), "memory"
+            )
+        if now < self._breaker_until:
+            return self._fallback(tenant, costs, now, "the quota store is unreachable")
+        started = time.perf_counter()
+        try:
+            result = await asyncio.wait_for(self._ask_redis(tenant, costs, now), REDIS_TIMEOUT_S)
+        except Exception as exc:  # timeout, connection refused, a Redis error: all the same here
+            self._on_redis_seconds(time.perf_counter() - started)
+            self._failures += 1
+            if self._failures >= BREAKER_FAILURES:
+                self._breaker_until = now + BREAKER_OPEN_S
+                if self._failures == BREAKER_FAILURES:
+                    log.warning(
+                        "quota store unreachable (%s); failure mode %s",
+                        redact(f"{type(exc).__name__}: {exc}"),
+                        self.config.failure_mode,
+                    )
+            return self._fallback(tenant, costs, now, "the quota store is unreachable")
+        self._on_redis_seconds(time.perf_counter() - started)
+        if self._failures >= BREAKER_FAILURES:
+            log.info("quota store reachable again")
+        self._failures = 0
+        admitted, violated, used = result
+        return self._settle(tenant, costs, now, admitted, violated, used, "redis")
+
+    async def _ask_redis(
+        self, tenant: str, costs: list[tuple[Limit, int]], now: float
+    ) -> tuple[bool, int, list[int]]:
+        assert self._script is not None
+        keys = [self._key(tenant, lim, now) for lim, _ in costs]
+        args: list[int] = []
+        for lim, cost in costs:
+            args += [cost, lim.limit]
+        args += [WINDOW_SECONDS[lim.window] * 2 for lim, _ in costs]  # outlive the window
+        reply = await self._script(keys=keys, args=args)
+        return bool(reply[0]), int(reply[1]), [int(u) for u in reply[2:]]
+
+    def _key(self, tenant: str, limit: Limit, now: float) -> str:
+        bucket = _bucket(limit, now)
+        # The hash tag keeps a tenant's counters in one Redis Cluster slot (one script).
+        return f"kubeonnx:{{{self.config.policy}/{tenant}}}:{limit.name}:{bucket}"
+
+    def _fallback(
+        self, tenant: str, costs: list[tuple[Limit, int]], now: float, why: str
+    ) -> Decision:
+        mode = self.config.failure_mode
+        if mode == "Local":
+            local = [(self._local.limit_of(lim), cost) for lim, cost in costs]
+            return self._settle(
+                tenant, local, now, *self._local.check_and_count(tenant, costs, now), "local"
+            )
+        if mode == "Open":
+            return self._decided(Decision(tenant, True, (), source="open"), "admitted_unchecked")
+        self._on_decision(tenant, "unavailable")
+        raise QuotaUnavailable(f"{why}; the quota policy refuses requests until it is back")
+
+    def _settle(
+        self,
+        tenant: str,
+        costs: list[tuple[Limit, int]],
+        now: float,
+        admitted: bool,
+        violated: int,
+        used: list[int],
+        source: str,
+    ) -> Decision:
+        windows = tuple(
+            WindowState(lim, u, _reset_at(lim, now))
+            for (lim, _), u in zip(costs, used, strict=True)
+        )
+        if admitted:
+            return self._decided(Decision(tenant, True, windows, source=source), "admitted")
+        broken = windows[violated - 1]
+        decision = Decision(tenant, False, windows, broken, source)
+        if self.config.shadow:
+            return self._decided(Decision(tenant, True, windows, source=source), "shadow_refused")
+        self._on_decision(tenant, "refused")
+        raise QuotaExceeded(
+            f"tenant '{tenant}' is over its limit of {broken.limit.limit} {broken.limit.unit} "
+            f"per {broken.limit.window} (window {broken.limit.name}); "
+            f"retry in {_until(broken.reset_at, now)} s",
+            decision,
+        )
+
+    def _decided(self, decision: Decision, outcome: str) -> Decision:
+        self._on_decision(decision.tenant, outcome)
+        return decision
+
+    async def usage(self, tenant: str) -> dict[str, Any]:
+        """The tenant's limits, what is used of each and when each resets (GET /v2/quota)."""
+        now = self._clock()
+        limits = self._limits.get(tenant, [])
+        source = "memory"
+        used = [self._memory.used(tenant, lim, _bucket(lim, now)) for lim in limits]
+        if self._redis is not None and limits:
+            source = "redis"
+            try:
+                keys = [self._key(tenant, lim, now) for lim in limits]
+                values = await asyncio.wait_for(self._redis.mget(keys), REDIS_TIMEOUT_S * 4)
+                used = [int(v or 0) for v in values]
+            except Exception:
+                raise QuotaUnavailable("the quota store is unreachable; usage is unknown") from None
+        return {
+            "tenant": tenant,
+            "policy": self.config.policy,
+            "exact": source == "redis",
+            "shadow": self.config.shadow,
+            "limits": [
+                {
+                    "unit": lim.unit,
+                    "window": lim.window,
+                    "limit": lim.limit,
+                    "used": u,
+                    "remaining": max(0, lim.limit - u),
+                    "resetAt": _rfc3339(_reset_at(lim, now)),
+                }
+                for lim, u in zip(limits, used, strict=True)
+            ],
+        }
+
+
+def _rfc3339(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+def connect_redis(backend: RedisBackend, environ: Mapping[str, str]) -> Any:
+    """A Redis client with the quota store's short timeouts; it connects on first use."""
+    import redis.asyncio as aioredis
+
+    password = environ.get(backend.password_env) if backend.password_env else None
+    return aioredis.Redis.from_url(
+        backend.url,
+        password=password or None,
+        socket_timeout=REDIS_TIMEOUT_S,
+        socket_connect_timeout=REDIS_TIMEOUT_S,
+        retry_on_timeout=False,
+        health_check_interval=0,
+    )

@@ -1,0 +1,114 @@
+"""Quota decisions in memory: windows, all-or-nothing counting, tenants, headers, shadow."""
+
+from __future__ import annotations
+
+import pytest
+from kubeonnx_runtime.quota import (
+    DEFAULT_TENANT,
+    Quota,
+    QuotaConfig,
+    QuotaExceeded,
+    Unauthorized,
+    key_hash,
+)
+
+T0 = 20_000 * 86400.0  # midnight UTC: every window starts here
+
+
+def config(**extra: object) -> QuotaConfig:
+    return QuotaConfig.model_validate(
+        {
+            "policy": "team",
+            "tenants": [
+                {
+                    "name": "acme",
+                    "keySha256": [key_hash("acme-key"), key_hash("acme-new-key")],
+                    "limits": [
+                        {"unit": "requests", "limit": 3, "window": "1m"},
+                        {"unit": "rows", "limit": 10, "window": "1d"},
+                    ],
+                }
+            ],
+            **extra,
+        }
+    )
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_tenants_are_named_by_any_of_their_keys_and_strangers_are_refused() -> None:
+    quota = Quota(config())
+    assert quota.identify({"x-api-key": "acme-key"}) == "acme"
+    assert quota.identify({"x-api-key": "acme-new-key"}) == "acme"
+    with pytest.raises(Unauthorized, match="an unknown API key in X-Api-Key"):
+        quota.identify({"x-api-key": "guess"})
+    with pytest.raises(Unauthorized, match="no API key"):
+        quota.identify({})
+
+
+def test_a_bearer_token_and_a_default_tenant() -> None:
+    quota = Quota(
+        config(tenantHeader="Authorization", defaultTenant={"limits": []}),
+    )
+    assert quota.identify({"authorization": "Bearer acme-key"}) == "acme"
+    assert quota.identify({"authorization": "acme-key"}) == DEFAULT_TENANT  # not a bearer
+    assert quota.identify({}) == DEFAULT_TENANT
+
+
+async def test_every_window_counts_and_a_refused_request_counts_nothing() -> None:
+    clock = Clock()
+    quota = Quota(config(), clock=clock)
+    first = await quota.admit("acme", 4)
+    assert [w.used for w in first.windows] == [1, 4]
+    await quota.admit("acme", 4)
+    # 8 + 4 rows > 10 a day: refused, and neither window counts it.
+    with pytest.raises(QuotaExceeded, match="limit of 10 rows per 1d") as refused:
+        await quota.admit("acme", 4)
+    decision = refused.value.decision
+    assert decision.violated is not None and decision.violated.limit.name == "rows-1d"
+    headers = dict(decision.headers(clock.now))
+    assert headers[b"retry-after"] == b"86400"
+    assert headers[b"x-ratelimit-limit"] == b"10" and headers[b"x-ratelimit-remaining"] == b"2"
+    assert headers[b"ratelimit-policy"] == b'"requests-1m";q=3;w=60, "rows-1d";q=10;w=86400'
+    assert headers[b"ratelimit"] == b'"requests-1m";r=1;t=60, "rows-1d";r=2;t=86400'
+    third = await quota.admit("acme", 2)
+    assert [w.used for w in third.windows] == [3, 10]
+    with pytest.raises(QuotaExceeded, match="limit of 3 requests per 1m"):
+        await quota.admit("acme", 0)
+    clock.now += 60  # the next minute: requests again, rows still spent for the day
+    assert [w.used for w in (await quota.admit("acme", 0)).windows] == [1, 10]
+    usage = await quota.usage("acme")
+    assert usage["exact"] is False
+    assert [(u["used"], u["remaining"]) for u in usage["limits"]] == [(1, 2), (10, 0)]
+    assert usage["limits"][1]["resetAt"] == "2024-10-05T00:00:00Z"
+
+
+async def test_shadow_counts_and_reports_but_never_refuses() -> None:
+    outcomes: list[str] = []
+    quota = Quota(config(shadow=True), clock=Clock(), on_decision=lambda t, o: outcomes.append(o))
+    for _ in range(5):
+        await quota.admit("acme", 1)
+    assert outcomes == ["admitted"] * 3 + ["shadow_refused"] * 2
+
+
+def test_a_bad_configuration_is_refused_by_name(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from kubeonnx_runtime.errors import FatalStartupError
+    from kubeonnx_runtime.quota import load_quota_config
+
+    path = tmp_path / "quota.yaml"
+    path.write_text(
+        "policy: p\ntenants:\n- {name: a, limits: [{unit: rows, limit: -1, window: 1w}]}"
+    )
+    with pytest.raises(FatalStartupError) as err:
+        load_quota_config(path)
+    assert "tenants.0.limits.0.limit: Input should be greater than or equal to 0" in str(err.value)
+    assert "tenants.0.limits.0.window: Input should be '1s', '1m', '1h' or '1d'" in str(err.value)
+    path.write_text("policy: p\ntenants: [{name: a}, {name: a}]")
+    with pytest.raises(FatalStartupError, match="tenant names must be unique"):
+        load_quota_config(path)

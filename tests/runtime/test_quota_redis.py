@@ -1,0 +1,178 @@
+"""Quotas across replicas with a real redis-server: exact counts, every failure mode while
+Redis is frozen or killed, and recovery."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import json
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from e2e.redis_server import LocalRedis
+from tests.runtime.conftest import Served
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[LocalRedis]:
+    server = LocalRedis().start()
+    yield server
+    server.stop()
+
+
+def not_near_midnight() -> None:
+    """The tests count in 1d windows; a run that crossed midnight UTC would see two days."""
+    left = 86400 - time.time() % 86400
+    if left < 30:
+        time.sleep(left + 1)
+
+
+def write_policy(tmp_path: Path, url: str, tenants: dict[str, list[dict]], **extra: object) -> Path:  # type: ignore[type-arg]
+    from kubeonnx_runtime.quota import key_hash
+
+    policy = {
+        "policy": f"p-{uuid.uuid4().hex[:8]}",
+        "redis": {"url": url},
+        "tenants": [
+            {"name": name, "keySha256": [key_hash(f"{name}-key")], "limits": limits}
+            for name, limits in tenants.items()
+        ],
+        **extra,
+    }
+    path = tmp_path / f"{policy['policy']}.json"
+    path.write_text(json.dumps(policy))
+    return path
+
+
+def body(rows: int) -> dict:  # type: ignore[type-arg]
+    return {
+        "inputs": [
+            {"name": "input", "shape": [rows, 4], "datatype": "FP32", "data": [0.5] * 4 * rows}
+        ]
+    }
+
+
+def infer(http: httpx.Client, served: Served, tenant: str, rows: int = 1) -> httpx.Response:
+    return http.post(
+        f"{served.url}/v2/models/mlp/infer", json=body(rows), headers={"X-Api-Key": f"{tenant}-key"}
+    )
+
+
+def test_two_replicas_sharing_redis_admit_exactly_the_limit(
+    serve, models, redis_server: LocalRedis, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    not_near_midnight()
+    tenants = {
+        "a": [{"unit": "requests", "limit": 50, "window": "1d"}],
+        "b": [
+            {"unit": "requests", "limit": 30, "window": "1d"},
+            {"unit": "rows", "limit": 1000, "window": "1h"},
+        ],
+        "c": [{"unit": "rows", "limit": 45, "window": "1d"}],
+    }
+    config = write_policy(tmp_path, redis_server.url, tenants)
+    replicas = [
+        serve(
+            "--model-uri",
+            f"file://{models['mlp']}",
+            "--model-name",
+            "mlp",
+            "--quota-config",
+            str(config),
+        )
+        for _ in range(2)
+    ]
+    rows = {"a": 1, "b": 2, "c": 3}
+    sends = [
+        (t, replicas[i % 2]) for i, t in enumerate(itertools.islice(itertools.cycle("abc"), 450))
+    ]
+    with (
+        httpx.Client(timeout=30, limits=httpx.Limits(max_connections=64)) as http,
+        concurrent.futures.ThreadPoolExecutor(64) as pool,
+    ):
+        results = list(pool.map(lambda s: (s[0], infer(http, s[1], s[0], rows[s[0]])), sends))
+    codes = Counter((t, r.status_code) for t, r in results)
+    assert set(code for _, code in codes) == {200, 429}, codes
+    assert codes[("a", 200)] == 50 and codes[("b", 200)] == 30 and codes[("c", 200)] == 15, codes
+    refused = next(r for t, r in results if t == "c" and r.status_code == 429)
+    assert "limit of 45 rows per 1d" in refused.json()["error"]
+    assert int(refused.headers["retry-after"]) >= 1
+    assert refused.headers["x-ratelimit-remaining"] == "0"
+    # What Redis counted is what was admitted: nothing counted twice, nothing missed.
+    for tenant, n in (("a", 50), ("b", 30), ("c", 15)):
+        usage = httpx.get(
+            f"{replicas[1].url}/v2/quota", headers={"X-Api-Key": f"{tenant}-key"}
+        ).json()
+        assert usage["exact"] is True
+        used = {f"{u['unit']}-{u['window']}": u["used"] for u in usage["limits"]}
+        if tenant == "c":
+            assert used == {"rows-1d": 45}
+        elif tenant == "b":
+            assert used == {"requests-1d": 30, "rows-1h": 60}
+        else:
+            assert used == {"requests-1d": n}
+    admitted = next(r for t, r in results if t == "a" and r.status_code == 200)
+    assert admitted.headers["ratelimit-policy"] == '"requests-1d";q=50;w=86400'
+    assert httpx.get(f"{replicas[0].url}/v2/quota").status_code == 401
+
+
+@pytest.mark.parametrize("mode", ["Closed", "Open", "Local"])
+def test_a_frozen_then_killed_redis_is_handled_by_the_failure_mode(
+    serve, models, redis_server: LocalRedis, tmp_path: Path, mode: str
+) -> None:  # type: ignore[no-untyped-def]
+    not_near_midnight()
+    store = LocalRedis().start()  # this test freezes and kills it
+    try:
+        config = write_policy(
+            tmp_path,
+            store.url,
+            {"a": [{"unit": "requests", "limit": 10, "window": "1d"}]},
+            failureMode=mode,
+            replicas=2,
+        )
+        served = serve(
+            "--model-uri",
+            f"file://{models['mlp']}",
+            "--model-name",
+            "mlp",
+            "--quota-config",
+            str(config),
+        )
+        with httpx.Client(timeout=10) as http:
+            assert infer(http, served, "a").status_code == 200  # counted in Redis: 1 of 10
+            for fault in (store.pause, store.kill):
+                fault()
+                answers = []
+                for _ in range(8):
+                    started = time.monotonic()
+                    r = infer(http, served, "a")
+                    answers.append((r.status_code, time.monotonic() - started, r))
+                codes = [code for code, _, _ in answers]
+                assert max(took for _, took, _ in answers) < 0.5, answers
+                if mode == "Closed":
+                    assert codes == [503] * 8
+                    assert answers[0][2].headers["retry-after"] == "1"
+                    assert "quota store is unreachable" in answers[0][2].json()["error"]
+                elif mode == "Open":
+                    assert codes == [200] * 8
+                else:  # each of 2 replicas may admit 10 // 2 a day on its own
+                    expect = [200] * 5 + [429] * 3 if fault == store.pause else [429] * 8
+                    assert codes == expect, codes
+                if fault == store.pause:
+                    store.resume()
+                    time.sleep(1.2)  # the circuit breaker's pause
+                    assert store.client().ping()
+            # Redis back (empty after the kill): counting goes on there.
+            store.start()
+            time.sleep(1.2)
+            assert infer(http, served, "a").status_code == 200
+            usage = http.get(f"{served.url}/v2/quota", headers={"X-Api-Key": "a-key"}).json()
+            assert usage["limits"][0]["used"] == 1 and usage["exact"] is True
+    finally:
+        store.stop()
