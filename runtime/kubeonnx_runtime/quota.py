@@ -265,22 +265,55 @@ class Quota:
         on_decision: Callable[[str, str], None] | None = None,
         on_redis_seconds: Callable[[float], None] | None = None,
     ) -> None:
+        self.header = config.tenant_header.lower()  # fixed for the process: the front door reads it
+        self._clock = clock
+        self._redis = redis_client
+        self._script = redis_client.register_script(_CHECK_AND_COUNT) if redis_client else None
+        self._memory = MemoryCounters()
+        self._failures = 0
+        self._breaker_until = 0.0
+        self._on_decision = on_decision or (lambda tenant, decision: None)
+        self._on_redis_seconds = on_redis_seconds or (lambda s: None)
+        self.use(config)
+
+    def use(self, config: QuotaConfig) -> None:
+        """Take a new configuration (rotated keys, changed limits) without a restart. The
+        tenant header and the store are fixed for the process's life: they need a new pod."""
         self.config = config
-        self.header = config.tenant_header.lower()
         self._bearer = self.header == "authorization"
         self._by_hash = {h: t.name for t in config.tenants for h in t.key_sha256}
         self._limits = {t.name: t.limits for t in config.tenants}
         if config.default_tenant is not None:
             self._limits[DEFAULT_TENANT] = config.default_tenant.limits
-        self._clock = clock
-        self._redis = redis_client
-        self._script = redis_client.register_script(_CHECK_AND_COUNT) if redis_client else None
-        self._memory = MemoryCounters()
         self._local = MemoryCounters(1 / config.replicas)
-        self._failures = 0
-        self._breaker_until = 0.0
-        self._on_decision = on_decision or (lambda tenant, decision: None)
-        self._on_redis_seconds = on_redis_seconds or (lambda s: None)
+
+    async def follow(self, path: Path, every_s: float) -> None:
+        """Re-read the configuration file when its content changes (a mounted Secret is
+        updated in place by the kubelet); a file that no longer loads keeps the last good
+        configuration in force and is logged."""
+        seen = await asyncio.to_thread(path.read_bytes)
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                content = await asyncio.to_thread(path.read_bytes)
+            except OSError as exc:
+                log.error("cannot read the quota configuration %s: %s", path, exc)
+                continue
+            if content == seen:
+                continue
+            seen = content
+            try:
+                config = await asyncio.to_thread(load_quota_config, path)
+            except FatalStartupError as exc:
+                log.error("quota configuration not reloaded, the last one stays: %s", exc)
+                continue
+            if config.tenant_header.lower() != self.header or (config.redis != self.config.redis):
+                log.warning(
+                    "quota configuration changes tenantHeader or redis; those take effect "
+                    "when the pod restarts"
+                )
+            self.use(config.model_copy(update={"redis": self.config.redis}))
+            log.info("quota configuration reloaded", extra={"tenants": len(config.tenants)})
 
     @property
     def exact(self) -> bool:

@@ -281,9 +281,23 @@ def serve(settings: ServeSettings) -> int:
         on_queue_depth=queue_depth.set,
     )
     dataplane = DataPlane(model, batcher, name=settings.model_name, version=settings.model_version)
+    tasks: list[asyncio.Task[None]] = []
+
+    async def follow_quota() -> None:
+        if quota is not None and settings.quota_config is not None:
+            tasks.append(
+                asyncio.create_task(quota.follow(settings.quota_config, settings.quota_reload_s))
+            )
+
+    async def stop_tasks() -> None:
+        for task in tasks:
+            task.cancel()
+
     app = create_app(
         dataplane,
         metrics,
+        on_startup=follow_quota,
+        on_shutdown=stop_tasks,
         route_prefix=settings.route_prefix,
         max_body=settings.max_request_bytes,
         quota=quota,

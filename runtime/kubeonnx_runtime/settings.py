@@ -59,6 +59,9 @@ class ServeSettings(BaseSettings):
         2048, ge=1, description="open connections beyond which requests are answered 503"
     )
     quota_config: Path | None = Field(None, description="mounted quota configuration file")
+    quota_reload_s: float = Field(
+        5.0, gt=0, description="seconds between checks of the quota configuration for changes"
+    )
     route_prefix: str = Field(
         "", description="path prefix an Ingress routes under; served as well as the bare paths"
     )

@@ -176,3 +176,50 @@ def test_a_frozen_then_killed_redis_is_handled_by_the_failure_mode(
             assert usage["limits"][0]["used"] == 1 and usage["exact"] is True
     finally:
         store.stop()
+
+
+def test_a_rotated_key_takes_effect_without_a_restart(
+    serve, models, redis_server: LocalRedis, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """The kubelet updates a mounted Secret in place; the runtime re-reads it."""
+    from kubeonnx_runtime.quota import key_hash
+
+    limits = [{"unit": "requests", "limit": 1000, "window": "1d"}]
+    config = write_policy(tmp_path, redis_server.url, {"a": limits})
+    served = serve(
+        "--model-uri",
+        f"file://{models['mlp']}",
+        "--model-name",
+        "mlp",
+        "--quota-config",
+        str(config),
+        "--quota-reload-s",
+        "0.2",
+    )
+    with httpx.Client(timeout=10) as http:
+        assert infer(http, served, "a").status_code == 200
+        policy = json.loads(config.read_text())
+        policy["tenants"][0]["keySha256"] = [key_hash("a-rotated-key")]
+        staged = config.with_suffix(".new")
+        staged.write_text(json.dumps(policy))
+        staged.replace(config)  # atomic, as the kubelet swaps a Secret's files
+        deadline = time.monotonic() + 10
+        while infer(http, served, "a").status_code != 401 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert infer(http, served, "a").status_code == 401
+        rotated = http.post(
+            f"{served.url}/v2/models/mlp/infer",
+            json=body(1),
+            headers={"X-Api-Key": "a-rotated-key"},
+        )
+        assert rotated.status_code == 200
+        # A broken file keeps the last good configuration.
+        config.write_text("tenants: [")
+        time.sleep(0.6)
+        again = http.post(
+            f"{served.url}/v2/models/mlp/infer",
+            json=body(1),
+            headers={"X-Api-Key": "a-rotated-key"},
+        )
+        assert again.status_code == 200
+    assert "quota configuration not reloaded, the last one stays" in served.logs()
