@@ -19,6 +19,7 @@ request. `shadow` decides and counts but never refuses (to roll a policy out).
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import math
@@ -139,7 +140,7 @@ class QuotaExceeded(RuntimeServeError):
         self.decision = decision
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class WindowState:
     limit: Limit
     used: int  # after this request when admitted, before it when refused
@@ -150,7 +151,7 @@ class WindowState:
         return max(0, self.limit.limit - self.used)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Decision:
     tenant: str
     admitted: bool
@@ -164,10 +165,7 @@ class Decision:
         Reset times are seconds from now."""
         if not self.windows:
             return []
-        policy = ", ".join(
-            f'"{w.limit.name}";q={w.limit.limit};w={WINDOW_SECONDS[w.limit.window]}'
-            for w in self.windows
-        )
+        policy = _policy_header(tuple((w.limit.name, w.limit.limit) for w in self.windows))
         current = ", ".join(
             f'"{w.limit.name}";r={w.remaining};t={_until(w.reset_at, now)}' for w in self.windows
         )
@@ -175,7 +173,7 @@ class Decision:
             self.windows, key=lambda w: w.remaining / max(w.limit.limit, 1)
         )
         headers = [
-            (b"ratelimit-policy", policy.encode()),
+            (b"ratelimit-policy", policy),
             (b"ratelimit", current.encode()),
             (b"x-ratelimit-limit", str(tightest.limit.limit).encode()),
             (b"x-ratelimit-remaining", str(tightest.remaining).encode()),
@@ -184,6 +182,14 @@ class Decision:
         if self.violated is not None:
             headers.append((b"retry-after", str(_until(self.violated.reset_at, now)).encode()))
         return headers
+
+
+@functools.lru_cache(maxsize=1024)
+def _policy_header(limits: tuple[tuple[str, int], ...]) -> bytes:
+    """RateLimit-Policy for a tenant's limits: the same on every answer, so made once."""
+    return ", ".join(
+        f'"{name}";q={limit};w={WINDOW_SECONDS[name.rsplit("-", 1)[1]]}' for name, limit in limits
+    ).encode()
 
 
 def _bucket(limit: Limit, now: float) -> int:
@@ -198,29 +204,51 @@ def _until(at: float, now: float) -> int:
     return max(1, math.ceil(at - now))
 
 
-# KEYS: one counter per window. ARGV: per window, its cost and its limit, then the TTL.
-# Checks every window first and counts in all of them only if all allow it.
-# Returns {admitted (1/0), index of the violated window (0 if none), used per window...}.
+# Decides a batch of one tenant's requests: every request that arrived while the previous
+# round trip was in flight goes in one call. KEYS: the tenant's counters, one per window.
+# ARGV: per window its limit, per window its TTL, then per request its cost in each window.
+# Requests are decided in arrival order against running totals, each counted in every window
+# or in none; the totals are written once. Returns, per request: admitted (1/0), the violated
+# window (0 if none), and each window's count after it (before it, when refused).
 _CHECK_AND_COUNT = """
 local n = #KEYS
-local used, violated = {}, 0
+local used, limit, start = {}, {}, {}
 for i = 1, n do
-  local cur = tonumber(redis.call('GET', KEYS[i]) or '0')
-  used[i] = cur
-  if violated == 0 and cur + tonumber(ARGV[2 * i - 1]) > tonumber(ARGV[2 * i]) then
-    violated = i
+  used[i] = tonumber(redis.call('GET', KEYS[i]) or '0')
+  start[i] = used[i]
+  limit[i] = tonumber(ARGV[i])
+end
+local out = {}
+for base = 2 * n, #ARGV - n, n do
+  local violated = 0
+  for i = 1, n do
+    if used[i] + tonumber(ARGV[base + i]) > limit[i] then
+      violated = i
+      break
+    end
+  end
+  if violated == 0 then
+    for i = 1, n do used[i] = used[i] + tonumber(ARGV[base + i]) end
+  end
+  out[#out + 1] = violated == 0 and 1 or 0
+  out[#out + 1] = violated
+  for i = 1, n do out[#out + 1] = used[i] end
+end
+for i = 1, n do
+  if used[i] > start[i] then
+    redis.call('INCRBY', KEYS[i], used[i] - start[i])
+    redis.call('EXPIRE', KEYS[i], tonumber(ARGV[n + i]), 'NX')
   end
 end
-if violated > 0 then
-  return {0, violated, unpack(used)}
-end
-for i = 1, n do
-  local cost = tonumber(ARGV[2 * i - 1])
-  used[i] = redis.call('INCRBY', KEYS[i], cost)
-  redis.call('EXPIRE', KEYS[i], tonumber(ARGV[2 * n + i]), 'NX')
-end
-return {1, 0, unpack(used)}
+return out
 """
+MAX_COALESCED = 256  # requests decided in one script call
+
+
+@dataclass(slots=True)
+class _Waiting:
+    costs: list[int]
+    future: asyncio.Future[tuple[bool, int, list[int]]]
 
 
 class MemoryCounters:
@@ -270,6 +298,9 @@ class Quota:
         self._redis = redis_client
         self._script = redis_client.register_script(_CHECK_AND_COUNT) if redis_client else None
         self._memory = MemoryCounters()
+        # Requests waiting for Redis, by tenant and limits: one sender task each at a time.
+        self._waiting: dict[tuple[str, int], tuple[list[Limit], list[_Waiting]]] = {}
+        self._senders: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._failures = 0
         self._breaker_until = 0.0
         self._on_decision = on_decision or (lambda tenant, decision: None)
@@ -349,39 +380,81 @@ class Quota:
             )
         if now < self._breaker_until:
             return self._fallback(tenant, costs, now, "the quota store is unreachable")
-        started = time.perf_counter()
         try:
-            result = await asyncio.wait_for(self._ask_redis(tenant, costs, now), REDIS_TIMEOUT_S)
-        except Exception as exc:  # timeout, connection refused, a Redis error: all the same here
-            self._on_redis_seconds(time.perf_counter() - started)
-            self._failures += 1
-            if self._failures >= BREAKER_FAILURES:
-                self._breaker_until = now + BREAKER_OPEN_S
-                if self._failures == BREAKER_FAILURES:
-                    log.warning(
-                        "quota store unreachable (%s); failure mode %s",
-                        redact(f"{type(exc).__name__}: {exc}"),
-                        self.config.failure_mode,
-                    )
+            result = await asyncio.wait_for(
+                self._ask_redis(tenant, limits, [c for _, c in costs]), 2 * REDIS_TIMEOUT_S
+            )
+        except Exception:  # timeout, connection refused, a Redis error: all the same here
             return self._fallback(tenant, costs, now, "the quota store is unreachable")
-        self._on_redis_seconds(time.perf_counter() - started)
-        if self._failures >= BREAKER_FAILURES:
-            log.info("quota store reachable again")
-        self._failures = 0
         admitted, violated, used = result
         return self._settle(tenant, costs, now, admitted, violated, used, "redis")
 
     async def _ask_redis(
-        self, tenant: str, costs: list[tuple[Limit, int]], now: float
+        self, tenant: str, limits: list[Limit], costs: list[int]
     ) -> tuple[bool, int, list[int]]:
+        """Queue the request for the tenant's next script call, and start the sender if none
+        runs: requests arriving during a round trip share the next one."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[bool, int, list[int]]] = loop.create_future()
+        group = (tenant, id(limits))
+        self._waiting.setdefault(group, (limits, []))[1].append(_Waiting(costs, future))
+        if group not in self._senders:
+            self._senders[group] = loop.create_task(self._send(group))
+        return await future
+
+    async def _send(self, group: tuple[str, int]) -> None:
         assert self._script is not None
-        keys = [self._key(tenant, lim, now) for lim, _ in costs]
-        args: list[int] = []
-        for lim, cost in costs:
-            args += [cost, lim.limit]
-        args += [WINDOW_SECONDS[lim.window] * 2 for lim, _ in costs]  # outlive the window
-        reply = await self._script(keys=keys, args=args)
-        return bool(reply[0]), int(reply[1]), [int(u) for u in reply[2:]]
+        tenant = group[0]
+        try:
+            while group in self._waiting:
+                limits, waiting = self._waiting[group]
+                batch, rest = waiting[:MAX_COALESCED], waiting[MAX_COALESCED:]
+                if rest:
+                    self._waiting[group] = (limits, rest)
+                else:
+                    del self._waiting[group]
+                now = self._clock()
+                args: list[int] = [lim.limit for lim in limits]
+                args += [WINDOW_SECONDS[lim.window] * 2 for lim in limits]  # outlive the window
+                for w in batch:
+                    args += w.costs
+                keys = [self._key(tenant, lim, now) for lim in limits]
+                started = time.perf_counter()
+                try:
+                    reply = await asyncio.wait_for(
+                        self._script(keys=keys, args=args), REDIS_TIMEOUT_S
+                    )
+                except Exception as exc:
+                    self._on_redis_seconds(time.perf_counter() - started)
+                    self._store_failed(exc, now)
+                    for w in batch:
+                        if not w.future.done():
+                            w.future.set_exception(QuotaUnavailable(str(exc)))
+                    continue
+                self._on_redis_seconds(time.perf_counter() - started)
+                if self._failures >= BREAKER_FAILURES:
+                    log.info("quota store reachable again")
+                self._failures = 0
+                step = len(limits) + 2
+                for j, w in enumerate(batch):
+                    if not w.future.done():
+                        part = reply[j * step : (j + 1) * step]
+                        w.future.set_result(
+                            (bool(part[0]), int(part[1]), [int(u) for u in part[2:]])
+                        )
+        finally:
+            self._senders.pop(group, None)
+
+    def _store_failed(self, exc: BaseException, now: float) -> None:
+        self._failures += 1
+        if self._failures >= BREAKER_FAILURES:
+            self._breaker_until = now + BREAKER_OPEN_S
+            if self._failures == BREAKER_FAILURES:
+                log.warning(
+                    "quota store unreachable (%s); failure mode %s",
+                    redact(f"{type(exc).__name__}: {exc}"),
+                    self.config.failure_mode,
+                )
 
     def _key(self, tenant: str, limit: Limit, now: float) -> str:
         bucket = _bucket(limit, now)

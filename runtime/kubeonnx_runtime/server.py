@@ -10,6 +10,7 @@ import signal
 import socket
 import threading
 from types import FrameType
+from typing import Any
 
 import httptools
 import uvicorn
@@ -193,8 +194,17 @@ def make_quota(settings: ServeSettings, metrics: RuntimeMetrics) -> Quota | None
         return None
     config = load_quota_config(settings.quota_config)
     client = connect_redis(config.redis, os.environ) if config.redis else None
-    decisions = metrics.quota_decisions
     label = settings.model_name
+    decisions: dict[tuple[str, str], Any] = {}  # metric children, made once per tenant and outcome
+
+    def count(tenant: str, outcome: str) -> None:
+        child = decisions.get((tenant, outcome))
+        if child is None:
+            child = decisions[(tenant, outcome)] = metrics.quota_decisions.labels(
+                label, tenant, outcome
+            )
+        child.inc()
+
     log.info(
         "quota policy",
         extra={
@@ -208,7 +218,7 @@ def make_quota(settings: ServeSettings, metrics: RuntimeMetrics) -> Quota | None
     return Quota(
         config,
         redis_client=client,
-        on_decision=lambda tenant, outcome: decisions.labels(label, tenant, outcome).inc(),
+        on_decision=count,
         on_redis_seconds=metrics.quota_redis_seconds.labels(label).observe,
     )
 
