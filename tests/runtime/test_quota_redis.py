@@ -58,9 +58,26 @@ def body(rows: int) -> dict:  # type: ignore[type-arg]
     }
 
 
-def infer(http: httpx.Client, served: Served, tenant: str, rows: int = 1) -> httpx.Response:
+def infer(
+    http: httpx.Client, served: Served, tenant: str, rows: int = 1, key: str | None = None
+) -> httpx.Response:
     return http.post(
-        f"{served.url}/v2/models/mlp/infer", json=body(rows), headers={"X-Api-Key": f"{tenant}-key"}
+        f"{served.url}/v2/models/mlp/infer",
+        json=body(rows),
+        headers={"X-Api-Key": key or f"{tenant}-key"},
+    )
+
+
+def serve_mlp(serve, models, config: Path, *flags: str) -> Served:  # type: ignore[no-untyped-def]
+    """`kubeonnx serve` of the tiny model under the quota configuration at `config`."""
+    return serve(
+        "--model-uri",
+        f"file://{models['mlp']}",
+        "--model-name",
+        "mlp",
+        "--quota-config",
+        str(config),
+        *flags,
     )
 
 
@@ -77,17 +94,7 @@ def test_two_replicas_sharing_redis_admit_exactly_the_limit(
         "c": [{"unit": "rows", "limit": 45, "window": "1d"}],
     }
     config = write_policy(tmp_path, redis_server.url, tenants)
-    replicas = [
-        serve(
-            "--model-uri",
-            f"file://{models['mlp']}",
-            "--model-name",
-            "mlp",
-            "--quota-config",
-            str(config),
-        )
-        for _ in range(2)
-    ]
+    replicas = [serve_mlp(serve, models, config) for _ in range(2)]
     rows = {"a": 1, "b": 2, "c": 3}
     sends = [
         (t, replicas[i % 2]) for i, t in enumerate(itertools.islice(itertools.cycle("abc"), 450))
@@ -136,14 +143,7 @@ def test_a_frozen_then_killed_redis_is_handled_by_the_failure_mode(
             failureMode=mode,
             replicas=2,
         )
-        served = serve(
-            "--model-uri",
-            f"file://{models['mlp']}",
-            "--model-name",
-            "mlp",
-            "--quota-config",
-            str(config),
-        )
+        served = serve_mlp(serve, models, config)
         with httpx.Client(timeout=10) as http:
             assert infer(http, served, "a").status_code == 200  # counted in Redis: 1 of 10
             for fault in (store.pause, store.kill):
@@ -186,16 +186,7 @@ def test_a_rotated_key_takes_effect_without_a_restart(
 
     limits = [{"unit": "requests", "limit": 1000, "window": "1d"}]
     config = write_policy(tmp_path, redis_server.url, {"a": limits})
-    served = serve(
-        "--model-uri",
-        f"file://{models['mlp']}",
-        "--model-name",
-        "mlp",
-        "--quota-config",
-        str(config),
-        "--quota-reload-s",
-        "0.2",
-    )
+    served = serve_mlp(serve, models, config, "--quota-reload-s", "0.2")
     with httpx.Client(timeout=10) as http:
         assert infer(http, served, "a").status_code == 200
         policy = json.loads(config.read_text())
@@ -207,19 +198,11 @@ def test_a_rotated_key_takes_effect_without_a_restart(
         while infer(http, served, "a").status_code != 401 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert infer(http, served, "a").status_code == 401
-        rotated = http.post(
-            f"{served.url}/v2/models/mlp/infer",
-            json=body(1),
-            headers={"X-Api-Key": "a-rotated-key"},
-        )
+        rotated = infer(http, served, "a", key="a-rotated-key")
         assert rotated.status_code == 200
         # A broken file keeps the last good configuration.
         config.write_text("tenants: [")
         time.sleep(0.6)
-        again = http.post(
-            f"{served.url}/v2/models/mlp/infer",
-            json=body(1),
-            headers={"X-Api-Key": "a-rotated-key"},
-        )
+        again = infer(http, served, "a", key="a-rotated-key")
         assert again.status_code == 200
     assert "quota configuration not reloaded, the last one stays" in served.logs()
