@@ -138,7 +138,11 @@ def operator(
     """The CRDs installed and `kubeonnx operator` running as a process, per test module."""
     cluster.kubectl("apply", "--server-side", "-f", str(repo_root / "crds"))
     cluster.kubectl(
-        "wait", "--for=condition=Established", "--timeout=30s", "crd/inferencemodels.kubeonnx.io"
+        "wait",
+        "--for=condition=Established",
+        "--timeout=30s",
+        "crd/inferencemodels.kubeonnx.io",
+        "crd/quotapolicies.kubeonnx.io",
     )
     op = OperatorProcess(
         cluster.operator_kubeconfig or cluster.kubeconfig, tmp_path_factory.mktemp("operator")

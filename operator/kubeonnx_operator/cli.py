@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import yaml
 from pydantic import ValidationError
 
 from .config import OperatorConfig, load_config
+from .quota import QuotaProblem, resolve_quota, secret_names
 from .render import render_children
 from .render.model import load_model
 from .spec import InvalidSpec
@@ -68,6 +70,58 @@ def _documents(path: str) -> list[Any]:
     return [d for d in yaml.safe_load_all(text) if d]
 
 
+def render_documents(
+    docs: list[tuple[str, Any]], config: OperatorConfig
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The children of every InferenceModel among `docs` ((file, document) pairs), and the
+    problems that kept any from rendering. A model's QuotaPolicy and its tenants' Secrets
+    are taken from the same documents, as the operator takes them from the cluster."""
+
+    def by_kind(kind: str) -> dict[tuple[str, str], dict[str, Any]]:
+        return {
+            ((d.get("metadata") or {}).get("namespace") or "default", d["metadata"]["name"]): d
+            for _, d in docs
+            if isinstance(d, dict)
+            and d.get("kind") == kind
+            and (d.get("metadata") or {}).get("name")
+        }
+
+    policies, secrets = by_kind("QuotaPolicy"), by_kind("Secret")
+    out: list[dict[str, Any]] = []
+    problems: list[str] = []
+    for path, doc in docs:
+        if not isinstance(doc, dict) or doc.get("kind") != "InferenceModel":
+            continue
+        meta = doc.get("metadata") or {}
+        name, namespace = meta.get("name"), meta.get("namespace") or "default"
+        if not name:
+            problems.append(f"{path}: an InferenceModel has no metadata.name")
+            continue
+        where = f"{path}: InferenceModel {namespace}/{name}"
+        try:
+            model = load_model(name, namespace, doc.get("spec"), config)
+        except InvalidSpec as exc:
+            problems.append(f"{where}: {exc}")
+            continue
+        if model.spec.quota_policy:
+            policy = policies.get((namespace, model.spec.quota_policy))
+            found = {s: secrets.get((namespace, s)) for s in secret_names(policy)}
+            try:
+                quota = resolve_quota(
+                    model.spec.quota_policy,
+                    namespace,
+                    policy,
+                    found,
+                    model.spec.scaling.max_replicas,
+                )
+            except QuotaProblem as exc:
+                problems.append(f"{where}: {exc} (give it in the same files)")
+                continue
+            model = dataclasses.replace(model, quota=quota)
+        out.extend(render_children(model, config))
+    return out, problems
+
+
 def render(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="kubeonnx render",
@@ -85,35 +139,18 @@ def render(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     config = _config(args.config)
 
-    out: list[dict[str, Any]] = []
+    docs: list[tuple[str, Any]] = []
     errors = 0
     for path in args.filename:
         try:
-            docs = _documents(path)
+            docs += [(path, doc) for doc in _documents(path)]
         except (OSError, yaml.YAMLError) as exc:
             print(f"kubeonnx render: {path}: {exc}", file=sys.stderr)
             errors += 1
-            continue
-        for doc in docs:
-            if not isinstance(doc, dict) or doc.get("kind") != "InferenceModel":
-                continue
-            meta = doc.get("metadata") or {}
-            name, namespace = meta.get("name"), meta.get("namespace") or "default"
-            where = f"{path}: InferenceModel {namespace}/{name}"
-            if not name:
-                print(
-                    f"kubeonnx render: {path}: an InferenceModel has no metadata.name",
-                    file=sys.stderr,
-                )
-                errors += 1
-                continue
-            try:
-                model = load_model(name, namespace, doc.get("spec"), config)
-            except InvalidSpec as exc:
-                print(f"kubeonnx render: {where}: {exc}", file=sys.stderr)
-                errors += 1
-                continue
-            out.extend(render_children(model, config))
+    out, problems = render_documents(docs, config)
+    for problem in problems:
+        print(f"kubeonnx render: {problem}", file=sys.stderr)
+    errors += len(problems)
     if out:
         sys.stdout.write(yaml.safe_dump_all(out, sort_keys=False))
     return 1 if errors else 0

@@ -20,6 +20,7 @@ from lightkube import AsyncClient
 from .config import OperatorConfig
 from .kube import Kube
 from .observed import ObservedChildren
+from .policy import PolicyReconciler, models_using
 from .reconcile import Reconciler
 from .render.model import FIELD_MANAGER, MANAGED_BY, MODEL_LABEL
 from .workqueue import WorkQueue
@@ -34,6 +35,7 @@ CHILD_RESOURCES = [
     ("networking.k8s.io", "v1", "ingresses"),
     ("policy", "v1", "poddisruptionbudgets"),
     ("keda.sh", "v1alpha1", "scaledobjects"),
+    ("", "v1", "secrets"),  # the runtime's quota configuration
 ]
 
 
@@ -41,6 +43,7 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
     state: dict[str, Any] = {}
     observed = ObservedChildren()
+    policies: dict[tuple[str, str], dict[str, Any]] = {}  # QuotaPolicy bodies from the watch
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -53,10 +56,14 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         settings.watching.server_timeout = 300
         settings.networking.request_timeout = 60
         client = AsyncClient(field_manager=FIELD_MANAGER)
-        reconciler = Reconciler(Kube(client), config, observed)
+        kube = Kube(client)
+        reconciler = Reconciler(kube, config, observed, policies=policies)
         queue = WorkQueue(reconciler.reconcile)
-        state.update(client=client, queue=queue)
-        state["resync"] = asyncio.get_running_loop().create_task(_resync(queue, config))
+        policy_queue = WorkQueue(PolicyReconciler(kube, queue.bodies).reconcile)
+        state.update(client=client, queue=queue, policy_queue=policy_queue)
+        state["resync"] = asyncio.get_running_loop().create_task(
+            _resync([queue, policy_queue], config)
+        )
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(**_: Any) -> None:
@@ -65,8 +72,9 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if "queue" in state:
-            await state["queue"].idle()
+        for name in ("queue", "policy_queue"):
+            if name in state:
+                await state[name].idle()
         if "client" in state:
             await state["client"].close()
 
@@ -81,11 +89,37 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
     ) -> None:
         queue: WorkQueue = state["queue"]
         assert namespace is not None  # InferenceModel is namespaced
+        before = (queue.bodies.get((namespace, name)) or {}).get("spec") or {}
         if event.get("type") == "DELETED":
             queue.observe((namespace, name), None)
             observed.forget((namespace, name))
         else:
             queue.observe((namespace, name), copy.deepcopy(dict(body)))
+        # A policy counts the models that name it.
+        after = (body.get("spec") or {}) if event.get("type") != "DELETED" else {}
+        for policy in {before.get("quotaPolicy"), after.get("quotaPolicy")} - {None}:
+            state["policy_queue"].trigger((namespace, policy))
+
+    @kopf.on.event("kubeonnx.io", "v1alpha1", "quotapolicies", registry=registry)
+    async def policy_event(
+        event: kopf.RawEvent, body: kopf.Body, namespace: str | None, name: str, **_: Any
+    ) -> None:
+        assert namespace is not None  # QuotaPolicy is namespaced
+        key = (namespace, name)
+        old = policies.get(key)
+        if event.get("type") == "DELETED":
+            policies.pop(key, None)
+            state["policy_queue"].observe(key, None)
+            changed = True
+        else:
+            policies[key] = copy.deepcopy(dict(body))
+            state["policy_queue"].observe(key, policies[key])
+            generation = body["metadata"].get("generation")
+            changed = old is None or old["metadata"].get("generation") != generation
+        if changed:  # not for our own status writes: the models render from the spec
+            queue: WorkQueue = state["queue"]
+            for model in models_using(queue.bodies, namespace, name):
+                queue.trigger(model)
 
     async def child_event(
         event: kopf.RawEvent,
@@ -112,8 +146,10 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
     return registry
 
 
-async def _resync(queue: WorkQueue, config: OperatorConfig) -> None:
-    """Re-run every reconcile now and then, so drift that no event reports is repaired."""
+async def _resync(queues: list[WorkQueue], config: OperatorConfig) -> None:
+    """Re-run every reconcile now and then, so drift that no event reports is repaired (and
+    a rotated API key in a tenant's Secret reaches the runtime's quota file)."""
     while True:
         await asyncio.sleep(config.resync_seconds)
-        queue.trigger_all()
+        for queue in queues:
+            queue.trigger_all()

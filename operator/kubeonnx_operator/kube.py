@@ -15,6 +15,7 @@ from .render.model import FIELD_MANAGER
 # Custom resources get generic classes; built-in kinds use lightkube's own.
 _CUSTOM = {
     ("kubeonnx.io/v1alpha1", "InferenceModel"): "inferencemodels",
+    ("kubeonnx.io/v1alpha1", "QuotaPolicy"): "quotapolicies",
     ("keda.sh/v1alpha1", "ScaledObject"): "scaledobjects",
 }
 for (_api_version, _kind), _plural in _CUSTOM.items():
@@ -55,10 +56,22 @@ class Kube:
             if not is_not_found(exc):
                 raise
 
-    async def patch_model_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+    async def get_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
+        from lightkube.resources.core_v1 import Secret
+
+        try:
+            return _as_dict(await self.client.get(Secret, name, namespace=namespace))
+        except ApiError as exc:
+            if is_not_found(exc):
+                return None
+            raise
+
+    async def patch_status(
+        self, api_version: str, kind: str, namespace: str, name: str, status: dict[str, Any]
+    ) -> None:
         try:
             await self.client.patch(
-                _resource("kubeonnx.io/v1alpha1", "InferenceModel").Status,
+                _resource(api_version, kind).Status,
                 name,
                 {"status": status},
                 namespace=namespace,
@@ -67,3 +80,6 @@ class Kube:
         except ApiError as exc:
             if not is_not_found(exc):  # deleted meanwhile: nothing to report on
                 raise
+
+    async def patch_model_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        await self.patch_status("kubeonnx.io/v1alpha1", "InferenceModel", namespace, name, status)

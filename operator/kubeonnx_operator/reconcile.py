@@ -6,6 +6,7 @@ and status is written only when what was derived differs from what is there.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -16,6 +17,7 @@ from lightkube import ApiError
 from .config import OperatorConfig
 from .kube import Kube, is_not_found
 from .observed import ObservedChildren, digest, our_fields
+from .quota import QuotaProblem, ResolvedQuota, resolve_quota, secret_names
 from .render import Model, render_children
 from .render.model import load_model
 from .spec import InvalidSpec
@@ -50,9 +52,12 @@ class Reconciler:
         config: OperatorConfig,
         observed: ObservedChildren,
         now: Callable[[], str] = utc_now,
+        policies: dict[tuple[str, str], dict[str, Any]] | None = None,
     ) -> None:
         self.kube = kube
         self.observed = observed
+        # QuotaPolicy bodies by (namespace, name), kept current by their watch.
+        self.policies = policies if policies is not None else {}
         # What was last applied to each child: (digest of the manifest, our_fields of the
         # result). In memory only: after a restart every child is applied once again.
         self.applied: dict[tuple[str, str, str, str], tuple[str, str]] = {}
@@ -71,8 +76,17 @@ class Reconciler:
             await self._report(body, Verdict(False, "InvalidSpec", str(exc)))
             return
 
-        owner = owner_reference(body)
         key = (namespace, name)
+        if model.spec.quota_policy:
+            resolved = await self._resolve_quota(model)
+            if isinstance(resolved, Verdict):
+                # Not served without the budgets it names: nothing is applied until they
+                # can be; what runs already keeps running as it was.
+                await self._report(body, resolved, self.observed.deployment(key), model)
+                return
+            model = dataclasses.replace(model, quota=resolved)
+
+        owner = owner_reference(body)
         rendered: set[tuple[str, str]] = set()
         deployment: dict[str, Any] | None = None
         problem: Verdict | None = None
@@ -107,6 +121,20 @@ class Reconciler:
         if problem is not None:  # a child we could not create outranks what the pods show
             verdict = problem
         await self._report(body, verdict, deployment, model)
+
+    async def _resolve_quota(self, model: Model) -> ResolvedQuota | Verdict:
+        """The runtime's quota file for the model's QuotaPolicy, with every tenant's API keys
+        hashed; or the verdict that says what is missing."""
+        name, namespace = model.spec.quota_policy or "", model.namespace
+        policy = self.policies.get((namespace, name))
+        secrets = {
+            secret: await self.kube.get_secret(namespace, secret)
+            for secret in sorted(secret_names(policy))
+        }
+        try:
+            return resolve_quota(name, namespace, policy, secrets, model.spec.scaling.max_replicas)
+        except QuotaProblem as problem:
+            return Verdict(False, problem.reason, str(problem))
 
     async def _apply_if_needed(
         self, key: tuple[str, str], manifest: dict[str, Any]

@@ -64,3 +64,33 @@ def test_chart_carries_the_same_crds() -> None:
     chart_crds = ROOT / "charts" / "kubeonnx" / "crds"
     for path in (ROOT / "crds").glob("*.yaml"):
         assert (chart_crds / path.name).read_text() == path.read_text(), path.name
+
+
+def test_the_quota_file_the_operator_renders_is_the_one_the_runtime_reads() -> None:
+    """The operator and the runtime may not import each other; this holds them together."""
+    import base64
+    import hashlib
+    import json
+
+    from kubeonnx_operator.cli import render_documents
+    from kubeonnx_operator.config import OperatorConfig
+    from kubeonnx_runtime.quota import QuotaConfig
+
+    example = ROOT / "examples" / "quota-policy.yaml"
+    docs = [(example.name, d) for d in yaml.safe_load_all(example.read_text()) if d]
+    rendered, problems = render_documents(docs, OperatorConfig())
+    assert not problems
+    children = {c["kind"]: c for c in rendered}
+    raw = json.loads(base64.b64decode(children["Secret"]["data"]["config.json"]))
+    config = QuotaConfig.model_validate(raw)
+    acme = next(t for t in config.tenants if t.name == "acme")
+    assert acme.key_sha256 == [hashlib.sha256(b"acme-example-key").hexdigest()]
+    assert "acme-example-key" not in json.dumps(raw)  # hashes only
+    assert config.replicas == 2 and config.failure_mode == "Local"
+    pod = children["Deployment"]["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "quota")
+    assert env["KUBEONNX_QUOTA_CONFIG"] == f"{mount['mountPath']}/config.json"
+    assert "subPath" not in mount  # so the kubelet updates the file in place
+    volume = next(v for v in pod["volumes"] if v["name"] == "quota")
+    assert volume["secret"]["secretName"] == children["Secret"]["metadata"]["name"]

@@ -14,6 +14,7 @@ from .deployment import render_deployment
 from .ingress import render_ingress
 from .model import Model
 from .pdb import render_pdb
+from .quota import render_quota_secret
 from .service import render_service
 
 __all__ = ["Model", "render_children"]
@@ -22,7 +23,8 @@ __all__ = ["Model", "render_children"]
 def render_children(model: Model, config: OperatorConfig) -> list[dict[str, Any]]:
     """Every child the InferenceModel needs now, in apply order."""
     spec: InferenceModelSpec = model.spec
-    children = [render_deployment(model, config), render_service(model)]
+    children = [render_quota_secret(model)] if model.quota is not None else []
+    children += [render_deployment(model, config), render_service(model)]
     if spec.scaling.autoscaler == "hpa":
         children.append(render_hpa(model))
     elif spec.scaling.autoscaler == "keda":

@@ -6,7 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import OperatorConfig
+from ..quota import REDIS_PASSWORD_ENV
 from .model import CONTAINER, HTTP_PORT, Model
+from .quota import QUOTA_DIR, QUOTA_FILE
 
 CACHE_DIR = "/var/cache/kubeonnx"
 TERMINATION_LOG = "/dev/termination-log"
@@ -45,6 +47,16 @@ def _env(model: Model) -> list[dict[str, Any]]:
             if optional:
                 ref["optional"] = True
             env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
+    if model.quota is not None:
+        env.append({"name": "KUBEONNX_QUOTA_CONFIG", "value": f"{QUOTA_DIR}/{QUOTA_FILE}"})
+        if model.quota.redis_password is not None:
+            name, key = model.quota.redis_password
+            env.append(
+                {
+                    "name": REDIS_PASSWORD_ENV,
+                    "valueFrom": {"secretKeyRef": {"name": name, "key": key}},
+                }
+            )
     return env
 
 
@@ -140,6 +152,15 @@ def render_deployment(model: Model, config: OperatorConfig) -> dict[str, Any]:
         ],
         **_placement(model, config),
     }
+    if model.quota is not None:
+        # Mounted whole (no subPath), so the kubelet updates the file in place when the
+        # operator rewrites the Secret (a rotated key), and the runtime re-reads it.
+        container["volumeMounts"].append(
+            {"name": "quota", "mountPath": QUOTA_DIR, "readOnly": True}
+        )
+        pod_spec["volumes"].append(
+            {"name": "quota", "secret": {"secretName": model.quota_secret_name}}
+        )
     if spec.service_account_name:
         pod_spec["serviceAccountName"] = spec.service_account_name
     deployment_spec: dict[str, Any] = {

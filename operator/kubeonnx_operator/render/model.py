@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import AcceleratorProfile, OperatorConfig
+from ..quota import ResolvedQuota
 from ..spec import InferenceModelSpec, InvalidSpec, parse_spec
 
 GROUP = "kubeonnx.io"
@@ -22,6 +23,11 @@ class Model:
     name: str
     namespace: str
     spec: InferenceModelSpec
+    quota: ResolvedQuota | None = None  # set by the reconciler once the policy is read
+
+    @property
+    def quota_secret_name(self) -> str:
+        return f"{self.name}-quota"
 
     @property
     def selector(self) -> dict[str, str]:
