@@ -35,7 +35,6 @@ def policy(name: str = "team", **spec: Any) -> dict[str, Any]:
                     "limits": [{"unit": "rows", "limit": 1000, "window": "1d"}],
                 },
             ],
-            "backend": {"redis": {"url": "redis://redis:6379/0"}},
             **spec,
         },
     }
@@ -74,7 +73,7 @@ def test_models_that_name_a_policy_get_its_quota_file_and_the_policy_counts_them
         tenants = {t["name"]: t for t in config["tenants"]}
         assert tenants["acme"]["keySha256"] == [sha("acme-secret-1")]
         assert tenants["globex"]["limits"] == [{"unit": "rows", "limit": 1000, "window": "1d"}]
-        assert config["redis"] == {"url": "redis://redis:6379/0"}
+        assert "redis" not in config  # counted in each replica's memory
         secret = cluster.get("secret", f"{name}-quota", "-n", namespace)
         assert secret is not None
         (ref,) = secret["metadata"]["ownerReferences"]
@@ -88,12 +87,13 @@ def test_models_that_name_a_policy_get_its_quota_file_and_the_policy_counts_them
         60,
         what="QuotaPolicy status counting two models",
     )
-    assert status["tenants"] == 2 and status["store"] == "redis"
+    assert status["tenants"] == 2 and status["store"] == "memory"
     (cond,) = status["conditions"]
     assert cond["status"] == "True" and cond["reason"] == "Ready"
+    assert "inexact across replicas" in cond["message"]
     header, *rows = cluster.kubectl("get", "qp", "-n", namespace).stdout.splitlines()
     assert header.split() == ["NAME", "MODELS", "TENANTS", "STORE", "READY", "AGE"]
-    assert rows[0].split()[:5] == ["team", "2", "2", "redis", "True"]
+    assert rows[0].split()[:5] == ["team", "2", "2", "memory", "True"]
 
     # A model that stops naming the policy loses its quota file; the policy counts one.
     assert cluster.apply(model("metered-b"), namespace).returncode == 0
@@ -217,3 +217,49 @@ def test_a_redis_url_with_a_password_is_refused(
     refused = cluster.apply(bad, namespace)
     assert refused.returncode != 0
     assert "must not carry credentials; use passwordSecret" in refused.stderr
+
+
+def test_the_policy_status_shows_usage_from_redis_and_an_unreachable_store(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    import time
+
+    from kubeonnx_runtime.quota import counter_key
+
+    from e2e.redis_server import LocalRedis
+
+    store = LocalRedis().start()
+    try:
+        cluster.create_secret("acme-key", namespace, {"token": "a1"})
+        cluster.create_secret("globex-key", namespace, {"token": "g1"})
+        qp = policy("counted", backend={"redis": {"url": store.url}})
+        assert cluster.apply(qp, namespace).returncode == 0
+        # What two replicas of a runtime would have counted this minute and today.
+        now = time.time()
+        store.client().set(counter_key("counted", "acme", "requests", "1m", now), 17)
+        store.client().set(counter_key("counted", "globex", "rows", "1d", now), 250)
+
+        def usage() -> dict[str, Any] | None:
+            rows = policy_status(cluster, namespace, "counted").get("usage") or []
+            found = {(u["tenant"], u["window"]): u for u in rows}
+            acme = found.get(("acme", "1m"))
+            return found if acme and acme["used"] in (17, 0) and ("globex", "1d") in found else None
+
+        found = eventually(usage, 60, what="usage in the policy's status")
+        assert found[("globex", "1d")]["used"] == 250 and found[("globex", "1d")]["limit"] == 1000
+        assert found[("acme", "1m")]["resetAt"].endswith("Z")
+        store.kill()
+        cond = eventually(
+            lambda: (
+                (c := policy_status(cluster, namespace, "counted").get("conditions", [{}])[0]).get(
+                    "reason"
+                )
+                == "StoreUnreachable"
+                and c
+            ),
+            60,
+            what="reason StoreUnreachable",
+        )
+        assert cond["status"] == "False" and store.url in cond["message"]
+    finally:
+        store.stop()

@@ -20,7 +20,7 @@ from lightkube import AsyncClient
 from .config import OperatorConfig
 from .kube import Kube
 from .observed import ObservedChildren
-from .policy import PolicyReconciler, models_using
+from .policy import USAGE_EVERY_S, PolicyReconciler, models_using
 from .reconcile import Reconciler
 from .render.model import FIELD_MANAGER, MANAGED_BY, MODEL_LABEL
 from .workqueue import WorkQueue
@@ -61,17 +61,18 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         queue = WorkQueue(reconciler.reconcile)
         policy_queue = WorkQueue(PolicyReconciler(kube, queue.bodies).reconcile)
         state.update(client=client, queue=queue, policy_queue=policy_queue)
-        state["resync"] = asyncio.get_running_loop().create_task(
-            _resync([queue, policy_queue], config)
-        )
+        loop = asyncio.get_running_loop()
+        state["resync"] = loop.create_task(_resync([queue, policy_queue], config))
+        state["usage"] = loop.create_task(_refresh_usage(policy_queue))
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(**_: Any) -> None:
-        task = state.get("resync")
-        if task:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        for name in ("resync", "usage"):
+            task = state.get(name)
+            if task:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for name in ("queue", "policy_queue"):
             if name in state:
                 await state[name].idle()
@@ -112,11 +113,12 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
             state["policy_queue"].observe(key, None)
             changed = True
         else:
-            policies[key] = copy.deepcopy(dict(body))
-            state["policy_queue"].observe(key, policies[key])
             generation = body["metadata"].get("generation")
             changed = old is None or old["metadata"].get("generation") != generation
-        if changed:  # not for our own status writes: the models render from the spec
+            policies[key] = copy.deepcopy(dict(body))
+            # Not for our own status writes (usage changes at every read of it).
+            state["policy_queue"].observe(key, policies[key], trigger=changed)
+        if changed:
             queue: WorkQueue = state["queue"]
             for model in models_using(queue.bodies, namespace, name):
                 queue.trigger(model)
@@ -144,6 +146,15 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         )(child_event)
 
     return registry
+
+
+async def _refresh_usage(policy_queue: WorkQueue) -> None:
+    """Re-read the usage of every Redis-backed QuotaPolicy into its status."""
+    while True:
+        await asyncio.sleep(USAGE_EVERY_S)
+        for key, body in list(policy_queue.bodies.items()):
+            if ((body.get("spec") or {}).get("backend") or {}).get("redis"):
+                policy_queue.trigger(key)
 
 
 async def _resync(queues: list[WorkQueue], config: OperatorConfig) -> None:

@@ -19,6 +19,21 @@ from pydantic.alias_generators import to_camel
 
 from .spec import InvalidSpec
 
+WINDOW_SECONDS = {"1s": 1, "1m": 60, "1h": 3600, "1d": 86400}
+
+
+def counter_key(policy: str, tenant: str, unit: str, window: str, now: float) -> str:
+    """The runtime's Redis key for a tenant's count in the window under way at `now`
+    (`kubeonnx_runtime.quota.counter_key`; a contract test holds the two together)."""
+    bucket = int(now // WINDOW_SECONDS[window])
+    return f"kubeonnx:{{{policy}/{tenant}}}:{unit}-{window}:{bucket}"
+
+
+def reset_at(window: str, now: float) -> float:
+    seconds = WINDOW_SECONDS[window]
+    return float((int(now // seconds) + 1) * seconds)
+
+
 # The runtime reads the Redis password from this variable (the Deployment sets it from the
 # policy's passwordSecret).
 REDIS_PASSWORD_ENV = "KUBEONNX_QUOTA_REDIS_PASSWORD"

@@ -34,8 +34,9 @@ class WorkQueue:
         self._retries: dict[Key, asyncio.TimerHandle] = {}
         self.base_delay, self.max_delay = base_delay, max_delay
 
-    def observe(self, key: Key, body: dict[str, Any] | None) -> None:
-        """Record the latest body from the watch (None: deleted) and trigger a reconcile."""
+    def observe(self, key: Key, body: dict[str, Any] | None, *, trigger: bool = True) -> None:
+        """Record the latest body from the watch (None: deleted) and, unless told not to,
+        trigger a reconcile."""
         if body is None:
             self.bodies.pop(key, None)
             self._failures.pop(key, None)
@@ -44,7 +45,8 @@ class WorkQueue:
                 retry.cancel()
             return
         self.bodies[key] = body
-        self.trigger(key)
+        if trigger:
+            self.trigger(key)
 
     def trigger(self, key: Key) -> None:
         if key not in self.bodies:

@@ -200,6 +200,14 @@ def _reset_at(limit: Limit, now: float) -> float:
     return float((_bucket(limit, now) + 1) * WINDOW_SECONDS[limit.window])
 
 
+def counter_key(policy: str, tenant: str, unit: str, window: str, now: float) -> str:
+    """The Redis key of a tenant's count in the window under way at `now`. The operator
+    reads the same keys for the policy's status (a contract test holds the two together).
+    The hash tag keeps a tenant's counters in one Redis Cluster slot (one script)."""
+    bucket = int(now // WINDOW_SECONDS[window])
+    return f"kubeonnx:{{{policy}/{tenant}}}:{unit}-{window}:{bucket}"
+
+
 def _until(at: float, now: float) -> int:
     return max(1, math.ceil(at - now))
 
@@ -457,9 +465,7 @@ class Quota:
                 )
 
     def _key(self, tenant: str, limit: Limit, now: float) -> str:
-        bucket = _bucket(limit, now)
-        # The hash tag keeps a tenant's counters in one Redis Cluster slot (one script).
-        return f"kubeonnx:{{{self.config.policy}/{tenant}}}:{limit.name}:{bucket}"
+        return counter_key(self.config.policy, tenant, limit.unit, limit.window, now)
 
     def _fallback(
         self, tenant: str, costs: list[tuple[Limit, int]], now: float, why: str

@@ -94,3 +94,13 @@ def test_the_quota_file_the_operator_renders_is_the_one_the_runtime_reads() -> N
     assert "subPath" not in mount  # so the kubelet updates the file in place
     volume = next(v for v in pod["volumes"] if v["name"] == "quota")
     assert volume["secret"]["secretName"] == children["Secret"]["metadata"]["name"]
+
+
+def test_the_operator_reads_usage_where_the_runtime_counts_it() -> None:
+    from kubeonnx_operator.quota import counter_key as operator_key
+    from kubeonnx_runtime.quota import counter_key as runtime_key
+
+    for window in ("1s", "1m", "1h", "1d"):
+        for now in (0.0, 1_700_000_123.5):
+            args = ("team", "acme", "rows", window, now)
+            assert operator_key(*args) == runtime_key(*args)
