@@ -37,6 +37,8 @@ def reset_at(window: str, now: float) -> float:
 # The runtime reads the Redis password from this variable (the Deployment sets it from the
 # policy's passwordSecret).
 REDIS_PASSWORD_ENV = "KUBEONNX_QUOTA_REDIS_PASSWORD"
+# ... and the usage ledger's PostgreSQL connection string from this one.
+LEDGER_DSN_ENV = "KUBEONNX_LEDGER_DSN"
 
 
 class _Spec(BaseModel):
@@ -73,6 +75,14 @@ class Backend(_Spec):
     redis: RedisSpec | None = None
 
 
+class PostgresLedger(_Spec):
+    dsn_secret: SecretKey
+
+
+class LedgerSpec(_Spec):
+    postgres: PostgresLedger
+
+
 class QuotaPolicySpec(_Spec):
     tenant_header: str = "X-Api-Key"
     tenants: list[Tenant] = []
@@ -80,6 +90,7 @@ class QuotaPolicySpec(_Spec):
     failure_mode: Literal["Closed", "Open", "Local"] = "Closed"
     shadow: bool = False
     backend: Backend = Backend()
+    ledger: LedgerSpec | None = None
 
 
 def parse_policy(raw: dict[str, Any] | None) -> QuotaPolicySpec:
@@ -109,6 +120,7 @@ class ResolvedQuota:
 
     config: dict[str, Any]
     redis_password: tuple[str, str] | None = None  # (Secret name, key)
+    ledger_dsn: tuple[str, str] | None = None  # (Secret name, key)
 
 
 class QuotaProblem(Exception):
@@ -161,9 +173,11 @@ def resolve_quota(
         keys[tenant.name] = found
     redis = spec.backend.redis
     password = redis.password_secret if redis is not None else None
+    dsn = spec.ledger.postgres.dsn_secret if spec.ledger is not None else None
     return ResolvedQuota(
         runtime_config(policy_name, spec, keys, replicas),
         (password.name, password.key) if password is not None else None,
+        (dsn.name, dsn.key) if dsn is not None else None,
     )
 
 
@@ -197,4 +211,6 @@ def runtime_config(
         config["redis"] = {"url": spec.backend.redis.url}
         if spec.backend.redis.password_secret is not None:
             config["redis"]["passwordEnv"] = REDIS_PASSWORD_ENV
+    if spec.ledger is not None:
+        config["ledger"] = {"dsnEnv": LEDGER_DSN_ENV}
     return config

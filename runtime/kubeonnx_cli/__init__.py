@@ -15,6 +15,7 @@ commands:
   serve      run the inference runtime (Open Inference Protocol v2 over HTTP)
   operator   run the Kubernetes operator
   render     print the manifests the operator would apply for InferenceModels in a file
+  usage      print requests and rows per day, tenant and model from the usage ledger
 """
 
 
@@ -32,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
         from kubeonnx_operator.cli import run_operator
 
         return run_operator(rest)
+    if command == "usage":
+        from kubeonnx_runtime.ledger import usage_report
+
+        return usage_report(rest)
     if command == "render":
         from kubeonnx_operator.cli import render
 

@@ -34,6 +34,7 @@ from .errors import (
     RuntimeServeError,
     ServerBusy,
 )
+from .ledger import Ledger
 from .logs import request_id_var
 from .metrics import RuntimeMetrics
 from .quota import Quota, QuotaExceeded, QuotaUnavailable, Unauthorized
@@ -145,10 +146,12 @@ class InferHandler:
         metrics: RuntimeMetrics,
         max_body: int,
         quota: Quota | None = None,
+        ledger: Ledger | None = None,
     ) -> None:
         self.dataplane = dataplane
         self.max_body = max_body
         self.quota = quota
+        self.ledger = ledger
         label = dataplane.name
         self.inflight = metrics.inflight.labels(label)
         self.latency = metrics.latency.labels(label)
@@ -207,8 +210,11 @@ class InferHandler:
                 batcher.withdraw()
             extra: list[tuple[bytes, bytes]] = []
             if quota is not None:  # rows are known now, before the model runs
-                decision = await quota.admit(tenant, request_rows(decoded.inputs))
+                rows = request_rows(decoded.inputs)
+                decision = await quota.admit(tenant, rows)
                 extra = decision.headers(time.time())
+                if self.ledger is not None:
+                    self.ledger.record(tenant, rows, request_id_var.get())
             outputs = await dataplane.infer(decoded)
             payload, out_header_length = encode_response(
                 dataplane.name, dataplane.version, decoded, outputs
@@ -356,6 +362,7 @@ def create_app(
     route_prefix: str = "",
     max_body: int = 64 * 1024 * 1024,
     quota: Quota | None = None,
+    ledger: Ledger | None = None,
 ) -> FrontDoor:
     """Build the app around an injected data plane and metrics registry."""
 
@@ -411,7 +418,7 @@ def create_app(
         ok = dataplane.model_ready(name, version)
         return _json({"name": name, "ready": ok}, 200 if ok else 503)
 
-    handler = InferHandler(dataplane, metrics, max_body, quota)
+    handler = InferHandler(dataplane, metrics, max_body, quota, ledger)
 
     @app.get("/v2/quota", summary="The calling tenant's limits, usage and reset times")
     async def quota_usage(request: Request) -> Response:

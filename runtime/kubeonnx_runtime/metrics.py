@@ -70,6 +70,24 @@ class RuntimeMetrics:
             buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05),
             registry=registry,
         )
+        self.ledger_written = Counter(
+            "kubeonnx_ledger_written_rows",
+            "Usage rows committed to the PostgreSQL ledger.",
+            ["model"],
+            registry=registry,
+        )
+        self.ledger_dropped = Counter(
+            "kubeonnx_ledger_dropped_rows",
+            "Usage rows dropped because the ledger was unreachable for too long.",
+            ["model"],
+            registry=registry,
+        )
+        self.ledger_pending = Gauge(
+            "kubeonnx_ledger_pending_rows",
+            "Usage rows waiting to be written to the ledger.",
+            ["model"],
+            registry=registry,
+        )
         self.load_seconds = Gauge(
             "kubeonnx_model_load_seconds",
             "Seconds spent creating the inference session.",

@@ -80,6 +80,10 @@ class RedisBackend(_Config):
     password_env: str | None = None  # the variable that holds the password, if any
 
 
+class LedgerBackend(_Config):
+    dsn_env: str  # the variable that holds the PostgreSQL connection string
+
+
 class QuotaConfig(_Config):
     """The file `KUBEONNX_QUOTA_CONFIG` names: what the operator renders from a QuotaPolicy."""
 
@@ -90,6 +94,7 @@ class QuotaConfig(_Config):
     failure_mode: Literal["Closed", "Open", "Local"] = "Closed"
     shadow: bool = False
     redis: RedisBackend | None = None
+    ledger: LedgerBackend | None = None  # admitted usage, appended to PostgreSQL
     replicas: int = Field(1, ge=1)  # how many replicas share the limits (failureMode Local)
 
     @field_validator("tenants")

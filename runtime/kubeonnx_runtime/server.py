@@ -22,6 +22,7 @@ from .batching import Batcher
 from .dataplane import DataPlane
 from .errors import FatalStartupError, write_termination_message
 from .fetch import S3Options, fetch_model
+from .ledger import Ledger
 from .logs import configure_logging
 from .metrics import RuntimeMetrics
 from .model import OnnxModel
@@ -223,6 +224,28 @@ def make_quota(settings: ServeSettings, metrics: RuntimeMetrics) -> Quota | None
     )
 
 
+def make_ledger(
+    settings: ServeSettings, quota: Quota | None, metrics: RuntimeMetrics
+) -> Ledger | None:
+    """The usage ledger the quota configuration asks for, if any."""
+    if quota is None or quota.config.ledger is None:
+        return None
+    variable = quota.config.ledger.dsn_env
+    dsn = os.environ.get(variable)
+    if not dsn:
+        raise FatalStartupError(f"the quota policy's ledger needs {variable}, which is not set")
+    label = settings.model_name
+    ledger = Ledger(
+        dsn,
+        policy=quota.config.policy,
+        model=label,
+        on_written=metrics.ledger_written.labels(label).inc,
+        on_dropped=metrics.ledger_dropped.labels(label).inc,
+    )
+    metrics.ledger_pending.labels(label).set_function(lambda: ledger.pending)
+    return ledger
+
+
 def load(settings: ServeSettings, metrics: RuntimeMetrics) -> OnnxModel:
     label = settings.model_name
     fetched = fetch_model(
@@ -266,6 +289,7 @@ def serve(settings: ServeSettings) -> int:
     try:
         sock = listen(settings.host, settings.port)
         quota = make_quota(settings, metrics)
+        ledger = make_ledger(settings, quota, metrics)
         model = load(settings, metrics)
     except FatalStartupError as exc:
         log.error("fatal: %s", exc)
@@ -298,10 +322,14 @@ def serve(settings: ServeSettings) -> int:
             tasks.append(
                 asyncio.create_task(quota.follow(settings.quota_config, settings.quota_reload_s))
             )
+        if ledger is not None:
+            tasks.append(asyncio.create_task(ledger.run()))
 
     async def stop_tasks() -> None:
         for task in tasks:
             task.cancel()
+        if ledger is not None:
+            await ledger.close()  # what is pending, written before the process ends
 
     app = create_app(
         dataplane,
@@ -311,6 +339,7 @@ def serve(settings: ServeSettings) -> int:
         route_prefix=settings.route_prefix,
         max_body=settings.max_request_bytes,
         quota=quota,
+        ledger=ledger,
     )
     config = uvicorn.Config(
         app,

@@ -15,6 +15,7 @@ import pytest
 
 from e2e.cluster import free_port
 from e2e.generate_models import generate
+from e2e.redis_server import LocalRedis
 from e2e.s3 import LocalS3
 from e2e.serving import wait_serving
 
@@ -155,3 +156,11 @@ def mixed_server(
     tmp_path_factory: pytest.TempPathFactory, models: dict[str, Path]
 ) -> Iterator[Served]:
     yield from _module_server(tmp_path_factory, models, "mixed")
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[LocalRedis]:
+    """A real redis-server on loopback, shared by a module's quota tests."""
+    server = LocalRedis().start()
+    yield server
+    server.stop()

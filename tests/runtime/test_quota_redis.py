@@ -9,7 +9,6 @@ import json
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -17,13 +16,6 @@ import pytest
 
 from e2e.redis_server import LocalRedis
 from tests.runtime.conftest import Served
-
-
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[LocalRedis]:
-    server = LocalRedis().start()
-    yield server
-    server.stop()
 
 
 def not_near_midnight() -> None:
@@ -68,7 +60,7 @@ def infer(
     )
 
 
-def serve_mlp(serve, models, config: Path, *flags: str) -> Served:  # type: ignore[no-untyped-def]
+def serve_mlp(serve, models, config: Path, *flags: str, **kwargs) -> Served:  # type: ignore[no-untyped-def]
     """`kubeonnx serve` of the tiny model under the quota configuration at `config`."""
     return serve(
         "--model-uri",
@@ -78,6 +70,7 @@ def serve_mlp(serve, models, config: Path, *flags: str) -> Served:  # type: igno
         "--quota-config",
         str(config),
         *flags,
+        **kwargs,
     )
 
 

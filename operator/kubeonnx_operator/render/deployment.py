@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import OperatorConfig
-from ..quota import REDIS_PASSWORD_ENV
+from ..quota import LEDGER_DSN_ENV, REDIS_PASSWORD_ENV
 from .model import CONTAINER, HTTP_PORT, Model
 from .quota import QUOTA_DIR, QUOTA_FILE
 
@@ -49,14 +49,15 @@ def _env(model: Model) -> list[dict[str, Any]]:
             env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
     if model.quota is not None:
         env.append({"name": "KUBEONNX_QUOTA_CONFIG", "value": f"{QUOTA_DIR}/{QUOTA_FILE}"})
-        if model.quota.redis_password is not None:
-            name, key = model.quota.redis_password
-            env.append(
-                {
-                    "name": REDIS_PASSWORD_ENV,
-                    "valueFrom": {"secretKeyRef": {"name": name, "key": key}},
-                }
-            )
+        for variable, from_secret in (
+            (REDIS_PASSWORD_ENV, model.quota.redis_password),
+            (LEDGER_DSN_ENV, model.quota.ledger_dsn),
+        ):
+            if from_secret is not None:
+                name, key = from_secret
+                env.append(
+                    {"name": variable, "valueFrom": {"secretKeyRef": {"name": name, "key": key}}}
+                )
     return env
 
 

@@ -1,0 +1,104 @@
+"""The usage ledger with a real PostgreSQL: what was admitted is what the table holds, once,
+even when PostgreSQL is down for part of the load; and `kubeonnx usage` reports it."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from e2e.postgres_server import LocalPostgres
+from e2e.redis_server import LocalRedis
+from tests.runtime.conftest import KUBEONNX, Served
+from tests.runtime.test_quota_redis import infer, not_near_midnight, serve_mlp, write_policy
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[LocalPostgres]:
+    server = LocalPostgres().start()
+    yield server
+    server.remove()
+
+
+def pending(served: Served) -> float:
+    for line in httpx.get(f"{served.url}/metrics").text.splitlines():
+        if line.startswith("kubeonnx_ledger_pending_rows{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("kubeonnx_ledger_pending_rows is not exported")
+
+
+def load(replicas: list[Served], sends: int) -> Counter[tuple[str, str]]:
+    """`sends` requests over three tenants and both replicas, 64 at a time; returns the
+    admitted requests and rows per tenant as the clients saw them."""
+    rows = {"a": 1, "b": 2, "c": 3}
+    plan = [("abc"[i % 3], replicas[i % 2]) for i in range(sends)]
+    seen: Counter[tuple[str, str]] = Counter()
+    with (
+        httpx.Client(timeout=30, limits=httpx.Limits(max_connections=64)) as http,
+        concurrent.futures.ThreadPoolExecutor(64) as pool,
+    ):
+        for tenant, response in pool.map(
+            lambda p: (p[0], infer(http, p[1], p[0], rows[p[0]])), plan
+        ):
+            assert response.status_code in (200, 429), response.text
+            if response.status_code == 200:
+                seen[(tenant, "requests")] += 1
+                seen[(tenant, "rows")] += rows[tenant]
+    return seen
+
+
+def test_admitted_usage_reaches_the_ledger_once_even_across_an_outage(
+    serve, models, redis_server: LocalRedis, postgres: LocalPostgres, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    not_near_midnight()
+    limits = {
+        "a": [{"unit": "requests", "limit": 70, "window": "1d"}],
+        "b": [{"unit": "rows", "limit": 90, "window": "1d"}],
+        "c": [],  # unlimited: every request admitted
+    }
+    config = write_policy(tmp_path, redis_server.url, limits, ledger={"dsnEnv": "LEDGER_DSN"})
+    policy = json.loads(config.read_text())["policy"]
+    env = {"LEDGER_DSN": postgres.dsn}
+    replicas = [serve_mlp(serve, models, config, env=env) for _ in range(2)]
+
+    admitted = load(replicas, 150)
+    postgres.stop()  # mid-run: inference goes on, rows wait in memory
+    started = time.monotonic()
+    admitted += load(replicas, 150)
+    assert time.monotonic() - started < 30
+    assert sum(pending(r) for r in replicas) > 0
+    postgres.start()
+    deadline = time.monotonic() + 60
+    while sum(pending(r) for r in replicas) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert sum(pending(r) for r in replicas) == 0
+
+    table = {
+        tenant: (requests, rows)
+        for tenant, requests, rows in postgres.query(
+            f"SELECT tenant, count(*), sum(rows) FROM kubeonnx_usage WHERE policy = '{policy}' "
+            "GROUP BY tenant"
+        )
+    }
+    for tenant in "abc":
+        assert table[tenant] == (admitted[(tenant, "requests")], admitted[(tenant, "rows")])
+    assert admitted[("a", "requests")] == 70 and admitted[("b", "rows")] == 90
+
+    report = subprocess.run(
+        [KUBEONNX, "usage", "--dsn", postgres.dsn, "--tenant", "c"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    assert report[0].split() == ["DAY", "TENANT", "MODEL", "REQUESTS", "ROWS"]
+    (line,) = report[1:]  # a fresh database: this test's rows only
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    c = admitted[("c", "requests")], admitted[("c", "rows")]
+    assert line.split() == [today, "c", "mlp", str(c[0]), str(c[1])]
