@@ -90,6 +90,14 @@ def run_container(
     local_term = workdir / "termination-log"
     for local in mounts.values():
         local.mkdir(parents=True, exist_ok=True)
+    # A Secret volume's keys become files, as the kubelet writes them (the quota file).
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    for mount in container.get("volumeMounts", []):
+        source = volumes.get(mount["name"], {}).get("secret")
+        if source:
+            secret = secrets[source["secretName"]]
+            for key, value in (secret.get("data") or {}).items():
+                (mounts[mount["mountPath"]] / key).write_bytes(base64.b64decode(value))
 
     def translate(value: str) -> str:
         if value == term_path:

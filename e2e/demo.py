@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import yaml
@@ -31,6 +32,36 @@ NAMESPACE = "demo"
 
 def step(msg: str) -> None:
     print(f"\n==> {msg}", flush=True)
+
+
+DEMO_POLICY = {
+    "apiVersion": "kubeonnx.io/v1alpha1",
+    "kind": "QuotaPolicy",
+    "metadata": {"name": "demo-quota"},
+    "spec": {
+        "tenants": [
+            {
+                "name": "demo",
+                "apiKeySecret": {"name": "demo-api-key", "key": "token"},
+                "limits": [{"unit": "requests", "limit": 3, "window": "1m"}],
+            }
+        ]
+    },
+}
+
+
+def eventually_quota(kubectl: Any, name: str) -> dict[str, Any]:
+    """The model's Deployment once the operator has given it the quota file."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        deployment: dict[str, Any] = json.loads(
+            kubectl("get", "deployment", name, "-n", NAMESPACE, "-o", "json")
+        )
+        env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        if any(e["name"] == "KUBEONNX_QUOTA_CONFIG" for e in env):
+            return deployment
+        time.sleep(0.5)
+    raise RuntimeError("the operator did not give the model its quota file within 60 s")
 
 
 def main() -> int:
@@ -50,9 +81,14 @@ def main() -> int:
         s3.put_models(models, keys={"mlp": "mlp/v1/model.onnx"})
         print(f"    s3://models/mlp/v1/model.onnx at {s3.endpoint}")
 
-        step("Operator (kubeonnx operator) and the InferenceModel CRD")
+        step("Operator (kubeonnx operator) and the CRDs (InferenceModel, QuotaPolicy)")
         kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
-        kubectl("wait", "--for=condition=Established", "crd/inferencemodels.kubeonnx.io")
+        kubectl(
+            "wait",
+            "--for=condition=Established",
+            "crd/inferencemodels.kubeonnx.io",
+            "crd/quotapolicies.kubeonnx.io",
+        )
         operator = OperatorProcess(state.kubeconfig, work)
         operator.start()
 
@@ -107,8 +143,53 @@ def main() -> int:
         answer.raise_for_status()
         print("    answer:  " + json.dumps(answer.json()))
 
-        step("kubectl get inferencemodels -A")
-        print(kubectl("get", "inferencemodels", "-A"))
+        step("A QuotaPolicy: tenant 'demo' may make 3 requests a minute")
+        runtime.stop()
+        runtime = None
+        kubectl(
+            "create",
+            "secret",
+            "generic",
+            "demo-api-key",
+            "-n",
+            NAMESPACE,
+            "--from-literal=token=demo-key",
+        )
+        print(kubectl("apply", "-n", NAMESPACE, "-f", "-", input=json.dumps(DEMO_POLICY)).strip())
+        patch = json.dumps({"spec": {"quotaPolicy": DEMO_POLICY["metadata"]["name"]}})
+        print(
+            kubectl(
+                "patch", "inferencemodel", name, "-n", NAMESPACE, "--type=merge", "-p", patch
+            ).strip()
+        )
+        deployment = eventually_quota(kubectl, name)
+        quota_secret = json.loads(
+            kubectl("get", "secret", f"{name}-quota", "-n", NAMESPACE, "-o", "json")
+        )
+        runtime = run_container(
+            deployment,
+            {"s3-credentials": secret, f"{name}-quota": quota_secret},
+            work / "metered",
+        )
+        runtime.probe("startupProbe")
+        runtime.probe("readinessProbe")
+        for attempt in range(1, 5):
+            answer = httpx.post(
+                f"{runtime.url}/v2/models/{name}/infer",
+                json=request,
+                headers={"X-Api-Key": "demo-key"},
+                timeout=10,
+            )
+            shown = {
+                k: answer.headers[k]
+                for k in ("retry-after", "ratelimit", "x-ratelimit-remaining", "x-ratelimit-reset")
+                if k in answer.headers
+            }
+            print(f"    request {attempt}: {answer.status_code} {json.dumps(shown)}")
+        print(f"    body:  {answer.text}")
+
+        step("kubectl get inferencemodels,quotapolicies -A")
+        print(kubectl("get", "inferencemodels,quotapolicies", "-A"))
         print(f"""How to go on:
     export KUBECONFIG={state.kubeconfig}
     kubectl get inferencemodels -A      kubectl describe im {name} -n {NAMESPACE}
