@@ -95,6 +95,30 @@ def test_models_that_name_a_policy_get_its_quota_file_and_the_policy_counts_them
     assert header.split() == ["NAME", "MODELS", "TENANTS", "STORE", "READY", "AGE"]
     assert rows[0].split()[:5] == ["team", "2", "2", "memory", "True"]
 
+    # A rotated key: the tenant's Secret now holds the new key and the old one, a line each;
+    # the operator's next resync rewrites the quota file (the runtime re-reads it).
+    rotated = cluster.kubectl(
+        "create",
+        "secret",
+        "generic",
+        "acme-key",
+        "-n",
+        namespace,
+        "--from-literal=token=acme-secret-1\nacme-secret-2",
+        "--dry-run=client",
+        "-o",
+        "json",
+    ).stdout
+    assert cluster.apply(rotated, namespace).returncode == 0
+
+    def rotated_hashes() -> list[str] | None:
+        config = quota_file(cluster, namespace, "metered-a") or {"tenants": []}
+        acme = next((t for t in config["tenants"] if t["name"] == "acme"), None)
+        return acme["keySha256"] if acme and len(acme["keySha256"]) == 2 else None
+
+    hashes = eventually(rotated_hashes, 60, what="the rotated key in the quota file")
+    assert hashes == sorted([sha("acme-secret-1"), sha("acme-secret-2")])
+
     # A model that stops naming the policy loses its quota file; the policy counts one.
     assert cluster.apply(model("metered-b"), namespace).returncode == 0
     eventually(
