@@ -52,9 +52,13 @@ class Limit(_Config):
     limit: int = Field(ge=0)
     window: Literal["1s", "1m", "1h", "1d"]
 
-    @property
+    @functools.cached_property
     def name(self) -> str:
         return f"{self.unit}-{self.window}"
+
+    @functools.cached_property
+    def seconds(self) -> int:
+        return WINDOW_SECONDS[self.window]
 
 
 class TenantConfig(_Config):
@@ -170,16 +174,19 @@ class Decision:
         Reset times are seconds from now."""
         if not self.windows:
             return []
-        policy = _policy_header(tuple((w.limit.name, w.limit.limit) for w in self.windows))
-        current = ", ".join(
-            f'"{w.limit.name}";r={w.remaining};t={_until(w.reset_at, now)}' for w in self.windows
-        )
-        tightest = self.violated or min(
-            self.windows, key=lambda w: w.remaining / max(w.limit.limit, 1)
-        )
+        parts, limits = [], []
+        tightest, share = self.violated, 2.0
+        for w in self.windows:
+            lim = w.limit
+            remaining = lim.limit - w.used if w.used < lim.limit else 0
+            parts.append(f'"{lim.name}";r={remaining};t={_until(w.reset_at, now)}')
+            limits.append((lim.name, lim.limit))
+            if self.violated is None and remaining / (lim.limit or 1) < share:
+                tightest, share = w, remaining / (lim.limit or 1)
+        assert tightest is not None
         headers = [
-            (b"ratelimit-policy", policy),
-            (b"ratelimit", current.encode()),
+            (b"ratelimit-policy", _policy_header(tuple(limits))),
+            (b"ratelimit", ", ".join(parts).encode()),
             (b"x-ratelimit-limit", str(tightest.limit.limit).encode()),
             (b"x-ratelimit-remaining", str(tightest.remaining).encode()),
             (b"x-ratelimit-reset", str(_until(tightest.reset_at, now)).encode()),
@@ -198,11 +205,11 @@ def _policy_header(limits: tuple[tuple[str, int], ...]) -> bytes:
 
 
 def _bucket(limit: Limit, now: float) -> int:
-    return int(now // WINDOW_SECONDS[limit.window])
+    return int(now // limit.seconds)
 
 
 def _reset_at(limit: Limit, now: float) -> float:
-    return float((_bucket(limit, now) + 1) * WINDOW_SECONDS[limit.window])
+    return float((int(now // limit.seconds) + 1) * limit.seconds)
 
 
 def counter_key(policy: str, tenant: str, unit: str, window: str, now: float) -> str:
@@ -283,14 +290,24 @@ class MemoryCounters:
     def check_and_count(
         self, tenant: str, costs: list[tuple[Limit, int]], now: float
     ) -> tuple[bool, int, list[int]]:
-        buckets = [_bucket(lim, now) for lim, _ in costs]
-        used = [self.used(tenant, lim, b) for (lim, _), b in zip(costs, buckets, strict=True)]
-        for i, ((lim, cost), u) in enumerate(zip(costs, used, strict=True)):
-            if u + cost > self.limit_of(lim).limit:
-                return False, i + 1, used
-        for i, ((lim, cost), b) in enumerate(zip(costs, buckets, strict=True)):
+        counts, scale = self._counts, self.scale
+        keys, buckets, used = [], [], []
+        violated = 0
+        for i, (lim, cost) in enumerate(costs):
+            key, bucket = (tenant, lim.name), int(now // lim.seconds)
+            seen, count = counts.get(key, (bucket, 0))
+            count = count if seen == bucket else 0
+            keys.append(key)
+            buckets.append(bucket)
+            used.append(count)
+            limit = lim.limit if scale == 1.0 else int(lim.limit * scale)
+            if not violated and count + cost > limit:
+                violated = i + 1
+        if violated:
+            return False, violated, used
+        for i, (_, cost) in enumerate(costs):
             used[i] += cost
-            self._counts[(tenant, lim.name)] = (b, used[i])
+            counts[keys[i]] = (buckets[i], used[i])
         return True, 0, used
 
 
