@@ -60,6 +60,15 @@ def condition(cluster: Cluster, ns: str, name: str) -> dict[str, Any]:
     return {c["type"]: c for c in (im.get("status") or {}).get("conditions", [])}.get("Ready", {})
 
 
+def until_reason(cluster: Cluster, ns: str, name: str, reason: str) -> dict[str, Any]:
+    """The model's Ready condition once its reason is `reason` (60 s at most)."""
+    return eventually(
+        lambda: (c := condition(cluster, ns, name)).get("reason") == reason and c,
+        60,
+        what=f"InferenceModel {ns}/{name} reason {reason}",
+    )
+
+
 def children(cluster: Cluster, ns: str, name: str) -> dict[str, dict[str, Any]]:
     found = cluster.get(CHILD_KINDS, "-n", ns, "-l", f"kubeonnx.io/inferencemodel={name}")
     return {o["kind"]: o for o in (found or {}).get("items", [])}
@@ -353,13 +362,7 @@ def test_too_many_gpus_shows_unschedulable_with_the_schedulers_message(
 ) -> None:
     greedy = model("greedy", accelerator={"count": 8, "profile": "nvidia"})
     assert cluster.apply(greedy, namespace).returncode == 0
-    cond = eventually(
-        lambda: (
-            (c := condition(cluster, namespace, "greedy")).get("reason") == "Unschedulable" and c
-        ),
-        60,
-        what="REASON Unschedulable",
-    )
+    cond = until_reason(cluster, namespace, "greedy", "Unschedulable")
     assert cond["status"] == "False"
     assert "Insufficient nvidia.com/gpu" in cond["message"]
     row = cluster.kubectl("get", "im", "greedy", "-n", namespace, "--no-headers").stdout.split()

@@ -12,7 +12,7 @@ import pytest
 
 from e2e.conftest import Cluster, eventually
 from e2e.operator_process import OperatorProcess
-from e2e.test_operator import children, condition, model, prepare_namespace, ready
+from e2e.test_operator import children, model, prepare_namespace, ready, until_reason
 
 pytestmark = pytest.mark.e2e
 
@@ -138,26 +138,12 @@ def test_a_model_is_not_served_without_its_policy_or_its_tenants_keys(
 ) -> None:
     prepare_namespace(cluster, namespace)
     assert cluster.apply(model("waiting", quotaPolicy="later"), namespace).returncode == 0
-    cond = eventually(
-        lambda: (
-            (c := condition(cluster, namespace, "waiting")).get("reason") == "QuotaPolicyNotFound"
-            and c
-        ),
-        60,
-        what="reason QuotaPolicyNotFound",
-    )
+    cond = until_reason(cluster, namespace, "waiting", "QuotaPolicyNotFound")
     assert cond["status"] == "False" and "'later' does not exist" in cond["message"]
     assert "Deployment" not in children(cluster, namespace, "waiting")
 
     assert cluster.apply(policy("later"), namespace).returncode == 0
-    cond = eventually(
-        lambda: (
-            (c := condition(cluster, namespace, "waiting")).get("reason") == "QuotaSecretNotFound"
-            and c
-        ),
-        60,
-        what="reason QuotaSecretNotFound",
-    )
+    cond = until_reason(cluster, namespace, "waiting", "QuotaSecretNotFound")
     assert "tenant 'acme'" in cond["message"] and "'acme-key'" in cond["message"]
     status = eventually(
         lambda: (s := policy_status(cluster, namespace, "later")).get("conditions") and s,
