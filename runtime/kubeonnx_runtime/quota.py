@@ -258,7 +258,9 @@ end
 for i = 1, n do
   if used[i] > start[i] then
     redis.call('INCRBY', KEYS[i], used[i] - start[i])
-    redis.call('EXPIRE', KEYS[i], tonumber(ARGV[n + i]), 'NX')
+    if start[i] == 0 then  -- a new window's counter (EXPIRE's NX needs Redis 7)
+      redis.call('EXPIRE', KEYS[i], tonumber(ARGV[n + i]))
+    end
   end
 end
 return out

@@ -117,6 +117,9 @@ def test_two_replicas_sharing_redis_admit_exactly_the_limit(
             assert used == {"requests-1d": 30, "rows-1h": 60}
         else:
             assert used == {"requests-1d": n}
+    # Every counter expires after its window: nothing is kept for ever.
+    counters = list(redis_server.client().scan_iter("kubeonnx:*"))
+    assert counters and all(0 < redis_server.client().ttl(k) <= 2 * 86400 for k in counters)
     admitted = next(r for t, r in results if t == "a" and r.status_code == 200)
     assert admitted.headers["ratelimit-policy"] == '"requests-1d";q=50;w=86400'
     assert httpx.get(f"{replicas[0].url}/v2/quota").status_code == 401
