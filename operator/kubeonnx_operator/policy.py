@@ -9,7 +9,14 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .kube import Kube
-from .quota import QuotaPolicySpec, counter_key, parse_policy, reset_at, secret_keys
+from .quota import (
+    QuotaPolicySpec,
+    counter_key,
+    parse_policy,
+    reset_at,
+    secret_keys,
+    tenant_keys,
+)
 from .reconcile import status_changed, utc_now
 from .spec import InvalidSpec
 from .status import READY, set_condition
@@ -106,27 +113,28 @@ class PolicyReconciler:
         except InvalidSpec as exc:
             ready, reason, message = False, "InvalidSpec", str(exc)
         else:
-            missing = []
-            for tenant in spec.tenants:
-                ref = tenant.api_key_secret
-                secret = await self.kube.get_secret(namespace, ref.name)
-                if secret is None or not secret_keys(secret, ref.key):
-                    missing.append(f"{tenant.name} (Secret {ref.name}, key {ref.key})")
-            redis = spec.backend.redis is not None
-            status["tenants"] = len(spec.tenants) - len(missing)
+            names = {t.api_key_secret.name for t in spec.tenants}
+            secrets = {s: await self.kube.get_secret(namespace, s) for s in sorted(names)}
+            keys, missing = tenant_keys(spec, secrets)
+            store = spec.backend.redis
+            redis = store is not None
+            status["tenants"] = len(keys)
             status["store"] = "redis" if redis else "memory"
             unreachable = None
-            if redis and spec.backend.redis is not None:
+            if store is not None:
                 try:
                     status["usage"] = await self.usage.read(namespace, name, spec)
                 except Exception as exc:  # the store, not the operator, is at fault
                     unreachable = (
-                        f"Redis at {spec.backend.redis.url} did not answer "
+                        f"Redis at {store.url} did not answer "
                         f"({type(exc).__name__}: {exc}); usage unknown"
                     )
             if missing:
                 ready, reason = False, "SecretNotFound"
-                message = "no API key for tenants: " + ", ".join(missing)
+                message = "no API key for tenants: " + ", ".join(
+                    f"{t.name} (Secret {t.api_key_secret.name}, key {t.api_key_secret.key})"
+                    for t in missing
+                )
             elif unreachable:
                 ready, reason, message = False, "StoreUnreachable", unreachable
             else:

@@ -140,6 +140,24 @@ def secret_names(policy: dict[str, Any] | None) -> set[str]:
     return {t.api_key_secret.name for t in spec.tenants}
 
 
+def tenant_keys(
+    spec: QuotaPolicySpec, secrets: Mapping[str, dict[str, Any] | None]
+) -> tuple[dict[str, list[str]], list[Tenant]]:
+    """Each tenant's API keys from its Secret (given by name), and the tenants whose Secret
+    or key is missing or empty."""
+    keys: dict[str, list[str]] = {}
+    missing: list[Tenant] = []
+    for tenant in spec.tenants:
+        ref = tenant.api_key_secret
+        secret = secrets.get(ref.name)
+        found = secret_keys(secret, ref.key) if secret is not None else None
+        if found:
+            keys[tenant.name] = found
+        else:
+            missing.append(tenant)
+    return keys, missing
+
+
 def resolve_quota(
     policy_name: str,
     namespace: str,
@@ -159,18 +177,14 @@ def resolve_quota(
         spec = parse_policy(policy.get("spec"))
     except InvalidSpec as exc:
         raise QuotaProblem("QuotaPolicyInvalid", f"QuotaPolicy {policy_name!r}: {exc}") from None
-    keys: dict[str, list[str]] = {}
-    for tenant in spec.tenants:
-        ref = tenant.api_key_secret
-        secret = secrets.get(ref.name)
-        found = secret_keys(secret, ref.key) if secret is not None else None
-        if not found:
-            raise QuotaProblem(
-                "QuotaSecretNotFound",
-                f"QuotaPolicy {policy_name!r}, tenant {tenant.name!r}: no API key in Secret "
-                f"{ref.name!r} under key {ref.key!r}",
-            )
-        keys[tenant.name] = found
+    keys, missing = tenant_keys(spec, secrets)
+    if missing:
+        ref = missing[0].api_key_secret
+        raise QuotaProblem(
+            "QuotaSecretNotFound",
+            f"QuotaPolicy {policy_name!r}, tenant {missing[0].name!r}: no API key in Secret "
+            f"{ref.name!r} under key {ref.key!r}",
+        )
     redis = spec.backend.redis
     password = redis.password_secret if redis is not None else None
     dsn = spec.ledger.postgres.dsn_secret if spec.ledger is not None else None

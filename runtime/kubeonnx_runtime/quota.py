@@ -164,10 +164,8 @@ class WindowState:
 @dataclass(slots=True)
 class Decision:
     tenant: str
-    admitted: bool
     windows: tuple[WindowState, ...]
-    violated: WindowState | None = None
-    source: str = "redis"  # redis, memory, local (Redis down), open (Redis down)
+    violated: WindowState | None = None  # the window that refused the request, if one did
 
     def headers(self, now: float) -> list[tuple[bytes, bytes]]:
         """RateLimit-Policy and RateLimit (IETF httpapi ratelimit-headers draft), and the
@@ -181,7 +179,7 @@ class Decision:
             lim = w.limit
             remaining = lim.limit - w.used if w.used < lim.limit else 0
             parts.append(f'"{lim.name}";r={remaining};t={_until(w.reset_at, now)}')
-            limits.append((lim.name, lim.limit))
+            limits.append((lim.name, lim.limit, lim.seconds))
             if self.violated is None and remaining / (lim.limit or 1) < share:
                 tightest, share = w, remaining / (lim.limit or 1)
         assert tightest is not None
@@ -198,15 +196,9 @@ class Decision:
 
 
 @functools.lru_cache(maxsize=1024)
-def _policy_header(limits: tuple[tuple[str, int], ...]) -> bytes:
+def _policy_header(limits: tuple[tuple[str, int, int], ...]) -> bytes:
     """RateLimit-Policy for a tenant's limits: the same on every answer, so made once."""
-    return ", ".join(
-        f'"{name}";q={limit};w={WINDOW_SECONDS[name.rsplit("-", 1)[1]]}' for name, limit in limits
-    ).encode()
-
-
-def _bucket(limit: Limit, now: float) -> int:
-    return int(now // limit.seconds)
+    return ", ".join(f'"{name}";q={limit};w={seconds}' for name, limit, seconds in limits).encode()
 
 
 def _reset_at(limit: Limit, now: float) -> float:
@@ -277,23 +269,18 @@ class _Waiting:
 class MemoryCounters:
     """The same windows in this process: (tenant, limit name) -> (bucket, used)."""
 
-    def __init__(self, scale: float = 1.0) -> None:
-        self.scale = scale  # failureMode Local: each replica's share of the limit
+    def __init__(self) -> None:
         self._counts: dict[tuple[str, str], tuple[int, int]] = {}
 
-    def limit_of(self, limit: Limit) -> Limit:
-        if self.scale == 1.0:
-            return limit
-        return limit.model_copy(update={"limit": int(limit.limit * self.scale)})
-
-    def used(self, tenant: str, limit: Limit, bucket: int) -> int:
+    def used(self, tenant: str, limit: Limit, now: float) -> int:
+        bucket = int(now // limit.seconds)
         seen, used = self._counts.get((tenant, limit.name), (bucket, 0))
         return used if seen == bucket else 0
 
     def check_and_count(
         self, tenant: str, costs: list[tuple[Limit, int]], now: float
     ) -> tuple[bool, int, list[int]]:
-        counts, scale = self._counts, self.scale
+        counts = self._counts
         keys, buckets, used = [], [], []
         violated = 0
         for i, (lim, cost) in enumerate(costs):
@@ -303,8 +290,7 @@ class MemoryCounters:
             keys.append(key)
             buckets.append(bucket)
             used.append(count)
-            limit = lim.limit if scale == 1.0 else int(lim.limit * scale)
-            if not violated and count + cost > limit:
+            if not violated and count + cost > lim.limit:
                 violated = i + 1
         if violated:
             return False, violated, used
@@ -349,7 +335,14 @@ class Quota:
         self._limits = {t.name: t.limits for t in config.tenants}
         if config.default_tenant is not None:
             self._limits[DEFAULT_TENANT] = config.default_tenant.limits
-        self._local = MemoryCounters(1 / config.replicas)
+        # failureMode Local: each replica's share of every limit, counted in its own memory.
+        self._local_limits = {
+            tenant: [
+                lim.model_copy(update={"limit": lim.limit // config.replicas}) for lim in limits
+            ]
+            for tenant, limits in self._limits.items()
+        }
+        self._local = MemoryCounters()
 
     async def follow(self, path: Path, every_s: float) -> None:
         """Re-read the configuration file when its content changes (a mounted Secret is
@@ -379,11 +372,6 @@ class Quota:
             self.use(config.model_copy(update={"redis": self.config.redis}))
             log.info("quota configuration reloaded", extra={"tenants": len(config.tenants)})
 
-    @property
-    def exact(self) -> bool:
-        """Whether the counts are shared by every replica (Redis), or this process's own."""
-        return self._redis is not None
-
     def identify(self, headers: Mapping[str, str]) -> str:
         """The tenant the request's key names; the default tenant for a missing or unknown
         key, or Unauthorized when the policy has none."""
@@ -406,10 +394,10 @@ class Quota:
         now = self._clock()
         costs = [(lim, 1 if lim.unit == "requests" else rows) for lim in limits]
         if not costs:
-            return self._decided(Decision(tenant, True, ()), "admitted")
+            return self._decided(Decision(tenant, ()), "admitted")
         if self._redis is None:
             return self._settle(
-                tenant, costs, now, *self._memory.check_and_count(tenant, costs, now), "memory"
+                tenant, costs, now, *self._memory.check_and_count(tenant, costs, now)
             )
         if now < self._breaker_until:
             return self._fallback(tenant, costs, now, "the quota store is unreachable")
@@ -421,8 +409,7 @@ class Quota:
             )
         except Exception:  # timeout, connection refused, a Redis error: all the same here
             return self._fallback(tenant, costs, now, "the quota store is unreachable")
-        admitted, violated, used = result
-        return self._settle(tenant, costs, now, admitted, violated, used, "redis")
+        return self._settle(tenant, costs, now, *result)
 
     async def _ask_redis(
         self, tenant: str, limits: list[Limit], costs: list[int]
@@ -450,7 +437,7 @@ class Quota:
                     del self._waiting[group]
                 now = self._clock()
                 args: list[int] = [lim.limit for lim in limits]
-                args += [WINDOW_SECONDS[lim.window] * 2 for lim in limits]  # outlive the window
+                args += [lim.seconds * 2 for lim in limits]  # outlive the window
                 for w in batch:
                     args += w.costs
                 keys = [self._key(tenant, lim, now) for lim in limits]
@@ -497,12 +484,13 @@ class Quota:
     ) -> Decision:
         mode = self.config.failure_mode
         if mode == "Local":
-            local = [(self._local.limit_of(lim), cost) for lim, cost in costs]
+            shares = self._local_limits.get(tenant, [])
+            local = [(share, cost) for share, (_, cost) in zip(shares, costs, strict=True)]
             return self._settle(
-                tenant, local, now, *self._local.check_and_count(tenant, costs, now), "local"
+                tenant, local, now, *self._local.check_and_count(tenant, local, now)
             )
         if mode == "Open":
-            return self._decided(Decision(tenant, True, (), source="open"), "admitted_unchecked")
+            return self._decided(Decision(tenant, ()), "admitted_unchecked")
         self._on_decision(tenant, "unavailable")
         raise QuotaUnavailable(f"{why}; the quota policy refuses requests until it is back")
 
@@ -514,24 +502,22 @@ class Quota:
         admitted: bool,
         violated: int,
         used: list[int],
-        source: str,
     ) -> Decision:
         windows = tuple(
             WindowState(lim, u, _reset_at(lim, now))
             for (lim, _), u in zip(costs, used, strict=True)
         )
         if admitted:
-            return self._decided(Decision(tenant, True, windows, source=source), "admitted")
-        broken = windows[violated - 1]
-        decision = Decision(tenant, False, windows, broken, source)
+            return self._decided(Decision(tenant, windows), "admitted")
         if self.config.shadow:
-            return self._decided(Decision(tenant, True, windows, source=source), "shadow_refused")
+            return self._decided(Decision(tenant, windows), "shadow_refused")
+        broken = windows[violated - 1]
         self._on_decision(tenant, "refused")
         raise QuotaExceeded(
             f"tenant '{tenant}' is over its limit of {broken.limit.limit} {broken.limit.unit} "
             f"per {broken.limit.window} (window {broken.limit.name}); "
             f"retry in {_until(broken.reset_at, now)} s",
-            decision,
+            Decision(tenant, windows, broken),
         )
 
     def _decided(self, decision: Decision, outcome: str) -> Decision:
@@ -543,7 +529,7 @@ class Quota:
         now = self._clock()
         limits = self._limits.get(tenant, [])
         source = "memory"
-        used = [self._memory.used(tenant, lim, _bucket(lim, now)) for lim in limits]
+        used = [self._memory.used(tenant, lim, now) for lim in limits]
         if self._redis is not None and limits:
             source = "redis"
             try:
