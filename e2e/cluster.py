@@ -230,22 +230,41 @@ def node_manifest(name: str, gpus: int, labels: dict[str, str]) -> dict[str, obj
 
 
 def _grant_chart_role(state: ClusterState, helm: Path) -> None:
-    """Bind the operator's identity to the ClusterRole the Helm chart ships, and nothing
-    more: whatever the e2e suite and the benchmarks see the operator do, the chart allows."""
+    """Bind the operator's identity to the ClusterRole and the leader-election Role the Helm
+    chart ships, and nothing more: whatever the e2e suite and the benchmarks see the
+    operator do, the chart allows."""
     rendered = subprocess.run(
-        [str(helm), "template", OPERATOR_USER, str(ROOT / "charts" / "kubeonnx")],
+        [str(helm), "template", OPERATOR_USER, str(ROOT / "charts" / "kubeonnx"), "-n", "default"],
         check=True,
         capture_output=True,
         text=True,
     ).stdout
-    role = next(d for d in yaml.safe_load_all(rendered) if d and d.get("kind") == "ClusterRole")
-    kubectl(state, "apply", "-f", "-", input=json.dumps(role))
+    docs = [d for d in yaml.safe_load_all(rendered) if d]
+    role = next(d for d in docs if d.get("kind") == "ClusterRole")
+    lease_role = next(d for d in docs if d.get("kind") == "Role")
+    kubectl(
+        state,
+        "apply",
+        "-f",
+        "-",
+        input=json.dumps({"apiVersion": "v1", "kind": "List", "items": [role, lease_role]}),
+    )
     kubectl(
         state,
         "create",
         "clusterrolebinding",
         OPERATOR_USER,
         f"--clusterrole={role['metadata']['name']}",
+        f"--user={OPERATOR_USER}",
+    )
+    kubectl(
+        state,
+        "create",
+        "rolebinding",
+        OPERATOR_USER,
+        "-n",
+        "default",
+        f"--role={lease_role['metadata']['name']}",
         f"--user={OPERATOR_USER}",
     )
 

@@ -456,7 +456,9 @@ def test_helm_chart_installs_the_operator(cluster: Cluster, namespace: str) -> N
     try:
         assert proc.returncode == 0, proc.stderr
         dep = cluster.get("deployment", release, "-n", namespace)
-        assert dep and dep["status"].get("readyReplicas") == 1
+        assert dep and dep["status"].get("readyReplicas") == 2  # a leader and a standby
+        pdb = cluster.get("pdb", release, "-n", namespace)
+        assert pdb and pdb["spec"]["minAvailable"] == 1
     finally:
         subprocess.run(
             [helm, "--kubeconfig", cluster.kubeconfig, "uninstall", release, "-n", namespace],

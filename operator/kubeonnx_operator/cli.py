@@ -55,13 +55,9 @@ def run_operator(argv: list[str]) -> int:
     )
     for noisy in ("httpx", "httpx2", "httpcore", "kopf.objects"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    kopf.run(
-        registry=build_registry(config),
-        standalone=True,
-        clusterwide=not namespaces,
-        namespaces=namespaces,
-        liveness_endpoint=f"http://0.0.0.0:{config.health_port}/healthz",
-    )
+    # kopf runs the process; the operator's watches, leader election and health endpoints
+    # (/healthz, /readyz, /metrics on the health port) are its own (handlers.Controller).
+    kopf.run(registry=build_registry(config, namespaces), standalone=True, clusterwide=True)
     return 0
 
 

@@ -1,7 +1,8 @@
 """Operator configuration: runtime images, accelerator profiles, ingress and KEDA defaults.
 
-Read from a YAML file (`--config` or KUBEONNX_OPERATOR_CONFIG) and `KUBEONNX_OPERATOR_*`
-environment variables; the variables win.
+Read from a YAML file (`--config` or KUBEONNX_OPERATOR_CONFIG, camelCase keys) and
+`KUBEONNX_OPERATOR_*` environment variables (snake_case after the prefix); the variables
+win. Only prefixed variables count: a stray `NAMESPACES` in the pod changes nothing.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
-from pydantic.alias_generators import to_camel
+from pydantic.alias_generators import to_camel, to_snake
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 DEFAULT_IMAGE = "ghcr.io/kubeonnx/runtime:0.1.0"
@@ -35,8 +36,6 @@ class OperatorConfig(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="KUBEONNX_OPERATOR_",
         env_nested_delimiter="__",
-        alias_generator=to_camel,
-        populate_by_name=True,
         extra="forbid",
     )
 
@@ -55,6 +54,10 @@ class OperatorConfig(BaseSettings):
     namespaces: list[str] = Field(default_factory=list, description="empty: every namespace")
     resync_seconds: float = 60.0
     health_port: int = 8081
+    max_concurrent_reconciles: int = Field(8, ge=1, le=256)
+    leader_election: bool = True
+    lease_name: str = "kubeonnx-operator"
+    lease_namespace: str = ""  # default: the pod's namespace
 
     @classmethod
     def settings_customise_sources(
@@ -77,4 +80,7 @@ def load_config(path: str | Path | None = None) -> OperatorConfig:
         if loaded is not None and not isinstance(loaded, dict):
             raise ValueError(f"operator config {path} must be a YAML mapping")
         data = loaded or {}
-    return OperatorConfig(**data)
+    # The file speaks camelCase (as the chart's values do); the settings are snake_case.
+    # (An alias generator would do this too, but pydantic-settings then also reads the
+    # unprefixed alias from the environment.)
+    return OperatorConfig(**{to_snake(k): v for k, v in data.items()})

@@ -1,9 +1,13 @@
-"""kopf wiring: watches feed the work queue; the queue runs the one reconcile.
+"""The operator: watches feed the work queues; the queues run the one reconcile.
 
-Every trigger is level-based: an InferenceModel event (create, update, resume on start,
-our own status write), an event on an owned child (deleted or edited by hand, a pod
+Every trigger is level-based: an InferenceModel event (create, update, the listing on
+start, our own status write), an event on an owned child (deleted or edited by hand, a pod
 changing state), or the periodic resync. The handlers store nothing on the objects: no
-finalizers, no kopf annotations, so Argo CD sees only what it applied.
+finalizers, no annotations, so Argo CD sees only what it applied.
+
+kopf runs the process (login, start-up, clean-up, signals); the watches are
+`informer.Informer`s, with server-side label selectors and relists that notice what
+vanished. Every replica watches; only the one holding the Lease reconciles and writes.
 """
 
 from __future__ import annotations
@@ -15,10 +19,18 @@ import logging
 from typing import Any
 
 import kopf
-from lightkube import AsyncClient
+from lightkube import AsyncClient, operators
+from lightkube.resources.apps_v1 import Deployment
+from lightkube.resources.autoscaling_v2 import HorizontalPodAutoscaler
+from lightkube.resources.core_v1 import Pod, Secret, Service
+from lightkube.resources.networking_v1 import Ingress
+from lightkube.resources.policy_v1 import PodDisruptionBudget
 
+from . import metrics
 from .config import OperatorConfig
-from .kube import Kube
+from .informer import Informer
+from .kube import Kube, resource
+from .leader import LeaderElector, default_identity, default_namespace
 from .observed import ObservedChildren
 from .policy import USAGE_EVERY_S, PolicyReconciler, models_using
 from .reconcile import Reconciler
@@ -27,23 +39,193 @@ from .workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
 
-CHILD_RESOURCES = [
-    ("apps", "v1", "deployments"),
-    ("", "v1", "services"),
-    ("", "v1", "pods"),
-    ("autoscaling", "v2", "horizontalpodautoscalers"),
-    ("networking.k8s.io", "v1", "ingresses"),
-    ("policy", "v1", "poddisruptionbudgets"),
-    ("keda.sh", "v1alpha1", "scaledobjects"),
-    ("", "v1", "secrets"),  # the runtime's quota configuration
+# (resource class, apiVersion, kind, optional: its CRD may be absent)
+CHILD_RESOURCES: list[tuple[Any, str, str, bool]] = [
+    (Deployment, "apps/v1", "Deployment", False),
+    (Service, "v1", "Service", False),
+    (Pod, "v1", "Pod", False),
+    (HorizontalPodAutoscaler, "autoscaling/v2", "HorizontalPodAutoscaler", False),
+    (Ingress, "networking.k8s.io/v1", "Ingress", False),
+    (PodDisruptionBudget, "policy/v1", "PodDisruptionBudget", False),
+    (resource("keda.sh/v1alpha1", "ScaledObject"), "keda.sh/v1alpha1", "ScaledObject", True),
+    (
+        resource("monitoring.coreos.com/v1", "PodMonitor"),
+        "monitoring.coreos.com/v1",
+        "PodMonitor",
+        True,
+    ),
+    (Secret, "v1", "Secret", False),  # the runtime's quota file
 ]
+# Only what the operator made: selected by the API server, not filtered here.
+CHILD_SELECTOR = {"app.kubernetes.io/managed-by": MANAGED_BY, MODEL_LABEL: operators.exists()}
 
 
-def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
+class Controller:
+    def __init__(self, client: AsyncClient, config: OperatorConfig, namespaces: list[str]) -> None:
+        self.config = config
+        identity = default_identity()
+        self.elector: LeaderElector | None = None
+        if config.leader_election:
+            self.elector = LeaderElector(
+                client,
+                config.lease_namespace or default_namespace(),
+                config.lease_name,
+                identity,
+            )
+        self.kube = Kube(client, self.elector.holding if self.elector else lambda: True, identity)
+        self.observed = ObservedChildren()
+        self.policies: dict[tuple[str, str], dict[str, Any]] = {}
+        self.reconciler = Reconciler(self.kube, config, self.observed, policies=self.policies)
+        limit = config.max_concurrent_reconciles
+        self.queue = WorkQueue(
+            self.reconciler.reconcile, kind="InferenceModel", max_concurrent=limit, running=False
+        )
+        self.policy_queue = WorkQueue(
+            PolicyReconciler(self.kube, self.queue.bodies).reconcile,
+            kind="QuotaPolicy",
+            max_concurrent=limit,
+            running=False,
+        )
+        self.informers: list[Informer] = []
+        for namespace in list[str | None](namespaces) or [None]:
+            self.informers += [
+                Informer(
+                    client,
+                    resource("kubeonnx.io/v1alpha1", "InferenceModel"),
+                    self._model_event,
+                    namespace=namespace,
+                    api_version="kubeonnx.io/v1alpha1",
+                    kind="InferenceModel",
+                ),
+                Informer(
+                    client,
+                    resource("kubeonnx.io/v1alpha1", "QuotaPolicy"),
+                    self._policy_event,
+                    namespace=namespace,
+                    api_version="kubeonnx.io/v1alpha1",
+                    kind="QuotaPolicy",
+                ),
+            ]
+            for res, api_version, kind, optional in CHILD_RESOURCES:
+                self.informers.append(
+                    Informer(
+                        client,
+                        res,
+                        self._child_event,
+                        namespace=namespace,
+                        labels=CHILD_SELECTOR,
+                        api_version=api_version,
+                        kind=kind,
+                        optional=optional,
+                    )
+                )
+        self.synced = False
+
+    def ready(self) -> str | None:
+        """None once every watch has listed its kind; else what is still listing."""
+        waiting = [i.what for i in self.informers if not i.synced.is_set()]
+        return f"listing {', '.join(waiting)}" if waiting else None
+
+    async def run(self) -> None:
+        tasks = [asyncio.create_task(i.run()) for i in self.informers]
+        tasks.append(asyncio.create_task(self._resync()))
+        tasks.append(asyncio.create_task(self._refresh_usage()))
+        try:
+            # No apply before every cache is filled: a child not yet seen would look absent.
+            await asyncio.gather(*(i.synced.wait() for i in self.informers))
+            self.synced = True
+            log.info("caches synced: %d objects watched", sum(len(i.known) for i in self.informers))
+            if self.elector is None:
+                self._lead()
+                await asyncio.gather(*tasks)
+            else:
+                await self.elector.run(self._lead, self._follow)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._follow()
+
+    def _lead(self) -> None:
+        self.queue.start()
+        self.policy_queue.start()
+
+    async def _follow(self) -> None:
+        await self.queue.stop()
+        await self.policy_queue.stop()
+
+    async def release(self) -> None:
+        if self.elector is not None:
+            await self.elector.release()
+
+    def _model_event(self, kind: str, body: dict[str, Any]) -> None:
+        meta = body["metadata"]
+        key = (meta["namespace"], meta["name"])
+        current = self.queue.bodies.get(key)
+        before = (current or {}).get("spec") or {}
+        if kind == "DELETED":
+            if current is not None and current["metadata"]["uid"] != meta["uid"]:
+                return  # an older object of this name; the new one stays
+            self.queue.observe(key, None)
+            self.observed.forget(key)
+            self.reconciler.forget(key)
+            after: dict[str, Any] = {}
+        else:
+            self.queue.observe(key, copy.deepcopy(body))
+            after = body.get("spec") or {}
+        # A policy counts the models that name it.
+        for policy in {before.get("quotaPolicy"), after.get("quotaPolicy")} - {None}:
+            self.policy_queue.trigger((key[0], str(policy)))
+
+    def _policy_event(self, kind: str, body: dict[str, Any]) -> None:
+        meta = body["metadata"]
+        key = (meta["namespace"], meta["name"])
+        old = self.policies.get(key)
+        if kind == "DELETED":
+            if old is not None and old["metadata"]["uid"] != meta["uid"]:
+                return
+            self.policies.pop(key, None)
+            self.policy_queue.observe(key, None)
+            changed = True
+        else:
+            generation = meta.get("generation")
+            changed = old is None or old["metadata"].get("generation") != generation
+            self.policies[key] = copy.deepcopy(body)
+            # Not for our own status writes (usage changes at every read of it).
+            self.policy_queue.observe(key, self.policies[key], trigger=changed)
+        if changed:
+            for model in models_using(self.queue.bodies, *key):
+                self.queue.trigger(model)
+
+    def _child_event(self, kind: str, body: dict[str, Any]) -> None:
+        meta = body["metadata"]
+        owner = (meta.get("labels") or {}).get(MODEL_LABEL)
+        namespace = meta.get("namespace")
+        if owner and namespace:
+            key = (namespace, owner)
+            self.observed.record(key, body, deleted=kind == "DELETED")
+            self.queue.trigger(key)
+
+    async def _refresh_usage(self) -> None:
+        """Re-read the usage of every Redis-backed QuotaPolicy into its status."""
+        while True:
+            await asyncio.sleep(USAGE_EVERY_S)
+            for key, body in list(self.policy_queue.bodies.items()):
+                if ((body.get("spec") or {}).get("backend") or {}).get("redis"):
+                    self.policy_queue.trigger(key)
+
+    async def _resync(self) -> None:
+        """Re-run every reconcile now and then, so drift that no event reports is repaired
+        (and a rotated API key in a tenant's Secret reaches the runtime's quota file)."""
+        while True:
+            await asyncio.sleep(self.config.resync_seconds)
+            self.queue.trigger_all()
+            self.policy_queue.trigger_all()
+
+
+def build_registry(config: OperatorConfig, namespaces: list[str]) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
     state: dict[str, Any] = {}
-    observed = ObservedChildren()
-    policies: dict[tuple[str, str], dict[str, Any]] = {}  # QuotaPolicy bodies from the watch
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -52,115 +234,28 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
 
     @kopf.on.startup(registry=registry)
     async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
-        settings.posting.level = logging.WARNING
-        settings.watching.server_timeout = 300
-        settings.networking.request_timeout = 60
+        settings.posting.enabled = False  # Events are the reconciler's, one per reason change
+        settings.scanning.disabled = True  # kopf watches nothing: no CRD or namespace scans
         client = AsyncClient(field_manager=FIELD_MANAGER)
-        kube = Kube(client)
-        reconciler = Reconciler(kube, config, observed, policies=policies)
-        queue = WorkQueue(reconciler.reconcile)
-        policy_queue = WorkQueue(PolicyReconciler(kube, queue.bodies).reconcile)
-        state.update(client=client, queue=queue, policy_queue=policy_queue)
-        loop = asyncio.get_running_loop()
-        state["resync"] = loop.create_task(_resync([queue, policy_queue], config))
-        state["usage"] = loop.create_task(_refresh_usage(policy_queue))
+        controller = Controller(client, config, namespaces)
+        health = await metrics.serve_health(
+            metrics.health_app(controller.ready), config.health_port
+        )
+        state.update(client=client, controller=controller, health=health)
+        state["task"] = asyncio.get_running_loop().create_task(controller.run())
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(**_: Any) -> None:
-        for name in ("resync", "usage"):
-            task = state.get(name)
-            if task:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        for name in ("queue", "policy_queue"):
-            if name in state:
-                await state[name].idle()
+        task = state.get("task")
+        if task:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if "controller" in state:
+            await state["controller"].release()
+        if "health" in state:
+            await state["health"].cleanup()
         if "client" in state:
             await state["client"].close()
 
-    @kopf.on.probe(id="reconciling", registry=registry)
-    def probe(**_: Any) -> int:
-        queue: WorkQueue | None = state.get("queue")
-        return len(queue.bodies) if queue else 0
-
-    @kopf.on.event("kubeonnx.io", "v1alpha1", "inferencemodels", registry=registry)
-    async def model_event(
-        event: kopf.RawEvent, body: kopf.Body, namespace: str | None, name: str, **_: Any
-    ) -> None:
-        queue: WorkQueue = state["queue"]
-        assert namespace is not None  # InferenceModel is namespaced
-        before = (queue.bodies.get((namespace, name)) or {}).get("spec") or {}
-        if event.get("type") == "DELETED":
-            queue.observe((namespace, name), None)
-            observed.forget((namespace, name))
-        else:
-            queue.observe((namespace, name), copy.deepcopy(dict(body)))
-        # A policy counts the models that name it.
-        after = (body.get("spec") or {}) if event.get("type") != "DELETED" else {}
-        for policy in {before.get("quotaPolicy"), after.get("quotaPolicy")} - {None}:
-            state["policy_queue"].trigger((namespace, policy))
-
-    @kopf.on.event("kubeonnx.io", "v1alpha1", "quotapolicies", registry=registry)
-    async def policy_event(
-        event: kopf.RawEvent, body: kopf.Body, namespace: str | None, name: str, **_: Any
-    ) -> None:
-        assert namespace is not None  # QuotaPolicy is namespaced
-        key = (namespace, name)
-        old = policies.get(key)
-        if event.get("type") == "DELETED":
-            policies.pop(key, None)
-            state["policy_queue"].observe(key, None)
-            changed = True
-        else:
-            generation = body["metadata"].get("generation")
-            changed = old is None or old["metadata"].get("generation") != generation
-            policies[key] = copy.deepcopy(dict(body))
-            # Not for our own status writes (usage changes at every read of it).
-            state["policy_queue"].observe(key, policies[key], trigger=changed)
-        if changed:
-            queue: WorkQueue = state["queue"]
-            for model in models_using(queue.bodies, namespace, name):
-                queue.trigger(model)
-
-    async def child_event(
-        event: kopf.RawEvent,
-        body: kopf.Body,
-        labels: kopf.Labels,
-        namespace: str | None,
-        **_: Any,
-    ) -> None:
-        owner = labels.get(MODEL_LABEL)
-        if owner and namespace and "queue" in state:
-            key = (namespace, owner)
-            observed.record(key, dict(body), deleted=event.get("type") == "DELETED")
-            state["queue"].trigger(key)
-
-    for group, version, plural in CHILD_RESOURCES:
-        kopf.on.event(
-            group,
-            version,
-            plural,
-            registry=registry,
-            labels={"app.kubernetes.io/managed-by": MANAGED_BY, MODEL_LABEL: kopf.PRESENT},
-        )(child_event)
-
     return registry
-
-
-async def _refresh_usage(policy_queue: WorkQueue) -> None:
-    """Re-read the usage of every Redis-backed QuotaPolicy into its status."""
-    while True:
-        await asyncio.sleep(USAGE_EVERY_S)
-        for key, body in list(policy_queue.bodies.items()):
-            if ((body.get("spec") or {}).get("backend") or {}).get("redis"):
-                policy_queue.trigger(key)
-
-
-async def _resync(queues: list[WorkQueue], config: OperatorConfig) -> None:
-    """Re-run every reconcile now and then, so drift that no event reports is repaired (and
-    a rotated API key in a tenant's Secret reaches the runtime's quota file)."""
-    while True:
-        await asyncio.sleep(config.resync_seconds)
-        for queue in queues:
-            queue.trigger_all()

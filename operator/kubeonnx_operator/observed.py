@@ -3,7 +3,8 @@
 The reconciler reads pods and prunes children from here instead of listing them from the
 API on every reconcile; each watch event also triggers a reconcile of the owner, so a
 reconcile that ran on a slightly stale view runs again once the view catches up.
-Only the fields the reconciler reads are kept.
+Only the fields the reconciler reads are kept. Objects are removed by UID: the events of a
+child deleted and re-created under its name may arrive in either order.
 """
 
 from __future__ import annotations
@@ -22,13 +23,24 @@ def digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:32]
 
 
+def _our_entry(obj: dict[str, Any]) -> dict[str, Any] | None:
+    for entry in obj.get("metadata", {}).get("managedFields") or []:
+        if entry.get("manager") == FIELD_MANAGER and entry.get("operation") == "Apply":
+            return dict(entry)
+    return None
+
+
 def our_fields(obj: dict[str, Any]) -> str:
     """A digest of the fields the operator's server-side apply owns in `obj`. Another
     writer changing one of them takes it over, and the digest changes: that is drift."""
-    for entry in obj.get("metadata", {}).get("managedFields") or []:
-        if entry.get("manager") == FIELD_MANAGER and entry.get("operation") == "Apply":
-            return digest(entry.get("fieldsV1"))
-    return ""
+    entry = _our_entry(obj)
+    return digest(entry.get("fieldsV1")) if entry else ""
+
+
+def owns_replicas(obj: dict[str, Any]) -> bool:
+    """Whether the operator's apply owns the Deployment's spec.replicas."""
+    entry = _our_entry(obj) or {}
+    return "f:replicas" in ((entry.get("fieldsV1") or {}).get("f:spec") or {})
 
 
 @dataclass(frozen=True)
@@ -36,6 +48,7 @@ class ChildRef:
     api_version: str
     kind: str
     name: str
+    uid: str
     owner_uids: frozenset[str]
     fields: str  # our_fields() of the child as last seen
 
@@ -50,40 +63,46 @@ def _slim_pod(pod: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _slim_deployment(deployment: dict[str, Any]) -> dict[str, Any]:
+def slim_deployment(deployment: dict[str, Any]) -> dict[str, Any]:
+    meta = deployment["metadata"]
     return {
-        "metadata": {"generation": deployment["metadata"].get("generation", 0)},
+        "metadata": {"generation": meta.get("generation", 0), "uid": meta.get("uid")},
         "spec": {"replicas": deployment.get("spec", {}).get("replicas", 1)},
         "status": deployment.get("status") or {},
+        "ownsReplicas": owns_replicas(deployment),
     }
 
 
 class ObservedChildren:
     def __init__(self) -> None:
         self._children: dict[Key, dict[tuple[str, str, str], ChildRef]] = {}
-        self._pods: dict[Key, dict[str, dict[str, Any]]] = {}
+        self._pods: dict[Key, dict[str, dict[str, Any]]] = {}  # by pod UID
         self._deployments: dict[Key, dict[str, Any]] = {}
 
     def record(self, owner: Key, obj: dict[str, Any], deleted: bool) -> None:
         meta = obj["metadata"]
+        uid = meta.get("uid", "")
         if obj.get("kind") == "Pod":
             pods = self._pods.setdefault(owner, {})
             if deleted:
-                pods.pop(meta["name"], None)
+                pods.pop(uid, None)
             else:
-                pods[meta["name"]] = _slim_pod(obj)
+                pods[uid] = _slim_pod(obj)
             return
         ident = (obj["apiVersion"], obj["kind"], meta["name"])
         children = self._children.setdefault(owner, {})
         if deleted:
-            children.pop(ident, None)
-            if obj["kind"] == "Deployment":
-                self._deployments.pop(owner, None)
+            seen = children.get(ident)
+            if seen is not None and seen.uid == uid:
+                del children[ident]
+            deployment = self._deployments.get(owner)
+            if deployment is not None and deployment["metadata"]["uid"] == uid:
+                del self._deployments[owner]
         else:
             uids = frozenset(r.get("uid", "") for r in meta.get("ownerReferences") or [])
-            children[ident] = ChildRef(*ident, uids, our_fields(obj))
+            children[ident] = ChildRef(*ident, uid, uids, our_fields(obj))
             if obj["kind"] == "Deployment" and meta["name"] == owner[1]:
-                self._deployments[owner] = _slim_deployment(obj)
+                self._deployments[owner] = slim_deployment(obj)
 
     def forget(self, owner: Key) -> None:
         self._children.pop(owner, None)
@@ -95,6 +114,11 @@ class ObservedChildren:
 
     def deployment(self, owner: Key) -> dict[str, Any] | None:
         return self._deployments.get(owner)
+
+    def count(self) -> int:
+        return sum(len(c) for c in self._children.values()) + sum(
+            len(p) for p in self._pods.values()
+        )
 
     def children(self, owner: Key) -> list[ChildRef]:
         return list(self._children.get(owner, {}).values())

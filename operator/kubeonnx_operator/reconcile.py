@@ -16,14 +16,26 @@ from lightkube import ApiError
 
 from .config import OperatorConfig
 from .kube import Kube, is_not_found
-from .observed import ObservedChildren, digest, our_fields
+from .observed import ObservedChildren, digest, our_fields, slim_deployment
 from .quota import QuotaProblem, ResolvedQuota, resolve_quota, secret_names
 from .render import Model, render_children
 from .render.model import load_model
 from .spec import InvalidSpec
-from .status import Verdict, derive_status, derive_verdict
+from .status import READY, Verdict, derive_status, derive_verdict
 
 log = logging.getLogger(__name__)
+
+# The field manager that keeps a Deployment's replicas while an autoscaler takes them over
+# (the hand-over in Kubernetes' server-side apply docs, "Transferring ownership").
+HANDOVER_MANAGER = "kubeonnx-replicas-handover"
+
+
+class ChildConflict(Exception):
+    """A child's name is taken by an object this InferenceModel does not control."""
+
+
+def _refused_by_admission(message: str) -> bool:
+    return "admission webhook" in message or "ValidatingAdmissionPolicy" in message
 
 
 def utc_now() -> str:
@@ -61,28 +73,62 @@ class Reconciler:
         # What was last applied to each child: (digest of the manifest, our_fields of the
         # result). In memory only: after a restart every child is applied once again.
         self.applied: dict[tuple[str, str, str, str], tuple[str, str]] = {}
+        # The Deployment each model's last apply returned: newer than the watch's copy until
+        # the watch delivers the change, and status is never derived from an older one.
+        self.applied_deployments: dict[tuple[str, str], dict[str, Any]] = {}
         self.config = config
         self.now = now
+
+    def forget(self, key: tuple[str, str]) -> None:
+        self.applied_deployments.pop(key, None)
+
+    def deployment(self, key: tuple[str, str]) -> dict[str, Any] | None:
+        """The newest view of the model's Deployment: the watch's, unless our last apply
+        returned a later generation of the same object."""
+        seen = self.observed.deployment(key)
+        applied = self.applied_deployments.get(key)
+        if applied is None:
+            return seen
+        if seen is None or seen["metadata"]["uid"] != applied["metadata"]["uid"]:
+            # Not seen yet, or the watch shows another object (re-created): trust our apply
+            # only while the watch has nothing.
+            return applied if seen is None else seen
+        newer = seen["metadata"]["generation"] >= applied["metadata"]["generation"]
+        return seen if newer else applied
 
     async def reconcile(self, body: dict[str, Any]) -> None:
         meta = body["metadata"]
         if meta.get("deletionTimestamp"):
             return  # the garbage collector removes the children
+        try:
+            await self._reconcile(body)
+        except ApiError as exc:
+            # Shown on the object, then retried with backoff by the queue.
+            status = exc.status
+            await self._report_quietly(
+                body,
+                Verdict(False, "ReconcileError", f"API error {status.code}: {status.message}"),
+            )
+            raise
+
+    async def _reconcile(self, body: dict[str, Any]) -> None:
+        meta = body["metadata"]
         name, namespace = meta["name"], meta["namespace"]
+        key = (namespace, name)
         try:
             model = load_model(name, namespace, body.get("spec"), self.config)
         except InvalidSpec as exc:
             log.warning("InferenceModel %s/%s: invalid spec: %s", namespace, name, exc)
-            await self._report(body, Verdict(False, "InvalidSpec", str(exc)))
+            # What runs already keeps running, and status says so.
+            await self._report(body, Verdict(False, "InvalidSpec", str(exc)), self.deployment(key))
             return
 
-        key = (namespace, name)
         if model.spec.quota_policy:
             resolved = await self._resolve_quota(model)
             if isinstance(resolved, Verdict):
                 # Not served without the budgets it names: nothing is applied until they
                 # can be; what runs already keeps running as it was.
-                await self._report(body, resolved, self.observed.deployment(key), model)
+                await self._report(body, resolved, self.deployment(key), model)
                 return
             model = dataclasses.replace(model, quota=resolved)
 
@@ -95,7 +141,10 @@ class Reconciler:
             kind = (child["apiVersion"], child["kind"])
             rendered.add(kind)
             try:
-                live = await self._apply_if_needed(key, child)
+                live = await self._apply_if_needed(key, child, owner["uid"])
+            except ChildConflict as exc:
+                problem = problem or Verdict(False, "ChildConflict", str(exc))
+                continue
             except ApiError as exc:
                 if exc.status.code == 403 and "being terminated" in (exc.status.message or ""):
                     return  # the namespace is going away, and the model with it
@@ -106,14 +155,16 @@ class Reconciler:
                         "autoscaler keda needs KEDA (keda.sh/v1alpha1 ScaledObject) in the cluster",
                     )
                     continue
-                if exc.status.code in (400, 422):  # the API server refused what we rendered
-                    problem = Verdict(
-                        False, "InvalidSpec", f"{child['kind']} refused: {exc.status.message}"
-                    )
+                message = exc.status.message or ""
+                if exc.status.code in (400, 422) and not _refused_by_admission(message):
+                    # The API server's schema refused what the spec made of it.
+                    problem = Verdict(False, "InvalidSpec", f"{child['kind']} refused: {message}")
                     continue
                 raise
             if child["kind"] == "Deployment":
-                deployment = live or self.observed.deployment(key)
+                if live is not None:
+                    self.applied_deployments[key] = slim_deployment(live)
+                deployment = self.deployment(key)
         await self._prune(model, body["metadata"]["uid"], rendered)
 
         pods = self.observed.pods((namespace, name))
@@ -137,29 +188,69 @@ class Reconciler:
             return Verdict(False, problem.reason, str(problem))
 
     async def _apply_if_needed(
-        self, key: tuple[str, str], manifest: dict[str, Any]
+        self, key: tuple[str, str], manifest: dict[str, Any], owner_uid: str
     ) -> dict[str, Any] | None:
         """Apply unless the watch shows the child as last applied, untouched since: an idle
-        resync then sends nothing. Returns the live object when it applied."""
+        resync then sends nothing. Returns the live object when it applied. Raises
+        ChildConflict rather than take over an object this model does not control."""
         meta = manifest["metadata"]
-        ident = (manifest["apiVersion"], manifest["kind"], meta["namespace"], meta["name"])
+        api_version, kind, name = manifest["apiVersion"], manifest["kind"], meta["name"]
+        ident = (api_version, kind, meta["namespace"], name)
         wanted = digest(manifest)
-        seen = self.observed.child(key, manifest["apiVersion"], manifest["kind"], meta["name"])
-        if seen is not None and self.applied.get(ident) == (wanted, seen.fields):
-            return None
+        seen = self.observed.child(key, api_version, kind, name)
+        if seen is not None and owner_uid in seen.owner_uids:
+            if self.applied.get(ident) == (wanted, seen.fields):
+                return None
+        else:
+            # Not known as ours: look before applying, since a forced apply would adopt it.
+            live = await self.kube.get(api_version, kind, meta["namespace"], name)
+            if live is not None:
+                _check_controller(live, owner_uid, kind, name)
+        if kind == "Deployment":
+            await self._hand_over_replicas(key, manifest)
         live = await self.kube.apply(manifest)
         self.applied[ident] = (wanted, our_fields(live))
         return live
 
+    async def _hand_over_replicas(self, key: tuple[str, str], manifest: dict[str, Any]) -> None:
+        """Before the operator stops setting replicas (an autoscaler takes over), give the
+        current count to a field manager of its own: otherwise the apply that drops the
+        field resets the Deployment to its default of 1 replica."""
+        if "replicas" in manifest["spec"]:
+            return
+        current = self.deployment(key)
+        if current is None or not current.get("ownsReplicas"):
+            return
+        meta = manifest["metadata"]
+        await self.kube.apply(
+            {
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "metadata": {"name": meta["name"], "namespace": meta["namespace"]},
+                "spec": {"replicas": current["spec"]["replicas"]},
+            },
+            manager=HANDOVER_MANAGER,
+        )
+
     async def _prune(self, model: Model, owner_uid: str, keep: set[tuple[str, str]]) -> None:
-        """Delete children this model owns that were not rendered this time."""
+        """Delete children this model owns that were not rendered this time: by UID, so
+        that an object re-created under the name meanwhile is left alone."""
         for child in self.observed.children((model.namespace, model.name)):
             if (child.api_version, child.kind) in keep or owner_uid not in child.owner_uids:
                 continue
             log.info(
                 "deleting %s %s/%s: no longer rendered", child.kind, model.namespace, child.name
             )
-            await self.kube.delete(child.api_version, child.kind, model.namespace, child.name)
+            await self.kube.delete(
+                child.api_version, child.kind, model.namespace, child.name, uid=child.uid
+            )
+
+    async def _report_quietly(self, body: dict[str, Any], verdict: Verdict) -> None:
+        key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        try:
+            await self._report(body, verdict, self.deployment(key))
+        except ApiError as exc:
+            log.warning("status of %s/%s not written: %s", *key, exc.status.message)
 
     async def _report(
         self,
@@ -183,3 +274,34 @@ class Reconciler:
             meta = body["metadata"]
             await self.kube.patch_model_status(meta["namespace"], meta["name"], status)
             body["status"] = status
+            before = _ready_reason(previous)
+            if before != verdict.reason:
+                # `kubectl describe` tells the story: one Event per change of reason.
+                await self.kube.event(
+                    body,
+                    "Normal" if verdict.ready or verdict.reason == "Progressing" else "Warning",
+                    verdict.reason,
+                    verdict.message,
+                )
+
+
+def _ready_reason(status: dict[str, Any]) -> str | None:
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == READY:
+            return str(cond.get("reason"))
+    return None
+
+
+def _check_controller(live: dict[str, Any], owner_uid: str, kind: str, name: str) -> None:
+    refs = (live.get("metadata") or {}).get("ownerReferences") or []
+    controller = next((r for r in refs if r.get("controller")), None)
+    if controller is None:
+        raise ChildConflict(
+            f"{kind} {name} already exists and is not managed by this InferenceModel; "
+            "rename or delete it, or rename the model"
+        )
+    if controller.get("uid") != owner_uid:
+        raise ChildConflict(
+            f"{kind} {name} is controlled by {controller.get('kind')} {controller.get('name')} "
+            f"(uid {controller.get('uid')}), not by this InferenceModel"
+        )

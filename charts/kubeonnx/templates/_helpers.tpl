@@ -9,3 +9,56 @@ helm.sh/chart: {{ .Chart.Name }}-{{ .Chart.Version }}
 app.kubernetes.io/name: kubeonnx-operator
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
+
+{{/* Cluster-scoped objects are named after the release and its namespace, so that two
+releases of the chart (in two namespaces) never share or overwrite one. */}}
+{{- define "kubeonnx.clusterName" -}}
+{{- printf "%s-%s" .Release.Namespace .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* What the operator does to the objects it watches and makes (ClusterRole, or a Role in
+each watched namespace). Every verb here is used: apply is a patch; nothing is updated. */}}
+{{- define "kubeonnx.rules" -}}
+- apiGroups: [kubeonnx.io]
+  resources: [inferencemodels, quotapolicies]
+  verbs: [get, list, watch]
+- apiGroups: [kubeonnx.io]
+  resources: [inferencemodels/status, quotapolicies/status]
+  verbs: [patch]
+# Children carry ownerReferences with blockOwnerDeletion, which needs update on finalizers.
+- apiGroups: [kubeonnx.io]
+  resources: [inferencemodels/finalizers]
+  verbs: [update]
+- apiGroups: [apps]
+  resources: [deployments]
+  verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [""]
+  resources: [services]
+  verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [autoscaling]
+  resources: [horizontalpodautoscalers]
+  verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [keda.sh]
+  resources: [scaledobjects]
+  verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [monitoring.coreos.com]
+  resources: [podmonitors]
+  verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [networking.k8s.io]
+  resources: [ingresses]
+  verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [policy]
+  resources: [poddisruptionbudgets]
+  verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [list, watch]
+# Tenants' API keys are read to hash them into the runtime's quota file (the runtime never
+# sees a key); that file is a Secret the operator owns. Only labelled Secrets are watched.
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create]
+{{- end -}}

@@ -1,0 +1,185 @@
+"""List-then-watch caches of the objects the operator reads, with server-side selectors.
+
+Each informer lists its kind in chunks (label selector and namespace on the server, so a
+cluster full of unrelated pods costs nothing), then watches from the list's
+resourceVersion. When the watch expires (410 Gone) or breaks, it lists again and
+reconciles what it knew against what was listed: an object that vanished in the gap gets
+a DELETED event of its own, by UID. `synced` is set once the first list is delivered.
+
+kopf's watches cannot do either (their label filter is client-side, and a relist is not
+shown to handlers), so the operator's watches are these; kopf runs the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable
+from typing import Any
+
+import httpx2
+from lightkube import ALL_NS, ApiError, AsyncClient
+
+from . import metrics
+
+log = logging.getLogger(__name__)
+
+# on_event(type, object): type is ADDED, MODIFIED or DELETED; object is a plain dict.
+Handler = Callable[[str, dict[str, Any]], None]
+
+LIST_CHUNK = 500  # objects per list call
+RETRY_MAX_S = 30.0
+
+
+def _as_dict(obj: Any) -> dict[str, Any]:
+    result: dict[str, Any] = obj.to_dict() if hasattr(obj, "to_dict") else dict(obj)
+    return result
+
+
+def _tombstone(obj: dict[str, Any]) -> dict[str, Any]:
+    """What a DELETED event for a vanished object carries: its identity and labels."""
+    meta = obj.get("metadata") or {}
+    return {
+        "apiVersion": obj.get("apiVersion"),
+        "kind": obj.get("kind"),
+        "metadata": {
+            k: meta[k]
+            for k in ("name", "namespace", "uid", "labels", "ownerReferences")
+            if k in meta
+        },
+    }
+
+
+def _status_code(exc: Exception) -> int | None:
+    if isinstance(exc, ApiError):
+        return int(exc.status.code or 0)
+    if isinstance(exc, httpx2.HTTPStatusError):  # an error without a Status body (404 of a group)
+        return exc.response.status_code
+    return None
+
+
+class Informer:
+    def __init__(
+        self,
+        client: AsyncClient,
+        resource: Any,
+        on_event: Handler,
+        *,
+        namespace: str | None = None,
+        labels: dict[str, Any] | None = None,
+        api_version: str = "",
+        kind: str = "",
+        optional: bool = False,
+    ) -> None:
+        self.client = client
+        self.resource = resource
+        self.on_event = on_event
+        self.namespace = namespace or ALL_NS
+        self.labels = labels
+        # lightkube's typed objects carry these; generic resources do too. Kept for the
+        # tombstones of objects that vanished while the watch was down.
+        self.api_version, self.kind = api_version, kind
+        # A kind whose CRD may be absent (KEDA's, the Prometheus operator's): absent, it
+        # counts as synced and empty, and is looked for again now and then.
+        self.optional = optional
+        self.known: dict[str, dict[str, Any]] = {}  # uid -> tombstone
+        self.synced = asyncio.Event()
+        self.relists = 0
+
+    @property
+    def what(self) -> str:
+        where = "all namespaces" if self.namespace == ALL_NS else self.namespace
+        return f"{self.kind or self.resource.__name__} in {where}"
+
+    async def run(self) -> None:
+        failures = 0
+        version: str | None = None
+        while True:
+            try:
+                if version is None:
+                    version = await self._list()
+                    failures = 0
+                version = await self._watch(version)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a watch never dies: it lists again after a pause
+                code = _status_code(exc)
+                if code == 404 and self.optional and version is None:
+                    if not self.synced.is_set():
+                        log.info("%s: not installed in the cluster; not watched", self.what)
+                    self.synced.set()
+                    await asyncio.sleep(60)
+                    continue
+                version = None
+                if code == 410:  # expired: list again, and see what vanished
+                    log.info("watch of %s expired; listing again", self.what)
+                    continue
+                failures += 1
+                if isinstance(exc, ApiError):
+                    why = f"API error {code}: {exc.status.message}"
+                else:
+                    why = f"{type(exc).__name__}: {exc}"
+                if not isinstance(exc, (httpx2.HTTPError, OSError)):
+                    log.exception("watch of %s: unexpected error", self.what)
+                await self._pause(failures, why)
+
+    async def _pause(self, failures: int, why: str) -> None:
+        delay = min(RETRY_MAX_S, 0.5 * 2 ** min(failures, 8)) * (0.5 + random.random() / 2)
+        log.warning("watch of %s failed (%s); listing again in %.1fs", self.what, why, delay)
+        await asyncio.sleep(delay)
+
+    async def _list(self) -> str:
+        listing = self.client.list(
+            self.resource, namespace=self.namespace, labels=self.labels, chunk_size=LIST_CHUNK
+        )
+        seen: dict[str, dict[str, Any]] = {}
+        listed: list[dict[str, Any]] = []
+        async for item in listing:
+            obj = self._complete(_as_dict(item))
+            seen[obj["metadata"]["uid"]] = _tombstone(obj)
+            listed.append(obj)
+        if self.synced.is_set():
+            self.relists += 1
+            metrics.RELISTS.labels(self.kind).inc()
+        # Deletions first: a name re-created in the gap has a new UID, and its removal by
+        # the old UID must not remove the new one.
+        for uid, gone in list(self.known.items()):
+            if uid not in seen:
+                self.on_event("DELETED", gone)
+        previous = self.known
+        self.known = seen
+        for obj in listed:
+            self.on_event("MODIFIED" if obj["metadata"]["uid"] in previous else "ADDED", obj)
+        del listed
+        metrics.WATCHED.labels(self.kind).inc(len(seen) - len(previous))
+        self.synced.set()
+        return listing.resourceVersion
+
+    async def _watch(self, version: str) -> str:
+        async for kind, item in self.client.watch(
+            self.resource, namespace=self.namespace, labels=self.labels, resource_version=version
+        ):
+            obj = self._complete(_as_dict(item))
+            meta = obj["metadata"]
+            version = meta.get("resourceVersion") or version
+            if kind == "BOOKMARK":
+                continue
+            before = len(self.known)
+            if kind == "DELETED":
+                self.known.pop(meta["uid"], None)
+            else:
+                self.known[meta["uid"]] = _tombstone(obj)
+            metrics.WATCHED.labels(self.kind).inc(len(self.known) - before)
+            self.on_event(kind, obj)
+        return version
+
+    def _complete(self, obj: dict[str, Any]) -> dict[str, Any]:
+        # List items of built-in kinds come without apiVersion and kind.
+        obj.setdefault("apiVersion", self.api_version)
+        obj.setdefault("kind", self.kind)
+        if not obj.get("apiVersion"):
+            obj["apiVersion"] = self.api_version
+        if not obj.get("kind"):
+            obj["kind"] = self.kind
+        return obj

@@ -1,0 +1,90 @@
+"""The operator's own metrics (on the health port's /metrics) and its health endpoints.
+
+/healthz answers while the event loop runs (liveness); /readyz answers 200 once every
+watch has listed its kind (readiness), on the leader and on a standby alike, so that a
+standby counts as available and a rollout of the operator does not wait on the lease.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+
+disable_created_metrics()
+
+RECONCILES = Counter(
+    "kubeonnx_operator_reconciles_total",
+    "Reconciles run, by kind and result (ok, error).",
+    ["kind", "result"],
+)
+RECONCILE_SECONDS = Histogram(
+    "kubeonnx_operator_reconcile_duration_seconds",
+    "How long one reconcile took.",
+    ["kind"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+QUEUE_DEPTH = Gauge(
+    "kubeonnx_operator_queue_depth",
+    "Objects being reconciled (or waiting for a slot) or waiting for a retry.",
+    ["kind"],
+)
+WATCHED = Gauge(
+    "kubeonnx_operator_watched_objects", "Objects in the watch caches, by resource.", ["resource"]
+)
+RELISTS = Counter(
+    "kubeonnx_operator_relists_total",
+    "Watches that expired or broke and listed their kind again.",
+    ["resource"],
+)
+API_WRITES = Counter(
+    "kubeonnx_operator_api_writes_total",
+    "Writes sent to the API server (apply, delete, status, event).",
+    ["verb"],
+)
+API_ERRORS = Counter(
+    "kubeonnx_operator_api_errors_total", "API calls refused or failed, by HTTP code.", ["code"]
+)
+LEADER = Gauge("kubeonnx_operator_leader", "1 while this replica holds the leader Lease.")
+EVENTS = Counter(
+    "kubeonnx_operator_events_total",
+    "Kubernetes Events posted, by type and reason.",
+    ["type", "reason"],
+)
+
+
+def health_app(ready: Callable[[], str | None]) -> web.Application:
+    """`ready()` returns None when ready, else what is still awaited."""
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(_: web.Request) -> web.Response:
+        waiting = ready()
+        if waiting is None:
+            return web.Response(text="ok\n")
+        return web.Response(status=503, text=f"not ready: {waiting}\n")
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+async def serve_health(app: web.Application, port: int) -> web.AppRunner:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "0.0.0.0", port).start()  # probes come from the kubelet
+    return runner
