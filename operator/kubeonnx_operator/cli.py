@@ -67,7 +67,7 @@ def _documents(path: str) -> list[Any]:
 
 
 def render_documents(
-    docs: list[tuple[str, Any]], config: OperatorConfig
+    docs: list[tuple[str, Any]], config: OperatorConfig, *, pod_monitor: bool = False
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """The children of every InferenceModel among `docs` ((file, document) pairs), and the
     problems that kept any from rendering. A model's QuotaPolicy and its tenants' Secrets
@@ -114,7 +114,7 @@ def render_documents(
                 problems.append(f"{where}: {exc} (give it in the same files)")
                 continue
             model = dataclasses.replace(model, quota=quota)
-        out.extend(render_children(model, config))
+        out.extend(render_children(model, config, pod_monitor=pod_monitor))
     return out, problems
 
 
@@ -132,6 +132,11 @@ def render(argv: list[str]) -> int:
         help="YAML file with InferenceModels ('-' for stdin; repeatable)",
     )
     parser.add_argument("--config", help="operator config YAML")
+    parser.add_argument(
+        "--pod-monitor",
+        action="store_true",
+        help="also print PodMonitors (as the operator does where their CRD is installed)",
+    )
     args = parser.parse_args(argv)
     config = _config(args.config)
 
@@ -143,7 +148,7 @@ def render(argv: list[str]) -> int:
         except (OSError, yaml.YAMLError) as exc:
             print(f"kubeonnx render: {path}: {exc}", file=sys.stderr)
             errors += 1
-    out, problems = render_documents(docs, config)
+    out, problems = render_documents(docs, config, pod_monitor=args.pod_monitor)
     for problem in problems:
         print(f"kubeonnx render: {problem}", file=sys.stderr)
     errors += len(problems)

@@ -30,6 +30,7 @@ class AcceleratorProfile(BaseModel):
     tolerations: list[dict[str, Any]] = [
         {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
     ]
+    runtime_class_name: str | None = None  # e.g. "nvidia" where the GPU runtime is not default
 
 
 class OperatorConfig(BaseSettings):
@@ -52,6 +53,7 @@ class OperatorConfig(BaseSettings):
     prometheus_address: str = "http://prometheus-operated.monitoring.svc:9090"
     cluster_domain: str = "cluster.local"
     namespaces: list[str] = Field(default_factory=list, description="empty: every namespace")
+    pod_monitor: bool = True  # render a PodMonitor where its CRD is installed
     resync_seconds: float = 60.0
     health_port: int = 8081
     max_concurrent_reconciles: int = Field(8, ge=1, le=256)

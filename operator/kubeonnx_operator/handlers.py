@@ -75,7 +75,9 @@ class Controller:
         self.kube = Kube(client, self.elector.holding if self.elector else lambda: True, identity)
         self.observed = ObservedChildren()
         self.policies: dict[tuple[str, str], dict[str, Any]] = {}
-        self.reconciler = Reconciler(self.kube, config, self.observed, policies=self.policies)
+        self.reconciler = Reconciler(
+            self.kube, config, self.observed, policies=self.policies, pod_monitor=self._pod_monitor
+        )
         limit = config.max_concurrent_reconciles
         self.queue = WorkQueue(
             self.reconciler.reconcile, kind="InferenceModel", max_concurrent=limit, running=False
@@ -120,6 +122,9 @@ class Controller:
                     )
                 )
         self.synced = False
+
+    def _pod_monitor(self) -> bool:
+        return any(i.kind == "PodMonitor" and i.installed for i in self.informers)
 
     def ready(self) -> str | None:
         """None once every watch has listed its kind; else what is still listing."""

@@ -85,6 +85,7 @@ class Informer:
         self.optional = optional
         self.known: dict[str, dict[str, Any]] = {}  # uid -> tombstone
         self.synced = asyncio.Event()
+        self.installed = False  # the kind exists in the cluster (its list succeeded)
         self.relists = 0
 
     @property
@@ -106,8 +107,9 @@ class Informer:
             except Exception as exc:  # a watch never dies: it lists again after a pause
                 code = _status_code(exc)
                 if code == 404 and self.optional and version is None:
-                    if not self.synced.is_set():
+                    if not self.synced.is_set() or self.installed:
                         log.info("%s: not installed in the cluster; not watched", self.what)
+                    self.installed = False
                     self.synced.set()
                     await asyncio.sleep(60)
                     continue
@@ -153,6 +155,7 @@ class Informer:
             self.on_event("MODIFIED" if obj["metadata"]["uid"] in previous else "ADDED", obj)
         del listed
         metrics.WATCHED.labels(self.kind).inc(len(seen) - len(previous))
+        self.installed = True
         self.synced.set()
         return listing.resourceVersion
 

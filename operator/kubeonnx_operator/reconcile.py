@@ -65,6 +65,7 @@ class Reconciler:
         observed: ObservedChildren,
         now: Callable[[], str] = utc_now,
         policies: dict[tuple[str, str], dict[str, Any]] | None = None,
+        pod_monitor: Callable[[], bool] = lambda: False,
     ) -> None:
         self.kube = kube
         self.observed = observed
@@ -78,6 +79,7 @@ class Reconciler:
         self.applied_deployments: dict[tuple[str, str], dict[str, Any]] = {}
         self.config = config
         self.now = now
+        self.pod_monitor = pod_monitor  # whether the cluster has the PodMonitor CRD
 
     def forget(self, key: tuple[str, str]) -> None:
         self.applied_deployments.pop(key, None)
@@ -136,7 +138,7 @@ class Reconciler:
         rendered: set[tuple[str, str]] = set()
         deployment: dict[str, Any] | None = None
         problem: Verdict | None = None
-        for child in render_children(model, self.config):
+        for child in render_children(model, self.config, pod_monitor=self.pod_monitor()):
             child["metadata"]["ownerReferences"] = [owner]
             kind = (child["apiVersion"], child["kind"])
             rendered.add(kind)
@@ -168,7 +170,9 @@ class Reconciler:
         await self._prune(model, body["metadata"]["uid"], rendered)
 
         pods = self.observed.pods((namespace, name))
-        verdict = derive_verdict(deployment, pods, model.spec.scaling.min_replicas)
+        verdict = derive_verdict(
+            deployment, pods, model.spec.scaling.min_replicas, model.demand_query()
+        )
         if problem is not None:  # a child we could not create outranks what the pods show
             verdict = problem
         await self._report(body, verdict, deployment, model)

@@ -104,13 +104,89 @@ def test_replicas_belong_to_the_autoscaler_when_there_is_one() -> None:
 def test_autoscaler_choice_renders_one_kind() -> None:
     hpa = render(spec(scaling={"maxReplicas": 4}))
     assert "HorizontalPodAutoscaler" in hpa and "ScaledObject" not in hpa
-    keda = render(spec(scaling={"autoscaler": "keda", "minReplicas": 0, "maxReplicas": 4}))
+    demand = {"prometheusQuery": 'sum(rate(x{ns="${namespace}",ing="${name}"}[1m]))'}
+    keda = render(
+        spec(scaling={"autoscaler": "keda", "minReplicas": 0, "maxReplicas": 4, "demand": demand})
+    )
     so = keda["ScaledObject"]
     assert "HorizontalPodAutoscaler" not in keda
     assert so["spec"]["minReplicaCount"] == 0
-    trigger = so["spec"]["triggers"][0]
-    assert trigger["type"] == "prometheus"
-    assert 'kubeonnx_inflight_requests{namespace="ns",model="m"}' in trigger["metadata"]["query"]
+    inflight, wake = so["spec"]["triggers"]
+    assert inflight["type"] == "prometheus"
+    assert 'kubeonnx_inflight_requests{namespace="ns",model="m"}' in inflight["metadata"]["query"]
+    # What wakes a model at zero replicas, where the in-flight gauge does not exist.
+    assert wake["metadata"]["query"] == 'sum(rate(x{ns="ns",ing="m"}[1m]))'
+    assert wake["metadata"]["activationThreshold"] == "0"
+
+
+def test_an_ingress_on_the_whole_host_routes_slash() -> None:
+    ingress = render(spec(ingress={"enabled": True, "host": "h.example", "path": "/"}))
+    rule = ingress["Ingress"]["spec"]["rules"][0]["http"]["paths"][0]
+    assert rule["path"] == "/"  # not "" (refused by the API server)
+    env = {e["name"]: e.get("value") for e in _container(ingress)["env"]}
+    assert env["KUBEONNX_ROUTE_PREFIX"] == "/"
+
+
+def _container(children: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    container: dict[str, Any] = children["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    return container
+
+
+def test_default_requests_never_exceed_a_users_limit() -> None:
+    resources = _container(render(spec(resources={"limits": {"memory": "512Mi"}})))["resources"]
+    # No memory request: the API server takes the 512Mi limit as the request.
+    assert resources["requests"] == {"cpu": "1", "ephemeral-storage": "10Gi"}
+    assert resources["limits"] == {"memory": "512Mi"}
+    default = _container(render(spec()))["resources"]["requests"]
+    assert default == {"cpu": "1", "memory": "1Gi", "ephemeral-storage": "10Gi"}
+
+
+def test_pod_options_reach_the_pod_and_the_model_cache_is_bounded() -> None:
+    pod = {
+        "annotations": {"team": "vision"},
+        "labels": {"cost-center": "42", "kubeonnx.io/inferencemodel": "other"},
+        "env": [{"name": "OMP_WAIT_POLICY", "value": "PASSIVE"}],
+        "imagePullSecrets": [{"name": "registry"}],
+        "priorityClassName": "inference",
+        "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "zone"}],
+        "volumes": [{"name": "models", "persistentVolumeClaim": {"claimName": "models"}}],
+        "volumeMounts": [{"name": "models", "mountPath": "/models", "readOnly": True}],
+    }
+    children = render(
+        spec(pod=pod, modelCache={"sizeLimit": "40Gi"}, accelerator={"count": 1, "profile": "a"}),
+        OperatorConfig(profiles={"a": {"runtimeClassName": "nvidia"}}),
+    )
+    template = children["Deployment"]["spec"]["template"]
+    pod_spec, container = template["spec"], _container(children)
+    assert template["metadata"]["annotations"]["team"] == "vision"
+    assert template["metadata"]["labels"]["cost-center"] == "42"
+    assert template["metadata"]["labels"]["kubeonnx.io/inferencemodel"] == "m"  # ours win
+    assert {"name": "OMP_WAIT_POLICY", "value": "PASSIVE"} in container["env"]
+    assert pod_spec["imagePullSecrets"] == [{"name": "registry"}]
+    assert pod_spec["priorityClassName"] == "inference"
+    assert pod_spec["runtimeClassName"] == "nvidia"  # from the accelerator profile
+    assert pod_spec["topologySpreadConstraints"] == pod["topologySpreadConstraints"]
+    assert pod["volumes"][0] in pod_spec["volumes"]
+    assert pod["volumeMounts"][0] in container["volumeMounts"]
+    cache = next(v for v in pod_spec["volumes"] if v["name"] == "model-cache")
+    assert cache["emptyDir"] == {"sizeLimit": "40Gi"}
+    assert container["resources"]["requests"]["ephemeral-storage"] == "40Gi"
+    own = render(
+        spec(pod={"runtimeClassName": "kata"}, accelerator={"count": 1, "profile": "a"}),
+        OperatorConfig(profiles={"a": {"runtimeClassName": "nvidia"}}),
+    )
+    assert own["Deployment"]["spec"]["template"]["spec"]["runtimeClassName"] == "kata"
+
+
+def test_pod_monitor_only_where_its_crd_is() -> None:
+    model = Model("m", "ns", parse_spec(spec()["spec"]))
+    assert "PodMonitor" not in {c["kind"] for c in render_children(model, OperatorConfig())}
+    with_crd = {c["kind"]: c for c in render_children(model, OperatorConfig(), pod_monitor=True)}
+    monitor = with_crd["PodMonitor"]["spec"]
+    assert monitor["selector"] == {"matchLabels": {"kubeonnx.io/inferencemodel": "m"}}
+    assert monitor["podMetricsEndpoints"][0]["port"] == "http"
+    off = OperatorConfig(pod_monitor=False)
+    assert "PodMonitor" not in {c["kind"] for c in render_children(model, off, pod_monitor=True)}
 
 
 def test_pdb_only_when_more_than_one_replica_and_ingress_only_when_enabled() -> None:

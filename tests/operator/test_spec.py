@@ -20,6 +20,23 @@ URI = {"uri": "s3://b/k.onnx"}
             "spec.scaling.minReplicas must not be greater than spec.scaling.maxReplicas",
         ),
         ({"model": URI, "scaling": {"minReplicas": 0}}, "needs autoscaler keda"),
+        # Nothing would wake it: at zero replicas no runtime exports the in-flight gauge.
+        (
+            {"model": URI, "scaling": {"minReplicas": 0, "autoscaler": "keda"}},
+            "spec.scaling.demand.prometheusQuery, a demand signal that exists while no replica",
+        ),
+        (
+            {"model": URI, "pod": {"env": [{"name": "KUBEONNX_MODEL_URI", "value": "x"}]}},
+            "spec.pod.env 'KUBEONNX_MODEL_URI'",
+        ),
+        (
+            {"model": URI, "pod": {"volumes": [{"name": "tmp", "emptyDir": {}}]}},
+            "spec.pod.volumes 'tmp': the name is the runtime's own",
+        ),
+        (
+            {"model": URI, "pod": {"volumeMounts": [{"name": "x", "mountPath": "/x"}]}},
+            "spec.pod.volumeMounts 'x': no volume of that name",
+        ),
         ({"model": URI, "scaling": {"autoscaler": "magic"}}, "spec.scaling.autoscaler"),
         ({"model": {"uri": "http://x/m.onnx"}}, "spec.model.uri 'http://x/m.onnx' must start"),
         ({"model": {**URI, "sha256": "abc"}}, "spec.model.sha256"),
@@ -49,3 +66,27 @@ def test_defaults_match_the_crd() -> None:
     assert spec.runtime.max_batch_size == 1 and spec.runtime.max_queue == 256
     assert spec.scaling.autoscaler == "hpa" and spec.scaling.min_replicas == 1
     assert spec.scaling.target_cpu_utilization == 70
+
+
+@pytest.mark.parametrize("name", ["a" * 64, "1model", "Model", "m_1"])
+def test_names_the_children_cannot_carry_are_refused(name: str) -> None:
+    with pytest.raises(InvalidSpec, match="must be at most 63 characters of a-z, 0-9 and '-'"):
+        load_model(name, "ns", {"model": URI}, OperatorConfig())
+
+
+def test_only_prefixed_environment_variables_configure_the_operator(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    from kubeonnx_operator.config import load_config
+
+    monkeypatch.setenv("NAMESPACES", '["stray"]')
+    monkeypatch.setenv("RESYNC_SECONDS", "1")
+    monkeypatch.setenv("resyncSeconds", "2")
+    config = load_config()
+    assert config.namespaces == [] and config.resync_seconds == 60.0
+    monkeypatch.setenv("KUBEONNX_OPERATOR_NAMESPACES", '["ml"]')
+    path = tmp_path / "config.yaml"
+    path.write_text("resyncSeconds: 7\nprofiles: {a: {resourceName: x.com/gpu}}\n")
+    config = load_config(path)
+    assert config.namespaces == ["ml"] and config.resync_seconds == 7
+    assert config.profiles["a"].resource_name == "x.com/gpu"

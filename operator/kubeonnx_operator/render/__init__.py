@@ -13,6 +13,7 @@ from .autoscaler import render_hpa, render_scaled_object
 from .deployment import render_deployment
 from .ingress import render_ingress
 from .model import Model
+from .monitor import render_pod_monitor
 from .pdb import render_pdb
 from .quota import render_quota_secret
 from .service import render_service
@@ -20,8 +21,11 @@ from .service import render_service
 __all__ = ["Model", "render_children"]
 
 
-def render_children(model: Model, config: OperatorConfig) -> list[dict[str, Any]]:
-    """Every child the InferenceModel needs now, in apply order."""
+def render_children(
+    model: Model, config: OperatorConfig, *, pod_monitor: bool = False
+) -> list[dict[str, Any]]:
+    """Every child the InferenceModel needs now, in apply order. `pod_monitor`: the
+    cluster has the PodMonitor CRD (and the operator config does not turn it off)."""
     spec: InferenceModelSpec = model.spec
     children = [render_quota_secret(model)] if model.quota is not None else []
     children += [render_deployment(model, config), render_service(model)]
@@ -33,4 +37,6 @@ def render_children(model: Model, config: OperatorConfig) -> list[dict[str, Any]
         children.append(render_ingress(model, config))
     if spec.scaling.max_replicas > 1:
         children.append(render_pdb(model))
+    if pod_monitor and config.pod_monitor:
+        children.append(render_pod_monitor(model))
     return children

@@ -48,6 +48,31 @@ def inflight_query(model: Model) -> str:
 
 def render_scaled_object(model: Model, config: OperatorConfig) -> dict[str, Any]:
     scaling = model.spec.scaling
+    triggers: list[dict[str, Any]] = [
+        {
+            "type": "prometheus",
+            "name": "inflight",
+            "metadata": {
+                "serverAddress": config.prometheus_address,
+                "query": inflight_query(model),
+                "threshold": str(scaling.target_inflight_requests),
+            },
+        }
+    ]
+    if scaling.demand is not None:
+        # Exists at zero replicas (the in-flight gauge does not): what wakes the model.
+        triggers.append(
+            {
+                "type": "prometheus",
+                "name": "demand",
+                "metadata": {
+                    "serverAddress": config.prometheus_address,
+                    "query": model.demand_query(),
+                    "threshold": scaling.demand.threshold,
+                    "activationThreshold": "0",
+                },
+            }
+        )
     return {
         "apiVersion": "keda.sh/v1alpha1",
         "kind": "ScaledObject",
@@ -58,15 +83,6 @@ def render_scaled_object(model: Model, config: OperatorConfig) -> dict[str, Any]
             "maxReplicaCount": scaling.max_replicas,
             "pollingInterval": 15,
             "cooldownPeriod": 300,
-            "triggers": [
-                {
-                    "type": "prometheus",
-                    "metadata": {
-                        "serverAddress": config.prometheus_address,
-                        "query": inflight_query(model),
-                        "threshold": str(scaling.target_inflight_requests),
-                    },
-                }
-            ],
+            "triggers": triggers,
         },
     }

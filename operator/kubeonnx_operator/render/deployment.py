@@ -63,8 +63,15 @@ def _env(model: Model) -> list[dict[str, Any]]:
 
 def _resources(model: Model, config: OperatorConfig) -> dict[str, Any]:
     spec = model.spec
-    requests = {k: str(v) for k, v in (spec.resources.requests or DEFAULT_REQUESTS).items()}
+    requests = {k: str(v) for k, v in spec.resources.requests.items()}
     limits = {k: str(v) for k, v in spec.resources.limits.items()}
+    for name, default in DEFAULT_REQUESTS.items():
+        # A default request only where the user set neither: with a limit alone, the API
+        # server takes the limit as the request (a 1Gi default over a 512Mi limit is a 422).
+        if name not in requests and name not in limits:
+            requests[name] = default
+    # The model cache's emptyDir is bounded; the scheduler places the pod where it fits.
+    requests.setdefault("ephemeral-storage", spec.model_cache.size_limit)
     profile = model.profile(config)
     if profile is not None:
         limits[profile.resource_name] = str(spec.accelerator.count)
@@ -94,6 +101,13 @@ def _placement(model: Model, config: OperatorConfig) -> dict[str, Any]:
         placement["tolerations"] = tolerations
     if spec.scheduling.affinity:
         placement["affinity"] = spec.scheduling.affinity
+    runtime_class = spec.pod.runtime_class_name or (profile.runtime_class_name if profile else None)
+    if runtime_class:
+        placement["runtimeClassName"] = runtime_class
+    if spec.pod.topology_spread_constraints:
+        placement["topologySpreadConstraints"] = spec.pod.topology_spread_constraints
+    if spec.pod.priority_class_name:
+        placement["priorityClassName"] = spec.pod.priority_class_name
     return placement
 
 
@@ -115,7 +129,7 @@ def render_deployment(model: Model, config: OperatorConfig) -> dict[str, Any]:
         "imagePullPolicy": config.image_pull_policy,
         "command": ["kubeonnx"],
         "args": ["serve"],
-        "env": _env(model),
+        "env": _env(model) + list(spec.pod.env),
         "ports": [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"}],
         # Up to 30 minutes to download and load a large model before liveness applies.
         "startupProbe": _probe("/v2/health/live", 5, 360),
@@ -133,6 +147,7 @@ def render_deployment(model: Model, config: OperatorConfig) -> dict[str, Any]:
         "volumeMounts": [
             {"name": "model-cache", "mountPath": CACHE_DIR},
             {"name": "tmp", "mountPath": "/tmp"},
+            *spec.pod.volume_mounts,
         ],
     }
     pod_spec: dict[str, Any] = {
@@ -148,11 +163,14 @@ def render_deployment(model: Model, config: OperatorConfig) -> dict[str, Any]:
         "terminationGracePeriodSeconds": 60,
         "containers": [container],
         "volumes": [
-            {"name": "model-cache", "emptyDir": {}},
+            {"name": "model-cache", "emptyDir": {"sizeLimit": spec.model_cache.size_limit}},
             {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "64Mi"}},
+            *spec.pod.volumes,
         ],
         **_placement(model, config),
     }
+    if spec.pod.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = spec.pod.image_pull_secrets
     if model.quota is not None:
         # Mounted whole (no subPath), so the kubelet updates the file in place when the
         # operator rewrites the Secret (a rotated key), and the runtime re-reads it.
@@ -175,11 +193,13 @@ def render_deployment(model: Model, config: OperatorConfig) -> dict[str, Any]:
         },
         "template": {
             "metadata": {
-                "labels": model.labels,
+                # The user's labels never replace the ones the selector and Service use.
+                "labels": {**spec.pod.labels, **model.labels},
                 "annotations": {
                     "prometheus.io/scrape": "true",
                     "prometheus.io/port": str(HTTP_PORT),
                     "prometheus.io/path": "/metrics",
+                    **spec.pod.annotations,
                 },
             },
             "spec": pod_spec,

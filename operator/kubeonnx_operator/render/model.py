@@ -7,7 +7,7 @@ from typing import Any
 
 from ..config import AcceleratorProfile, OperatorConfig
 from ..quota import ResolvedQuota
-from ..spec import InferenceModelSpec, InvalidSpec, parse_spec
+from ..spec import InferenceModelSpec, InvalidSpec, check_name, parse_spec
 
 GROUP = "kubeonnx.io"
 MODEL_LABEL = f"{GROUP}/inferencemodel"
@@ -49,8 +49,10 @@ class Model:
 
     @property
     def route_path(self) -> str:
-        """The path prefix under which the Ingress routes to this model."""
-        return (self.spec.ingress.path or f"/models/{self.namespace}/{self.name}").rstrip("/")
+        """The path prefix under which the Ingress routes to this model ("/": the host's
+        whole space)."""
+        path = self.spec.ingress.path or f"/models/{self.namespace}/{self.name}"
+        return path.rstrip("/") or "/"
 
     def url(self, config: OperatorConfig) -> str:
         host = f"{self.name}.{self.namespace}.svc.{config.cluster_domain}"
@@ -61,7 +63,15 @@ class Model:
         if not ing.enabled or not ing.host:
             return None
         scheme = "https" if ing.tls_secret else "http"
-        return f"{scheme}://{ing.host}{self.route_path}"
+        return f"{scheme}://{ing.host}{self.route_path.rstrip('/')}"
+
+    def demand_query(self) -> str | None:
+        """spec.scaling.demand's query with ${namespace} and ${name} filled in."""
+        demand = self.spec.scaling.demand
+        if demand is None:
+            return None
+        query = demand.prometheus_query.replace("${namespace}", self.namespace)
+        return query.replace("${name}", self.name)
 
     @property
     def gpu(self) -> bool:
@@ -78,6 +88,7 @@ def load_model(
 ) -> Model:
     """Parse an InferenceModel's spec and check what the CRD cannot know: that its
     accelerator profile is one of this operator's. Raises InvalidSpec."""
+    check_name(name)
     model = Model(name, namespace, parse_spec(raw_spec))
     profile = model.spec.accelerator.profile
     if model.gpu and profile not in config.profiles:
