@@ -1,0 +1,297 @@
+"""The operator's machinery against in-memory stand-ins: the bounded work queue, the
+informers' relists, and leader election on a Lease."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from typing import Any
+
+import httpx2
+from kubeonnx_operator.informer import Informer
+from kubeonnx_operator.leader import LeaderElector
+from kubeonnx_operator.workqueue import WorkQueue
+from lightkube import ApiError
+from lightkube.models.meta_v1 import Status
+
+
+def api_error(code: int, message: str = "") -> ApiError:
+    request = httpx2.Request("GET", "https://api/x")
+    response = httpx2.Response(
+        code, request=request, json={"kind": "Status", "code": code, "message": message}
+    )
+    return ApiError(request=request, response=response, status=Status(code=code))
+
+
+def body(name: str, generation: int = 1) -> dict[str, Any]:
+    return {"metadata": {"namespace": "ns", "name": name, "generation": generation}}
+
+
+async def wait_for(check: Any, seconds: float = 2.0) -> None:
+    for _ in range(int(seconds / 0.01)):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached")
+
+
+# The work queue ---------------------------------------------------------------------------
+
+
+async def test_no_more_than_max_concurrent_reconciles_run_at_once() -> None:
+    running = peak = done = 0
+
+    async def reconcile(_: dict[str, Any]) -> None:
+        nonlocal running, peak, done
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.02)
+        running -= 1
+        done += 1
+
+    queue = WorkQueue(reconcile, max_concurrent=2)
+    for i in range(8):
+        queue.observe(("ns", f"m{i}"), body(f"m{i}"))
+    await wait_for(lambda: done == 8)
+    assert peak == 2
+
+
+async def test_child_events_do_not_cut_a_backoff_short_but_a_spec_change_does() -> None:
+    calls: list[int] = []
+
+    async def reconcile(b: dict[str, Any]) -> None:
+        calls.append(b["metadata"]["generation"])
+        if b["metadata"]["generation"] == 1:
+            raise RuntimeError("webhook unavailable")
+
+    queue = WorkQueue(reconcile, base_delay=30, max_delay=60)
+    key = ("ns", "m")
+    queue.observe(key, body("m"))
+    await wait_for(lambda: calls == [1])
+    await queue.idle()
+    for _ in range(20):  # pods of the failing model changing state
+        queue.trigger(key)
+        queue.observe(key, body("m"))  # our own status write: same generation
+    await asyncio.sleep(0.05)
+    assert calls == [1], "a child event ran a reconcile during its backoff"
+    queue.observe(key, body("m", generation=2))  # the user fixed the spec
+    await wait_for(lambda: calls == [1, 2])
+    await queue.idle()
+    assert not queue._retries
+
+
+async def test_a_stopped_queue_runs_nothing_until_started_and_stops_at_once() -> None:
+    started = asyncio.Event()
+    cancelled = False
+    runs = 0
+
+    async def reconcile(_: dict[str, Any]) -> None:
+        nonlocal cancelled, runs
+        runs += 1
+        started.set()
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
+
+    queue = WorkQueue(reconcile, running=False)
+    queue.observe(("ns", "m"), body("m"))
+    await asyncio.sleep(0.05)
+    assert runs == 0  # the caches are not synced, or another replica leads
+    queue.start()
+    await asyncio.wait_for(started.wait(), 2)
+    await queue.stop()  # the Lease is lost
+    assert cancelled and not queue._running
+    queue.trigger(("ns", "m"))
+    await asyncio.sleep(0.05)
+    assert runs == 1
+
+
+# Informers ----------------------------------------------------------------------------------
+
+
+class Listing:
+    def __init__(self, items: list[dict[str, Any]], version: str) -> None:
+        self.items, self.resourceVersion = items, version
+
+    async def __aiter__(self) -> Any:
+        for item in self.items:
+            yield copy.deepcopy(item)
+
+
+class FakeClient:
+    """list() answers from `objects`; watch() replays `events`, then fails with `error`."""
+
+    def __init__(self) -> None:
+        self.objects: list[dict[str, Any]] = []
+        self.events: asyncio.Queue[tuple[str, dict[str, Any]] | Exception] = asyncio.Queue()
+        self.lists = 0
+        self.list_error: Exception | None = None
+        self.selectors: list[Any] = []
+
+    def list(self, res: Any, *, namespace: Any, labels: Any, chunk_size: int) -> Listing:
+        self.lists += 1
+        self.selectors.append(labels)
+        if self.list_error is not None:
+            raise self.list_error
+        return Listing(self.objects, str(self.lists))
+
+    async def watch(self, res: Any, **_: Any) -> Any:
+        while True:
+            event = await self.events.get()
+            if isinstance(event, Exception):
+                raise event
+            yield event
+
+
+def obj(name: str, uid: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": "ns", "uid": uid, "resourceVersion": "9"},
+    }
+
+
+async def test_a_relist_after_the_watch_expires_reports_what_vanished_in_the_gap() -> None:
+    client = FakeClient()
+    client.objects = [obj("a", "ua"), obj("b", "ub")]
+    seen: list[tuple[str, str, str]] = []
+    informer = Informer(
+        client,  # type: ignore[arg-type]
+        object,
+        lambda kind, o: seen.append((kind, o["metadata"]["name"], o["metadata"]["uid"])),
+        labels={"app.kubernetes.io/managed-by": "kubeonnx"},
+        kind="Service",
+    )
+    task = asyncio.create_task(informer.run())
+    await asyncio.wait_for(informer.synced.wait(), 2)
+    assert seen == [("ADDED", "a", "ua"), ("ADDED", "b", "ub")]
+    assert client.selectors[0] == {"app.kubernetes.io/managed-by": "kubeonnx"}  # server-side
+    # While the watch was down: b was deleted and a was deleted and re-created.
+    client.objects = [obj("a", "ua2")]
+    seen.clear()
+    await client.events.put(api_error(410, "too old resource version"))
+    await wait_for(lambda: client.lists == 2 and len(seen) == 3)
+    assert sorted(seen[:2]) == [("DELETED", "a", "ua"), ("DELETED", "b", "ub")]
+    assert seen[2] == ("ADDED", "a", "ua2")
+    assert informer.relists == 1
+    task.cancel()
+
+
+async def test_a_kind_whose_crd_is_absent_counts_as_synced_and_empty() -> None:
+    client = FakeClient()
+    request = httpx2.Request("GET", "https://api/apis/monitoring.coreos.com/v1/podmonitors")
+    client.list_error = httpx2.HTTPStatusError(
+        "404", request=request, response=httpx2.Response(404, request=request)
+    )
+    informer = Informer(client, object, lambda *_: None, kind="PodMonitor", optional=True)  # type: ignore[arg-type]
+    task = asyncio.create_task(informer.run())
+    await asyncio.wait_for(informer.synced.wait(), 2)
+    assert not informer.installed
+    task.cancel()
+
+
+# Leader election ----------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class LeaseStore:
+    """One Lease with resourceVersion checks, as the API server keeps it."""
+
+    def __init__(self) -> None:
+        self.lease: dict[str, Any] | None = None
+        self.version = 0
+        self.down = False
+
+    def client_for(self) -> Any:
+        store = self
+
+        class Obj:
+            def __init__(self, d: dict[str, Any]) -> None:
+                self.d = d
+
+            def to_dict(self) -> dict[str, Any]:
+                return copy.deepcopy(self.d)
+
+        class Client:
+            async def get(self, res: Any, name: str, namespace: str) -> Obj:
+                if store.down:
+                    raise OSError("connection refused")
+                if store.lease is None:
+                    raise api_error(404)
+                return Obj(store.lease)
+
+            async def create(self, lease: Any) -> None:
+                if store.down:
+                    raise OSError("connection refused")
+                if store.lease is not None:
+                    raise api_error(409)
+                store._write(lease.to_dict())
+
+            async def replace(self, lease: Any) -> None:
+                if store.down:
+                    raise OSError("connection refused")
+                d = lease.to_dict()
+                if (
+                    d["metadata"].get("resourceVersion")
+                    != store.lease["metadata"]["resourceVersion"]
+                ):  # type: ignore[index]
+                    raise api_error(409)
+                store._write(d)
+
+        return Client()
+
+    def _write(self, d: dict[str, Any]) -> None:
+        self.version += 1
+        d["metadata"]["resourceVersion"] = str(self.version)
+        self.lease = d
+
+
+async def test_one_leader_and_a_standby_that_takes_over_only_after_the_lease_expires() -> None:
+    store, clock = LeaseStore(), Clock()
+
+    def elector(name: str) -> LeaderElector:
+        return LeaderElector(store.client_for(), "ops", "kubeonnx", name, clock=clock)
+
+    a, b = elector("a"), elector("b")
+    assert await a._try() and a.holding()
+    assert not await b._try() and not b.holding()
+    # a dies (no more renewals); b keeps looking: nothing for 15 s of its own clock.
+    for _ in range(7):
+        clock.now += 2
+        assert not await b._try()
+    assert not a.holding()  # a's own fence closed at 10 s: it wrote nothing since
+    clock.now += 2  # 16 s since b first saw this record
+    assert await b._try() and b.holding()
+    assert store.lease is not None
+    assert store.lease["spec"]["holderIdentity"] == "b"
+    assert store.lease["spec"]["leaseTransitions"] == 1
+
+
+async def test_a_leader_that_cannot_renew_stops_writing_before_anyone_can_take_over() -> None:
+    store, clock = LeaseStore(), Clock()
+    a = LeaderElector(store.client_for(), "ops", "kubeonnx", "a", clock=clock)
+    assert await a._try()
+    store.down = True  # the API server is unreachable from a
+    clock.now += 9.9
+    assert not await a._try() and a.holding()
+    clock.now += 0.2  # the 10 s renew deadline passes, well before the 15 s lease
+    assert not a.holding()
+
+
+async def test_the_leader_releases_the_lease_on_a_clean_shutdown() -> None:
+    store, clock = LeaseStore(), Clock()
+    a = LeaderElector(store.client_for(), "ops", "kubeonnx", "a", clock=clock)
+    b = LeaderElector(store.client_for(), "ops", "kubeonnx", "b", clock=clock)
+    assert await a._try()
+    await a.release()
+    assert not a.holding()
+    assert await b._try()  # at once: no 15 s wait

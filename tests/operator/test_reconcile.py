@@ -1,0 +1,271 @@
+"""The reconcile against a recording stand-in for the API: ownership, stale caches,
+hand-over of replicas, errors in status, Events."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+from kubeonnx_operator.config import OperatorConfig
+from kubeonnx_operator.observed import ObservedChildren
+from kubeonnx_operator.reconcile import Reconciler
+from lightkube import ApiError
+from lightkube.models.meta_v1 import Status
+
+UID = "uid-1"
+HANDOVER_MANAGER = "kubeonnx-replicas-handover"
+KEY = ("ns", "m")
+
+
+def api_error(code: int, message: str) -> ApiError:
+    import httpx2
+
+    request = httpx2.Request("PATCH", "https://api/x")
+    response = httpx2.Response(
+        code, request=request, json={"kind": "Status", "code": code, "message": message}
+    )
+    return ApiError(request=request, response=response, status=Status(code=code, message=message))
+
+
+class FakeKube:
+    """Records what was written; `live` holds what exists, `refuse` what the API refuses."""
+
+    def __init__(self) -> None:
+        self.live: dict[tuple[str, str], dict[str, Any]] = {}
+        self.applied: list[tuple[str, dict[str, Any]]] = []
+        self.deleted: list[tuple[str, str, str | None]] = []
+        self.statuses: list[dict[str, Any]] = []
+        self.events: list[tuple[str, str, str]] = []
+        self.refuse: dict[str, ApiError] = {}
+        self.generation = 1
+
+    async def apply(self, manifest: dict[str, Any], *, manager: str = "kubeonnx") -> dict[str, Any]:
+        kind, name = manifest["kind"], manifest["metadata"]["name"]
+        if kind in self.refuse:
+            raise self.refuse[kind]
+        self.applied.append((manager, copy.deepcopy(manifest)))
+        obj = copy.deepcopy(manifest)
+        obj["metadata"]["uid"] = f"{kind}-uid"
+        obj["metadata"]["managedFields"] = [
+            {"manager": manager, "operation": "Apply", "fieldsV1": fields_of(manifest)}
+        ]
+        if kind == "Deployment" and manager != HANDOVER_MANAGER:
+            self.generation += 1
+            obj["metadata"]["generation"] = self.generation
+            obj["status"] = {"observedGeneration": self.generation - 1}
+        self.live[(kind, name)] = obj
+        return obj
+
+    async def get(self, api_version: str, kind: str, namespace: str, name: str) -> Any:
+        return self.live.get((kind, name))
+
+    async def delete(
+        self, api_version: str, kind: str, ns: str, name: str, uid: Any = None
+    ) -> None:
+        self.deleted.append((kind, name, uid))
+
+    async def get_secret(self, namespace: str, name: str) -> None:
+        return None
+
+    async def patch_model_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        self.statuses.append(copy.deepcopy(status))
+
+    async def event(self, body: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        self.events.append((type_, reason, message))
+
+
+def fields_of(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A stand-in for the server's fieldsV1: which fields are set (not their values)."""
+    fields: dict[str, Any] = {"f:spec": {"f:template": {}}}
+    if "replicas" in manifest.get("spec", {}):
+        fields["f:spec"]["f:replicas"] = {}
+    return fields
+
+
+def body(**spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "kubeonnx.io/v1alpha1",
+        "kind": "InferenceModel",
+        "metadata": {"name": "m", "namespace": "ns", "uid": UID, "generation": 1},
+        "spec": {"model": {"uri": "s3://b/m.onnx"}, **spec},
+    }
+
+
+def reconciler(kube: FakeKube, observed: ObservedChildren | None = None) -> Reconciler:
+    return Reconciler(kube, OperatorConfig(), observed or ObservedChildren(), now=lambda: "t")  # type: ignore[arg-type]
+
+
+def ready(kube: FakeKube) -> dict[str, Any]:
+    cond: dict[str, Any] = kube.statuses[-1]["conditions"][0]
+    return cond
+
+
+def seen_deployment(generation: int, replicas: int, *, owns_replicas: bool) -> dict[str, Any]:
+    fields = fields_of({"spec": {"replicas": replicas}} if owns_replicas else {})
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": "m",
+            "namespace": "ns",
+            "uid": "Deployment-uid",
+            "generation": generation,
+            "ownerReferences": [{"uid": UID, "controller": True}],
+            "managedFields": [{"manager": "kubeonnx", "operation": "Apply", "fieldsV1": fields}],
+        },
+        "spec": {"replicas": replicas},
+        "status": {
+            "observedGeneration": generation,
+            "replicas": replicas,
+            "updatedReplicas": replicas,
+            "readyReplicas": replicas,
+        },
+    }
+
+
+async def test_an_object_it_does_not_own_is_left_alone_and_named_in_status() -> None:
+    kube = FakeKube()
+    users = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "m", "uid": "theirs"}}
+    kube.live[("Service", "m")] = users
+    await reconciler(kube).reconcile(body())
+    assert "Service" not in {m["kind"] for _, m in kube.applied}
+    assert "Deployment" in {m["kind"] for _, m in kube.applied}
+    cond = ready(kube)
+    assert cond["status"] == "False" and cond["reason"] == "ChildConflict"
+    assert "Service m already exists and is not managed by this InferenceModel" in cond["message"]
+    assert ("Warning", "ChildConflict", cond["message"]) in kube.events
+
+
+async def test_an_object_controlled_by_another_owner_is_a_conflict_too() -> None:
+    kube = FakeKube()
+    kube.live[("Service", "m")] = {
+        "metadata": {
+            "name": "m",
+            "ownerReferences": [
+                {"kind": "InferenceModel", "name": "m", "uid": "old", "controller": True}
+            ],
+        }
+    }
+    await reconciler(kube).reconcile(body())
+    assert "controlled by InferenceModel m (uid old)" in ready(kube)["message"]
+
+
+async def test_status_is_never_derived_from_a_deployment_older_than_the_one_applied() -> None:
+    kube = FakeKube()
+    observed = ObservedChildren()
+    rec = reconciler(kube, observed)
+    await rec.reconcile(body())
+    # The watch shows the first Deployment, rolled out: Ready.
+    first = kube.live[("Deployment", "m")]
+    observed.record(
+        KEY, seen_deployment(first["metadata"]["generation"], 1, owns_replicas=False), deleted=False
+    )
+    await rec.reconcile(body())
+    assert ready(kube)["reason"] == "Ready"
+    # A spec change that alters only values (the image): applied, but the watch still
+    # holds the old, rolled-out Deployment when the next reconcile runs.
+    changed = body(runtime={"image": "runtime:2"})
+    changed["metadata"]["generation"] = 2
+    changed["status"] = kube.statuses[-1]
+    await rec.reconcile(changed)
+    await rec.reconcile(changed)  # nothing to apply; the cache is what it reads
+    assert ready(kube)["status"] == "False" and ready(kube)["reason"] == "Progressing"
+
+
+async def test_switching_from_no_autoscaler_hands_the_replica_count_over() -> None:
+    kube = FakeKube()
+    observed = ObservedChildren()
+    rec = reconciler(kube, observed)
+    fixed = {"autoscaler": "none", "minReplicas": 3, "maxReplicas": 3}
+    await rec.reconcile(body(scaling=fixed))
+    gen = kube.live[("Deployment", "m")]["metadata"]["generation"]
+    observed.record(KEY, seen_deployment(gen, 3, owns_replicas=True), deleted=False)
+    kube.applied.clear()
+    await rec.reconcile(body(scaling={"autoscaler": "hpa", "minReplicas": 1, "maxReplicas": 5}))
+    managers = [(manager, m["kind"]) for manager, m in kube.applied]
+    # The count goes to a manager of its own before the apply that drops the field.
+    assert managers.index((HANDOVER_MANAGER, "Deployment")) < managers.index(
+        ("kubeonnx", "Deployment")
+    )
+    handover = next(m for manager, m in kube.applied if manager == HANDOVER_MANAGER)
+    assert handover["spec"] == {"replicas": 3}
+    main = next(
+        m for manager, m in kube.applied if manager == "kubeonnx" and m["kind"] == "Deployment"
+    )
+    assert "replicas" not in main["spec"]
+
+
+async def test_an_api_failure_reaches_status_and_is_retried() -> None:
+    kube = FakeKube()
+    kube.refuse["Service"] = api_error(403, 'services "m" is forbidden: exceeded quota: q')
+    with pytest.raises(ApiError):
+        await reconciler(kube).reconcile(body())
+    cond = ready(kube)
+    assert cond["reason"] == "ReconcileError"
+    assert cond["message"] == 'API error 403: services "m" is forbidden: exceeded quota: q'
+
+
+async def test_an_admission_webhook_refusal_is_not_an_invalid_spec() -> None:
+    kube = FakeKube()
+    message = 'admission webhook "policy.example.com" denied the request: no GPUs on Fridays'
+    kube.refuse["Deployment"] = api_error(400, message)
+    with pytest.raises(ApiError):
+        await reconciler(kube).reconcile(body())
+    assert ready(kube)["reason"] == "ReconcileError" and message in ready(kube)["message"]
+    # The API server's own schema refusing what the spec made: that is the spec.
+    kube = FakeKube()
+    kube.refuse["Deployment"] = api_error(422, "spec.template.spec.containers[0].image: Required")
+    await reconciler(kube).reconcile(body())
+    assert ready(kube)["reason"] == "InvalidSpec"
+
+
+async def test_an_invalid_spec_still_reports_the_replicas_that_serve() -> None:
+    kube = FakeKube()
+    observed = ObservedChildren()
+    observed.record(KEY, seen_deployment(4, 2, owns_replicas=False), deleted=False)
+    await reconciler(kube, observed).reconcile(body(scaling={"minReplicas": 5, "maxReplicas": 2}))
+    status = kube.statuses[-1]
+    assert status["conditions"][0]["reason"] == "InvalidSpec"
+    assert status["replicaSummary"] == "2/2"  # the old Deployment still serves
+
+
+async def test_one_event_per_change_of_reason() -> None:
+    kube = FakeKube()
+    rec = reconciler(kube)
+    b = body()
+    await rec.reconcile(b)
+    await rec.reconcile(b)
+    assert [reason for _, reason, _ in kube.events] == ["Progressing"]
+
+
+async def test_children_no_longer_rendered_are_pruned_by_uid() -> None:
+    kube = FakeKube()
+    observed = ObservedChildren()
+    ingress = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "Ingress",
+        "metadata": {
+            "name": "m",
+            "namespace": "ns",
+            "uid": "ing-1",
+            "ownerReferences": [{"uid": UID}],
+        },
+    }
+    observed.record(KEY, ingress, deleted=False)
+    await reconciler(kube, observed).reconcile(body())
+    assert kube.deleted == [("Ingress", "m", "ing-1")]
+
+
+def test_the_watch_cache_removes_by_uid_whatever_order_events_arrive_in() -> None:
+    observed = ObservedChildren()
+
+    def service(uid: str) -> dict[str, Any]:
+        return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "m", "uid": uid}}
+
+    observed.record(KEY, service("new"), deleted=False)  # re-created...
+    observed.record(KEY, service("old"), deleted=True)  # ...before the old one's DELETED
+    child = observed.child(KEY, "v1", "Service", "m")
+    assert child is not None and child.uid == "new"
+    observed.record(KEY, service("new"), deleted=True)
+    assert observed.child(KEY, "v1", "Service", "m") is None
