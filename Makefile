@@ -21,6 +21,7 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/hadolint Dockerfile.operator Dockerfile.runtime
 
 unit: venv           ## unit and runtime integration tests (no cluster)
 	$(VENV)/bin/pytest tests

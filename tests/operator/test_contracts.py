@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -104,3 +105,19 @@ def test_the_operator_reads_usage_where_the_runtime_counts_it() -> None:
         for now in (0.0, 1_700_000_123.5):
             args = ("team", "acme", "rows", window, now)
             assert operator_key(*args) == runtime_key(*args)
+
+
+def test_the_operator_image_pins_every_dependency() -> None:
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = project["dependencies"] + project["optional-dependencies"]["operator"]
+    pinned = {}
+    for line in (ROOT / "operator" / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pinned[name.lower().replace("_", "-")] = version
+    for requirement in wanted:
+        name = re.split(r"[<>=!\[ ;]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+        assert pinned.get(name), f"{name} is not pinned in operator/constraints.txt"
+    assert "-c operator/constraints.txt" in (ROOT / "Dockerfile.operator").read_text()

@@ -1,0 +1,101 @@
+"""The Argo CD health checks (examples/argocd/resource_customizations), run as Argo CD runs
+them: Lua 5.1 with only the base, table and a safe os library open, `obj` a global, and
+every case of each health_test.yaml."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from lupa import lua51
+
+ROOT = Path(__file__).resolve().parents[2]
+CUSTOMIZATIONS = ROOT / "examples" / "argocd" / "resource_customizations"
+CHECKS = sorted(CUSTOMIZATIONS.glob("*/*/health.lua"))
+VALID = {"Healthy", "Progressing", "Degraded", "Suspended", "Missing", "Unknown"}
+
+# The Lua environment Argo CD gives a health script (argo-cd util/lua: package, base, table
+# and its safe os); strings have no methods there, since the string library is not open.
+SANDBOX = """
+local script = ...
+local safe_os = {time = os.time, date = os.date, clock = os.clock, difftime = os.difftime}
+local env = {
+  ipairs = ipairs, pairs = pairs, next = next, type = type, tostring = tostring,
+  tonumber = tonumber, select = select, error = error, assert = assert, pcall = pcall,
+  unpack = unpack, print = print, rawget = rawget, rawset = rawset, rawequal = rawequal,
+  setmetatable = setmetatable, getmetatable = getmetatable, table = table, os = safe_os,
+}
+getmetatable("").__index = nil
+local chunk, err = loadstring(script, "health.lua")
+if chunk == nil then error(err) end
+setfenv(chunk, env)
+return function(obj) env.obj = obj; return chunk() end
+"""
+
+
+def health(script: Path, obj: dict[str, Any]) -> dict[str, Any]:
+    lua = lua51.LuaRuntime()
+    run = lua.execute(SANDBOX, script.read_text())
+    result = run(lua.table_from(obj, recursive=True))
+    return dict(result.items())
+
+
+def cases() -> list[tuple[Path, dict[str, Any]]]:
+    out = []
+    for check in CHECKS:
+        for case in yaml.safe_load((check.parent / "health_test.yaml").read_text())["tests"]:
+            out.append((check, case))
+    return out
+
+
+def test_argo_cd_layout() -> None:
+    kinds = {p.parent.relative_to(CUSTOMIZATIONS).as_posix() for p in CHECKS}
+    assert kinds == {"kubeonnx.io/InferenceModel", "kubeonnx.io/QuotaPolicy"}
+
+
+@pytest.mark.parametrize(
+    ("check", "case"),
+    cases(),
+    ids=lambda v: v.parent.name if isinstance(v, Path) else Path(v["inputPath"]).stem,
+)
+def test_health_test_cases(check: Path, case: dict[str, Any]) -> None:
+    obj = yaml.safe_load((check.parent / case["inputPath"]).read_text())
+    assert health(check, obj) == case["healthStatus"]
+
+
+def test_every_reason_the_operator_gives_maps_to_a_health() -> None:
+    sources = "\n".join(p.read_text() for p in (ROOT / "operator").rglob("*.py"))
+    reasons = set(re.findall(r'Verdict\(\s*(?:True|False),\s*"([A-Za-z]+)"', sources))
+    reasons |= set(re.findall(r'reason = False, "([A-Za-z]+)"', sources))
+    assert {"ModelLoadFailed", "ChildConflict", "ReconcileError", "Ready"} <= reasons
+    check = CUSTOMIZATIONS / "kubeonnx.io" / "InferenceModel" / "health.lua"
+    for reason in reasons:
+        ready = "True" if reason in {"Ready", "ScaledToZero"} else "False"
+        obj = {
+            "metadata": {"generation": 1},
+            "status": {
+                "observedGeneration": 1,
+                "conditions": [
+                    {"type": "Ready", "status": ready, "reason": reason, "message": "m"}
+                ],
+            },
+        }
+        got = health(check, obj)
+        assert got["status"] in VALID
+        want = {"True": "Healthy"}.get(
+            ready, "Progressing" if reason == "Progressing" else "Degraded"
+        )
+        assert got["status"] == want, reason
+
+
+def test_the_sandbox_has_no_string_library_as_in_argo_cd(tmp_path: Path) -> None:
+    script = tmp_path / "health.lua"
+    script.write_text('return {status = string.upper("healthy")}')
+    with pytest.raises(lua51.LuaError):
+        health(script, {})
+    script.write_text('local s = "healthy"; return {status = s:upper()}')
+    with pytest.raises(lua51.LuaError):
+        health(script, {})
