@@ -430,6 +430,7 @@ def up() -> ClusterState:
         nodes = "\n---\n".join(json.dumps(node_manifest(*n)) for n in NODES)
         kubectl(state, "apply", "-f", "-", input=nodes)
         kubectl(state, "apply", "-f", str(E2E / "manifests" / "keda-scaledobject-crd.yaml"))
+        kubectl(state, "apply", "-f", str(E2E / "manifests" / "podmonitor-crd.yaml"))
         _wait(
             "default service account",
             lambda: "default" in kubectl(state, "get", "serviceaccount", "default", "-o", "name"),
@@ -457,6 +458,7 @@ def up() -> ClusterState:
             "--for=condition=Established",
             "--timeout=30s",
             "crd/scaledobjects.keda.sh",
+            "crd/podmonitors.monitoring.coreos.com",
         )
         _grant_chart_role(state, bins["helm"])
     except BaseException:

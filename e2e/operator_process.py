@@ -55,5 +55,33 @@ class OperatorProcess:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
+    def metrics(self) -> dict[str, float]:
+        """The operator's /metrics as {'name{labels}': value} (empty if it does not answer)."""
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{self.health_port}/metrics", timeout=5
+            ) as response:
+                text = response.read().decode()
+        except OSError:
+            return {}
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                out[name] = float(value)
+        return out
+
+    def leads(self) -> bool:
+        return self.metrics().get("kubeonnx_operator_leader") == 1.0
+
+    def writes(self) -> float:
+        return sum(
+            v
+            for k, v in self.metrics().items()
+            if k.startswith("kubeonnx_operator_api_writes_total")
+        )
+
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -82,8 +82,17 @@ class Kube:
     ) -> dict[str, Any]:
         """Server-side apply with the operator's field manager; returns the live object."""
         self._fence("apply")
+        meta = manifest["metadata"]
         obj = await self._call(
-            self.client.apply(codecs.from_dict(manifest), field_manager=manager, force=True)
+            self.client.patch(
+                resource(manifest["apiVersion"], manifest["kind"]),
+                meta["name"],
+                manifest,  # as a dict: a partial manifest (the replicas hand-over) is valid
+                namespace=meta["namespace"],
+                patch_type=PatchType.APPLY,
+                field_manager=manager,
+                force=True,
+            )
         )
         return as_dict(obj)
 
