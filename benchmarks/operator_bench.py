@@ -1,6 +1,7 @@
 """Operator benchmark on the local control plane, every figure from one run.
 
-    .venv/bin/python benchmarks/operator_bench.py [--sizes 100 500] [--out FILE.md]
+    .venv/bin/python benchmarks/operator_bench.py [--sizes 100 500] [--unrelated 5000]
+        [--baseline DIR] [--out FILE.md]
 
 For each size N: the floor is one `kubectl apply --server-side` of the same manifests the
 operator renders for N InferenceModels (Deployment, Service, HPA each); the operator run is
@@ -8,6 +9,12 @@ N InferenceModels applied at once, timed until every one has all three children 
 written status. Then the operator's peak RSS (VmHWM), and the API writes it makes over an
 hour-equivalent of idle resyncs: restarted with resyncSeconds 1 and watched for 60 s, its
 writes counted in the API server's audit log (the operator has an identity of its own).
+
+Before any of that, --unrelated pods and as many Deployments (replicas 0) that are not the
+operator's are created in a namespace of their own: a cluster where the operator is one
+tenant among many. After the idle minute, the peak RSS of a restart into that cluster is
+read for this tree and, with --baseline DIR (another checkout, e.g. `git worktree add`),
+for that tree's operator on the same cluster, one after the other.
 """
 
 from __future__ import annotations
@@ -50,9 +57,72 @@ def inference_models(n: int) -> list[dict[str, Any]]:
     ]
 
 
+def unrelated_objects(n: int) -> list[dict[str, Any]]:
+    labels = {"app": "someone-else"}
+    pods = [
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": f"p{i:05d}", "labels": labels},
+            # Bound to a node that does not exist: stored and listed, never run.
+            "spec": {"nodeName": "elsewhere", "containers": [{"name": "c", "image": "busybox"}]},
+        }
+        for i in range(n)
+    ]
+    deployments = [
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": f"d{i:05d}", "labels": labels},
+            "spec": {
+                "replicas": 0,
+                "selector": {"matchLabels": labels},
+                "template": {
+                    "metadata": {"labels": labels},
+                    "spec": {"containers": [{"name": "c", "image": "busybox"}]},
+                },
+            },
+        }
+        for i in range(n)
+    ]
+    return pods + deployments
+
+
+def settle(state: local_cluster.ClusterState, quiet_s: float = 5) -> int:
+    """Wait until the operator's writes stop for `quiet_s`; return the audit count."""
+    settled, last = time.monotonic(), audit_writes(state)
+    while time.monotonic() - settled < quiet_s:
+        time.sleep(1)
+        now = audit_writes(state)
+        if now != last:
+            settled, last = time.monotonic(), now
+    return last
+
+
+def restart_peak(work: Path, state: local_cluster.ClusterState, env: dict[str, str]) -> float:
+    """Peak RSS (MB) of an operator started into the cluster as it is, once it settled."""
+    work.mkdir()
+    op = OperatorProcess(str(local_cluster.OPERATOR_KUBECONFIG), work, resyncSeconds=60)
+    op.env.update(env)
+    op.start()
+    try:
+        assert op.proc is not None
+        time.sleep(5)
+        settle(state)
+        return peak_mb(op.proc.pid)
+    finally:
+        op.stop()
+
+
 def audit_writes(state: local_cluster.ClusterState) -> int:
+    """The operator's writes so far, its Lease renewals (every 2 s) left out."""
     path = Path(state.data_dir) / "audit.log"
-    return sum(1 for _ in path.open()) if path.exists() else 0
+    if not path.exists():
+        return 0
+    with path.open() as f:
+        return sum(
+            1 for line in f if json.loads(line).get("objectRef", {}).get("resource") != "leases"
+        )
 
 
 def converged(kubectl, ns: str, n: int) -> bool:  # type: ignore[no-untyped-def]
@@ -78,6 +148,8 @@ def converged(kubectl, ns: str, n: int) -> bool:  # type: ignore[no-untyped-def]
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 500])
+    parser.add_argument("--unrelated", type=int, default=5000)
+    parser.add_argument("--baseline", help="another checkout whose operator to measure too")
     parser.add_argument("--out")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kubeonnx-opbench-"))
@@ -91,6 +163,13 @@ def main() -> None:
     try:
         kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
         kubectl("wait", "--for=condition=Established", "crd/inferencemodels.kubeonnx.io")
+        if args.unrelated:
+            kubectl("create", "namespace", "unrelated")
+            noise = work / "unrelated.yaml"
+            noise.write_text(yaml.safe_dump_all(unrelated_objects(args.unrelated)))
+            t0 = time.monotonic()
+            kubectl("apply", "-n", "unrelated", "--server-side", "-f", str(noise))
+            print(f"{2 * args.unrelated} unrelated objects in {time.monotonic() - t0:.0f}s")
         op = OperatorProcess(str(local_cluster.OPERATOR_KUBECONFIG), work, resyncSeconds=60)
         op.start()
         assert op.proc is not None
@@ -136,12 +215,7 @@ def main() -> None:
         op = idle
         # A restart applies each child once (what was applied is kept in memory only);
         # wait until that is done, then count what 60 resyncs write.
-        settled, last = time.monotonic(), audit_writes(state)
-        while time.monotonic() - settled < 5:
-            time.sleep(1)
-            now = audit_writes(state)
-            if now != last:
-                settled, last = time.monotonic(), now
+        last = settle(state)
         restart_writes = last - before
         time.sleep(60)
         idle_writes = audit_writes(state) - last
@@ -151,6 +225,14 @@ def main() -> None:
             f"operator over 60 resyncs of {total} models",
             flush=True,
         )
+        op.stop()
+        peaks = {"this tree": restart_peak(work / "restart", state, {})}
+        if args.baseline:
+            base = Path(args.baseline).resolve()
+            env = {"PYTHONPATH": f"{base / 'operator'}:{base / 'runtime'}"}
+            peaks[f"baseline ({base.name})"] = restart_peak(work / "baseline", state, env)
+        for who, mb in peaks.items():
+            print(f"restart peak RSS, {who}: {mb:.0f} MB", flush=True)
     finally:
         if op is not None:
             op.stop()
@@ -166,6 +248,12 @@ def main() -> None:
         f"\nIdle: **{idle_writes}** API writes by the operator over an hour-equivalent "
         f"of resyncs (60 x 1 s) of {total} models. The restart before it wrote "
         f"{restart_writes} (a no-op apply per child: what was applied is kept in memory)."
+    )
+    lines.append(
+        f"\nPeak RSS of an operator restarted into the cluster ({total} models, "
+        f"{args.unrelated} unrelated pods and {args.unrelated} unrelated Deployments): "
+        + ", ".join(f"{who} **{mb:.0f} MB**" for who, mb in peaks.items())
+        + "."
     )
     report = "\n".join(lines) + "\n"
     print(report)

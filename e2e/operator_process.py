@@ -25,9 +25,10 @@ class OperatorProcess:
         )
         self.log_path = workdir / "operator.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.env: dict[str, str] = {}  # added to the process's environment
 
     def start(self) -> None:
-        env = {**os.environ, "KUBECONFIG": self.kubeconfig}
+        env = {**os.environ, "KUBECONFIG": self.kubeconfig, **self.env}
         kubeonnx = str(Path(sys.executable).parent / "kubeonnx")
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(

@@ -34,6 +34,11 @@ class ChildConflict(Exception):
     """A child's name is taken by an object this InferenceModel does not control."""
 
 
+class PreviousOwner(Exception):
+    """A child's name is held by a child of a deleted InferenceModel of the same name,
+    which the garbage collector is about to remove."""
+
+
 def _refused_by_admission(message: str) -> bool:
     return "admission webhook" in message or "ValidatingAdmissionPolicy" in message
 
@@ -146,6 +151,9 @@ class Reconciler:
                 live = await self._apply_if_needed(key, child, owner["uid"])
             except ChildConflict as exc:
                 problem = problem or Verdict(False, "ChildConflict", str(exc))
+                continue
+            except PreviousOwner as exc:
+                problem = problem or Verdict(False, "Progressing", str(exc))
                 continue
             except ApiError as exc:
                 if exc.status.code == 403 and "being terminated" in (exc.status.message or ""):
@@ -305,6 +313,11 @@ def _check_controller(live: dict[str, Any], owner_uid: str, kind: str, name: str
             "rename or delete it, or rename the model"
         )
     if controller.get("uid") != owner_uid:
+        if controller.get("kind") == "InferenceModel" and controller.get("name") == name:
+            raise PreviousOwner(
+                f"waiting for the garbage collector to delete {kind} {name} of the previous "
+                f"InferenceModel {name} (uid {controller.get('uid')})"
+            )
         raise ChildConflict(
             f"{kind} {name} is controlled by {controller.get('kind')} {controller.get('name')} "
             f"(uid {controller.get('uid')}), not by this InferenceModel"

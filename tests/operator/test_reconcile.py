@@ -143,12 +143,29 @@ async def test_an_object_controlled_by_another_owner_is_a_conflict_too() -> None
         "metadata": {
             "name": "m",
             "ownerReferences": [
+                {"kind": "InferenceModel", "name": "other", "uid": "o", "controller": True}
+            ],
+        }
+    }
+    await reconciler(kube).reconcile(body())
+    assert ready(kube)["reason"] == "ChildConflict"
+    assert "controlled by InferenceModel other (uid o)" in ready(kube)["message"]
+
+
+async def test_a_child_of_a_deleted_model_of_the_same_name_is_waited_for() -> None:
+    kube = FakeKube()
+    kube.live[("Service", "m")] = {
+        "metadata": {
+            "name": "m",
+            "ownerReferences": [
                 {"kind": "InferenceModel", "name": "m", "uid": "old", "controller": True}
             ],
         }
     }
     await reconciler(kube).reconcile(body())
-    assert "controlled by InferenceModel m (uid old)" in ready(kube)["message"]
+    assert ready(kube)["reason"] == "Progressing"
+    assert "waiting for the garbage collector to delete Service m" in ready(kube)["message"]
+    assert "Service" not in {m["kind"] for _, m in kube.applied}
 
 
 async def test_status_is_never_derived_from_a_deployment_older_than_the_one_applied() -> None:
