@@ -89,6 +89,7 @@ class Controller:
             running=False,
         )
         self.informers: list[Informer] = []
+        lock = asyncio.Lock()
         for namespace in list[str | None](namespaces) or [None]:
             self.informers += [
                 Informer(
@@ -98,6 +99,7 @@ class Controller:
                     namespace=namespace,
                     api_version="kubeonnx.io/v1alpha1",
                     kind="InferenceModel",
+                    list_lock=lock,
                 ),
                 Informer(
                     client,
@@ -106,6 +108,7 @@ class Controller:
                     namespace=namespace,
                     api_version="kubeonnx.io/v1alpha1",
                     kind="QuotaPolicy",
+                    list_lock=lock,
                 ),
             ]
             for res, api_version, kind, optional in CHILD_RESOURCES:
@@ -119,6 +122,7 @@ class Controller:
                         api_version=api_version,
                         kind=kind,
                         optional=optional,
+                        list_lock=lock,
                     )
                 )
         self.synced = False

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 # on_event(type, object): type is ADDED, MODIFIED or DELETED; object is a plain dict.
 Handler = Callable[[str, dict[str, Any]], None]
 
-LIST_CHUNK = 500  # objects per list call
+LIST_CHUNK = 100  # objects per list call
 RETRY_MAX_S = 30.0
 
 
@@ -71,6 +71,7 @@ class Informer:
         api_version: str = "",
         kind: str = "",
         optional: bool = False,
+        list_lock: asyncio.Lock | None = None,
     ) -> None:
         self.client = client
         self.resource = resource
@@ -83,6 +84,7 @@ class Informer:
         # A kind whose CRD may be absent (KEDA's, the Prometheus operator's): absent, it
         # counts as synced and empty, and is looked for again now and then.
         self.optional = optional
+        self.list_lock = list_lock or asyncio.Lock()  # shared: one informer lists at a time
         self.known: dict[str, dict[str, Any]] = {}  # uid -> tombstone
         self.synced = asyncio.Event()
         self.installed = False  # the kind exists in the cluster (its list succeeded)
@@ -132,32 +134,32 @@ class Informer:
         await asyncio.sleep(delay)
 
     async def _list(self) -> str:
-        listing = self.client.list(
-            self.resource, namespace=self.namespace, labels=self.labels, chunk_size=LIST_CHUNK
-        )
-        seen: dict[str, dict[str, Any]] = {}
-        listed: list[dict[str, Any]] = []
-        async for item in listing:
-            obj = self._complete(_as_dict(item))
-            seen[obj["metadata"]["uid"]] = _tombstone(obj)
-            listed.append(obj)
+        # One list at a time, in chunks, each object handed on as it arrives: a start into
+        # a big cluster holds one chunk of decoded objects at a time, not every kind's.
+        async with self.list_lock:
+            listing = self.client.list(
+                self.resource, namespace=self.namespace, labels=self.labels, chunk_size=LIST_CHUNK
+            )
+            previous, seen = self.known, {}
+            async for item in listing:
+                obj = self._complete(_as_dict(item))
+                uid = obj["metadata"]["uid"]
+                seen[uid] = _tombstone(obj)
+                self.on_event("MODIFIED" if uid in previous else "ADDED", obj)
+            version = listing.resourceVersion
         if self.synced.is_set():
             self.relists += 1
             metrics.RELISTS.labels(self.kind).inc()
-        # Deletions first: a name re-created in the gap has a new UID, and its removal by
-        # the old UID must not remove the new one.
-        for uid, gone in list(self.known.items()):
+        # What vanished while the watch was down. Every cache removes by UID, so an object
+        # re-created in the gap under the same name (listed above) is not touched.
+        self.known = seen
+        for uid, gone in previous.items():
             if uid not in seen:
                 self.on_event("DELETED", gone)
-        previous = self.known
-        self.known = seen
-        for obj in listed:
-            self.on_event("MODIFIED" if obj["metadata"]["uid"] in previous else "ADDED", obj)
-        del listed
         metrics.WATCHED.labels(self.kind).inc(len(seen) - len(previous))
         self.installed = True
         self.synced.set()
-        return listing.resourceVersion
+        return version
 
     async def _watch(self, version: str) -> str:
         async for kind, item in self.client.watch(
