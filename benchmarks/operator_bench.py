@@ -114,15 +114,34 @@ def restart_peak(work: Path, state: local_cluster.ClusterState, env: dict[str, s
         op.stop()
 
 
-def audit_writes(state: local_cluster.ClusterState) -> int:
-    """The operator's writes so far, its Lease renewals (every 2 s) left out."""
+def audit_entries(state: local_cluster.ClusterState) -> list[str]:
+    """The operator's writes so far as 'verb resource[/subresource]', Lease renewals (every
+    2 s) left out."""
     path = Path(state.data_dir) / "audit.log"
     if not path.exists():
-        return 0
+        return []
+    out = []
     with path.open() as f:
-        return sum(
-            1 for line in f if json.loads(line).get("objectRef", {}).get("resource") != "leases"
-        )
+        for line in f:
+            ref = json.loads(line).get("objectRef", {})
+            if ref.get("resource") != "leases":
+                sub = f"/{ref['subresource']}" if ref.get("subresource") else ""
+                out.append(f"{json.loads(line)['verb']} {ref.get('resource')}{sub}")
+    return out
+
+
+def audit_writes(state: local_cluster.ClusterState) -> int:
+    return len(audit_entries(state))
+
+
+def all_ready(kubectl, ns: str, n: int) -> bool:  # type: ignore[no-untyped-def]
+    ims = json.loads(kubectl("get", "inferencemodels", "-n", ns, "-o", "json"))["items"]
+    return n == sum(
+        1
+        for im in ims
+        for c in (im.get("status") or {}).get("conditions") or []
+        if c["type"] == "Ready" and c["status"] == "True"
+    )
 
 
 def converged(kubectl, ns: str, n: int) -> bool:  # type: ignore[no-untyped-def]
@@ -205,6 +224,10 @@ def main() -> None:
             )
 
         # Idle: an hour of 60 s resyncs, compressed to 60 s of 1 s resyncs; a restart first.
+        # Every model Ready first, so that what follows is resyncs, not pods catching up.
+        for n in args.sizes:
+            while not all_ready(kubectl, f"op-{n}", n):
+                time.sleep(1)
         op.stop()
         (work / "idle").mkdir()
         idle = OperatorProcess(
@@ -213,12 +236,18 @@ def main() -> None:
         before = audit_writes(state)
         idle.start()
         op = idle
+        while not idle.leads():
+            time.sleep(0.5)
         # A restart applies each child once (what was applied is kept in memory only);
         # wait until that is done, then count what 60 resyncs write.
         last = settle(state)
         restart_writes = last - before
         time.sleep(60)
         idle_writes = audit_writes(state) - last
+        if idle_writes:
+            from collections import Counter
+
+            print(f"idle writes: {dict(Counter(audit_entries(state)[last:]))}", flush=True)
         total = sum(args.sizes)
         print(
             f"restart: {restart_writes} writes; idle: {idle_writes} API writes by the "

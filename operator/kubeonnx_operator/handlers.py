@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import logging
 from typing import Any
 
@@ -180,7 +179,7 @@ class Controller:
             self.reconciler.forget(key)
             after: dict[str, Any] = {}
         else:
-            self.queue.observe(key, copy.deepcopy(body))
+            self.queue.observe(key, _without_managed_fields(body))
             after = body.get("spec") or {}
         # A policy counts the models that name it.
         for policy in {before.get("quotaPolicy"), after.get("quotaPolicy")} - {None}:
@@ -199,7 +198,7 @@ class Controller:
         else:
             generation = meta.get("generation")
             changed = old is None or old["metadata"].get("generation") != generation
-            self.policies[key] = copy.deepcopy(body)
+            self.policies[key] = _without_managed_fields(body)
             # Not for our own status writes (usage changes at every read of it).
             self.policy_queue.observe(key, self.policies[key], trigger=changed)
         if changed:
@@ -230,6 +229,12 @@ class Controller:
             await asyncio.sleep(self.config.resync_seconds)
             self.queue.trigger_all()
             self.policy_queue.trigger_all()
+
+
+def _without_managed_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """The watch's object as the queue keeps it (each event brings a fresh one)."""
+    body["metadata"].pop("managedFields", None)
+    return body
 
 
 def build_registry(config: OperatorConfig, namespaces: list[str]) -> kopf.OperatorRegistry:
