@@ -204,6 +204,11 @@ def main() -> None:
                     Model(d["metadata"]["name"], floor_ns, parse_spec(d["spec"])), config
                 )
             ]
+            for manifest in manifests:
+                if manifest["kind"] == "Deployment":
+                    # The floor is the cost of the writes; its pods would only take the
+                    # nodes' CPU from the operator's models.
+                    manifest["spec"]["replicas"] = 0
             floor_file = work / f"floor-{n}.yaml"
             floor_file.write_text(yaml.safe_dump_all(manifests))
             t0 = time.monotonic()
