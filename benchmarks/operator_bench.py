@@ -42,7 +42,12 @@ from e2e.operator_process import OperatorProcess  # noqa: E402
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from procstat import peak_mb  # noqa: E402
 
-SPEC = {"model": {"uri": "s3://models/bench/model.onnx"}}
+# Small requests: the test cluster's two CPU nodes hold 512 CPUs, and 600 models of the
+# default 1 CPU would leave some Unschedulable.
+SPEC = {
+    "model": {"uri": "s3://models/bench/model.onnx"},
+    "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}},
+}
 
 
 def inference_models(n: int) -> list[dict[str, Any]]:
