@@ -55,6 +55,7 @@ CHILD_RESOURCES: list[tuple[Any, str, str, bool]] = [
     ),
     (Secret, "v1", "Secret", False),  # the runtime's quota file
 ]
+API_VERSION = "kubeonnx.io/v1alpha1"
 # Only what the operator made: selected by the API server, not filtered here.
 CHILD_SELECTOR = {"app.kubernetes.io/managed-by": MANAGED_BY, MODEL_LABEL: operators.exists()}
 
@@ -90,26 +91,21 @@ class Controller:
         self.informers: list[Informer] = []
         lock = asyncio.Lock()
         for namespace in list[str | None](namespaces) or [None]:
-            self.informers += [
-                Informer(
-                    client,
-                    resource("kubeonnx.io/v1alpha1", "InferenceModel"),
-                    self._model_event,
-                    namespace=namespace,
-                    api_version="kubeonnx.io/v1alpha1",
-                    kind="InferenceModel",
-                    list_lock=lock,
-                ),
-                Informer(
-                    client,
-                    resource("kubeonnx.io/v1alpha1", "QuotaPolicy"),
-                    self._policy_event,
-                    namespace=namespace,
-                    api_version="kubeonnx.io/v1alpha1",
-                    kind="QuotaPolicy",
-                    list_lock=lock,
-                ),
-            ]
+            for kind, on_event in (
+                ("InferenceModel", self._model_event),
+                ("QuotaPolicy", self._policy_event),
+            ):
+                self.informers.append(
+                    Informer(
+                        client,
+                        resource(API_VERSION, kind),
+                        on_event,
+                        namespace=namespace,
+                        api_version=API_VERSION,
+                        kind=kind,
+                        list_lock=lock,
+                    )
+                )
             for res, api_version, kind, optional in CHILD_RESOURCES:
                 self.informers.append(
                     Informer(
