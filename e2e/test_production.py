@@ -183,3 +183,34 @@ def test_a_standby_takes_over_when_the_leader_is_killed(
         operator.start()  # the module's operator, standing by now
         standby.stop()  # SIGTERM: it hands the Lease back
         eventually(operator.leads, 30, what="the module's operator leading again")
+
+
+def test_a_prune_by_uid_never_deletes_an_object_re_created_under_the_name(
+    cluster: Cluster, namespace: str
+) -> None:
+    import asyncio
+
+    from kubeonnx_operator.kube import Kube
+    from lightkube import AsyncClient
+    from lightkube.config.kubeconfig import KubeConfig
+
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "again"},
+        "spec": {"ports": [{"port": 80}]},
+    }
+    assert cluster.apply(service, namespace).returncode == 0
+    old_uid = cluster.get("service", "again", "-n", namespace)["metadata"]["uid"]  # type: ignore[index]
+    cluster.kubectl("delete", "service", "again", "-n", namespace)
+    assert cluster.apply(service, namespace).returncode == 0  # re-created: a new UID
+
+    async def prune() -> None:
+        client = AsyncClient(KubeConfig.from_file(cluster.kubeconfig))
+        try:
+            await Kube(client).delete("v1", "Service", namespace, "again", uid=old_uid)
+        finally:
+            await client.close()
+
+    asyncio.run(prune())
+    assert cluster.get("service", "again", "-n", namespace), "the new Service was deleted"
