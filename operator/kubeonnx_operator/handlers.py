@@ -19,16 +19,11 @@ from typing import Any
 
 import kopf
 from lightkube import AsyncClient, operators
-from lightkube.resources.apps_v1 import Deployment
-from lightkube.resources.autoscaling_v2 import HorizontalPodAutoscaler
-from lightkube.resources.core_v1 import Pod, Secret, Service
-from lightkube.resources.networking_v1 import Ingress
-from lightkube.resources.policy_v1 import PodDisruptionBudget
 
 from . import metrics
 from .config import OperatorConfig
 from .informer import Informer
-from .kube import Kube, resource
+from .kube import Kube
 from .leader import LeaderElector, default_identity, default_namespace
 from .observed import ObservedChildren
 from .policy import USAGE_EVERY_S, PolicyReconciler, models_using
@@ -38,22 +33,17 @@ from .workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
 
-# (resource class, apiVersion, kind, optional: its CRD may be absent)
-CHILD_RESOURCES: list[tuple[Any, str, str, bool]] = [
-    (Deployment, "apps/v1", "Deployment", False),
-    (Service, "v1", "Service", False),
-    (Pod, "v1", "Pod", False),
-    (HorizontalPodAutoscaler, "autoscaling/v2", "HorizontalPodAutoscaler", False),
-    (Ingress, "networking.k8s.io/v1", "Ingress", False),
-    (PodDisruptionBudget, "policy/v1", "PodDisruptionBudget", False),
-    (resource("keda.sh/v1alpha1", "ScaledObject"), "keda.sh/v1alpha1", "ScaledObject", True),
-    (
-        resource("monitoring.coreos.com/v1", "PodMonitor"),
-        "monitoring.coreos.com/v1",
-        "PodMonitor",
-        True,
-    ),
-    (Secret, "v1", "Secret", False),  # the runtime's quota file
+# (apiVersion, kind, optional: its CRD may be absent)
+CHILD_KINDS = [
+    ("apps/v1", "Deployment", False),
+    ("v1", "Service", False),
+    ("v1", "Pod", False),
+    ("autoscaling/v2", "HorizontalPodAutoscaler", False),
+    ("networking.k8s.io/v1", "Ingress", False),
+    ("policy/v1", "PodDisruptionBudget", False),
+    ("keda.sh/v1alpha1", "ScaledObject", True),
+    ("monitoring.coreos.com/v1", "PodMonitor", True),
+    ("v1", "Secret", False),  # the runtime's quota file
 ]
 API_VERSION = "kubeonnx.io/v1alpha1"
 # Only what the operator made: selected by the API server, not filtered here.
@@ -74,11 +64,10 @@ class Controller:
             )
         self.kube = Kube(client, self.elector.holding if self.elector else lambda: True, identity)
         self.observed = ObservedChildren()
-        self.policies: dict[tuple[str, str], dict[str, Any]] = {}
-        self.reconciler = Reconciler(
-            self.kube, config, self.observed, policies=self.policies, pod_monitor=self._pod_monitor
-        )
         limit = config.max_concurrent_reconciles
+        self.reconciler = Reconciler(
+            self.kube, config, self.observed, pod_monitor=self._pod_monitor
+        )
         self.queue = WorkQueue(
             self.reconciler.reconcile, kind="InferenceModel", max_concurrent=limit, running=False
         )
@@ -88,6 +77,8 @@ class Controller:
             max_concurrent=limit,
             running=False,
         )
+        # QuotaPolicy bodies, as their watch keeps them in the policy queue.
+        self.reconciler.policies = self.policy_queue.bodies
         self.informers: list[Informer] = []
         lock = asyncio.Lock()
         for namespace in list[str | None](namespaces) or [None]:
@@ -98,7 +89,6 @@ class Controller:
                 self.informers.append(
                     Informer(
                         client,
-                        resource(API_VERSION, kind),
                         on_event,
                         namespace=namespace,
                         api_version=API_VERSION,
@@ -106,11 +96,10 @@ class Controller:
                         list_lock=lock,
                     )
                 )
-            for res, api_version, kind, optional in CHILD_RESOURCES:
+            for api_version, kind, optional in CHILD_KINDS:
                 self.informers.append(
                     Informer(
                         client,
-                        res,
                         self._child_event,
                         namespace=namespace,
                         labels=CHILD_SELECTOR,
@@ -120,7 +109,6 @@ class Controller:
                         list_lock=lock,
                     )
                 )
-        self.synced = False
 
     def _pod_monitor(self) -> bool:
         return any(i.kind == "PodMonitor" and i.installed for i in self.informers)
@@ -137,7 +125,6 @@ class Controller:
         try:
             # No apply before every cache is filled: a child not yet seen would look absent.
             await asyncio.gather(*(i.synced.wait() for i in self.informers))
-            self.synced = True
             log.info("caches synced: %d objects watched", sum(len(i.known) for i in self.informers))
             if self.elector is None:
                 self._lead()
@@ -168,9 +155,8 @@ class Controller:
         current = self.queue.bodies.get(key)
         before = (current or {}).get("spec") or {}
         if kind == "DELETED":
-            if current is not None and current["metadata"]["uid"] != meta["uid"]:
+            if not self.queue.forget(key, meta["uid"]):
                 return  # an older object of this name; the new one stays
-            self.queue.observe(key, None)
             self.observed.forget(key)
             self.reconciler.forget(key)
             after: dict[str, Any] = {}
@@ -184,19 +170,16 @@ class Controller:
     def _policy_event(self, kind: str, body: dict[str, Any]) -> None:
         meta = body["metadata"]
         key = (meta["namespace"], meta["name"])
-        old = self.policies.get(key)
+        old = self.policy_queue.bodies.get(key)
         if kind == "DELETED":
-            if old is not None and old["metadata"]["uid"] != meta["uid"]:
+            if not self.policy_queue.forget(key, meta["uid"]):
                 return
-            self.policies.pop(key, None)
-            self.policy_queue.observe(key, None)
             changed = True
         else:
             generation = meta.get("generation")
             changed = old is None or old["metadata"].get("generation") != generation
-            self.policies[key] = _without_managed_fields(body)
             # Not for our own status writes (usage changes at every read of it).
-            self.policy_queue.observe(key, self.policies[key], trigger=changed)
+            self.policy_queue.observe(key, _without_managed_fields(body), trigger=changed)
         if changed:
             for model in models_using(self.queue.bodies, *key):
                 self.queue.trigger(model)

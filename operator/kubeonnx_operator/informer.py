@@ -22,6 +22,7 @@ import httpx2
 from lightkube import ALL_NS, ApiError, AsyncClient
 
 from . import metrics
+from .kube import as_dict, resource
 
 log = logging.getLogger(__name__)
 
@@ -32,22 +33,13 @@ LIST_CHUNK = 100  # objects per list call
 RETRY_MAX_S = 30.0
 
 
-def _as_dict(obj: Any) -> dict[str, Any]:
-    result: dict[str, Any] = obj.to_dict() if hasattr(obj, "to_dict") else dict(obj)
-    return result
-
-
 def _tombstone(obj: dict[str, Any]) -> dict[str, Any]:
     """What a DELETED event for a vanished object carries: its identity and labels."""
     meta = obj.get("metadata") or {}
     return {
         "apiVersion": obj.get("apiVersion"),
         "kind": obj.get("kind"),
-        "metadata": {
-            k: meta[k]
-            for k in ("name", "namespace", "uid", "labels", "ownerReferences")
-            if k in meta
-        },
+        "metadata": {k: meta[k] for k in ("name", "namespace", "uid", "labels") if k in meta},
     }
 
 
@@ -63,23 +55,20 @@ class Informer:
     def __init__(
         self,
         client: AsyncClient,
-        resource: Any,
         on_event: Handler,
         *,
+        api_version: str,
+        kind: str,
         namespace: str | None = None,
         labels: dict[str, Any] | None = None,
-        api_version: str = "",
-        kind: str = "",
         optional: bool = False,
         list_lock: asyncio.Lock | None = None,
     ) -> None:
         self.client = client
-        self.resource = resource
+        self.resource = resource(api_version, kind)
         self.on_event = on_event
         self.namespace = namespace or ALL_NS
         self.labels = labels
-        # lightkube's typed objects carry these; generic resources do too. Kept for the
-        # tombstones of objects that vanished while the watch was down.
         self.api_version, self.kind = api_version, kind
         # A kind whose CRD may be absent (KEDA's, the Prometheus operator's): absent, it
         # counts as synced and empty, and is looked for again now and then.
@@ -93,7 +82,7 @@ class Informer:
     @property
     def what(self) -> str:
         where = "all namespaces" if self.namespace == ALL_NS else self.namespace
-        return f"{self.kind or self.resource.__name__} in {where}"
+        return f"{self.kind} in {where}"
 
     async def run(self) -> None:
         failures = 0
@@ -142,7 +131,7 @@ class Informer:
             )
             previous, seen = self.known, {}
             async for item in listing:
-                obj = self._complete(_as_dict(item))
+                obj = self._complete(as_dict(item))
                 uid = obj["metadata"]["uid"]
                 seen[uid] = _tombstone(obj)
                 self.on_event("MODIFIED" if uid in previous else "ADDED", obj)
@@ -165,7 +154,7 @@ class Informer:
         async for kind, item in self.client.watch(
             self.resource, namespace=self.namespace, labels=self.labels, resource_version=version
         ):
-            obj = self._complete(_as_dict(item))
+            obj = self._complete(as_dict(item))
             meta = obj["metadata"]
             version = meta.get("resourceVersion") or version
             if kind == "BOOKMARK":
@@ -181,10 +170,6 @@ class Informer:
 
     def _complete(self, obj: dict[str, Any]) -> dict[str, Any]:
         # List items of built-in kinds come without apiVersion and kind.
-        obj.setdefault("apiVersion", self.api_version)
-        obj.setdefault("kind", self.kind)
-        if not obj.get("apiVersion"):
-            obj["apiVersion"] = self.api_version
-        if not obj.get("kind"):
-            obj["kind"] = self.kind
+        obj["apiVersion"] = obj.get("apiVersion") or self.api_version
+        obj["kind"] = obj.get("kind") or self.kind
         return obj

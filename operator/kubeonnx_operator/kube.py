@@ -118,25 +118,20 @@ class Kube:
         try:
             if uid is None:
                 await self._call(self.client.delete(res, name, namespace=namespace))
-                return
-            # lightkube's delete takes no DeleteOptions body; build the same request with one.
-            generic = self.client._client
-            request = generic.prepare_request("delete", res=res, name=name, namespace=namespace)
-            request.data = {
-                "apiVersion": "v1",
-                "kind": "DeleteOptions",
-                "preconditions": {"uid": uid},
-            }
-            response = await generic.send(generic.build_adapter_request(request))
-            try:
-                generic.handle_response("delete", response, request)
-            except ApiError as exc:
-                metrics.API_ERRORS.labels(str(exc.status.code)).inc()
-                raise
+            else:
+                await self._call(self._delete_uid(res, namespace, name, uid))
         except ApiError as exc:
             # Gone, or (409) the name now holds another object: either way not ours to delete.
             if not is_not_found(exc) and exc.status.code != 409:
                 raise
+
+    async def _delete_uid(self, res: Any, namespace: str, name: str, uid: str) -> None:
+        # lightkube's delete takes no DeleteOptions body; build the same request with one.
+        generic = self.client._client
+        request = generic.prepare_request("delete", res=res, name=name, namespace=namespace)
+        request.data = {"apiVersion": "v1", "kind": "DeleteOptions", "preconditions": {"uid": uid}}
+        response = await generic.send(generic.build_adapter_request(request))
+        generic.handle_response("delete", response, request)
 
     async def get_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
         return await self.get("v1", "Secret", namespace, name)

@@ -65,7 +65,7 @@ class LeaderElector:
         self.lease_s, self.renew_deadline_s, self.retry_s = lease_s, renew_deadline_s, retry_s
         self.clock = clock
         self._renewed_at: float | None = None  # our clock, at our last successful write
-        self._observed: tuple[Any, ...] | None = None  # the other holder's record
+        self._observed: str | None = None  # the other holder's record (its resourceVersion)
         self._observed_at = 0.0
 
     def holding(self) -> bool:
@@ -76,7 +76,7 @@ class LeaderElector:
 
     async def run(
         self,
-        on_started: Callable[[], Awaitable[None] | None],
+        on_started: Callable[[], None],
         on_stopped: Callable[[], Awaitable[None]],
     ) -> None:
         """Try to acquire, then renew; call on_started on winning and on_stopped on losing."""
@@ -94,9 +94,7 @@ class LeaderElector:
                         self.namespace,
                         self.name,
                     )
-                    started = on_started()
-                    if started is not None:
-                        await started
+                    on_started()
                 elif leading and not self.holding():
                     leading = False
                     metrics.LEADER.set(0)
@@ -134,12 +132,7 @@ class LeaderElector:
             return True
         spec = lease.get("spec") or {}
         holder = spec.get("holderIdentity") or ""
-        record = (
-            holder,
-            spec.get("renewTime"),
-            spec.get("leaseTransitions"),
-            lease["metadata"]["resourceVersion"],
-        )
+        record = lease["metadata"]["resourceVersion"]  # changes with every write of it
         if holder != self.identity:
             if record != self._observed:
                 self._observed, self._observed_at = record, self.clock()
@@ -153,7 +146,7 @@ class LeaderElector:
             acquired = spec.get("acquireTime") or now
         started = self.clock()
         await self.client.replace(
-            self._lease(lease["metadata"]["resourceVersion"], acquired, now, transitions)
+            self._lease(record, acquired, now, transitions)
         )  # a conflict (409) means someone else wrote first: this round is lost
         self._renewed_at = started
         return True

@@ -115,11 +115,6 @@ class ObservedChildren:
     def deployment(self, owner: Key) -> dict[str, Any] | None:
         return self._deployments.get(owner)
 
-    def count(self) -> int:
-        return sum(len(c) for c in self._children.values()) + sum(
-            len(p) for p in self._pods.values()
-        )
-
     def children(self, owner: Key) -> list[ChildRef]:
         return list(self._children.get(owner, {}).values())
 

@@ -78,7 +78,7 @@ class Reconciler:
         self.policies = policies if policies is not None else {}
         # What was last applied to each child: (digest of the manifest, our_fields of the
         # result). In memory only: after a restart every child is applied once again.
-        self.applied: dict[tuple[str, str, str, str], tuple[str, str]] = {}
+        self.applied: dict[tuple[str, str], dict[tuple[str, str, str], tuple[str, str]]] = {}
         # The Deployment each model's last apply returned: newer than the watch's copy until
         # the watch delivers the change, and status is never derived from an older one.
         self.applied_deployments: dict[tuple[str, str], dict[str, Any]] = {}
@@ -87,6 +87,8 @@ class Reconciler:
         self.pod_monitor = pod_monitor  # whether the cluster has the PodMonitor CRD
 
     def forget(self, key: tuple[str, str]) -> None:
+        """Drop what is kept of a deleted model."""
+        self.applied.pop(key, None)
         self.applied_deployments.pop(key, None)
 
     def deployment(self, key: tuple[str, str]) -> dict[str, Any] | None:
@@ -207,11 +209,12 @@ class Reconciler:
         ChildConflict rather than take over an object this model does not control."""
         meta = manifest["metadata"]
         api_version, kind, name = manifest["apiVersion"], manifest["kind"], meta["name"]
-        ident = (api_version, kind, meta["namespace"], name)
+        ident = (api_version, kind, name)
+        applied = self.applied.setdefault(key, {})
         wanted = digest(manifest)
         seen = self.observed.child(key, api_version, kind, name)
         if seen is not None and owner_uid in seen.owner_uids:
-            if self.applied.get(ident) == (wanted, seen.fields):
+            if applied.get(ident) == (wanted, seen.fields):
                 return None
         else:
             # Not known as ours: look before applying, since a forced apply would adopt it.
@@ -221,7 +224,7 @@ class Reconciler:
         if kind == "Deployment":
             await self._hand_over_replicas(key, manifest)
         live = await self.kube.apply(manifest)
-        self.applied[ident] = (wanted, our_fields(live))
+        applied[ident] = (wanted, our_fields(live))
         return live
 
     async def _hand_over_replicas(self, key: tuple[str, str], manifest: dict[str, Any]) -> None:

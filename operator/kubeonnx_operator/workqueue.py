@@ -64,6 +64,15 @@ class WorkQueue:
         if trigger:
             self.trigger(key)
 
+    def forget(self, key: Key, uid: str) -> bool:
+        """The watch says object `uid` was deleted: drop it, unless `key` now holds another
+        object (re-created under the name, its events first). True if it was dropped."""
+        body = self.bodies.get(key)
+        if body is not None and body["metadata"].get("uid") != uid:
+            return False
+        self.observe(key, None)
+        return True
+
     def trigger(self, key: Key) -> None:
         if key not in self.bodies:
             return

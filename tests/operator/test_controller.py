@@ -108,6 +108,19 @@ async def test_a_stopped_queue_runs_nothing_until_started_and_stops_at_once() ->
     assert runs == 1
 
 
+async def test_a_deletion_removes_only_the_object_it_names() -> None:
+    async def reconcile(_: dict[str, Any]) -> None:
+        pass
+
+    queue = WorkQueue(reconcile)
+    key = ("ns", "m")
+    queue.observe(key, {"metadata": {"name": "m", "uid": "new", "generation": 1}})
+    # The old object's DELETED arrives after the re-created one's ADDED.
+    assert not queue.forget(key, "old") and key in queue.bodies
+    assert queue.forget(key, "new") and key not in queue.bodies
+    await queue.idle()
+
+
 # Informers ----------------------------------------------------------------------------------
 
 
@@ -159,9 +172,9 @@ async def test_a_relist_after_the_watch_expires_reports_what_vanished_in_the_gap
     seen: list[tuple[str, str, str]] = []
     informer = Informer(
         client,  # type: ignore[arg-type]
-        object,
         lambda kind, o: seen.append((kind, o["metadata"]["name"], o["metadata"]["uid"])),
         labels={"app.kubernetes.io/managed-by": "kubeonnx"},
+        api_version="v1",
         kind="Service",
     )
     task = asyncio.create_task(informer.run())
@@ -185,7 +198,13 @@ async def test_a_kind_whose_crd_is_absent_counts_as_synced_and_empty() -> None:
     client.list_error = httpx2.HTTPStatusError(
         "404", request=request, response=httpx2.Response(404, request=request)
     )
-    informer = Informer(client, object, lambda *_: None, kind="PodMonitor", optional=True)  # type: ignore[arg-type]
+    informer = Informer(
+        client,  # type: ignore[arg-type]
+        lambda *_: None,
+        api_version="monitoring.coreos.com/v1",
+        kind="PodMonitor",
+        optional=True,
+    )
     task = asyncio.create_task(informer.run())
     await asyncio.wait_for(informer.synced.wait(), 2)
     assert not informer.installed

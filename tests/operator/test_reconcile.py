@@ -137,16 +137,14 @@ async def test_an_object_it_does_not_own_is_left_alone_and_named_in_status() -> 
     assert ("Warning", "ChildConflict", cond["message"]) in kube.events
 
 
+def service_controlled_by(name: str, uid: str) -> dict[str, Any]:
+    ref = {"kind": "InferenceModel", "name": name, "uid": uid, "controller": True}
+    return {"metadata": {"name": "m", "ownerReferences": [ref]}}
+
+
 async def test_an_object_controlled_by_another_owner_is_a_conflict_too() -> None:
     kube = FakeKube()
-    kube.live[("Service", "m")] = {
-        "metadata": {
-            "name": "m",
-            "ownerReferences": [
-                {"kind": "InferenceModel", "name": "other", "uid": "o", "controller": True}
-            ],
-        }
-    }
+    kube.live[("Service", "m")] = service_controlled_by("other", "o")
     await reconciler(kube).reconcile(body())
     assert ready(kube)["reason"] == "ChildConflict"
     assert "controlled by InferenceModel other (uid o)" in ready(kube)["message"]
@@ -154,14 +152,7 @@ async def test_an_object_controlled_by_another_owner_is_a_conflict_too() -> None
 
 async def test_a_child_of_a_deleted_model_of_the_same_name_is_waited_for() -> None:
     kube = FakeKube()
-    kube.live[("Service", "m")] = {
-        "metadata": {
-            "name": "m",
-            "ownerReferences": [
-                {"kind": "InferenceModel", "name": "m", "uid": "old", "controller": True}
-            ],
-        }
-    }
+    kube.live[("Service", "m")] = service_controlled_by("m", "old")
     await reconciler(kube).reconcile(body())
     assert ready(kube)["reason"] == "Progressing"
     assert "waiting for the garbage collector to delete Service m" in ready(kube)["message"]
@@ -272,6 +263,15 @@ async def test_children_no_longer_rendered_are_pruned_by_uid() -> None:
     observed.record(KEY, ingress, deleted=False)
     await reconciler(kube, observed).reconcile(body())
     assert kube.deleted == [("Ingress", "m", "ing-1")]
+
+
+async def test_a_deleted_model_leaves_nothing_behind_in_the_reconciler() -> None:
+    kube = FakeKube()
+    rec = reconciler(kube)
+    await rec.reconcile(body())
+    assert rec.applied[KEY] and KEY in rec.applied_deployments
+    rec.forget(KEY)
+    assert KEY not in rec.applied and KEY not in rec.applied_deployments
 
 
 def test_the_watch_cache_removes_by_uid_whatever_order_events_arrive_in() -> None:
