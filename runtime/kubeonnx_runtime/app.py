@@ -24,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .asyncinfer import AsyncStore, QueueFull, RequestNotFound, status_document
 from .codec import HEADER_LENGTH, InferRequest, encode_response
 from .dataplane import DataPlane
 from .datatypes import OIP_TO_NUMPY
@@ -45,9 +46,11 @@ _STATUS: dict[type[RuntimeServeError], int] = {
     InvalidRequest: 400,
     Unauthorized: 401,
     ModelNotFound: 404,
+    RequestNotFound: 404,
     PayloadTooLarge: 413,
     QuotaExceeded: 429,
     ServerBusy: 503,
+    QueueFull: 503,
     QuotaUnavailable: 503,
 }
 # Bodies up to this size are decoded on the event loop (well under a millisecond); larger or
@@ -126,15 +129,34 @@ def _error_response(exc: RuntimeServeError) -> Response:
     return Response(body, status, headers, media_type="application/json")
 
 
+# Where FrontDoor leaves the route prefix it removed from a request's path.
+ROUTE_PREFIX_SCOPE = "kubeonnx.route_prefix"
+# The header naming the URL to call when an asynchronous request is answered.
+CALLBACK_HEADER = "kubeonnx-callback-url"
+
 # What the inference fast path reads of a request's headers (ASGI names them in lower case).
 _READ_HEADERS = frozenset(
-    {b"x-request-id", b"content-encoding", b"content-length", HEADER_LENGTH.encode()}
+    {
+        b"x-request-id",
+        b"content-encoding",
+        b"content-length",
+        HEADER_LENGTH.encode(),
+        b"prefer",
+        CALLBACK_HEADER.encode(),
+    }
 )
 
-INFER_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/infer$")
+INFER_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/(infer|async-infer)$")
 
 # (status, content type, extra headers, body) of an inference answer
 InferAnswer = tuple[int, str, list[tuple[bytes, bytes]], bytes]
+
+
+def prefers_async(prefer: str | None) -> bool:
+    """RFC 7240: `Prefer: respond-async` among the header's comma-separated preferences."""
+    if not prefer:
+        return False
+    return any(p.split(";")[0].strip().lower() == "respond-async" for p in prefer.split(","))
 
 
 class InferHandler:
@@ -147,11 +169,14 @@ class InferHandler:
         max_body: int,
         quota: Quota | None = None,
         ledger: Ledger | None = None,
+        jobs: AsyncStore | None = None,
     ) -> None:
         self.dataplane = dataplane
         self.max_body = max_body
         self.quota = quota
         self.ledger = ledger
+        self.jobs = jobs
+        self._submitted = metrics.async_submitted.labels(dataplane.name)
         label = dataplane.name
         self.inflight = metrics.inflight.labels(label)
         self.latency = metrics.latency.labels(label)
@@ -170,8 +195,11 @@ class InferHandler:
             )
         counter.inc()
 
-    def _decode(self, body: bytes, encoding: str | None, header_length: int | None) -> InferRequest:
-        return self.dataplane.decode(inflate(body, encoding, self.max_body), header_length)
+    def _decode(
+        self, body: bytes, encoding: str | None, header_length: int | None
+    ) -> tuple[InferRequest, bytes]:
+        raw = inflate(body, encoding, self.max_body)
+        return self.dataplane.decode(raw, header_length), raw
 
     async def __call__(
         self,
@@ -179,6 +207,9 @@ class InferHandler:
         version: str | None,
         headers: Mapping[str, str],
         receive: Receive,
+        *,
+        respond_async: bool = False,
+        route_prefix: str = "",
     ) -> InferAnswer:
         dataplane, batcher = self.dataplane, self.dataplane.batcher
         started = time.perf_counter()
@@ -186,6 +217,10 @@ class InferHandler:
         status = 500
         try:
             dataplane.check_model(name, version)  # a wrong name is 404 whatever the body
+            if respond_async and self.jobs is None:
+                raise ModelNotFound(
+                    f"model '{name}' takes no asynchronous requests (its spec.async is not enabled)"
+                )
             quota = self.quota
             tenant = quota.identify(headers) if quota is not None else ""  # 401 before the body
             header_length = _int_header(headers, HEADER_LENGTH)
@@ -198,16 +233,18 @@ class InferHandler:
             encoding = headers.get("content-encoding")
             # The body is complete: from here to the queue only decoding remains, which is
             # worth the batcher waiting for.
-            batcher.admit()
+            if batcher is not None:
+                batcher.admit()
             try:
                 if encoding in (None, "", "identity") and len(body) < DECODE_INLINE_BELOW:
-                    decoded = self._decode(body, encoding, header_length)
+                    decoded, raw = self._decode(body, encoding, header_length)
                 else:
-                    decoded = await asyncio.get_running_loop().run_in_executor(
+                    decoded, raw = await asyncio.get_running_loop().run_in_executor(
                         self._decoder, self._decode, body, encoding, header_length
                     )
             finally:
-                batcher.withdraw()
+                if batcher is not None:
+                    batcher.withdraw()
             extra: list[tuple[bytes, bytes]] = []
             if quota is not None:  # rows are known now, before the model runs
                 rows = request_rows(decoded.inputs)
@@ -215,6 +252,17 @@ class InferHandler:
                 extra = decision.headers(time.time())
                 if self.ledger is not None:
                     self.ledger.record(tenant, rows, request_id_var.get())
+            if respond_async and self.jobs is not None:
+                request_id = await self.jobs.submit(
+                    raw, header_length, tenant=tenant, callback=headers.get(CALLBACK_HEADER)
+                )
+                self._submitted.inc()
+                location = f"{route_prefix}/v2/models/{name}/requests/{request_id}"
+                extra.append((b"location", location.encode()))
+                extra.append((b"preference-applied", b"respond-async"))
+                status = 202
+                body = orjson.dumps({"id": request_id, "status": "pending", "location": location})
+                return 202, "application/json", extra, body
             outputs = await dataplane.infer(decoded)
             payload, out_header_length = encode_response(
                 dataplane.name, dataplane.version, decoded, outputs
@@ -313,9 +361,11 @@ class FrontDoor:
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
+        prefix_used = ""
         if self.prefix and path.startswith(self.prefix + "/"):
             path = path[len(self.prefix) :]
-            scope = {**scope, "path": path}
+            prefix_used = self.prefix
+            scope = {**scope, "path": path, ROUTE_PREFIX_SCOPE: prefix_used}
             scope.pop("raw_path", None)
         # One pass over the headers for the few the fast path reads (no dict of them all).
         headers = {k.decode(): v.decode("latin-1") for k, v in scope["headers"] if k in self._read}
@@ -326,7 +376,17 @@ class FrontDoor:
             if match is None:
                 await self.app(scope, receive, _with_request_id(send, rid))
                 return
-            status, ctype, extra, payload = await self.infer(match[1], match[2], headers, receive)
+            respond_async = match[3] == "async-infer" or (
+                self.infer.jobs is not None and prefers_async(headers.get("prefer"))
+            )
+            status, ctype, extra, payload = await self.infer(
+                match[1],
+                match[2],
+                headers,
+                receive,
+                respond_async=respond_async,
+                route_prefix=prefix_used,
+            )
             await send(
                 {
                     "type": "http.response.start",
@@ -363,12 +423,14 @@ def create_app(
     max_body: int = 64 * 1024 * 1024,
     quota: Quota | None = None,
     ledger: Ledger | None = None,
+    jobs: AsyncStore | None = None,
 ) -> FrontDoor:
     """Build the app around an injected data plane and metrics registry."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        dataplane.batcher.start()
+        if dataplane.batcher is not None:
+            dataplane.batcher.start()
         if on_startup:
             await on_startup()
         try:
@@ -376,7 +438,8 @@ def create_app(
         finally:
             if on_shutdown:
                 await on_shutdown()
-            await dataplane.batcher.stop()
+            if dataplane.batcher is not None:
+                await dataplane.batcher.stop()
             handler.close()
 
     app = FastAPI(
@@ -418,7 +481,7 @@ def create_app(
         ok = dataplane.model_ready(name, version)
         return _json({"name": name, "ready": ok}, 200 if ok else 503)
 
-    handler = InferHandler(dataplane, metrics, max_body, quota, ledger)
+    handler = InferHandler(dataplane, metrics, max_body, quota, ledger, jobs)
 
     @app.get("/v2/quota", summary="The calling tenant's limits, usage and reset times")
     async def quota_usage(request: Request) -> Response:
@@ -429,16 +492,50 @@ def create_app(
     async def infer(request: Request, name: str, version: str | None = None) -> Response:
         # Served by FrontDoor's fast path; kept as a route so /docs describes it.
         status, ctype, extra, payload = await handler(
-            name, version, request.headers, request.receive
+            name,
+            version,
+            request.headers,
+            request.receive,
+            respond_async=request.url.path.endswith("/async-infer")
+            or (jobs is not None and prefers_async(request.headers.get("prefer"))),
         )
         headers = {k.decode(): v.decode() for k, v in extra}
         return Response(payload, status, headers, media_type=ctype)
+
+    @app.get(
+        "/v2/models/{name}/requests/{request_id}",
+        summary="An asynchronous request: 202 while pending, its answer once done",
+    )
+    async def async_result(request: Request, name: str, request_id: str) -> Response:
+        dataplane.check_model(name, None)
+        if jobs is None:
+            raise ModelNotFound(f"model '{name}' takes no asynchronous requests")
+        tenant = quota.identify(request.headers) if quota is not None else None
+        record = await jobs.lookup(request_id, tenant)
+        prefix = request.scope.get(ROUTE_PREFIX_SCOPE, "")
+        location = f"{prefix}/v2/models/{name}/requests/{request_id}"
+        headers = {"kubeonnx-request-status": record.status}
+        if record.status == "done":
+            if record.header_length is not None:
+                headers[HEADER_LENGTH] = str(record.header_length)
+            return Response(record.result, 200, headers, media_type=record.content_type)
+        if record.status == "pending":
+            headers["retry-after"] = "1"
+            return _json(status_document(record, location), 202, headers)
+        return _json(status_document(record, location), record.code, headers)
 
     app.add_api_route(
         "/v2/models/{name}/infer",
         infer,
         methods=["POST"],
         summary="Inference",
+        openapi_extra=_INFER_DOC,
+    )
+    app.add_api_route(
+        "/v2/models/{name}/async-infer",
+        infer,
+        methods=["POST"],
+        summary="Asynchronous inference: 202 and the request's Location (spec.async)",
         openapi_extra=_INFER_DOC,
     )
     app.add_api_route(

@@ -30,13 +30,18 @@ class ServedModel(Protocol):
 
 
 class DataPlane:
-    def __init__(self, model: ServedModel, batcher: Batcher, *, name: str, version: str) -> None:
+    """The model's data plane; without a model (`kubeonnx serve --role gateway`) it checks
+    requests as far as the protocol goes and runs none."""
+
+    def __init__(
+        self, model: ServedModel | None, batcher: Batcher | None, *, name: str, version: str
+    ) -> None:
         self.model = model
         self.batcher = batcher
         self.name = name
         self.version = version
         self.draining = False
-        self._inputs = {t.name: t for t in model.inputs}
+        self._inputs = {t.name: t for t in model.inputs} if model is not None else None
 
     def live(self) -> bool:
         return True
@@ -63,13 +68,15 @@ class DataPlane:
 
     def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
         self.check_model(name, version)
-        return {
+        metadata: dict[str, Any] = {
             "name": self.name,
             "versions": [self.version],
             "platform": "onnxruntime_onnx",
-            "inputs": [t.metadata() for t in self.model.inputs],
-            "outputs": [t.metadata() for t in self.model.outputs],
         }
+        if self.model is not None:
+            metadata["inputs"] = [t.metadata() for t in self.model.inputs]
+            metadata["outputs"] = [t.metadata() for t in self.model.outputs]
+        return metadata
 
     def model_ready(self, name: str, version: str | None = None) -> bool:
         self.check_model(name, version)
@@ -79,9 +86,14 @@ class DataPlane:
         """Decode a request body, checking it against the model before reading tensor data;
         the caller has checked the model's name (`check_model`) before reading the body."""
         request = decode_request(body, header_length, self._inputs)
-        if request.outputs is not None:
+        if request.outputs is not None and self.model is not None:
             self.model.check_outputs([o.name for o in request.outputs])
         return request
 
     async def infer(self, request: InferRequest) -> dict[str, np.ndarray]:
+        if self.batcher is None:
+            raise ModelNotFound(
+                f"this is the asynchronous gateway of model '{self.name}': it runs no model; "
+                f"submit with POST /v2/models/{self.name}/async-infer"
+            )
         return await self.batcher.infer(request.inputs)

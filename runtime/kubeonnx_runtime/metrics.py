@@ -94,3 +94,24 @@ class RuntimeMetrics:
             ["model"],
             registry=registry,
         )
+        self.async_submitted = Counter(
+            "kubeonnx_async_submitted",
+            "Asynchronous requests queued (202 answered).",
+            ["model"],
+            registry=registry,
+        )
+        self.async_outcomes = Counter(
+            "kubeonnx_async_outcomes",
+            "Asynchronous requests processed by this replica, by outcome: done, failed (the "
+            "request itself was refused), dead_lettered (after maxAttempts), retry (left "
+            "pending for another attempt).",
+            ["model", "outcome"],
+            registry=registry,
+        )
+        self.async_queue_length = Gauge(
+            "kubeonnx_async_queue_length",
+            "Entries in the asynchronous request stream (queued or being processed), as last "
+            "seen by this replica.",
+            ["model"],
+            registry=registry,
+        )

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, disable_created_metrics
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .app import create_app
+from .asyncinfer import AsyncKeys, AsyncStore, AsyncWorker
 from .batching import Batcher
 from .dataplane import DataPlane
 from .errors import FatalStartupError, write_termination_message
@@ -246,6 +247,26 @@ def make_ledger(
     return ledger
 
 
+def async_client(settings: ServeSettings) -> Any:
+    """The Redis client of the asynchronous queue (it connects on first use)."""
+    import redis.asyncio as aioredis
+
+    assert settings.async_redis_url is not None
+    password = settings.async_redis_password
+    return aioredis.Redis.from_url(
+        settings.async_redis_url,
+        password=password.get_secret_value() if password else None,
+        socket_connect_timeout=2.0,
+        # Above XREADGROUP's 1 s block: a read that waits for entries is not a dead socket.
+        socket_timeout=10.0,
+        health_check_interval=15,
+    )
+
+
+def async_keys(settings: ServeSettings) -> AsyncKeys:
+    return AsyncKeys(settings.async_prefix or f"kubeonnx:{{{settings.model_name}}}")
+
+
 def load(settings: ServeSettings, metrics: RuntimeMetrics) -> OnnxModel:
     label = settings.model_name
     fetched = fetch_model(
@@ -286,11 +307,19 @@ def serve(settings: ServeSettings) -> int:
     configure_logging(settings.log_level)
     disable_created_metrics()
     metrics = RuntimeMetrics(CollectorRegistry())
+    model: OnnxModel | None = None
     try:
         sock = listen(settings.host, settings.port)
         quota = make_quota(settings, metrics)
         ledger = make_ledger(settings, quota, metrics)
-        model = load(settings, metrics)
+        if settings.role == "gateway":
+            if settings.async_redis_url is None:
+                raise FatalStartupError(
+                    "role gateway takes asynchronous requests only, and no queue is set "
+                    "(KUBEONNX_ASYNC_REDIS_URL)"
+                )
+        else:
+            model = load(settings, metrics)
     except FatalStartupError as exc:
         log.error("fatal: %s", exc)
         write_termination_message(settings.termination_log, str(exc))
@@ -303,19 +332,69 @@ def serve(settings: ServeSettings) -> int:
         return 1
 
     label = settings.model_name
-    batch_sizes = metrics.batch_size.labels(label)
-    queue_depth = metrics.queue_depth.labels(label)
-    batcher = Batcher(
-        model.run,
-        max_batch_size=settings.max_batch_size,
-        max_delay_s=settings.max_batch_delay_ms / 1000,
-        max_queue=settings.max_queue,
-        batchable=model.batchable,
-        on_batch=batch_sizes.observe,
-        on_queue_depth=queue_depth.set,
-    )
+    batcher: Batcher | None = None
+    if model is not None:
+        batch_sizes = metrics.batch_size.labels(label)
+        queue_depth = metrics.queue_depth.labels(label)
+        batcher = Batcher(
+            model.run,
+            max_batch_size=settings.max_batch_size,
+            max_delay_s=settings.max_batch_delay_ms / 1000,
+            max_queue=settings.max_queue,
+            batchable=model.batchable,
+            on_batch=batch_sizes.observe,
+            on_queue_depth=queue_depth.set,
+        )
     dataplane = DataPlane(model, batcher, name=settings.model_name, version=settings.model_version)
     tasks: list[asyncio.Task[None]] = []
+    consuming: list[asyncio.Task[None]] = []
+    jobs: AsyncStore | None = None
+    worker: AsyncWorker | None = None
+    if settings.async_redis_url is not None:
+        client = async_client(settings)
+        keys = async_keys(settings)
+        jobs = AsyncStore(
+            client,
+            keys,
+            max_queued=settings.async_max_queued,
+            callback_hosts=[
+                h.strip() for h in settings.async_callback_hosts.split(",") if h.strip()
+            ],
+        )
+        if batcher is not None:
+            outcomes: dict[str, Any] = {}
+
+            def count_outcome(outcome: str) -> None:
+                child = outcomes.get(outcome)
+                if child is None:
+                    child = outcomes[outcome] = metrics.async_outcomes.labels(label, outcome)
+                child.inc()
+
+            # Enough requests in flight for full batches, never more than the batcher queues.
+            concurrency = settings.async_concurrency or max(4, 2 * batcher.max_batch_size)
+            worker = AsyncWorker(
+                client,
+                keys,
+                decode=dataplane.decode,
+                infer=dataplane.infer,
+                model_name=settings.model_name,
+                model_version=settings.model_version,
+                max_attempts=settings.async_max_attempts,
+                result_ttl_s=settings.async_result_ttl_s,
+                claim_after_s=settings.async_claim_after_s,
+                concurrency=min(concurrency, max(1, settings.max_queue // 2)),
+                on_outcome=count_outcome,
+                on_queue_length=metrics.async_queue_length.labels(label).set,
+            )
+        log.info(
+            "asynchronous queue",
+            extra={
+                "stream": keys.stream,
+                "role": "consume and submit" if worker else "submit only",
+                "max_attempts": settings.async_max_attempts,
+                "claim_after_s": settings.async_claim_after_s,
+            },
+        )
 
     async def follow_quota() -> None:
         if quota is not None and settings.quota_config is not None:
@@ -324,8 +403,13 @@ def serve(settings: ServeSettings) -> int:
             )
         if ledger is not None:
             tasks.append(asyncio.create_task(ledger.run()))
+        if worker is not None:
+            consuming.append(asyncio.create_task(worker.run(), name="async-worker"))
 
     async def stop_tasks() -> None:
+        if worker is not None:
+            worker.stop()  # requests in flight are answered; the rest stay queued
+            await asyncio.gather(*consuming, return_exceptions=True)
         for task in tasks:
             task.cancel()
         if ledger is not None:
@@ -340,6 +424,7 @@ def serve(settings: ServeSettings) -> int:
         max_body=settings.max_request_bytes,
         quota=quota,
         ledger=ledger,
+        jobs=jobs,
     )
     config = uvicorn.Config(
         app,

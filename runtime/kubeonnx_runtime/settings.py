@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -57,6 +57,42 @@ class ServeSettings(BaseSettings):
     )
     max_connections: int = Field(
         2048, ge=1, description="open connections beyond which requests are answered 503"
+    )
+    role: Literal["server", "gateway"] = Field(
+        "server",
+        description="server: load the model and serve it (and consume the asynchronous queue, "
+        "if any); gateway: no model, only take asynchronous requests and answer their status",
+    )
+    async_redis_url: str | None = Field(
+        None, description="Redis holding the asynchronous request stream; unset: no async"
+    )
+    async_redis_password: SecretStr | None = Field(None, description="password of that Redis")
+    async_prefix: str | None = Field(
+        None,
+        description="prefix of the stream and record keys; default kubeonnx:{MODEL_NAME}",
+    )
+    async_max_attempts: int = Field(
+        3, ge=1, le=100, description="deliveries of a request before it is dead-lettered"
+    )
+    async_result_ttl_s: int = Field(
+        3600, ge=1, description="seconds a result is kept after it is written"
+    )
+    async_claim_after_s: float = Field(
+        30.0,
+        gt=0,
+        description="seconds a request may stay unacknowledged before another replica takes "
+        "it over; longer than the slowest request takes",
+    )
+    async_max_queued: int = Field(
+        100000, ge=1, description="queued asynchronous requests beyond which 503 is answered"
+    )
+    async_concurrency: int = Field(
+        0, ge=0, description="asynchronous requests processed at once; 0 = twice the batch size"
+    )
+    async_callback_hosts: str = Field(
+        "",
+        description="comma-separated hosts that callbacks may call (*.example.com for a "
+        "domain); empty: callbacks are refused",
     )
     quota_config: Path | None = Field(None, description="mounted quota configuration file")
     quota_reload_s: float = Field(

@@ -1,0 +1,476 @@
+"""Asynchronous inference through a Redis Stream: submission, results with a TTL, and the
+worker that consumes the stream with the model's own batcher.
+
+Delivery is at least once and results are written once. A request is an entry of the stream
+`<prefix>:requests`, read by the consumer group `kubeonnx`; its record (status, attempts,
+result) is the hash `<prefix>:request:<id>`. A worker writes the result only if none is
+written yet (one Lua script), calls the callback, and only then acknowledges and deletes the
+entry: a worker killed at any point leaves the entry pending, and another worker claims it
+(XAUTOCLAIM) once it has been idle for `claim_after_s`. An entry delivered more than
+`max_attempts` times goes to the dead-letter stream `<prefix>:dead` and its record says why.
+Every key shares the hash tag in the prefix, so the scripts run on Redis Cluster too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from .codec import InferRequest, encode_response
+from .errors import InvalidRequest, RuntimeServeError, ServerBusy
+
+log = logging.getLogger(__name__)
+
+GROUP = "kubeonnx"
+# A record waits this long for its request to be processed before it expires; a result is
+# kept for the model's resultTTL from the moment it is written.
+PENDING_TTL_S = 7 * 86400
+CALLBACK_TIMEOUT_S = 5.0
+CALLBACK_TRIES = 3
+
+# KEYS: stream, record. ARGV: max queued, pending TTL, id, body, header length, callback,
+# tenant, submitted at. Refuses (0) when the stream holds max queued entries already. The
+# group is made with the stream: its lag (what KEDA scales on) counts from the first entry,
+# before any replica has run.
+_SUBMIT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('XGROUP', 'CREATE', KEYS[1], 'kubeonnx', '0', 'MKSTREAM')
+elseif redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then
+  return 0
+end
+redis.call('HSET', KEYS[2], 'status', 'pending', 'attempts', 0, 'submitted', ARGV[8],
+           'tenant', ARGV[7])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+redis.call('XADD', KEYS[1], '*', 'id', ARGV[3], 'body', ARGV[4], 'hl', ARGV[5],
+           'callback', ARGV[6], 'tenant', ARGV[7])
+return 1
+"""
+
+# KEYS: record, completed counter, dead-letter stream. ARGV: status, HTTP code, content type,
+# result or error, header length, completed at, TTL, tenant, then, to dead-letter the request
+# ("" otherwise): attempts, callback, the request's header length and body.
+# Writes only the first outcome of a request: a redelivered one changes nothing (0).
+_COMPLETE = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'done' or status == 'failed' then return 0 end
+redis.call('HSET', KEYS[1], 'status', ARGV[1], 'code', ARGV[2], 'content_type', ARGV[3],
+           'result', ARGV[4], 'hl', ARGV[5], 'completed', ARGV[6], 'tenant', ARGV[8])
+redis.call('EXPIRE', KEYS[1], ARGV[7])
+redis.call('INCR', KEYS[2])
+if ARGV[9] ~= '' then
+  redis.call('XADD', KEYS[3], '*', 'id', string.match(KEYS[1], '[^:]+$'), 'reason', ARGV[4],
+             'attempts', ARGV[9], 'tenant', ARGV[8], 'callback', ARGV[10], 'hl', ARGV[11],
+             'body', ARGV[12])
+end
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class AsyncKeys:
+    prefix: str  # e.g. "kubeonnx:{vision/resnet50}": the braces are the Redis Cluster hash tag
+
+    @property
+    def stream(self) -> str:
+        return f"{self.prefix}:requests"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.prefix}:dead"
+
+    @property
+    def completed(self) -> str:
+        return f"{self.prefix}:completed"
+
+    def record(self, request_id: str) -> str:
+        return f"{self.prefix}:request:{request_id}"
+
+
+class QueueFull(ServerBusy):
+    """The stream holds as many requests as the model accepts (HTTP 503)."""
+
+
+class RequestNotFound(RuntimeServeError):
+    """No such request: never submitted, or its result has expired (HTTP 404)."""
+
+
+def check_callback(url: str, allowed_hosts: list[str]) -> None:
+    """Refuse a callback URL the model may not call: anything but http(s) to a listed host
+    (a callback is a request made from inside the cluster, so an open one would let any
+    client reach internal services)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidRequest(f"callback URL {url!r} must be an http or https URL with a host")
+    if not allowed_hosts:
+        raise InvalidRequest(
+            "this model calls no callbacks: its spec.async.callbackHosts lists none"
+        )
+    host = parts.hostname.lower()
+    for pattern in allowed_hosts:
+        pattern = pattern.lower()
+        if host == pattern or (pattern.startswith("*.") and host.endswith(pattern[1:])):
+            return
+    raise InvalidRequest(
+        f"callback host {host!r} is not allowed; spec.async.callbackHosts allows "
+        + ", ".join(allowed_hosts)
+    )
+
+
+@dataclass
+class Record:
+    """What GET /v2/models/{name}/requests/{id} answers, read from the request's hash."""
+
+    id: str
+    status: str
+    attempts: int
+    tenant: str
+    submitted: float | None
+    completed: float | None
+    code: int
+    content_type: str
+    result: bytes
+    header_length: int | None
+
+    @classmethod
+    def from_hash(cls, request_id: str, raw: Mapping[bytes, bytes]) -> Record:
+        def text(key: str, default: str = "") -> str:
+            value = raw.get(key.encode())
+            return value.decode() if value is not None else default
+
+        hl = text("hl")
+        return cls(
+            id=request_id,
+            status=text("status", "pending"),
+            attempts=int(text("attempts", "0") or 0),
+            tenant=text("tenant"),
+            submitted=float(text("submitted")) if text("submitted") else None,
+            completed=float(text("completed")) if text("completed") else None,
+            code=int(text("code", "200") or 200),
+            content_type=text("content_type", "application/json"),
+            result=raw.get(b"result", b""),
+            header_length=int(hl) if hl else None,
+        )
+
+
+class AsyncStore:
+    """Submission and lookup: what both the gateway and the model's replicas do."""
+
+    def __init__(
+        self,
+        client: Any,
+        keys: AsyncKeys,
+        *,
+        max_queued: int,
+        callback_hosts: list[str],
+        on_submitted: Callable[[], None] | None = None,
+    ) -> None:
+        self.client = client
+        self.keys = keys
+        self.max_queued = max_queued
+        self.callback_hosts = callback_hosts
+        self._on_submitted = on_submitted or (lambda: None)
+        self._submit = client.register_script(_SUBMIT)
+
+    async def submit(
+        self, body: bytes, header_length: int | None, *, tenant: str, callback: str | None
+    ) -> str:
+        """Queue a request whose body is already checked; return its id. The id is random
+        (122 bits): knowing it is what lets a client read the result."""
+        if callback:
+            check_callback(callback, self.callback_hosts)
+        request_id = uuid.uuid4().hex
+        queued = await self._submit(
+            keys=[self.keys.stream, self.keys.record(request_id)],
+            args=[
+                self.max_queued,
+                PENDING_TTL_S,
+                request_id,
+                body,
+                "" if header_length is None else header_length,
+                callback or "",
+                tenant,
+                f"{time.time():.3f}",
+            ],
+        )
+        if not queued:
+            raise QueueFull(
+                f"the asynchronous queue is full ({self.max_queued} requests); retry later"
+            )
+        self._on_submitted()
+        return request_id
+
+    async def lookup(self, request_id: str, tenant: str | None) -> Record:
+        """The request's record. With quotas, `tenant` is the caller's: another tenant's
+        request is answered as not found, as if it did not exist."""
+        if not request_id.isalnum() or len(request_id) > 64:
+            raise RequestNotFound(f"no request {request_id!r}")
+        raw = await self.client.hgetall(self.keys.record(request_id))
+        if not raw:
+            raise RequestNotFound(
+                f"no request {request_id!r}: never submitted, or its result has expired"
+            )
+        record = Record.from_hash(request_id, raw)
+        if tenant is not None and record.tenant and record.tenant != tenant:
+            raise RequestNotFound(
+                f"no request {request_id!r}: never submitted, or its result has expired"
+            )
+        return record
+
+    async def queued(self) -> int:
+        return int(await self.client.xlen(self.keys.stream))
+
+
+def status_document(record: Record, location: str) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "id": record.id,
+        "status": record.status,
+        "attempts": record.attempts,
+        "location": location,
+    }
+    if record.status == "failed":
+        doc["error"] = record.result.decode(errors="replace")
+    return doc
+
+
+# What the worker reports: outcome ("done", "failed", "dead_lettered", "retry") per request.
+Outcome = Callable[[str], None]
+
+
+class Transient(Exception):
+    """The request may succeed on another attempt (the server, not the request, failed)."""
+
+
+class AsyncWorker:
+    """Consumes the stream: new entries, and entries other consumers left pending."""
+
+    def __init__(
+        self,
+        client: Any,
+        keys: AsyncKeys,
+        *,
+        decode: Callable[[bytes, int | None], InferRequest],
+        infer: Callable[[InferRequest], Awaitable[dict[str, Any]]],
+        model_name: str,
+        model_version: str,
+        max_attempts: int,
+        result_ttl_s: int,
+        claim_after_s: float,
+        concurrency: int,
+        consumer: str | None = None,
+        on_outcome: Outcome | None = None,
+        on_queue_length: Callable[[int], None] | None = None,
+    ) -> None:
+        self.client = client
+        self.keys = keys
+        self._decode = decode
+        self._infer = infer
+        self.model_name = model_name
+        self.model_version = model_version
+        self.max_attempts = max_attempts
+        self.result_ttl_s = result_ttl_s
+        self.claim_after_ms = max(1, int(claim_after_s * 1000))
+        self.concurrency = concurrency
+        # Unique per process: a restarted pod must not inherit a dead one's pending entries
+        # by name (they are reclaimed by idle time, like any other consumer's).
+        self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
+        self._on_outcome = on_outcome or (lambda outcome: None)
+        self._on_queue_length = on_queue_length or (lambda n: None)
+        self._complete = client.register_script(_COMPLETE)
+        self._stopping = asyncio.Event()
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._http: Any = None
+
+    def stop(self) -> None:
+        """Take no new entries; `run` returns once those in flight are answered."""
+        self._stopping.set()
+
+    async def _ensure_group(self) -> None:
+        import redis.exceptions
+
+        try:
+            await self.client.xgroup_create(self.keys.stream, GROUP, id="0", mkstream=True)
+        except redis.exceptions.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def run(self) -> None:
+        next_claim = 0.0
+        failures = 1  # the group is made (if missing) before the first read
+        while not self._stopping.is_set():
+            free = self.concurrency - len(self._inflight)
+            if free <= 0:
+                await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
+                continue
+            try:
+                if failures:
+                    await self._ensure_group()
+                entries: list[tuple[str, dict[bytes, bytes], int]] = []
+                now = time.monotonic()
+                if now >= next_claim:
+                    entries = await self._claim(free)
+                    next_claim = now + max(0.5, self.claim_after_ms / 2000)
+                if not entries:
+                    entries = await self._read(free)
+                failures = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis down or restarted: keep trying, gently
+                failures += 1
+                log.warning("async queue unreachable (%s); retrying", exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), min(5.0, 0.2 * 2**failures))
+                continue
+            for entry_id, fields, delivered in entries:
+                task = asyncio.create_task(self._handle(entry_id, fields, delivered))
+                self._inflight.add(task)
+                task.add_done_callback(self._inflight.discard)
+        if self._inflight:
+            await asyncio.wait(self._inflight)
+        if self._http is not None:
+            await self._http.aclose()
+
+    async def _read(self, count: int) -> list[tuple[str, dict[bytes, bytes], int]]:
+        # Block for at most a second, so a stop is noticed and reclaiming happens.
+        reply = await self.client.xreadgroup(
+            GROUP, self.consumer, {self.keys.stream: ">"}, count=count, block=1000
+        )
+        entries = []
+        for _stream, items in reply or []:
+            for entry_id, fields in items:
+                entries.append((_text(entry_id), fields, 1))
+        return entries
+
+    async def _claim(self, count: int) -> list[tuple[str, dict[bytes, bytes], int]]:
+        """Entries other consumers were given and have not acknowledged for claim_after:
+        their consumer died or hangs. XAUTOCLAIM hands them over (and counts the delivery)."""
+        self._on_queue_length(int(await self.client.xlen(self.keys.stream)))
+        reply = await self.client.xautoclaim(
+            self.keys.stream, GROUP, self.consumer, self.claim_after_ms, "0-0", count=count
+        )
+        claimed = [(_text(i), f) for i, f in reply[1] if f]
+        if not claimed:
+            return []
+        async with self.client.pipeline(transaction=False) as pipe:
+            for entry_id, _ in claimed:
+                pipe.xpending_range(self.keys.stream, GROUP, entry_id, entry_id, 1)
+            pending = await pipe.execute()
+        entries = []
+        for (entry_id, fields), info in zip(claimed, pending, strict=True):
+            delivered = int(info[0]["times_delivered"]) if info else self.max_attempts + 1
+            entries.append((entry_id, fields, delivered))
+        log.info("reclaimed %d pending requests", len(entries))
+        return entries
+
+    async def _handle(self, entry_id: str, fields: dict[bytes, bytes], delivered: int) -> None:
+        request_id = _text(fields.get(b"id", b""))
+        tenant = _text(fields.get(b"tenant", b""))
+        callback = _text(fields.get(b"callback", b""))
+        record = self.keys.record(request_id)
+        try:
+            if delivered > self.max_attempts:
+                last = await self.client.hget(record, "last_error")
+                reason = f"gave up after {self.max_attempts} attempts: " + (
+                    _text(last)
+                    if last
+                    else "the replica processing it stopped (killed or restarted) each time"
+                )
+                dead = [delivered - 1, callback, fields.get(b"hl", b""), fields.get(b"body", b"")]
+                await self._finish(request_id, "failed", 500, reason.encode(), None, tenant, dead)
+                self._on_outcome("dead_lettered")
+                log.warning("request %s dead-lettered: %s", request_id, reason)
+            else:
+                await self.client.hset(record, "attempts", delivered)
+                status, code, payload, hl = await self._run(fields)
+                await self._finish(request_id, status, code, payload, hl, tenant, None)
+                self._on_outcome(status)
+            if callback:
+                await self._call_back(callback, request_id)
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.xack(self.keys.stream, GROUP, entry_id)
+                pipe.xdel(self.keys.stream, entry_id)
+                await pipe.execute()
+        except Transient as exc:
+            # Left pending: another attempt comes when it has been idle for claim_after.
+            self._on_outcome("retry")
+            log.warning("request %s attempt %d failed: %s", request_id, delivered, exc)
+            with contextlib.suppress(Exception):
+                await self.client.hset(record, "last_error", str(exc)[:1000])
+        except Exception:
+            self._on_outcome("retry")
+            log.exception(
+                "request %s: the queue could not be updated; it stays pending", request_id
+            )
+
+    async def _run(self, fields: dict[bytes, bytes]) -> tuple[str, int, bytes, int | None]:
+        """(status, HTTP code, payload, binary header length) of one request."""
+        hl = _text(fields.get(b"hl", b""))
+        try:
+            request = self._decode(fields.get(b"body", b""), int(hl) if hl else None)
+            outputs = await self._infer(request)
+            payload, out_hl = encode_response(self.model_name, self.model_version, request, outputs)
+            return "done", 200, payload, out_hl
+        except InvalidRequest as exc:  # the same request would fail again: it is the answer
+            return "failed", 400, str(exc).encode(), None
+        except ServerBusy as exc:
+            raise Transient(str(exc)) from None
+        except Exception as exc:
+            raise Transient(f"{type(exc).__name__}: {exc}") from None
+
+    async def _finish(
+        self,
+        request_id: str,
+        status: str,
+        code: int,
+        payload: bytes,
+        header_length: int | None,
+        tenant: str,
+        dead: list[Any] | None,
+    ) -> None:
+        ctype = "application/octet-stream" if header_length is not None else "application/json"
+        await self._complete(
+            keys=[self.keys.record(request_id), self.keys.completed, self.keys.dead],
+            args=[
+                status,
+                code,
+                ctype,
+                payload,
+                "" if header_length is None else header_length,
+                f"{time.time():.3f}",
+                self.result_ttl_s,
+                tenant,
+                *(dead or [""]),
+            ],
+        )
+
+    async def _call_back(self, url: str, request_id: str) -> None:
+        """POST the request's id and status to its callback URL, at least once (a worker
+        killed after the result but before the acknowledgement calls again)."""
+        import httpx
+
+        if self._http is None:
+            self._http = httpx.AsyncClient(timeout=CALLBACK_TIMEOUT_S, follow_redirects=False)
+        raw = await self.client.hgetall(self.keys.record(request_id))
+        record = Record.from_hash(request_id, raw)
+        body = {"id": request_id, "model": self.model_name, "status": record.status}
+        for attempt in range(CALLBACK_TRIES):
+            try:
+                response = await self._http.post(url, json=body)
+                if response.status_code < 500:
+                    return
+            except httpx.HTTPError as exc:
+                log.info("callback for %s failed: %s", request_id, exc)
+            await asyncio.sleep(0.5 * 2**attempt)
+        log.warning("callback for %s not delivered after %d tries", request_id, CALLBACK_TRIES)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

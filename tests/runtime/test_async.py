@@ -1,0 +1,403 @@
+"""Asynchronous inference with a real redis-server: submission while no consumer runs, two
+replicas draining the queue while one is SIGKILLed, dead letters, quotas and callbacks."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+from kubeonnx_runtime.app import prefers_async
+from kubeonnx_runtime.asyncinfer import GROUP, AsyncKeys, check_callback
+from kubeonnx_runtime.errors import InvalidRequest
+from kubeonnx_runtime.quota import key_hash
+
+from e2e.redis_server import LocalRedis
+from tests.runtime.conftest import Served
+
+PREFIX = "kubeonnx:{tests/mlp}"
+KEYS = AsyncKeys(PREFIX)
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    server = LocalRedis().start()
+    yield server.url
+    server.stop()
+
+
+def async_env(url: str, **extra: str) -> dict[str, str]:
+    return {
+        "KUBEONNX_ASYNC_REDIS_URL": url,
+        "KUBEONNX_ASYNC_PREFIX": PREFIX,
+        "KUBEONNX_ASYNC_CLAIM_AFTER_S": "2",
+        **extra,
+    }
+
+
+def start(  # type: ignore[no-untyped-def]
+    serve, models: dict[str, Path], url: str, *args: str, wait_ready: bool = True, **extra: str
+) -> Served:
+    return serve(
+        "--model-uri",
+        f"file://{models['mlp']}",
+        "--model-name",
+        "mlp",
+        "--max-batch-size",
+        "16",
+        *args,
+        env=async_env(url, **extra),
+        wait_ready=wait_ready,
+    )
+
+
+def body(values: list[float]) -> dict:  # type: ignore[type-arg]
+    return {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": values}]}
+
+
+def wait_done(http: httpx.Client, location: str, timeout: float = 30) -> httpx.Response:
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = http.get(location)
+        if answer.status_code != 202:
+            return answer
+        assert time.monotonic() < deadline, f"{location} still pending: {answer.text}"
+        time.sleep(0.1)
+
+
+def redis_client(url: str):  # type: ignore[no-untyped-def]
+    import redis
+
+    return redis.Redis.from_url(url)
+
+
+def test_prefer_respond_async_answers_202_then_the_same_answer_as_sync(
+    serve, models: dict[str, Path], redis_url: str
+) -> None:
+    served = start(serve, models, redis_url)
+    with httpx.Client(base_url=served.url, timeout=10) as http:
+        sync = http.post("/v2/models/mlp/infer", json=body([1, 2, 3, 4]))
+        queued = http.post(
+            "/v2/models/mlp/infer", json=body([1, 2, 3, 4]), headers={"Prefer": "respond-async"}
+        )
+        assert queued.status_code == 202, queued.text
+        assert queued.headers["preference-applied"] == "respond-async"
+        location = queued.headers["location"]
+        assert location == f"/v2/models/mlp/requests/{queued.json()['id']}"
+        done = wait_done(http, location)
+        assert done.status_code == 200
+        assert done.headers["kubeonnx-request-status"] == "done"
+        assert done.json()["outputs"] == sync.json()["outputs"]
+
+        # The explicit endpoint, and a request the model refuses once it runs: the status says
+        # why, with the code the synchronous call would have had.
+        queued = http.post("/v2/models/mlp/async-infer", json=body([1, 2, 3, 4]))
+        assert queued.status_code == 202
+        assert wait_done(http, queued.headers["location"]).status_code == 200
+
+        refused = http.post(
+            "/v2/models/mlp/async-infer",
+            json={"inputs": [{"name": "nope", "shape": [1], "datatype": "FP32", "data": [1]}]},
+        )
+        assert refused.status_code == 400  # a replica checks against the model at once
+        assert "unknown input 'nope'" in refused.json()["error"]
+
+        missing = http.get("/v2/models/mlp/requests/0123456789abcdef")
+        assert missing.status_code == 404
+        assert "never submitted, or its result has expired" in missing.json()["error"]
+
+
+def test_a_model_without_async_ignores_prefer_and_has_no_async_endpoint(
+    serve, models: dict[str, Path]
+) -> None:
+    served = serve("--model-uri", f"file://{models['mlp']}", "--model-name", "mlp")
+    with httpx.Client(base_url=served.url, timeout=10) as http:
+        answer = http.post(
+            "/v2/models/mlp/infer", json=body([1, 2, 3, 4]), headers={"Prefer": "respond-async"}
+        )
+        assert answer.status_code == 200  # RFC 7240: a preference may be ignored
+        refused = http.post("/v2/models/mlp/async-infer", json=body([1, 2, 3, 4]))
+        assert refused.status_code == 404
+        assert "spec.async is not enabled" in refused.json()["error"]
+
+
+def expected_outputs(model: Path, inputs: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    return session.run(["output"], {"input": inputs})[0]
+
+
+def consumers(client) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    """Each consumer's count of requests held (delivered, not acknowledged)."""
+    return {
+        c["name"].decode(): c["pending"]
+        for c in client.xinfo_consumers(KEYS.stream, GROUP)
+        if isinstance(c["name"], bytes)
+    }
+
+
+def test_a_thousand_requests_queued_with_no_consumer_are_answered_once_despite_a_sigkill(
+    serve, models: dict[str, Path], redis_url: str
+) -> None:
+    rng = np.random.default_rng(7)
+    inputs = rng.standard_normal((1000, 4)).astype(np.float32)
+    expected = expected_outputs(models["mlp"], inputs)
+
+    # Only the gateway runs: it takes requests and runs no model.
+    gateway = serve(
+        "--role",
+        "gateway",
+        "--model-name",
+        "mlp",
+        "--model-uri",
+        "file:///none",
+        env=async_env(redis_url),
+    )
+    ids: dict[str, int] = {}
+    with httpx.Client(base_url=gateway.url, timeout=10) as http:
+
+        def submit(i: int) -> tuple[str, int]:
+            answer = http.post("/v2/models/mlp/async-infer", json=body(inputs[i].tolist()))
+            assert answer.status_code == 202, answer.text
+            return answer.json()["id"], i
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            ids = dict(pool.map(submit, range(1000)))
+    assert len(ids) == 1000
+    client = redis_client(redis_url)
+    assert client.xlen(KEYS.stream) == 1000
+    assert client.get(KEYS.completed) is None  # nothing ran: no consumer yet
+
+    # Two replicas drain the queue; the first seen holding requests is killed at once.
+    replicas = [start(serve, models, redis_url, wait_ready=False) for _ in range(2)]
+    deadline = time.monotonic() + 60
+    while True:
+        held = {name: n for name, n in consumers(client).items() if n}
+        if held:
+            break
+        assert time.monotonic() < deadline, "no replica ever held a request"
+        time.sleep(0.002)
+    victim_name, held_at_kill = next(iter(held.items()))
+    victim = next(r for r in replicas if f"-{r.proc.pid}-" in victim_name)
+    victim.stop(signal.SIGKILL)
+    assert int(client.get(KEYS.completed) or 0) < 1000  # killed mid-run
+    second = next(r for r in replicas if r is not victim)
+    assert second.proc.poll() is None
+
+    deadline = time.monotonic() + 120
+    while int(client.get(KEYS.completed) or 0) < 1000:
+        assert time.monotonic() < deadline, f"completed {client.get(KEYS.completed)} of 1000"
+        time.sleep(0.2)
+    time.sleep(3)  # past claim_after: a duplicate run, were there one, would have finished
+
+    assert int(client.get(KEYS.completed)) == 1000  # each result written exactly once
+    assert client.xlen(KEYS.stream) == 0  # every entry acknowledged and deleted
+    assert client.xlen(KEYS.dead) == 0
+    assert client.xpending(KEYS.stream, GROUP)["pending"] == 0
+    assert held_at_kill > 0  # what it held was reclaimed and answered by the other
+    with httpx.Client(base_url=second.url, timeout=10) as http:
+        for request_id, i in ids.items():
+            answer = http.get(f"/v2/models/mlp/requests/{request_id}")
+            assert answer.status_code == 200, answer.text
+            got = np.array(answer.json()["outputs"][0]["data"], dtype=np.float32)
+            np.testing.assert_allclose(got, expected[i], rtol=1e-5, atol=1e-6)
+    metrics = httpx.get(f"{second.url}/metrics").text
+    assert 'kubeonnx_async_outcomes_total{model="mlp",outcome="done"}' in metrics
+
+
+def test_a_request_delivered_max_attempts_times_goes_to_the_dead_letter_stream(
+    serve, models: dict[str, Path], redis_url: str
+) -> None:
+    gateway = serve(
+        "--role",
+        "gateway",
+        "--model-name",
+        "mlp",
+        "--model-uri",
+        "file:///none",
+        env=async_env(redis_url),
+    )
+    with httpx.Client(base_url=gateway.url, timeout=10) as http:
+        queued = http.post("/v2/models/mlp/async-infer", json=body([1, 2, 3, 4]))
+        assert queued.status_code == 202
+        location = queued.headers["location"]
+        request_id = queued.json()["id"]
+    # Three replicas took it in turn and died holding it: three deliveries, never acknowledged.
+    client = redis_client(redis_url)
+    entry = client.xreadgroup(GROUP, "crashed-0", {KEYS.stream: ">"}, count=1)[0][1][0][0]
+    for n in (1, 2):
+        client.xclaim(KEYS.stream, GROUP, f"crashed-{n}", 0, [entry])
+
+    served = start(serve, models, redis_url, KUBEONNX_ASYNC_MAX_ATTEMPTS="3")
+    with httpx.Client(base_url=served.url, timeout=10) as http:
+        answer = wait_done(http, location)
+    assert answer.status_code == 500
+    assert answer.headers["kubeonnx-request-status"] == "failed"
+    error = answer.json()["error"]
+    assert error.startswith("gave up after 3 attempts"), error
+    assert "killed or restarted" in error
+    dead = client.xrange(KEYS.dead)
+    assert len(dead) == 1
+    fields = dead[0][1]
+    assert fields[b"id"].decode() == request_id
+    assert json.loads(fields[b"body"]) == body([1, 2, 3, 4])  # kept whole, to be replayed
+    assert client.xlen(KEYS.stream) == 0
+
+
+def test_the_gateway_checks_the_protocol_and_a_replica_the_model(
+    serve, models: dict[str, Path], redis_url: str
+) -> None:
+    gateway = serve(
+        "--role",
+        "gateway",
+        "--model-name",
+        "mlp",
+        "--model-uri",
+        "file:///none",
+        env=async_env(redis_url, KUBEONNX_ASYNC_MAX_QUEUED="2"),
+    )
+    with httpx.Client(base_url=gateway.url, timeout=10) as http:
+        bad = http.post("/v2/models/mlp/async-infer", content=b"{not json")
+        assert bad.status_code == 400
+        assert "not valid JSON" in bad.json()["error"]
+        sync = http.post("/v2/models/mlp/infer", json=body([1, 2, 3, 4]))
+        assert sync.status_code == 404
+        assert "asynchronous gateway" in sync.json()["error"]
+        # The gateway has no model to check input names against: a replica does, and the
+        # request's status says what it refused.
+        wrong = http.post(
+            "/v2/models/mlp/async-infer",
+            json={"inputs": [{"name": "nope", "shape": [1], "datatype": "FP32", "data": [1]}]},
+        )
+        assert wrong.status_code == 202
+        assert http.post("/v2/models/mlp/async-infer", json=body([1, 2, 3, 4])).status_code == 202
+        full = http.post("/v2/models/mlp/async-infer", json=body([1, 2, 3, 4]))
+        assert full.status_code == 503
+        assert "queue is full (2 requests)" in full.json()["error"]
+        assert full.headers["retry-after"] == "1"
+
+    served = start(serve, models, redis_url)
+    with httpx.Client(base_url=served.url, timeout=10) as http:
+        failed = wait_done(http, wrong.headers["location"])
+        assert failed.status_code == 400
+        assert failed.json()["status"] == "failed"
+        assert "unknown input 'nope'" in failed.json()["error"]
+
+
+def test_quota_applies_at_submission_and_a_tenant_reads_only_its_own_requests(
+    serve, models: dict[str, Path], redis_url: str, tmp_path: Path
+) -> None:
+    policy = {
+        "policy": "async",
+        "tenants": [
+            {
+                "name": name,
+                "keySha256": [key_hash(f"{name}-key")],
+                "limits": [{"unit": "requests", "limit": 2, "window": "1m"}],
+            }
+            for name in ("acme", "globex")
+        ],
+    }
+    path = tmp_path / "quota.json"
+    path.write_text(json.dumps(policy))
+    gateway = serve(
+        "--role",
+        "gateway",
+        "--model-name",
+        "mlp",
+        "--model-uri",
+        "file:///none",
+        env=async_env(redis_url, KUBEONNX_QUOTA_CONFIG=str(path)),
+    )
+    with httpx.Client(base_url=gateway.url, timeout=10) as http:
+        acme = {"X-Api-Key": "acme-key"}
+        assert http.post("/v2/models/mlp/async-infer", json=body([1] * 4)).status_code == 401
+        first = http.post("/v2/models/mlp/async-infer", json=body([1] * 4), headers=acme)
+        assert first.status_code == 202
+        assert (
+            http.post("/v2/models/mlp/async-infer", json=body([1] * 4), headers=acme).status_code
+            == 202
+        )
+        refused = http.post("/v2/models/mlp/async-infer", json=body([1] * 4), headers=acme)
+        assert refused.status_code == 429  # refused before it is queued
+        assert "retry-after" in refused.headers
+        assert redis_client(redis_url).xlen(KEYS.stream) == 2
+
+        location = first.headers["location"]
+        assert http.get(location, headers=acme).status_code == 202
+        other = http.get(location, headers={"X-Api-Key": "globex-key"})
+        assert other.status_code == 404  # another tenant's request does not exist for it
+
+
+class _Callbacks(BaseHTTPRequestHandler):
+    received: list[dict] = []  # type: ignore[type-arg]
+
+    def do_POST(self) -> None:
+        length = int(self.headers["content-length"])
+        self.received.append(json.loads(self.rfile.read(length)))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_callback_is_called_only_on_an_allowed_host(
+    serve, models: dict[str, Path], redis_url: str
+) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Callbacks)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        served = start(serve, models, redis_url, KUBEONNX_ASYNC_CALLBACK_HOSTS="127.0.0.1")
+        url = f"http://127.0.0.1:{server.server_port}/done"
+        with httpx.Client(base_url=served.url, timeout=10) as http:
+            refused = http.post(
+                "/v2/models/mlp/async-infer",
+                json=body([1] * 4),
+                headers={"Kubeonnx-Callback-Url": "http://169.254.169.254/latest/meta-data"},
+            )
+            assert refused.status_code == 400
+            assert "callback host '169.254.169.254' is not allowed" in refused.json()["error"]
+            queued = http.post(
+                "/v2/models/mlp/async-infer",
+                json=body([1] * 4),
+                headers={"Kubeonnx-Callback-Url": url},
+            )
+            assert queued.status_code == 202
+            request_id = queued.json()["id"]
+            assert wait_done(http, queued.headers["location"]).status_code == 200
+        deadline = time.monotonic() + 10
+        while not _Callbacks.received:
+            assert time.monotonic() < deadline, "no callback"
+            time.sleep(0.05)
+        assert _Callbacks.received == [{"id": request_id, "model": "mlp", "status": "done"}]
+    finally:
+        server.shutdown()
+
+
+def test_prefer_header_parsing() -> None:
+    assert prefers_async("respond-async")
+    assert prefers_async("wait=10, respond-async")
+    assert prefers_async("Respond-Async; foo=bar")
+    assert not prefers_async("return=minimal")
+    assert not prefers_async(None)
+
+
+def test_callback_hosts() -> None:
+    check_callback("https://hooks.example.com/x", ["*.example.com"])
+    check_callback("http://ci.internal:8080/", ["ci.internal"])
+    for url, hosts, problem in [
+        ("ftp://x.example.com/", ["*.example.com"], "must be an http or https URL"),
+        ("https://example.com.evil.net/", ["*.example.com"], "is not allowed"),
+        ("https://a.example.com/", [], "calls no callbacks"),
+    ]:
+        with pytest.raises(InvalidRequest, match=problem):
+            check_callback(url, hosts)
