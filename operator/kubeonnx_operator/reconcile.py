@@ -142,13 +142,12 @@ class Reconciler:
             model = dataclasses.replace(model, quota=resolved)
 
         owner = owner_reference(body)
-        rendered: set[tuple[str, str]] = set()
+        rendered: set[tuple[str, str, str]] = set()
         deployment: dict[str, Any] | None = None
         problem: Verdict | None = None
         for child in render_children(model, self.config, pod_monitor=self.pod_monitor()):
             child["metadata"]["ownerReferences"] = [owner]
-            kind = (child["apiVersion"], child["kind"])
-            rendered.add(kind)
+            rendered.add((child["apiVersion"], child["kind"], child["metadata"]["name"]))
             try:
                 live = await self._apply_if_needed(key, child, owner["uid"])
             except ChildConflict as exc:
@@ -173,7 +172,7 @@ class Reconciler:
                     problem = Verdict(False, "InvalidSpec", f"{child['kind']} refused: {message}")
                     continue
                 raise
-            if child["kind"] == "Deployment":
+            if child["kind"] == "Deployment" and child["metadata"]["name"] == name:
                 if live is not None:
                     self.applied_deployments[key] = slim_deployment(live)
                 deployment = self.deployment(key)
@@ -247,11 +246,13 @@ class Reconciler:
             manager=HANDOVER_MANAGER,
         )
 
-    async def _prune(self, model: Model, owner_uid: str, keep: set[tuple[str, str]]) -> None:
+    async def _prune(self, model: Model, owner_uid: str, keep: set[tuple[str, str, str]]) -> None:
         """Delete children this model owns that were not rendered this time: by UID, so
         that an object re-created under the name meanwhile is left alone."""
         for child in self.observed.children((model.namespace, model.name)):
-            if (child.api_version, child.kind) in keep or owner_uid not in child.owner_uids:
+            if (child.api_version, child.kind, child.name) in keep:
+                continue
+            if owner_uid not in child.owner_uids:
                 continue
             log.info(
                 "deleting %s %s/%s: no longer rendered", child.kind, model.namespace, child.name
@@ -284,6 +285,8 @@ class Reconciler:
             url=model.url(self.config) if model else None,
             external_url=model.external_url() if model else None,
             now=self.now(),
+            mode=model.spec.mode if model else None,
+            async_url=model.async_url(self.config) if model else None,
         )
         if status_changed(previous, status):
             meta = body["metadata"]

@@ -18,7 +18,7 @@ SUPPORTED_SCHEMES = ("s3://", "file://")
 NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 NAME_MAX = 63
 # Volumes and variables the runtime's contract already uses.
-RESERVED_VOLUMES = ("model-cache", "tmp", "quota")
+RESERVED_VOLUMES = ("model-cache", "tmp", "quota", "labels")
 RESERVED_ENV_PREFIX = "KUBEONNX_"
 
 
@@ -97,17 +97,105 @@ class ScalingSpec(_Spec):
             raise ValueError(
                 "spec.scaling.minReplicas must not be greater than spec.scaling.maxReplicas"
             )
-        if self.min_replicas == 0 and (self.autoscaler != "keda" or self.demand is None):
-            raise ValueError(SCALE_TO_ZERO_NEEDS)
         return self
 
 
 SCALE_TO_ZERO_NEEDS = (
-    "spec.scaling.minReplicas 0 (scale to zero) needs autoscaler keda and "
-    "spec.scaling.demand.prometheusQuery, a demand signal that exists while no replica "
-    "runs (the ingress controller's request rate for the route, for example): at zero "
-    "replicas the runtime's own in-flight metric does not exist"
+    "spec.scaling.minReplicas 0 (scale to zero) needs autoscaler keda and a demand signal "
+    "that exists while no replica runs: spec.async.enabled (the queue's length), or "
+    "spec.scaling.demand.prometheusQuery (the ingress controller's request rate for the "
+    "route, for example); at zero replicas the runtime's own in-flight metric does not exist"
 )
+DURATION = r"^([0-9]+h)?([0-9]+m)?([0-9]+s)?$"
+
+
+def duration_seconds(text: str) -> int:
+    """Seconds of a duration such as 90s, 5m or 1h30m (the CRD's pattern checked it)."""
+    match = re.fullmatch(DURATION, text)
+    if not match or not text:
+        raise ValueError(f"{text!r} is not a duration such as 90s, 5m or 1h30m")
+    units = {"h": 3600, "m": 60, "s": 1}
+    return sum(int(part[:-1]) * units[part[-1]] for part in match.groups() if part)
+
+
+class SecretKeyRef(_Spec):
+    name: str = Field(min_length=1)
+    key: str = Field(min_length=1)
+
+
+class AsyncRedisSpec(_Spec):
+    url: str = Field(pattern=r"^rediss?://[^@]+$", max_length=512)
+    password_secret: SecretKeyRef | None = None
+
+
+class GatewaySpec(_Spec):
+    replicas: int = Field(1, ge=1, le=20)
+    resources: ResourcesSpec = ResourcesSpec(
+        requests={"cpu": "100m", "memory": "128Mi"}, limits={"memory": "512Mi"}
+    )
+
+
+class AsyncSpec(_Spec):
+    """Asynchronous inference through a Redis Stream (see the runtime's asyncinfer)."""
+
+    enabled: bool = False
+    backend: Literal["redis"] = "redis"
+    redis: AsyncRedisSpec | None = None
+    max_attempts: int = Field(3, ge=1, le=100)
+    result_ttl: str = Field("1h", pattern=DURATION, min_length=2, alias="resultTTL")
+    claim_after: str = Field("5m", pattern=DURATION, min_length=2)
+    max_queued: int = Field(100000, ge=1, le=10_000_000)
+    target_queue_length: int = Field(16, ge=1, le=100000)
+    callback_hosts: list[str] = []
+    gateway: GatewaySpec = GatewaySpec()
+
+    @model_validator(mode="after")
+    def _store(self) -> AsyncSpec:
+        if self.enabled and self.redis is None:
+            raise ValueError("spec.async.redis.url is required when spec.async.enabled is true")
+        return self
+
+
+class ImageInputSpec(_Spec):
+    size: list[int] = Field(min_length=2, max_length=2)
+    resize: Literal["bilinear", "nearest", "bicubic"] = "bilinear"
+    mean: list[float] = Field([0.0, 0.0, 0.0], min_length=3, max_length=3)
+    std: list[float] = Field([1.0, 1.0, 1.0], min_length=3, max_length=3)
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+    channels: Literal["RGB", "BGR"] = "RGB"
+    scale: float = Field(1 / 255, gt=0)
+    input: str | None = None
+    max_pixels: int = Field(40_000_000, ge=1, le=1_000_000_000)
+
+    @model_validator(mode="after")
+    def _values(self) -> ImageInputSpec:
+        if any(not 1 <= d <= 8192 for d in self.size):
+            raise ValueError("spec.processing.input.image.size must be [height, width] in 1..8192")
+        if any(s == 0 for s in self.std):
+            raise ValueError("spec.processing.input.image.std must not contain 0")
+        return self
+
+
+class ProcessingInputSpec(_Spec):
+    image: ImageInputSpec
+
+
+class ClassificationSpec(_Spec):
+    labels_config_map: SecretKeyRef | None = None
+    top_k: int = Field(5, ge=1, le=1000)
+    softmax: bool = False
+    output: str | None = None
+
+
+class ProcessingOutputSpec(_Spec):
+    classification: ClassificationSpec = ClassificationSpec()
+
+
+class ProcessingSpec(_Spec):
+    """Image endpoints: /predict and /predict/batch decode, preprocess and classify."""
+
+    input: ProcessingInputSpec
+    output: ProcessingOutputSpec = ProcessingOutputSpec()
 
 
 class IngressSpec(_Spec):
@@ -177,6 +265,22 @@ class InferenceModelSpec(_Spec):
     quota_policy: str | None = None
     pod: PodSpec = PodSpec()
     model_cache: ModelCacheSpec = ModelCacheSpec()
+    async_: AsyncSpec = Field(AsyncSpec(), alias="async")
+    processing: ProcessingSpec | None = None
+
+    @model_validator(mode="after")
+    def _scale_to_zero(self) -> InferenceModelSpec:
+        scaling = self.scaling
+        woken = scaling.demand is not None or self.async_.enabled
+        if scaling.min_replicas == 0 and (scaling.autoscaler != "keda" or not woken):
+            raise ValueError(SCALE_TO_ZERO_NEEDS)
+        return self
+
+    @property
+    def mode(self) -> str:
+        """What `kubectl get im` shows in MODE: the ways the model is served."""
+        modes = [m for m, on in (("async", self.async_.enabled), ("image", self.processing)) if on]
+        return ",".join(modes) or "sync"
 
 
 class InvalidSpec(ValueError):

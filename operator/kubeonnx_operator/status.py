@@ -136,6 +136,8 @@ def derive_status(
     url: str | None,
     external_url: str | None,
     now: str,
+    mode: str | None = None,
+    async_url: str | None = None,
 ) -> dict[str, Any]:
     """The whole status subresource, from the verdict and what was observed."""
     desired = (deployment or {}).get("spec", {}).get("replicas", 0)
@@ -147,7 +149,7 @@ def derive_status(
         "message": verdict.message,
         "observedGeneration": generation,
     }
-    return {
+    status = {
         "observedGeneration": generation,
         "replicas": desired,
         "readyReplicas": ready,
@@ -156,3 +158,10 @@ def derive_status(
         "externalURL": external_url,
         "conditions": set_condition(list(previous.get("conditions") or []), condition, now),
     }
+    if mode is None:  # the spec could not be read: what is served keeps its mode and URL
+        mode, async_url = previous.get("mode"), previous.get("asyncURL")
+    if mode:
+        status["mode"] = mode
+    if async_url:
+        status["asyncURL"] = async_url
+    return status

@@ -286,3 +286,30 @@ def test_the_watch_cache_removes_by_uid_whatever_order_events_arrive_in() -> Non
     assert child is not None and child.uid == "new"
     observed.record(KEY, service("new"), deleted=True)
     assert observed.child(KEY, "v1", "Service", "m") is None
+
+
+ASYNC = {"enabled": True, "redis": {"url": "redis://r:6379/0"}}
+
+
+async def test_turning_async_off_deletes_the_gateway_but_keeps_the_model_deployment() -> None:
+    kube = FakeKube()
+    observed = ObservedChildren()
+    rec = reconciler(kube, observed)
+    await rec.reconcile(body(**{"async": ASYNC}))
+    applied = {(m["kind"], m["metadata"]["name"]) for _, m in kube.applied}
+    assert {("Deployment", "m-gateway"), ("Service", "m-gateway"), ("Deployment", "m")} <= applied
+    assert kube.statuses[-1]["mode"] == "async"
+    assert kube.statuses[-1]["asyncURL"] == (
+        "http://m-gateway.ns.svc.cluster.local/v2/models/m/async-infer"
+    )
+    for (kind, name), obj in kube.live.items():
+        obj["metadata"].update(namespace="ns", uid=f"{kind}-{name}", ownerReferences=[{"uid": UID}])
+        observed.record(KEY, obj, deleted=False)
+    # The Deployment of the same kind and a different name is no longer rendered: pruned.
+    await rec.reconcile(body())
+    assert sorted(kube.deleted) == [
+        ("Deployment", "m-gateway", "Deployment-m-gateway"),
+        ("Service", "m-gateway", "Service-m-gateway"),
+    ]
+    assert kube.statuses[-1]["mode"] == "sync"
+    assert "asyncURL" not in kube.statuses[-1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -221,3 +222,84 @@ def test_children_are_named_and_labelled_after_the_parent() -> None:
         assert child["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "kubeonnx"
         assert child["metadata"]["labels"]["kubeonnx.io/inferencemodel"] == "m"
         assert "ownerReferences" not in child["metadata"]  # added by the reconciler
+
+
+def by_name(doc: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    meta = doc["metadata"]
+    model = Model(meta["name"], meta.get("namespace", "default"), parse_spec(doc["spec"]))
+    return {(c["kind"], c["metadata"]["name"]): c for c in render_children(model, OperatorConfig())}
+
+
+ASYNC = {"enabled": True, "redis": {"url": "rediss://queue.example:6380/2"}}
+
+
+def test_the_gateway_pods_are_not_the_models_and_the_ingress_routes_submissions_to_them() -> None:
+    children = by_name(spec(**{"async": ASYNC}, ingress={"enabled": True, "host": "h"}))
+    model = children[("Deployment", "m")]
+    gateway = children[("Deployment", "m-gateway")]
+    pod_labels = gateway["spec"]["template"]["metadata"]["labels"]
+    # Neither the model's Deployment nor its Service may select a gateway pod.
+    for selector in (
+        model["spec"]["selector"]["matchLabels"],
+        children[("Service", "m")]["spec"]["selector"],
+    ):
+        assert not set(selector.items()) <= set(pod_labels.items())
+    assert (
+        children[("Service", "m-gateway")]["spec"]["selector"]
+        == gateway["spec"]["selector"]["matchLabels"]
+    )
+    env = {
+        e["name"]: e.get("value")
+        for e in gateway["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert env["KUBEONNX_ROLE"] == "gateway"
+    assert env["KUBEONNX_ASYNC_PREFIX"] == "kubeonnx:{ns/m}"
+    assert env["KUBEONNX_ASYNC_CLAIM_AFTER_S"] == "300"
+    assert "resources" in gateway["spec"]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in str(gateway)
+    paths = {
+        p["path"]: p["backend"]["service"]["name"]
+        for p in children[("Ingress", "m")]["spec"]["rules"][0]["http"]["paths"]
+    }
+    assert paths == {
+        "/models/ns/m": "m",
+        "/models/ns/m/v2/models/m/async-infer": "m-gateway",
+        "/models/ns/m/v2/models/m/requests": "m-gateway",
+    }
+
+
+def test_an_async_model_scales_from_zero_on_the_queue_lag() -> None:
+    children = by_name(
+        spec(**{"async": ASYNC}, scaling={"autoscaler": "keda", "minReplicas": 0, "maxReplicas": 5})
+    )
+    scaled = children[("ScaledObject", "m")]["spec"]
+    assert scaled["minReplicaCount"] == 0
+    queue = next(t for t in scaled["triggers"] if t["type"] == "redis-streams")
+    assert queue["metadata"] == {
+        "address": "queue.example:6380",
+        "stream": "kubeonnx:{ns/m}:requests",
+        "consumerGroup": "kubeonnx",
+        "lagCount": "16",
+        "activationLagCount": "0",
+        "databaseIndex": "2",
+        "enableTLS": "true",
+    }
+
+
+def test_image_processing_reaches_the_runtime_and_mounts_the_labels() -> None:
+    children = by_name(
+        spec(
+            processing={
+                "input": {"image": {"size": [32, 32]}},
+                "output": {"classification": {"labelsConfigMap": {"name": "l", "key": "k"}}},
+            }
+        )
+    )
+    pod = children[("Deployment", "m")]["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    processing = json.loads(env["KUBEONNX_PROCESSING"])
+    assert processing["input"]["image"]["size"] == [32, 32]
+    assert processing["output"]["classification"]["topK"] == 5
+    assert env["KUBEONNX_LABELS_FILE"] == "/etc/kubeonnx/labels/labels.txt"
+    labels = next(v for v in pod["volumes"] if v["name"] == "labels")
+    assert labels["configMap"] == {"name": "l", "items": [{"key": "k", "path": "labels.txt"}]}

@@ -23,7 +23,28 @@ URI = {"uri": "s3://b/k.onnx"}
         # Nothing would wake it: at zero replicas no runtime exports the in-flight gauge.
         (
             {"model": URI, "scaling": {"minReplicas": 0, "autoscaler": "keda"}},
-            "spec.scaling.demand.prometheusQuery, a demand signal that exists while no replica",
+            "a demand signal that exists while no replica runs: spec.async.enabled",
+        ),
+        (
+            {"model": URI, "async": {"enabled": True}},
+            "spec.async.redis.url is required when spec.async.enabled is true",
+        ),
+        (
+            {"model": URI, "async": {"enabled": True, "redis": {"url": "redis://u:pw@r:6379"}}},
+            "spec.async.redis.url",
+        ),
+        ({"model": URI, "async": {"resultTTL": "1 day"}}, "spec.async.resultTTL"),
+        (
+            {"model": URI, "processing": {"input": {"image": {"size": [224]}}}},
+            "spec.processing.input.image.size",
+        ),
+        (
+            {"model": URI, "processing": {"input": {"image": {"size": [8, 8], "std": [1, 0, 1]}}}},
+            "spec.processing.input.image.std must not contain 0",
+        ),
+        (
+            {"model": URI, "pod": {"volumes": [{"name": "labels", "emptyDir": {}}]}},
+            "spec.pod.volumes 'labels': the name is the runtime's own",
         ),
         (
             {"model": URI, "pod": {"env": [{"name": "KUBEONNX_MODEL_URI", "value": "x"}]}},

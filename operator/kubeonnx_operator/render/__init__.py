@@ -11,6 +11,7 @@ from ..config import OperatorConfig
 from ..spec import InferenceModelSpec
 from .autoscaler import render_hpa, render_scaled_object
 from .deployment import render_deployment
+from .gateway import render_gateway, render_gateway_service
 from .ingress import render_ingress
 from .model import Model
 from .monitor import render_pod_monitor
@@ -29,6 +30,8 @@ def render_children(
     spec: InferenceModelSpec = model.spec
     children = [render_quota_secret(model)] if model.quota is not None else []
     children += [render_deployment(model, config), render_service(model)]
+    if spec.async_.enabled:
+        children += [render_gateway(model, config), render_gateway_service(model)]
     if spec.scaling.autoscaler == "hpa":
         children.append(render_hpa(model))
     elif spec.scaling.autoscaler == "keda":

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
 from ..config import OperatorConfig
+from .deployment import ASYNC_PASSWORD_ENV
 from .model import Model
 
 
@@ -46,6 +48,29 @@ def inflight_query(model: Model) -> str:
     )
 
 
+def queue_trigger(model: Model) -> dict[str, Any]:
+    """KEDA's redis-streams trigger on the consumer group's lag: requests queued that no
+    replica has taken yet. Lag exists at zero replicas (the group is made with the stream),
+    so it wakes a model scaled to zero; KEDA needs Redis 7 for it."""
+    spec = model.spec.async_
+    assert spec.redis is not None
+    url = urlsplit(spec.redis.url)
+    metadata = {
+        "address": f"{url.hostname}:{url.port or 6379}",
+        "stream": f"{model.async_prefix}:requests",
+        "consumerGroup": "kubeonnx",
+        "lagCount": str(spec.target_queue_length),
+        "activationLagCount": "0",
+        "databaseIndex": url.path.strip("/") or "0",
+    }
+    if url.scheme == "rediss":
+        metadata["enableTLS"] = "true"
+    if spec.redis.password_secret is not None:
+        # Read from the scale target's container, which has it from the Secret.
+        metadata["passwordFromEnv"] = ASYNC_PASSWORD_ENV
+    return {"type": "redis-streams", "name": "queue", "metadata": metadata}
+
+
 def render_scaled_object(model: Model, config: OperatorConfig) -> dict[str, Any]:
     scaling = model.spec.scaling
     triggers: list[dict[str, Any]] = [
@@ -73,6 +98,8 @@ def render_scaled_object(model: Model, config: OperatorConfig) -> dict[str, Any]
                 },
             }
         )
+    if model.spec.async_.enabled:
+        triggers.append(queue_trigger(model))
     return {
         "apiVersion": "keda.sh/v1alpha1",
         "kind": "ScaledObject",

@@ -3,10 +3,12 @@ S3 credentials, and a locked-down pod."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from ..config import OperatorConfig
 from ..quota import LEDGER_DSN_ENV, REDIS_PASSWORD_ENV
+from ..spec import duration_seconds
 from .model import CONTAINER, HTTP_PORT, Model
 from .quota import QUOTA_DIR, QUOTA_FILE
 
@@ -14,6 +16,9 @@ CACHE_DIR = "/var/cache/kubeonnx"
 TERMINATION_LOG = "/dev/termination-log"
 RUNTIME_UID = 65532
 DEFAULT_REQUESTS = {"cpu": "1", "memory": "1Gi"}
+ASYNC_PASSWORD_ENV = "KUBEONNX_ASYNC_REDIS_PASSWORD"
+LABELS_DIR = "/etc/kubeonnx/labels"
+LABELS_FILE = "labels.txt"
 
 
 def _env(model: Model) -> list[dict[str, Any]]:
@@ -35,6 +40,16 @@ def _env(model: Model) -> list[dict[str, Any]]:
         ("KUBEONNX_CACHE_DIR", CACHE_DIR),
         ("KUBEONNX_TERMINATION_LOG", TERMINATION_LOG),
     ]
+    processing = spec.processing
+    if processing is not None:
+        values.append(
+            (
+                "KUBEONNX_PROCESSING",
+                json.dumps(processing.model_dump(by_alias=True, exclude_none=True), sort_keys=True),
+            )
+        )
+        if processing.output.classification.labels_config_map is not None:
+            values.append(("KUBEONNX_LABELS_FILE", f"{LABELS_DIR}/{LABELS_FILE}"))
     env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in values if v]
     secret = spec.model.s3.credentials_secret
     if secret:
@@ -47,6 +62,38 @@ def _env(model: Model) -> list[dict[str, Any]]:
             if optional:
                 ref["optional"] = True
             env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
+    return env + async_env(model) + quota_env(model)
+
+
+def async_env(model: Model) -> list[dict[str, Any]]:
+    """Where the asynchronous queue is, and how it behaves (the model's replicas and its
+    gateway read the same)."""
+    spec = model.spec.async_
+    if not spec.enabled or spec.redis is None:
+        return []
+    values = [
+        ("KUBEONNX_ASYNC_REDIS_URL", spec.redis.url),
+        ("KUBEONNX_ASYNC_PREFIX", model.async_prefix),
+        ("KUBEONNX_ASYNC_MAX_ATTEMPTS", str(spec.max_attempts)),
+        ("KUBEONNX_ASYNC_RESULT_TTL_S", str(duration_seconds(spec.result_ttl))),
+        ("KUBEONNX_ASYNC_CLAIM_AFTER_S", str(duration_seconds(spec.claim_after))),
+        ("KUBEONNX_ASYNC_MAX_QUEUED", str(spec.max_queued)),
+        ("KUBEONNX_ASYNC_CALLBACK_HOSTS", ",".join(spec.callback_hosts)),
+    ]
+    env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in values if v]
+    if spec.redis.password_secret is not None:
+        ref = spec.redis.password_secret
+        env.append(
+            {
+                "name": ASYNC_PASSWORD_ENV,
+                "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}},
+            }
+        )
+    return env
+
+
+def quota_env(model: Model) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = []
     if model.quota is not None:
         env.append({"name": "KUBEONNX_QUOTA_CONFIG", "value": f"{QUOTA_DIR}/{QUOTA_FILE}"})
         for variable, from_secret in (
@@ -111,7 +158,32 @@ def _placement(model: Model, config: OperatorConfig) -> dict[str, Any]:
     return placement
 
 
-def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
+def quota_volume(model: Model, container: dict[str, Any], pod_spec: dict[str, Any]) -> None:
+    """Mount the quota Secret, if the model has one."""
+    if model.quota is None:
+        return
+    # Mounted whole (no subPath), so the kubelet updates the file in place when the
+    # operator rewrites the Secret (a rotated key), and the runtime re-reads it.
+    container["volumeMounts"].append({"name": "quota", "mountPath": QUOTA_DIR, "readOnly": True})
+    pod_spec["volumes"].append({"name": "quota", "secret": {"secretName": model.quota_secret_name}})
+
+
+CONTAINER_SECURITY = {
+    "runAsNonRoot": True,
+    "readOnlyRootFilesystem": True,
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+}
+POD_SECURITY = {
+    "runAsNonRoot": True,
+    "runAsUser": RUNTIME_UID,
+    "runAsGroup": RUNTIME_UID,
+    "fsGroup": RUNTIME_UID,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+def probe(path: str, period: int, failures: int) -> dict[str, Any]:
     return {
         "httpGet": {"path": path, "port": "http"},
         "periodSeconds": period,
@@ -132,18 +204,13 @@ def render_deployment(model: Model, config: OperatorConfig) -> dict[str, Any]:
         "env": _env(model) + list(spec.pod.env),
         "ports": [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"}],
         # Up to 30 minutes to download and load a large model before liveness applies.
-        "startupProbe": _probe("/v2/health/live", 5, 360),
-        "readinessProbe": _probe("/v2/health/ready", 5, 2),
-        "livenessProbe": _probe("/v2/health/live", 10, 3),
+        "startupProbe": probe("/v2/health/live", 5, 360),
+        "readinessProbe": probe("/v2/health/ready", 5, 2),
+        "livenessProbe": probe("/v2/health/live", 10, 3),
         "resources": _resources(model, config),
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
-        "securityContext": {
-            "runAsNonRoot": True,
-            "readOnlyRootFilesystem": True,
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        "securityContext": CONTAINER_SECURITY,
         "volumeMounts": [
             {"name": "model-cache", "mountPath": CACHE_DIR},
             {"name": "tmp", "mountPath": "/tmp"},
@@ -152,13 +219,7 @@ def render_deployment(model: Model, config: OperatorConfig) -> dict[str, Any]:
     }
     pod_spec: dict[str, Any] = {
         "automountServiceAccountToken": False,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": RUNTIME_UID,
-            "runAsGroup": RUNTIME_UID,
-            "fsGroup": RUNTIME_UID,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": POD_SECURITY,
         # The runtime answers not-ready for a few seconds after SIGTERM, then drains.
         "terminationGracePeriodSeconds": 60,
         "containers": [container],
@@ -171,14 +232,20 @@ def render_deployment(model: Model, config: OperatorConfig) -> dict[str, Any]:
     }
     if spec.pod.image_pull_secrets:
         pod_spec["imagePullSecrets"] = spec.pod.image_pull_secrets
-    if model.quota is not None:
-        # Mounted whole (no subPath), so the kubelet updates the file in place when the
-        # operator rewrites the Secret (a rotated key), and the runtime re-reads it.
+    quota_volume(model, container, pod_spec)
+    labels = spec.processing.output.classification.labels_config_map if spec.processing else None
+    if labels is not None:
         container["volumeMounts"].append(
-            {"name": "quota", "mountPath": QUOTA_DIR, "readOnly": True}
+            {"name": "labels", "mountPath": LABELS_DIR, "readOnly": True}
         )
         pod_spec["volumes"].append(
-            {"name": "quota", "secret": {"secretName": model.quota_secret_name}}
+            {
+                "name": "labels",
+                "configMap": {
+                    "name": labels.name,
+                    "items": [{"key": labels.key, "path": LABELS_FILE}],
+                },
+            }
         )
     if spec.service_account_name:
         pod_spec["serviceAccountName"] = spec.service_account_name

@@ -12,24 +12,26 @@ from ..config import OperatorConfig
 from .model import Model
 
 
+def _path(path: str, service: str) -> dict[str, Any]:
+    return {
+        "path": path,
+        "pathType": "Prefix",
+        "backend": {"service": {"name": service, "port": {"name": "http"}}},
+    }
+
+
 def render_ingress(model: Model, config: OperatorConfig) -> dict[str, Any]:
     ing = model.spec.ingress
-    spec: dict[str, Any] = {
-        "rules": [
-            {
-                "host": ing.host,
-                "http": {
-                    "paths": [
-                        {
-                            "path": model.route_path,
-                            "pathType": "Prefix",
-                            "backend": {"service": {"name": model.name, "port": {"name": "http"}}},
-                        }
-                    ]
-                },
-            }
+    paths = [_path(model.route_path, model.name)]
+    if model.spec.async_.enabled:
+        # Submissions and their status go to the gateway, which runs while the model's
+        # replicas are at zero (the longest matching prefix wins).
+        base = model.route_path.rstrip("/") + f"/v2/models/{model.name}"
+        paths += [
+            _path(f"{base}/async-infer", model.gateway_name),
+            _path(f"{base}/requests", model.gateway_name),
         ]
-    }
+    spec: dict[str, Any] = {"rules": [{"host": ing.host, "http": {"paths": paths}}]}
     class_name = ing.class_name or config.ingress_class
     if class_name:
         spec["ingressClassName"] = class_name

@@ -11,6 +11,7 @@ from ..spec import InferenceModelSpec, InvalidSpec, check_name, parse_spec
 
 GROUP = "kubeonnx.io"
 MODEL_LABEL = f"{GROUP}/inferencemodel"
+GATEWAY_LABEL = f"{GROUP}/async-gateway"
 MANAGED_BY = "kubeonnx"
 FIELD_MANAGER = "kubeonnx"  # the operator's server-side apply identity
 HTTP_PORT = 8080
@@ -28,6 +29,21 @@ class Model:
     @property
     def quota_secret_name(self) -> str:
         return f"{self.name}-quota"
+
+    @property
+    def async_prefix(self) -> str:
+        """The Redis key prefix of the model's asynchronous queue; the braces make it the
+        Redis Cluster hash tag, so the stream and records share a slot."""
+        return f"kubeonnx:{{{self.namespace}/{self.name}}}"
+
+    @property
+    def gateway_name(self) -> str:
+        return f"{self.name}-gateway"
+
+    @property
+    def gateway_selector(self) -> dict[str, str]:
+        # Not the model's label: the model's Deployment and Service must not select these pods.
+        return {GATEWAY_LABEL: self.name}
 
     @property
     def selector(self) -> dict[str, str]:
@@ -57,6 +73,13 @@ class Model:
     def url(self, config: OperatorConfig) -> str:
         host = f"{self.name}.{self.namespace}.svc.{config.cluster_domain}"
         return f"http://{host}/v2/models/{self.name}"
+
+    def async_url(self, config: OperatorConfig) -> str | None:
+        """Where asynchronous requests are submitted in the cluster: the gateway."""
+        if not self.spec.async_.enabled:
+            return None
+        host = f"{self.gateway_name}.{self.namespace}.svc.{config.cluster_domain}"
+        return f"http://{host}/v2/models/{self.name}/async-infer"
 
     def external_url(self) -> str | None:
         ing = self.spec.ingress
