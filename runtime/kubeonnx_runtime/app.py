@@ -35,6 +35,7 @@ from .errors import (
     RuntimeServeError,
     ServerBusy,
 )
+from .images import ImagePipeline, parse_multipart
 from .ledger import Ledger
 from .logs import request_id_var
 from .metrics import RuntimeMetrics
@@ -288,6 +289,104 @@ class InferHandler:
             self._count(status)
 
 
+class PredictHandler:
+    """The image endpoints: /predict (one image, the body or multipart field `file`) and
+    /predict/batch (multipart fields `files`). Images are decoded and preprocessed on threads,
+    then each is one request to the batcher, merged with whatever else is queued."""
+
+    def __init__(
+        self, infer: InferHandler, pipeline: ImagePipeline, *, max_images: int, threads: int
+    ) -> None:
+        self.infer = infer
+        self.pipeline = pipeline
+        self.max_images = max_images
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kubeonnx-image")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _images(self, body: bytes, content_type: str, batch: bool) -> list[tuple[str, bytes]]:
+        """(what to call it in an error, bytes) of each image the request carries."""
+        if content_type.split(";")[0].strip().lower() != "multipart/form-data":
+            if batch:
+                raise InvalidRequest(
+                    "/predict/batch takes multipart/form-data with one field 'files' per image"
+                )
+            return [("the image", body)]
+        parts = parse_multipart(body, content_type, self.max_images + 16)
+        field = "files" if batch else "file"
+        images = [
+            (f"{field}[{i}]" + (f" ({p.filename!r})" if p.filename else ""), p.data)
+            for i, p in enumerate(q for q in parts if q.name == field)
+        ]
+        if not images:
+            raise InvalidRequest(f"the multipart body has no field '{field}'")
+        if not batch and len(images) > 1:
+            raise InvalidRequest("/predict takes one image; send several to /predict/batch")
+        if len(images) > self.max_images:
+            raise InvalidRequest(f"{len(images)} images in one request; at most {self.max_images}")
+        return images
+
+    async def __call__(
+        self, name: str, headers: Mapping[str, str], receive: Receive, *, batch: bool
+    ) -> InferAnswer:
+        handler, dataplane = self.infer, self.infer.dataplane
+        started = time.perf_counter()
+        handler.inflight.inc()
+        status = 500
+        try:
+            dataplane.check_model(name, None)
+            quota = handler.quota
+            tenant = quota.identify(headers) if quota is not None else ""
+            declared = _int_header(headers, "content-length")
+            if declared is not None and declared > handler.max_body:
+                raise PayloadTooLarge(
+                    f"the request body is {declared} bytes; the limit is {handler.max_body}"
+                )
+            body = await read_body(receive, handler.max_body)
+            images = self._images(body, headers.get("content-type", ""), batch)
+            loop = asyncio.get_running_loop()
+            tensors = await asyncio.gather(
+                *(
+                    loop.run_in_executor(self._pool, self.pipeline.preprocess, data, where)
+                    for where, data in images
+                )
+            )
+            extra: list[tuple[bytes, bytes]] = []
+            if quota is not None:
+                decision = await quota.admit(tenant, len(tensors))
+                extra = decision.headers(time.time())
+                if handler.ledger is not None:
+                    handler.ledger.record(tenant, len(tensors), request_id_var.get())
+            name_in, name_out = self.pipeline.input.name, self.pipeline.output.name
+            outputs = await asyncio.gather(
+                *(dataplane.infer(InferRequest({name_in: t})) for t in tensors)
+            )
+            results = [
+                [p.as_dict() for p in self.pipeline.classify(out[name_out][0])] for out in outputs
+            ]
+            status = 200
+            if batch:
+                answer: dict[str, Any] = {
+                    "model": dataplane.name,
+                    "results": [{"image": i, "predictions": r} for i, r in enumerate(results)],
+                }
+            else:
+                answer = {"model": dataplane.name, "predictions": results[0]}
+            return 200, "application/json", extra, orjson.dumps(answer)
+        except RuntimeServeError as exc:
+            status, extra, payload = _error_parts(exc)
+            log.info("image request refused: %s", exc)
+            return status, "application/json", extra, payload
+        except Exception:
+            log.exception("image request failed")
+            return _internal_error()
+        finally:
+            handler.inflight.dec()
+            handler.latency.observe(time.perf_counter() - started)
+            handler._count(status)
+
+
 def request_rows(inputs: Mapping[str, Any]) -> int:
     """The rows a request counts for in a quota: its inputs' largest first dimension."""
     return max((a.shape[0] if a.ndim else 1 for a in inputs.values()), default=0)
@@ -424,6 +523,9 @@ def create_app(
     quota: Quota | None = None,
     ledger: Ledger | None = None,
     jobs: AsyncStore | None = None,
+    images: ImagePipeline | None = None,
+    max_images: int = 64,
+    image_threads: int = 2,
 ) -> FrontDoor:
     """Build the app around an injected data plane and metrics registry."""
 
@@ -441,6 +543,8 @@ def create_app(
             if dataplane.batcher is not None:
                 await dataplane.batcher.stop()
             handler.close()
+            if predict is not None:
+                predict.close()
 
     app = FastAPI(
         title="kubeonnx runtime",
@@ -545,6 +649,37 @@ def create_app(
         summary="Inference",
         openapi_extra=_INFER_DOC,
     )
+
+    predict = (
+        PredictHandler(handler, images, max_images=max_images, threads=image_threads)
+        if images is not None
+        else None
+    )
+
+    async def predict_route(request: Request, name: str, batch: bool) -> Response:
+        if predict is None:
+            raise ModelNotFound(
+                f"model '{name}' has no image endpoints (its spec.processing is not set)"
+            )
+        status, ctype, extra, payload = await predict(
+            name, request.headers, request.receive, batch=batch
+        )
+        headers = {k.decode(): v.decode() for k, v in extra}
+        return Response(payload, status, headers, media_type=ctype)
+
+    @app.post(
+        "/v2/models/{name}/predict",
+        summary="Classify one image (the body, or multipart field 'file'): labels and scores",
+    )
+    async def predict_one(request: Request, name: str) -> Response:
+        return await predict_route(request, name, batch=False)
+
+    @app.post(
+        "/v2/models/{name}/predict/batch",
+        summary="Classify several images (multipart fields 'files'), batched with other requests",
+    )
+    async def predict_batch(request: Request, name: str) -> Response:
+        return await predict_route(request, name, batch=True)
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def prometheus() -> Response:

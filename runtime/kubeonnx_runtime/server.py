@@ -23,10 +23,11 @@ from .batching import Batcher
 from .dataplane import DataPlane
 from .errors import FatalStartupError, write_termination_message
 from .fetch import S3Options, fetch_model
+from .images import ImagePipeline, load_labels, load_processing
 from .ledger import Ledger
 from .logs import configure_logging
 from .metrics import RuntimeMetrics
-from .model import OnnxModel
+from .model import OnnxModel, cpu_quota_threads
 from .quota import Quota, connect_redis, load_quota_config
 from .settings import ServeSettings
 
@@ -308,6 +309,7 @@ def serve(settings: ServeSettings) -> int:
     disable_created_metrics()
     metrics = RuntimeMetrics(CollectorRegistry())
     model: OnnxModel | None = None
+    images: ImagePipeline | None = None
     try:
         sock = listen(settings.host, settings.port)
         quota = make_quota(settings, metrics)
@@ -320,6 +322,11 @@ def serve(settings: ServeSettings) -> int:
                 )
         else:
             model = load(settings, metrics)
+            if settings.processing:
+                labels = load_labels(settings.labels_file) if settings.labels_file else None
+                images = ImagePipeline(
+                    load_processing(settings.processing), model.inputs, model.outputs, labels
+                )
     except FatalStartupError as exc:
         log.error("fatal: %s", exc)
         write_termination_message(settings.termination_log, str(exc))
@@ -425,6 +432,9 @@ def serve(settings: ServeSettings) -> int:
         quota=quota,
         ledger=ledger,
         jobs=jobs,
+        images=images,
+        max_images=settings.max_images_per_request,
+        image_threads=cpu_quota_threads(),
     )
     config = uvicorn.Config(
         app,

@@ -94,6 +94,17 @@ class ServeSettings(BaseSettings):
         description="comma-separated hosts that callbacks may call (*.example.com for a "
         "domain); empty: callbacks are refused",
     )
+    processing: str | None = Field(
+        None,
+        description="image endpoints' processing (the InferenceModel's spec.processing, JSON); "
+        "unset: no /predict",
+    )
+    labels_file: Path | None = Field(
+        None, description="class labels, one per line in class order, for /predict"
+    )
+    max_images_per_request: int = Field(
+        64, ge=1, le=4096, description="images /predict/batch takes in one request"
+    )
     quota_config: Path | None = Field(None, description="mounted quota configuration file")
     quota_reload_s: float = Field(
         5.0, gt=0, description="seconds between checks of the quota configuration for changes"

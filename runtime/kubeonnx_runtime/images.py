@@ -1,0 +1,286 @@
+"""Image endpoints' processing: decode an image, preprocess it into the model's input tensor as
+`spec.processing` declares, and turn the model's class scores into labels.
+
+Pure functions and a pipeline object, no web framework; decoding is CPU work that the HTTP
+layer runs on threads (Pillow releases the GIL while it decodes and resizes).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.alias_generators import to_camel
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from .datatypes import TensorSpec
+from .errors import FatalStartupError, InvalidRequest
+
+FORMATS = ("JPEG", "PNG", "WEBP")
+_FILTERS = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "bicubic": Image.Resampling.BICUBIC,
+}
+# Our own pixel limit is checked first and names the problem; Pillow's bomb warning would
+# only repeat it in a worse form.
+warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+
+class ImageInput(_Config):
+    size: tuple[int, int]
+    resize: Literal["bilinear", "nearest", "bicubic"] = "bilinear"
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+    channels: Literal["RGB", "BGR"] = "RGB"
+    scale: float = Field(1 / 255, gt=0)
+    input: str | None = None
+    max_pixels: int = Field(40_000_000, ge=1)
+
+
+class Classification(_Config):
+    top_k: int = Field(5, ge=1)
+    softmax: bool = False
+    output: str | None = None
+
+
+class ProcessingInput(_Config):
+    image: ImageInput
+
+
+class ProcessingOutput(_Config):
+    classification: Classification = Classification()
+
+
+class Processing(_Config):
+    """KUBEONNX_PROCESSING: the InferenceModel's spec.processing, as JSON."""
+
+    input: ProcessingInput
+    output: ProcessingOutput = ProcessingOutput()
+
+
+def load_processing(raw: str) -> Processing:
+    try:
+        return Processing.model_validate_json(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors()
+        )
+        raise FatalStartupError(f"invalid processing (KUBEONNX_PROCESSING): {problems}") from None
+
+
+def load_labels(path: Path) -> list[str]:
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FatalStartupError(f"cannot read the labels file {path}: {exc}") from None
+    labels = [line.strip() for line in lines]
+    while labels and not labels[-1]:
+        labels.pop()
+    return labels
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    index: int
+    score: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "index": self.index, "score": self.score}
+
+
+class ImagePipeline:
+    """Checked against the model once, at start-up: the input takes one image of the
+    declared size, layout and channels, and the output is one row of class scores."""
+
+    def __init__(
+        self,
+        processing: Processing,
+        inputs: list[TensorSpec],
+        outputs: list[TensorSpec],
+        labels: list[str] | None = None,
+    ) -> None:
+        image = processing.input.image
+        self.image = image
+        self.classification = processing.output.classification
+        self.labels = labels
+        self.input = _pick(inputs, image.input, "input", "spec.processing.input.image.input")
+        spec = self.input
+        height, width = image.size
+        if spec.datatype != "FP32":
+            raise FatalStartupError(
+                f"image processing feeds FP32; model input '{spec.name}' takes {spec.datatype}"
+            )
+        wanted = (1, 3, height, width) if image.layout == "NCHW" else (1, height, width, 3)
+        if len(spec.shape) != 4 or not spec.fits(wanted):
+            raise FatalStartupError(
+                f"model input '{spec.name}' has shape {list(spec.shape)}, which does not take an "
+                f"image of {image.layout} {list(wanted[1:])} (spec.processing.input.image size "
+                "and layout)"
+            )
+        self.batchable = spec.shape[0] == -1
+        name = self.classification.output
+        self.output = _pick(outputs, name, "output", "spec.processing.output.classification.output")
+        classes = self.output.shape[-1] if self.output.shape else -1
+        if len(self.output.shape) != 2:
+            raise FatalStartupError(
+                f"model output '{self.output.name}' has shape {list(self.output.shape)}; "
+                "classification takes [batch, classes]"
+            )
+        if labels is not None and classes != -1 and len(labels) != classes:
+            raise FatalStartupError(
+                f"the labels file has {len(labels)} labels and model output "
+                f"'{self.output.name}' has {classes} classes"
+            )
+        self._resample = _FILTERS[image.resize]
+        std = np.array(image.std, dtype=np.float32)
+        # (x * scale - mean) / std, as one multiply and one subtract per value.
+        self._gain = (np.float32(image.scale) / std).astype(np.float32)
+        self._offset = (np.array(image.mean, dtype=np.float32) / std).astype(np.float32)
+
+    def preprocess(self, data: bytes, where: str) -> np.ndarray:
+        """One image's bytes to a [1, ...] tensor, or InvalidRequest naming the problem."""
+        if not data:
+            raise InvalidRequest(f"{where} is empty")
+        try:
+            img = Image.open(io.BytesIO(data), formats=FORMATS)
+        except UnidentifiedImageError:
+            raise InvalidRequest(f"{where} is not a JPEG, PNG or WebP image") from None
+        except Image.DecompressionBombError:  # Pillow's own, far larger, limit
+            raise InvalidRequest(
+                f"{where} is over the limit of {self.image.max_pixels} pixels"
+            ) from None
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise InvalidRequest(f"{where} has a corrupt image header: {exc}") from None
+        width, height = img.size
+        limit = self.image.max_pixels
+        if width * height > limit:
+            raise InvalidRequest(
+                f"{where} is {width}x{height} pixels, over the limit of {limit} pixels"
+            )
+        h, w = self.image.size
+        try:
+            resized = img.convert("RGB").resize((w, h), self._resample)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            raise InvalidRequest(f"{where} is a corrupt or truncated image: {exc}") from None
+        pixels = np.asarray(resized, dtype=np.float32)  # H, W, RGB
+        if self.image.channels == "BGR":
+            pixels = pixels[..., ::-1]
+        pixels = pixels * self._gain - self._offset
+        if self.image.layout == "NCHW":
+            pixels = pixels.transpose(2, 0, 1)
+        return np.ascontiguousarray(pixels)[None]
+
+    def classify(self, scores: np.ndarray) -> list[Prediction]:
+        """One row of class scores to the top K predictions, best first."""
+        row = np.asarray(scores, dtype=np.float64).reshape(-1)
+        if self.classification.softmax:
+            shifted = np.exp(row - row.max())
+            row = shifted / shifted.sum()
+        k = min(self.classification.top_k, row.size)
+        top = np.argsort(-row, kind="stable")[:k]
+        labels = self.labels
+        return [
+            Prediction(
+                labels[i] if labels is not None and i < len(labels) else str(i),
+                int(i),
+                float(row[i]),
+            )
+            for i in top
+        ]
+
+
+def _pick(specs: list[TensorSpec], name: str | None, what: str, field: str) -> TensorSpec:
+    if name is not None:
+        for spec in specs:
+            if spec.name == name:
+                return spec
+        raise FatalStartupError(
+            f"{field} {name!r} is not a model {what}; the model's are "
+            + ", ".join(s.name for s in specs)
+        )
+    if what == "input" and len(specs) != 1:
+        raise FatalStartupError(
+            f"the model has {len(specs)} inputs; {field} must name the one that takes the image"
+        )
+    return specs[0]
+
+
+@dataclass
+class Part:
+    name: str
+    filename: str | None
+    data: bytes
+
+
+def parse_multipart(body: bytes, content_type: str, max_parts: int) -> list[Part]:
+    """The parts of a multipart/form-data body already read whole (and bounded) in memory,
+    or InvalidRequest naming what is wrong with it."""
+    _, params = parse_options_header(content_type)
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise InvalidRequest("multipart/form-data without a boundary")
+    parts: list[Part] = []
+    headers: dict[bytes, bytes] = {}
+    field: list[bytes] = []
+    value: list[bytes] = []
+    chunks: list[bytes] = []
+
+    def on_part_begin() -> None:
+        if len(parts) >= max_parts:
+            raise InvalidRequest(f"the request has more than {max_parts} parts")
+        headers.clear()
+        chunks.clear()
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        field.append(data[start:end])
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        value.append(data[start:end])
+
+    def on_header_end() -> None:
+        headers[b"".join(field).lower()] = b"".join(value)
+        field.clear()
+        value.clear()
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        chunks.append(data[start:end])
+
+    def on_part_end() -> None:
+        _, disposition = parse_options_header(headers.get(b"content-disposition", b""))
+        name = disposition.get(b"name", b"").decode(errors="replace")
+        filename = disposition.get(b"filename")
+        parts.append(
+            Part(name, filename.decode(errors="replace") if filename else None, b"".join(chunks))
+        )
+
+    callbacks: dict[str, Callable[..., None]] = {
+        "on_part_begin": on_part_begin,
+        "on_header_field": on_header_field,
+        "on_header_value": on_header_value,
+        "on_header_end": on_header_end,
+        "on_part_data": on_part_data,
+        "on_part_end": on_part_end,
+    }
+    parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+    try:
+        parser.write(body)
+        parser.finalize()
+    except InvalidRequest:
+        raise
+    except Exception as exc:
+        raise InvalidRequest(f"malformed multipart/form-data body: {exc}") from None
+    return parts

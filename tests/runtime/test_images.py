@@ -1,0 +1,350 @@
+"""Image endpoints on the real server: answers equal the declared preprocessing plus
+onnxruntime run directly; hostile images get a 400 that names the problem."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+from kubeonnx_runtime.datatypes import TensorSpec
+from kubeonnx_runtime.errors import FatalStartupError, InvalidRequest
+from kubeonnx_runtime.images import ImagePipeline, load_processing, parse_multipart
+from kubeonnx_runtime.quota import key_hash
+from PIL import Image
+
+from e2e.generate_images import generate as generate_images
+from tests.runtime.conftest import Served, start_server
+
+LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+MEAN = [0.485, 0.456, 0.406]
+STD = [0.229, 0.224, 0.225]
+PROCESSING = {
+    "input": {"image": {"size": [32, 32], "mean": MEAN, "std": STD, "maxPixels": 1_000_000}},
+    "output": {"classification": {"topK": 3, "softmax": True}},
+}
+GOOD = ["photo.jpg", "wide.png", "small.webp", "gray.jpg", "alpha.png", "palette.png", "tiny.png"]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return generate_images(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture(scope="module")
+def classifier(
+    tmp_path_factory: pytest.TempPathFactory, models: dict[str, Path]
+) -> Iterator[Served]:
+    tmp = tmp_path_factory.mktemp("classifier")
+    labels = tmp / "labels.txt"
+    labels.write_text("\n".join(LABELS) + "\n")
+    served = start_server(
+        tmp,
+        "--model-uri",
+        f"file://{models['convnet']}",
+        "--model-name",
+        "classifier",
+        "--max-batch-size",
+        "16",
+        env={"KUBEONNX_PROCESSING": json.dumps(PROCESSING), "KUBEONNX_LABELS_FILE": str(labels)},
+    )
+    yield served
+    served.stop()
+
+
+def reference(model: Path, path: Path) -> list[tuple[str, float]]:
+    """The declared preprocessing written out plainly, and onnxruntime run directly."""
+    img = Image.open(path).convert("RGB").resize((32, 32), Image.Resampling.BILINEAR)
+    x = (np.asarray(img, dtype=np.float32) / 255 - np.array(MEAN, np.float32)) / np.array(
+        STD, np.float32
+    )
+    x = x.transpose(2, 0, 1)[None].astype(np.float32)
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {"input": x})[0][0].astype(np.float64)
+    scores = np.exp(logits - logits.max())
+    scores /= scores.sum()
+    top = np.argsort(-scores)[:3]
+    return [(LABELS[i], float(scores[i])) for i in top]
+
+
+def assert_matches(predictions: list[dict], expected: list[tuple[str, float]]) -> None:  # type: ignore[type-arg]
+    assert [p["label"] for p in predictions] == [label for label, _ in expected]
+    np.testing.assert_allclose(
+        [p["score"] for p in predictions], [s for _, s in expected], rtol=1e-4, atol=1e-6
+    )
+    assert all(LABELS[p["index"]] == p["label"] for p in predictions)
+
+
+def test_predict_equals_preprocessing_and_onnxruntime_run_directly(
+    classifier: Served, images: dict[str, Path], models: dict[str, Path]
+) -> None:
+    with httpx.Client(base_url=classifier.url, timeout=30) as http:
+        for name in GOOD:
+            data = images[name].read_bytes()
+            expected = reference(models["convnet"], images[name])
+            raw = http.post("/v2/models/classifier/predict", content=data)
+            assert raw.status_code == 200, (name, raw.text)
+            assert raw.json()["model"] == "classifier"
+            assert_matches(raw.json()["predictions"], expected)
+            form = http.post("/v2/models/classifier/predict", files={"file": (name, data)})
+            assert form.status_code == 200, (name, form.text)
+            assert_matches(form.json()["predictions"], expected)
+
+
+def test_predict_batch_answers_each_image_in_order(
+    classifier: Served, images: dict[str, Path], models: dict[str, Path]
+) -> None:
+    files = [("files", (name, images[name].read_bytes())) for name in GOOD]
+    with httpx.Client(base_url=classifier.url, timeout=30) as http:
+        answer = http.post("/v2/models/classifier/predict/batch", files=files)
+    assert answer.status_code == 200, answer.text
+    results = answer.json()["results"]
+    assert [r["image"] for r in results] == list(range(len(GOOD)))
+    for name, result in zip(GOOD, results, strict=True):
+        assert_matches(result["predictions"], reference(models["convnet"], images[name]))
+
+
+def test_concurrent_images_are_batched_and_never_mixed_up(
+    classifier: Served, images: dict[str, Path], models: dict[str, Path]
+) -> None:
+    expected = {name: reference(models["convnet"], images[name]) for name in GOOD}
+    with httpx.Client(base_url=classifier.url, timeout=30) as http:
+
+        def one(i: int) -> tuple[str, list[dict]]:  # type: ignore[type-arg]
+            name = GOOD[i % len(GOOD)]
+            answer = http.post("/v2/models/classifier/predict", content=images[name].read_bytes())
+            assert answer.status_code == 200, answer.text
+            return name, answer.json()["predictions"]
+
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            for name, predictions in pool.map(one, range(112)):
+                assert_matches(predictions, expected[name])
+        metrics = http.get("/metrics").text
+    # Runs of more than one image happened: the histogram's 1-row bucket is not all of them.
+    count = _metric(metrics, 'kubeonnx_batch_size_count{model="classifier"}')
+    ones = _metric(metrics, 'kubeonnx_batch_size_bucket{le="1.0",model="classifier"}')
+    assert ones < count
+
+
+def _metric(text: str, name: str) -> float:
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name)))
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("not-an-image.jpg", "the image is not a JPEG, PNG or WebP image"),
+        ("animation.gif", "the image is not a JPEG, PNG or WebP image"),
+        ("truncated.jpg", "the image is a corrupt or truncated image"),
+        ("bomb.png", "the image is over the limit of 1000000 pixels"),
+        ("photo.jpg", None),  # 640x480: within the limit
+    ],
+)
+def test_a_bad_image_is_a_400_that_names_the_problem(
+    classifier: Served, images: dict[str, Path], name: str, problem: str | None
+) -> None:
+    answer = httpx.post(
+        f"{classifier.url}/v2/models/classifier/predict",
+        content=images[name].read_bytes(),
+        timeout=30,
+    )
+    if problem is None:
+        assert answer.status_code == 200
+        return
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"].startswith(problem), answer.json()["error"]
+
+
+def test_bad_requests_to_the_image_endpoints(classifier: Served, images: dict[str, Path]) -> None:
+    photo = images["photo.jpg"].read_bytes()
+    url = f"{classifier.url}/v2/models/classifier"
+    with httpx.Client(timeout=30) as http:
+        cases = [
+            (http.post(f"{url}/predict", content=b""), "the image is empty"),
+            (
+                http.post(f"{url}/predict", files={"image": ("a.jpg", photo)}),
+                "the multipart body has no field 'file'",
+            ),
+            (
+                http.post(f"{url}/predict", files=[("file", photo), ("file", photo)]),
+                "/predict takes one image; send several to /predict/batch",
+            ),
+            (
+                http.post(f"{url}/predict/batch", content=photo),
+                "/predict/batch takes multipart/form-data",
+            ),
+            (
+                http.post(
+                    f"{url}/predict/batch",
+                    files=[("files", ("ok.jpg", photo)), ("files", ("bad.jpg", b"junk"))],
+                ),
+                "files[1] ('bad.jpg') is not a JPEG, PNG or WebP image",
+            ),
+            (
+                http.post(
+                    f"{url}/predict",
+                    content=b"--x\r\nno headers",
+                    headers={"content-type": "multipart/form-data; boundary=x"},
+                ),
+                "malformed multipart/form-data body",
+            ),
+            (
+                http.post(
+                    f"{url}/predict",
+                    content=b'--x\r\nContent-Disposition: form-data; name="file"\r\n\r\nabc',
+                    headers={"content-type": "multipart/form-data; boundary=x"},
+                ),
+                "the multipart body has no field 'file'",  # cut off before its end
+            ),
+        ]
+        for answer, problem in cases:
+            assert answer.status_code == 400, answer.text
+            assert answer.json()["error"].startswith(problem), answer.json()["error"]
+        missing = http.post(f"{classifier.url}/v2/models/other/predict", content=photo)
+        assert missing.status_code == 404
+
+
+def test_too_many_images_in_one_batch(classifier: Served, images: dict[str, Path]) -> None:
+    tiny = images["tiny.png"].read_bytes()
+    answer = httpx.post(
+        f"{classifier.url}/v2/models/classifier/predict/batch",
+        files=[("files", ("t.png", tiny))] * 65,
+        timeout=30,
+    )
+    assert answer.status_code == 400
+    assert "65 images in one request; at most 64" in answer.json()["error"]
+
+
+def test_a_model_without_processing_has_no_image_endpoints(mlp_server: Served) -> None:
+    answer = httpx.post(f"{mlp_server.url}/v2/models/mlp/predict", content=b"x")
+    assert answer.status_code == 404
+    assert "spec.processing is not set" in answer.json()["error"]
+
+
+def test_quota_counts_each_image(
+    serve, models: dict[str, Path], images: dict[str, Path], tmp_path: Path
+) -> None:
+    policy = {
+        "policy": "images",
+        "tenants": [
+            {
+                "name": "acme",
+                "keySha256": [key_hash("acme-key")],
+                "limits": [{"unit": "rows", "limit": 3, "window": "1m"}],
+            }
+        ],
+    }
+    path = tmp_path / "quota.json"
+    path.write_text(json.dumps(policy))
+    served = serve(
+        "--model-uri",
+        f"file://{models['convnet']}",
+        "--model-name",
+        "classifier",
+        env={"KUBEONNX_PROCESSING": json.dumps(PROCESSING), "KUBEONNX_QUOTA_CONFIG": str(path)},
+    )
+    tiny = images["tiny.png"].read_bytes()
+    url = f"{served.url}/v2/models/classifier/predict/batch"
+    key = {"X-Api-Key": "acme-key"}
+    with httpx.Client(timeout=30) as http:
+        assert http.post(url, files=[("files", tiny)] * 2).status_code == 401
+        assert http.post(url, files=[("files", tiny)] * 2, headers=key).status_code == 200
+        refused = http.post(url, files=[("files", tiny)] * 2, headers=key)
+        assert refused.status_code == 429  # 2 + 2 images over a budget of 3
+        assert http.post(url, files=[("files", tiny)], headers=key).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("processing", "labels", "problem"),
+    [
+        (
+            {"input": {"image": {"size": [64, 64]}}},
+            None,
+            "model input 'input' has shape [-1, 3, 32, 32], which does not take an image of "
+            "NCHW [3, 64, 64]",
+        ),
+        (
+            {"input": {"image": {"size": [32, 32], "layout": "NHWC"}}},
+            None,
+            "which does not take an image of NHWC [32, 32, 3]",
+        ),
+        (
+            {"input": {"image": {"size": [32, 32], "input": "pixels"}}},
+            None,
+            "spec.processing.input.image.input 'pixels' is not a model input",
+        ),
+        (
+            {"input": {"image": {"size": [32, 32]}}},
+            ["cat", "dog"],
+            "the labels file has 2 labels and model output 'output' has 10 classes",
+        ),
+    ],
+)
+def test_processing_that_does_not_fit_the_model_refuses_to_start(
+    processing: dict,
+    labels: list[str] | None,
+    problem: str,  # type: ignore[type-arg]
+) -> None:
+    inputs = [TensorSpec("input", "FP32", (-1, 3, 32, 32))]
+    outputs = [TensorSpec("output", "FP32", (-1, 10))]
+    with pytest.raises(FatalStartupError, match=problem.replace("[", r"\[").replace("]", r"\]")):
+        ImagePipeline(load_processing(json.dumps(processing)), inputs, outputs, labels)
+
+
+def test_the_start_up_failure_reaches_the_termination_log(serve, models: dict[str, Path]) -> None:
+    served = serve(
+        "--model-uri",
+        f"file://{models['convnet']}",
+        env={"KUBEONNX_PROCESSING": json.dumps({"input": {"image": {"size": [64, 64]}}})},
+        wait_ready=False,
+    )
+    assert served.proc.wait(60) == 1
+    assert "does not take an image of NCHW [3, 64, 64]" in served.termination_log.read_text()
+
+
+def test_nhwc_bgr_preprocessing(images: dict[str, Path]) -> None:
+    processing = load_processing(
+        json.dumps(
+            {
+                "input": {
+                    "image": {
+                        "size": [8, 6],
+                        "layout": "NHWC",
+                        "channels": "BGR",
+                        "scale": 1,
+                        "mean": [1, 2, 3],
+                        "std": [2, 2, 2],
+                        "resize": "nearest",
+                    }
+                }
+            }
+        )
+    )
+    pipeline = ImagePipeline(
+        processing,
+        [TensorSpec("x", "FP32", (-1, 8, 6, 3))],
+        [TensorSpec("y", "FP32", (-1, 4))],
+    )
+    data = images["wide.png"].read_bytes()
+    got = pipeline.preprocess(data, "the image")
+    img = Image.open(images["wide.png"]).convert("RGB").resize((6, 8), Image.Resampling.NEAREST)
+    want = (np.asarray(img, np.float32)[..., ::-1] - np.array([1, 2, 3], np.float32)) / 2
+    assert got.shape == (1, 8, 6, 3)
+    np.testing.assert_allclose(got[0], want, rtol=1e-6)
+    top = pipeline.classify(np.array([0.1, 3.0, -1.0, 2.0]))
+    assert [(p.label, p.index) for p in top] == [("1", 1), ("3", 3), ("0", 0), ("2", 2)]
+
+
+def test_multipart_parts_are_bounded() -> None:
+    body = b"".join(
+        b'--b\r\nContent-Disposition: form-data; name="f"\r\n\r\nx\r\n' for _ in range(5)
+    )
+    with pytest.raises(InvalidRequest, match="more than 3 parts"):
+        parse_multipart(body + b"--b--\r\n", "multipart/form-data; boundary=b", 3)
+    parts = parse_multipart(body + b"--b--\r\n", "multipart/form-data; boundary=b", 5)
+    assert [(p.name, p.data) for p in parts] == [("f", b"x")] * 5
