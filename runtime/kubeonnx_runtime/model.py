@@ -77,7 +77,9 @@ def cpu_quota_threads(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
 class OnnxModel:
     """One loaded model. `run` is thread-safe (onnxruntime sessions are)."""
 
-    def __init__(self, path: Path, *, device: str = "cpu", threads: int = 0) -> None:
+    def __init__(
+        self, path: Path, *, device: str = "cpu", threads: int = 0, spin: bool = True
+    ) -> None:
         providers = ["CPUExecutionProvider"]
         if device == "cuda":
             available = ort.get_available_providers()
@@ -93,6 +95,10 @@ class OnnxModel:
         options.intra_op_num_threads = threads or cpu_quota_threads()
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if not spin:
+            # Idle intra-op threads otherwise spin for work, taking the CPUs that other
+            # threads of the process (image decoding) need.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         started = time.monotonic()
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)

@@ -288,7 +288,12 @@ def load(settings: ServeSettings, metrics: RuntimeMetrics) -> OnnxModel:
             "seconds": round(fetched.seconds, 3),
         },
     )
-    model = OnnxModel(fetched.path, device=settings.device, threads=settings.threads)
+    model = OnnxModel(
+        fetched.path,
+        device=settings.device,
+        threads=settings.threads,
+        spin=settings.processing is None,  # images are decoded on the same CPUs
+    )
     metrics.load_seconds.labels(label).set(model.load_seconds)
     model.warm_up()
     log.info(
