@@ -131,7 +131,8 @@ def main() -> None:
             proc.wait()
     naive, ours = results[next(iter(servers))], results["kubeonnx /predict"]
     lines = [
-        "| concurrency | naive images/s | kubeonnx images/s | ratio | naive p99 ms | kubeonnx p99 ms |",
+        "| concurrency | naive images/s | kubeonnx images/s | ratio "
+        "| naive p99 ms | kubeonnx p99 ms |",
         "|---|---|---|---|---|---|",
     ]
     for c in naive:
