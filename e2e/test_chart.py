@@ -84,7 +84,14 @@ def test_every_rendered_example_passes_a_strict_server_side_dry_run(
         args += ["-f", str(example)]
     rendered = subprocess.run(args, capture_output=True, text=True, check=True).stdout
     kinds = [d["kind"] for d in yaml.safe_load_all(rendered) if d]
-    assert kinds.count("Deployment") == len(EXAMPLES) and "PodMonitor" in kinds
+    models = [
+        d
+        for e in EXAMPLES
+        for d in yaml.safe_load_all(e.read_text())
+        if d and d["kind"] == "InferenceModel"
+    ]
+    gateways = sum(1 for d in models if (d["spec"].get("async") or {}).get("enabled"))
+    assert kinds.count("Deployment") == len(models) + gateways and "PodMonitor" in kinds
     proc = dry_run(cluster, "default", rendered)  # render's namespace, where none is given
     assert proc.returncode == 0, proc.stderr
     # And the examples themselves.

@@ -134,12 +134,74 @@ def test_every_example_is_served_with_the_right_children(
         == f"https://models.example.com/models/{namespace}/mlp-public"
     )
 
+    # The asynchronous model: a gateway whose pods its own Deployment and Service do not
+    # select, submissions routed to it, and KEDA scaling the model from zero on the queue.
+    scorer = {
+        (o["kind"], o["metadata"]["name"]): o
+        for o in (
+            cluster.get(
+                CHILD_KINDS, "-n", namespace, "-l", "kubeonnx.io/inferencemodel=batch-scorer"
+            )
+            or {}
+        ).get("items", [])
+    }
+    gateway = scorer[("Deployment", "batch-scorer-gateway")]
+    assert (
+        scorer[("Service", "batch-scorer-gateway")]["spec"]["selector"]
+        == (gateway["spec"]["selector"]["matchLabels"])
+    )
+    gateway_pods = eventually(
+        lambda: (
+            cluster.get("pods", "-n", namespace, "-l", "kubeonnx.io/async-gateway=batch-scorer")
+            or {}
+        ).get("items"),
+        60,
+        what="the gateway's pod",
+    )
+    model_pods = cluster.get(
+        "pods", "-n", namespace, "-l", "kubeonnx.io/inferencemodel=batch-scorer"
+    )
+    assert model_pods and {p["metadata"]["name"] for p in model_pods["items"]}.isdisjoint(
+        p["metadata"]["name"] for p in gateway_pods
+    )
+    (queue,) = [
+        t
+        for t in scorer[("ScaledObject", "batch-scorer")]["spec"]["triggers"]
+        if t["type"] == "redis-streams"
+    ]
+    assert queue["metadata"]["stream"] == f"kubeonnx:{{{namespace}/batch-scorer}}:requests"
+    assert scorer[("ScaledObject", "batch-scorer")]["spec"]["minReplicaCount"] == 0
+    routes = {
+        p["path"]: p["backend"]["service"]["name"]
+        for p in scorer[("Ingress", "batch-scorer")]["spec"]["rules"][0]["http"]["paths"]
+    }
+    prefix = f"/models/{namespace}/batch-scorer/v2/models/batch-scorer"
+    assert (
+        routes[f"{prefix}/async-infer"] == routes[f"{prefix}/requests"] == ("batch-scorer-gateway")
+    )
+    im = cluster.get("inferencemodel", "batch-scorer", "-n", namespace)
+    assert im and im["status"]["asyncURL"] == (
+        f"http://batch-scorer-gateway.{namespace}.svc.cluster.local/v2/models/batch-scorer/"
+        "async-infer"
+    )
+
+    # The image classifier: its labels ConfigMap mounted, its processing in the environment.
+    classifier = children(cluster, namespace, "classifier")["Deployment"]
+    pod = classifier["spec"]["template"]["spec"]
+    labels = next(v for v in pod["volumes"] if v["name"] == "labels")["configMap"]
+    assert labels["name"] == "classifier-labels"
+    assert labels["items"] == [{"key": "labels.txt", "path": "labels.txt"}]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert json.loads(env["KUBEONNX_PROCESSING"])["input"]["image"]["size"] == [224, 224]
+
     table = cluster.kubectl("get", "inferencemodels", "-n", namespace).stdout
     header, *rows = table.splitlines()
-    assert header.split() == ["NAME", "READY", "REASON", "REPLICAS", "GPU", "URL", "AGE"]
+    assert header.split() == ["NAME", "READY", "REASON", "REPLICAS", "GPU", "MODE", "URL", "AGE"]
     by_name = {r.split()[0]: r.split() for r in rows}
-    assert by_name["resnet-gpu"][1:5] == ["True", "Ready", "1/1", "1"]
-    assert by_name["mlp-cpu"][1:5] == ["True", "Ready", "1/1", "0"]
+    assert by_name["resnet-gpu"][1:6] == ["True", "Ready", "1/1", "1", "sync"]
+    assert by_name["mlp-cpu"][1:6] == ["True", "Ready", "1/1", "0", "sync"]
+    assert by_name["batch-scorer"][5] == "async"
+    assert by_name["classifier"][5] == "image"
 
 
 def test_spec_change_rolls_the_deployment_and_advances_observed_generation(
