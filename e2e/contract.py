@@ -77,6 +77,7 @@ def run_container(
     secrets: dict[str, dict[str, Any]],
     workdir: Path,
     container_name: str = "runtime",
+    config_maps: dict[str, dict[str, Any]] | None = None,
 ) -> LocalContainer:
     pod = deployment["spec"]["template"]["spec"]
     container = next(c for c in pod["containers"] if c["name"] == container_name)
@@ -98,6 +99,11 @@ def run_container(
             secret = secrets[source["secretName"]]
             for key, value in (secret.get("data") or {}).items():
                 (mounts[mount["mountPath"]] / key).write_bytes(base64.b64decode(value))
+        source = volumes.get(mount["name"], {}).get("configMap")
+        if source:  # its items' keys, written to their paths
+            data = (config_maps or {})[source["name"]].get("data") or {}
+            for item in source.get("items") or [{"key": k, "path": k} for k in data]:
+                (mounts[mount["mountPath"]] / item["path"]).write_text(data[item["key"]])
 
     def translate(value: str) -> str:
         if value == term_path:
