@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .asyncinfer import AsyncStore, QueueFull, RequestNotFound, status_document
+from .asyncinfer import AsyncStore, QueueFull, QueueUnavailable, RequestNotFound, status_document
 from .codec import HEADER_LENGTH, InferRequest, encode_response
 from .dataplane import DataPlane
 from .datatypes import OIP_TO_NUMPY
@@ -52,6 +52,7 @@ _STATUS: dict[type[RuntimeServeError], int] = {
     QuotaExceeded: 429,
     ServerBusy: 503,
     QueueFull: 503,
+    QueueUnavailable: 503,
     QuotaUnavailable: 503,
 }
 # Bodies up to this size are decoded on the event loop (well under a millisecond); larger or

@@ -99,6 +99,26 @@ class QueueFull(ServerBusy):
     """The stream holds as many requests as the model accepts (HTTP 503)."""
 
 
+class QueueUnavailable(ServerBusy):
+    """Redis did not answer in time, or refused (HTTP 503)."""
+
+
+# A submission or a lookup waits this long for Redis before answering 503.
+STORE_TIMEOUT_S = 2.0
+
+
+async def _store_call(call: Awaitable[Any]) -> Any:
+    import redis.exceptions
+
+    try:
+        return await asyncio.wait_for(call, STORE_TIMEOUT_S)
+    except (TimeoutError, redis.exceptions.RedisError, OSError) as exc:
+        raise QueueUnavailable(
+            f"the asynchronous queue (Redis) is unavailable: {exc or type(exc).__name__}; "
+            "retry shortly"
+        ) from None
+
+
 class RequestNotFound(RuntimeServeError):
     """No such request: never submitted, or its result has expired (HTTP 404)."""
 
@@ -188,18 +208,20 @@ class AsyncStore:
         if callback:
             check_callback(callback, self.callback_hosts)
         request_id = uuid.uuid4().hex
-        queued = await self._submit(
-            keys=[self.keys.stream, self.keys.record(request_id)],
-            args=[
-                self.max_queued,
-                PENDING_TTL_S,
-                request_id,
-                body,
-                "" if header_length is None else header_length,
-                callback or "",
-                tenant,
-                f"{time.time():.3f}",
-            ],
+        queued = await _store_call(
+            self._submit(
+                keys=[self.keys.stream, self.keys.record(request_id)],
+                args=[
+                    self.max_queued,
+                    PENDING_TTL_S,
+                    request_id,
+                    body,
+                    "" if header_length is None else header_length,
+                    callback or "",
+                    tenant,
+                    f"{time.time():.3f}",
+                ],
+            )
         )
         if not queued:
             raise QueueFull(
@@ -213,7 +235,7 @@ class AsyncStore:
         request is answered as not found, as if it did not exist."""
         if not request_id.isalnum() or len(request_id) > 64:
             raise RequestNotFound(f"no request {request_id!r}")
-        raw = await self.client.hgetall(self.keys.record(request_id))
+        raw = await _store_call(self.client.hgetall(self.keys.record(request_id)))
         if not raw:
             raise RequestNotFound(
                 f"no request {request_id!r}: never submitted, or its result has expired"

@@ -337,6 +337,40 @@ def test_quota_applies_at_submission_and_a_tenant_reads_only_its_own_requests(
         assert other.status_code == 404  # another tenant's request does not exist for it
 
 
+def test_redis_frozen_or_killed_is_a_503_and_the_queue_recovers_after(
+    serve, models: dict[str, Path]
+) -> None:
+    redis = LocalRedis().start()
+    try:
+        served = start(serve, models, redis.url)
+        with httpx.Client(base_url=served.url, timeout=10) as http:
+            ok = http.post("/v2/models/mlp/async-infer", json=body([1] * 4))
+            assert wait_done(http, ok.headers["location"]).status_code == 200
+            redis.pause()  # frozen: no answer at all
+            started = time.monotonic()
+            frozen = http.post("/v2/models/mlp/async-infer", json=body([1] * 4))
+            assert frozen.status_code == 503
+            assert "asynchronous queue (Redis) is unavailable" in frozen.json()["error"]
+            assert time.monotonic() - started < 5
+            redis.kill()  # and then gone, its data with it
+            gone = http.post("/v2/models/mlp/async-infer", json=body([1] * 4))
+            assert gone.status_code == 503
+            assert http.get(ok.headers["location"]).status_code == 503
+            # Sync inference never depended on the queue.
+            assert http.post("/v2/models/mlp/infer", json=body([1] * 4)).status_code == 200
+            redis.start()  # empty: the worker makes its group again
+            deadline = time.monotonic() + 30
+            while True:
+                again = http.post("/v2/models/mlp/async-infer", json=body([1] * 4))
+                if again.status_code == 202:
+                    break
+                assert time.monotonic() < deadline, again.text
+                time.sleep(0.2)
+            assert wait_done(http, again.headers["location"]).status_code == 200
+    finally:
+        redis.stop()
+
+
 class _Callbacks(BaseHTTPRequestHandler):
     received: list[dict] = []  # type: ignore[type-arg]
 
