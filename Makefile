@@ -53,4 +53,5 @@ bench: venv benchmarks/.venv-peer/bin/mlserver   ## runtime and operator benchma
 	command -v wrk >/dev/null || (apt-get install -y -qq wrk || sudo apt-get install -y -qq wrk)
 	mkdir -p benchmarks/results
 	$(PY) benchmarks/runtime_bench.py --out benchmarks/results/runtime.md
+	$(PY) benchmarks/image_bench.py --out benchmarks/results/images.md
 	$(PY) benchmarks/operator_bench.py --out benchmarks/results/operator.md
