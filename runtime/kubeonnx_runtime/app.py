@@ -189,7 +189,7 @@ class InferHandler:
     def close(self) -> None:
         self._decoder.shutdown(wait=False, cancel_futures=True)
 
-    def _count(self, status: int) -> None:
+    def count(self, status: int) -> None:
         counter = self._by_code.get(status)
         if counter is None:
             counter = self._by_code[status] = self._requests.labels(
@@ -287,7 +287,7 @@ class InferHandler:
         finally:
             self.inflight.dec()
             self.latency.observe(time.perf_counter() - started)
-            self._count(status)
+            self.count(status)
 
 
 class PredictHandler:
@@ -385,7 +385,7 @@ class PredictHandler:
         finally:
             handler.inflight.dec()
             handler.latency.observe(time.perf_counter() - started)
-            handler._count(status)
+            handler.count(status)
 
 
 def request_rows(inputs: Mapping[str, Any]) -> int:

@@ -398,7 +398,13 @@ class AsyncWorker:
         callback = _text(fields.get(b"callback", b""))
         record = self.keys.record(request_id)
         try:
-            if delivered > self.max_attempts:
+            answered = False
+            if delivered > 1:  # redelivered: its replica may have died after writing the result
+                status = await self.client.hget(record, "status")
+                answered = status in (b"done", b"failed")
+            if answered:
+                pass  # only the callback and the acknowledgement were lost
+            elif delivered > self.max_attempts:
                 last = await self.client.hget(record, "last_error")
                 reason = f"gave up after {self.max_attempts} attempts: " + (
                     _text(last)

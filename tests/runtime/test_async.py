@@ -252,6 +252,38 @@ def test_a_request_delivered_max_attempts_times_goes_to_the_dead_letter_stream(
     assert client.xlen(KEYS.stream) == 0
 
 
+def test_a_request_answered_but_not_acknowledged_is_not_run_again(
+    serve, models: dict[str, Path], redis_url: str
+) -> None:
+    gateway = serve(
+        "--role",
+        "gateway",
+        "--model-name",
+        "mlp",
+        "--model-uri",
+        "file:///none",
+        env=async_env(redis_url),
+    )
+    with httpx.Client(base_url=gateway.url, timeout=10) as http:
+        queued = http.post("/v2/models/mlp/async-infer", json=body([1, 2, 3, 4]))
+    request_id = queued.json()["id"]
+    # A replica took it, wrote its result, and was killed before acknowledging it.
+    client = redis_client(redis_url)
+    client.xreadgroup(GROUP, "crashed", {KEYS.stream: ">"}, count=1)
+    written = b'{"model_name":"mlp","outputs":[]}'
+    client.hset(KEYS.record(request_id), mapping={"status": "done", "result": written})
+
+    served = start(serve, models, redis_url)
+    deadline = time.monotonic() + 30
+    while client.xlen(KEYS.stream):
+        assert time.monotonic() < deadline, "the answered request was never acknowledged"
+        time.sleep(0.1)
+    with httpx.Client(base_url=served.url, timeout=10) as http:
+        assert http.get(queued.headers["location"]).content == written  # not run again
+    metrics = httpx.get(f"{served.url}/metrics").text
+    assert 'outcome="done"' not in metrics
+
+
 def test_the_gateway_checks_the_protocol_and_a_replica_the_model(
     serve, models: dict[str, Path], redis_url: str
 ) -> None:
