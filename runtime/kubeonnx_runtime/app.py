@@ -213,81 +213,100 @@ class InferHandler:
         respond_async: bool = False,
         route_prefix: str = "",
     ) -> InferAnswer:
-        dataplane, batcher = self.dataplane, self.dataplane.batcher
+        return await self.metered(
+            self._answer(name, version, headers, receive, respond_async, route_prefix),
+            "inference",
+        )
+
+    async def metered(self, work: Awaitable[InferAnswer], what: str) -> InferAnswer:
+        """Await an answer, counted in the model's metrics; a domain error becomes its status
+        code, anything else a 500 that names only the request id."""
         started = time.perf_counter()
         self.inflight.inc()
         status = 500
         try:
-            dataplane.check_model(name, version)  # a wrong name is 404 whatever the body
-            if respond_async and self.jobs is None:
-                raise ModelNotFound(
-                    f"model '{name}' takes no asynchronous requests (its spec.async is not enabled)"
-                )
-            quota = self.quota
-            tenant = quota.identify(headers) if quota is not None else ""  # 401 before the body
-            header_length = _int_header(headers, HEADER_LENGTH)
-            declared = _int_header(headers, "content-length")
-            if declared is not None and declared > self.max_body:
-                raise PayloadTooLarge(
-                    f"the request body is {declared} bytes; the limit is {self.max_body}"
-                )
-            body = await read_body(receive, self.max_body)
-            encoding = headers.get("content-encoding")
-            # The body is complete: from here to the queue only decoding remains, which is
-            # worth the batcher waiting for.
-            if batcher is not None:
-                batcher.admit()
-            try:
-                if encoding in (None, "", "identity") and len(body) < DECODE_INLINE_BELOW:
-                    decoded, raw = self._decode(body, encoding, header_length)
-                else:
-                    decoded, raw = await asyncio.get_running_loop().run_in_executor(
-                        self._decoder, self._decode, body, encoding, header_length
-                    )
-            finally:
-                if batcher is not None:
-                    batcher.withdraw()
-            extra: list[tuple[bytes, bytes]] = []
-            if quota is not None:  # rows are known now, before the model runs
-                rows = request_rows(decoded.inputs)
-                decision = await quota.admit(tenant, rows)
-                extra = decision.headers(time.time())
-                if self.ledger is not None:
-                    self.ledger.record(tenant, rows, request_id_var.get())
-            if respond_async and self.jobs is not None:
-                request_id = await self.jobs.submit(
-                    raw, header_length, tenant=tenant, callback=headers.get(CALLBACK_HEADER)
-                )
-                self._submitted.inc()
-                location = f"{route_prefix}/v2/models/{name}/requests/{request_id}"
-                extra.append((b"location", location.encode()))
-                extra.append((b"preference-applied", b"respond-async"))
-                status = 202
-                body = orjson.dumps({"id": request_id, "status": "pending", "location": location})
-                return 202, "application/json", extra, body
-            outputs = await dataplane.infer(decoded)
-            payload, out_header_length = encode_response(
-                dataplane.name, dataplane.version, decoded, outputs
-            )
-            status = 200
-            if out_header_length is None:
-                return 200, "application/json", extra, payload
-            extra.append((b"inference-header-content-length", str(out_header_length).encode()))
-            return 200, "application/octet-stream", extra, payload
+            answer = await work
+            status = answer[0]
+            return answer
         except RuntimeServeError as exc:
             status, extra, body = _error_parts(exc)
             if status >= 500:
-                log.warning("inference refused: %s", exc)
+                log.warning("%s refused: %s", what, exc)
             else:
-                log.info("bad inference request: %s", exc)
+                log.info("bad %s request: %s", what, exc)
             return status, "application/json", extra, body
         except Exception:
-            log.exception("inference failed")
+            log.exception("%s failed", what)
             return _internal_error()
         finally:
             self.inflight.dec()
             self.latency.observe(time.perf_counter() - started)
             self.count(status)
+
+    async def _answer(
+        self,
+        name: str,
+        version: str | None,
+        headers: Mapping[str, str],
+        receive: Receive,
+        respond_async: bool,
+        route_prefix: str,
+    ) -> InferAnswer:
+        dataplane, batcher = self.dataplane, self.dataplane.batcher
+        dataplane.check_model(name, version)  # a wrong name is 404 whatever the body
+        if respond_async and self.jobs is None:
+            raise ModelNotFound(
+                f"model '{name}' takes no asynchronous requests (its spec.async is not enabled)"
+            )
+        quota = self.quota
+        tenant = quota.identify(headers) if quota is not None else ""  # 401 before the body
+        header_length = _int_header(headers, HEADER_LENGTH)
+        declared = _int_header(headers, "content-length")
+        if declared is not None and declared > self.max_body:
+            raise PayloadTooLarge(
+                f"the request body is {declared} bytes; the limit is {self.max_body}"
+            )
+        body = await read_body(receive, self.max_body)
+        encoding = headers.get("content-encoding")
+        # The body is complete: from here to the queue only decoding remains, which is
+        # worth the batcher waiting for.
+        if batcher is not None:
+            batcher.admit()
+        try:
+            if encoding in (None, "", "identity") and len(body) < DECODE_INLINE_BELOW:
+                decoded, raw = self._decode(body, encoding, header_length)
+            else:
+                decoded, raw = await asyncio.get_running_loop().run_in_executor(
+                    self._decoder, self._decode, body, encoding, header_length
+                )
+        finally:
+            if batcher is not None:
+                batcher.withdraw()
+        extra: list[tuple[bytes, bytes]] = []
+        if quota is not None:  # rows are known now, before the model runs
+            rows = request_rows(decoded.inputs)
+            decision = await quota.admit(tenant, rows)
+            extra = decision.headers(time.time())
+            if self.ledger is not None:
+                self.ledger.record(tenant, rows, request_id_var.get())
+        if respond_async and self.jobs is not None:
+            request_id = await self.jobs.submit(
+                raw, header_length, tenant=tenant, callback=headers.get(CALLBACK_HEADER)
+            )
+            self._submitted.inc()
+            location = f"{route_prefix}/v2/models/{name}/requests/{request_id}"
+            extra.append((b"location", location.encode()))
+            extra.append((b"preference-applied", b"respond-async"))
+            body = orjson.dumps({"id": request_id, "status": "pending", "location": location})
+            return 202, "application/json", extra, body
+        outputs = await dataplane.infer(decoded)
+        payload, out_header_length = encode_response(
+            dataplane.name, dataplane.version, decoded, outputs
+        )
+        if out_header_length is None:
+            return 200, "application/json", extra, payload
+        extra.append((b"inference-header-content-length", str(out_header_length).encode()))
+        return 200, "application/octet-stream", extra, payload
 
 
 class PredictHandler:
@@ -331,61 +350,50 @@ class PredictHandler:
     async def __call__(
         self, name: str, headers: Mapping[str, str], receive: Receive, *, batch: bool
     ) -> InferAnswer:
+        return await self.infer.metered(self._answer(name, headers, receive, batch), "image")
+
+    async def _answer(
+        self, name: str, headers: Mapping[str, str], receive: Receive, batch: bool
+    ) -> InferAnswer:
         handler, dataplane = self.infer, self.infer.dataplane
-        started = time.perf_counter()
-        handler.inflight.inc()
-        status = 500
-        try:
-            dataplane.check_model(name, None)
-            quota = handler.quota
-            tenant = quota.identify(headers) if quota is not None else ""
-            declared = _int_header(headers, "content-length")
-            if declared is not None and declared > handler.max_body:
-                raise PayloadTooLarge(
-                    f"the request body is {declared} bytes; the limit is {handler.max_body}"
-                )
-            body = await read_body(receive, handler.max_body)
-            images = self._images(body, headers.get("content-type", ""), batch)
-            loop = asyncio.get_running_loop()
-            tensors = await asyncio.gather(
-                *(
-                    loop.run_in_executor(self._pool, self.pipeline.preprocess, data, where)
-                    for where, data in images
-                )
+        dataplane.check_model(name, None)
+        quota = handler.quota
+        tenant = quota.identify(headers) if quota is not None else ""
+        declared = _int_header(headers, "content-length")
+        if declared is not None and declared > handler.max_body:
+            raise PayloadTooLarge(
+                f"the request body is {declared} bytes; the limit is {handler.max_body}"
             )
-            extra: list[tuple[bytes, bytes]] = []
-            if quota is not None:
-                decision = await quota.admit(tenant, len(tensors))
-                extra = decision.headers(time.time())
-                if handler.ledger is not None:
-                    handler.ledger.record(tenant, len(tensors), request_id_var.get())
-            name_in, name_out = self.pipeline.input.name, self.pipeline.output.name
-            outputs = await asyncio.gather(
-                *(dataplane.infer(InferRequest({name_in: t})) for t in tensors)
+        body = await read_body(receive, handler.max_body)
+        images = self._images(body, headers.get("content-type", ""), batch)
+        loop = asyncio.get_running_loop()
+        tensors = await asyncio.gather(
+            *(
+                loop.run_in_executor(self._pool, self.pipeline.preprocess, data, where)
+                for where, data in images
             )
-            results = [
-                [p.as_dict() for p in self.pipeline.classify(out[name_out][0])] for out in outputs
-            ]
-            status = 200
-            if batch:
-                answer: dict[str, Any] = {
-                    "model": dataplane.name,
-                    "results": [{"image": i, "predictions": r} for i, r in enumerate(results)],
-                }
-            else:
-                answer = {"model": dataplane.name, "predictions": results[0]}
-            return 200, "application/json", extra, orjson.dumps(answer)
-        except RuntimeServeError as exc:
-            status, extra, payload = _error_parts(exc)
-            log.info("image request refused: %s", exc)
-            return status, "application/json", extra, payload
-        except Exception:
-            log.exception("image request failed")
-            return _internal_error()
-        finally:
-            handler.inflight.dec()
-            handler.latency.observe(time.perf_counter() - started)
-            handler.count(status)
+        )
+        extra: list[tuple[bytes, bytes]] = []
+        if quota is not None:
+            decision = await quota.admit(tenant, len(tensors))
+            extra = decision.headers(time.time())
+            if handler.ledger is not None:
+                handler.ledger.record(tenant, len(tensors), request_id_var.get())
+        name_in, name_out = self.pipeline.input.name, self.pipeline.output.name
+        outputs = await asyncio.gather(
+            *(dataplane.infer(InferRequest({name_in: t})) for t in tensors)
+        )
+        results = [
+            [p.as_dict() for p in self.pipeline.classify(out[name_out][0])] for out in outputs
+        ]
+        if batch:
+            answer: dict[str, Any] = {
+                "model": dataplane.name,
+                "results": [{"image": i, "predictions": r} for i, r in enumerate(results)],
+            }
+        else:
+            answer = {"model": dataplane.name, "predictions": results[0]}
+        return 200, "application/json", extra, orjson.dumps(answer)
 
 
 def request_rows(inputs: Mapping[str, Any]) -> int:

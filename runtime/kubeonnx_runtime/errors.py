@@ -6,6 +6,8 @@ import logging
 import re
 from pathlib import Path
 
+from pydantic import ValidationError
+
 log = logging.getLogger(__name__)
 
 # scheme://user:password@host -> scheme://user:***@host (an S3 endpoint may carry them)
@@ -15,6 +17,13 @@ _URL_PASSWORD = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s:@]*:)[^/\s@]+@")
 def redact(text: str) -> str:
     """The text with the password of any URL in it replaced by ***."""
     return _URL_PASSWORD.sub(r"\1***@", text)
+
+
+def describe(exc: ValidationError) -> str:
+    """Every problem pydantic found, each as `field.path: message`, in one line."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors()
+    )
 
 
 class RuntimeServeError(Exception):

@@ -21,7 +21,7 @@ from pydantic.alias_generators import to_camel
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from .datatypes import TensorSpec
-from .errors import FatalStartupError, InvalidRequest
+from .errors import FatalStartupError, InvalidRequest, describe
 
 FORMATS = ("JPEG", "PNG", "WEBP")
 _FILTERS = {
@@ -75,10 +75,9 @@ def load_processing(raw: str) -> Processing:
     try:
         return Processing.model_validate_json(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors()
-        )
-        raise FatalStartupError(f"invalid processing (KUBEONNX_PROCESSING): {problems}") from None
+        raise FatalStartupError(
+            f"invalid processing (KUBEONNX_PROCESSING): {describe(exc)}"
+        ) from None
 
 
 def load_labels(path: Path) -> list[str]:

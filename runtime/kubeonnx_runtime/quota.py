@@ -33,7 +33,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
 
-from .errors import FatalStartupError, RuntimeServeError, redact
+from .errors import FatalStartupError, RuntimeServeError, describe, redact
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +124,7 @@ def load_quota_config(path: Path) -> QuotaConfig:
     try:
         return QuotaConfig.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors()
-        )
-        raise FatalStartupError(f"invalid quota configuration {path}: {problems}") from None
+        raise FatalStartupError(f"invalid quota configuration {path}: {describe(exc)}") from None
 
 
 def key_hash(key: str) -> str:

@@ -60,6 +60,19 @@ def start(  # type: ignore[no-untyped-def]
     )
 
 
+def start_gateway(serve, url: str, **extra: str) -> Served:  # type: ignore[no-untyped-def]
+    """The runtime in role gateway: it takes asynchronous requests and runs no model."""
+    return serve(
+        "--role",
+        "gateway",
+        "--model-name",
+        "mlp",
+        "--model-uri",
+        "file:///none",
+        env=async_env(url, **extra),
+    )
+
+
 def body(values: list[float]) -> dict:  # type: ignore[type-arg]
     return {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": values}]}
 
@@ -152,15 +165,7 @@ def test_a_thousand_requests_queued_with_no_consumer_are_answered_once_despite_a
     expected = expected_outputs(models["mlp"], inputs)
 
     # Only the gateway runs: it takes requests and runs no model.
-    gateway = serve(
-        "--role",
-        "gateway",
-        "--model-name",
-        "mlp",
-        "--model-uri",
-        "file:///none",
-        env=async_env(redis_url),
-    )
+    gateway = start_gateway(serve, redis_url)
     ids: dict[str, int] = {}
     with httpx.Client(base_url=gateway.url, timeout=10) as http:
 
@@ -216,15 +221,7 @@ def test_a_thousand_requests_queued_with_no_consumer_are_answered_once_despite_a
 def test_a_request_delivered_max_attempts_times_goes_to_the_dead_letter_stream(
     serve, models: dict[str, Path], redis_url: str
 ) -> None:
-    gateway = serve(
-        "--role",
-        "gateway",
-        "--model-name",
-        "mlp",
-        "--model-uri",
-        "file:///none",
-        env=async_env(redis_url),
-    )
+    gateway = start_gateway(serve, redis_url)
     with httpx.Client(base_url=gateway.url, timeout=10) as http:
         queued = http.post("/v2/models/mlp/async-infer", json=body([1, 2, 3, 4]))
         assert queued.status_code == 202
@@ -255,15 +252,7 @@ def test_a_request_delivered_max_attempts_times_goes_to_the_dead_letter_stream(
 def test_a_request_answered_but_not_acknowledged_is_not_run_again(
     serve, models: dict[str, Path], redis_url: str
 ) -> None:
-    gateway = serve(
-        "--role",
-        "gateway",
-        "--model-name",
-        "mlp",
-        "--model-uri",
-        "file:///none",
-        env=async_env(redis_url),
-    )
+    gateway = start_gateway(serve, redis_url)
     with httpx.Client(base_url=gateway.url, timeout=10) as http:
         queued = http.post("/v2/models/mlp/async-infer", json=body([1, 2, 3, 4]))
     request_id = queued.json()["id"]
@@ -287,15 +276,7 @@ def test_a_request_answered_but_not_acknowledged_is_not_run_again(
 def test_the_gateway_checks_the_protocol_and_a_replica_the_model(
     serve, models: dict[str, Path], redis_url: str
 ) -> None:
-    gateway = serve(
-        "--role",
-        "gateway",
-        "--model-name",
-        "mlp",
-        "--model-uri",
-        "file:///none",
-        env=async_env(redis_url, KUBEONNX_ASYNC_MAX_QUEUED="2"),
-    )
+    gateway = start_gateway(serve, redis_url, KUBEONNX_ASYNC_MAX_QUEUED="2")
     with httpx.Client(base_url=gateway.url, timeout=10) as http:
         bad = http.post("/v2/models/mlp/async-infer", content=b"{not json")
         assert bad.status_code == 400
@@ -340,15 +321,7 @@ def test_quota_applies_at_submission_and_a_tenant_reads_only_its_own_requests(
     }
     path = tmp_path / "quota.json"
     path.write_text(json.dumps(policy))
-    gateway = serve(
-        "--role",
-        "gateway",
-        "--model-name",
-        "mlp",
-        "--model-uri",
-        "file:///none",
-        env=async_env(redis_url, KUBEONNX_QUOTA_CONFIG=str(path)),
-    )
+    gateway = start_gateway(serve, redis_url, KUBEONNX_QUOTA_CONFIG=str(path))
     with httpx.Client(base_url=gateway.url, timeout=10) as http:
         acme = {"X-Api-Key": "acme-key"}
         assert http.post("/v2/models/mlp/async-infer", json=body([1] * 4)).status_code == 401
