@@ -247,9 +247,6 @@ class AsyncStore:
             )
         return record
 
-    async def queued(self) -> int:
-        return int(await self.client.xlen(self.keys.stream))
-
 
 def status_document(record: Record, location: str) -> dict[str, Any]:
     doc: dict[str, Any] = {
@@ -273,6 +270,8 @@ class Transient(Exception):
 
 class AsyncWorker:
     """Consumes the stream: new entries, and entries other consumers left pending."""
+
+    forget_after_ms = 3600_000  # see _forget_departed
 
     def __init__(
         self,
@@ -310,6 +309,7 @@ class AsyncWorker:
         self._stopping = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
         self._http: Any = None
+        self._claims = 0
 
     def stop(self) -> None:
         """Take no new entries; `run` returns once those in flight are answered."""
@@ -371,10 +371,23 @@ class AsyncWorker:
                 entries.append((_text(entry_id), fields, 1))
         return entries
 
+    async def _forget_departed(self) -> None:
+        """Remove consumers that hold nothing and have not been seen for an hour: every
+        process is a consumer of its own, and the group would otherwise list every pod that
+        ever ran. A live one removed by mistake is made again by its next read."""
+        for consumer in await self.client.xinfo_consumers(self.keys.stream, GROUP):
+            name = _text(consumer["name"])
+            idle = consumer["idle"]
+            if name != self.consumer and not consumer["pending"] and idle > self.forget_after_ms:
+                await self.client.xgroup_delconsumer(self.keys.stream, GROUP, name)
+
     async def _claim(self, count: int) -> list[tuple[str, dict[bytes, bytes], int]]:
         """Entries other consumers were given and have not acknowledged for claim_after:
         their consumer died or hangs. XAUTOCLAIM hands them over (and counts the delivery)."""
         self._on_queue_length(int(await self.client.xlen(self.keys.stream)))
+        self._claims += 1
+        if self._claims % 100 == 1:
+            await self._forget_departed()
         reply = await self.client.xautoclaim(
             self.keys.stream, GROUP, self.consumer, self.claim_after_ms, "0-0", count=count
         )

@@ -180,6 +180,9 @@ def test_a_thousand_requests_queued_with_no_consumer_are_answered_once_despite_a
     client = redis_client(redis_url)
     assert client.xlen(KEYS.stream) == 1000
     assert client.get(KEYS.completed) is None  # nothing ran: no consumer yet
+    # What KEDA's redis-streams trigger reads to scale from zero: the group's lag.
+    (group,) = client.xinfo_groups(KEYS.stream)
+    assert group["lag"] == 1000
 
     # Two replicas drain the queue; the first seen holding requests is killed at once.
     replicas = [start(serve, models, redis_url, wait_ready=False) for _ in range(2)]
@@ -207,6 +210,8 @@ def test_a_thousand_requests_queued_with_no_consumer_are_answered_once_despite_a
     assert client.xlen(KEYS.stream) == 0  # every entry acknowledged and deleted
     assert client.xlen(KEYS.dead) == 0
     assert client.xpending(KEYS.stream, GROUP)["pending"] == 0
+    (group,) = client.xinfo_groups(KEYS.stream)
+    assert group["lag"] == 0  # known (not null) after the deletions: nothing left to scale on
     assert held_at_kill > 0  # what it held was reclaimed and answered by the other
     with httpx.Client(base_url=second.url, timeout=10) as http:
         for request_id, i in ids.items():
@@ -440,3 +445,37 @@ def test_callback_hosts() -> None:
     ]:
         with pytest.raises(InvalidRequest, match=problem):
             check_callback(url, hosts)
+
+
+async def test_departed_consumers_are_forgotten_but_not_those_holding_requests(
+    redis_url: str,
+) -> None:
+    import redis.asyncio as aioredis
+    from kubeonnx_runtime.asyncinfer import AsyncWorker
+
+    client = aioredis.Redis.from_url(redis_url)
+    await client.xgroup_create(KEYS.stream, GROUP, id="0", mkstream=True)
+    await client.xadd(KEYS.stream, {"id": "x"})
+    await client.xreadgroup(GROUP, "holds-one", {KEYS.stream: ">"}, count=1)
+    await client.xgroup_createconsumer(KEYS.stream, GROUP, "departed")
+
+    async def never(_: object) -> dict[str, object]:
+        raise AssertionError("not called")
+
+    worker = AsyncWorker(
+        client,
+        KEYS,
+        decode=lambda body, hl: never,  # type: ignore[arg-type,return-value]
+        infer=never,  # type: ignore[arg-type]
+        model_name="mlp",
+        model_version="1",
+        max_attempts=3,
+        result_ttl_s=60,
+        claim_after_s=60,
+        concurrency=1,
+    )
+    worker.forget_after_ms = -1
+    await worker._forget_departed()
+    names = {c["name"].decode() for c in await client.xinfo_consumers(KEYS.stream, GROUP)}
+    assert names == {"holds-one"}
+    await client.aclose()
