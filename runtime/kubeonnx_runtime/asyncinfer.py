@@ -430,7 +430,11 @@ class AsyncWorker:
                 log.warning("request %s dead-lettered: %s", request_id, reason)
             else:
                 await self.client.hset(record, "attempts", delivered)
-                status, code, payload, hl = await self._run(fields)
+                heartbeat = asyncio.create_task(self._keep_claimed(entry_id))
+                try:
+                    status, code, payload, hl = await self._run(fields)
+                finally:
+                    heartbeat.cancel()
                 await self._finish(request_id, status, code, payload, hl, tenant, None)
                 self._on_outcome(status)
             if callback:
@@ -450,6 +454,24 @@ class AsyncWorker:
             log.exception(
                 "request %s: the queue could not be updated; it stays pending", request_id
             )
+
+    async def _keep_claimed(self, entry_id: str) -> None:
+        """While a request runs, reset its idle time every third of claim_after, so a run
+        longer than claim_after is not taken over and run again by another replica. The
+        claim asks for some idle time itself: an entry another replica has just taken over
+        (this process stalled) is not taken back."""
+        period = self.claim_after_ms / 3000
+        while True:
+            await asyncio.sleep(period)
+            with contextlib.suppress(Exception):  # a missed beat costs at most a second run
+                await self.client.xclaim(
+                    self.keys.stream,
+                    GROUP,
+                    self.consumer,
+                    int(period * 500),
+                    [entry_id],
+                    justid=True,
+                )
 
     async def _run(self, fields: dict[bytes, bytes]) -> tuple[str, int, bytes, int | None]:
         """(status, HTTP code, payload, binary header length) of one request."""

@@ -3,6 +3,7 @@ replicas draining the queue while one is SIGKILLed, dead letters, quotas and cal
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import json
 import signal
@@ -478,4 +479,58 @@ async def test_departed_consumers_are_forgotten_but_not_those_holding_requests(
     await worker._forget_departed()
     names = {c["name"].decode() for c in await client.xinfo_consumers(KEYS.stream, GROUP)}
     assert names == {"holds-one"}
+    await client.aclose()
+
+
+async def test_a_request_running_longer_than_claim_after_is_not_run_twice(
+    redis_url: str,
+) -> None:
+    """Two replicas in one process, a model run of 2.5 s and claim_after of 1 s: without the
+    heartbeat the second replica would take the request over and run it again."""
+    import redis.asyncio as aioredis
+    from kubeonnx_runtime.asyncinfer import AsyncStore, AsyncWorker
+    from kubeonnx_runtime.codec import decode_request
+
+    client = aioredis.Redis.from_url(redis_url)
+    runs: list[str] = []
+    started = asyncio.Event()
+
+    def worker(name: str) -> AsyncWorker:
+        async def slow(request: object) -> dict[str, object]:
+            runs.append(name)
+            started.set()
+            await asyncio.sleep(2.5)
+            return {"output": np.zeros((1, 3), np.float32)}
+
+        return AsyncWorker(
+            client,
+            KEYS,
+            decode=lambda raw, hl: decode_request(raw, hl),
+            infer=slow,  # type: ignore[arg-type]
+            model_name="mlp",
+            model_version="1",
+            max_attempts=3,
+            result_ttl_s=60,
+            claim_after_s=1,
+            concurrency=1,
+            consumer=name,
+        )
+
+    store = AsyncStore(client, KEYS, max_queued=10, callback_hosts=[])
+    request_id = await store.submit(
+        json.dumps(body([1] * 4)).encode(), None, tenant="", callback=None
+    )
+    first, second = worker("first"), worker("second")
+    tasks = [asyncio.create_task(first.run())]
+    await asyncio.wait_for(started.wait(), 10)
+    tasks.append(asyncio.create_task(second.run()))
+    deadline = time.monotonic() + 10
+    while (await store.lookup(request_id, None)).status == "pending":
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    first.stop()
+    second.stop()
+    await asyncio.gather(*tasks)
+    assert runs == ["first"]
+    assert int(await client.get(KEYS.completed)) == 1
     await client.aclose()
