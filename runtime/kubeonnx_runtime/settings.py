@@ -81,7 +81,7 @@ class ServeSettings(BaseSettings):
         30.0,
         gt=0,
         description="seconds a request may stay unacknowledged before another replica takes "
-        "it over; longer than the slowest request takes",
+        "it over (the replica running it renews its claim every third of it)",
     )
     async_max_queued: int = Field(
         100000, ge=1, description="queued asynchronous requests beyond which 503 is answered"
