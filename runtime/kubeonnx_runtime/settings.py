@@ -78,7 +78,7 @@ class ServeSettings(BaseSettings):
         3600, ge=1, description="seconds a result is kept after it is written"
     )
     async_claim_after_s: float = Field(
-        30.0,
+        300.0,
         gt=0,
         description="seconds a request may stay unacknowledged before another replica takes "
         "it over (the replica running it renews its claim every third of it)",
