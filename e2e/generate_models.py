@@ -109,6 +109,49 @@ def convnet_model() -> onnx.ModelProto:
     return _model(graph)
 
 
+def detector_model() -> onnx.ModelProto:
+    """A tiny object detector on [3,32,32]: a 4x4 grid of 16x16 anchors (8 pixels apart, so
+    neighbours overlap), box offsets and 3 class scores from the image. Outputs boxes
+    [batch, 16, 4] (x1, y1, x2, y2 in input pixels) and scores [batch, 16, 3] (sigmoid)."""
+    rng = np.random.default_rng(5)
+    centers = [((gx + 0.5) * 8, (gy + 0.5) * 8) for gy in range(4) for gx in range(4)]
+    anchors = np.array([[x - 8, y - 8, x + 8, y + 8] for x, y in centers], dtype=np.float32)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((3, 3, 1, 1)) * 4).astype(np.float32), "wc"),
+        numpy_helper.from_array(np.array([-0.5, 0.0, 0.5], np.float32), "bc"),
+        numpy_helper.from_array(rng.standard_normal((4, 3, 1, 1)).astype(np.float32), "wr"),
+        numpy_helper.from_array(np.zeros(4, np.float32), "br"),
+        numpy_helper.from_array(np.array([0, 3, 16], np.int64), "cls_shape"),
+        numpy_helper.from_array(np.array([0, 4, 16], np.int64), "reg_shape"),
+        numpy_helper.from_array(np.array(4.0, np.float32), "four"),
+        numpy_helper.from_array(anchors, "anchors"),
+    ]
+    nodes = [
+        helper.make_node("AveragePool", ["input"], ["pooled"], kernel_shape=[8, 8], strides=[8, 8]),
+        helper.make_node("Conv", ["pooled", "wc", "bc"], ["cls"]),
+        helper.make_node("Reshape", ["cls", "cls_shape"], ["cls_flat"]),
+        helper.make_node("Transpose", ["cls_flat"], ["cls_t"], perm=[0, 2, 1]),
+        helper.make_node("Sigmoid", ["cls_t"], ["scores"]),
+        helper.make_node("Conv", ["pooled", "wr", "br"], ["reg"]),
+        helper.make_node("Reshape", ["reg", "reg_shape"], ["reg_flat"]),
+        helper.make_node("Transpose", ["reg_flat"], ["reg_t"], perm=[0, 2, 1]),
+        helper.make_node("Tanh", ["reg_t"], ["reg_tanh"]),
+        helper.make_node("Mul", ["reg_tanh", "four"], ["offsets"]),
+        helper.make_node("Add", ["offsets", "anchors"], ["boxes"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "detector",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 32, 32])],
+        [
+            helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["batch", 16, 4]),
+            helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", 16, 3]),
+        ],
+        initializer=inits,
+    )
+    return _model(graph)
+
+
 def mixed_model() -> onnx.ModelProto:
     b = "batch"
     one = numpy_helper.from_array(np.array(1, dtype=np.int64), "one")
@@ -183,6 +226,7 @@ MODELS = {
     "mixed": mixed_model,
     "wide": lambda: _dense_layers([256, 1024, 1024, 1024, 10], "batch", 2, "wide"),
     "convnet": convnet_model,
+    "detector": detector_model,
     "centered": centered_model,
     "lookup": lookup_model,
     "valid": valid_conv_model,

@@ -187,8 +187,32 @@ class ClassificationSpec(_Spec):
     output: str | None = None
 
 
+class DetectionSpec(_Spec):
+    boxes: str = "boxes"
+    scores: str = "scores"
+    box_format: Literal["xyxy", "cxcywh"] = "xyxy"
+    normalized: bool = False
+    score_threshold: float = Field(0.25, ge=0, le=1)
+    iou_threshold: float = Field(0.45, gt=0, le=1)
+    max_detections: int = Field(100, ge=1, le=10000)
+    labels_config_map: SecretKeyRef | None = None
+
+
 class ProcessingOutputSpec(_Spec):
-    classification: ClassificationSpec = ClassificationSpec()
+    classification: ClassificationSpec | None = None
+    detection: DetectionSpec | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> ProcessingOutputSpec:
+        if self.classification is not None and self.detection is not None:
+            raise ValueError("spec.processing.output takes classification or detection, not both")
+        return self
+
+    @property
+    def labels(self) -> SecretKeyRef | None:
+        """The ConfigMap key holding the labels, whichever kind of output names it."""
+        kind = self.detection or self.classification
+        return kind.labels_config_map if kind is not None else None
 
 
 class ProcessingSpec(_Spec):

@@ -367,32 +367,34 @@ class PredictHandler:
         body = await read_body(receive, handler.max_body)
         images = self._images(body, headers.get("content-type", ""), batch)
         loop = asyncio.get_running_loop()
-        tensors = await asyncio.gather(
+        prepared = await asyncio.gather(
             *(
                 loop.run_in_executor(self._pool, self.pipeline.preprocess, data, where)
                 for where, data in images
             )
         )
+        tensors = [tensor for tensor, _ in prepared]
         extra: list[tuple[bytes, bytes]] = []
         if quota is not None:
             decision = await quota.admit(tenant, len(tensors))
             extra = decision.headers(time.time())
             if handler.ledger is not None:
                 handler.ledger.record(tenant, len(tensors), request_id_var.get())
-        name_in, name_out = self.pipeline.input.name, self.pipeline.output.name
+        name_in = self.pipeline.input.name
         outputs = await asyncio.gather(
             *(dataplane.infer(InferRequest({name_in: t})) for t in tensors)
         )
         results = [
-            [p.as_dict() for p in self.pipeline.classify(out[name_out][0])] for out in outputs
+            self.pipeline.answer(out, size)
+            for out, (_, size) in zip(outputs, prepared, strict=True)
         ]
         if batch:
             answer: dict[str, Any] = {
                 "model": dataplane.name,
-                "results": [{"image": i, "predictions": r} for i, r in enumerate(results)],
+                "results": [{"image": i, **r} for i, r in enumerate(results)],
             }
         else:
-            answer = {"model": dataplane.name, "predictions": results[0]}
+            answer = {"model": dataplane.name, **results[0]}
         return 200, "application/json", extra, orjson.dumps(answer)
 
 

@@ -56,12 +56,23 @@ class Classification(_Config):
     output: str | None = None
 
 
+class Detection(_Config):
+    boxes: str = "boxes"
+    scores: str = "scores"
+    box_format: Literal["xyxy", "cxcywh"] = "xyxy"
+    normalized: bool = False
+    score_threshold: float = Field(0.25, ge=0)
+    iou_threshold: float = Field(0.45, gt=0, le=1)
+    max_detections: int = Field(100, ge=1)
+
+
 class ProcessingInput(_Config):
     image: ImageInput
 
 
 class ProcessingOutput(_Config):
-    classification: Classification = Classification()
+    classification: Classification | None = None
+    detection: Detection | None = None
 
 
 class Processing(_Config):
@@ -101,6 +112,59 @@ class Prediction:
         return {"label": self.label, "index": self.index, "score": self.score}
 
 
+@dataclass(frozen=True)
+class Found:
+    """One detected object; the box in the uploaded image's pixels."""
+
+    label: str
+    index: int
+    score: float
+    box: tuple[float, float, float, float]  # x1, y1, x2, y2
+
+    def as_dict(self) -> dict[str, Any]:
+        x1, y1, x2, y2 = self.box
+        return {
+            "label": self.label,
+            "index": self.index,
+            "score": self.score,
+            "box": {"x1": x1, "y1": y1, "x2": x2, "y2": y2},
+        }
+
+
+def iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """Intersection over union of one x1,y1,x2,y2 box with each of `others`."""
+    x1 = np.maximum(box[0], others[:, 0])
+    y1 = np.maximum(box[1], others[:, 1])
+    x2 = np.minimum(box[2], others[:, 2])
+    y2 = np.minimum(box[3], others[:, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    areas = (others[:, 2] - others[:, 0]) * (others[:, 3] - others[:, 1])
+    union = area + areas - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def non_max_suppression(
+    boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, threshold: float, limit: int
+) -> list[int]:
+    """Greedy NMS per class: the indices kept, best score first. A box is dropped when it
+    overlaps a better box of the same class by more than `threshold` IoU."""
+    order = np.argsort(-scores, kind="stable")
+    kept: list[int] = []
+    suppressed = np.zeros(len(boxes), dtype=bool)
+    for position, i in enumerate(order):
+        if suppressed[i]:
+            continue
+        kept.append(int(i))
+        if len(kept) == limit:
+            break
+        rest = order[position + 1 :]
+        rest = rest[(classes[rest] == classes[i]) & ~suppressed[rest]]
+        if rest.size:
+            suppressed[rest[iou(boxes[i], boxes[rest]) > threshold]] = True
+    return kept
+
+
 class ImagePipeline:
     """Checked against the model once, at start-up: the input takes one image of the
     declared size, layout and channels, and the output is one row of class scores."""
@@ -114,7 +178,8 @@ class ImagePipeline:
     ) -> None:
         image = processing.input.image
         self.image = image
-        self.classification = processing.output.classification
+        self.detection = processing.output.detection
+        self.classification = processing.output.classification or Classification()
         self.labels = labels
         self.input = _pick(inputs, image.input, "input", "spec.processing.input.image.input")
         spec = self.input
@@ -131,14 +196,38 @@ class ImagePipeline:
                 "and layout)"
             )
         self.batchable = spec.shape[0] == -1
-        name = self.classification.output
-        self.output = _pick(outputs, name, "output", "spec.processing.output.classification.output")
-        classes = self.output.shape[-1] if self.output.shape else -1
-        if len(self.output.shape) != 2:
-            raise FatalStartupError(
-                f"model output '{self.output.name}' has shape {list(self.output.shape)}; "
-                "classification takes [batch, classes]"
+        if self.detection is not None:
+            if processing.output.classification is not None:
+                raise FatalStartupError(
+                    "spec.processing.output takes classification or detection, not both"
+                )
+            where = "spec.processing.output.detection"
+            self.boxes = _pick(outputs, self.detection.boxes, "output", f"{where}.boxes")
+            self.scores = _pick(outputs, self.detection.scores, "output", f"{where}.scores")
+            if len(self.boxes.shape) != 3 or self.boxes.shape[2] not in (4, -1):
+                raise FatalStartupError(
+                    f"model output '{self.boxes.name}' has shape {list(self.boxes.shape)}; "
+                    "detection boxes are [batch, boxes, 4]"
+                )
+            if len(self.scores.shape) != 3:
+                raise FatalStartupError(
+                    f"model output '{self.scores.name}' has shape {list(self.scores.shape)}; "
+                    "detection scores are [batch, boxes, classes]"
+                )
+            self.outputs = [self.boxes.name, self.scores.name]
+            self.output = self.scores
+        else:
+            name = self.classification.output
+            self.output = _pick(
+                outputs, name, "output", "spec.processing.output.classification.output"
             )
+            if len(self.output.shape) != 2:
+                raise FatalStartupError(
+                    f"model output '{self.output.name}' has shape {list(self.output.shape)}; "
+                    "classification takes [batch, classes]"
+                )
+            self.outputs = [self.output.name]
+        classes = self.output.shape[-1] if self.output.shape else -1
         if labels is not None and classes != -1 and len(labels) != classes:
             raise FatalStartupError(
                 f"the labels file has {len(labels)} labels and model output "
@@ -150,8 +239,9 @@ class ImagePipeline:
         self._gain = (np.float32(image.scale) / std).astype(np.float32)
         self._offset = (np.array(image.mean, dtype=np.float32) / std).astype(np.float32)
 
-    def preprocess(self, data: bytes, where: str) -> np.ndarray:
-        """One image's bytes to a [1, ...] tensor, or InvalidRequest naming the problem."""
+    def preprocess(self, data: bytes, where: str) -> tuple[np.ndarray, tuple[int, int]]:
+        """One image's bytes to a [1, ...] tensor and the image's (width, height), or
+        InvalidRequest naming the problem."""
         if not data:
             raise InvalidRequest(f"{where} is empty")
         try:
@@ -181,7 +271,46 @@ class ImagePipeline:
         pixels = pixels * self._gain - self._offset
         if self.image.layout == "NCHW":
             pixels = pixels.transpose(2, 0, 1)
-        return np.ascontiguousarray(pixels)[None]
+        return np.ascontiguousarray(pixels)[None], (width, height)
+
+    def answer(self, outputs: dict[str, np.ndarray], size: tuple[int, int]) -> dict[str, Any]:
+        """The answer for one image from its model outputs (first dimension 1)."""
+        if self.detection is not None:
+            found = self.detect(outputs[self.boxes.name][0], outputs[self.scores.name][0], size)
+            return {"detections": [f.as_dict() for f in found]}
+        return {"predictions": [p.as_dict() for p in self.classify(outputs[self.output.name][0])]}
+
+    def detect(self, boxes: np.ndarray, scores: np.ndarray, size: tuple[int, int]) -> list[Found]:
+        """Boxes and class scores of one image to its detections, best first: each box's
+        best class, those under the score threshold dropped, non-maximum suppression per
+        class, boxes scaled back to the uploaded image and clipped to it."""
+        spec = self.detection
+        assert spec is not None
+        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        scores = np.asarray(scores, dtype=np.float64).reshape(len(boxes), -1)
+        height, width = self.image.size
+        if spec.normalized:
+            boxes = boxes * [width, height, width, height]
+        if spec.box_format == "cxcywh":
+            cx, cy, w, h = boxes.T
+            boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
+        classes = scores.argmax(axis=1)
+        best = scores[np.arange(len(scores)), classes]
+        keep = best >= spec.score_threshold
+        boxes, best, classes = boxes[keep], best[keep], classes[keep]
+        kept = non_max_suppression(boxes, best, classes, spec.iou_threshold, spec.max_detections)
+        # The image was resized to the model's input without keeping its aspect ratio.
+        scale = np.array([size[0] / width, size[1] / height] * 2)
+        limit = np.array([size[0], size[1]] * 2, dtype=np.float64)
+        labels = self.labels
+        found = []
+        for i in kept:
+            box = np.clip(boxes[i] * scale, 0, limit)
+            index = int(classes[i])
+            label = labels[index] if labels is not None and index < len(labels) else str(index)
+            x1, y1, x2, y2 = (float(v) for v in box)
+            found.append(Found(label, index, float(best[i]), (x1, y1, x2, y2)))
+        return found
 
     def classify(self, scores: np.ndarray) -> list[Prediction]:
         """One row of class scores to the top K predictions, best first."""

@@ -43,6 +43,16 @@ URI = {"uri": "s3://b/k.onnx"}
             "spec.processing.input.image.std must not contain 0",
         ),
         (
+            {
+                "model": URI,
+                "processing": {
+                    "input": {"image": {"size": [8, 8]}},
+                    "output": {"classification": {}, "detection": {}},
+                },
+            },
+            "spec.processing.output takes classification or detection, not both",
+        ),
+        (
             {"model": URI, "pod": {"volumes": [{"name": "labels", "emptyDir": {}}]}},
             "spec.pod.volumes 'labels': the name is the runtime's own",
         ),

@@ -331,7 +331,8 @@ def test_nhwc_bgr_preprocessing(images: dict[str, Path]) -> None:
         [TensorSpec("y", "FP32", (-1, 4))],
     )
     data = images["wide.png"].read_bytes()
-    got = pipeline.preprocess(data, "the image")
+    got, size = pipeline.preprocess(data, "the image")
+    assert size == (300, 120)
     img = Image.open(images["wide.png"]).convert("RGB").resize((6, 8), Image.Resampling.NEAREST)
     want = (np.asarray(img, np.float32)[..., ::-1] - np.array([1, 2, 3], np.float32)) / 2
     assert got.shape == (1, 8, 6, 3)
@@ -348,3 +349,155 @@ def test_multipart_parts_are_bounded() -> None:
         parse_multipart(body + b"--b--\r\n", "multipart/form-data; boundary=b", 3)
     parts = parse_multipart(body + b"--b--\r\n", "multipart/form-data; boundary=b", 5)
     assert [(p.name, p.data) for p in parts] == [("f", b"x")] * 5
+
+
+DETECTION = {
+    "input": {"image": {"size": [32, 32]}},
+    "output": {"detection": {"scoreThreshold": 0.5, "iouThreshold": 0.3, "maxDetections": 5}},
+}
+CLASSES = ["person", "bicycle", "car"]
+
+
+@pytest.fixture(scope="module")
+def detector(tmp_path_factory: pytest.TempPathFactory, models: dict[str, Path]) -> Iterator[Served]:
+    tmp = tmp_path_factory.mktemp("detector")
+    labels = tmp / "labels.txt"
+    labels.write_text("\n".join(CLASSES))
+    served = start_server(
+        tmp,
+        "--model-uri",
+        f"file://{models['detector']}",
+        "--model-name",
+        "detector",
+        "--max-batch-size",
+        "8",
+        env={"KUBEONNX_PROCESSING": json.dumps(DETECTION), "KUBEONNX_LABELS_FILE": str(labels)},
+    )
+    yield served
+    served.stop()
+
+
+def plain_detections(model: Path, path: Path) -> tuple[list[tuple[str, float, list[float]]], int]:
+    """The detection post-processing written out plainly, with loops; also how many boxes
+    passed the score threshold (so a test can tell that suppression happened)."""
+    img = Image.open(path)
+    width, height = img.size
+    x = np.asarray(img.convert("RGB").resize((32, 32), Image.Resampling.BILINEAR), np.float32)
+    x = (x / 255).transpose(2, 0, 1)[None].astype(np.float32)
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    boxes, scores = session.run(["boxes", "scores"], {"input": x})
+    candidates = []
+    for box, row in zip(boxes[0].tolist(), scores[0].tolist(), strict=True):
+        cls = max(range(len(row)), key=lambda c: row[c])
+        if row[cls] >= 0.5:
+            candidates.append((row[cls], cls, box))
+    candidates.sort(key=lambda c: -c[0])
+
+    def overlap(a: list[float], b: list[float]) -> float:
+        w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+        h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+        union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+        return w * h / union if union > 0 else 0.0
+
+    kept: list[tuple[float, int, list[float]]] = []
+    for score, cls, box in candidates:
+        if all(c != cls or overlap(box, b) <= 0.3 for _, c, b in kept):
+            kept.append((score, cls, box))
+    sx, sy = width / 32, height / 32
+    answer = [
+        (
+            CLASSES[cls],
+            score,
+            [
+                min(max(box[0] * sx, 0), width),
+                min(max(box[1] * sy, 0), height),
+                min(max(box[2] * sx, 0), width),
+                min(max(box[3] * sy, 0), height),
+            ],
+        )
+        for score, cls, box in kept[:5]
+    ]
+    return answer, len(candidates)
+
+
+def test_detection_equals_plain_post_processing_of_onnxruntimes_outputs(
+    detector: Served, images: dict[str, Path], models: dict[str, Path]
+) -> None:
+    suppressed = 0
+    with httpx.Client(base_url=detector.url, timeout=30) as http:
+        for name in GOOD:
+            expected, candidates = plain_detections(models["detector"], images[name])
+            answer = http.post("/v2/models/detector/predict", content=images[name].read_bytes())
+            assert answer.status_code == 200, answer.text
+            found = answer.json()["detections"]
+            assert [d["label"] for d in found] == [label for label, _, _ in expected], name
+            for got, (_, score, box) in zip(found, expected, strict=True):
+                assert got["score"] == pytest.approx(score, rel=1e-5)
+                corners = [got["box"][k] for k in ("x1", "y1", "x2", "y2")]
+                np.testing.assert_allclose(corners, box, rtol=1e-4, atol=1e-3)
+            suppressed += candidates - len(expected)
+        batch = http.post(
+            "/v2/models/detector/predict/batch",
+            files=[("files", (n, images[n].read_bytes())) for n in GOOD[:3]],
+        )
+        assert batch.status_code == 200
+        assert [r["image"] for r in batch.json()["results"]] == [0, 1, 2]
+        assert all("detections" in r for r in batch.json()["results"])
+    assert suppressed > 0  # the images exercised non-maximum suppression, not only the threshold
+
+
+@pytest.mark.parametrize(
+    ("output", "problem"),
+    [
+        ({"detection": {"boxes": "nope"}}, "spec.processing.output.detection.boxes 'nope'"),
+        (
+            {"detection": {}, "classification": {}},
+            "takes classification or detection, not both",
+        ),
+        ({"detection": {"boxes": "scores"}}, "detection boxes are \\[batch, boxes, 4\\]"),
+    ],
+)
+def test_detection_that_does_not_fit_the_model_refuses_to_start(
+    output: dict,
+    problem: str,  # type: ignore[type-arg]
+) -> None:
+    processing = {"input": {"image": {"size": [32, 32]}}, "output": output}
+    inputs = [TensorSpec("input", "FP32", (-1, 3, 32, 32))]
+    outputs = [TensorSpec("boxes", "FP32", (-1, 16, 4)), TensorSpec("scores", "FP32", (-1, 16, 3))]
+    with pytest.raises(FatalStartupError, match=problem):
+        ImagePipeline(load_processing(json.dumps(processing)), inputs, outputs)
+
+
+def test_detect_converts_centre_size_and_normalised_boxes_and_suppresses_per_class() -> None:
+    processing = {
+        "input": {"image": {"size": [100, 200]}},  # height 100, width 200
+        "output": {
+            "detection": {
+                "boxFormat": "cxcywh",
+                "normalized": True,
+                "scoreThreshold": 0.3,
+                "iouThreshold": 0.5,
+            }
+        },
+    }
+    pipeline = ImagePipeline(
+        load_processing(json.dumps(processing)),
+        [TensorSpec("input", "FP32", (-1, 3, 100, 200))],
+        [TensorSpec("boxes", "FP32", (-1, -1, 4)), TensorSpec("scores", "FP32", (-1, -1, 2))],
+        ["cat", "dog"],
+    )
+    boxes = np.array(
+        [
+            [0.5, 0.5, 0.5, 0.5],  # cat, best
+            [0.52, 0.5, 0.5, 0.5],  # cat, overlaps the first: suppressed
+            [0.5, 0.5, 0.5, 0.5],  # dog, same place: another class, kept
+            [0.95, 0.95, 0.2, 0.2],  # cat, runs off the image: clipped
+            [0.1, 0.1, 0.1, 0.1],  # under the threshold
+        ]
+    )
+    scores = np.array([[0.9, 0.1], [0.8, 0.1], [0.2, 0.7], [0.6, 0.0], [0.2, 0.1]])
+    found = pipeline.detect(boxes, scores, (400, 100))  # uploaded at 400x100
+    assert [(f.label, f.score) for f in found] == [("cat", 0.9), ("dog", 0.7), ("cat", 0.6)]
+    # Normalised centre 0.5, size 0.5 of 200x100 -> x 50..150, y 25..75, then x2 to 400 wide.
+    assert found[0].box == pytest.approx((100.0, 25.0, 300.0, 75.0))
+    assert found[2].box == pytest.approx((340.0, 85.0, 400.0, 100.0))

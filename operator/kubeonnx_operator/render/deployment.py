@@ -48,7 +48,7 @@ def _env(model: Model) -> list[dict[str, Any]]:
                 json.dumps(processing.model_dump(by_alias=True, exclude_none=True), sort_keys=True),
             )
         )
-        if processing.output.classification.labels_config_map is not None:
+        if processing.output.labels is not None:
             values.append(("KUBEONNX_LABELS_FILE", f"{LABELS_DIR}/{LABELS_FILE}"))
     env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in values if v]
     secret = spec.model.s3.credentials_secret
@@ -233,7 +233,7 @@ def render_deployment(model: Model, config: OperatorConfig) -> dict[str, Any]:
     if spec.pod.image_pull_secrets:
         pod_spec["imagePullSecrets"] = spec.pod.image_pull_secrets
     quota_volume(model, container, pod_spec)
-    labels = spec.processing.output.classification.labels_config_map if spec.processing else None
+    labels = spec.processing.output.labels if spec.processing else None
     if labels is not None:
         container["volumeMounts"].append(
             {"name": "labels", "mountPath": LABELS_DIR, "readOnly": True}
