@@ -180,7 +180,7 @@ class Reconciler:
 
         pods = self.observed.pods((namespace, name))
         verdict = derive_verdict(
-            deployment, pods, model.spec.scaling.min_replicas, model.demand_query()
+            deployment, pods, model.spec.scaling.min_replicas, model.wake_signal()
         )
         if problem is not None:  # a child we could not create outranks what the pods show
             verdict = problem

@@ -68,10 +68,10 @@ def derive_verdict(
     deployment: dict[str, Any] | None,
     pods: list[dict[str, Any]],
     min_replicas: int,
-    wake_query: str | None = None,
+    wake: str | None = None,
 ) -> Verdict:
     """Ready only when the current Deployment has rolled out and enough pods are ready.
-    `wake_query`: the demand signal that scales a model up from zero."""
+    `wake`: what scales a model up from zero, in words."""
     if deployment is None:
         return Verdict(False, "Progressing", "waiting for the Deployment to be created")
     spec, status = deployment.get("spec", {}), deployment.get("status", {})
@@ -83,7 +83,7 @@ def derive_verdict(
     rolled_out = observed and updated >= desired and total == updated
     required = max(min_replicas, 1)
     if desired == 0 and min_replicas == 0 and observed:
-        return Verdict(True, "ScaledToZero", f"scaled to zero; KEDA wakes it when {wake_query} > 0")
+        return Verdict(True, "ScaledToZero", f"scaled to zero; KEDA wakes it when {wake}")
     if rolled_out and ready >= min(required, desired) and ready >= 1:
         return Verdict(True, "Ready", f"{ready}/{desired} replicas ready")
     # Not ready: name the first problem a pod shows, newest pods first.

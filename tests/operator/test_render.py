@@ -303,3 +303,26 @@ def test_image_processing_reaches_the_runtime_and_mounts_the_labels() -> None:
     assert env["KUBEONNX_LABELS_FILE"] == "/etc/kubeonnx/labels/labels.txt"
     labels = next(v for v in pod["volumes"] if v["name"] == "labels")
     assert labels["configMap"] == {"name": "l", "items": [{"key": "k", "path": "labels.txt"}]}
+
+
+def test_scaled_to_zero_says_what_wakes_the_model() -> None:
+    async_only = Model("m", "ns", parse_spec(spec(**{"async": ASYNC})["spec"]))
+    assert async_only.wake_signal() == "requests are queued in kubeonnx:{ns/m}:requests"
+    both = Model(
+        "m",
+        "ns",
+        parse_spec(
+            spec(
+                **{"async": ASYNC},
+                scaling={
+                    "autoscaler": "keda",
+                    "minReplicas": 0,
+                    "demand": {"prometheusQuery": 'rate(x{ns="${namespace}"}[1m])'},
+                },
+            )["spec"]
+        ),
+    )
+    assert both.wake_signal() == (
+        'rate(x{ns="ns"}[1m]) > 0 or requests are queued in kubeonnx:{ns/m}:requests'
+    )
+    assert Model("m", "ns", parse_spec(spec()["spec"])).wake_signal() is None

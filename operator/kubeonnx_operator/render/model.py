@@ -96,6 +96,16 @@ class Model:
         query = demand.prometheus_query.replace("${namespace}", self.namespace)
         return query.replace("${name}", self.name)
 
+    def wake_signal(self) -> str | None:
+        """What wakes the model from zero replicas, as the ScaledToZero message says it."""
+        signals = []
+        query = self.demand_query()
+        if query is not None:
+            signals.append(f"{query} > 0")
+        if self.spec.async_.enabled:
+            signals.append(f"requests are queued in {self.async_prefix}:requests")
+        return " or ".join(signals) or None
+
     @property
     def gpu(self) -> bool:
         return self.spec.accelerator.count > 0
