@@ -54,4 +54,5 @@ bench: venv benchmarks/.venv-peer/bin/mlserver   ## runtime and operator benchma
 	mkdir -p benchmarks/results
 	$(PY) benchmarks/runtime_bench.py --out benchmarks/results/runtime.md
 	$(PY) benchmarks/image_bench.py --out benchmarks/results/images.md
+	$(PY) benchmarks/async_bench.py --out benchmarks/results/async.md
 	$(PY) benchmarks/operator_bench.py --out benchmarks/results/operator.md

@@ -55,23 +55,32 @@ redis.call('XADD', KEYS[1], '*', 'id', ARGV[3], 'body', ARGV[4], 'hl', ARGV[5],
 return 1
 """
 
-# KEYS: record, completed counter, dead-letter stream. ARGV: status, HTTP code, content type,
-# result or error, header length, completed at, TTL, tenant, then, to dead-letter the request
-# ("" otherwise): attempts, callback, the request's header length and body.
+# KEYS: record, completed counter, dead-letter stream, request stream. ARGV: status, HTTP
+# code, content type, result or error, header length, completed at, TTL, tenant, attempts,
+# the entry to acknowledge and delete ("" to leave it for later), then, to dead-letter the
+# request ("" otherwise): "1", callback, the request's header length and body.
 # Writes only the first outcome of a request: a redelivered one changes nothing (0).
 _COMPLETE = """
 local status = redis.call('HGET', KEYS[1], 'status')
-if status == 'done' or status == 'failed' then return 0 end
-redis.call('HSET', KEYS[1], 'status', ARGV[1], 'code', ARGV[2], 'content_type', ARGV[3],
-           'result', ARGV[4], 'hl', ARGV[5], 'completed', ARGV[6], 'tenant', ARGV[8])
-redis.call('EXPIRE', KEYS[1], ARGV[7])
-redis.call('INCR', KEYS[2])
-if ARGV[9] ~= '' then
-  redis.call('XADD', KEYS[3], '*', 'id', string.match(KEYS[1], '[^:]+$'), 'reason', ARGV[4],
-             'attempts', ARGV[9], 'tenant', ARGV[8], 'callback', ARGV[10], 'hl', ARGV[11],
-             'body', ARGV[12])
+local written = 0
+if status ~= 'done' and status ~= 'failed' then
+  redis.call('HSET', KEYS[1], 'status', ARGV[1], 'code', ARGV[2], 'content_type', ARGV[3],
+             'result', ARGV[4], 'hl', ARGV[5], 'completed', ARGV[6], 'tenant', ARGV[8],
+             'attempts', ARGV[9])
+  redis.call('EXPIRE', KEYS[1], ARGV[7])
+  redis.call('INCR', KEYS[2])
+  if ARGV[11] ~= '' then
+    redis.call('XADD', KEYS[3], '*', 'id', string.match(KEYS[1], '[^:]+$'), 'reason', ARGV[4],
+               'attempts', ARGV[9], 'tenant', ARGV[8], 'callback', ARGV[12], 'hl', ARGV[13],
+               'body', ARGV[14])
+  end
+  written = 1
 end
-return 1
+if ARGV[10] ~= '' then
+  redis.call('XACK', KEYS[4], 'kubeonnx', ARGV[10])
+  redis.call('XDEL', KEYS[4], ARGV[10])
+end
+return written
 """
 
 
@@ -415,6 +424,8 @@ class AsyncWorker:
             if delivered > 1:  # redelivered: its replica may have died after writing the result
                 status = await self.client.hget(record, "status")
                 answered = status in (b"done", b"failed")
+            # Without a callback, the result and the acknowledgement are one script call.
+            ack = "" if callback else entry_id
             if answered:
                 pass  # only the callback and the acknowledgement were lost
             elif delivered > self.max_attempts:
@@ -424,25 +435,37 @@ class AsyncWorker:
                     if last
                     else "the replica processing it stopped (killed or restarted) each time"
                 )
-                dead = [delivered - 1, callback, fields.get(b"hl", b""), fields.get(b"body", b"")]
-                await self._finish(request_id, "failed", 500, reason.encode(), None, tenant, dead)
+                dead = ["1", callback, fields.get(b"hl", b""), fields.get(b"body", b"")]
+                await self._finish(
+                    request_id,
+                    "failed",
+                    500,
+                    reason.encode(),
+                    None,
+                    tenant,
+                    delivered - 1,
+                    ack,
+                    dead,
+                )
                 self._on_outcome("dead_lettered")
                 log.warning("request %s dead-lettered: %s", request_id, reason)
             else:
-                await self.client.hset(record, "attempts", delivered)
+                if delivered > 1:  # the status shows that it is being tried again
+                    await self.client.hset(record, "attempts", delivered)
                 heartbeat = asyncio.create_task(self._keep_claimed(entry_id))
                 try:
                     status, code, payload, hl = await self._run(fields)
                 finally:
                     heartbeat.cancel()
-                await self._finish(request_id, status, code, payload, hl, tenant, None)
+                await self._finish(request_id, status, code, payload, hl, tenant, delivered, ack)
                 self._on_outcome(status)
             if callback:
                 await self._call_back(callback, request_id)
-            async with self.client.pipeline(transaction=True) as pipe:
-                pipe.xack(self.keys.stream, GROUP, entry_id)
-                pipe.xdel(self.keys.stream, entry_id)
-                await pipe.execute()
+            if callback or answered:
+                async with self.client.pipeline(transaction=True) as pipe:
+                    pipe.xack(self.keys.stream, GROUP, entry_id)
+                    pipe.xdel(self.keys.stream, entry_id)
+                    await pipe.execute()
         except Transient as exc:
             # Left pending: another attempt comes when it has been idle for claim_after.
             self._on_outcome("retry")
@@ -496,11 +519,14 @@ class AsyncWorker:
         payload: bytes,
         header_length: int | None,
         tenant: str,
-        dead: list[Any] | None,
+        attempts: int,
+        ack: str,
+        dead: list[Any] | None = None,
     ) -> None:
         ctype = "application/octet-stream" if header_length is not None else "application/json"
+        keys = self.keys
         await self._complete(
-            keys=[self.keys.record(request_id), self.keys.completed, self.keys.dead],
+            keys=[keys.record(request_id), keys.completed, keys.dead, keys.stream],
             args=[
                 status,
                 code,
@@ -510,6 +536,8 @@ class AsyncWorker:
                 f"{time.time():.3f}",
                 self.result_ttl_s,
                 tenant,
+                attempts,
+                ack,
                 *(dead or [""]),
             ],
         )
