@@ -210,9 +210,14 @@ class InferHandler:
         headers: Mapping[str, str],
         receive: Receive,
         *,
-        respond_async: bool = False,
+        async_endpoint: bool = False,
         route_prefix: str = "",
     ) -> InferAnswer:
+        """`async_endpoint`: the request came to .../async-infer; .../infer is answered
+        asynchronously too when it prefers so (RFC 7240) and the model has a queue."""
+        respond_async = async_endpoint or (
+            self.jobs is not None and prefers_async(headers.get("prefer"))
+        )
         return await self.metered(
             self._answer(name, version, headers, receive, respond_async, route_prefix),
             "inference",
@@ -243,6 +248,30 @@ class InferHandler:
             self.latency.observe(time.perf_counter() - started)
             self.count(status)
 
+    def identify(self, headers: Mapping[str, str]) -> str:
+        """The tenant a request comes from ("" without quotas): 401 before the body is read."""
+        return self.quota.identify(headers) if self.quota is not None else ""
+
+    async def read(self, headers: Mapping[str, str], receive: Receive) -> bytes:
+        """The whole body, refused (413) at once when its declared length is over the limit."""
+        declared = _int_header(headers, "content-length")
+        if declared is not None and declared > self.max_body:
+            raise PayloadTooLarge(
+                f"the request body is {declared} bytes; the limit is {self.max_body}"
+            )
+        return await read_body(receive, self.max_body)
+
+    async def charge(self, tenant: str, rows: Callable[[], int]) -> list[tuple[bytes, bytes]]:
+        """Admit `rows` against the tenant's quota (429 when over) and record them in the
+        ledger; the budget headers to answer with. Without quotas, nothing."""
+        if self.quota is None:
+            return []
+        n = rows()
+        decision = await self.quota.admit(tenant, n)
+        if self.ledger is not None:
+            self.ledger.record(tenant, n, request_id_var.get())
+        return decision.headers(time.time())
+
     async def _answer(
         self,
         name: str,
@@ -252,21 +281,15 @@ class InferHandler:
         respond_async: bool,
         route_prefix: str,
     ) -> InferAnswer:
-        dataplane, batcher = self.dataplane, self.dataplane.batcher
+        dataplane, batcher, jobs = self.dataplane, self.dataplane.batcher, self.jobs
         dataplane.check_model(name, version)  # a wrong name is 404 whatever the body
-        if respond_async and self.jobs is None:
+        if respond_async and jobs is None:
             raise ModelNotFound(
                 f"model '{name}' takes no asynchronous requests (its spec.async is not enabled)"
             )
-        quota = self.quota
-        tenant = quota.identify(headers) if quota is not None else ""  # 401 before the body
+        tenant = self.identify(headers)
         header_length = _int_header(headers, HEADER_LENGTH)
-        declared = _int_header(headers, "content-length")
-        if declared is not None and declared > self.max_body:
-            raise PayloadTooLarge(
-                f"the request body is {declared} bytes; the limit is {self.max_body}"
-            )
-        body = await read_body(receive, self.max_body)
+        body = await self.read(headers, receive)
         encoding = headers.get("content-encoding")
         # The body is complete: from here to the queue only decoding remains, which is
         # worth the batcher waiting for.
@@ -282,15 +305,10 @@ class InferHandler:
         finally:
             if batcher is not None:
                 batcher.withdraw()
-        extra: list[tuple[bytes, bytes]] = []
-        if quota is not None:  # rows are known now, before the model runs
-            rows = request_rows(decoded.inputs)
-            decision = await quota.admit(tenant, rows)
-            extra = decision.headers(time.time())
-            if self.ledger is not None:
-                self.ledger.record(tenant, rows, request_id_var.get())
-        if respond_async and self.jobs is not None:
-            request_id = await self.jobs.submit(
+        # Rows are known now, before the model runs.
+        extra = await self.charge(tenant, lambda: request_rows(decoded.inputs))
+        if respond_async and jobs is not None:
+            request_id = await jobs.submit(
                 raw, header_length, tenant=tenant, callback=headers.get(CALLBACK_HEADER)
             )
             self._submitted.inc()
@@ -357,14 +375,8 @@ class PredictHandler:
     ) -> InferAnswer:
         handler, dataplane = self.infer, self.infer.dataplane
         dataplane.check_model(name, None)
-        quota = handler.quota
-        tenant = quota.identify(headers) if quota is not None else ""
-        declared = _int_header(headers, "content-length")
-        if declared is not None and declared > handler.max_body:
-            raise PayloadTooLarge(
-                f"the request body is {declared} bytes; the limit is {handler.max_body}"
-            )
-        body = await read_body(receive, handler.max_body)
+        tenant = handler.identify(headers)
+        body = await handler.read(headers, receive)
         images = self._images(body, headers.get("content-type", ""), batch)
         loop = asyncio.get_running_loop()
         prepared = await asyncio.gather(
@@ -373,16 +385,10 @@ class PredictHandler:
                 for where, data in images
             )
         )
-        tensors = [tensor for tensor, _ in prepared]
-        extra: list[tuple[bytes, bytes]] = []
-        if quota is not None:
-            decision = await quota.admit(tenant, len(tensors))
-            extra = decision.headers(time.time())
-            if handler.ledger is not None:
-                handler.ledger.record(tenant, len(tensors), request_id_var.get())
+        extra = await handler.charge(tenant, lambda: len(prepared))  # a row per image
         name_in = self.pipeline.input.name
         outputs = await asyncio.gather(
-            *(dataplane.infer(InferRequest({name_in: t})) for t in tensors)
+            *(dataplane.infer(InferRequest({name_in: tensor})) for tensor, _ in prepared)
         )
         results = [
             self.pipeline.answer(out, size)
@@ -486,15 +492,12 @@ class FrontDoor:
             if match is None:
                 await self.app(scope, receive, _with_request_id(send, rid))
                 return
-            respond_async = match[3] == "async-infer" or (
-                self.infer.jobs is not None and prefers_async(headers.get("prefer"))
-            )
             status, ctype, extra, payload = await self.infer(
                 match[1],
                 match[2],
                 headers,
                 receive,
-                respond_async=respond_async,
+                async_endpoint=match[3] == "async-infer",
                 route_prefix=prefix_used,
             )
             await send(
@@ -611,8 +614,7 @@ def create_app(
             version,
             request.headers,
             request.receive,
-            respond_async=request.url.path.endswith("/async-infer")
-            or (jobs is not None and prefers_async(request.headers.get("prefer"))),
+            async_endpoint=request.url.path.endswith("/async-infer"),
         )
         headers = {k.decode(): v.decode() for k, v in extra}
         return Response(payload, status, headers, media_type=ctype)
@@ -625,7 +627,7 @@ def create_app(
         dataplane.check_model(name, None)
         if jobs is None:
             raise ModelNotFound(f"model '{name}' takes no asynchronous requests")
-        tenant = quota.identify(request.headers) if quota is not None else None
+        tenant = handler.identify(request.headers) if quota is not None else None
         record = await jobs.lookup(request_id, tenant)
         prefix = request.scope.get(ROUTE_PREFIX_SCOPE, "")
         location = f"{prefix}/v2/models/{name}/requests/{request_id}"
@@ -680,14 +682,14 @@ def create_app(
 
     @app.post(
         "/v2/models/{name}/predict",
-        summary="Classify one image (the body, or multipart field 'file'): labels and scores",
+        summary="Classify or detect in one image (the body, or multipart field 'file')",
     )
     async def predict_one(request: Request, name: str) -> Response:
         return await predict_route(request, name, batch=False)
 
     @app.post(
         "/v2/models/{name}/predict/batch",
-        summary="Classify several images (multipart fields 'files'), batched with other requests",
+        summary="Classify or detect in several images (multipart fields 'files'), batched",
     )
     async def predict_batch(request: Request, name: str) -> Response:
         return await predict_route(request, name, batch=True)

@@ -162,8 +162,6 @@ class Record:
     status: str
     attempts: int
     tenant: str
-    submitted: float | None
-    completed: float | None
     code: int
     content_type: str
     result: bytes
@@ -181,8 +179,6 @@ class Record:
             status=text("status", "pending"),
             attempts=int(text("attempts", "0") or 0),
             tenant=text("tenant"),
-            submitted=float(text("submitted")) if text("submitted") else None,
-            completed=float(text("completed")) if text("completed") else None,
             code=int(text("code", "200") or 200),
             content_type=text("content_type", "application/json"),
             result=raw.get(b"result", b""),
@@ -200,13 +196,11 @@ class AsyncStore:
         *,
         max_queued: int,
         callback_hosts: list[str],
-        on_submitted: Callable[[], None] | None = None,
     ) -> None:
         self.client = client
         self.keys = keys
         self.max_queued = max_queued
         self.callback_hosts = callback_hosts
-        self._on_submitted = on_submitted or (lambda: None)
         self._submit = client.register_script(_SUBMIT)
 
     async def submit(
@@ -236,24 +230,22 @@ class AsyncStore:
             raise QueueFull(
                 f"the asynchronous queue is full ({self.max_queued} requests); retry later"
             )
-        self._on_submitted()
         return request_id
 
     async def lookup(self, request_id: str, tenant: str | None) -> Record:
         """The request's record. With quotas, `tenant` is the caller's: another tenant's
         request is answered as not found, as if it did not exist."""
+        unknown = RequestNotFound(
+            f"no request {request_id!r}: never submitted, or its result has expired"
+        )
         if not request_id.isalnum() or len(request_id) > 64:
-            raise RequestNotFound(f"no request {request_id!r}")
+            raise unknown
         raw = await _store_call(self.client.hgetall(self.keys.record(request_id)))
         if not raw:
-            raise RequestNotFound(
-                f"no request {request_id!r}: never submitted, or its result has expired"
-            )
+            raise unknown
         record = Record.from_hash(request_id, raw)
         if tenant is not None and record.tenant and record.tenant != tenant:
-            raise RequestNotFound(
-                f"no request {request_id!r}: never submitted, or its result has expired"
-            )
+            raise unknown
         return record
 
 
@@ -420,14 +412,15 @@ class AsyncWorker:
         callback = _text(fields.get(b"callback", b""))
         record = self.keys.record(request_id)
         try:
-            answered = False
+            written: str | None = None  # the outcome a previous delivery already wrote
             if delivered > 1:  # redelivered: its replica may have died after writing the result
-                status = await self.client.hget(record, "status")
-                answered = status in (b"done", b"failed")
+                before = _text(await self.client.hget(record, "status") or b"")
+                written = before if before in ("done", "failed") else None
             # Without a callback, the result and the acknowledgement are one script call.
             ack = "" if callback else entry_id
-            if answered:
-                pass  # only the callback and the acknowledgement were lost
+            acked = False
+            if written is not None:
+                status = written  # only the callback and the acknowledgement were lost
             elif delivered > self.max_attempts:
                 last = await self.client.hget(record, "last_error")
                 reason = f"gave up after {self.max_attempts} attempts: " + (
@@ -447,6 +440,7 @@ class AsyncWorker:
                     ack,
                     dead,
                 )
+                status, acked = "failed", bool(ack)
                 self._on_outcome("dead_lettered")
                 log.warning("request %s dead-lettered: %s", request_id, reason)
             else:
@@ -458,10 +452,11 @@ class AsyncWorker:
                 finally:
                     heartbeat.cancel()
                 await self._finish(request_id, status, code, payload, hl, tenant, delivered, ack)
+                acked = bool(ack)
                 self._on_outcome(status)
             if callback:
-                await self._call_back(callback, request_id)
-            if callback or answered:
+                await self._call_back(callback, request_id, status)
+            if not acked:
                 async with self.client.pipeline(transaction=True) as pipe:
                     pipe.xack(self.keys.stream, GROUP, entry_id)
                     pipe.xdel(self.keys.stream, entry_id)
@@ -542,16 +537,14 @@ class AsyncWorker:
             ],
         )
 
-    async def _call_back(self, url: str, request_id: str) -> None:
+    async def _call_back(self, url: str, request_id: str, status: str) -> None:
         """POST the request's id and status to its callback URL, at least once (a worker
         killed after the result but before the acknowledgement calls again)."""
         import httpx
 
         if self._http is None:
             self._http = httpx.AsyncClient(timeout=CALLBACK_TIMEOUT_S, follow_redirects=False)
-        raw = await self.client.hgetall(self.keys.record(request_id))
-        record = Record.from_hash(request_id, raw)
-        body = {"id": request_id, "model": self.model_name, "status": record.status}
+        body = {"id": request_id, "model": self.model_name, "status": status}
         for attempt in range(CALLBACK_TRIES):
             try:
                 response = await self._http.post(url, json=body)

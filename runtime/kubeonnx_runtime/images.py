@@ -167,7 +167,8 @@ def non_max_suppression(
 
 class ImagePipeline:
     """Checked against the model once, at start-up: the input takes one image of the
-    declared size, layout and channels, and the output is one row of class scores."""
+    declared size, layout and channels, and the outputs are one row of class scores
+    (classification) or boxes and their class scores (detection)."""
 
     def __init__(
         self,
@@ -195,7 +196,6 @@ class ImagePipeline:
                 f"image of {image.layout} {list(wanted[1:])} (spec.processing.input.image size "
                 "and layout)"
             )
-        self.batchable = spec.shape[0] == -1
         if self.detection is not None:
             if processing.output.classification is not None:
                 raise FatalStartupError(
@@ -214,8 +214,7 @@ class ImagePipeline:
                     f"model output '{self.scores.name}' has shape {list(self.scores.shape)}; "
                     "detection scores are [batch, boxes, classes]"
                 )
-            self.outputs = [self.boxes.name, self.scores.name]
-            self.output = self.scores
+            self.output = self.scores  # the class scores, whose count the labels must match
         else:
             name = self.classification.output
             self.output = _pick(
@@ -226,7 +225,6 @@ class ImagePipeline:
                     f"model output '{self.output.name}' has shape {list(self.output.shape)}; "
                     "classification takes [batch, classes]"
                 )
-            self.outputs = [self.output.name]
         classes = self.output.shape[-1] if self.output.shape else -1
         if labels is not None and classes != -1 and len(labels) != classes:
             raise FatalStartupError(

@@ -374,14 +374,6 @@ def serve(settings: ServeSettings) -> int:
             ],
         )
         if batcher is not None:
-            outcomes: dict[str, Any] = {}
-
-            def count_outcome(outcome: str) -> None:
-                child = outcomes.get(outcome)
-                if child is None:
-                    child = outcomes[outcome] = metrics.async_outcomes.labels(label, outcome)
-                child.inc()
-
             # Enough requests in flight for full batches, never more than the batcher queues.
             concurrency = settings.async_concurrency or max(4, 2 * batcher.max_batch_size)
             worker = AsyncWorker(
@@ -395,7 +387,7 @@ def serve(settings: ServeSettings) -> int:
                 result_ttl_s=settings.async_result_ttl_s,
                 claim_after_s=settings.async_claim_after_s,
                 concurrency=min(concurrency, max(1, settings.max_queue // 2)),
-                on_outcome=count_outcome,
+                on_outcome=lambda outcome: metrics.async_outcomes.labels(label, outcome).inc(),
                 on_queue_length=metrics.async_queue_length.labels(label).set,
             )
         log.info(
@@ -408,7 +400,7 @@ def serve(settings: ServeSettings) -> int:
             },
         )
 
-    async def follow_quota() -> None:
+    async def start_tasks() -> None:
         if quota is not None and settings.quota_config is not None:
             tasks.append(
                 asyncio.create_task(quota.follow(settings.quota_config, settings.quota_reload_s))
@@ -430,7 +422,7 @@ def serve(settings: ServeSettings) -> int:
     app = create_app(
         dataplane,
         metrics,
-        on_startup=follow_quota,
+        on_startup=start_tasks,
         on_shutdown=stop_tasks,
         route_prefix=settings.route_prefix,
         max_body=settings.max_request_bytes,

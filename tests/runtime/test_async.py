@@ -448,11 +448,30 @@ def test_callback_hosts() -> None:
             check_callback(url, hosts)
 
 
+def in_process_worker(client, infer, *, claim_after_s: float, consumer: str | None = None):  # type: ignore[no-untyped-def]
+    """A replica's worker in the test's own process, with `infer` in place of the model."""
+    from kubeonnx_runtime.asyncinfer import AsyncWorker
+    from kubeonnx_runtime.codec import decode_request
+
+    return AsyncWorker(
+        client,
+        KEYS,
+        decode=decode_request,
+        infer=infer,
+        model_name="mlp",
+        model_version="1",
+        max_attempts=3,
+        result_ttl_s=60,
+        claim_after_s=claim_after_s,
+        concurrency=1,
+        consumer=consumer,
+    )
+
+
 async def test_departed_consumers_are_forgotten_but_not_those_holding_requests(
     redis_url: str,
 ) -> None:
     import redis.asyncio as aioredis
-    from kubeonnx_runtime.asyncinfer import AsyncWorker
 
     client = aioredis.Redis.from_url(redis_url)
     await client.xgroup_create(KEYS.stream, GROUP, id="0", mkstream=True)
@@ -463,18 +482,7 @@ async def test_departed_consumers_are_forgotten_but_not_those_holding_requests(
     async def never(_: object) -> dict[str, object]:
         raise AssertionError("not called")
 
-    worker = AsyncWorker(
-        client,
-        KEYS,
-        decode=lambda body, hl: never,  # type: ignore[arg-type,return-value]
-        infer=never,  # type: ignore[arg-type]
-        model_name="mlp",
-        model_version="1",
-        max_attempts=3,
-        result_ttl_s=60,
-        claim_after_s=60,
-        concurrency=1,
-    )
+    worker = in_process_worker(client, never, claim_after_s=60)
     worker.forget_after_ms = -1
     await worker._forget_departed()
     names = {c["name"].decode() for c in await client.xinfo_consumers(KEYS.stream, GROUP)}
@@ -489,7 +497,6 @@ async def test_a_request_running_longer_than_claim_after_is_not_run_twice(
     heartbeat the second replica would take the request over and run it again."""
     import redis.asyncio as aioredis
     from kubeonnx_runtime.asyncinfer import AsyncStore, AsyncWorker
-    from kubeonnx_runtime.codec import decode_request
 
     client = aioredis.Redis.from_url(redis_url)
     runs: list[str] = []
@@ -502,19 +509,7 @@ async def test_a_request_running_longer_than_claim_after_is_not_run_twice(
             await asyncio.sleep(2.5)
             return {"output": np.zeros((1, 3), np.float32)}
 
-        return AsyncWorker(
-            client,
-            KEYS,
-            decode=lambda raw, hl: decode_request(raw, hl),
-            infer=slow,  # type: ignore[arg-type]
-            model_name="mlp",
-            model_version="1",
-            max_attempts=3,
-            result_ttl_s=60,
-            claim_after_s=1,
-            concurrency=1,
-            consumer=name,
-        )
+        return in_process_worker(client, slow, claim_after_s=1, consumer=name)
 
     store = AsyncStore(client, KEYS, max_queued=10, callback_hosts=[])
     request_id = await store.submit(

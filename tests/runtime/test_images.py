@@ -40,18 +40,32 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def classifier(
     tmp_path_factory: pytest.TempPathFactory, models: dict[str, Path]
 ) -> Iterator[Served]:
-    tmp = tmp_path_factory.mktemp("classifier")
-    labels = tmp / "labels.txt"
-    labels.write_text("\n".join(LABELS) + "\n")
+    yield from image_server(tmp_path_factory, models["convnet"], "classifier", PROCESSING, LABELS)
+
+
+def image_server(
+    factory: pytest.TempPathFactory,
+    model: Path,
+    name: str,
+    processing: dict,  # type: ignore[type-arg]
+    labels: list[str],
+) -> Iterator[Served]:
+    """The real server with image endpoints, its labels in a file, batches of up to 16."""
+    tmp = factory.mktemp(name)
+    labels_file = tmp / "labels.txt"
+    labels_file.write_text("\n".join(labels) + "\n")
     served = start_server(
         tmp,
         "--model-uri",
-        f"file://{models['convnet']}",
+        f"file://{model}",
         "--model-name",
-        "classifier",
+        name,
         "--max-batch-size",
         "16",
-        env={"KUBEONNX_PROCESSING": json.dumps(PROCESSING), "KUBEONNX_LABELS_FILE": str(labels)},
+        env={
+            "KUBEONNX_PROCESSING": json.dumps(processing),
+            "KUBEONNX_LABELS_FILE": str(labels_file),
+        },
     )
     yield served
     served.stop()
@@ -360,21 +374,7 @@ CLASSES = ["person", "bicycle", "car"]
 
 @pytest.fixture(scope="module")
 def detector(tmp_path_factory: pytest.TempPathFactory, models: dict[str, Path]) -> Iterator[Served]:
-    tmp = tmp_path_factory.mktemp("detector")
-    labels = tmp / "labels.txt"
-    labels.write_text("\n".join(CLASSES))
-    served = start_server(
-        tmp,
-        "--model-uri",
-        f"file://{models['detector']}",
-        "--model-name",
-        "detector",
-        "--max-batch-size",
-        "8",
-        env={"KUBEONNX_PROCESSING": json.dumps(DETECTION), "KUBEONNX_LABELS_FILE": str(labels)},
-    )
-    yield served
-    served.stop()
+    yield from image_server(tmp_path_factory, models["detector"], "detector", DETECTION, CLASSES)
 
 
 def plain_detections(model: Path, path: Path) -> tuple[list[tuple[str, float, list[float]]], int]:

@@ -21,6 +21,11 @@ LABELS_DIR = "/etc/kubeonnx/labels"
 LABELS_FILE = "labels.txt"
 
 
+def plain_env(values: list[tuple[str, str | None]]) -> list[dict[str, Any]]:
+    """Environment entries for the pairs that have a value."""
+    return [{"name": k, "value": v} for k, v in values if v]
+
+
 def _env(model: Model) -> list[dict[str, Any]]:
     spec = model.spec
     values: list[tuple[str, str | None]] = [
@@ -50,7 +55,7 @@ def _env(model: Model) -> list[dict[str, Any]]:
         )
         if processing.output.labels is not None:
             values.append(("KUBEONNX_LABELS_FILE", f"{LABELS_DIR}/{LABELS_FILE}"))
-    env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in values if v]
+    env = plain_env(values)
     secret = spec.model.s3.credentials_secret
     if secret:
         for key, optional in (
@@ -71,7 +76,7 @@ def async_env(model: Model) -> list[dict[str, Any]]:
     spec = model.spec.async_
     if not spec.enabled or spec.redis is None:
         return []
-    values = [
+    values: list[tuple[str, str | None]] = [
         ("KUBEONNX_ASYNC_REDIS_URL", spec.redis.url),
         ("KUBEONNX_ASYNC_PREFIX", model.async_prefix),
         ("KUBEONNX_ASYNC_MAX_ATTEMPTS", str(spec.max_attempts)),
@@ -80,7 +85,7 @@ def async_env(model: Model) -> list[dict[str, Any]]:
         ("KUBEONNX_ASYNC_MAX_QUEUED", str(spec.max_queued)),
         ("KUBEONNX_ASYNC_CALLBACK_HOSTS", ",".join(spec.callback_hosts)),
     ]
-    env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in values if v]
+    env = plain_env(values)
     if spec.redis.password_secret is not None:
         ref = spec.redis.password_secret
         env.append(

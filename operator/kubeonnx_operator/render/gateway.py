@@ -14,6 +14,7 @@ from .deployment import (
     POD_SECURITY,
     TERMINATION_LOG,
     async_env,
+    plain_env,
     probe,
     quota_env,
     quota_volume,
@@ -39,7 +40,7 @@ def _metadata(model: Model) -> dict[str, Any]:
 def render_gateway(model: Model, config: OperatorConfig) -> dict[str, Any]:
     spec = model.spec
     gateway = spec.async_.gateway
-    values = [
+    values: list[tuple[str, str | None]] = [
         ("KUBEONNX_ROLE", "gateway"),
         ("KUBEONNX_MODEL_URI", spec.model.uri),  # not fetched: the gateway runs no model
         ("KUBEONNX_MODEL_NAME", model.name),
@@ -47,7 +48,12 @@ def render_gateway(model: Model, config: OperatorConfig) -> dict[str, Any]:
         ("KUBEONNX_ROUTE_PREFIX", model.route_path),
         ("KUBEONNX_TERMINATION_LOG", TERMINATION_LOG),
     ]
-    env = [{"name": k, "value": v} for k, v in values] + async_env(model) + quota_env(model)
+    env = plain_env(values) + async_env(model) + quota_env(model)
+    resources: dict[str, Any] = {
+        "requests": {k: str(v) for k, v in gateway.resources.requests.items()}
+    }
+    if gateway.resources.limits:
+        resources["limits"] = {k: str(v) for k, v in gateway.resources.limits.items()}
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": spec.runtime.image or config.runtime_image,
@@ -58,14 +64,7 @@ def render_gateway(model: Model, config: OperatorConfig) -> dict[str, Any]:
         "ports": [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"}],
         "readinessProbe": probe("/v2/health/ready", 5, 2),
         "livenessProbe": probe("/v2/health/live", 10, 3),
-        "resources": {
-            "requests": {k: str(v) for k, v in gateway.resources.requests.items()},
-            **(
-                {"limits": {k: str(v) for k, v in gateway.resources.limits.items()}}
-                if gateway.resources.limits
-                else {}
-            ),
-        },
+        "resources": resources,
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": CONTAINER_SECURITY,
