@@ -58,6 +58,11 @@ _STATUS: dict[type[RuntimeServeError], int] = {
 # Bodies up to this size are decoded on the event loop (well under a millisecond); larger or
 # compressed ones on a thread of their own, so the loop keeps answering probes meanwhile.
 DECODE_INLINE_BELOW = 256 * 1024
+# What a 413 adds when the asynchronous entry limit, not the request limit, refused the body.
+ASYNC_ENTRY_LIMIT = (
+    " for an asynchronous request (spec.async.maxEntryBytes); call /infer synchronously or "
+    "send fewer rows"
+)
 
 _TENSOR = {
     "type": "object",
@@ -179,6 +184,7 @@ class InferHandler:
         self.ledger = ledger
         self.jobs = jobs
         self._submitted = metrics.async_submitted.labels(dataplane.name)
+        self._submitted_bytes = metrics.async_submitted_bytes.labels(dataplane.name)
         label = dataplane.name
         self.inflight = metrics.inflight.labels(label)
         self.latency = metrics.latency.labels(label)
@@ -198,9 +204,9 @@ class InferHandler:
         counter.inc()
 
     def _decode(
-        self, body: bytes, encoding: str | None, header_length: int | None
+        self, body: bytes, encoding: str | None, header_length: int | None, limit: int
     ) -> tuple[InferRequest, bytes]:
-        raw = inflate(body, encoding, self.max_body)
+        raw = inflate(body, encoding, limit)
         return self.dataplane.decode(raw, header_length), raw
 
     async def __call__(
@@ -252,14 +258,16 @@ class InferHandler:
         """The tenant a request comes from ("" without quotas): 401 before the body is read."""
         return self.quota.identify(headers) if self.quota is not None else ""
 
-    async def read(self, headers: Mapping[str, str], receive: Receive) -> bytes:
-        """The whole body, refused (413) at once when its declared length is over the limit."""
+    async def read(
+        self, headers: Mapping[str, str], receive: Receive, limit: int | None = None
+    ) -> bytes:
+        """The whole body, refused (413) at once when its declared length is over the limit
+        (`max_body` unless a lower one is given)."""
+        limit = self.max_body if limit is None else limit
         declared = _int_header(headers, "content-length")
-        if declared is not None and declared > self.max_body:
-            raise PayloadTooLarge(
-                f"the request body is {declared} bytes; the limit is {self.max_body}"
-            )
-        return await read_body(receive, self.max_body)
+        if declared is not None and declared > limit:
+            raise PayloadTooLarge(f"the request body is {declared} bytes; the limit is {limit}")
+        return await read_body(receive, limit)
 
     async def charge(self, tenant: str, rows: Callable[[], int]) -> list[tuple[bytes, bytes]]:
         """Admit `rows` against the tenant's quota (429 when over) and record them in the
@@ -289,22 +297,32 @@ class InferHandler:
             )
         tenant = self.identify(headers)
         header_length = _int_header(headers, HEADER_LENGTH)
-        body = await self.read(headers, receive)
-        encoding = headers.get("content-encoding")
-        # The body is complete: from here to the queue only decoding remains, which is
-        # worth the batcher waiting for.
-        if batcher is not None:
-            batcher.admit()
+        limit, which = self.max_body, ""
+        if respond_async and jobs is not None:
+            # Cheap checks before the body is read and charged: the callback URL, and the
+            # entry limit (a body, as sent or inflated, over it is refused as it arrives).
+            jobs.check_callback(headers.get(CALLBACK_HEADER))
+            if jobs.max_entry_bytes < limit:
+                limit, which = jobs.max_entry_bytes, ASYNC_ENTRY_LIMIT
         try:
-            if encoding in (None, "", "identity") and len(body) < DECODE_INLINE_BELOW:
-                decoded, raw = self._decode(body, encoding, header_length)
-            else:
-                decoded, raw = await asyncio.get_running_loop().run_in_executor(
-                    self._decoder, self._decode, body, encoding, header_length
-                )
-        finally:
+            body = await self.read(headers, receive, limit)
+            encoding = headers.get("content-encoding")
+            # The body is complete: from here to the queue only decoding remains, which is
+            # worth the batcher waiting for.
             if batcher is not None:
-                batcher.withdraw()
+                batcher.admit()
+            try:
+                if encoding in (None, "", "identity") and len(body) < DECODE_INLINE_BELOW:
+                    decoded, raw = self._decode(body, encoding, header_length, limit)
+                else:
+                    decoded, raw = await asyncio.get_running_loop().run_in_executor(
+                        self._decoder, self._decode, body, encoding, header_length, limit
+                    )
+            finally:
+                if batcher is not None:
+                    batcher.withdraw()
+        except PayloadTooLarge as exc:
+            raise PayloadTooLarge(f"{exc}{which}") from None
         # Rows are known now, before the model runs.
         extra = await self.charge(tenant, lambda: request_rows(decoded.inputs))
         if respond_async and jobs is not None:
@@ -312,6 +330,7 @@ class InferHandler:
                 raw, header_length, tenant=tenant, callback=headers.get(CALLBACK_HEADER)
             )
             self._submitted.inc()
+            self._submitted_bytes.inc(len(raw))
             location = f"{route_prefix}/v2/models/{name}/requests/{request_id}"
             extra.append((b"location", location.encode()))
             extra.append((b"preference-applied", b"respond-async"))

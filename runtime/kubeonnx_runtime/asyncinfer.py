@@ -7,8 +7,14 @@ result) is the hash `<prefix>:request:<id>`. A worker writes the result only if 
 written yet (one Lua script), calls the callback, and only then acknowledges and deletes the
 entry: a worker killed at any point leaves the entry pending, and another worker claims it
 (XAUTOCLAIM) once it has been idle for `claim_after_s`. An entry delivered more than
-`max_attempts` times goes to the dead-letter stream `<prefix>:dead` and its record says why.
-Every key shares the hash tag in the prefix, so the scripts run on Redis Cluster too.
+`max_attempts` times goes to the dead-letter stream `<prefix>:dead` (capped at
+`dead_letter_max` entries, the oldest trimmed) and its record says why. Every key shares the
+hash tag in the prefix, so the scripts run on Redis Cluster too.
+
+What a client can make Redis hold is bounded: a request's body (`max_entry_bytes`, 413 at
+submission), its result (`max_result_bytes`: a larger result is a failed request, not a
+write), the dead letters. Callbacks are delivered by a task set of their own, bounded in
+number and time, so a callback URL that never answers holds no inference slot.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import socket
 import time
 import uuid
@@ -26,7 +33,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .codec import InferRequest, encode_response
-from .errors import InvalidRequest, RuntimeServeError, ServerBusy
+from .errors import InvalidRequest, PayloadTooLarge, RuntimeServeError, ServerBusy
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +43,10 @@ GROUP = "kubeonnx"
 PENDING_TTL_S = 7 * 86400
 CALLBACK_TIMEOUT_S = 5.0
 CALLBACK_TRIES = 3
+# A callback's tries together end within this; at shutdown, callbacks get CALLBACK_STOP_S
+# more, and those still running are left pending (another replica calls back).
+CALLBACK_DEADLINE_S = 15.0
+CALLBACK_STOP_S = 5.0
 
 # KEYS: stream, record. ARGV: max queued, pending TTL, id, body, header length, callback,
 # tenant, submitted at. Refuses (0) when the stream holds max queued entries already. The
@@ -58,7 +69,8 @@ return 1
 # KEYS: record, completed counter, dead-letter stream, request stream. ARGV: status, HTTP
 # code, content type, result or error, header length, completed at, TTL, tenant, attempts,
 # the entry to acknowledge and delete ("" to leave it for later), then, to dead-letter the
-# request ("" otherwise): "1", callback, the request's header length and body.
+# request ("" otherwise): "1", callback, the request's header length and body, and the
+# dead-letter stream's maximum length (the oldest entries are trimmed).
 # Writes only the first outcome of a request: a redelivered one changes nothing (0).
 _COMPLETE = """
 local status = redis.call('HGET', KEYS[1], 'status')
@@ -70,7 +82,8 @@ if status ~= 'done' and status ~= 'failed' then
   redis.call('EXPIRE', KEYS[1], ARGV[7])
   redis.call('INCR', KEYS[2])
   if ARGV[11] ~= '' then
-    redis.call('XADD', KEYS[3], '*', 'id', string.match(KEYS[1], '[^:]+$'), 'reason', ARGV[4],
+    redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[15], '*', 'id', string.match(KEYS[1], '[^:]+$'),
+               'reason', ARGV[4],
                'attempts', ARGV[9], 'tenant', ARGV[8], 'callback', ARGV[12], 'hl', ARGV[13],
                'body', ARGV[14])
   end
@@ -132,26 +145,59 @@ class RequestNotFound(RuntimeServeError):
     """No such request: never submitted, or its result has expired (HTTP 404)."""
 
 
+# An IDNA-encoded host name: dot-separated labels of letters, digits, '-' and '_'.
+_HOST_NAME = re.compile(
+    r"(?=.{1,253}$)([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?\.)*[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?"
+)
+
+
 def check_callback(url: str, allowed_hosts: list[str]) -> None:
     """Refuse a callback URL the model may not call: anything but http(s) to a listed host
     (a callback is a request made from inside the cluster, so an open one would let any
-    client reach internal services)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InvalidRequest(f"callback URL {url!r} must be an http or https URL with a host")
+    client reach internal services), and anything the HTTP client would not call as it
+    reads (both parsers must agree on the host and port, so the allowlist sees the host
+    that is called). The refusal does not list the allowed hosts."""
+    import httpx
+
+    shown = url if len(url) <= 200 else url[:200] + "..."
+    try:
+        parsed = httpx.URL(url)
+        host = parsed.raw_host.decode("ascii").lower()  # IDNA-encoded, as it is resolved
+        called = (parsed.host.lower(), parsed.port)
+        split = urlsplit(url)
+        read = (split.hostname, split.port)
+    except (httpx.InvalidURL, ValueError) as exc:  # IDNA errors are ValueErrors too
+        raise InvalidRequest(f"callback URL {shown!r} is not a valid URL: {exc}") from None
+    if parsed.scheme not in ("http", "https") or not host:
+        raise InvalidRequest(f"callback URL {shown!r} must be an http or https URL with a host")
+    port = 80 if parsed.scheme == "http" else 443
+    if read[0] is None or (read[0].lower(), read[1] or port) != (called[0], called[1] or port):
+        raise InvalidRequest(f"callback URL {shown!r} is not a valid URL: an ambiguous host/port")
+    if read[1] == 0:
+        raise InvalidRequest(f"callback URL {shown!r} is not a valid URL: port 0")
+    if not _is_ip(host) and not _HOST_NAME.fullmatch(host):
+        raise InvalidRequest(f"callback URL {shown!r} is not a valid URL: a malformed host name")
     if not allowed_hosts:
         raise InvalidRequest(
             "this model calls no callbacks: its spec.async.callbackHosts lists none"
         )
-    host = parts.hostname.lower()
     for pattern in allowed_hosts:
         pattern = pattern.lower()
         if host == pattern or (pattern.startswith("*.") and host.endswith(pattern[1:])):
             return
     raise InvalidRequest(
-        f"callback host {host!r} is not allowed; spec.async.callbackHosts allows "
-        + ", ".join(allowed_hosts)
+        f"callback host {host!r} is not one this model may call (spec.async.callbackHosts)"
     )
+
+
+def _is_ip(host: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass
@@ -196,20 +242,35 @@ class AsyncStore:
         *,
         max_queued: int,
         callback_hosts: list[str],
+        max_entry_bytes: int = 4 * 1024 * 1024,
     ) -> None:
         self.client = client
         self.keys = keys
         self.max_queued = max_queued
         self.callback_hosts = callback_hosts
+        self.max_entry_bytes = max_entry_bytes
         self._submit = client.register_script(_SUBMIT)
+
+    def check_callback(self, url: str | None) -> None:
+        """400 for a callback URL this model may not call (before the body is read)."""
+        if url:
+            check_callback(url, self.callback_hosts)
+
+    def check_size(self, size: int) -> None:
+        """413 for a request body (as queued: inflated) over the entry limit."""
+        if size > self.max_entry_bytes:
+            raise PayloadTooLarge(
+                f"the request body is {size} bytes, over the limit of {self.max_entry_bytes} "
+                "bytes for an asynchronous request (spec.async.maxEntryBytes)"
+            )
 
     async def submit(
         self, body: bytes, header_length: int | None, *, tenant: str, callback: str | None
     ) -> str:
         """Queue a request whose body is already checked; return its id. The id is random
         (122 bits): knowing it is what lets a client read the result."""
-        if callback:
-            check_callback(callback, self.callback_hosts)
+        self.check_callback(callback)
+        self.check_size(len(body))
         request_id = uuid.uuid4().hex
         queued = await _store_call(
             self._submit(
@@ -288,8 +349,13 @@ class AsyncWorker:
         claim_after_s: float,
         concurrency: int,
         consumer: str | None = None,
+        max_result_bytes: int = 4 * 1024 * 1024,
+        dead_letter_max: int = 1000,
+        max_callbacks: int = 64,
         on_outcome: Outcome | None = None,
         on_queue_length: Callable[[int], None] | None = None,
+        on_result_bytes: Callable[[int], None] | None = None,
+        on_callback: Outcome | None = None,
     ) -> None:
         self.client = client
         self.keys = keys
@@ -301,14 +367,20 @@ class AsyncWorker:
         self.result_ttl_s = result_ttl_s
         self.claim_after_ms = max(1, int(claim_after_s * 1000))
         self.concurrency = concurrency
+        self.max_result_bytes = max_result_bytes
+        self.dead_letter_max = dead_letter_max
+        self.max_callbacks = max_callbacks
         # Unique per process: a restarted pod must not inherit a dead one's pending entries
         # by name (they are reclaimed by idle time, like any other consumer's).
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
         self._on_outcome = on_outcome or (lambda outcome: None)
         self._on_queue_length = on_queue_length or (lambda n: None)
+        self._on_result_bytes = on_result_bytes or (lambda n: None)
+        self._on_callback = on_callback or (lambda outcome: None)
         self._complete = client.register_script(_COMPLETE)
         self._stopping = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
+        self._callbacks: set[asyncio.Task[None]] = set()  # apart from the inference slots
         self._http: Any = None
         self._claims = 0
 
@@ -358,6 +430,11 @@ class AsyncWorker:
                 task.add_done_callback(self._inflight.discard)
         if self._inflight:
             await asyncio.wait(self._inflight)
+        if self._callbacks:  # those still calling stay pending: another replica calls back
+            _, late = await asyncio.wait(self._callbacks, timeout=CALLBACK_STOP_S)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
         if self._http is not None:
             await self._http.aclose()
 
@@ -428,7 +505,13 @@ class AsyncWorker:
                     if last
                     else "the replica processing it stopped (killed or restarted) each time"
                 )
-                dead = ["1", callback, fields.get(b"hl", b""), fields.get(b"body", b"")]
+                dead = [
+                    "1",
+                    callback,
+                    fields.get(b"hl", b""),
+                    fields.get(b"body", b""),
+                    self.dead_letter_max,
+                ]
                 await self._finish(
                     request_id,
                     "failed",
@@ -448,19 +531,17 @@ class AsyncWorker:
                     await self.client.hset(record, "attempts", delivered)
                 heartbeat = asyncio.create_task(self._keep_claimed(entry_id))
                 try:
-                    status, code, payload, hl = await self._run(fields)
+                    status, code, payload, hl = await self._run(request_id, fields)
                 finally:
                     heartbeat.cancel()
                 await self._finish(request_id, status, code, payload, hl, tenant, delivered, ack)
                 acked = bool(ack)
                 self._on_outcome(status)
+                self._on_result_bytes(len(payload))
             if callback:
-                await self._call_back(callback, request_id, status)
-            if not acked:
-                async with self.client.pipeline(transaction=True) as pipe:
-                    pipe.xack(self.keys.stream, GROUP, entry_id)
-                    pipe.xdel(self.keys.stream, entry_id)
-                    await pipe.execute()
+                self._call_back_apart(entry_id, callback, request_id, status)
+            elif not acked:
+                await self._acknowledge(entry_id)
         except Transient as exc:
             # Left pending: another attempt comes when it has been idle for claim_after.
             self._on_outcome("retry")
@@ -472,6 +553,37 @@ class AsyncWorker:
             log.exception(
                 "request %s: the queue could not be updated; it stays pending", request_id
             )
+
+    async def _acknowledge(self, entry_id: str) -> None:
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.xack(self.keys.stream, GROUP, entry_id)
+            pipe.xdel(self.keys.stream, entry_id)
+            await pipe.execute()
+
+    def _call_back_apart(self, entry_id: str, url: str, request_id: str, status: str) -> None:
+        """Call back on a task of its own, then acknowledge: the inference slot is free at
+        once. With `max_callbacks` already calling, the entry is left pending, and the next
+        claim of it (after claim_after) calls back then."""
+        if len(self._callbacks) >= self.max_callbacks:
+            self._on_callback("deferred")
+            log.warning(
+                "callback for %s deferred: %d callbacks already in flight; it is made when the "
+                "request is claimed again",
+                request_id,
+                len(self._callbacks),
+            )
+            return
+
+        async def call_back_and_acknowledge() -> None:
+            self._on_callback(await self._call_back(url, request_id, status))
+            try:
+                await self._acknowledge(entry_id)
+            except Exception as exc:  # left pending: claimed again, called back again
+                log.warning("request %s: not acknowledged after its callback: %s", request_id, exc)
+
+        task = asyncio.create_task(call_back_and_acknowledge())
+        self._callbacks.add(task)
+        task.add_done_callback(self._callbacks.discard)
 
     async def _keep_claimed(self, entry_id: str) -> None:
         """While a request runs, reset its idle time every third of claim_after, so a run
@@ -491,20 +603,33 @@ class AsyncWorker:
                     justid=True,
                 )
 
-    async def _run(self, fields: dict[bytes, bytes]) -> tuple[str, int, bytes, int | None]:
+    async def _run(
+        self, request_id: str, fields: dict[bytes, bytes]
+    ) -> tuple[str, int, bytes, int | None]:
         """(status, HTTP code, payload, binary header length) of one request."""
         hl = _text(fields.get(b"hl", b""))
         try:
             request = self._decode(fields.get(b"body", b""), int(hl) if hl else None)
             outputs = await self._infer(request)
             payload, out_hl = encode_response(self.model_name, self.model_version, request, outputs)
-            return "done", 200, payload, out_hl
         except InvalidRequest as exc:  # the same request would fail again: it is the answer
             return "failed", 400, str(exc).encode(), None
-        except ServerBusy as exc:
+        except RuntimeServeError as exc:  # our own words, meant for the client
             raise Transient(str(exc)) from None
-        except Exception as exc:
-            raise Transient(f"{type(exc).__name__}: {exc}") from None
+        except Exception:
+            # What the synchronous path answers too: the detail (onnxruntime's text, paths)
+            # is for the log, under the request's id.
+            log.exception("request %s: the model run failed", request_id)
+            raise Transient(f"internal error (request {request_id})") from None
+        if len(payload) > self.max_result_bytes:
+            # Kept in Redis for result_ttl: bounded like a request's body; the client is told.
+            message = (
+                f"the result is {len(payload)} bytes, over the limit of {self.max_result_bytes} "
+                "bytes for an asynchronous result (spec.async.maxResultBytes); send fewer rows "
+                "per request, or call /infer synchronously"
+            )
+            return "failed", 413, message.encode(), None
+        return "done", 200, payload, out_hl
 
     async def _finish(
         self,
@@ -537,23 +662,32 @@ class AsyncWorker:
             ],
         )
 
-    async def _call_back(self, url: str, request_id: str, status: str) -> None:
+    async def _call_back(self, url: str, request_id: str, status: str) -> str:
         """POST the request's id and status to its callback URL, at least once (a worker
-        killed after the result but before the acknowledgement calls again)."""
+        killed after the result but before the acknowledgement calls again). Never raises;
+        ends within CALLBACK_DEADLINE_S. Returns the outcome: delivered or failed."""
         import httpx
 
         if self._http is None:
             self._http = httpx.AsyncClient(timeout=CALLBACK_TIMEOUT_S, follow_redirects=False)
         body = {"id": request_id, "model": self.model_name, "status": status}
-        for attempt in range(CALLBACK_TRIES):
-            try:
-                response = await self._http.post(url, json=body)
-                if response.status_code < 500:
-                    return
-            except httpx.HTTPError as exc:
-                log.info("callback for %s failed: %s", request_id, exc)
-            await asyncio.sleep(0.5 * 2**attempt)
+        try:
+            async with asyncio.timeout(CALLBACK_DEADLINE_S):
+                for attempt in range(CALLBACK_TRIES):
+                    try:
+                        response = await self._http.post(url, json=body)
+                        if response.status_code < 500:
+                            return "delivered"
+                    except httpx.HTTPError as exc:
+                        log.info("callback for %s failed: %s", request_id, exc)
+                    await asyncio.sleep(0.5 * 2**attempt)
+        except TimeoutError:
+            pass
+        except Exception as exc:  # a URL the client refuses: no try would succeed
+            log.warning("callback for %s not made: %s: %s", request_id, type(exc).__name__, exc)
+            return "failed"
         log.warning("callback for %s not delivered after %d tries", request_id, CALLBACK_TRIES)
+        return "failed"
 
 
 def _text(value: bytes | str) -> str:

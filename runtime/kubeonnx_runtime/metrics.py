@@ -108,6 +108,26 @@ class RuntimeMetrics:
             ["model", "outcome"],
             registry=registry,
         )
+        self.async_submitted_bytes = Counter(
+            "kubeonnx_async_submitted_bytes",
+            "Bytes of asynchronous request bodies queued (as stored: inflated).",
+            ["model"],
+            registry=registry,
+        )
+        self.async_result_bytes = Counter(
+            "kubeonnx_async_result_bytes",
+            "Bytes of asynchronous results (and failed requests' messages) written by this "
+            "replica.",
+            ["model"],
+            registry=registry,
+        )
+        self.async_callbacks = Counter(
+            "kubeonnx_async_callbacks",
+            "Callbacks by outcome: delivered, failed (after its tries, or a URL the client "
+            "refuses), deferred (too many in flight: made when the request is claimed again).",
+            ["model", "outcome"],
+            registry=registry,
+        )
         self.async_queue_length = Gauge(
             "kubeonnx_async_queue_length",
             "Entries in the asynchronous request stream (queued or being processed), as last "

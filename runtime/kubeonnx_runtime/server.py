@@ -369,6 +369,7 @@ def serve(settings: ServeSettings) -> int:
             client,
             keys,
             max_queued=settings.async_max_queued,
+            max_entry_bytes=settings.async_max_entry_bytes,
             callback_hosts=[
                 h.strip() for h in settings.async_callback_hosts.split(",") if h.strip()
             ],
@@ -387,8 +388,13 @@ def serve(settings: ServeSettings) -> int:
                 result_ttl_s=settings.async_result_ttl_s,
                 claim_after_s=settings.async_claim_after_s,
                 concurrency=min(concurrency, max(1, settings.max_queue // 2)),
+                max_result_bytes=settings.async_max_result_bytes,
+                dead_letter_max=settings.async_dead_letter_max_length,
+                max_callbacks=settings.async_max_callbacks,
                 on_outcome=lambda outcome: metrics.async_outcomes.labels(label, outcome).inc(),
                 on_queue_length=metrics.async_queue_length.labels(label).set,
+                on_result_bytes=metrics.async_result_bytes.labels(label).inc,
+                on_callback=lambda outcome: metrics.async_callbacks.labels(label, outcome).inc(),
             )
         log.info(
             "asynchronous queue",

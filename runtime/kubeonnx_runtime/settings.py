@@ -86,6 +86,29 @@ class ServeSettings(BaseSettings):
     async_max_queued: int = Field(
         100000, ge=1, description="queued asynchronous requests beyond which 503 is answered"
     )
+    async_max_entry_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=1024,
+        description="largest asynchronous request body, as queued (inflated); 413 beyond",
+    )
+    async_max_result_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=1024,
+        description="largest asynchronous result kept; a larger one makes the request failed "
+        "(413) instead of being written",
+    )
+    async_dead_letter_max_length: int = Field(
+        1000,
+        ge=1,
+        description="entries the dead-letter stream keeps (each with its request's body); the "
+        "oldest are trimmed",
+    )
+    async_max_callbacks: int = Field(
+        64,
+        ge=1,
+        description="callbacks in flight at once, apart from inference; beyond, a callback is "
+        "made when its request is claimed again",
+    )
     async_concurrency: int = Field(
         0, ge=0, description="asynchronous requests processed at once; 0 = twice the batch size"
     )
@@ -93,6 +116,11 @@ class ServeSettings(BaseSettings):
         "",
         description="comma-separated hosts that callbacks may call (*.example.com for a "
         "domain); empty: callbacks are refused",
+    )
+    ledger_spill_dir: Path | None = Field(
+        None,
+        description="where usage rows still waiting for the ledger's PostgreSQL are written at "
+        "shutdown, and replayed from at start; default CACHE_DIR/ledger",
     )
     processing: str | None = Field(
         None,
