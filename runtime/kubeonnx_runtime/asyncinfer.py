@@ -163,15 +163,16 @@ def check_callback(url: str, allowed_hosts: list[str]) -> None:
     try:
         parsed = httpx.URL(url)
         host = parsed.raw_host.decode("ascii").lower()  # IDNA-encoded, as it is resolved
-        called = (parsed.host.lower(), parsed.port)
+        # The client decodes it as well, and refuses a malformed A-label then.
+        host = host if parsed.host else ""
         split = urlsplit(url)
-        read = (split.hostname, split.port)
+        read = (_idna(split.hostname) if split.hostname else None, split.port)
     except (httpx.InvalidURL, ValueError) as exc:  # IDNA errors are ValueErrors too
         raise InvalidRequest(f"callback URL {shown!r} is not a valid URL: {exc}") from None
     if parsed.scheme not in ("http", "https") or not host:
         raise InvalidRequest(f"callback URL {shown!r} must be an http or https URL with a host")
     port = 80 if parsed.scheme == "http" else 443
-    if read[0] is None or (read[0].lower(), read[1] or port) != (called[0], called[1] or port):
+    if read[0] is None or (read[0], read[1] or port) != (host, parsed.port or port):
         raise InvalidRequest(f"callback URL {shown!r} is not a valid URL: an ambiguous host/port")
     if read[1] == 0:
         raise InvalidRequest(f"callback URL {shown!r} is not a valid URL: port 0")
@@ -188,6 +189,12 @@ def check_callback(url: str, allowed_hosts: list[str]) -> None:
     raise InvalidRequest(
         f"callback host {host!r} is not one this model may call (spec.async.callbackHosts)"
     )
+
+
+def _idna(host: str) -> str:
+    import idna
+
+    return host.lower() if host.isascii() else idna.encode(host.lower()).decode("ascii")
 
 
 def _is_ip(host: str) -> bool:
