@@ -7,6 +7,11 @@ commit was not confirmed is written again without counting twice: at least once,
 While PostgreSQL is down, inference goes on and rows wait, up to `max_buffer` (beyond that
 the oldest are dropped and counted in kubeonnx_ledger_dropped_rows_total).
 
+At shutdown a last write is tried for `STOP_FLUSH_S`; what is still waiting is written to a
+spill file in `spill_dir` (one JSON row a line, renamed into place once complete), and the
+next process to start with that directory replays it. Replayed rows keep their ids, so a
+row that reached the table before all the same is not counted twice.
+
     kubeonnx usage --dsn postgresql://... [--since 2026-11-01] [--tenant acme] [--model m]
 
 prints requests and rows per day, tenant and model.
@@ -18,12 +23,15 @@ import argparse
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import os
 import sys
+import time
 from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from .errors import redact
@@ -50,6 +58,21 @@ INSERT = (
 
 Row = tuple[str, datetime, str, str, str, int, str | None]
 
+# At shutdown: seconds for a last write before what is left is spilled (the pod's grace
+# period holds the HTTP drain, the queue worker's stop and this).
+STOP_FLUSH_S = 3.0
+SPILL_SUFFIX = ".rows"
+
+
+def _row_line(row: Row) -> str:
+    rid, at, policy, tenant, model, rows, request_id = row
+    return json.dumps([rid, at.isoformat(), policy, tenant, model, rows, request_id]) + "\n"
+
+
+def _parse_row(line: str) -> Row:
+    rid, at, policy, tenant, model, rows, request_id = json.loads(line)
+    return (rid, datetime.fromisoformat(at), policy, tenant, model, int(rows), request_id)
+
 
 class Ledger:
     def __init__(
@@ -63,6 +86,7 @@ class Ledger:
         flush_every_s: float = 1.0,
         on_written: Callable[[int], None] | None = None,
         on_dropped: Callable[[int], None] | None = None,
+        spill_dir: Path | None = None,
     ) -> None:
         self.dsn = dsn
         self.policy, self.model = policy, model
@@ -74,6 +98,9 @@ class Ledger:
         self._on_dropped = on_dropped or (lambda n: None)
         self._connection: Any = None
         self._down_since: float | None = None
+        self.spill_dir = spill_dir
+        self._replayed: list[Path] = []  # spill files taken over, deleted once written
+        self._replayed_rows = 0  # their rows, at the head of _pending
 
     @property
     def pending(self) -> int:
@@ -83,6 +110,7 @@ class Ledger:
         """Note an admitted request; never blocks, never fails."""
         if len(self._pending) >= self.max_buffer:
             self._pending.popleft()
+            self._left_memory(1)
             self._on_dropped(1)
         self._pending.append(
             (
@@ -96,8 +124,70 @@ class Ledger:
             )
         )
 
+    def replay(self) -> int:
+        """Take over the rows stopped processes spilled into `spill_dir`: each file is
+        claimed by renaming it, so two replicas sharing the directory never both take one.
+        Returns the rows taken over."""
+        if self.spill_dir is None or not self.spill_dir.is_dir():
+            return 0
+        rows: list[Row] = []
+        for path in sorted(self.spill_dir.glob(f"*{SPILL_SUFFIX}")):
+            claimed = path.with_name(f"{path.name}.{self._prefix}")
+            try:
+                path.rename(claimed)
+                taken = [_parse_row(line) for line in claimed.read_text().splitlines() if line]
+            except FileNotFoundError:  # another replica took it first
+                continue
+            except (OSError, ValueError, TypeError) as exc:  # left, renamed, for a person
+                log.warning("usage ledger: spill file %s not replayed: %s", claimed, exc)
+                continue
+            rows.extend(taken)
+            self._replayed.append(claimed)
+        self._pending.extendleft(reversed(rows))
+        self._replayed_rows += len(rows)
+        if rows:
+            log.info("usage ledger: %d rows replayed from %s", len(rows), self.spill_dir)
+        return len(rows)
+
+    def spill(self) -> int:
+        """Write what is still waiting to a spill file of this process; the files it had
+        taken over are then deleted (their rows are in it). Returns the rows spilled."""
+        rows = len(self._pending)
+        if self.spill_dir is None:
+            if rows:
+                log.warning("usage ledger: %d rows lost at shutdown (no spill directory)", rows)
+            return 0
+        if rows:
+            self.spill_dir.mkdir(parents=True, exist_ok=True)
+            partial = self.spill_dir / f"{self._prefix}.partial"
+            with partial.open("w") as out:
+                out.writelines(_row_line(row) for row in self._pending)
+                out.flush()
+                os.fsync(out.fileno())
+            partial.rename(self.spill_dir / f"{time.time_ns()}-{self._prefix}{SPILL_SUFFIX}")
+            log.warning("usage ledger: %d rows spilled to %s", rows, self.spill_dir)
+        for path in self._replayed:
+            path.unlink(missing_ok=True)
+        self._replayed.clear()
+        return rows
+
+    def _left_memory(self, n: int) -> None:
+        """`n` rows left the head of _pending (written or dropped)."""
+        if self._replayed:
+            self._replayed_rows -= n
+            if self._replayed_rows <= 0:  # every replayed row is written: files done
+                for path in self._replayed:
+                    path.unlink(missing_ok=True)
+                self._replayed.clear()
+                self._replayed_rows = 0
+
     async def run(self) -> None:
-        """Write what accumulates, every `flush_every_s`, until cancelled."""
+        """Replay spilled rows, then write what accumulates, every `flush_every_s`, until
+        cancelled."""
+        try:
+            await asyncio.to_thread(self.replay)
+        except OSError as exc:
+            log.warning("usage ledger: cannot read the spill directory: %s", exc)
         delay = self.flush_every_s
         while True:
             await asyncio.sleep(delay)
@@ -119,15 +209,25 @@ class Ledger:
                         len(self._pending),
                     )
 
-    async def close(self) -> None:
-        """A last write of what is pending (at most 5 s), then disconnect."""
+    async def close(self, flush_s: float = STOP_FLUSH_S) -> None:
+        """A last write of what is pending (at most `flush_s`), then the rest spilled."""
         try:
-            async with asyncio.timeout(5.0):
+            async with asyncio.timeout(flush_s):
                 while self._pending:
                     await self._write_batch()
-        except Exception as exc:
-            log.warning("usage ledger: %d rows not written at shutdown (%s)", self.pending, exc)
-        await self._disconnect()
+        except Exception as exc:  # a batch cut short was not popped: it is spilled
+            log.warning(
+                "usage ledger: %d rows not written at shutdown (%s)",
+                self.pending,
+                redact(f"{type(exc).__name__}: {exc}"),
+            )
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                await self._disconnect()
+        try:
+            self.spill()
+        except OSError as exc:
+            log.error("usage ledger: %d rows lost: cannot spill them: %s", self.pending, exc)
 
     async def _write_batch(self) -> None:
         import psycopg
@@ -146,6 +246,7 @@ class Ledger:
         # Committed: these rows may leave memory (records made meanwhile were appended).
         for _ in batch:
             self._pending.popleft()
+        self._left_memory(len(batch))
         self._on_written(len(batch))
 
     async def _disconnect(self) -> None:

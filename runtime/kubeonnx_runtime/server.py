@@ -243,6 +243,7 @@ def make_ledger(
         model=label,
         on_written=metrics.ledger_written.labels(label).inc,
         on_dropped=metrics.ledger_dropped.labels(label).inc,
+        spill_dir=settings.ledger_spill_dir or settings.cache_dir / "ledger",
     )
     metrics.ledger_pending.labels(label).set_function(lambda: ledger.pending)
     return ledger
@@ -422,6 +423,7 @@ def serve(settings: ServeSettings) -> int:
             await asyncio.gather(*consuming, return_exceptions=True)
         for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)  # none still writing
         if ledger is not None:
             await ledger.close()  # what is pending, written before the process ends
 

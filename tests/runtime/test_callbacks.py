@@ -136,8 +136,8 @@ async def zeros(request: object) -> dict[str, np.ndarray]:
     return {"output": np.zeros((1, 3), np.float32)}
 
 
-async def wait_status(store: AsyncStore, request_id: str, timeout: float = 30) -> Any:
-    deadline = time.monotonic() + timeout
+async def wait_status(store: AsyncStore, request_id: str) -> Any:
+    deadline = time.monotonic() + 30
     while (record := await store.lookup(request_id, None)).status == "pending":
         assert time.monotonic() < deadline, f"request {request_id} still pending"
         await asyncio.sleep(0.05)
@@ -205,9 +205,7 @@ async def test_callbacks_that_never_answer_hold_no_inference_slot(
     store = AsyncStore(client, KEYS, max_queued=10, callback_hosts=HOSTS)
     payload = json.dumps(body([1] * 4)).encode()
     hung = [
-        await store.submit(
-            payload, None, tenant="", callback=f"http://127.0.0.1:{blackhole}/done"
-        )
+        await store.submit(payload, None, tenant="", callback=f"http://127.0.0.1:{blackhole}/done")
         for _ in range(2)
     ]
     consumer = worker(client, zeros, concurrency=2)
