@@ -145,6 +145,9 @@ class AsyncSpec(_Spec):
     result_ttl: str = Field("1h", pattern=DURATION, min_length=2, alias="resultTTL")
     claim_after: str = Field("5m", pattern=DURATION, min_length=2)
     max_queued: int = Field(100000, ge=1, le=10_000_000)
+    max_entry_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
+    max_result_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
+    dead_letter_max_length: int = Field(1000, ge=1, le=1_000_000)
     target_queue_length: int = Field(16, ge=1, le=100000)
     callback_hosts: list[str] = []
     gateway: GatewaySpec = GatewaySpec()

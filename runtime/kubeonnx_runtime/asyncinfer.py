@@ -187,7 +187,7 @@ def check_callback(url: str, allowed_hosts: list[str]) -> None:
         if host == pattern or (pattern.startswith("*.") and host.endswith(pattern[1:])):
             return
     raise InvalidRequest(
-        f"callback host {host!r} is not one this model may call (spec.async.callbackHosts)"
+        f"callback host {host!r} is not allowed: it is not in spec.async.callbackHosts"
     )
 
 

@@ -18,6 +18,11 @@ RUNTIME_UID = 65532
 DEFAULT_REQUESTS = {"cpu": "1", "memory": "1Gi"}
 ASYNC_PASSWORD_ENV = "KUBEONNX_ASYNC_REDIS_PASSWORD"
 LABELS_DIR = "/etc/kubeonnx/labels"
+# Usage rows still waiting for the ledger's PostgreSQL at shutdown are spilled here, and
+# replayed by the next start: an emptyDir (it outlives a container restart), or the model's
+# own volume of that name in spec.pod.volumes (a shared persistent volume outlives the pod).
+LEDGER_SPILL_DIR = "/var/lib/kubeonnx/ledger"
+LEDGER_SPILL_VOLUME = "ledger-spill"
 LABELS_FILE = "labels.txt"
 
 
@@ -83,6 +88,9 @@ def async_env(model: Model) -> list[dict[str, Any]]:
         ("KUBEONNX_ASYNC_RESULT_TTL_S", str(duration_seconds(spec.result_ttl))),
         ("KUBEONNX_ASYNC_CLAIM_AFTER_S", str(duration_seconds(spec.claim_after))),
         ("KUBEONNX_ASYNC_MAX_QUEUED", str(spec.max_queued)),
+        ("KUBEONNX_ASYNC_MAX_ENTRY_BYTES", str(spec.max_entry_bytes)),
+        ("KUBEONNX_ASYNC_MAX_RESULT_BYTES", str(spec.max_result_bytes)),
+        ("KUBEONNX_ASYNC_DEAD_LETTER_MAX_LENGTH", str(spec.dead_letter_max_length)),
         ("KUBEONNX_ASYNC_CALLBACK_HOSTS", ",".join(spec.callback_hosts)),
     ]
     env = plain_env(values)
@@ -101,6 +109,8 @@ def quota_env(model: Model) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = []
     if model.quota is not None:
         env.append({"name": "KUBEONNX_QUOTA_CONFIG", "value": f"{QUOTA_DIR}/{QUOTA_FILE}"})
+        if model.quota.ledger_dsn is not None:
+            env.append({"name": "KUBEONNX_LEDGER_SPILL_DIR", "value": LEDGER_SPILL_DIR})
         for variable, from_secret in (
             (REDIS_PASSWORD_ENV, model.quota.redis_password),
             (LEDGER_DSN_ENV, model.quota.ledger_dsn),
@@ -164,13 +174,21 @@ def _placement(model: Model, config: OperatorConfig) -> dict[str, Any]:
 
 
 def quota_volume(model: Model, container: dict[str, Any], pod_spec: dict[str, Any]) -> None:
-    """Mount the quota Secret, if the model has one."""
+    """Mount the quota Secret, if the model has one, and the ledger's spill volume."""
     if model.quota is None:
         return
     # Mounted whole (no subPath), so the kubelet updates the file in place when the
     # operator rewrites the Secret (a rotated key), and the runtime re-reads it.
     container["volumeMounts"].append({"name": "quota", "mountPath": QUOTA_DIR, "readOnly": True})
     pod_spec["volumes"].append({"name": "quota", "secret": {"secretName": model.quota_secret_name}})
+    if model.quota.ledger_dsn is not None:
+        spill = LEDGER_SPILL_VOLUME
+        container["volumeMounts"].append({"name": spill, "mountPath": LEDGER_SPILL_DIR})
+        if not any(v.get("name") == spill for v in pod_spec["volumes"]):
+            own = [v for v in model.spec.pod.volumes if v.get("name") == spill]
+            pod_spec["volumes"].append(
+                own[0] if own else {"name": spill, "emptyDir": {"sizeLimit": "256Mi"}}
+            )
 
 
 CONTAINER_SECURITY = {
