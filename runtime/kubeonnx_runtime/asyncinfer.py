@@ -337,6 +337,85 @@ class Transient(Exception):
     """The request may succeed on another attempt (the server, not the request, failed)."""
 
 
+class Callbacks:
+    """Callbacks of answered requests, made apart from inference, so a URL that never
+    answers holds no inference slot: at most `limit` at once, each within
+    CALLBACK_DEADLINE_S, its entry acknowledged after it. Beyond the limit, or cut short by
+    a stop, a callback is made when its entry is claimed again (at least once holds)."""
+
+    def __init__(self, model_name: str, limit: int, on_outcome: Outcome | None = None) -> None:
+        self.model_name = model_name
+        self.limit = limit
+        self._on_outcome = on_outcome or (lambda outcome: None)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._http: Any = None
+
+    def start(
+        self,
+        url: str,
+        request_id: str,
+        status: str,
+        entry_id: str,
+        acknowledge: Callable[[str], Awaitable[None]],
+    ) -> None:
+        if len(self._tasks) >= self.limit:
+            self._on_outcome("deferred")
+            log.warning(
+                "callback for %s deferred: %d callbacks already in flight; it is made when the "
+                "request is claimed again",
+                request_id,
+                len(self._tasks),
+            )
+            return
+
+        async def call_then_acknowledge() -> None:
+            self._on_outcome(await self.call(url, request_id, status))
+            try:
+                await acknowledge(entry_id)
+            except Exception as exc:  # left pending: claimed again, called back again
+                log.warning("request %s: not acknowledged after its callback: %s", request_id, exc)
+
+        task = asyncio.create_task(call_then_acknowledge())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def stop(self) -> None:
+        """Wait CALLBACK_STOP_S for the callbacks in flight; the rest stay pending."""
+        if self._tasks:
+            _, late = await asyncio.wait(self._tasks, timeout=CALLBACK_STOP_S)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+        if self._http is not None:
+            await self._http.aclose()
+
+    async def call(self, url: str, request_id: str, status: str) -> str:
+        """POST the request's id and status to its callback URL. Never raises; ends within
+        CALLBACK_DEADLINE_S. Returns the outcome: delivered or failed."""
+        import httpx
+
+        if self._http is None:
+            self._http = httpx.AsyncClient(timeout=CALLBACK_TIMEOUT_S, follow_redirects=False)
+        body = {"id": request_id, "model": self.model_name, "status": status}
+        try:
+            async with asyncio.timeout(CALLBACK_DEADLINE_S):
+                for attempt in range(CALLBACK_TRIES):
+                    try:
+                        response = await self._http.post(url, json=body)
+                        if response.status_code < 500:
+                            return "delivered"
+                    except httpx.HTTPError as exc:
+                        log.info("callback for %s failed: %s", request_id, exc)
+                    await asyncio.sleep(0.5 * 2**attempt)
+        except TimeoutError:
+            pass
+        except Exception as exc:  # a URL the client refuses: no try would succeed
+            log.warning("callback for %s not made: %s: %s", request_id, type(exc).__name__, exc)
+            return "failed"
+        log.warning("callback for %s not delivered after %d tries", request_id, CALLBACK_TRIES)
+        return "failed"
+
+
 class AsyncWorker:
     """Consumes the stream: new entries, and entries other consumers left pending."""
 
@@ -376,19 +455,16 @@ class AsyncWorker:
         self.concurrency = concurrency
         self.max_result_bytes = max_result_bytes
         self.dead_letter_max = dead_letter_max
-        self.max_callbacks = max_callbacks
         # Unique per process: a restarted pod must not inherit a dead one's pending entries
         # by name (they are reclaimed by idle time, like any other consumer's).
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
         self._on_outcome = on_outcome or (lambda outcome: None)
         self._on_queue_length = on_queue_length or (lambda n: None)
         self._on_result_bytes = on_result_bytes or (lambda n: None)
-        self._on_callback = on_callback or (lambda outcome: None)
+        self.callbacks = Callbacks(model_name, max_callbacks, on_callback)
         self._complete = client.register_script(_COMPLETE)
         self._stopping = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
-        self._callbacks: set[asyncio.Task[None]] = set()  # apart from the inference slots
-        self._http: Any = None
         self._claims = 0
 
     def stop(self) -> None:
@@ -437,13 +513,7 @@ class AsyncWorker:
                 task.add_done_callback(self._inflight.discard)
         if self._inflight:
             await asyncio.wait(self._inflight)
-        if self._callbacks:  # those still calling stay pending: another replica calls back
-            _, late = await asyncio.wait(self._callbacks, timeout=CALLBACK_STOP_S)
-            for task in late:
-                task.cancel()
-            await asyncio.gather(*late, return_exceptions=True)
-        if self._http is not None:
-            await self._http.aclose()
+        await self.callbacks.stop()
 
     async def _read(self, count: int) -> list[tuple[str, dict[bytes, bytes], int]]:
         # Block for at most a second, so a stop is noticed and reclaiming happens.
@@ -545,8 +615,8 @@ class AsyncWorker:
                 acked = bool(ack)
                 self._on_outcome(status)
                 self._on_result_bytes(len(payload))
-            if callback:
-                self._call_back_apart(entry_id, callback, request_id, status)
+            if callback:  # then acknowledged, apart from the inference slots
+                self.callbacks.start(callback, request_id, status, entry_id, self._acknowledge)
             elif not acked:
                 await self._acknowledge(entry_id)
         except Transient as exc:
@@ -566,31 +636,6 @@ class AsyncWorker:
             pipe.xack(self.keys.stream, GROUP, entry_id)
             pipe.xdel(self.keys.stream, entry_id)
             await pipe.execute()
-
-    def _call_back_apart(self, entry_id: str, url: str, request_id: str, status: str) -> None:
-        """Call back on a task of its own, then acknowledge: the inference slot is free at
-        once. With `max_callbacks` already calling, the entry is left pending, and the next
-        claim of it (after claim_after) calls back then."""
-        if len(self._callbacks) >= self.max_callbacks:
-            self._on_callback("deferred")
-            log.warning(
-                "callback for %s deferred: %d callbacks already in flight; it is made when the "
-                "request is claimed again",
-                request_id,
-                len(self._callbacks),
-            )
-            return
-
-        async def call_back_and_acknowledge() -> None:
-            self._on_callback(await self._call_back(url, request_id, status))
-            try:
-                await self._acknowledge(entry_id)
-            except Exception as exc:  # left pending: claimed again, called back again
-                log.warning("request %s: not acknowledged after its callback: %s", request_id, exc)
-
-        task = asyncio.create_task(call_back_and_acknowledge())
-        self._callbacks.add(task)
-        task.add_done_callback(self._callbacks.discard)
 
     async def _keep_claimed(self, entry_id: str) -> None:
         """While a request runs, reset its idle time every third of claim_after, so a run
@@ -668,33 +713,6 @@ class AsyncWorker:
                 *(dead or [""]),
             ],
         )
-
-    async def _call_back(self, url: str, request_id: str, status: str) -> str:
-        """POST the request's id and status to its callback URL, at least once (a worker
-        killed after the result but before the acknowledgement calls again). Never raises;
-        ends within CALLBACK_DEADLINE_S. Returns the outcome: delivered or failed."""
-        import httpx
-
-        if self._http is None:
-            self._http = httpx.AsyncClient(timeout=CALLBACK_TIMEOUT_S, follow_redirects=False)
-        body = {"id": request_id, "model": self.model_name, "status": status}
-        try:
-            async with asyncio.timeout(CALLBACK_DEADLINE_S):
-                for attempt in range(CALLBACK_TRIES):
-                    try:
-                        response = await self._http.post(url, json=body)
-                        if response.status_code < 500:
-                            return "delivered"
-                    except httpx.HTTPError as exc:
-                        log.info("callback for %s failed: %s", request_id, exc)
-                    await asyncio.sleep(0.5 * 2**attempt)
-        except TimeoutError:
-            pass
-        except Exception as exc:  # a URL the client refuses: no try would succeed
-            log.warning("callback for %s not made: %s: %s", request_id, type(exc).__name__, exc)
-            return "failed"
-        log.warning("callback for %s not delivered after %d tries", request_id, CALLBACK_TRIES)
-        return "failed"
 
 
 def _text(value: bytes | str) -> str:
