@@ -125,3 +125,36 @@ async def test_a_spill_replayed_twice_counts_each_row_once(
     rows = postgres.query("SELECT request_id, at FROM kubeonnx_usage WHERE policy = 'twice'")
     assert sorted(r for r, _ in rows) == [f"r{i}" for i in range(5)]
     assert all(at <= datetime.now(UTC) for _, at in rows)
+
+
+def test_a_postgres_that_never_answers_does_not_hold_up_the_stop(
+    serve, models, redis_server: LocalRedis, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """PostgreSQL's port takes connections and never answers (a half-dead host): the last
+    write is cut short, the rows are spilled, and the process ends within the grace period."""
+    import socket
+
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(64)
+    try:
+        config = write_policy(
+            tmp_path, redis_server.url, {"a": []}, ledger={"dsnEnv": "LEDGER_DSN"}
+        )
+        spill = tmp_path / "spill"
+        dsn = f"postgresql://kubeonnx@127.0.0.1:{hole.getsockname()[1]}/postgres"
+        served = serve_mlp(
+            serve, models, config, env={"LEDGER_DSN": dsn, "KUBEONNX_LEDGER_SPILL_DIR": str(spill)}
+        )
+        with httpx.Client(timeout=30) as http:
+            for _ in range(10):
+                assert infer(http, served, "a").status_code == 200
+        served.proc.send_signal(signal.SIGTERM)
+        try:
+            assert served.proc.wait(GRACE_S) == 0, served.logs()
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"still running {GRACE_S}s after SIGTERM") from None
+        (written,) = spill.glob("*.rows")
+        assert len(written.read_text().splitlines()) == 10
+    finally:
+        hole.close()
