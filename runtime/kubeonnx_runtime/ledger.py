@@ -125,14 +125,18 @@ class Ledger:
         )
 
     def replay(self) -> int:
-        """Take over the rows stopped processes spilled into `spill_dir`: each file is
-        claimed by renaming it, so two replicas sharing the directory never both take one.
-        Returns the rows taken over."""
+        """Take over the rows stopped processes spilled into `spill_dir`, and those another
+        process took over and did not finish (killed while replaying them). Each file is
+        claimed by renaming it, so replicas sharing the directory rarely both take one; when
+        they do, the rows' ids keep them once in the table. Returns the rows taken over."""
         if self.spill_dir is None or not self.spill_dir.is_dir():
             return 0
         rows: list[Row] = []
-        for path in sorted(self.spill_dir.glob(f"*{SPILL_SUFFIX}")):
-            claimed = path.with_name(f"{path.name}.{self._prefix}")
+        for path in sorted(self.spill_dir.iterdir()):
+            base, found, _ = path.name.partition(SPILL_SUFFIX)
+            if not found or path.name.endswith(f".{self._prefix}"):
+                continue
+            claimed = path.with_name(f"{base}{SPILL_SUFFIX}.{self._prefix}")
             try:
                 path.rename(claimed)
                 taken = [_parse_row(line) for line in claimed.read_text().splitlines() if line]

@@ -97,8 +97,8 @@ def test_rows_waiting_for_postgres_survive_a_sigterm_and_reach_the_table_once(
 async def test_a_spill_replayed_twice_counts_each_row_once(
     postgres: LocalPostgres, tmp_path: Path
 ) -> None:
-    """A replica that wrote replayed rows and died before deleting the file: the next one
-    replays them again, and the table's key keeps them once."""
+    """A replica killed while replaying a spill (after writing its rows, before deleting
+    it): the next one replays it again, and the table's key keeps each row once."""
     spill = tmp_path / "spill"
     down = Ledger(
         "postgresql://kubeonnx@127.0.0.1:1/none", policy="twice", model="m", spill_dir=spill
@@ -121,7 +121,8 @@ async def test_a_spill_replayed_twice_counts_each_row_once(
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await ledger.close()
-        (spill / "again.rows").write_text(copy)  # as if the file had not been deleted
+        # As if a replica had been killed while replaying it (its claimed name left).
+        (spill / "again.rows.0123456789abcdef").write_text(copy)
     rows = postgres.query("SELECT request_id, at FROM kubeonnx_usage WHERE policy = 'twice'")
     assert sorted(r for r, _ in rows) == [f"r{i}" for i in range(5)]
     assert all(at <= datetime.now(UTC) for _, at in rows)
