@@ -219,7 +219,7 @@ class Reconciler:
             # Not known as ours: look before applying, since a forced apply would adopt it.
             live = await self.kube.get(api_version, kind, meta["namespace"], name)
             if live is not None:
-                _check_controller(live, owner_uid, kind, name)
+                _check_controller(live, owner_uid, kind, name, key[1])
         if kind == "Deployment":
             await self._hand_over_replicas(key, manifest)
         live = await self.kube.apply(manifest)
@@ -310,7 +310,11 @@ def _ready_reason(status: dict[str, Any]) -> str | None:
     return None
 
 
-def _check_controller(live: dict[str, Any], owner_uid: str, kind: str, name: str) -> None:
+def _check_controller(
+    live: dict[str, Any], owner_uid: str, kind: str, name: str, model: str
+) -> None:
+    """`name` is the child's, `model` the InferenceModel's (NAME-gateway, NAME-quota are
+    children of NAME)."""
     refs = (live.get("metadata") or {}).get("ownerReferences") or []
     controller = next((r for r in refs if r.get("controller")), None)
     if controller is None:
@@ -319,10 +323,10 @@ def _check_controller(live: dict[str, Any], owner_uid: str, kind: str, name: str
             "rename or delete it, or rename the model"
         )
     if controller.get("uid") != owner_uid:
-        if controller.get("kind") == "InferenceModel" and controller.get("name") == name:
+        if controller.get("kind") == "InferenceModel" and controller.get("name") == model:
             raise PreviousOwner(
                 f"waiting for the garbage collector to delete {kind} {name} of the previous "
-                f"InferenceModel {name} (uid {controller.get('uid')})"
+                f"InferenceModel {model} (uid {controller.get('uid')})"
             )
         raise ChildConflict(
             f"{kind} {name} is controlled by {controller.get('kind')} {controller.get('name')} "

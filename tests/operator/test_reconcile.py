@@ -313,3 +313,22 @@ async def test_turning_async_off_deletes_the_gateway_but_keeps_the_model_deploym
     ]
     assert kube.statuses[-1]["mode"] == "sync"
     assert "asyncURL" not in kube.statuses[-1]
+
+
+def controlled_by_model(kind: str, name: str, uid: str) -> dict[str, Any]:
+    ref = {"kind": "InferenceModel", "name": "m", "uid": uid, "controller": True}
+    return {"kind": kind, "metadata": {"name": name, "ownerReferences": [ref]}}
+
+
+@pytest.mark.parametrize("kind", ["Deployment", "Service"])
+async def test_a_gateway_of_a_deleted_model_of_the_same_name_is_waited_for(kind: str) -> None:
+    # NAME-gateway is controlled by the old InferenceModel NAME (not by one named
+    # NAME-gateway): the garbage collector is about to remove it, no conflict.
+    kube = FakeKube()
+    kube.live[(kind, "m-gateway")] = controlled_by_model(kind, "m-gateway", "old")
+    await reconciler(kube).reconcile(body(**{"async": ASYNC}))
+    assert ready(kube)["reason"] == "Progressing", ready(kube)
+    assert f"waiting for the garbage collector to delete {kind} m-gateway" in (
+        ready(kube)["message"]
+    )
+    assert (kind, "m-gateway") not in {(m["kind"], m["metadata"]["name"]) for _, m in kube.applied}
