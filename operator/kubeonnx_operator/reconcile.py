@@ -176,6 +176,8 @@ class Reconciler:
                 if live is not None:
                     self.applied_deployments[key] = slim_deployment(live)
                 deployment = self.deployment(key)
+        if deployment is not None and model.spec.scaling.autoscaler == "hpa":
+            deployment = await self._wake_from_zero(key, model, deployment)
         await self._prune(model, body["metadata"]["uid"], rendered)
 
         pods = self.observed.pods((namespace, name))
@@ -245,6 +247,27 @@ class Reconciler:
             },
             manager=HANDOVER_MANAGER,
         )
+
+    async def _wake_from_zero(
+        self, key: tuple[str, str], model: Model, deployment: dict[str, Any]
+    ) -> dict[str, Any]:
+        """An HPA never scales a Deployment at 0 replicas (left there by KEDA before a
+        switch to hpa, or by hand): hand over minReplicas, at least 1, for it to take on."""
+        if deployment["spec"].get("replicas", 1) != 0:
+            return deployment
+        replicas = max(model.spec.scaling.min_replicas, 1)
+        log.info("%s/%s: at 0 replicas under an HPA; setting %d", *key, replicas)
+        live = await self.kube.apply(
+            {
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "metadata": {"name": model.name, "namespace": model.namespace},
+                "spec": {"replicas": replicas},
+            },
+            manager=HANDOVER_MANAGER,
+        )
+        self.applied_deployments[key] = slim_deployment(live)
+        return self.deployment(key) or deployment
 
     async def _prune(self, model: Model, owner_uid: str, keep: set[tuple[str, str, str]]) -> None:
         """Delete children this model owns that were not rendered this time: by UID, so

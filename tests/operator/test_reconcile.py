@@ -332,3 +332,24 @@ async def test_a_gateway_of_a_deleted_model_of_the_same_name_is_waited_for(kind:
         ready(kube)["message"]
     )
     assert (kind, "m-gateway") not in {(m["kind"], m["metadata"]["name"]) for _, m in kube.applied}
+
+
+async def test_switching_from_keda_at_zero_replicas_to_hpa_brings_the_model_back() -> None:
+    # An HPA never scales a Deployment at 0 replicas ("scaling is disabled"): the
+    # operator hands over minReplicas (at least 1) for the HPA to take from there.
+    kube = FakeKube()
+    observed = ObservedChildren()
+    rec = reconciler(kube, observed)
+    keda = {"autoscaler": "keda", "minReplicas": 0, "maxReplicas": 5}
+    await rec.reconcile(body(scaling=keda, **{"async": ASYNC}))
+    gen = kube.live[("Deployment", "m")]["metadata"]["generation"]
+    observed.record(KEY, seen_deployment(gen, 0, owns_replicas=False), deleted=False)
+    await rec.reconcile(body(scaling=keda, **{"async": ASYNC}))
+    assert not [m for manager, m in kube.applied if manager == HANDOVER_MANAGER]
+    assert ready(kube)["reason"] == "ScaledToZero"
+    kube.applied.clear()
+    hpa = {"autoscaler": "hpa", "minReplicas": 2, "maxReplicas": 5}
+    await rec.reconcile(body(scaling=hpa, **{"async": ASYNC}))
+    handover = [m for manager, m in kube.applied if manager == HANDOVER_MANAGER]
+    assert [m["spec"] for m in handover] == [{"replicas": 2}]
+    assert handover[0]["metadata"]["name"] == "m"
