@@ -78,6 +78,7 @@ class ObservedChildren:
         self._children: dict[Key, dict[tuple[str, str, str], ChildRef]] = {}
         self._pods: dict[Key, dict[str, dict[str, Any]]] = {}  # by pod UID
         self._deployments: dict[Key, dict[str, Any]] = {}
+        self._gateways: dict[Key, dict[str, Any]] = {}  # the async gateway's Deployment
 
     def record(self, owner: Key, obj: dict[str, Any], deleted: bool) -> None:
         meta = obj["metadata"]
@@ -95,25 +96,32 @@ class ObservedChildren:
             seen = children.get(ident)
             if seen is not None and seen.uid == uid:
                 del children[ident]
-            deployment = self._deployments.get(owner)
-            if deployment is not None and deployment["metadata"]["uid"] == uid:
-                del self._deployments[owner]
+            for kept in (self._deployments, self._gateways):
+                deployment = kept.get(owner)
+                if deployment is not None and deployment["metadata"]["uid"] == uid:
+                    del kept[owner]
         else:
             uids = frozenset(r.get("uid", "") for r in meta.get("ownerReferences") or [])
             children[ident] = ChildRef(*ident, uid, uids, our_fields(obj))
             if obj["kind"] == "Deployment" and meta["name"] == owner[1]:
                 self._deployments[owner] = slim_deployment(obj)
+            elif obj["kind"] == "Deployment" and meta["name"] == f"{owner[1]}-gateway":
+                self._gateways[owner] = slim_deployment(obj)
 
     def forget(self, owner: Key) -> None:
         self._children.pop(owner, None)
         self._pods.pop(owner, None)
         self._deployments.pop(owner, None)
+        self._gateways.pop(owner, None)
 
     def child(self, owner: Key, api_version: str, kind: str, name: str) -> ChildRef | None:
         return self._children.get(owner, {}).get((api_version, kind, name))
 
     def deployment(self, owner: Key) -> dict[str, Any] | None:
         return self._deployments.get(owner)
+
+    def gateway(self, owner: Key) -> dict[str, Any] | None:
+        return self._gateways.get(owner)
 
     def children(self, owner: Key) -> list[ChildRef]:
         return list(self._children.get(owner, {}).values())

@@ -21,7 +21,7 @@ from .quota import QuotaProblem, ResolvedQuota, resolve_quota, secret_names
 from .render import Model, render_children
 from .render.model import load_model
 from .spec import InvalidSpec
-from .status import READY, Verdict, derive_status, derive_verdict
+from .status import READY, Verdict, derive_status, derive_verdict, gateway_verdict
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +184,8 @@ class Reconciler:
         verdict = derive_verdict(
             deployment, pods, model.spec.scaling.min_replicas, model.wake_signal()
         )
+        if verdict.ready and model.spec.async_.enabled:
+            verdict = gateway_verdict(self.observed.gateway(key), model.gateway_name) or verdict
         if problem is not None:  # a child we could not create outranks what the pods show
             verdict = problem
         await self._report(body, verdict, deployment, model)

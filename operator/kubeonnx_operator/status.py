@@ -107,6 +107,34 @@ def derive_verdict(
     )
 
 
+def gateway_verdict(gateway: dict[str, Any] | None, name: str) -> Verdict | None:
+    """What keeps an asynchronous model's gateway (Deployment `name`) from taking
+    submissions, or None when at least one of its replicas is ready. While it rolls out
+    that is Progressing; once it had rolled out, or when it cannot, GatewayNotReady:
+    every submission fails, whatever the model's own replicas show."""
+    if gateway is None:
+        return Verdict(False, "Progressing", f"waiting for the async gateway {name} to be created")
+    spec, status = gateway.get("spec", {}), gateway.get("status", {})
+    ready, desired = status.get("readyReplicas", 0), spec.get("replicas", 1)
+    if ready >= 1:
+        return None
+    counts = f"the async gateway {name} has {ready}/{desired} replicas ready"
+    stuck = ""
+    for cond in status.get("conditions") or []:
+        failed = cond.get("type") == "ReplicaFailure" and cond.get("status") == "True"
+        settled = cond.get("type") == "Progressing" and cond.get("reason") in {
+            "NewReplicaSetAvailable",
+            "ProgressDeadlineExceeded",
+        }
+        if failed or settled:
+            stuck = cond.get("message") or cond.get("reason") or ""
+    if not stuck:
+        return Verdict(False, "Progressing", counts)
+    return Verdict(
+        False, "GatewayNotReady", f"{counts}: asynchronous submissions fail until one is ({stuck})"
+    )
+
+
 def set_condition(
     conditions: list[dict[str, Any]], new: dict[str, Any], now: str
 ) -> list[dict[str, Any]]:

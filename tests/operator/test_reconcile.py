@@ -328,8 +328,8 @@ async def test_a_gateway_of_a_deleted_model_of_the_same_name_is_waited_for(kind:
     kube.live[(kind, "m-gateway")] = controlled_by_model(kind, "m-gateway", "old")
     await reconciler(kube).reconcile(body(**{"async": ASYNC}))
     assert ready(kube)["reason"] == "Progressing", ready(kube)
-    assert f"waiting for the garbage collector to delete {kind} m-gateway" in (
-        ready(kube)["message"]
+    assert (
+        f"waiting for the garbage collector to delete {kind} m-gateway" in (ready(kube)["message"])
     )
     assert (kind, "m-gateway") not in {(m["kind"], m["metadata"]["name"]) for _, m in kube.applied}
 
@@ -344,6 +344,7 @@ async def test_switching_from_keda_at_zero_replicas_to_hpa_brings_the_model_back
     await rec.reconcile(body(scaling=keda, **{"async": ASYNC}))
     gen = kube.live[("Deployment", "m")]["metadata"]["generation"]
     observed.record(KEY, seen_deployment(gen, 0, owns_replicas=False), deleted=False)
+    observed.record(KEY, seen_gateway(1, "NewReplicaSetAvailable"), deleted=False)
     await rec.reconcile(body(scaling=keda, **{"async": ASYNC}))
     assert not [m for manager, m in kube.applied if manager == HANDOVER_MANAGER]
     assert ready(kube)["reason"] == "ScaledToZero"
@@ -353,3 +354,48 @@ async def test_switching_from_keda_at_zero_replicas_to_hpa_brings_the_model_back
     handover = [m for manager, m in kube.applied if manager == HANDOVER_MANAGER]
     assert [m["spec"] for m in handover] == [{"replicas": 2}]
     assert handover[0]["metadata"]["name"] == "m"
+
+
+def seen_gateway(ready_replicas: int, progressing_reason: str) -> dict[str, Any]:
+    gateway = seen_deployment(1, 1, owns_replicas=True)
+    gateway["metadata"].update(name="m-gateway", uid="gateway-uid")
+    gateway["status"].update(
+        readyReplicas=ready_replicas,
+        conditions=[
+            {
+                "type": "Progressing",
+                "status": "True",
+                "reason": progressing_reason,
+                "message": f"ReplicaSet m-gateway-1 {progressing_reason}",
+            }
+        ],
+    )
+    return gateway
+
+
+async def test_an_async_model_is_not_ready_while_its_gateway_has_no_ready_replica() -> None:
+    kube = FakeKube()
+    observed = ObservedChildren()
+    rec = reconciler(kube, observed)
+    await rec.reconcile(body(**{"async": ASYNC}))
+    gen = kube.live[("Deployment", "m")]["metadata"]["generation"]
+    observed.record(KEY, seen_deployment(gen, 1, owns_replicas=False), deleted=False)
+    # The gateway still rolling out: Progressing, naming it.
+    observed.record(KEY, seen_gateway(0, "ReplicaSetUpdated"), deleted=False)
+    await rec.reconcile(body(**{"async": ASYNC}))
+    assert ready(kube)["status"] == "False" and ready(kube)["reason"] == "Progressing"
+    assert "async gateway m-gateway has 0/1 replicas ready" in ready(kube)["message"]
+    observed.record(KEY, seen_gateway(1, "NewReplicaSetAvailable"), deleted=False)
+    await rec.reconcile(body(**{"async": ASYNC}))
+    assert ready(kube)["status"] == "True" and ready(kube)["reason"] == "Ready"
+    # It had rolled out, and then lost its ready replica: every submission fails.
+    observed.record(KEY, seen_gateway(0, "NewReplicaSetAvailable"), deleted=False)
+    await rec.reconcile(body(**{"async": ASYNC}))
+    assert ready(kube)["status"] == "False" and ready(kube)["reason"] == "GatewayNotReady"
+    assert "submissions fail" in ready(kube)["message"]
+    assert ("Warning", "GatewayNotReady", ready(kube)["message"]) in kube.events
+    # The gateway deleted (the watch says so): not Ready either.
+    observed.record(KEY, seen_gateway(0, "NewReplicaSetAvailable"), deleted=True)
+    await rec.reconcile(body(**{"async": ASYNC}))
+    assert ready(kube)["status"] == "False"
+    assert "waiting for the async gateway m-gateway" in ready(kube)["message"]

@@ -162,3 +162,20 @@ def test_status_is_stable_when_nothing_changed() -> None:
     )
     assert first == again
     assert first["replicaSummary"] == "1/1" and first["observedGeneration"] == 2
+
+
+def test_the_async_gateway_without_a_ready_replica_names_why() -> None:
+    from kubeonnx_operator.status import gateway_verdict
+
+    assert gateway_verdict(deployment(desired=2, ready=1), "m-gateway") is None
+    missing = gateway_verdict(None, "m-gateway")
+    assert missing is not None and missing.reason == "Progressing"
+    rolling = gateway_verdict(deployment(ready=0), "m-gateway")
+    assert rolling is not None and rolling.reason == "Progressing"
+    quota = {"type": "ReplicaFailure", "status": "True", "message": "exceeded quota: pods"}
+    failing = gateway_verdict(deployment(ready=0, conditions=[quota]), "m-gateway")
+    assert failing is not None and not failing.ready
+    assert failing.reason == "GatewayNotReady" and "exceeded quota: pods" in failing.message
+    late = {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded"}
+    stuck = gateway_verdict(deployment(ready=0, conditions=[late]), "m-gateway")
+    assert stuck is not None and stuck.reason == "GatewayNotReady"
