@@ -19,7 +19,7 @@ from .quota import (
 )
 from .reconcile import status_changed, utc_now
 from .spec import InvalidSpec
-from .status import READY, set_condition
+from .status import READY, PolicyReason, set_condition
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,7 @@ class PolicyReconciler:
             "observedGeneration": generation,
             "models": len(models_using(self.models, namespace, name)),
         }
+        reason: PolicyReason
         try:
             spec = parse_policy(body.get("spec"))
         except InvalidSpec as exc:

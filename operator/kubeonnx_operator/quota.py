@@ -12,12 +12,15 @@ import base64
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
 from .spec import InvalidSpec
+
+if TYPE_CHECKING:
+    from .status import ModelReason
 
 WINDOW_SECONDS = {"1s": 1, "1m": 60, "1h": 3600, "1d": 86400}
 
@@ -126,7 +129,7 @@ class ResolvedQuota:
 class QuotaProblem(Exception):
     """Why a model's QuotaPolicy cannot be rendered: a status reason and its message."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: ModelReason, message: str) -> None:
         super().__init__(message)
         self.reason = reason
 

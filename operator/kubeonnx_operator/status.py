@@ -7,17 +7,45 @@ the status flips, observedGeneration set.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 from .render.model import CONTAINER
 
 READY = "Ready"
 
+# Every reason an InferenceModel's Ready condition can give: the one registry (mypy holds
+# each Verdict to it; the Argo CD health check is tested against each).
+ModelReason = Literal[
+    "Ready",
+    "ScaledToZero",
+    "Progressing",
+    "Unschedulable",
+    "ModelLoadFailed",
+    "CrashLoop",
+    "ImagePullFailed",
+    "ReplicaFailure",
+    "ProgressDeadlineExceeded",
+    "InvalidSpec",
+    "KedaNotInstalled",
+    "QuotaPolicyNotFound",
+    "QuotaSecretNotFound",
+    "QuotaPolicyInvalid",
+    "GatewayNotReady",
+    "ChildConflict",
+    "ReconcileError",
+]
+MODEL_REASONS: tuple[str, ...] = get_args(ModelReason)
+# The reasons given with Ready=True: the model serves (or wakes on demand).
+READY_REASONS = frozenset({"Ready", "ScaledToZero"})
+# Every reason a QuotaPolicy's Ready condition can give.
+PolicyReason = Literal["Ready", "InvalidSpec", "SecretNotFound", "StoreUnreachable"]
+POLICY_REASONS: tuple[str, ...] = get_args(PolicyReason)
+
 
 @dataclass(frozen=True)
 class Verdict:
     ready: bool
-    reason: str
+    reason: ModelReason
     message: str
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
+from kubeonnx_operator.status import MODEL_REASONS, POLICY_REASONS, READY_REASONS
 from lupa import lua51
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -66,29 +67,51 @@ def test_health_test_cases(check: Path, case: dict[str, Any]) -> None:
     assert health(check, obj) == case["healthStatus"]
 
 
-def test_every_reason_the_operator_gives_maps_to_a_health() -> None:
-    sources = "\n".join(p.read_text() for p in (ROOT / "operator").rglob("*.py"))
-    reasons = set(re.findall(r'Verdict\(\s*(?:True|False),\s*"([A-Za-z]+)"', sources))
-    reasons |= set(re.findall(r'reason = False, "([A-Za-z]+)"', sources))
-    assert {"ModelLoadFailed", "ChildConflict", "ReconcileError", "Ready"} <= reasons
+def status_with(reason: str) -> dict[str, Any]:
+    ready = "True" if reason in READY_REASONS else "False"
+    condition = {"type": "Ready", "status": ready, "reason": reason, "message": "m"}
+    return {
+        "metadata": {"generation": 1},
+        "status": {"observedGeneration": 1, "conditions": [condition]},
+    }
+
+
+@pytest.mark.parametrize("reason", MODEL_REASONS)
+def test_every_reason_of_an_inference_model_maps_to_a_health(reason: str) -> None:
     check = CUSTOMIZATIONS / "kubeonnx.io" / "InferenceModel" / "health.lua"
-    for reason in reasons:
-        ready = "True" if reason in {"Ready", "ScaledToZero"} else "False"
-        obj = {
-            "metadata": {"generation": 1},
-            "status": {
-                "observedGeneration": 1,
-                "conditions": [
-                    {"type": "Ready", "status": ready, "reason": reason, "message": "m"}
-                ],
-            },
-        }
-        got = health(check, obj)
-        assert got["status"] in VALID
-        want = {"True": "Healthy"}.get(
-            ready, "Progressing" if reason == "Progressing" else "Degraded"
-        )
-        assert got["status"] == want, reason
+    got = health(check, status_with(reason))
+    if reason in READY_REASONS:
+        want = "Healthy"
+    elif reason == "Progressing":
+        want = "Progressing"
+    else:
+        want = "Degraded"
+    assert got == {"status": want, "message": f"{reason}: m"}
+
+
+@pytest.mark.parametrize("reason", POLICY_REASONS)
+def test_every_reason_of_a_quota_policy_maps_to_a_health(reason: str) -> None:
+    check = CUSTOMIZATIONS / "kubeonnx.io" / "QuotaPolicy" / "health.lua"
+    got = health(check, status_with(reason))
+    assert got == {
+        "status": "Healthy" if reason == "Ready" else "Degraded",
+        "message": f"{reason}: m",
+    }
+
+
+def test_the_registry_holds_every_reason_the_code_names() -> None:
+    # mypy holds each Verdict to the registry; this catches a reason given another way.
+    sources = "\n".join(p.read_text() for p in (ROOT / "operator").rglob("*.py"))
+    named = set(re.findall(r'Verdict\(\s*(?:True|False),\s*"([A-Za-z]+)"', sources))
+    named |= set(re.findall(r'QuotaProblem\(\s*"([A-Za-z]+)"', sources))
+    named |= set(re.findall(r'reason(?:, message)? = (?:True|False), "([A-Za-z]+)"', sources))
+    assert {"QuotaPolicyNotFound", "QuotaSecretNotFound", "QuotaPolicyInvalid"} <= named
+    assert {"SecretNotFound", "StoreUnreachable"} <= named
+    assert named <= set(MODEL_REASONS) | set(POLICY_REASONS)
+    # Every reason in README's table is one the operator can give, and the reverse.
+    readme = (ROOT / "README.md").read_text()
+    table = set(re.findall(r"^\| `([A-Za-z]+)` \|", readme, re.M))
+    assert table == set(MODEL_REASONS) - {"Ready"}
 
 
 def test_the_sandbox_has_no_string_library_as_in_argo_cd(tmp_path: Path) -> None:
