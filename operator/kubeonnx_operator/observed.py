@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from .render.model import FIELD_MANAGER
+from .render.model import FIELD_MANAGER, GATEWAY_SUFFIX
 
 Key = tuple[str, str]  # namespace, owner name
 
@@ -105,7 +105,7 @@ class ObservedChildren:
             children[ident] = ChildRef(*ident, uid, uids, our_fields(obj))
             if obj["kind"] == "Deployment" and meta["name"] == owner[1]:
                 self._deployments[owner] = slim_deployment(obj)
-            elif obj["kind"] == "Deployment" and meta["name"] == f"{owner[1]}-gateway":
+            elif obj["kind"] == "Deployment" and meta["name"] == f"{owner[1]}{GATEWAY_SUFFIX}":
                 self._gateways[owner] = slim_deployment(obj)
 
     def forget(self, owner: Key) -> None:

@@ -399,3 +399,20 @@ async def test_an_async_model_is_not_ready_while_its_gateway_has_no_ready_replic
     await rec.reconcile(body(**{"async": ASYNC}))
     assert ready(kube)["status"] == "False"
     assert "waiting for the async gateway m-gateway" in ready(kube)["message"]
+
+
+async def test_an_async_model_name_its_gateway_service_cannot_carry_is_an_invalid_spec() -> None:
+    # NAME-gateway is a Service name, a DNS label of at most 63 characters.
+    for length, accepted in ((55, True), (56, False)):
+        kube = FakeKube()
+        named = body(**{"async": ASYNC})
+        named["metadata"]["name"] = "m" * length
+        await reconciler(kube).reconcile(named)
+        names = {(m["kind"], m["metadata"]["name"]) for _, m in kube.applied}
+        if accepted:
+            assert ("Service", "m" * length + "-gateway") in names
+            assert len("m" * length + "-gateway") == 63
+        else:
+            assert names == set()
+            assert ready(kube)["reason"] == "InvalidSpec"
+            assert "at most 55 characters when spec.async.enabled" in ready(kube)["message"]

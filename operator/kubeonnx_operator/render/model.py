@@ -17,6 +17,9 @@ FIELD_MANAGER = "kubeonnx"  # the operator's server-side apply identity
 HTTP_PORT = 8080
 SERVICE_PORT = 80
 CONTAINER = "runtime"
+GATEWAY_SUFFIX = "-gateway"
+# The gateway's Service, NAME-gateway, is a DNS label: 63 characters at most.
+ASYNC_NAME_MAX = 63 - len(GATEWAY_SUFFIX)
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,7 @@ class Model:
 
     @property
     def gateway_name(self) -> str:
-        return f"{self.name}-gateway"
+        return f"{self.name}{GATEWAY_SUFFIX}"
 
     @property
     def gateway_selector(self) -> dict[str, str]:
@@ -123,6 +126,12 @@ def load_model(
     accelerator profile is one of this operator's. Raises InvalidSpec."""
     check_name(name)
     model = Model(name, namespace, parse_spec(raw_spec))
+    if model.spec.async_.enabled and len(name) > ASYNC_NAME_MAX:
+        raise InvalidSpec(
+            f"metadata.name must be at most {ASYNC_NAME_MAX} characters when "
+            f"spec.async.enabled is true: the gateway's Service is NAME{GATEWAY_SUFFIX}, "
+            "a DNS label of at most 63 characters"
+        )
     profile = model.spec.accelerator.profile
     if model.gpu and profile not in config.profiles:
         known = ", ".join(sorted(config.profiles)) or "(none configured)"
