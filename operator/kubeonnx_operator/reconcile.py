@@ -200,7 +200,7 @@ class Reconciler:
             for secret in sorted(secret_names(policy))
         }
         try:
-            return resolve_quota(name, namespace, policy, secrets, model.spec.scaling.max_replicas)
+            return resolve_quota(name, namespace, policy, secrets, model.admitting_replicas)
         except QuotaProblem as problem:
             return Verdict(False, problem.reason, str(problem))
 

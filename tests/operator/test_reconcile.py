@@ -416,3 +416,32 @@ async def test_an_async_model_name_its_gateway_service_cannot_carry_is_an_invali
             assert names == set()
             assert ready(kube)["reason"] == "InvalidSpec"
             assert "at most 55 characters when spec.async.enabled" in ready(kube)["message"]
+
+
+async def test_failure_mode_local_shares_the_limits_among_the_gateway_replicas_too() -> None:
+    # Both the model's replicas and the async gateway's admit (charge at submission): with
+    # Redis down, failureMode Local gives each process limit / replicas, so "replicas"
+    # must count every process that admits, or the tenant gets more than its limit.
+    import base64
+    import json
+
+    limit = 100
+    policy = {
+        "spec": {
+            "failureMode": "Local",
+            "defaultTenant": {"limits": [{"unit": "requests", "limit": limit, "window": "1m"}]},
+            "backend": {"redis": {"url": "redis://r:6379/0"}},
+        }
+    }
+    gateway = {**ASYNC, "gateway": {"replicas": 2}}
+    for spec, admitting in (({"async": gateway}, 3 + 2), ({}, 3)):
+        kube = FakeKube()
+        rec = reconciler(kube)
+        rec.policies[("ns", "q")] = policy
+        scaling = {"autoscaler": "hpa", "minReplicas": 1, "maxReplicas": 3}
+        await rec.reconcile(body(quotaPolicy="q", scaling=scaling, **spec))
+        (secret,) = [m for _, m in kube.applied if m["kind"] == "Secret"]
+        config = json.loads(base64.b64decode(secret["data"]["config.json"]))
+        assert config["replicas"] == admitting
+        # What all of them together admit while Redis is down stays within the limit.
+        assert admitting * (limit // config["replicas"]) <= limit

@@ -40,6 +40,14 @@ class Model:
         return f"kubeonnx:{{{self.namespace}/{self.name}}}"
 
     @property
+    def admitting_replicas(self) -> int:
+        """At most how many processes charge the model's quota: its replicas, and the async
+        gateway's, which charges at submission. failureMode Local gives each 1/this of
+        every limit, so that together they never admit more than the limit."""
+        gateway = self.spec.async_.gateway.replicas if self.spec.async_.enabled else 0
+        return self.spec.scaling.max_replicas + gateway
+
+    @property
     def gateway_name(self) -> str:
         return f"{self.name}{GATEWAY_SUFFIX}"
 
