@@ -88,10 +88,50 @@ def _kubeconfig(server: str, user: str, token: str) -> str:
     )
 
 
+PORT_LOCKS = Path(tempfile.gettempdir()) / "kubeonnx-ports"
+_held_ports: dict[int, int] = {}  # port: the descriptor of its lock, held for the process's life
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except OSError:
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port no other caller gets while this process lives. Taken outside the
+    kernel's ephemeral range, so no port-0 bind and no outgoing connection is given it
+    meanwhile; claimed with a lock file that every test process honours (released when the
+    process exits); and free when handed out. (Binding port 0 and releasing it, as this did,
+    let another test's server or client take the port before ours bound it.)"""
+    import fcntl
+    import random
+
+    low, _ = _ephemeral_range()
+    first = 15000 if low > 20000 else 1024
+    PORT_LOCKS.mkdir(exist_ok=True)
+    candidates = list(range(first, low))
+    random.shuffle(candidates)
+    for port in candidates:
+        if port in _held_ports:
+            continue
+        fd = os.open(PORT_LOCKS / str(port), os.O_CREAT | os.O_RDWR, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # in use by something that does not take our locks
+                os.close(fd)
+                continue
+        _held_ports[port] = fd
+        return port
+    raise RuntimeError(f"no free loopback port in {first}-{low - 1}")
 
 
 @dataclass

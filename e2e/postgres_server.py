@@ -30,6 +30,7 @@ class LocalPostgres:
         self.dsn = f"postgresql://kubeonnx@127.0.0.1:{self.port}/postgres"
         self.proc: subprocess.Popen[bytes] | None = None
         self._as: list[str] = []
+        self._started = False  # once started, restarts keep the port its clients know
         if os.geteuid() == 0:
             shutil.chown(self.dir, "postgres", "postgres")
             self._as = ["runuser", "-u", "postgres", "--"]
@@ -53,7 +54,16 @@ class LocalPostgres:
                 check=True,
                 capture_output=True,
             )
-        self.proc = subprocess.Popen(
+        for _ in range(1 if self._started else 5):
+            if self._start_once(bindir):
+                self._started = True
+                return self
+            self.port = free_port()
+            self.dsn = f"postgresql://kubeonnx@127.0.0.1:{self.port}/postgres"
+        raise RuntimeError(f"PostgreSQL did not answer as its own server on port {self.port}")
+
+    def _start_once(self, bindir: Path) -> bool:
+        self.proc = proc = subprocess.Popen(
             [
                 *self._as,
                 str(bindir / "postgres"),
@@ -71,22 +81,34 @@ class LocalPostgres:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.ready():
-                return self
-            time.sleep(0.1)
-        raise RuntimeError(f"PostgreSQL did not answer on port {self.port}")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            answered = self.data_directory()
+            if answered is None:
+                time.sleep(0.1)
+                continue
+            if Path(answered).resolve() == self.data.resolve():
+                return True
+            break  # another server answers on the port: ours cannot bind it
+        self.stop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        return False
 
-    def ready(self) -> bool:
+    def data_directory(self) -> str | None:
+        """The data directory of the server answering on the port: ours is self.data."""
         import psycopg
 
         try:
             with psycopg.connect(self.dsn, connect_timeout=1) as conn:
-                conn.execute("SELECT 1")
-            return True
+                row = conn.execute("SHOW data_directory").fetchone()
+            return str(row[0]) if row else None
         except psycopg.OperationalError:
-            return False
+            return None
+
+    def ready(self) -> bool:
+        return self.data_directory() is not None
 
     def query(self, sql: str) -> list[tuple]:  # type: ignore[type-arg]
         import psycopg

@@ -19,12 +19,24 @@ class LocalRedis:
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._dir = tempfile.mkdtemp(prefix="kubeonnx-redis-")
         self.proc: subprocess.Popen[bytes] | None = None
+        self._started = False  # once started, restarts keep the port its clients know
 
     def start(self) -> LocalRedis:
+        """Start (or restart, on the same port) and wait until this process answers. A first
+        start whose port someone else took meanwhile moves to another port."""
+        for _ in range(1 if self._started else 5):
+            if self._start_once():
+                self._started = True
+                return self
+            self.port = free_port()
+            self.url = f"redis://127.0.0.1:{self.port}/0"
+        raise RuntimeError(f"redis-server did not answer as its own process on port {self.port}")
+
+    def _start_once(self) -> bool:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (Debian package redis-server)")
-        self.proc = subprocess.Popen(
+        self.proc = proc = subprocess.Popen(
             [
                 binary,
                 "--port",
@@ -41,15 +53,18 @@ class LocalRedis:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and proc.poll() is None:
             try:
-                if self.client().ping():
-                    return self
+                pid = int(self.client().info("server")["process_id"])
             except redis.ConnectionError:
                 time.sleep(0.05)
-        raise RuntimeError(f"redis-server did not answer on port {self.port}")
-
+                continue
+            if pid == proc.pid:
+                return True
+            break  # another server answers on the port: ours cannot bind it
+        self.kill()
+        return False
     def client(self) -> redis.Redis:
         return redis.Redis.from_url(self.url, socket_timeout=2)
 
