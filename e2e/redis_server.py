@@ -65,6 +65,7 @@ class LocalRedis:
             break  # another server answers on the port: ours cannot bind it
         self.kill()
         return False
+
     def client(self) -> redis.Redis:
         return redis.Redis.from_url(self.url, socket_timeout=2)
 
