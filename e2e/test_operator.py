@@ -74,6 +74,48 @@ def children(cluster: Cluster, ns: str, name: str) -> dict[str, dict[str, Any]]:
     return {o["kind"]: o for o in (found or {}).get("items", [])}
 
 
+def settled(cluster: Cluster, ns: str, name: str) -> None:
+    """Wait until the model's Deployment has rolled out and the model's status says so: no
+    pod or Deployment change is left to reconcile."""
+
+    def check() -> bool:
+        im = cluster.get("inferencemodel", name, "-n", ns) or {}
+        d = cluster.get("deployment", name, "-n", ns) or {}
+        status, replicas = d.get("status", {}), d.get("spec", {}).get("replicas")
+        rolled_out = status.get("observedGeneration") == d.get("metadata", {}).get(
+            "generation"
+        ) and replicas == status.get("updatedReplicas") == status.get(
+            "readyReplicas"
+        ) == status.get("availableReplicas") == status.get("replicas")
+        im_status = im.get("status", {})
+        return (
+            rolled_out
+            and im_status.get("observedGeneration") == im["metadata"]["generation"]
+            and im_status.get("replicaSummary") == f"{replicas}/{replicas}"
+        )
+
+    eventually(check, 60, what=f"{name}'s Deployment and status to settle")
+
+
+def resyncs(operator: OperatorProcess, rounds: int) -> None:
+    """Wait until the operator has re-run the reconcile of every model it watches `rounds`
+    times more (its resync; counted from its own metrics, not a clock)."""
+
+    def counts() -> tuple[float, float]:
+        found = operator.metrics()
+        done = found.get('kubeonnx_operator_reconciles_total{kind="InferenceModel",result="ok"}')
+        models = found.get('kubeonnx_operator_watched_objects{resource="InferenceModel"}')
+        assert done is not None and models, "the operator's metrics do not answer"
+        return done, models
+
+    start, models = counts()
+    eventually(
+        lambda: counts()[0] >= start + rounds * models,
+        60 * rounds,
+        what=f"{rounds} resyncs of {models:.0f} models",
+    )
+
+
 def prepare_namespace(cluster: Cluster, ns: str) -> None:
     cluster.kubectl("create", "serviceaccount", "model-reader", "-n", ns)
     cluster.create_secret(
@@ -320,13 +362,11 @@ def test_unchanged_models_are_not_written_again(
         }
         return {"InferenceModel": im["metadata"]["resourceVersion"], **ours}
 
-    import time
-
-    time.sleep(3)  # let the pod's own status settle
+    settled(cluster, namespace, "still")
     before = versions()
     writes = cluster.operator_writes(namespace) if cluster.audit_log else None
     assert len(before) == 5
-    time.sleep(12)  # more than two resyncs (resyncSeconds 5) re-run the reconcile
+    resyncs(operator, 2)  # the reconcile re-runs with nothing changed
     assert versions() == before
     if writes is not None:  # not even a no-op apply reaches the API server
         assert writes > 0 and cluster.operator_writes(namespace) == writes

@@ -14,7 +14,7 @@ import pytest
 
 from e2e.conftest import Cluster, eventually
 from e2e.operator_process import OperatorProcess
-from e2e.test_operator import children, model, ready, until_reason
+from e2e.test_operator import children, model, ready, resyncs, until_reason
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,8 +60,20 @@ def test_a_users_service_of_the_same_name_is_never_taken_over(
         what="a Warning Event ChildConflict",
     )
     # Deleting the model leaves the user's Service alone.
+    deployment_uid = (cluster.get("deployment", "taken", "-n", namespace) or {})["metadata"]["uid"]
     cluster.kubectl("delete", "inferencemodel", "taken", "-n", namespace)
-    time.sleep(3)
+    # Once the garbage collector has removed the model's own Deployment, it has been
+    # through the model's dependents.
+    eventually(
+        lambda: (
+            (cluster.get("deployment", "taken", "-n", namespace) or {})
+            .get("metadata", {})
+            .get("uid")
+            != deployment_uid
+        ),
+        60,
+        what="the garbage collector to delete the model's Deployment",
+    )
     assert (cluster.get("service", "taken", "-n", namespace) or {}).get("spec", {}).get(
         "selector"
     ) == {"app": "web"}
@@ -77,7 +89,18 @@ def test_an_api_refusal_is_shown_in_status_with_the_apis_message(
         "spec": {"hard": {"services": "0"}},
     }
     assert cluster.apply(quota, namespace).returncode == 0
-    time.sleep(1)  # the quota controller fills status.used before it admits anything
+    # The quota controller fills status.used before the quota admission refuses anything.
+    eventually(
+        lambda: (
+            "services"
+            in (
+                (cluster.get("resourcequota", "no-services", "-n", namespace) or {}).get("status")
+                or {}
+            ).get("used", {})
+        ),
+        30,
+        what="the ResourceQuota's status.used",
+    )
     assert cluster.apply(model("refused"), namespace).returncode == 0
     cond = until_reason(cluster, namespace, "refused", "ReconcileError")
     assert "API error 403" in cond["message"] and "exceeded quota: no-services" in cond["message"]
@@ -120,7 +143,7 @@ def test_the_user_object_gets_nothing_but_status(
         input=json.dumps(model("gitops", scaling={"maxReplicas": 2})),
     )
     ready(cluster, namespace, "gitops")
-    time.sleep(6)  # a resync
+    resyncs(operator, 1)
     im = cluster.get("inferencemodel", "gitops", "-n", namespace, "--show-managed-fields") or {}
     meta = im["metadata"]
     assert not meta.get("annotations") and not meta.get("finalizers")
