@@ -220,4 +220,6 @@ def derive_status(
         status["mode"] = mode
     if async_url:
         status["asyncURL"] = async_url
+    elif previous.get("asyncURL"):
+        status["asyncURL"] = None  # status is written as a merge patch: null removes it
     return status
