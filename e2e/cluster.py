@@ -10,8 +10,10 @@ The pytest fixture in e2e/conftest.py calls the same `up` and `down`.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -89,7 +91,8 @@ def _kubeconfig(server: str, user: str, token: str) -> str:
 
 
 PORT_LOCKS = Path(tempfile.gettempdir()) / "kubeonnx-ports"
-_held_ports: dict[int, int] = {}  # port: the descriptor of its lock, held for the process's life
+_held_ports: dict[int, int] = {}  # port: the descriptor of its lock, oldest first
+HELD_PORTS_MAX = 256  # locks held at once; each is a file descriptor
 
 
 def _ephemeral_range() -> tuple[int, int]:
@@ -101,14 +104,12 @@ def _ephemeral_range() -> tuple[int, int]:
 
 
 def free_port() -> int:
-    """A loopback port no other caller gets while this process lives. Taken outside the
-    kernel's ephemeral range, so no port-0 bind and no outgoing connection is given it
-    meanwhile; claimed with a lock file that every test process honours (released when the
-    process exits); and free when handed out. (Binding port 0 and releasing it, as this did,
-    let another test's server or client take the port before ours bound it.)"""
-    import fcntl
-    import random
-
+    """A loopback port no other test process is given while this one holds it (until it
+    exits, or has claimed HELD_PORTS_MAX more). Taken outside the kernel's ephemeral range,
+    so no port-0 bind and no outgoing connection is given it meanwhile; claimed with a lock
+    file that every test process honours; and free when handed out. (Binding port 0 and
+    releasing it, as this did, let another test's server or client take the port before
+    ours bound it.)"""
     low, _ = _ephemeral_range()
     first = 15000 if low > 20000 else 1024
     PORT_LOCKS.mkdir(exist_ok=True)
@@ -129,6 +130,8 @@ def free_port() -> int:
             except OSError:  # in use by something that does not take our locks
                 os.close(fd)
                 continue
+        if len(_held_ports) >= HELD_PORTS_MAX:  # the oldest has long been bound by its server
+            os.close(_held_ports.pop(next(iter(_held_ports))))
         _held_ports[port] = fd
         return port
     raise RuntimeError(f"no free loopback port in {first}-{low - 1}")
