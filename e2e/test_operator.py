@@ -101,19 +101,19 @@ def resyncs(operator: OperatorProcess, rounds: int) -> None:
     """Wait until the operator has re-run the reconcile of every model it watches `rounds`
     times more (its resync; counted from its own metrics, not a clock)."""
 
-    def counts() -> tuple[float, float]:
-        found = operator.metrics()
+    def counts() -> tuple[float, float] | None:
+        found = operator.metrics()  # empty while it does not answer
         done = found.get('kubeonnx_operator_reconciles_total{kind="InferenceModel",result="ok"}')
         models = found.get('kubeonnx_operator_watched_objects{resource="InferenceModel"}')
-        assert done is not None and models, "the operator's metrics do not answer"
-        return done, models
+        return (done, models) if done is not None and models else None
 
-    start, models = counts()
-    eventually(
-        lambda: counts()[0] >= start + rounds * models,
-        60 * rounds,
-        what=f"{rounds} resyncs of {models:.0f} models",
-    )
+    start, models = eventually(counts, 30, what="the operator's metrics")
+
+    def advanced() -> bool:
+        now = counts()
+        return now is not None and now[0] >= start + rounds * models
+
+    eventually(advanced, 60 * rounds, what=f"{rounds} resyncs of {models:.0f} models")
 
 
 def prepare_namespace(cluster: Cluster, ns: str) -> None:
