@@ -171,7 +171,7 @@ class FakeClient:
             raise self.list_error
         return Listing(self.objects, str(self.lists))
 
-    async def watch(self, res: Any, **_: Any) -> Any:
+    async def watch_events(self, res: Any, **_: Any) -> Any:
         while True:
             event = await self.events.get()
             if isinstance(event, Exception):
