@@ -128,12 +128,22 @@ def test_a_watch_whose_connection_goes_silent_is_re_established_and_misses_nothi
             frozen = proxy.freeze()
             assert frozen >= 11  # every watch of the namespace, at least
             # Made while every watch of the operator hears nothing: only a watch that is
-            # re-established (a relist) can learn of it.
+            # re-established (a relist) can learn of them.
             assert cluster.apply(model("during"), namespace).returncode == 0
+            cluster.kubectl("delete", "inferencemodel", "before", "-n", namespace)
             ready(cluster, namespace, "during", timeout=180)
             assert "Deployment" in children(cluster, namespace, "during")
+            # The relist also told the caches what vanished in the gap: the deleted model
+            # is no longer watched (nor re-applied with its dead owner's UID).
+            watched = 'kubeonnx_operator_watched_objects{resource="InferenceModel"}'
+            eventually(lambda: op.metrics()[watched] == 1, 60, what="the deleted model forgotten")
             relists = op.metrics()['kubeonnx_operator_relists_total{resource="InferenceModel"}']
             assert relists >= 1
+            eventually(
+                lambda: not children(cluster, namespace, "before"),
+                60,
+                what="before's children gone",
+            )
     finally:
         proxy.close()
 

@@ -112,3 +112,20 @@ def test_a_leader_paused_past_its_lease_writes_nothing_after_the_standby_took_ov
         new.stop()
         old.stop()
         print(old.logs()[-3000:])
+
+
+def test_a_leader_stopped_cleanly_hands_the_lease_back(
+    cluster: Cluster, namespace: str, tmp_path: Path
+) -> None:
+    lease = f"handback-{uuid.uuid4().hex[:6]}"
+    op = replica(cluster, tmp_path / "op", "handback", lease, namespace)
+    op.start()
+    try:
+        eventually(op.leads, 30, what="the replica leading")
+        held = cluster.get("lease", lease, "-n", "default")
+        assert held and held["spec"]["holderIdentity"].startswith("handback_")
+    finally:
+        op.stop()  # SIGTERM
+    # No holder, and a 1 s duration: a standby takes over at its next try, not 15 s later.
+    spec = (cluster.get("lease", lease, "-n", "default") or {})["spec"]
+    assert not spec.get("holderIdentity") and spec["leaseDurationSeconds"] == 1

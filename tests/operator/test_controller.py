@@ -1,5 +1,12 @@
 """The operator's machinery against in-memory stand-ins: the bounded work queue, the
-informers' relists, and leader election on a Lease."""
+informers' relists, and leader election on a Lease.
+
+The stand-ins are for speed; each behaviour they cover is also proven against the real
+control plane: a relist reports what vanished (e2e/test_connections.py, a watch frozen
+while a model is deleted), a standby leads only after the Lease expires
+(e2e/test_production.py), a leader that cannot renew writes nothing (e2e/test_leader.py,
+SIGSTOP past the Lease), a clean shutdown hands the Lease back (e2e/test_leader.py).
+Not yet: an absent optional CRD counting as synced (the e2e cluster installs both)."""
 
 from __future__ import annotations
 
