@@ -57,16 +57,19 @@ class OperatorProcess:
             self.proc.wait()
 
     def metrics(self) -> dict[str, float]:
-        """The operator's /metrics as {'name{labels}': value} (empty if it does not answer)."""
+        """The operator's /metrics as {'name{labels}': value}. A process that does not answer
+        fails the test: read as empty, it would pass every "wrote nothing" check."""
         import urllib.request
 
         try:
             with urllib.request.urlopen(
-                f"http://127.0.0.1:{self.health_port}/metrics", timeout=5
+                f"http://127.0.0.1:{self.health_port}/metrics", timeout=10
             ) as response:
                 text = response.read().decode()
-        except OSError:
-            return {}
+        except OSError as exc:
+            raise AssertionError(
+                f"the operator's /metrics did not answer ({exc}):\n{self.logs()[-3000:]}"
+            ) from exc
         out: dict[str, float] = {}
         for line in text.splitlines():
             if line and not line.startswith("#"):

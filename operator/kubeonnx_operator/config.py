@@ -55,6 +55,9 @@ class OperatorConfig(BaseSettings):
     namespaces: list[str] = Field(default_factory=list, description="empty: every namespace")
     pod_monitor: bool = True  # render a PodMonitor where its CRD is installed
     resync_seconds: float = 60.0
+    # Each watch asks the API server to end it after 1-2x this, then resumes: a watch whose
+    # connection silently died is noticed within 2x this plus 30 s.
+    watch_timeout_seconds: int = Field(300, ge=5, le=3600)
     health_port: int = 8081
     max_concurrent_reconciles: int = Field(8, ge=1, le=256)
     leader_election: bool = True

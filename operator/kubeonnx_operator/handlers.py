@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from typing import Any
 
 import kopf
@@ -23,12 +24,12 @@ from lightkube import AsyncClient, operators
 from . import metrics
 from .config import OperatorConfig
 from .informer import Informer
-from .kube import Kube
+from .kube import COMPONENT, ApiClient, Kube, connect
 from .leader import LeaderElector, default_identity, default_namespace
 from .observed import ObservedChildren
 from .policy import USAGE_EVERY_S, PolicyReconciler, models_using
 from .reconcile import Reconciler
-from .render.model import FIELD_MANAGER, MANAGED_BY, MODEL_LABEL
+from .render.model import MANAGED_BY, MODEL_LABEL
 from .workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
@@ -46,23 +47,46 @@ CHILD_KINDS = [
     ("v1", "Secret", False),  # the runtime's quota file
 ]
 API_VERSION = "kubeonnx.io/v1alpha1"
+# A watch failing this long (its kind cannot even be listed) makes the replica not ready.
+WATCH_DOWN_LIMIT_S = 120.0
 # Only what the operator made: selected by the API server, not filtered here.
 CHILD_SELECTOR = {"app.kubernetes.io/managed-by": MANAGED_BY, MODEL_LABEL: operators.exists()}
 
 
+def watch_count(namespaces: list[str]) -> int:
+    return max(1, len(namespaces)) * (2 + len(CHILD_KINDS))
+
+
+def connections(config: OperatorConfig, namespaces: list[str]) -> int:
+    """The pool of the main client: a connection per watch (each holds one for its whole
+    length), one per reconcile that may run at once (both queues), and a few for the
+    list, Events and status writes between them."""
+    return watch_count(namespaces) + 2 * config.max_concurrent_reconciles + 8
+
+
 class Controller:
-    def __init__(self, client: AsyncClient, config: OperatorConfig, namespaces: list[str]) -> None:
+    def __init__(
+        self,
+        client: ApiClient,
+        config: OperatorConfig,
+        namespaces: list[str],
+        *,
+        lease_client: AsyncClient | None = None,
+        identity: str | None = None,
+    ) -> None:
         self.config = config
-        identity = default_identity()
+        identity = identity or default_identity()
         self.elector: LeaderElector | None = None
         if config.leader_election:
             self.elector = LeaderElector(
-                client,
+                lease_client or client,
                 config.lease_namespace or default_namespace(),
                 config.lease_name,
                 identity,
             )
-        self.kube = Kube(client, self.elector.holding if self.elector else lambda: True, identity)
+        self.kube = Kube(
+            client, self.elector.write_budget if self.elector else lambda: math.inf, identity
+        )
         self.observed = ObservedChildren()
         limit = config.max_concurrent_reconciles
         self.reconciler = Reconciler(
@@ -80,6 +104,7 @@ class Controller:
         # QuotaPolicy bodies, as their watch keeps them in the policy queue.
         self.reconciler.policies = self.policy_queue.bodies
         self.informers: list[Informer] = []
+        self.failure: str | None = None  # a background task that ended (see alive())
         lock = asyncio.Lock()
         for namespace in list[str | None](namespaces) or [None]:
             for kind, on_event in (
@@ -94,6 +119,7 @@ class Controller:
                         api_version=API_VERSION,
                         kind=kind,
                         list_lock=lock,
+                        watch_timeout_s=config.watch_timeout_seconds,
                     )
                 )
             for api_version, kind, optional in CHILD_KINDS:
@@ -107,21 +133,53 @@ class Controller:
                         kind=kind,
                         optional=optional,
                         list_lock=lock,
+                        watch_timeout_s=config.watch_timeout_seconds,
                     )
                 )
 
     def _pod_monitor(self) -> bool:
         return any(i.kind == "PodMonitor" and i.installed for i in self.informers)
 
+    def alive(self) -> str | None:
+        """None while every background task runs; else which one ended, and how."""
+        return self.failure
+
+    def supervise(self, task: asyncio.Task[None], what: str) -> asyncio.Task[None]:
+        """A task that should run until cancelled: if it ends, /healthz turns red, so the
+        kubelet restarts the process rather than leave it half working."""
+
+        def ended(task: asyncio.Task[None]) -> None:
+            if task.cancelled() or self.failure:
+                return
+            exc = task.exception()
+            self.failure = f"{what} ended: {exc!r}" if exc else f"{what} ended"
+            log.error("%s; /healthz now fails", self.failure, exc_info=exc)
+
+        task.add_done_callback(ended)
+        return task
+
     def ready(self) -> str | None:
-        """None once every watch has listed its kind; else what is still listing."""
+        """None once every watch has listed its kind and none has been down for minutes;
+        else what is still listing, or down."""
         waiting = [i.what for i in self.informers if not i.synced.is_set()]
-        return f"listing {', '.join(waiting)}" if waiting else None
+        if waiting:
+            return f"listing {', '.join(waiting)}"
+        down = [
+            f"{i.what} for {i.down_for():.0f}s"
+            for i in self.informers
+            if i.down_for() > WATCH_DOWN_LIMIT_S
+        ]
+        return f"watch down: {', '.join(down)}" if down else None
 
     async def run(self) -> None:
-        tasks = [asyncio.create_task(i.run()) for i in self.informers]
-        tasks.append(asyncio.create_task(self._resync()))
-        tasks.append(asyncio.create_task(self._refresh_usage()))
+        tasks = [
+            self.supervise(asyncio.create_task(i.run()), f"the watch of {i.what}")
+            for i in self.informers
+        ]
+        tasks.append(self.supervise(asyncio.create_task(self._resync()), "the resync"))
+        tasks.append(
+            self.supervise(asyncio.create_task(self._refresh_usage()), "the usage refresh")
+        )
         try:
             # No apply before every cache is filled: a child not yet seen would look absent.
             await asyncio.gather(*(i.synced.wait() for i in self.informers))
@@ -229,13 +287,21 @@ def build_registry(config: OperatorConfig, namespaces: list[str]) -> kopf.Operat
     async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.posting.enabled = False  # Events are the reconciler's, one per reason change
         settings.scanning.disabled = True  # kopf watches nothing: no CRD or namespace scans
-        client = AsyncClient(field_manager=FIELD_MANAGER)
-        controller = Controller(client, config, namespaces)
-        health = await metrics.serve_health(
-            metrics.health_app(controller.ready), config.health_port
+        identity = default_identity()
+        user_agent = f"{COMPONENT} ({identity})"
+        client = connect(connections=connections(config, namespaces), user_agent=user_agent)
+        # The Lease has a client of its own: renewals never wait behind watches or writes.
+        lease_client = connect(connections=2, user_agent=user_agent)
+        controller = Controller(
+            client, config, namespaces, lease_client=lease_client, identity=identity
         )
-        state.update(client=client, controller=controller, health=health)
-        state["task"] = asyncio.get_running_loop().create_task(controller.run())
+        health = await metrics.serve_health(
+            metrics.health_app(controller.ready, controller.alive), config.health_port
+        )
+        state.update(client=client, lease_client=lease_client, controller=controller, health=health)
+        state["task"] = controller.supervise(
+            asyncio.get_running_loop().create_task(controller.run()), "the controller"
+        )
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(**_: Any) -> None:
@@ -248,7 +314,8 @@ def build_registry(config: OperatorConfig, namespaces: list[str]) -> kopf.Operat
             await state["controller"].release()
         if "health" in state:
             await state["health"].cleanup()
-        if "client" in state:
-            await state["client"].close()
+        for name in ("client", "lease_client"):
+            if name in state:
+                await state[name].close()
 
     return registry

@@ -6,6 +6,13 @@ resourceVersion. When the watch expires (410 Gone) or breaks, it lists again and
 reconciles what it knew against what was listed: an object that vanished in the gap gets
 a DELETED event of its own, by UID. `synced` is set once the first list is delivered.
 
+No watch can hang: each asks the API server to end it after a jittered `timeoutSeconds`
+(client-go's: between the configured timeout and twice that, so a restart does not bring
+every watch back at once), resumes from the last resourceVersion (kept recent by
+bookmarks), and has a read timeout above that, so a connection that silently stopped
+delivering (half-open) fails and is listed again. `down_for()` says how long a watch has
+been failing without a successful list since: readiness fails when it is minutes.
+
 kopf's watches cannot do either (their label filter is client-side, and a relist is not
 shown to handlers), so the operator's watches are these; kopf runs the process.
 """
@@ -15,14 +22,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Callable
 from typing import Any
 
 import httpx2
-from lightkube import ALL_NS, ApiError, AsyncClient
+from lightkube import ALL_NS, ApiError
 
 from . import metrics
-from .kube import as_dict, resource
+from .kube import ApiClient, as_dict, resource
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +62,7 @@ def _status_code(exc: Exception) -> int | None:
 class Informer:
     def __init__(
         self,
-        client: AsyncClient,
+        client: ApiClient,
         on_event: Handler,
         *,
         api_version: str,
@@ -63,6 +71,8 @@ class Informer:
         labels: dict[str, Any] | None = None,
         optional: bool = False,
         list_lock: asyncio.Lock | None = None,
+        watch_timeout_s: int = 300,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.client = client
         self.resource = resource(api_version, kind)
@@ -78,6 +88,13 @@ class Informer:
         self.synced = asyncio.Event()
         self.installed = False  # the kind exists in the cluster (its list succeeded)
         self.relists = 0
+        self.watch_timeout_s = watch_timeout_s
+        self.clock = clock
+        self._failing_since: float | None = None  # first failure since the last good list
+
+    def down_for(self) -> float:
+        """Seconds this watch has been failing without a successful list since (0: fine)."""
+        return 0.0 if self._failing_since is None else self.clock() - self._failing_since
 
     @property
     def what(self) -> str:
@@ -108,6 +125,8 @@ class Informer:
                 if code == 410:  # expired: list again, and see what vanished
                     log.info("watch of %s expired; listing again", self.what)
                     continue
+                if self._failing_since is None:
+                    self._failing_since = self.clock()
                 failures += 1
                 if isinstance(exc, ApiError):
                     why = f"API error {code}: {exc.status.message}"
@@ -147,14 +166,21 @@ class Informer:
                 self.on_event("DELETED", gone)
         metrics.WATCHED.labels(self.kind).inc(len(seen) - len(previous))
         self.installed = True
+        self._failing_since = None
         self.synced.set()
         return version
 
     async def _watch(self, version: str) -> str:
-        async for kind, item in self.client.watch(
-            self.resource, namespace=self.namespace, labels=self.labels, resource_version=version
+        """Follow one watch request until the server ends it; the version to resume from."""
+        timeout = int(self.watch_timeout_s * (1 + random.random()))
+        async for kind, item in self.client.watch_events(
+            self.resource,
+            namespace=self.namespace,
+            labels=self.labels,
+            resource_version=version,
+            timeout_s=timeout,
         ):
-            obj = self._complete(as_dict(item))
+            obj = self._complete(item)
             meta = obj["metadata"]
             version = meta.get("resourceVersion") or version
             if kind == "BOOKMARK":

@@ -6,15 +6,23 @@ Every write passes the fence: a replica that does not hold the leader Lease rais
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
+import math
 import secrets
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import httpx2
 from lightkube import ApiError, AsyncClient, codecs
 from lightkube.codecs import resource_registry
+from lightkube.config.client_adapter import verify_cluster
+from lightkube.config.kubeconfig import KubeConfig, SingleConfig
+from lightkube.core.selector import build_selector
 from lightkube.generic_resource import create_namespaced_resource
+from lightkube.models.meta_v1 import Status
 from lightkube.types import PatchType
 
 from . import metrics
@@ -51,27 +59,129 @@ def is_not_found(exc: ApiError) -> bool:
     return exc.status.code == 404
 
 
+REQUEST_TIMEOUT_S = 10.0  # connect, send, each read, wait for a pooled connection
+WATCH_READ_MARGIN_S = 30.0  # a watch's read timeout is this much above its server timeout
+
+
+class ApiClient(AsyncClient):
+    """lightkube's client, plus a watch that can neither hang nor miss a bookmark."""
+
+    async def watch_events(
+        self,
+        res: Any,
+        *,
+        namespace: str,
+        labels: dict[str, Any] | None,
+        resource_version: str,
+        timeout_s: int,
+    ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """One watch request: its events (as plain dicts) until the API server ends it after
+        `timeout_s` (timeoutSeconds), which ends the iteration. Bookmarks are asked for, so
+        the resourceVersion to resume from stays recent even for a quiet selector. The read
+        timeout is above the server's, so a connection that stops delivering (half-open: a
+        dead peer, a frozen load balancer) fails instead of holding the watch forever."""
+        generic = self._client
+        params = {
+            "watch": "true",
+            "resourceVersion": resource_version,
+            "allowWatchBookmarks": "true",
+            "timeoutSeconds": str(timeout_s),
+        }
+        if labels:
+            params["labelSelector"] = build_selector(labels)
+        request = generic.prepare_request("list", res=res, namespace=namespace, watch=True)
+        timeout = httpx2.Timeout(REQUEST_TIMEOUT_S, read=timeout_s + WATCH_READ_MARGIN_S)
+        http = generic._client.build_request(
+            request.method, request.url, params={**request.params, **params}, timeout=timeout
+        )
+        response = await generic.send(http, stream=True)
+        try:
+            if response.status_code != 200:
+                await response.aread()
+                generic.raise_for_status(response)
+            async for line in response.aiter_lines():
+                if not line:
+                    continue
+                event = json.loads(line)
+                if event.get("type") == "ERROR":  # 410 Gone: resume from a list instead
+                    status = Status.from_dict(event.get("object") or {})
+                    raise ApiError(status=status)  # type: ignore[arg-type]
+                yield event["type"], event["object"]
+        finally:
+            await response.aclose()
+
+
+class _Transport(httpx2.AsyncHTTPTransport):
+    """Sends every request with the replica's own User-Agent, so the API server's audit log
+    tells which replica wrote what."""
+
+    def __init__(self, user_agent: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.user_agent = user_agent
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        request.headers["User-Agent"] = self.user_agent
+        return await super().handle_async_request(request)
+
+
+def connect(
+    *,
+    connections: int,
+    user_agent: str,
+    timeout_s: float = REQUEST_TIMEOUT_S,
+    config: SingleConfig | None = None,
+) -> ApiClient:
+    """A client with a pool of `connections` (every watch holds one for its whole length,
+    so the pool is sized from the watches: a full pool would queue writes and time them
+    out). Config: in a pod its service account, else KUBECONFIG or ~/.kube/config."""
+    config = config or KubeConfig.from_env().get()
+    assert config is not None and config.user is not None, "the kubeconfig names no user"
+    transport = _Transport(
+        user_agent,
+        verify=verify_cluster(config.cluster, config.user, config.abs_file),
+        limits=httpx2.Limits(max_connections=connections, max_keepalive_connections=connections),
+    )
+    return ApiClient(
+        config,
+        timeout=httpx2.Timeout(timeout_s),
+        field_manager=FIELD_MANAGER,
+        transport=transport,
+    )
+
+
 class Kube:
     """Typed-enough access to the API: apply, delete, status, events."""
 
     def __init__(
         self,
         client: AsyncClient,
-        may_write: Callable[[], bool] = lambda: True,
+        write_budget: Callable[[], float] = lambda: math.inf,
         identity: str = COMPONENT,
     ) -> None:
         self.client = client
-        self.may_write = may_write
+        # Seconds a write may still take before another replica may lead (0: it may not
+        # write at all). See leader.LeaderElector.write_budget.
+        self.write_budget = write_budget
         self.identity = identity
 
-    def _fence(self, verb: str) -> None:
-        if not self.may_write():
+    def _fence(self, verb: str) -> float:
+        """Open: the seconds this write may take; closed: Stopped, nothing sent."""
+        budget = self.write_budget()
+        if budget <= 0:
             raise Stopped(f"not the leader: {verb} not sent")
         metrics.API_WRITES.labels(verb).inc()
+        return budget
 
-    async def _call(self, call: Any) -> Any:
+    async def _call(self, call: Any, budget: float = math.inf) -> Any:
         try:
-            return await call
+            # A write that passed the fence is abandoned if it has not been answered when
+            # the Lease could pass to another replica: a slow pool, connect or server can
+            # delay it past the fence, never past the Lease.
+            async with asyncio.timeout(None if math.isinf(budget) else budget):
+                return await call
+        except TimeoutError:
+            metrics.API_ERRORS.labels("timeout").inc()
+            raise
         except ApiError as exc:
             if not is_not_found(exc):  # a 404 is an answer (absent), not a failure
                 metrics.API_ERRORS.labels(str(exc.status.code)).inc()
@@ -81,7 +191,7 @@ class Kube:
         self, manifest: dict[str, Any], *, manager: str = FIELD_MANAGER
     ) -> dict[str, Any]:
         """Server-side apply with the operator's field manager; returns the live object."""
-        self._fence("apply")
+        budget = self._fence("apply")
         meta = manifest["metadata"]
         obj = await self._call(
             self.client.patch(
@@ -92,7 +202,8 @@ class Kube:
                 patch_type=PatchType.APPLY,
                 field_manager=manager,
                 force=True,
-            )
+            ),
+            budget,
         )
         return as_dict(obj)
 
@@ -113,13 +224,13 @@ class Kube:
         self, api_version: str, kind: str, namespace: str, name: str, uid: str | None = None
     ) -> None:
         """Delete; with `uid`, only that object (not one re-created under the same name)."""
-        self._fence("delete")
+        budget = self._fence("delete")
         res = resource(api_version, kind)
         try:
             if uid is None:
-                await self._call(self.client.delete(res, name, namespace=namespace))
+                await self._call(self.client.delete(res, name, namespace=namespace), budget)
             else:
-                await self._call(self._delete_uid(res, namespace, name, uid))
+                await self._call(self._delete_uid(res, namespace, name, uid), budget)
         except ApiError as exc:
             # Gone, or (409) the name now holds another object: either way not ours to delete.
             if not is_not_found(exc) and exc.status.code != 409:
@@ -139,7 +250,7 @@ class Kube:
     async def patch_status(
         self, api_version: str, kind: str, namespace: str, name: str, status: dict[str, Any]
     ) -> None:
-        self._fence("status")
+        budget = self._fence("status")
         try:
             await self._call(
                 self.client.patch(
@@ -148,7 +259,8 @@ class Kube:
                     {"status": status},
                     namespace=namespace,
                     patch_type=PatchType.MERGE,
-                )
+                ),
+                budget,
             )
         except ApiError as exc:
             if not is_not_found(exc):  # deleted meanwhile: nothing to report on
@@ -186,9 +298,9 @@ class Kube:
             "lastTimestamp": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
             "count": 1,
         }
-        self._fence("event")
+        budget = self._fence("event")
         try:
-            await self._call(self.client.create(codecs.from_dict(event)))
+            await self._call(self.client.create(codecs.from_dict(event)), budget)
         except ApiError as exc:
             log.warning(
                 "Event %s on %s/%s not posted: %s", reason, meta["namespace"], meta["name"], exc

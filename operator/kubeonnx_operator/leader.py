@@ -27,6 +27,10 @@ from . import metrics
 
 log = logging.getLogger(__name__)
 
+# A Lease request has its own client (a full pool elsewhere never delays a renewal) and
+# this much time in all, so two tries fit in the renew deadline.
+REQUEST_TIMEOUT_S = 4.0
+WRITE_MARGIN_S = 1.0  # what a write sent just in time may still take at the API server
 SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
 
@@ -59,7 +63,7 @@ class LeaderElector:
         retry_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        assert renew_deadline_s < lease_s
+        assert renew_deadline_s + WRITE_MARGIN_S < lease_s
         self.client = client
         self.namespace, self.name, self.identity = namespace, name, identity
         self.lease_s, self.renew_deadline_s, self.retry_s = lease_s, renew_deadline_s, retry_s
@@ -73,6 +77,15 @@ class LeaderElector:
         return (
             self._renewed_at is not None and self.clock() - self._renewed_at < self.renew_deadline_s
         )
+
+    def write_budget(self) -> float:
+        """0 while this replica may not write; else how long a write it starts now may take:
+        until the Lease could pass to another replica (its last renewal plus the lease), less
+        a second for the API server to finish it. Past the renew deadline no write starts,
+        so a write in flight has at least `lease_s - renew_deadline_s - 1` seconds."""
+        if not self.holding() or self._renewed_at is None:
+            return 0.0
+        return self._renewed_at + self.lease_s - WRITE_MARGIN_S - self.clock()
 
     async def run(
         self,
@@ -113,8 +126,9 @@ class LeaderElector:
 
     async def _try(self) -> bool:
         try:
-            return await self._acquire_or_renew()
-        except (ApiError, httpx2.HTTPError, OSError) as exc:
+            async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                return await self._acquire_or_renew()
+        except (ApiError, httpx2.HTTPError, OSError, TimeoutError) as exc:
             code = exc.status.code if isinstance(exc, ApiError) else type(exc).__name__
             log.info("Lease %s/%s not renewed (%s)", self.namespace, self.name, code)
             return False

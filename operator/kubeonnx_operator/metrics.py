@@ -1,6 +1,8 @@
 """The operator's own metrics (on the health port's /metrics) and its health endpoints.
 
-/healthz answers while the event loop runs (liveness); /readyz answers 200 once every
+/healthz answers 200 while the event loop runs and every background task (the watches, the
+elector, the resync) still runs, 500 once one has ended (liveness: the kubelet restarts
+the process); /readyz answers 200 once every
 watch has listed its kind (readiness), on the leader and on a standby alike, so that a
 standby counts as available and a rollout of the operator does not wait on the lease.
 """
@@ -61,11 +63,17 @@ EVENTS = Counter(
 )
 
 
-def health_app(ready: Callable[[], str | None]) -> web.Application:
-    """`ready()` returns None when ready, else what is still awaited."""
+def health_app(
+    ready: Callable[[], str | None], alive: Callable[[], str | None] = lambda: None
+) -> web.Application:
+    """`ready()` returns None when ready, else what is still awaited; `alive()` None while
+    the process works, else what broke."""
 
     async def healthz(_: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
+        broken = alive()
+        if broken is None:
+            return web.Response(text="ok\n")
+        return web.Response(status=500, text=f"broken: {broken}\n")
 
     async def readyz(_: web.Request) -> web.Response:
         waiting = ready()

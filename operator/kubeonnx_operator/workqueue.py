@@ -2,7 +2,8 @@
 
 A trigger while a reconcile runs marks the key dirty, so it runs once more afterwards;
 failures retry with exponential backoff, and a trigger from a child's event or the resync
-does not cut a backoff short (a change of the object itself does). At most
+does not cut a backoff short (a change of the object itself does, even one that arrives
+while the failing reconcile still runs). At most
 `max_concurrent` reconciles run at once. The queue starts stopped: it runs once the
 caches have synced and this replica leads, and stops at once when it no longer does.
 Bodies come from the watch (a local cache), so a trigger costs no API read.
@@ -128,6 +129,18 @@ class WorkQueue:
                         return
                     except Exception:
                         metrics.RECONCILES.labels(self.kind, "error").inc()
+                        if _generation(self.bodies.get(key) or body) != _generation(body):
+                            # The object changed while this run failed: the new generation
+                            # runs now, not after the old one's backoff.
+                            log.warning(
+                                "reconcile of %s %s/%s failed; its spec changed meanwhile: "
+                                "running again now",
+                                self.kind,
+                                *key,
+                                exc_info=True,
+                            )
+                            self._failures.pop(key, None)
+                            continue
                         failures = self._failures.get(key, 0) + 1
                         self._failures[key] = failures
                         delay = min(self.base_delay * 2 ** (failures - 1), self.max_delay)

@@ -1,0 +1,131 @@
+"""Leader election against the real API server: a leader paused past its Lease (SIGSTOP)
+writes nothing once it wakes, because its fence closed while it slept and the standby has
+led since. The API server's audit log is the witness: every replica sends its identity in
+its User-Agent, so each write is attributed to the process that made it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from e2e.conftest import Cluster, eventually
+from e2e.operator_process import OperatorProcess
+from e2e.test_operator import model, ready
+
+pytestmark = pytest.mark.e2e
+
+
+def audited_writes(cluster: Cluster, who: str) -> list[dict[str, Any]]:
+    """The audit log's entries for writes whose User-Agent names `who` (a POD_NAME)."""
+    assert cluster.audit_log is not None
+    with cluster.audit_log.open() as f:
+        entries = [json.loads(line) for line in f]
+    return [e for e in entries if f"({who}_" in e.get("userAgent", "")]
+
+
+def received(entry: dict[str, Any]) -> datetime:
+    return datetime.fromisoformat(entry["requestReceivedTimestamp"].replace("Z", "+00:00"))
+
+
+def replica(cluster: Cluster, workdir: Path, pod: str, lease: str, ns: str) -> OperatorProcess:
+    workdir.mkdir()
+    op = OperatorProcess(
+        cluster.operator_kubeconfig or cluster.kubeconfig, workdir, namespaces=[ns], leaseName=lease
+    )
+    op.env["POD_NAME"] = pod  # the identity, and so the User-Agent, starts with it
+    return op
+
+
+def test_a_leader_paused_past_its_lease_writes_nothing_after_the_standby_took_over(
+    cluster: Cluster, namespace: str, tmp_path: Path
+) -> None:
+    if not cluster.local:
+        pytest.skip("needs the local control plane's audit log")
+    cluster.kubectl("apply", "--server-side", "-f", str(Path(__file__).parent.parent / "crds"))
+    tag = uuid.uuid4().hex[:6]
+    lease = f"fence-{tag}"
+    old = replica(cluster, tmp_path / "old", f"old-{tag}", lease, namespace)
+    new = replica(cluster, tmp_path / "new", f"new-{tag}", lease, namespace)
+    old.start()
+    try:
+        eventually(old.leads, 30, what="the first replica leading")
+        new.start()
+        assert cluster.apply(model("fenced", scaling={"maxReplicas": 2}), namespace).returncode == 0
+        ready(cluster, namespace, "fenced")
+        assert old.proc is not None
+        os.killpg(old.proc.pid, signal.SIGSTOP)  # paused: no renewal, no write, no clock check
+        try:
+            eventually(new.leads, 60, what="the standby leading")
+            # Work the paused leader would do at once if its fence let it: a new generation
+            # (a Deployment to apply, a status to write) and a child deleted by hand.
+            cluster.kubectl(
+                "patch",
+                "inferencemodel",
+                "fenced",
+                "-n",
+                namespace,
+                "--type=merge",
+                "-p",
+                json.dumps({"spec": {"scaling": {"maxReplicas": 3}}}),
+            )
+            cluster.kubectl("delete", "service", "fenced", "-n", namespace)
+            ready(cluster, namespace, "fenced")
+            eventually(
+                lambda: cluster.get("service", "fenced", "-n", namespace),
+                30,
+                what="the standby re-creating the Service",
+            )
+            woke = datetime.now(UTC)
+        finally:
+            os.killpg(old.proc.pid, signal.SIGCONT)
+        # A window for the woken replica to misbehave in: its watches deliver the change,
+        # its elector tries the Lease (every 2 s) and its resync (every 5 s) runs twice.
+        # What it did is read from the audit log below, not from its own word.
+        time.sleep(12)
+        late = [
+            (e["verb"], e["objectRef"].get("resource"), e["responseStatus"].get("code"))
+            for e in audited_writes(cluster, f"old-{tag}")
+            if received(e) >= woke
+            # A renewal begun before the pause may still be sent; the API server refuses it
+            # (409: the Lease changed hands), and a refused request wrote nothing.
+            and not (
+                e["objectRef"].get("resource") == "leases" and e["responseStatus"]["code"] == 409
+            )
+        ]
+        assert late == [], f"the replica that lost the Lease wrote after it woke: {late}"
+        assert new.leads() and not old.leads()
+        # The witness can see both replicas: each wrote while it led.
+        assert any(received(e) < woke for e in audited_writes(cluster, f"old-{tag}"))
+        assert any(
+            e["objectRef"].get("resource") == "deployments"
+            for e in audited_writes(cluster, f"new-{tag}")
+        )
+    finally:
+        new.stop()
+        old.stop()
+        print(old.logs()[-3000:])
+
+
+def test_a_leader_stopped_cleanly_hands_the_lease_back(
+    cluster: Cluster, namespace: str, tmp_path: Path
+) -> None:
+    lease = f"handback-{uuid.uuid4().hex[:6]}"
+    op = replica(cluster, tmp_path / "op", "handback", lease, namespace)
+    op.start()
+    try:
+        eventually(op.leads, 30, what="the replica leading")
+        held = cluster.get("lease", lease, "-n", "default")
+        assert held and held["spec"]["holderIdentity"].startswith("handback_")
+    finally:
+        op.stop()  # SIGTERM
+    # No holder, and a 1 s duration: a standby takes over at its next try, not 15 s later.
+    spec = (cluster.get("lease", lease, "-n", "default") or {})["spec"]
+    assert not spec.get("holderIdentity") and spec["leaseDurationSeconds"] == 1
