@@ -385,15 +385,28 @@ class PredictHandler:
         return images
 
     async def __call__(
-        self, name: str, headers: Mapping[str, str], receive: Receive, *, batch: bool
+        self,
+        name: str,
+        version: str | None,
+        headers: Mapping[str, str],
+        receive: Receive,
+        *,
+        batch: bool,
     ) -> InferAnswer:
-        return await self.infer.metered(self._answer(name, headers, receive, batch), "image")
+        return await self.infer.metered(
+            self._answer(name, version, headers, receive, batch), "image"
+        )
 
     async def _answer(
-        self, name: str, headers: Mapping[str, str], receive: Receive, batch: bool
+        self,
+        name: str,
+        version: str | None,
+        headers: Mapping[str, str],
+        receive: Receive,
+        batch: bool,
     ) -> InferAnswer:
         handler, dataplane = self.infer, self.infer.dataplane
-        dataplane.check_model(name, None)
+        dataplane.check_model(name, version)
         tenant = handler.identify(headers)
         body = await handler.read(headers, receive)
         images = self._images(body, headers.get("content-type", ""), batch)
@@ -642,8 +655,14 @@ def create_app(
         "/v2/models/{name}/requests/{request_id}",
         summary="An asynchronous request: 202 while pending, its answer once done",
     )
-    async def async_result(request: Request, name: str, request_id: str) -> Response:
-        dataplane.check_model(name, None)
+    @app.get(
+        "/v2/models/{name}/versions/{version}/requests/{request_id}",
+        summary="An asynchronous request: 202 while pending, its answer once done",
+    )
+    async def async_result(
+        request: Request, name: str, request_id: str, version: str | None = None
+    ) -> Response:
+        dataplane.check_model(name, version)
         if jobs is None:
             raise ModelNotFound(f"model '{name}' takes no asynchronous requests")
         tenant = handler.identify(request.headers) if quota is not None else None
@@ -681,6 +700,13 @@ def create_app(
         summary="Inference",
         openapi_extra=_INFER_DOC,
     )
+    app.add_api_route(
+        "/v2/models/{name}/versions/{version}/async-infer",
+        infer,
+        methods=["POST"],
+        summary="Asynchronous inference: 202 and the request's Location (spec.async)",
+        openapi_extra=_INFER_DOC,
+    )
 
     predict = (
         PredictHandler(handler, images, max_images=max_images, threads=image_threads)
@@ -688,13 +714,16 @@ def create_app(
         else None
     )
 
-    async def predict_route(request: Request, name: str, batch: bool) -> Response:
+    async def predict_route(
+        request: Request, name: str, version: str | None, batch: bool
+    ) -> Response:
         if predict is None:
+            dataplane.check_model(name, version)  # a wrong name or version says so first
             raise ModelNotFound(
                 f"model '{name}' has no image endpoints (its spec.processing is not set)"
             )
         status, ctype, extra, payload = await predict(
-            name, request.headers, request.receive, batch=batch
+            name, version, request.headers, request.receive, batch=batch
         )
         headers = {k.decode(): v.decode() for k, v in extra}
         return Response(payload, status, headers, media_type=ctype)
@@ -703,15 +732,23 @@ def create_app(
         "/v2/models/{name}/predict",
         summary="Classify or detect in one image (the body, or multipart field 'file')",
     )
-    async def predict_one(request: Request, name: str) -> Response:
-        return await predict_route(request, name, batch=False)
+    @app.post(
+        "/v2/models/{name}/versions/{version}/predict",
+        summary="Classify or detect in one image (the body, or multipart field 'file')",
+    )
+    async def predict_one(request: Request, name: str, version: str | None = None) -> Response:
+        return await predict_route(request, name, version, batch=False)
 
     @app.post(
         "/v2/models/{name}/predict/batch",
         summary="Classify or detect in several images (multipart fields 'files'), batched",
     )
-    async def predict_batch(request: Request, name: str) -> Response:
-        return await predict_route(request, name, batch=True)
+    @app.post(
+        "/v2/models/{name}/versions/{version}/predict/batch",
+        summary="Classify or detect in several images (multipart fields 'files'), batched",
+    )
+    async def predict_batch(request: Request, name: str, version: str | None = None) -> Response:
+        return await predict_route(request, name, version, batch=True)
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def prometheus() -> Response:

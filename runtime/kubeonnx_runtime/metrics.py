@@ -2,15 +2,42 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
+class ConstantLabels(Collector):
+    """A collector that exposes another registry's series with labels added: the labels
+    every series of this process carries (Prometheus's Go client calls them const labels)."""
+
+    def __init__(self, inner: CollectorRegistry, labels: dict[str, str]) -> None:
+        self.inner = inner
+        self.labels = labels
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.inner.collect():
+            family.samples = [
+                s._replace(labels={**s.labels, **self.labels}) for s in family.samples
+            ]
+            yield family
+
+
 class RuntimeMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    """The runtime's metrics on `registry`; each series is labelled with the model's name
+    (`model`) and its Open Inference Protocol version (`version`)."""
+
+    def __init__(self, registry: CollectorRegistry, version: str = "1") -> None:
         self.registry = registry
+        # The version is the same for every series of the process: added at collection,
+        # so no call site (nor a metric added later) can leave it out.
+        registry = CollectorRegistry()
+        self.registry.register(ConstantLabels(registry, {"version": version}))
         self.requests = Counter(
             "kubeonnx_requests",
             "Inference requests answered, by model and HTTP status code.",

@@ -313,7 +313,7 @@ def load(settings: ServeSettings, metrics: RuntimeMetrics) -> OnnxModel:
 def serve(settings: ServeSettings) -> int:
     configure_logging(settings.log_level)
     disable_created_metrics()
-    metrics = RuntimeMetrics(CollectorRegistry())
+    metrics = RuntimeMetrics(CollectorRegistry(), settings.model_version)
     model: OnnxModel | None = None
     images: ImagePipeline | None = None
     try:

@@ -8,6 +8,9 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# A model version is a URL path segment and a label value (the operator's CRD says the same).
+VERSION_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$"
+
 
 class ServeSettings(BaseSettings):
     """Settings of `kubeonnx serve`; flag `--model-uri` is variable `KUBEONNX_MODEL_URI`."""
@@ -27,7 +30,13 @@ class ServeSettings(BaseSettings):
         None, description="expected sha256 of the model file; a mismatch refuses to start"
     )
     model_name: str = Field("model", description="the name clients use in /v2/models/{name}")
-    model_version: str = Field("1", description="the version reported in model metadata")
+    model_version: str = Field(
+        "1",
+        pattern=VERSION_PATTERN,
+        description="the model's Open Inference Protocol version: /v2/models/{name}/versions/"
+        "{version}, its metadata's versions, its metrics' version label; 1-63 of A-Z, a-z, "
+        "0-9, '.', '_' and '-', starting and ending with a letter or digit",
+    )
     s3_endpoint: str | None = Field(None, description="S3-compatible endpoint URL")
     s3_region: str | None = Field(None, description="S3 region")
     device: Literal["cpu", "cuda"] = Field("cpu", description="execution provider")

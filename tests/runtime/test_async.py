@@ -221,7 +221,7 @@ def test_a_thousand_requests_queued_with_no_consumer_are_answered_once_despite_a
             got = np.array(answer.json()["outputs"][0]["data"], dtype=np.float32)
             np.testing.assert_allclose(got, expected[i], rtol=1e-5, atol=1e-6)
     metrics = httpx.get(f"{second.url}/metrics").text
-    assert 'kubeonnx_async_outcomes_total{model="mlp",outcome="done"}' in metrics
+    assert 'kubeonnx_async_outcomes_total{model="mlp",outcome="done",version="1"}' in metrics
 
 
 def test_a_request_delivered_max_attempts_times_goes_to_the_dead_letter_stream(

@@ -140,8 +140,8 @@ def test_concurrent_images_are_batched_and_never_mixed_up(
                 assert_matches(predictions, expected[name])
         metrics = http.get("/metrics").text
     # Runs of more than one image happened: the histogram's 1-row bucket is not all of them.
-    count = _metric(metrics, 'kubeonnx_batch_size_count{model="classifier"}')
-    ones = _metric(metrics, 'kubeonnx_batch_size_bucket{le="1.0",model="classifier"}')
+    count = _metric(metrics, 'kubeonnx_batch_size_count{model="classifier",version="1"}')
+    ones = _metric(metrics, 'kubeonnx_batch_size_bucket{le="1.0",model="classifier",version="1"}')
     assert ones < count
 
 
