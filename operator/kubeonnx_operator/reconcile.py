@@ -312,6 +312,7 @@ class Reconciler:
             now=self.now(),
             mode=model.spec.mode if model else None,
             async_url=model.async_url(self.config) if model else None,
+            version=model.spec.model.version if model else None,
         )
         if status_changed(previous, status):
             meta = body["metadata"]

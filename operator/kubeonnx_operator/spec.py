@@ -20,6 +20,9 @@ NAME_MAX = 63
 # Volumes and variables the runtime's contract already uses.
 RESERVED_VOLUMES = ("model-cache", "tmp", "quota", "labels")
 RESERVED_ENV_PREFIX = "KUBEONNX_"
+# spec.model.version is a URL path segment (/v2/models/NAME/versions/V) and a label value.
+VERSION_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$"
+DEFAULT_VERSION = "1"
 
 
 class _Spec(BaseModel):
@@ -35,6 +38,7 @@ class S3Spec(_Spec):
 class ModelSource(_Spec):
     uri: str
     sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+    version: str = Field(DEFAULT_VERSION, pattern=VERSION_PATTERN)
     s3: S3Spec = S3Spec()
 
     @model_validator(mode="after")

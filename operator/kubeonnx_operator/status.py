@@ -194,6 +194,7 @@ def derive_status(
     now: str,
     mode: str | None = None,
     async_url: str | None = None,
+    version: str | None = None,
 ) -> dict[str, Any]:
     """The whole status subresource, from the verdict and what was observed."""
     desired = (deployment or {}).get("spec", {}).get("replicas", 0)
@@ -216,10 +217,13 @@ def derive_status(
     }
     if mode is None:  # the spec could not be read: what is served keeps its mode and URL
         mode, async_url = previous.get("mode"), previous.get("asyncURL")
+        version = previous.get("version")
     if mode:
         status["mode"] = mode
     if async_url:
         status["asyncURL"] = async_url
     elif previous.get("asyncURL"):
         status["asyncURL"] = None  # status is written as a merge patch: null removes it
+    if version:
+        status["version"] = version
     return status

@@ -37,6 +37,7 @@ def _env(model: Model) -> list[dict[str, Any]]:
         ("KUBEONNX_MODEL_URI", spec.model.uri),
         ("KUBEONNX_MODEL_SHA256", spec.model.sha256),
         ("KUBEONNX_MODEL_NAME", model.name),
+        ("KUBEONNX_MODEL_VERSION", spec.model.version),
         ("KUBEONNX_S3_ENDPOINT", spec.model.s3.endpoint),
         ("KUBEONNX_S3_REGION", spec.model.s3.region),
         ("AWS_REGION", spec.model.s3.region),

@@ -44,6 +44,7 @@ def render_gateway(model: Model, config: OperatorConfig) -> dict[str, Any]:
         ("KUBEONNX_ROLE", "gateway"),
         ("KUBEONNX_MODEL_URI", spec.model.uri),  # not fetched: the gateway runs no model
         ("KUBEONNX_MODEL_NAME", model.name),
+        ("KUBEONNX_MODEL_VERSION", spec.model.version),
         ("KUBEONNX_PORT", str(HTTP_PORT)),
         ("KUBEONNX_ROUTE_PREFIX", model.route_path),
         ("KUBEONNX_TERMINATION_LOG", TERMINATION_LOG),
