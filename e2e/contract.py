@@ -115,9 +115,9 @@ def run_container(
 
     env = {k: translate(v) for k, v in env.items()}
     ports = {p.get("name"): p["containerPort"] for p in container.get("ports", [])}
-    (container_port,) = set(ports.values())
-    local_port = free_port()
-    env = {k: (str(local_port) if v == str(container_port) else v) for k, v in env.items()}
+    local = {str(port): str(free_port()) for port in ports.values()}  # http, metrics
+    local_port = int(local[str(ports["http"])])
+    env = {k: local.get(v, v) if k.endswith("_PORT") else v for k, v in env.items()}
     env["KUBEONNX_HOST"] = "127.0.0.1"
 
     command = container.get("command", []) + container.get("args", [])

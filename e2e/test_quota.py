@@ -248,9 +248,9 @@ def test_the_policy_status_shows_usage_from_redis_and_an_unreachable_store(
         # two, which the 60 s wait may reach) and 250 rows today.
         now = time.time()
         for minute in range(3):
-            key = counter_key("counted", "acme", "requests", "1m", now + 60 * minute)
+            key = counter_key(namespace, "counted", "acme", "requests", "1m", now + 60 * minute)
             store.client().set(key, 17)
-        store.client().set(counter_key("counted", "globex", "rows", "1d", now), 250)
+        store.client().set(counter_key(namespace, "counted", "globex", "rows", "1d", now), 250)
 
         def usage() -> dict[str, Any] | None:
             rows = policy_status(cluster, namespace, "counted").get("usage") or []

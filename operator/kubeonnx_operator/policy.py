@@ -10,6 +10,7 @@ from typing import Any
 
 from .kube import Kube
 from .quota import (
+    DEFAULT_TENANT,
     QuotaPolicySpec,
     counter_key,
     parse_policy,
@@ -24,7 +25,6 @@ from .status import READY, PolicyReason, set_condition
 log = logging.getLogger(__name__)
 
 USAGE_EVERY_S = 15.0  # how often a Redis-backed policy's status shows fresh usage
-DEFAULT_TENANT = "default"  # the runtime's name for requests without a known key
 
 
 def _rfc3339(epoch: float) -> str:
@@ -59,7 +59,7 @@ class UsageReader:
         rows = [(t.name, lim) for t in spec.tenants for lim in t.limits]
         if spec.default_tenant is not None:
             rows += [(DEFAULT_TENANT, lim) for lim in spec.default_tenant.limits]
-        keys = [counter_key(name, t, lim.unit, lim.window, now) for t, lim in rows]
+        keys = [counter_key(namespace, name, t, lim.unit, lim.window, now) for t, lim in rows]
         values = await client.mget(keys) if keys else []
         return [
             {

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
 
 from .spec import InvalidSpec
@@ -25,11 +25,13 @@ if TYPE_CHECKING:
 WINDOW_SECONDS = {"1s": 1, "1m": 60, "1h": 3600, "1d": 86400}
 
 
-def counter_key(policy: str, tenant: str, unit: str, window: str, now: float) -> str:
+def counter_key(
+    namespace: str, policy: str, tenant: str, unit: str, window: str, now: float
+) -> str:
     """The runtime's Redis key for a tenant's count in the window under way at `now`
     (`kubeonnx_runtime.quota.counter_key`; a contract test holds the two together)."""
     bucket = int(now // WINDOW_SECONDS[window])
-    return f"kubeonnx:{{{policy}/{tenant}}}:{unit}-{window}:{bucket}"
+    return f"kubeonnx:{{{namespace}/{policy}/{tenant}}}:{unit}-{window}:{bucket}"
 
 
 def reset_at(window: str, now: float) -> float:
@@ -59,10 +61,25 @@ class Limit(_Spec):
     window: Literal["1s", "1m", "1h", "1d"]
 
 
+# The runtime's identity for requests without a known key (spec.defaultTenant): no tenant
+# may take the name, or it would share their limits, counters and asynchronous results.
+DEFAULT_TENANT = "default"
+
+
 class Tenant(_Spec):
     name: str
     api_key_secret: SecretKey
     limits: list[Limit] = []
+
+    @field_validator("name")
+    @classmethod
+    def _not_default(cls, name: str) -> str:
+        if name == DEFAULT_TENANT:
+            raise ValueError(
+                f"spec.tenants[].name {DEFAULT_TENANT!r} is reserved for requests without a "
+                "known key (spec.defaultTenant)"
+            )
+        return name
 
 
 class DefaultTenant(_Spec):
@@ -94,6 +111,7 @@ class QuotaPolicySpec(_Spec):
     shadow: bool = False
     backend: Backend = Backend()
     ledger: LedgerSpec | None = None
+    decision_budget_ms: int = Field(25, ge=1, le=10000)
 
 
 def parse_policy(raw: dict[str, Any] | None) -> QuotaPolicySpec:
@@ -192,7 +210,7 @@ def resolve_quota(
     password = redis.password_secret if redis is not None else None
     dsn = spec.ledger.postgres.dsn_secret if spec.ledger is not None else None
     return ResolvedQuota(
-        runtime_config(policy_name, spec, keys, replicas),
+        runtime_config(policy_name, namespace, spec, keys, replicas),
         (password.name, password.key) if password is not None else None,
         (dsn.name, dsn.key) if dsn is not None else None,
     )
@@ -200,6 +218,7 @@ def resolve_quota(
 
 def runtime_config(
     policy_name: str,
+    namespace: str,
     spec: QuotaPolicySpec,
     keys: dict[str, list[str]],
     replicas: int,
@@ -207,6 +226,8 @@ def runtime_config(
     """The runtime's quota file for one model: key hashes, never keys."""
     config: dict[str, Any] = {
         "policy": policy_name,
+        "namespace": namespace,
+        "decisionBudgetMs": spec.decision_budget_ms,
         "tenantHeader": spec.tenant_header,
         "tenants": [
             {

@@ -16,6 +16,7 @@ import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import orjson
@@ -39,7 +40,7 @@ from .images import ImagePipeline, parse_multipart
 from .ledger import Ledger
 from .logs import request_id_var
 from .metrics import RuntimeMetrics
-from .quota import Quota, QuotaExceeded, QuotaUnavailable, Unauthorized
+from .quota import Decision, Quota, QuotaExceeded, QuotaUnavailable, Unauthorized
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +159,18 @@ INFER_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/(infer|async
 # (status, content type, extra headers, body) of an inference answer
 InferAnswer = tuple[int, str, list[tuple[bytes, bytes]], bytes]
 
+# The quota charges (decision, rows) of the request being answered, settled by `metered`
+# once its status is known: kept, and written to the ledger, when it was served (2xx) or the
+# model itself refused its input (400: the work was done); otherwise refunded.
+_charges: ContextVar[list[tuple[Decision, int]] | None] = ContextVar(
+    "kubeonnx_charges", default=None
+)
+
+
+def charge_stands(status: int) -> bool:
+    """Whether an answer with `status` keeps the request's charge (see `_charges`)."""
+    return 200 <= status < 300 or status == 400
+
 
 def prefers_async(prefer: str | None) -> bool:
     """RFC 7240: `Prefer: respond-async` among the header's comma-separated preferences."""
@@ -235,6 +248,8 @@ class InferHandler:
         started = time.perf_counter()
         self.inflight.inc()
         status = 500
+        charges: list[tuple[Decision, int]] = []
+        token = _charges.set(charges)
         try:
             answer = await work
             status = answer[0]
@@ -250,9 +265,21 @@ class InferHandler:
             log.exception("%s failed", what)
             return _internal_error()
         finally:
+            _charges.reset(token)
+            if charges:
+                await self._settle(charges, status)
             self.inflight.dec()
             self.latency.observe(time.perf_counter() - started)
             self.count(status)
+
+    async def _settle(self, charges: list[tuple[Decision, int]], status: int) -> None:
+        """Write a served request's charge to the ledger, or refund one that was not."""
+        for decision, rows in charges:
+            if not charge_stands(status):
+                assert self.quota is not None
+                await self.quota.refund(decision)
+            elif self.ledger is not None:
+                self.ledger.record(decision.tenant, rows, request_id_var.get())
 
     def identify(self, headers: Mapping[str, str]) -> str:
         """The tenant a request comes from ("" without quotas): 401 before the body is read."""
@@ -270,14 +297,16 @@ class InferHandler:
         return await read_body(receive, limit)
 
     async def charge(self, tenant: str, rows: Callable[[], int]) -> list[tuple[bytes, bytes]]:
-        """Admit `rows` against the tenant's quota (429 when over) and record them in the
-        ledger; the budget headers to answer with. Without quotas, nothing."""
+        """Admit `rows` against the tenant's quota (429 when over); the budget headers to
+        answer with. Without quotas, nothing. Call it after the cheap checks and before the
+        expensive work: the answer's status settles the charge (`metered`)."""
         if self.quota is None:
             return []
         n = rows()
         decision = await self.quota.admit(tenant, n)
-        if self.ledger is not None:
-            self.ledger.record(tenant, n, request_id_var.get())
+        charges = _charges.get()
+        assert charges is not None, "charge() runs under metered(), which settles it"
+        charges.append((decision, n))
         return decision.headers(time.time())
 
     async def _answer(
@@ -295,6 +324,8 @@ class InferHandler:
             raise ModelNotFound(
                 f"model '{name}' takes no asynchronous requests (its spec.async is not enabled)"
             )
+        if not respond_async:
+            dataplane.check_runs()  # the gateway: 404 before the body is read or charged
         tenant = self.identify(headers)
         header_length = _int_header(headers, HEADER_LENGTH)
         limit, which = self.max_body, ""
@@ -323,6 +354,10 @@ class InferHandler:
                     batcher.withdraw()
         except PayloadTooLarge as exc:
             raise PayloadTooLarge(f"{exc}{which}") from None
+        if batcher is not None and not respond_async and batcher.depth >= batcher.max_queue:
+            raise ServerBusy(
+                f"the request queue is full ({batcher.max_queue} waiting); retry shortly"
+            )
         # Rows are known now, before the model runs.
         extra = await self.charge(tenant, lambda: request_rows(decoded.inputs))
         if respond_async and jobs is not None:
@@ -492,21 +527,46 @@ def inflate(body: bytes, encoding: str | None, limit: int) -> bytes:
 
 
 class FrontDoor:
-    """The outermost ASGI layer: request ids, the Ingress route prefix, and the inference
-    fast path, which skips the framework's routing and dependency injection (on the tiny
-    model they cost more than the model). Everything else goes to the FastAPI app."""
+    """The outermost ASGI layer: request ids, the Ingress route prefix, the metrics port, and
+    the inference fast path, which skips the framework's routing and dependency injection
+    (on the tiny model they cost more than the model). Everything else goes to the FastAPI
+    app.
 
-    def __init__(self, app: ASGIApp, infer: InferHandler, route_prefix: str = "") -> None:
+    With a metrics port, `/metrics` (which names tenants and their traffic) is served there
+    and only there: the Service and the Ingress carry the main port alone."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        infer: InferHandler,
+        route_prefix: str = "",
+        metrics: Callable[[], bytes] | None = None,
+        metrics_port: int | None = None,
+    ) -> None:
         self.app = app
         self.infer = infer
-        self._read = _READ_HEADERS | ({infer.quota.header.encode()} if infer.quota else set())
+        self._tenant_header = infer.quota.header.encode() if infer.quota else None
+        self._read = _READ_HEADERS | ({self._tenant_header} if self._tenant_header else set())
         self.prefix = route_prefix.rstrip("/")
         self._ids = itertools.count(1)
         self._id_prefix = os.urandom(4).hex()
+        self._metrics = metrics
+        self.metrics_port = metrics_port
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if (
+            self.metrics_port is not None
+            and (scope.get("server") or ("", 0))[1] == self.metrics_port
+        ):
+            await self._metrics_only(scope, send)
+            return
+        if self._tenant_header is not None and _count(scope["headers"], self._tenant_header) > 1:
+            # /infer would read the last and the other routes the first: neither is right.
+            name = self.infer.quota.config.tenant_header if self.infer.quota else ""
+            await _send_json(send, 400, f"header {name} is given more than once; send one key")
             return
         path: str = scope["path"]
         prefix_used = ""
@@ -548,6 +608,43 @@ class FrontDoor:
         finally:
             request_id_var.reset(token)
 
+    async def _metrics_only(self, scope: Scope, send: Send) -> None:
+        """The metrics port answers /metrics and nothing else (the app then has no /metrics)."""
+        if scope["path"] == "/metrics" and self._metrics is not None:
+            body = self._metrics()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [
+                        (b"content-type", CONTENT_TYPE_LATEST.encode()),
+                        (b"content-length", str(len(body)).encode()),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+        else:
+            await _send_json(send, 404, "the metrics port serves /metrics only")
+
+
+def _count(headers: list[tuple[bytes, bytes]], name: bytes) -> int:
+    return sum(1 for k, _ in headers if k == name)
+
+
+async def _send_json(send: Send, status: int, error: str) -> None:
+    body = orjson.dumps({"error": error})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
 
 def _with_request_id(send: Send, rid: str) -> Send:
     async def send_with_id(message: Message) -> None:
@@ -572,6 +669,7 @@ def create_app(
     images: ImagePipeline | None = None,
     max_images: int = 64,
     image_threads: int = 2,
+    metrics_port: int | None = None,
 ) -> FrontDoor:
     """Build the app around an injected data plane and metrics registry."""
 
@@ -750,8 +848,13 @@ def create_app(
     async def predict_batch(request: Request, name: str, version: str | None = None) -> Response:
         return await predict_route(request, name, version, batch=True)
 
-    @app.get("/metrics", summary="Prometheus metrics")
-    async def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    def exposition() -> bytes:
+        return generate_latest(metrics.registry)
 
-    return FrontDoor(app, handler, route_prefix)
+    if metrics_port is None:  # else served on that port alone (FrontDoor)
+
+        @app.get("/metrics", summary="Prometheus metrics")
+        async def prometheus() -> Response:
+            return Response(exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    return FrontDoor(app, handler, route_prefix, exposition, metrics_port)

@@ -90,10 +90,15 @@ class DataPlane:
             self.model.check_outputs([o.name for o in request.outputs])
         return request
 
-    async def infer(self, request: InferRequest) -> dict[str, np.ndarray]:
+    def check_runs(self) -> None:
+        """Refuse (404) a synchronous request where no model runs (the gateway)."""
         if self.batcher is None:
             raise ModelNotFound(
                 f"this is the asynchronous gateway of model '{self.name}': it runs no model; "
                 f"submit with POST /v2/models/{self.name}/async-infer"
             )
+
+    async def infer(self, request: InferRequest) -> dict[str, np.ndarray]:
+        self.check_runs()
+        assert self.batcher is not None
         return await self.batcher.infer(request.inputs)

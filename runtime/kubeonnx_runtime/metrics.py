@@ -84,9 +84,9 @@ class RuntimeMetrics:
         )
         self.quota_decisions = Counter(
             "kubeonnx_quota_decisions",
-            "Quota decisions by tenant: admitted, refused, shadow_refused (counted, not "
-            "refused), admitted_unchecked (Redis down, failureMode Open), unavailable (Redis "
-            "down, failureMode Closed), unauthorized.",
+            "Quota decisions by tenant: admitted, refused, refunded (admitted, then not "
+            "served), shadow_refused (counted, not refused), admitted_unchecked (Redis down, "
+            "failureMode Open), unavailable (Redis down, failureMode Closed), unauthorized.",
             ["model", "tenant", "decision"],
             registry=registry,
         )

@@ -10,10 +10,17 @@ A decision checks every window of the tenant and counts the request in all of th
 none (a refused request costs nothing): in Redis with one Lua script, one round trip, shared
 by every replica; without Redis, in this process's memory (exact per replica only).
 
-When Redis does not answer within its timeout, `failureMode` decides: `Closed` refuses
-(503), `Open` admits, `Local` enforces limit / replicas in memory. After three failures in a
-row a circuit breaker stops asking Redis for a second, so a dead Redis costs nothing per
-request. `shadow` decides and counts but never refuses (to roll a policy out).
+When Redis is unreachable or does not answer within the decision budget
+(`decisionBudgetMs`, 25 ms by default), `failureMode` decides: `Closed` refuses (503),
+`Open` admits, `Local` enforces limit / replicas in memory. The budget counts the time this
+process could have read the answer: time its own event loop was late (the replica starved
+of CPU, or busy with other work) is not blamed on Redis. After three failures in a row a
+circuit breaker stops asking Redis for a second, so a dead Redis costs nothing per request.
+`shadow` decides and counts but never refuses (to roll a policy out). A request the runtime
+counted and then did not serve after all is refunded (`Quota.refund`).
+
+The quota has a Redis client and connection pool of its own, never the asynchronous
+queue's, so its small round trips do not wait behind the queue's bulk transfers.
 """
 
 from __future__ import annotations
@@ -32,16 +39,25 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .errors import FatalStartupError, RuntimeServeError, describe, redact
 
 log = logging.getLogger(__name__)
 
 WINDOW_SECONDS = {"1s": 1, "1m": 60, "1h": 3600, "1d": 86400}
-REDIS_TIMEOUT_S = 0.025
-SENDER_GUARD_S = 1.0
+DEFAULT_BUDGET_MS = 25
+BUDGET_TICKS = 5  # the decision budget is measured in ticks of a fifth (see _within_budget)
+# A refused connection fails at once, a dropped one after this; and a round trip that the
+# budget cannot time (the loop is never on time) ends after the socket timeout.
+CONNECT_TIMEOUT_S = 1.0
+SOCKET_TIMEOUT_S = 1.0
 BREAKER_FAILURES = 3
 BREAKER_OPEN_S = 1.0
+# The identity of requests without a known key; no tenant may take the name (QuotaConfig), so
+# a tenant's counters, metrics, ledger rows and asynchronous results never merge with theirs.
+DEFAULT_TENANT = "default"
 
 
 class _Config(BaseModel):
@@ -93,6 +109,7 @@ class QuotaConfig(_Config):
     """The file `KUBEONNX_QUOTA_CONFIG` names: what the operator renders from a QuotaPolicy."""
 
     policy: str = Field(min_length=1)
+    namespace: str = ""  # the policy's namespace: counters of same-named policies stay apart
     tenant_header: str = "X-Api-Key"
     tenants: list[TenantConfig] = Field(default_factory=list)
     default_tenant: DefaultTenant | None = None
@@ -101,6 +118,8 @@ class QuotaConfig(_Config):
     redis: RedisBackend | None = None
     ledger: LedgerBackend | None = None  # admitted usage, appended to PostgreSQL
     replicas: int = Field(1, ge=1)  # how many replicas share the limits (failureMode Local)
+    # How long a decision waits for Redis before failureMode decides (see _within_budget).
+    decision_budget_ms: int = Field(DEFAULT_BUDGET_MS, ge=1, le=10000)
 
     @field_validator("tenants")
     @classmethod
@@ -108,10 +127,12 @@ class QuotaConfig(_Config):
         names = [t.name for t in tenants]
         if len(set(names)) != len(names):
             raise ValueError("tenant names must be unique")
+        if DEFAULT_TENANT in names:
+            raise ValueError(
+                f"tenant name {DEFAULT_TENANT!r} is reserved for requests without a known key "
+                "(defaultTenant)"
+            )
         return tenants
-
-
-DEFAULT_TENANT = "default"
 
 
 def load_quota_config(path: Path) -> QuotaConfig:
@@ -163,6 +184,11 @@ class Decision:
     tenant: str
     windows: tuple[WindowState, ...]
     violated: WindowState | None = None  # the window that refused the request, if one did
+    # Where the request was counted ("redis", "memory", "local"; "" nowhere), when, and its
+    # cost in each window: what `Quota.refund` takes back.
+    counted_in: str = ""
+    at: float = 0.0
+    costs: tuple[int, ...] = ()
 
     def headers(self, now: float) -> list[tuple[bytes, bytes]]:
         """RateLimit-Policy and RateLimit (IETF httpapi ratelimit-headers draft), and the
@@ -202,12 +228,15 @@ def _reset_at(limit: Limit, now: float) -> float:
     return float((int(now // limit.seconds) + 1) * limit.seconds)
 
 
-def counter_key(policy: str, tenant: str, unit: str, window: str, now: float) -> str:
-    """The Redis key of a tenant's count in the window under way at `now`. The operator
-    reads the same keys for the policy's status (a contract test holds the two together).
-    The hash tag keeps a tenant's counters in one Redis Cluster slot (one script)."""
+def counter_key(
+    namespace: str, policy: str, tenant: str, unit: str, window: str, now: float
+) -> str:
+    """The Redis key of a tenant's count in the window under way at `now`, apart for each
+    namespace and policy. The operator reads the same keys for the policy's status (a
+    contract test holds the two together). The hash tag keeps a tenant's counters in one
+    Redis Cluster slot (one script)."""
     bucket = int(now // WINDOW_SECONDS[window])
-    return f"kubeonnx:{{{policy}/{tenant}}}:{unit}-{window}:{bucket}"
+    return f"kubeonnx:{{{namespace}/{policy}/{tenant}}}:{unit}-{window}:{bucket}"
 
 
 def _until(at: float, now: float) -> int:
@@ -256,6 +285,16 @@ return out
 """
 MAX_COALESCED = 256  # requests decided in one script call
 
+# Takes back a refunded request's cost from the counters it was counted in (never below 0;
+# a counter already expired stays gone). KEYS: the counters; ARGV: the cost in each.
+_REFUND = """
+for i = 1, #KEYS do
+  local back = math.min(tonumber(redis.call('GET', KEYS[i]) or '0'), tonumber(ARGV[i]))
+  if back > 0 then redis.call('DECRBY', KEYS[i], back) end
+end
+return 0
+"""
+
 
 @dataclass(slots=True)
 class _Waiting:
@@ -296,6 +335,14 @@ class MemoryCounters:
             counts[keys[i]] = (buckets[i], used[i])
         return True, 0, used
 
+    def refund(self, tenant: str, costs: list[tuple[Limit, int]], at: float) -> None:
+        """Take back what `check_and_count` counted at `at` (if its windows are still on)."""
+        for lim, cost in costs:
+            key, bucket = (tenant, lim.name), int(at // lim.seconds)
+            seen, count = self._counts.get(key, (bucket, 0))
+            if seen == bucket:
+                self._counts[key] = (bucket, max(0, count - cost))
+
 
 class Quota:
     """Identifies tenants and decides requests; one per runtime process."""
@@ -313,12 +360,14 @@ class Quota:
         self._clock = clock
         self._redis = redis_client
         self._script = redis_client.register_script(_CHECK_AND_COUNT) if redis_client else None
+        self._refund = redis_client.register_script(_REFUND) if redis_client else None
         self._memory = MemoryCounters()
         # Requests waiting for Redis, by tenant and limits: one sender task each at a time.
         self._waiting: dict[tuple[str, int], tuple[list[Limit], list[_Waiting]]] = {}
         self._senders: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._failures = 0
         self._breaker_until = 0.0
+        self._breaker_why = ""
         self._on_decision = on_decision or (lambda tenant, decision: None)
         self._on_redis_seconds = on_redis_seconds or (lambda s: None)
         self.use(config)
@@ -327,6 +376,7 @@ class Quota:
         """Take a new configuration (rotated keys, changed limits) without a restart. The
         tenant header and the store are fixed for the process's life: they need a new pod."""
         self.config = config
+        self._budget_s = config.decision_budget_ms / 1000
         self._bearer = self.header == "authorization"
         self._by_hash = {h: t.name for t in config.tenants for h in t.key_sha256}
         self._limits = {t.name: t.limits for t in config.tenants}
@@ -394,19 +444,45 @@ class Quota:
             return self._decided(Decision(tenant, ()), "admitted")
         if self._redis is None:
             return self._settle(
-                tenant, costs, now, *self._memory.check_and_count(tenant, costs, now)
+                tenant,
+                costs,
+                now,
+                *self._memory.check_and_count(tenant, costs, now),
+                counted_in="memory",
             )
         if now < self._breaker_until:
-            return self._fallback(tenant, costs, now, "the quota store is unreachable")
+            return self._fallback(tenant, costs, now, self._breaker_why)
         try:
-            # The sender bounds each round trip (_within_timeout); this only guards against a
-            # sender that never answers, so it must not fire on a merely busy event loop.
-            result = await asyncio.wait_for(
-                self._ask_redis(tenant, limits, [c for _, c in costs]), SENDER_GUARD_S
-            )
-        except Exception:  # timeout, connection refused, a Redis error: all the same here
-            return self._fallback(tenant, costs, now, "the quota store is unreachable")
-        return self._settle(tenant, costs, now, *result)
+            # The sender bounds each round trip (_within_budget) and answers every request it
+            # took, whatever happens to it.
+            result = await self._ask_redis(tenant, limits, [c for _, c in costs])
+        except QuotaUnavailable as exc:
+            return self._fallback(tenant, costs, now, str(exc))
+        return self._settle(tenant, costs, now, *result, counted_in="redis")
+
+    async def refund(self, decision: Decision) -> None:
+        """Take back a request that was counted and then not served after all (a full queue,
+        a refusal after admission): its cost leaves the windows it was counted in. Best
+        effort: a refund Redis does not take in time is logged and lost."""
+        if not decision.counted_in:
+            return
+        tenant, at = decision.tenant, decision.at
+        costs = [(w.limit, c) for w, c in zip(decision.windows, decision.costs, strict=True)]
+        if decision.counted_in == "redis":
+            if self._refund is None or self._clock() < self._breaker_until:
+                return
+            keys = [self._key(tenant, lim, at) for lim, _ in costs]
+            try:
+                await _within_budget(
+                    self._refund(keys=keys, args=[c for _, c in costs]), self._budget_s
+                )
+            except Exception as exc:
+                log.info("quota refund for tenant %s lost: %s", tenant, redact(str(exc)))
+                return
+        else:
+            counters = self._memory if decision.counted_in == "memory" else self._local
+            counters.refund(tenant, costs, at)
+        self._on_decision(tenant, "refunded")
 
     async def _ask_redis(
         self, tenant: str, limits: list[Limit], costs: list[int]
@@ -424,6 +500,7 @@ class Quota:
     async def _send(self, group: tuple[str, int]) -> None:
         assert self._script is not None
         tenant = group[0]
+        batch: list[_Waiting] = []
         try:
             while group in self._waiting:
                 limits, waiting = self._waiting[group]
@@ -440,13 +517,13 @@ class Quota:
                 keys = [self._key(tenant, lim, now) for lim in limits]
                 started = time.perf_counter()
                 try:
-                    reply = await _within_timeout(self._script(keys=keys, args=args))
+                    reply = await _within_budget(self._script(keys=keys, args=args), self._budget_s)
                 except Exception as exc:
                     self._on_redis_seconds(time.perf_counter() - started)
-                    self._store_failed(exc, now)
+                    why = self._store_failed(exc, now)
                     for w in batch:
                         if not w.future.done():
-                            w.future.set_exception(QuotaUnavailable(str(exc)))
+                            w.future.set_exception(QuotaUnavailable(why))
                     continue
                 self._on_redis_seconds(time.perf_counter() - started)
                 if self._failures >= BREAKER_FAILURES:
@@ -461,20 +538,38 @@ class Quota:
                         )
         finally:
             self._senders.pop(group, None)
+            # A sender that ends abnormally (cancelled at shutdown) leaves no request waiting.
+            _, left = self._waiting.pop(group, ([], []))
+            for w in [*batch, *left]:
+                if not w.future.done():
+                    w.future.set_exception(QuotaUnavailable("the quota decision was abandoned"))
 
-    def _store_failed(self, exc: BaseException, now: float) -> None:
+    def _store_failed(self, exc: BaseException, now: float) -> str:
+        """Count a failed round trip (the breaker opens after BREAKER_FAILURES); say what
+        failed: Redis unreachable, or reachable and not answering within the budget."""
+        if isinstance(exc, TimeoutError | RedisTimeoutError):
+            why = f"the quota store did not answer within {self.config.decision_budget_ms} ms"
+        elif isinstance(exc, OSError | RedisConnectionError):  # refused, reset, no such host
+            why = "the quota store is unreachable"
+        else:
+            why = f"the quota store failed ({type(exc).__name__})"
         self._failures += 1
         if self._failures >= BREAKER_FAILURES:
             self._breaker_until = now + BREAKER_OPEN_S
+            self._breaker_why = f"{why} ({self._failures} times in a row)"
             if self._failures == BREAKER_FAILURES:
                 log.warning(
-                    "quota store unreachable (%s); failure mode %s",
+                    "%s (%s); failure mode %s",
+                    why,
                     redact(f"{type(exc).__name__}: {exc}"),
                     self.config.failure_mode,
                 )
+        return why
 
     def _key(self, tenant: str, limit: Limit, now: float) -> str:
-        return counter_key(self.config.policy, tenant, limit.unit, limit.window, now)
+        return counter_key(
+            self.config.namespace, self.config.policy, tenant, limit.unit, limit.window, now
+        )
 
     def _fallback(
         self, tenant: str, costs: list[tuple[Limit, int]], now: float, why: str
@@ -484,7 +579,11 @@ class Quota:
             shares = self._local_limits.get(tenant, [])
             local = [(share, cost) for share, (_, cost) in zip(shares, costs, strict=True)]
             return self._settle(
-                tenant, local, now, *self._local.check_and_count(tenant, local, now)
+                tenant,
+                local,
+                now,
+                *self._local.check_and_count(tenant, local, now),
+                counted_in="local",
             )
         if mode == "Open":
             return self._decided(Decision(tenant, ()), "admitted_unchecked")
@@ -499,13 +598,18 @@ class Quota:
         admitted: bool,
         violated: int,
         used: list[int],
+        *,
+        counted_in: str,
     ) -> Decision:
         windows = tuple(
             WindowState(lim, u, _reset_at(lim, now))
             for (lim, _), u in zip(costs, used, strict=True)
         )
         if admitted:
-            return self._decided(Decision(tenant, windows), "admitted")
+            spent = tuple(c for _, c in costs)
+            return self._decided(
+                Decision(tenant, windows, None, counted_in, now, spent), "admitted"
+            )
         if self.config.shadow:
             return self._decided(Decision(tenant, windows), "shadow_refused")
         broken = windows[violated - 1]
@@ -531,7 +635,7 @@ class Quota:
             source = "redis"
             try:
                 keys = [self._key(tenant, lim, now) for lim in limits]
-                values = await asyncio.wait_for(self._redis.mget(keys), REDIS_TIMEOUT_S * 4)
+                values = await _within_budget(self._redis.mget(keys), self._budget_s * 4)
                 used = [int(v or 0) for v in values]
             except Exception:
                 raise QuotaUnavailable("the quota store is unreachable; usage is unknown") from None
@@ -558,39 +662,40 @@ def _rfc3339(epoch: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
 
-async def _within_timeout(call: Awaitable[Any]) -> Any:
-    """Await a Redis call for REDIS_TIMEOUT_S. When the event loop itself woke the timer late
-    (the process is saturated, and the answer may be sitting unread), Redis gets that time
-    back once: a frozen Redis still fails in 25 ms on an idle loop, and a busy replica does
-    not blame Redis for its own delay."""
+async def _within_budget(call: Awaitable[Any], budget_s: float) -> Any:
+    """Await a Redis call (connecting included) for `budget_s` of time this process was there
+    to read the answer. The wait is cut into ticks of a fifth of the budget, and a tick
+    counts only the part of it the event loop was on time for: a tick that woke late by its
+    own length or more counts nothing, since the replica was starved of CPU or its loop busy
+    elsewhere (and the answer may be sitting unread). A frozen Redis fails after the budget
+    on an idle loop; on a loop that is never on time, after the client's socket timeout."""
     loop = asyncio.get_running_loop()
     task = asyncio.ensure_future(call)
-    deadline = loop.time() + REDIS_TIMEOUT_S
-    extended = False
-    while True:
-        done, _ = await asyncio.wait({task}, timeout=max(0.0, deadline - loop.time()))
+    tick = budget_s / BUDGET_TICKS
+    spent = 0.0
+    while spent < budget_s * 0.999:  # (float sums of ticks)
+        started = loop.time()
+        done, _ = await asyncio.wait({task}, timeout=tick)
         if done:
             return task.result()
-        late = loop.time() - deadline
-        if not extended and late > REDIS_TIMEOUT_S / 2:
-            extended = True
-            deadline = loop.time() + REDIS_TIMEOUT_S
-            continue
-        task.cancel()
-        raise TimeoutError(f"no answer from Redis within {REDIS_TIMEOUT_S * 1000:.0f} ms")
+        late = loop.time() - started - tick
+        spent += max(0.0, tick - late)
+    task.cancel()
+    raise TimeoutError(f"no answer from Redis within {budget_s * 1000:.0f} ms")
 
 
 def connect_redis(backend: RedisBackend, environ: Mapping[str, str]) -> Any:
-    """A Redis client with the quota store's short timeouts; it connects on first use."""
+    """The quota's own Redis client and connection pool (never shared with the asynchronous
+    queue's, even on the same Redis); it connects on first use."""
     import redis.asyncio as aioredis
 
     password = environ.get(backend.password_env) if backend.password_env else None
     return aioredis.Redis.from_url(
         backend.url,
         password=password or None,
-        # The round trip's own limit is _within_timeout's; these only bound a stuck socket.
-        socket_timeout=1.0,
-        socket_connect_timeout=REDIS_TIMEOUT_S,
+        # The round trip's own limit is _within_budget's; these only bound a stuck socket.
+        socket_timeout=SOCKET_TIMEOUT_S,
+        socket_connect_timeout=CONNECT_TIMEOUT_S,
         retry_on_timeout=False,
         health_check_interval=0,
     )

@@ -317,7 +317,9 @@ def serve(settings: ServeSettings) -> int:
     model: OnnxModel | None = None
     images: ImagePipeline | None = None
     try:
-        sock = listen(settings.host, settings.port)
+        sockets = [listen(settings.host, settings.port)]
+        if settings.metrics_port is not None:
+            sockets.append(listen(settings.host, settings.metrics_port))
         quota = make_quota(settings, metrics)
         ledger = make_ledger(settings, quota, metrics)
         if settings.role == "gateway":
@@ -440,6 +442,7 @@ def serve(settings: ServeSettings) -> int:
         images=images,
         max_images=settings.max_images_per_request,
         image_threads=cpu_quota_threads(),
+        metrics_port=settings.metrics_port,
     )
     config = uvicorn.Config(
         app,
@@ -463,5 +466,5 @@ def serve(settings: ServeSettings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     log.info("serving", extra={"model": settings.model_name, "port": settings.port})
-    server.run(sockets=[sock])
+    server.run(sockets=sockets)
     return 0

@@ -151,6 +151,13 @@ class ServeSettings(BaseSettings):
     )
     host: str = Field("0.0.0.0", description="address to listen on")
     port: int = Field(8080, ge=1, le=65535, description="port to listen on")
+    metrics_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="port serving /metrics alone (it names tenants), which the main port then "
+        "does not serve; unset: /metrics on the main port",
+    )
     cache_dir: Path = Field(Path("/var/cache/kubeonnx"), description="model download cache")
     termination_log: Path = Field(
         Path("/dev/termination-log"), description="where a fatal start-up error is written"

@@ -103,7 +103,7 @@ def test_the_operator_reads_usage_where_the_runtime_counts_it() -> None:
 
     for window in ("1s", "1m", "1h", "1d"):
         for now in (0.0, 1_700_000_123.5):
-            args = ("team", "acme", "rows", window, now)
+            args = ("vision", "team", "acme", "rows", window, now)
             assert operator_key(*args) == runtime_key(*args)
 
 

@@ -185,7 +185,7 @@ def test_pod_monitor_only_where_its_crd_is() -> None:
     with_crd = {c["kind"]: c for c in render_children(model, OperatorConfig(), pod_monitor=True)}
     monitor = with_crd["PodMonitor"]["spec"]
     assert monitor["selector"] == {"matchLabels": {"kubeonnx.io/inferencemodel": "m"}}
-    assert monitor["podMetricsEndpoints"][0]["port"] == "http"
+    assert monitor["podMetricsEndpoints"][0]["port"] == "metrics"
     off = OperatorConfig(pod_monitor=False)
     assert "PodMonitor" not in {c["kind"] for c in render_children(model, off, pod_monitor=True)}
 

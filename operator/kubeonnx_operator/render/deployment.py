@@ -9,7 +9,7 @@ from typing import Any
 from ..config import OperatorConfig
 from ..quota import LEDGER_DSN_ENV, REDIS_PASSWORD_ENV
 from ..spec import duration_seconds
-from .model import CONTAINER, HTTP_PORT, Model
+from .model import CONTAINER, HTTP_PORT, METRICS_PORT, Model
 from .quota import QUOTA_DIR, QUOTA_FILE
 
 CACHE_DIR = "/var/cache/kubeonnx"
@@ -47,6 +47,7 @@ def _env(model: Model) -> list[dict[str, Any]]:
         ("KUBEONNX_MAX_BATCH_DELAY_MS", f"{spec.runtime.max_batch_delay_ms:g}"),
         ("KUBEONNX_MAX_QUEUE", str(spec.runtime.max_queue)),
         ("KUBEONNX_PORT", str(HTTP_PORT)),
+        ("KUBEONNX_METRICS_PORT", str(METRICS_PORT)),
         ("KUBEONNX_ROUTE_PREFIX", model.route_path),
         ("KUBEONNX_CACHE_DIR", CACHE_DIR),
         ("KUBEONNX_TERMINATION_LOG", TERMINATION_LOG),
@@ -226,7 +227,10 @@ def render_deployment(model: Model, config: OperatorConfig) -> dict[str, Any]:
         "command": ["kubeonnx"],
         "args": ["serve"],
         "env": _env(model) + list(spec.pod.env),
-        "ports": [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"}],
+        "ports": [
+            {"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+        ],
         # Up to 30 minutes to download and load a large model before liveness applies.
         "startupProbe": probe("/v2/health/live", 5, 360),
         "readinessProbe": probe("/v2/health/ready", 5, 2),
@@ -288,7 +292,7 @@ def render_deployment(model: Model, config: OperatorConfig) -> dict[str, Any]:
                 "labels": {**spec.pod.labels, **model.labels},
                 "annotations": {
                     "prometheus.io/scrape": "true",
-                    "prometheus.io/port": str(HTTP_PORT),
+                    "prometheus.io/port": str(METRICS_PORT),
                     "prometheus.io/path": "/metrics",
                     **spec.pod.annotations,
                 },

@@ -19,7 +19,15 @@ from .deployment import (
     quota_env,
     quota_volume,
 )
-from .model import CONTAINER, GATEWAY_LABEL, HTTP_PORT, MODEL_LABEL, SERVICE_PORT, Model
+from .model import (
+    CONTAINER,
+    GATEWAY_LABEL,
+    HTTP_PORT,
+    METRICS_PORT,
+    MODEL_LABEL,
+    SERVICE_PORT,
+    Model,
+)
 
 
 def _labels(model: Model) -> dict[str, str]:
@@ -46,6 +54,7 @@ def render_gateway(model: Model, config: OperatorConfig) -> dict[str, Any]:
         ("KUBEONNX_MODEL_NAME", model.name),
         ("KUBEONNX_MODEL_VERSION", spec.model.version),
         ("KUBEONNX_PORT", str(HTTP_PORT)),
+        ("KUBEONNX_METRICS_PORT", str(METRICS_PORT)),
         ("KUBEONNX_ROUTE_PREFIX", model.route_path),
         ("KUBEONNX_TERMINATION_LOG", TERMINATION_LOG),
     ]
@@ -62,7 +71,10 @@ def render_gateway(model: Model, config: OperatorConfig) -> dict[str, Any]:
         "command": ["kubeonnx"],
         "args": ["serve"],
         "env": env,
-        "ports": [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"}],
+        "ports": [
+            {"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+        ],
         "readinessProbe": probe("/v2/health/ready", 5, 2),
         "livenessProbe": probe("/v2/health/live", 10, 3),
         "resources": resources,

@@ -15,6 +15,9 @@ GATEWAY_LABEL = f"{GROUP}/async-gateway"
 MANAGED_BY = "kubeonnx"
 FIELD_MANAGER = "kubeonnx"  # the operator's server-side apply identity
 HTTP_PORT = 8080
+# The runtime's /metrics (it names tenants) is served on this port alone, which no Service
+# or Ingress carries: only the scraper, reaching the pod, reads it.
+METRICS_PORT = 9090
 SERVICE_PORT = 80
 CONTAINER = "runtime"
 GATEWAY_SUFFIX = "-gateway"

@@ -1,6 +1,7 @@
-"""A PodMonitor (Prometheus operator) for the runtime's /metrics: the KEDA trigger and the
-dashboards read the in-flight gauge from there. Rendered only where the CRD exists; the
-prometheus.io/* pod annotations serve a Prometheus configured to honour them."""
+"""A PodMonitor (Prometheus operator) for the runtime's /metrics, on the pods' metrics port
+(which no Service carries): the KEDA trigger and the dashboards read the in-flight gauge
+from there. Rendered only where the CRD exists; the prometheus.io/* pod annotations serve a
+Prometheus configured to honour them."""
 
 from __future__ import annotations
 
@@ -16,6 +17,6 @@ def render_pod_monitor(model: Model) -> dict[str, Any]:
         "metadata": model.metadata(),
         "spec": {
             "selector": {"matchLabels": model.selector},
-            "podMetricsEndpoints": [{"port": "http", "path": "/metrics", "interval": "15s"}],
+            "podMetricsEndpoints": [{"port": "metrics", "path": "/metrics", "interval": "15s"}],
         },
     }
