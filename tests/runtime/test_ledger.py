@@ -63,7 +63,10 @@ def test_admitted_usage_reaches_the_ledger_once_even_across_an_outage(
         "b": [{"unit": "rows", "limit": 90, "window": "1d"}],
         "c": [],  # unlimited: every request admitted
     }
-    config = write_policy(tmp_path, redis_server.url, limits, ledger={"dsnEnv": "LEDGER_DSN"})
+    # What reaches the ledger is the point, not the budget (it has tests of its own).
+    config = write_policy(
+        tmp_path, redis_server.url, limits, ledger={"dsnEnv": "LEDGER_DSN"}, decisionBudgetMs=10000
+    )
     policy = json.loads(config.read_text())["policy"]
     env = {"LEDGER_DSN": postgres.dsn}
     replicas = [serve_mlp(serve, models, config, env=env) for _ in range(2)]
