@@ -566,7 +566,7 @@ class FrontDoor:
         if self._tenant_header is not None and _count(scope["headers"], self._tenant_header) > 1:
             # /infer would read the last and the other routes the first: neither is right.
             name = self.infer.quota.config.tenant_header if self.infer.quota else ""
-            await _send_json(send, 400, f"header {name} is given more than once; send one key")
+            await _send_error(send, 400, f"header {name} is given more than once; send one key")
             return
         path: str = scope["path"]
         prefix_used = ""
@@ -611,39 +611,23 @@ class FrontDoor:
     async def _metrics_only(self, scope: Scope, send: Send) -> None:
         """The metrics port answers /metrics and nothing else (the app then has no /metrics)."""
         if scope["path"] == "/metrics" and self._metrics is not None:
-            body = self._metrics()
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 200,
-                    "headers": [
-                        (b"content-type", CONTENT_TYPE_LATEST.encode()),
-                        (b"content-length", str(len(body)).encode()),
-                    ],
-                }
-            )
-            await send({"type": "http.response.body", "body": body})
+            await _send(send, 200, CONTENT_TYPE_LATEST, self._metrics())
         else:
-            await _send_json(send, 404, "the metrics port serves /metrics only")
+            await _send_error(send, 404, "the metrics port serves /metrics only")
 
 
 def _count(headers: list[tuple[bytes, bytes]], name: bytes) -> int:
     return sum(1 for k, _ in headers if k == name)
 
 
-async def _send_json(send: Send, status: int, error: str) -> None:
-    body = orjson.dumps({"error": error})
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        }
-    )
+async def _send(send: Send, status: int, content_type: str, body: bytes) -> None:
+    headers = [(b"content-type", content_type.encode()), (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+async def _send_error(send: Send, status: int, error: str) -> None:
+    await _send(send, status, "application/json", orjson.dumps({"error": error}))
 
 
 def _with_request_id(send: Send, rid: str) -> Send:
