@@ -49,10 +49,9 @@ log = logging.getLogger(__name__)
 WINDOW_SECONDS = {"1s": 1, "1m": 60, "1h": 3600, "1d": 86400}
 DEFAULT_BUDGET_MS = 25
 BUDGET_TICKS = 5  # the decision budget is measured in ticks of a fifth (see _within_budget)
-# A refused connection fails at once, a dropped one after this; and a round trip that the
-# budget cannot time (the loop is never on time) ends after the socket timeout.
-CONNECT_TIMEOUT_S = 1.0
-SOCKET_TIMEOUT_S = 1.0
+# What a replica whose event loop is late grants Redis beyond the budget, at most.
+LATE_GRACE_S = 1.0
+CONNECT_TIMEOUT_S = 1.0  # a refused connection fails at once, a dropped one after this
 BREAKER_FAILURES = 3
 BREAKER_OPEN_S = 1.0
 # The identity of requests without a known key; no tenant may take the name (QuotaConfig), so
@@ -668,14 +667,15 @@ async def _within_budget(call: Awaitable[Any], budget_s: float) -> Any:
     counts only the part of it the event loop was on time for: a tick that woke late by its
     own length or more counts nothing, since the replica was starved of CPU or its loop busy
     elsewhere (and the answer may be sitting unread). A frozen Redis fails after the budget
-    on an idle loop; on a loop that is never on time, after the client's socket timeout."""
+    on an idle loop, and after at most LATE_GRACE_S more on a loop that is never on time."""
     loop = asyncio.get_running_loop()
     task = asyncio.ensure_future(call)
     tick = budget_s / BUDGET_TICKS
     spent = 0.0
-    while spent < budget_s * 0.999:  # (float sums of ticks)
+    give_up = loop.time() + budget_s + LATE_GRACE_S
+    while spent < budget_s * 0.999 and loop.time() < give_up:  # (float sums of ticks)
         started = loop.time()
-        done, _ = await asyncio.wait({task}, timeout=tick)
+        done, _ = await asyncio.wait({task}, timeout=min(tick, max(0.0, give_up - started)))
         if done:
             return task.result()
         late = loop.time() - started - tick
@@ -693,8 +693,8 @@ def connect_redis(backend: RedisBackend, environ: Mapping[str, str]) -> Any:
     return aioredis.Redis.from_url(
         backend.url,
         password=password or None,
-        # The round trip's own limit is _within_budget's; these only bound a stuck socket.
-        socket_timeout=SOCKET_TIMEOUT_S,
+        # The round trip's own limit is _within_budget's; this only bounds a stuck socket.
+        socket_timeout=10 + LATE_GRACE_S,
         socket_connect_timeout=CONNECT_TIMEOUT_S,
         retry_on_timeout=False,
         health_check_interval=0,
