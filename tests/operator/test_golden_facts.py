@@ -19,6 +19,7 @@ EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 MODEL_LABEL = "kubeonnx.io/inferencemodel"
 GATEWAY_LABEL = "kubeonnx.io/async-gateway"
 PORT = 8080
+METRICS_PORT = 9090  # /metrics names tenants: apart from what Services and Ingresses carry
 GPU_RESOURCE = "nvidia.com/gpu"
 H100 = {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
 
@@ -80,7 +81,9 @@ def test_the_golden_render_keeps_the_facts_of_its_example(example: Path) -> None
     assert env["KUBEONNX_MODEL_URI"] == spec["model"]["uri"]
     assert env["KUBEONNX_MODEL_NAME"] == name
     assert env.get("KUBEONNX_MODEL_SHA256") == spec["model"].get("sha256")
-    assert [p["containerPort"] for p in container["ports"]] == [PORT]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": PORT, "metrics": METRICS_PORT}
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(METRICS_PORT)
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
