@@ -342,6 +342,13 @@ def up() -> ClusterState:
                         "users": [OPERATOR_USER],
                         "verbs": ["create", "update", "patch", "delete", "deletecollection"],
                     },
+                    # Every Secret request of a service account (the chart's operator in
+                    # e2e/test_chart.py): which verbs it tries, on which names.
+                    {
+                        "level": "Metadata",
+                        "userGroups": ["system:serviceaccounts"],
+                        "resources": [{"group": "", "resources": ["secrets"]}],
+                    },
                     {"level": "None"},
                 ],
             }

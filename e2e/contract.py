@@ -104,6 +104,22 @@ def run_container(
             data = (config_maps or {})[source["name"]].get("data") or {}
             for item in source.get("items") or [{"key": k, "path": k} for k in data]:
                 (mounts[mount["mountPath"]] / item["path"]).write_text(data[item["key"]])
+        projected = volumes.get(mount["name"], {}).get("projected")
+        for part in (projected or {}).get("sources", []):  # the quota file and tenants' keys
+            ((kind, ref),) = part.items()
+            if kind == "secret":
+                found = secrets.get(ref["name"]) or {}
+                data = {k: base64.b64decode(v) for k, v in (found.get("data") or {}).items()}
+            else:
+                found = (config_maps or {}).get(ref["name"]) or {}
+                data = {k: v.encode() for k, v in (found.get("data") or {}).items()}
+            for item in ref.get("items") or [{"key": k, "path": k} for k in data]:
+                if item["key"] not in data:
+                    assert ref.get("optional"), f"{kind} {ref['name']} has no key {item['key']}"
+                    continue  # the kubelet leaves an optional one out
+                target = mounts[mount["mountPath"]] / item["path"]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data[item["key"]])
 
     def translate(value: str) -> str:
         if value == term_path:

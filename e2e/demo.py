@@ -163,13 +163,17 @@ def main() -> int:
             ).strip()
         )
         deployment = eventually_quota(kubectl, name)
-        quota_secret = json.loads(
-            kubectl("get", "secret", f"{name}-quota", "-n", NAMESPACE, "-o", "json")
+        quota_config = json.loads(
+            kubectl("get", "configmap", f"{name}-quota", "-n", NAMESPACE, "-o", "json")
+        )
+        api_key = json.loads(
+            kubectl("get", "secret", "demo-api-key", "-n", NAMESPACE, "-o", "json")
         )
         runtime = run_container(
             deployment,
-            {"s3-credentials": secret, f"{name}-quota": quota_secret},
+            {"s3-credentials": secret, "demo-api-key": api_key},
             work / "metered",
+            config_maps={f"{name}-quota": quota_config},
         )
         runtime.probe("startupProbe")
         runtime.probe("readinessProbe")

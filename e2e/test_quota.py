@@ -1,10 +1,9 @@
 """QuotaPolicy on the real control plane: the runtime's quota file rendered for every model
-that names a policy, the policy's status, models without their policy, and CEL refusals."""
+that names a policy (its tenants' Secrets mounted beside it), the policy's status, models
+without their policy, and CEL refusals."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 from typing import Any
 
@@ -41,20 +40,16 @@ def policy(name: str = "team", **spec: Any) -> dict[str, Any]:
 
 
 def quota_file(cluster: Cluster, ns: str, name: str) -> dict[str, Any] | None:
-    secret = cluster.get("secret", f"{name}-quota", "-n", ns)
-    if secret is None:
+    config_map = cluster.get("configmap", f"{name}-quota", "-n", ns)
+    if config_map is None:
         return None
-    result: dict[str, Any] = json.loads(base64.b64decode(secret["data"]["config.json"]))
+    result: dict[str, Any] = json.loads(config_map["data"]["config.json"])
     return result
 
 
 def policy_status(cluster: Cluster, ns: str, name: str) -> dict[str, Any]:
     qp = cluster.get("quotapolicy", name, "-n", ns) or {}
     return qp.get("status") or {}
-
-
-def sha(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def test_models_that_name_a_policy_get_its_quota_file_and_the_policy_counts_them(
@@ -71,15 +66,28 @@ def test_models_that_name_a_policy_get_its_quota_file_and_the_policy_counts_them
         config = quota_file(cluster, namespace, name)
         assert config is not None
         tenants = {t["name"]: t for t in config["tenants"]}
-        assert tenants["acme"]["keySha256"] == [sha("acme-secret-1")]
+        assert tenants["acme"]["keyFile"] == "keys/acme-key/token"  # no key, no hash
         assert tenants["globex"]["limits"] == [{"unit": "rows", "limit": 1000, "window": "1d"}]
         assert "redis" not in config  # counted in each replica's memory
-        secret = cluster.get("secret", f"{name}-quota", "-n", namespace)
-        assert secret is not None
-        (ref,) = secret["metadata"]["ownerReferences"]
+        config_map = cluster.get("configmap", f"{name}-quota", "-n", namespace)
+        assert config_map is not None
+        (ref,) = config_map["metadata"]["ownerReferences"]
         assert ref["uid"] == im["metadata"]["uid"]
+        assert cluster.get("secret", f"{name}-quota", "-n", namespace) is None
         pod = children(cluster, namespace, name)["Deployment"]["spec"]["template"]["spec"]
         env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+        (volume,) = [v for v in pod["volumes"] if v["name"] == "quota"]
+        # The kubelet mounts the tenants' Secrets beside the file (and carries a rotation).
+        mounted = {
+            (src["secret"]["name"], item["path"])
+            for src in volume["projected"]["sources"]
+            if "secret" in src
+            for item in src["secret"]["items"]
+        }
+        assert mounted == {
+            ("acme-key", "keys/acme-key/token"),
+            ("globex-key", "keys/globex-key/token"),
+        }
         assert env["KUBEONNX_QUOTA_CONFIG"] == "/etc/kubeonnx/quota/config.json"
 
     status = eventually(
@@ -95,36 +103,12 @@ def test_models_that_name_a_policy_get_its_quota_file_and_the_policy_counts_them
     assert header.split() == ["NAME", "MODELS", "TENANTS", "STORE", "READY", "AGE"]
     assert rows[0].split()[:5] == ["team", "2", "2", "memory", "True"]
 
-    # A rotated key: the tenant's Secret now holds the new key and the old one, a line each;
-    # the operator's next resync rewrites the quota file (the runtime re-reads it).
-    rotated = cluster.kubectl(
-        "create",
-        "secret",
-        "generic",
-        "acme-key",
-        "-n",
-        namespace,
-        "--from-literal=token=acme-secret-1\nacme-secret-2",
-        "--dry-run=client",
-        "-o",
-        "json",
-    ).stdout
-    assert cluster.apply(rotated, namespace).returncode == 0
-
-    def rotated_hashes() -> list[str] | None:
-        config = quota_file(cluster, namespace, "metered-a") or {"tenants": []}
-        acme = next((t for t in config["tenants"] if t["name"] == "acme"), None)
-        return acme["keySha256"] if acme and len(acme["keySha256"]) == 2 else None
-
-    hashes = eventually(rotated_hashes, 60, what="the rotated key in the quota file")
-    assert hashes == sorted([sha("acme-secret-1"), sha("acme-secret-2")])
-
     # A model that stops naming the policy loses its quota file; the policy counts one.
     assert cluster.apply(model("metered-b"), namespace).returncode == 0
     eventually(
         lambda: quota_file(cluster, namespace, "metered-b") is None,
         60,
-        what="the quota Secret of a model without a policy to be deleted",
+        what="the quota ConfigMap of a model without a policy to be deleted",
     )
     eventually(
         lambda: policy_status(cluster, namespace, "team").get("models") == 1,
@@ -227,52 +211,3 @@ def test_a_redis_url_with_a_password_is_refused(
     refused = cluster.apply(bad, namespace)
     assert refused.returncode != 0
     assert "must not carry credentials; use passwordSecret" in refused.stderr
-
-
-def test_the_policy_status_shows_usage_from_redis_and_an_unreachable_store(
-    cluster: Cluster, operator: OperatorProcess, namespace: str
-) -> None:
-    import time
-
-    from kubeonnx_runtime.quota import counter_key
-
-    from e2e.redis_server import LocalRedis
-
-    store = LocalRedis().start()
-    try:
-        cluster.create_secret("acme-key", namespace, {"token": "a1"})
-        cluster.create_secret("globex-key", namespace, {"token": "g1"})
-        qp = policy("counted", backend={"redis": {"url": store.url}})
-        assert cluster.apply(qp, namespace).returncode == 0
-        # What the runtimes would have counted: 17 requests in this minute (and in the next
-        # two, which the 60 s wait may reach) and 250 rows today.
-        now = time.time()
-        for minute in range(3):
-            key = counter_key(namespace, "counted", "acme", "requests", "1m", now + 60 * minute)
-            store.client().set(key, 17)
-        store.client().set(counter_key(namespace, "counted", "globex", "rows", "1d", now), 250)
-
-        def usage() -> dict[str, Any] | None:
-            rows = policy_status(cluster, namespace, "counted").get("usage") or []
-            found = {(u["tenant"], u["window"]): u for u in rows}
-            return found if ("acme", "1m") in found and ("globex", "1d") in found else None
-
-        found = eventually(usage, 60, what="usage in the policy's status")
-        assert found[("acme", "1m")]["used"] == 17 and found[("acme", "1m")]["limit"] == 600
-        assert found[("globex", "1d")]["used"] == 250 and found[("globex", "1d")]["limit"] == 1000
-        assert found[("acme", "1m")]["resetAt"].endswith("Z")
-        store.kill()
-        cond = eventually(
-            lambda: (
-                (c := policy_status(cluster, namespace, "counted").get("conditions", [{}])[0]).get(
-                    "reason"
-                )
-                == "StoreUnreachable"
-                and c
-            ),
-            60,
-            what="reason StoreUnreachable",
-        )
-        assert cond["status"] == "False" and store.url in cond["message"]
-    finally:
-        store.stop()

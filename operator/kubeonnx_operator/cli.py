@@ -13,7 +13,7 @@ import yaml
 from pydantic import ValidationError
 
 from .config import OperatorConfig, load_config
-from .quota import QuotaProblem, resolve_quota, secret_names
+from .quota import QuotaProblem, resolve_quota
 from .render import render_children
 from .render.model import load_model
 from .spec import InvalidSpec
@@ -70,8 +70,8 @@ def render_documents(
     docs: list[tuple[str, Any]], config: OperatorConfig, *, pod_monitor: bool = False
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """The children of every InferenceModel among `docs` ((file, document) pairs), and the
-    problems that kept any from rendering. A model's QuotaPolicy and its tenants' Secrets
-    are taken from the same documents, as the operator takes them from the cluster."""
+    problems that kept any from rendering. A model's QuotaPolicy is taken from the same
+    documents, as the operator takes it from the cluster (its Secrets are only mounted)."""
 
     def by_kind(kind: str) -> dict[tuple[str, str], dict[str, Any]]:
         return {
@@ -82,7 +82,7 @@ def render_documents(
             and (d.get("metadata") or {}).get("name")
         }
 
-    policies, secrets = by_kind("QuotaPolicy"), by_kind("Secret")
+    policies = by_kind("QuotaPolicy")
     out: list[dict[str, Any]] = []
     problems: list[str] = []
     for path, doc in docs:
@@ -101,14 +101,9 @@ def render_documents(
             continue
         if model.spec.quota_policy:
             policy = policies.get((namespace, model.spec.quota_policy))
-            found = {s: secrets.get((namespace, s)) for s in secret_names(policy)}
             try:
                 quota = resolve_quota(
-                    model.spec.quota_policy,
-                    namespace,
-                    policy,
-                    found,
-                    model.spec.scaling.max_replicas,
+                    model.spec.quota_policy, namespace, policy, model.spec.scaling.max_replicas
                 )
             except QuotaProblem as exc:
                 problems.append(f"{where}: {exc} (give it in the same files)")

@@ -27,7 +27,8 @@ from .informer import Informer
 from .kube import COMPONENT, ApiClient, Kube, connect
 from .leader import LeaderElector, default_identity, default_namespace
 from .observed import ObservedChildren
-from .policy import USAGE_EVERY_S, PolicyReconciler, models_using
+from .policy import PolicyReconciler, models_using
+from .presence import SecretPresence
 from .reconcile import Reconciler
 from .render.model import MANAGED_BY, MODEL_LABEL
 from .workqueue import WorkQueue
@@ -44,7 +45,7 @@ CHILD_KINDS = [
     ("policy/v1", "PodDisruptionBudget", False),
     ("keda.sh/v1alpha1", "ScaledObject", True),
     ("monitoring.coreos.com/v1", "PodMonitor", True),
-    ("v1", "Secret", False),  # the runtime's quota file
+    ("v1", "ConfigMap", False),  # the runtime's quota file
 ]
 API_VERSION = "kubeonnx.io/v1alpha1"
 # A watch failing this long (its kind cannot even be listed) makes the replica not ready.
@@ -89,14 +90,16 @@ class Controller:
         )
         self.observed = ObservedChildren()
         limit = config.max_concurrent_reconciles
+        # Shared by both reconcilers: a tenant's Secret is asked about once for all.
+        self.secrets = SecretPresence(self.kube)
         self.reconciler = Reconciler(
-            self.kube, config, self.observed, pod_monitor=self._pod_monitor
+            self.kube, config, self.observed, pod_monitor=self._pod_monitor, secrets=self.secrets
         )
         self.queue = WorkQueue(
             self.reconciler.reconcile, kind="InferenceModel", max_concurrent=limit, running=False
         )
         self.policy_queue = WorkQueue(
-            PolicyReconciler(self.kube, self.queue.bodies).reconcile,
+            PolicyReconciler(self.kube, self.queue.bodies, secrets=self.secrets).reconcile,
             kind="QuotaPolicy",
             max_concurrent=limit,
             running=False,
@@ -177,9 +180,6 @@ class Controller:
             for i in self.informers
         ]
         tasks.append(self.supervise(asyncio.create_task(self._resync()), "the resync"))
-        tasks.append(
-            self.supervise(asyncio.create_task(self._refresh_usage()), "the usage refresh")
-        )
         try:
             # No apply before every cache is filled: a child not yet seen would look absent.
             await asyncio.gather(*(i.synced.wait() for i in self.informers))
@@ -236,9 +236,10 @@ class Controller:
         else:
             generation = meta.get("generation")
             changed = old is None or old["metadata"].get("generation") != generation
-            # Not for our own status writes (usage changes at every read of it).
+            # Not for our own status writes.
             self.policy_queue.observe(key, _without_managed_fields(body), trigger=changed)
         if changed:
+            self.secrets.recheck_missing(key[0])  # perhaps its Secrets were just made
             for model in models_using(self.queue.bodies, *key):
                 self.queue.trigger(model)
 
@@ -251,17 +252,8 @@ class Controller:
             self.observed.record(key, body, deleted=kind == "DELETED")
             self.queue.trigger(key)
 
-    async def _refresh_usage(self) -> None:
-        """Re-read the usage of every Redis-backed QuotaPolicy into its status."""
-        while True:
-            await asyncio.sleep(USAGE_EVERY_S)
-            for key, body in list(self.policy_queue.bodies.items()):
-                if ((body.get("spec") or {}).get("backend") or {}).get("redis"):
-                    self.policy_queue.trigger(key)
-
     async def _resync(self) -> None:
-        """Re-run every reconcile now and then, so drift that no event reports is repaired
-        (and a rotated API key in a tenant's Secret reaches the runtime's quota file)."""
+        """Re-run every reconcile now and then, so drift that no event reports is repaired."""
         while True:
             await asyncio.sleep(self.config.resync_seconds)
             self.queue.trigger_all()

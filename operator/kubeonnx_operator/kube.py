@@ -44,6 +44,8 @@ for (_api_version, _kind), _plural in _CUSTOM.items():
     create_namespaced_resource(_group, _version, _kind, _plural)
 
 COMPONENT = "kubeonnx-operator"
+# Asks the API server for an object's metadata only (no data, no spec).
+PARTIAL_METADATA = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
 
 
 def resource(api_version: str, kind: str) -> Any:
@@ -244,8 +246,29 @@ class Kube:
         response = await generic.send(generic.build_adapter_request(request))
         generic.handle_response("delete", response, request)
 
-    async def get_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
-        return await self.get("v1", "Secret", namespace, name)
+    async def secret_metadata(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """A Secret's metadata alone (a PartialObjectMetadata), or None when it does not
+        exist: the API server leaves its data out, so the operator never receives a key."""
+        generic = self.client._client
+        request = generic.prepare_request(
+            "get",
+            res=resource("v1", "Secret"),
+            name=name,
+            namespace=namespace,
+            headers={"Accept": PARTIAL_METADATA},
+        )
+        response = await generic.send(generic.build_adapter_request(request))
+        if response.status_code == 404:
+            return None
+        try:
+            generic.raise_for_status(response)
+        except ApiError as exc:
+            metrics.API_ERRORS.labels(str(exc.status.code)).inc()
+            raise
+        found: dict[str, Any] = response.json()
+        if found.get("kind") != "PartialObjectMetadata":  # never keep what was not asked for
+            raise ValueError(f"Secret {namespace}/{name}: the API server sent {found.get('kind')}")
+        return found
 
     async def patch_status(
         self, api_version: str, kind: str, namespace: str, name: str, status: dict[str, Any]

@@ -1,77 +1,27 @@
-"""QuotaPolicy status: which models use the policy, whether its Secrets are there, and where
-usage is counted. The models themselves are reconciled by `reconcile.Reconciler`."""
+"""QuotaPolicy status: which models use the policy, whether its tenants' Secrets exist, and
+where usage is counted. The models themselves are reconciled by `reconcile.Reconciler`.
+
+The operator never connects to the policy's Redis (it would have to hold its password, and
+would connect wherever a policy's author points it): usage is the runtime's to tell
+(`GET /v2/quota`, its metrics) and the ledger's (`kubeonnx usage`).
+"""
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from .kube import Kube
-from .quota import (
-    DEFAULT_TENANT,
-    QuotaPolicySpec,
-    counter_key,
-    parse_policy,
-    reset_at,
-    secret_keys,
-    tenant_keys,
-)
+from .presence import SecretPresence
+from .quota import parse_policy
 from .reconcile import status_changed, utc_now
 from .spec import InvalidSpec
 from .status import READY, PolicyReason, set_condition
 
 log = logging.getLogger(__name__)
 
-USAGE_EVERY_S = 15.0  # how often a Redis-backed policy's status shows fresh usage
-
-
-def _rfc3339(epoch: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
-
-
-class UsageReader:
-    """Reads a policy's counters from its Redis: one MGET for every tenant and window."""
-
-    def __init__(self, kube: Kube, clock: Callable[[], float] = time.time) -> None:
-        self.kube = kube
-        self.clock = clock
-        self._clients: dict[tuple[str, str | None], Any] = {}
-
-    async def read(self, namespace: str, name: str, spec: QuotaPolicySpec) -> list[dict[str, Any]]:
-        import redis.asyncio as aioredis
-
-        store = spec.backend.redis
-        assert store is not None
-        password = None
-        if store.password_secret is not None:
-            ref = store.password_secret
-            secret = await self.kube.get_secret(namespace, ref.name)
-            found = secret_keys(secret, ref.key) if secret is not None else None
-            password = found[0] if found else None
-        client = self._clients.get((store.url, password))
-        if client is None:
-            client = self._clients[(store.url, password)] = aioredis.Redis.from_url(
-                store.url, password=password, socket_timeout=2, socket_connect_timeout=2
-            )
-        now = self.clock()
-        rows = [(t.name, lim) for t in spec.tenants for lim in t.limits]
-        if spec.default_tenant is not None:
-            rows += [(DEFAULT_TENANT, lim) for lim in spec.default_tenant.limits]
-        keys = [counter_key(namespace, name, t, lim.unit, lim.window, now) for t, lim in rows]
-        values = await client.mget(keys) if keys else []
-        return [
-            {
-                "tenant": tenant,
-                "unit": lim.unit,
-                "window": lim.window,
-                "used": int(value or 0),
-                "limit": lim.limit,
-                "resetAt": _rfc3339(reset_at(lim.window, now)),
-            }
-            for (tenant, lim), value in zip(rows, values, strict=True)
-        ]
+MISSING_SHOWN = 5  # tenants named in the message; the rest are counted
 
 
 def models_using(
@@ -91,12 +41,12 @@ class PolicyReconciler:
         kube: Kube,
         models: Mapping[tuple[str, str], dict[str, Any]],
         now: Callable[[], str] = utc_now,
-        usage: UsageReader | None = None,
+        secrets: SecretPresence | None = None,
     ) -> None:
         self.kube = kube
         self.models = models
         self.now = now
-        self.usage = usage or UsageReader(kube)
+        self.secrets = secrets or SecretPresence(kube)
 
     async def reconcile(self, body: dict[str, Any]) -> None:
         meta = body["metadata"]
@@ -114,30 +64,20 @@ class PolicyReconciler:
         except InvalidSpec as exc:
             ready, reason, message = False, "InvalidSpec", str(exc)
         else:
-            names = {t.api_key_secret.name for t in spec.tenants}
-            secrets = {s: await self.kube.get_secret(namespace, s) for s in sorted(names)}
-            keys, missing = tenant_keys(spec, secrets)
-            store = spec.backend.redis
-            redis = store is not None
-            status["tenants"] = len(keys)
+            absent = await self.secrets.missing(
+                namespace, (t.api_key_secret.name for t in spec.tenants)
+            )
+            missing = [t for t in spec.tenants if t.api_key_secret.name in absent]
+            redis = spec.backend.redis is not None
+            status["tenants"] = len(spec.tenants) - len(missing)
             status["store"] = "redis" if redis else "memory"
-            unreachable = None
-            if store is not None:
-                try:
-                    status["usage"] = await self.usage.read(namespace, name, spec)
-                except Exception as exc:  # the store, not the operator, is at fault
-                    unreachable = (
-                        f"Redis at {store.url} did not answer "
-                        f"({type(exc).__name__}: {exc}); usage unknown"
-                    )
             if missing:
                 ready, reason = False, "SecretNotFound"
-                message = "no API key for tenants: " + ", ".join(
-                    f"{t.name} (Secret {t.api_key_secret.name}, key {t.api_key_secret.key})"
-                    for t in missing
+                message = "no API key Secret for tenants: " + ", ".join(
+                    f"{t.name} (Secret {t.api_key_secret.name})" for t in missing[:MISSING_SHOWN]
                 )
-            elif unreachable:
-                ready, reason, message = False, "StoreUnreachable", unreachable
+                if len(missing) > MISSING_SHOWN:
+                    message += f", and {len(missing) - MISSING_SHOWN} more"
             else:
                 ready, reason = True, "Ready"
                 message = (

@@ -1,16 +1,15 @@
 """QuotaPolicy: its spec, and the runtime's quota configuration rendered from it.
 
-The runtime's file (`KUBEONNX_QUOTA_CONFIG`) holds only the sha256 of each API key; the keys
-themselves stay in their Secrets, which the operator reads to hash them. The file's format is
-the runtime's contract (`kubeonnx_runtime.quota.QuotaConfig`); a contract test holds the two
-packages together, since neither may import the other.
+The runtime's file (`KUBEONNX_QUOTA_CONFIG`) names, for each tenant, the file its API keys are
+mounted at: the kubelet mounts the tenants' Secrets into the model's pods, so the operator
+never reads a key (it asks only whether each Secret exists, see `presence`). The file's
+format is the runtime's contract (`kubeonnx_runtime.quota.QuotaConfig`); a contract test
+holds the two packages together, since neither may import the other.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-from collections.abc import Mapping
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -22,28 +21,14 @@ from .spec import InvalidSpec
 if TYPE_CHECKING:
     from .status import ModelReason
 
-WINDOW_SECONDS = {"1s": 1, "1m": 60, "1h": 3600, "1d": 86400}
-
-
-def counter_key(
-    namespace: str, policy: str, tenant: str, unit: str, window: str, now: float
-) -> str:
-    """The runtime's Redis key for a tenant's count in the window under way at `now`
-    (`kubeonnx_runtime.quota.counter_key`; a contract test holds the two together)."""
-    bucket = int(now // WINDOW_SECONDS[window])
-    return f"kubeonnx:{{{namespace}/{policy}/{tenant}}}:{unit}-{window}:{bucket}"
-
-
-def reset_at(window: str, now: float) -> float:
-    seconds = WINDOW_SECONDS[window]
-    return float((int(now // seconds) + 1) * seconds)
-
-
 # The runtime reads the Redis password from this variable (the Deployment sets it from the
 # policy's passwordSecret).
 REDIS_PASSWORD_ENV = "KUBEONNX_QUOTA_REDIS_PASSWORD"
 # ... and the usage ledger's PostgreSQL connection string from this one.
 LEDGER_DSN_ENV = "KUBEONNX_LEDGER_DSN"
+# The tenants' Secrets are mounted beside the runtime's quota file, each key at
+# keys/<Secret name>/<key>; the file names them relative to its own directory.
+KEYS_DIR = "keys"
 
 
 class _Spec(BaseModel):
@@ -121,25 +106,14 @@ def parse_policy(raw: dict[str, Any] | None) -> QuotaPolicySpec:
         raise InvalidSpec(str(exc)) from None
 
 
-def secret_keys(secret: dict[str, Any], key: str) -> list[str] | None:
-    """The API keys in a Secret's `key` (data, or stringData in a manifest not yet applied):
-    one a line, several during a rotation; None when the key is missing."""
-    raw = (secret.get("data") or {}).get(key)
-    if raw is not None:
-        text = base64.b64decode(raw).decode("utf-8", "replace")
-    elif (secret.get("stringData") or {}).get(key) is not None:
-        text = secret["stringData"][key]
-    else:
-        return None
-    return [line.strip() for line in text.splitlines() if line.strip()]
-
-
 @dataclass(frozen=True)
 class ResolvedQuota:
-    """A model's QuotaPolicy as the runtime takes it: its configuration file (key hashes,
-    limits) and the Secret holding the Redis password, if any."""
+    """A model's QuotaPolicy as the runtime takes it: its configuration file (limits, and
+    where each tenant's keys are mounted), the tenants' Secrets to mount (name and keys), and
+    the Secrets holding the Redis password and the ledger's DSN, if any."""
 
     config: dict[str, Any]
+    key_secrets: tuple[tuple[str, tuple[str, ...]], ...] = ()
     redis_password: tuple[str, str] | None = None  # (Secret name, key)
     ledger_dsn: tuple[str, str] | None = None  # (Secret name, key)
 
@@ -152,42 +126,30 @@ class QuotaProblem(Exception):
         self.reason = reason
 
 
-def secret_names(policy: dict[str, Any] | None) -> set[str]:
+def secret_names(policy: dict[str, Any] | None) -> list[str]:
     """The Secrets a QuotaPolicy's tenants name (none when the policy does not parse)."""
     try:
         spec = parse_policy((policy or {}).get("spec"))
     except InvalidSpec:
-        return set()
-    return {t.api_key_secret.name for t in spec.tenants}
+        return []
+    return list(dict.fromkeys(t.api_key_secret.name for t in spec.tenants))
 
 
-def tenant_keys(
-    spec: QuotaPolicySpec, secrets: Mapping[str, dict[str, Any] | None]
-) -> tuple[dict[str, list[str]], list[Tenant]]:
-    """Each tenant's API keys from its Secret (given by name), and the tenants whose Secret
-    or key is missing or empty."""
-    keys: dict[str, list[str]] = {}
-    missing: list[Tenant] = []
-    for tenant in spec.tenants:
-        ref = tenant.api_key_secret
-        secret = secrets.get(ref.name)
-        found = secret_keys(secret, ref.key) if secret is not None else None
-        if found:
-            keys[tenant.name] = found
-        else:
-            missing.append(tenant)
-    return keys, missing
+def key_file(ref: SecretKey) -> str:
+    """Where a tenant's keys are in the runtime's pods, from the quota file's directory."""
+    return f"{KEYS_DIR}/{ref.name}/{ref.key}"
 
 
 def resolve_quota(
     policy_name: str,
     namespace: str,
     policy: dict[str, Any] | None,
-    secrets: Mapping[str, dict[str, Any] | None],
     replicas: int,
+    missing_secrets: Collection[str] = (),
 ) -> ResolvedQuota:
-    """The runtime's quota file for a model that names `policy_name`, from the policy's body
-    and its tenants' Secrets (by name); raises QuotaProblem saying what is missing."""
+    """The runtime's quota file for a model that names `policy_name`, from the policy's body;
+    raises QuotaProblem saying what is missing (the policy, or a tenant's Secret among
+    `missing_secrets`) or wrong."""
     if policy is None:
         raise QuotaProblem(
             "QuotaPolicyNotFound",
@@ -198,19 +160,26 @@ def resolve_quota(
         spec = parse_policy(policy.get("spec"))
     except InvalidSpec as exc:
         raise QuotaProblem("QuotaPolicyInvalid", f"QuotaPolicy {policy_name!r}: {exc}") from None
-    keys, missing = tenant_keys(spec, secrets)
-    if missing:
-        ref = missing[0].api_key_secret
-        raise QuotaProblem(
-            "QuotaSecretNotFound",
-            f"QuotaPolicy {policy_name!r}, tenant {missing[0].name!r}: no API key in Secret "
-            f"{ref.name!r} under key {ref.key!r}",
-        )
+    for tenant in spec.tenants:
+        ref = tenant.api_key_secret
+        if ref.name in missing_secrets:
+            raise QuotaProblem(
+                "QuotaSecretNotFound",
+                f"QuotaPolicy {policy_name!r}, tenant {tenant.name!r}: Secret {ref.name!r} "
+                f"(its API keys, under key {ref.key!r}) does not exist",
+            )
+    keys: dict[str, list[str]] = {}
+    for tenant in spec.tenants:
+        ref = tenant.api_key_secret
+        keys.setdefault(ref.name, [])
+        if ref.key not in keys[ref.name]:
+            keys[ref.name].append(ref.key)
     redis = spec.backend.redis
     password = redis.password_secret if redis is not None else None
     dsn = spec.ledger.postgres.dsn_secret if spec.ledger is not None else None
     return ResolvedQuota(
-        runtime_config(policy_name, namespace, spec, keys, replicas),
+        runtime_config(policy_name, namespace, spec, replicas),
+        tuple((name, tuple(sorted(names))) for name, names in sorted(keys.items())),
         (password.name, password.key) if password is not None else None,
         (dsn.name, dsn.key) if dsn is not None else None,
     )
@@ -220,10 +189,10 @@ def runtime_config(
     policy_name: str,
     namespace: str,
     spec: QuotaPolicySpec,
-    keys: dict[str, list[str]],
     replicas: int,
 ) -> dict[str, Any]:
-    """The runtime's quota file for one model: key hashes, never keys."""
+    """The runtime's quota file for one model: where each tenant's keys are mounted, never
+    the keys."""
     config: dict[str, Any] = {
         "policy": policy_name,
         "namespace": namespace,
@@ -232,7 +201,7 @@ def runtime_config(
         "tenants": [
             {
                 "name": t.name,
-                "keySha256": sorted(hashlib.sha256(k.encode()).hexdigest() for k in keys[t.name]),
+                "keyFile": key_file(t.api_key_secret),
                 "limits": [lim.model_dump() for lim in t.limits],
             }
             for t in spec.tenants

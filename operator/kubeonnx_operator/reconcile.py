@@ -17,6 +17,7 @@ from lightkube import ApiError
 from .config import OperatorConfig
 from .kube import Kube, is_not_found
 from .observed import ObservedChildren, digest, our_fields, slim_deployment
+from .presence import SecretPresence
 from .quota import QuotaProblem, ResolvedQuota, resolve_quota, secret_names
 from .render import Model, render_children
 from .render.model import load_model
@@ -71,8 +72,11 @@ class Reconciler:
         now: Callable[[], str] = utc_now,
         policies: dict[tuple[str, str], dict[str, Any]] | None = None,
         pod_monitor: Callable[[], bool] = lambda: False,
+        secrets: SecretPresence | None = None,
     ) -> None:
         self.kube = kube
+        # Whether the tenants' Secrets exist (metadata, by name, cached); never their data.
+        self.secrets = secrets or SecretPresence(kube)
         self.observed = observed
         # QuotaPolicy bodies by (namespace, name), kept current by their watch.
         self.policies = policies if policies is not None else {}
@@ -191,16 +195,13 @@ class Reconciler:
         await self._report(body, verdict, deployment, model)
 
     async def _resolve_quota(self, model: Model) -> ResolvedQuota | Verdict:
-        """The runtime's quota file for the model's QuotaPolicy, with every tenant's API keys
-        hashed; or the verdict that says what is missing."""
+        """The runtime's quota file for the model's QuotaPolicy, once every tenant's Secret
+        exists; or the verdict that says what is missing."""
         name, namespace = model.spec.quota_policy or "", model.namespace
         policy = self.policies.get((namespace, name))
-        secrets = {
-            secret: await self.kube.get_secret(namespace, secret)
-            for secret in sorted(secret_names(policy))
-        }
+        missing = await self.secrets.missing(namespace, secret_names(policy))
         try:
-            return resolve_quota(name, namespace, policy, secrets, model.admitting_replicas)
+            return resolve_quota(name, namespace, policy, model.admitting_replicas, missing)
         except QuotaProblem as problem:
             return Verdict(False, problem.reason, str(problem))
 

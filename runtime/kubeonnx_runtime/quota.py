@@ -80,6 +80,9 @@ class Limit(_Config):
 class TenantConfig(_Config):
     name: str = Field(min_length=1)
     key_sha256: list[str] = Field(default_factory=list)
+    # A file of keys, one a line (the tenant's Secret, mounted), relative to the configuration
+    # file's directory: hashed into key_sha256 when the configuration is loaded.
+    key_file: str | None = None
     limits: list[Limit] = Field(default_factory=list)
 
     @field_validator("key_sha256")
@@ -142,9 +145,50 @@ def load_quota_config(path: Path) -> QuotaConfig:
     except (OSError, yaml.YAMLError) as exc:
         raise FatalStartupError(f"cannot read the quota configuration {path}: {exc}") from None
     try:
-        return QuotaConfig.model_validate(raw)
+        config = QuotaConfig.model_validate(raw)
     except ValidationError as exc:
         raise FatalStartupError(f"invalid quota configuration {path}: {describe(exc)}") from None
+    return _with_key_files(config, path.parent)
+
+
+def _read_keys(path: Path) -> list[str]:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return []
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _with_key_files(config: QuotaConfig, base: Path) -> QuotaConfig:
+    """Each tenant's keyFile read and hashed into its keySha256; a tenant without a key is
+    refused by name (its Secret, or the key in it, does not exist)."""
+    tenants = []
+    for tenant in config.tenants:
+        if tenant.key_file is not None:
+            keys = _read_keys(base / tenant.key_file)
+            if not keys:
+                raise FatalStartupError(
+                    f"quota: tenant '{tenant.name}' has no API key: {base / tenant.key_file} is "
+                    "missing or empty (its Secret, or the key in it, does not exist)"
+                )
+            hashes = {*tenant.key_sha256, *(key_hash(k) for k in keys)}
+            tenant = tenant.model_copy(update={"key_sha256": sorted(hashes)})
+        tenants.append(tenant)
+    return config.model_copy(update={"tenants": tenants})
+
+
+def watched_content(path: Path, config: QuotaConfig) -> tuple[bytes | None, ...]:
+    """What a reload follows: the configuration file and each tenant's key file (None when a
+    key file cannot be read). Raises OSError when the configuration file cannot."""
+    keys = [path.parent / t.key_file for t in config.tenants if t.key_file is not None]
+    return (path.read_bytes(), *(_read_bytes(k) for k in keys))
+
+
+def _read_bytes(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
 
 
 def key_hash(key: str) -> str:
@@ -391,14 +435,16 @@ class Quota:
         self._local = MemoryCounters()
 
     async def follow(self, path: Path, every_s: float) -> None:
-        """Re-read the configuration file when its content changes (a mounted Secret is
-        updated in place by the kubelet); a file that no longer loads keeps the last good
-        configuration in force and is logged."""
-        seen = await asyncio.to_thread(path.read_bytes)
+        """Re-read the configuration file when it or a tenant's key file changes (mounted
+        ConfigMap and Secrets are updated in place by the kubelet); a file that no longer loads
+        keeps the last good configuration in force and is logged."""
+        # Nothing seen yet: the first look loads again, so a change made between the start's
+        # load and this task's start is not missed.
+        seen: tuple[bytes | None, ...] | None = None
         while True:
             await asyncio.sleep(every_s)
             try:
-                content = await asyncio.to_thread(path.read_bytes)
+                content = await asyncio.to_thread(watched_content, path, self.config)
             except OSError as exc:
                 log.error("cannot read the quota configuration %s: %s", path, exc)
                 continue
@@ -409,6 +455,8 @@ class Quota:
                 config = await asyncio.to_thread(load_quota_config, path)
             except FatalStartupError as exc:
                 log.error("quota configuration not reloaded, the last one stays: %s", exc)
+                continue
+            if config == self.config:
                 continue
             if config.tenant_header.lower() != self.header or (config.redis != self.config.redis):
                 log.warning(

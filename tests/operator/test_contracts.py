@@ -67,44 +67,44 @@ def test_chart_carries_the_same_crds() -> None:
         assert (chart_crds / path.name).read_text() == path.read_text(), path.name
 
 
-def test_the_quota_file_the_operator_renders_is_the_one_the_runtime_reads() -> None:
-    """The operator and the runtime may not import each other; this holds them together."""
-    import base64
+def test_the_quota_file_the_operator_renders_is_the_one_the_runtime_reads(tmp_path: Path) -> None:
+    """The operator and the runtime may not import each other; this holds them together:
+    the ConfigMap's file names each tenant's keys where the pod mounts its Secret."""
     import hashlib
     import json
 
     from kubeonnx_operator.cli import render_documents
     from kubeonnx_operator.config import OperatorConfig
-    from kubeonnx_runtime.quota import QuotaConfig
+    from kubeonnx_runtime.quota import load_quota_config
 
     example = ROOT / "examples" / "quota-policy.yaml"
     docs = [(example.name, d) for d in yaml.safe_load_all(example.read_text()) if d]
     rendered, problems = render_documents(docs, OperatorConfig())
     assert not problems
     children = {c["kind"]: c for c in rendered}
-    raw = json.loads(base64.b64decode(children["Secret"]["data"]["config.json"]))
-    config = QuotaConfig.model_validate(raw)
-    acme = next(t for t in config.tenants if t.name == "acme")
-    assert acme.key_sha256 == [hashlib.sha256(b"acme-example-key").hexdigest()]
-    assert "acme-example-key" not in json.dumps(raw)  # hashes only
-    assert config.replicas == 2 and config.failure_mode == "Local"
+    assert "Secret" not in children  # the operator makes no Secret and holds no key
+    text = children["ConfigMap"]["data"]["config.json"]
     pod = children["Deployment"]["spec"]["template"]["spec"]
     env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
-    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "quota")
+    (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "quota"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "quota"]
     assert env["KUBEONNX_QUOTA_CONFIG"] == f"{mount['mountPath']}/config.json"
-    assert "subPath" not in mount  # so the kubelet updates the file in place
-    volume = next(v for v in pod["volumes"] if v["name"] == "quota")
-    assert volume["secret"]["secretName"] == children["Secret"]["metadata"]["name"]
-
-
-def test_the_operator_reads_usage_where_the_runtime_counts_it() -> None:
-    from kubeonnx_operator.quota import counter_key as operator_key
-    from kubeonnx_runtime.quota import counter_key as runtime_key
-
-    for window in ("1s", "1m", "1h", "1d"):
-        for now in (0.0, 1_700_000_123.5):
-            args = ("vision", "team", "acme", "rows", window, now)
-            assert operator_key(*args) == runtime_key(*args)
+    assert "subPath" not in mount  # so the kubelet updates the files in place
+    # Lay the volume out as the kubelet would, under tmp_path, and let the runtime load it.
+    secrets = {d["metadata"]["name"]: d["stringData"] for _, d in docs if d["kind"] == "Secret"}
+    data = {children["ConfigMap"]["metadata"]["name"]: children["ConfigMap"]["data"]}
+    for source in volume["projected"]["sources"]:
+        ((kind, ref),) = source.items()
+        values = secrets[ref["name"]] if kind == "secret" else data[ref["name"]]
+        for item in ref["items"]:
+            target = tmp_path / item["path"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(values[item["key"]])
+    config = load_quota_config(tmp_path / "config.json")
+    acme = next(t for t in config.tenants if t.name == "acme")
+    assert acme.key_sha256 == [hashlib.sha256(b"acme-example-key").hexdigest()]
+    assert "acme-example-key" not in json.dumps(json.loads(text))  # no key in the ConfigMap
+    assert config.replicas == 2 and config.failure_mode == "Local"
 
 
 def test_the_operator_image_pins_every_dependency() -> None:

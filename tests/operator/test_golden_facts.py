@@ -65,7 +65,7 @@ def test_the_golden_render_keeps_the_facts_of_its_example(example: Path) -> None
     want |= (
         {("Deployment", f"{name}-gateway"), ("Service", f"{name}-gateway")} if async_on else set()
     )
-    want |= {("Secret", f"{name}-quota")} if spec.get("quotaPolicy") else set()
+    want |= {("ConfigMap", f"{name}-quota")} if spec.get("quotaPolicy") else set()
     assert set(got) == want
     assert {d["metadata"]["namespace"] for d in got.values()} == {namespace}
 
@@ -132,8 +132,11 @@ def test_the_golden_render_keeps_the_facts_of_its_example(example: Path) -> None
         (gw,) = gateway["spec"]["template"]["spec"]["containers"]
         assert env_of(gw)["KUBEONNX_ROLE"] == "gateway" and GPU_RESOURCE not in str(gw)
 
-    # The quota: the model's pods mount the Secret of the runtime's quota file.
+    # The quota: the model's pods mount the runtime's quota file (a ConfigMap) and, beside
+    # it, the tenants' Secrets.
     if spec.get("quotaPolicy"):
         volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
-        assert volumes["quota"]["secret"]["secretName"] == f"{name}-quota"
+        sources = volumes["quota"]["projected"]["sources"]
+        assert sources[0]["configMap"]["name"] == f"{name}-quota"
+        assert all("secret" in source for source in sources[1:])
         assert env["KUBEONNX_QUOTA_CONFIG"].startswith("/etc/kubeonnx/quota/")

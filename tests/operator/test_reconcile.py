@@ -425,7 +425,6 @@ async def test_failure_mode_local_shares_the_limits_among_the_gateway_replicas_t
     # Both the model's replicas and the async gateway's admit (charge at submission): with
     # Redis down, failureMode Local gives each process limit / replicas, so "replicas"
     # must count every process that admits, or the tenant gets more than its limit.
-    import base64
     import json
 
     limit = 100
@@ -443,8 +442,8 @@ async def test_failure_mode_local_shares_the_limits_among_the_gateway_replicas_t
         rec.policies[("ns", "q")] = policy
         scaling = {"autoscaler": "hpa", "minReplicas": 1, "maxReplicas": 3}
         await rec.reconcile(body(quotaPolicy="q", scaling=scaling, **spec))
-        (secret,) = [m for _, m in kube.applied if m["kind"] == "Secret"]
-        config = json.loads(base64.b64decode(secret["data"]["config.json"]))
+        (quota,) = [m for _, m in kube.applied if m["kind"] == "ConfigMap"]
+        config = json.loads(quota["data"]["config.json"])
         assert config["replicas"] == admitting
         # What all of them together admit while Redis is down stays within the limit.
         assert admitting * (limit // config["replicas"]) <= limit

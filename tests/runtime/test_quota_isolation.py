@@ -33,9 +33,8 @@ def test_the_operator_refuses_a_tenant_named_default() -> None:
     with pytest.raises(InvalidSpec, match=RESERVED):
         parse_policy(default_named_policy())
     body = {"spec": default_named_policy()}
-    secrets = {"k": {"stringData": {"token": "the-key"}}}
     with pytest.raises(QuotaProblem, match=RESERVED) as problem:
-        resolve_quota("team", "vision", body, secrets, replicas=1)
+        resolve_quota("team", "vision", body, replicas=1)
     assert problem.value.reason == "QuotaPolicyInvalid"
 
 
@@ -98,7 +97,7 @@ def test_same_named_policies_in_two_namespaces_count_apart(
 
 def test_the_operator_writes_the_namespace_into_the_runtimes_file() -> None:
     spec = parse_policy({"tenants": []})
-    config = runtime_config("team", "vision", spec, {}, replicas=1)
+    config = runtime_config("team", "vision", spec, replicas=1)
     assert QuotaConfig.model_validate(config).namespace == "vision"
 
 

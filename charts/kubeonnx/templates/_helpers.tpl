@@ -19,9 +19,10 @@ releases of the chart (in two namespaces) never share or overwrite one. */}}
 {{/* What the operator does to the objects it watches and makes (ClusterRole, or a Role in
 each watched namespace). Every verb here is used: apply is a patch; nothing is updated. */}}
 {{- define "kubeonnx.rules" -}}
+# The watches only: a model or policy is never fetched by name.
 - apiGroups: [kubeonnx.io]
   resources: [inferencemodels, quotapolicies]
-  verbs: [get, list, watch]
+  verbs: [list, watch]
 - apiGroups: [kubeonnx.io]
   resources: [inferencemodels/status, quotapolicies/status]
   verbs: [patch]
@@ -53,11 +54,16 @@ each watched namespace). Every verb here is used: apply is a patch; nothing is u
 - apiGroups: [""]
   resources: [pods]
   verbs: [list, watch]
-# Tenants' API keys are read to hash them into the runtime's quota file (the runtime never
-# sees a key); that file is a Secret the operator owns. Only labelled Secrets are watched.
+# The runtime's quota file (limits, where the keys are mounted; no key).
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [get, list, watch, create, patch, delete]
+# Whether a tenant's API key Secret exists, asked by name for its metadata only: the kubelet
+# mounts the keys into the model's pods, and the operator neither lists, watches, writes nor
+# reads the data of any Secret.
 - apiGroups: [""]
   resources: [secrets]
-  verbs: [get, list, watch, create, patch, delete]
+  verbs: [get]
 - apiGroups: [""]
   resources: [events]
   verbs: [create]

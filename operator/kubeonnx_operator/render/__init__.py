@@ -16,7 +16,7 @@ from .ingress import render_ingress
 from .model import Model
 from .monitor import render_pod_monitor
 from .pdb import render_pdb
-from .quota import render_quota_secret
+from .quota import render_quota_config
 from .service import render_service
 
 __all__ = ["Model", "render_children"]
@@ -28,7 +28,7 @@ def render_children(
     """Every child the InferenceModel needs now, in apply order. `pod_monitor`: the
     cluster has the PodMonitor CRD (and the operator config does not turn it off)."""
     spec: InferenceModelSpec = model.spec
-    children = [render_quota_secret(model)] if model.quota is not None else []
+    children = [render_quota_config(model)] if model.quota is not None else []
     children += [render_deployment(model, config), render_service(model)]
     if spec.async_.enabled:
         children += [render_gateway(model, config), render_gateway_service(model)]

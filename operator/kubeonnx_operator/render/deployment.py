@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from ..config import OperatorConfig
-from ..quota import LEDGER_DSN_ENV, REDIS_PASSWORD_ENV
+from ..quota import KEYS_DIR, LEDGER_DSN_ENV, REDIS_PASSWORD_ENV
 from ..spec import duration_seconds
 from .model import CONTAINER, HTTP_PORT, METRICS_PORT, Model
 from .quota import QUOTA_DIR, QUOTA_FILE
@@ -176,13 +176,37 @@ def _placement(model: Model, config: OperatorConfig) -> dict[str, Any]:
 
 
 def quota_volume(model: Model, container: dict[str, Any], pod_spec: dict[str, Any]) -> None:
-    """Mount the quota Secret, if the model has one, and the ledger's spill volume."""
+    """Mount the quota configuration and, beside it, the tenants' key Secrets, if the model
+    has a policy; and the ledger's spill volume, if it has a ledger.
+
+    Mounted whole (no subPath), so the kubelet updates the files in place (a changed limit,
+    a rotated key) and the runtime re-reads them. The Secrets are optional: a missing one (or
+    key) stops a new pod at start-up with a message naming it, rather than hiding in a pod
+    that never starts; the operator shows a missing Secret in status before that.
+    """
     if model.quota is None:
         return
-    # Mounted whole (no subPath), so the kubelet updates the file in place when the
-    # operator rewrites the Secret (a rotated key), and the runtime re-reads it.
     container["volumeMounts"].append({"name": "quota", "mountPath": QUOTA_DIR, "readOnly": True})
-    pod_spec["volumes"].append({"name": "quota", "secret": {"secretName": model.quota_secret_name}})
+    config = {"name": model.quota_config_name, "items": [{"key": QUOTA_FILE, "path": QUOTA_FILE}]}
+    keys = [
+        {
+            "secret": {
+                "name": name,
+                "items": [{"key": key, "path": f"{KEYS_DIR}/{name}/{key}"} for key in keys],
+                "optional": True,
+            }
+        }
+        for name, keys in model.quota.key_secrets
+    ]
+    pod_spec["volumes"].append(
+        {
+            "name": "quota",
+            "projected": {
+                "defaultMode": 0o440,  # the runtime's group (fsGroup) reads; nobody else
+                "sources": [{"configMap": config}, *keys],
+            },
+        }
+    )
     if model.quota.ledger_dsn is not None:
         spill = LEDGER_SPILL_VOLUME
         container["volumeMounts"].append({"name": spill, "mountPath": LEDGER_SPILL_DIR})

@@ -33,7 +33,7 @@ class Model:
     quota: ResolvedQuota | None = None  # set by the reconciler once the policy is read
 
     @property
-    def quota_secret_name(self) -> str:
+    def quota_config_name(self) -> str:
         return f"{self.name}-quota"
 
     @property

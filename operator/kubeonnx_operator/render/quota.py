@@ -1,8 +1,8 @@
-"""The Secret holding the runtime's quota configuration (key hashes and limits)."""
+"""The ConfigMap holding the runtime's quota configuration: limits, and where each tenant's
+keys are mounted (never a key: those stay in the tenants' Secrets, mounted by the kubelet)."""
 
 from __future__ import annotations
 
-import base64
 import json
 from typing import Any
 
@@ -12,13 +12,11 @@ QUOTA_DIR = "/etc/kubeonnx/quota"
 QUOTA_FILE = "config.json"
 
 
-def render_quota_secret(model: Model) -> dict[str, Any]:
+def render_quota_config(model: Model) -> dict[str, Any]:
     assert model.quota is not None
-    content = json.dumps(model.quota.config, sort_keys=True, indent=1).encode()
     return {
         "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {**model.metadata(), "name": model.quota_secret_name},
-        "type": "Opaque",
-        "data": {QUOTA_FILE: base64.b64encode(content).decode()},
+        "kind": "ConfigMap",
+        "metadata": {**model.metadata(), "name": model.quota_config_name},
+        "data": {QUOTA_FILE: json.dumps(model.quota.config, sort_keys=True, indent=1)},
     }

@@ -18,7 +18,7 @@ for _, condition in ipairs(status.conditions) do
     if condition.status == "True" then
       hs.status = "Healthy"
     else
-      -- InvalidSpec, SecretNotFound, StoreUnreachable: budgets cannot be enforced as written.
+      -- InvalidSpec, SecretNotFound: budgets cannot be enforced as written.
       hs.status = "Degraded"
     end
     return hs
