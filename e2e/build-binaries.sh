@@ -2,6 +2,8 @@
 # Builds the pinned control-plane binaries from their Go modules (Go module proxy only)
 # into ~/.cache/kubeonnx/bin/<component>-<version>/, skipping what is already there.
 # Prints the directory of each component on stdout, one "NAME=DIR" line each.
+# With no argument: the default set (what the local control plane and `make demo` need);
+# components named on the command line otherwise (e.g. `prometheus`, for the e2e suite only).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -99,6 +101,22 @@ build_kwok() {
   echo "KWOK_BIN=$dir"
 }
 
+build_prometheus() {
+  local v=$PROMETHEUS_VERSION dir="$cache/bin/prometheus-$PROMETHEUS_VERSION"
+  if have "$dir" prometheus promtool; then log "prometheus $v: cached"; echo "PROMETHEUS_BIN=$dir"; return; fi
+  log "prometheus $v: building prometheus promtool (a cold build takes a while on 2 cores)"
+  local work; work=$(mktemp -d); trap "rm -rf '$work'; trap - RETURN" RETURN
+  # The module has no replace directives, so `go install pkg@version` builds it as pinned.
+  # Built without the web UI's assets (tag builtinassets): the tests use the HTTP API only.
+  # Its release version (the module v0.3XX.Y is Prometheus 3.XX.Y) is in the module's VERSION.
+  local src; src=$(go mod download -json "github.com/prometheus/prometheus@$v" | python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')
+  local p=github.com/prometheus/common/version
+  GOBIN="$work/out" go install -ldflags "-s -w -X $p.Version=$(cat "$src/VERSION") -X $p.Revision=$v -X $p.Branch=$v" \
+    "github.com/prometheus/prometheus/cmd/prometheus@$v" "github.com/prometheus/prometheus/cmd/promtool@$v"
+  mkdir -p "$cache/bin" && rm -rf "$dir" && mv "$work/out" "$dir"
+  echo "PROMETHEUS_BIN=$dir"
+}
+
 # Helm reports (and checks charts' kubeVersion against) the client-go it was built with.
 helm_k8s_ldflags() {
   local minor=${K8S_VERSION#v1.}; minor=${minor%%.*}
@@ -116,6 +134,7 @@ for c in $want; do
     kwok) build_kwok ;;
     helm) build_installable helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm \
             "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean $(helm_k8s_ldflags)" HELM_BIN ;;
+    prometheus) build_prometheus ;;
     *) log "unknown component: $c"; exit 2 ;;
   esac
 done
