@@ -144,26 +144,15 @@ class LocalPrometheus:
             try:
                 answer = httpx.get(f"{self.url}/api/v1/status/flags", timeout=2)
             except httpx.HTTPError:
+                answer = None
+            if answer is None or answer.status_code == 503:  # not answering, or not ready yet
                 time.sleep(0.1)
                 continue
-            if answer.status_code == 200 and answer.json()["data"].get("storage.tsdb.path") == str(
-                self.data
-            ):
-                ready = self._wait_ready(deadline)
-                if ready:
-                    return True
+            flags = (answer.json().get("data") or {}) if answer.status_code == 200 else {}
+            if flags.get("storage.tsdb.path") == str(self.data):  # ours, not a squatter
+                return True
             break  # another server answers on the port
         self.stop(keep_dir=True)
-        return False
-
-    def _wait_ready(self, deadline: float) -> bool:
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/-/ready", timeout=2).status_code == 200:
-                    return True
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
         return False
 
     def scrape(self, scrape_configs: list[dict[str, Any]], timeout: float = 120) -> None:

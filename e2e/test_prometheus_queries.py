@@ -370,3 +370,18 @@ def test_every_other_query_of_the_example_is_valid_promql_and_says_what_it_needs
             assert result == [], (name, result, [NOT_IN_TEST_BED[m] for m in missing])
         else:
             assert result, f"trigger {name} of {fleet.example} returns nothing: {query}"
+
+
+def test_local_prometheus_does_not_take_another_server_for_its_own() -> None:
+    squatter = LocalPrometheus().start()
+    ours = LocalPrometheus()
+    ours.port = squatter.port  # taken before ours could bind it
+    try:
+        ours.start()
+        assert ours.port != squatter.port
+        flags = httpx.get(f"{ours.url}/api/v1/status/flags", timeout=10).json()["data"]
+        assert flags["storage.tsdb.path"] == str(ours.data)
+    finally:
+        ours.stop()
+        squatter.stop()
+    assert not ours.dir.exists() and ours.proc is not None and ours.proc.poll() is not None
