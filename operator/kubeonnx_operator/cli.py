@@ -67,15 +67,24 @@ def _documents(path: str) -> list[Any]:
 
 
 def render_documents(
-    docs: list[tuple[str, Any]], config: OperatorConfig, *, pod_monitor: bool = False
+    docs: list[tuple[str, Any]],
+    config: OperatorConfig,
+    *,
+    pod_monitor: bool = False,
+    namespace: str = "default",
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """The children of every InferenceModel among `docs` ((file, document) pairs), and the
     problems that kept any from rendering. A model's QuotaPolicy is taken from the same
-    documents, as the operator takes it from the cluster (its Secrets are only mounted)."""
+    documents, as the operator takes it from the cluster (its Secrets are only mounted); a
+    document without metadata.namespace is in `namespace`, as `kubectl apply -n` puts it."""
+    default_namespace = namespace
 
     def by_kind(kind: str) -> dict[tuple[str, str], dict[str, Any]]:
         return {
-            ((d.get("metadata") or {}).get("namespace") or "default", d["metadata"]["name"]): d
+            (
+                (d.get("metadata") or {}).get("namespace") or default_namespace,
+                d["metadata"]["name"],
+            ): d
             for _, d in docs
             if isinstance(d, dict)
             and d.get("kind") == kind
@@ -89,7 +98,7 @@ def render_documents(
         if not isinstance(doc, dict) or doc.get("kind") != "InferenceModel":
             continue
         meta = doc.get("metadata") or {}
-        name, namespace = meta.get("name"), meta.get("namespace") or "default"
+        name, namespace = meta.get("name"), meta.get("namespace") or default_namespace
         if not name:
             problems.append(f"{path}: an InferenceModel has no metadata.name")
             continue
@@ -126,6 +135,12 @@ def render(argv: list[str]) -> int:
         action="append",
         help="YAML file with InferenceModels ('-' for stdin; repeatable)",
     )
+    parser.add_argument(
+        "-n",
+        "--namespace",
+        help="namespace of the documents that name none (default: default); documents that "
+        "name another are refused, as kubectl apply -n refuses them",
+    )
     parser.add_argument("--config", help="operator config YAML")
     parser.add_argument(
         "--pod-monitor",
@@ -143,7 +158,19 @@ def render(argv: list[str]) -> int:
         except (OSError, yaml.YAMLError) as exc:
             print(f"kubeonnx render: {path}: {exc}", file=sys.stderr)
             errors += 1
-    out, problems = render_documents(docs, config, pod_monitor=args.pod_monitor)
+    if args.namespace:
+        for path, doc in docs:
+            named = isinstance(doc, dict) and (doc.get("metadata") or {}).get("namespace")
+            if named and named != args.namespace:
+                print(
+                    f"kubeonnx render: {path}: {doc.get('kind')} {doc['metadata'].get('name')} "
+                    f"is in namespace {named!r}, not {args.namespace!r} (-n)",
+                    file=sys.stderr,
+                )
+                errors += 1
+    out, problems = render_documents(
+        docs, config, pod_monitor=args.pod_monitor, namespace=args.namespace or "default"
+    )
     for problem in problems:
         print(f"kubeonnx render: {problem}", file=sys.stderr)
     errors += len(problems)

@@ -9,14 +9,28 @@ from __future__ import annotations
 
 import sys
 
-USAGE = """usage: kubeonnx COMMAND [ARGS]
+USAGE = """usage: kubeonnx [--version] COMMAND [ARGS]
 
 commands:
   serve      run the inference runtime (Open Inference Protocol v2 over HTTP)
+  infer      send a JSON request, a .npy array or an image to a model and print the answer
   operator   run the Kubernetes operator
   render     print the manifests the operator would apply for InferenceModels in a file
   usage      print requests and rows per day, tenant and model from the usage ledger
+
+`kubeonnx COMMAND --help` says more.
 """
+
+
+def version() -> str:
+    """The installed distribution's version (the images install it too)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("kubeonnx")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,11 +38,18 @@ def main(argv: list[str] | None = None) -> int:
     if not args or args[0] in {"-h", "--help", "help"}:
         print(USAGE, end="")
         return 0 if args else 2
+    if args[0] in {"--version", "-V", "version"}:
+        print(f"kubeonnx {version()}")
+        return 0
     command, rest = args[0], args[1:]
     if command == "serve":
         from kubeonnx_runtime.cli import main as serve
 
         return serve(rest)
+    if command == "infer":
+        from kubeonnx_runtime.client import infer_command
+
+        return infer_command(rest)
     if command == "operator":
         from kubeonnx_operator.cli import run_operator
 

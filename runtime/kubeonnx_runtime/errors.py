@@ -50,8 +50,11 @@ class FatalStartupError(Exception):
     """Start-up cannot succeed: the message is written to the termination log as one line."""
 
 
-def write_termination_message(path: str | Path, message: str) -> None:
-    """One line for `kubectl describe` and the operator's status; never fails the caller."""
+def write_termination_message(path: str | Path | None, message: str) -> None:
+    """One line for `kubectl describe` and the operator's status; never fails the caller.
+    No path (a runtime started by hand): nothing is written."""
+    if path is None:
+        return
     line = redact(" ".join(message.split()))[:4000]
     try:
         Path(path).write_text(line + "\n")

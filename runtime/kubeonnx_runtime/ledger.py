@@ -12,7 +12,7 @@ spill file in `spill_dir` (one JSON row a line, renamed into place once complete
 next process to start with that directory replays it. Replayed rows keep their ids, so a
 row that reached the table before all the same is not counted twice.
 
-    kubeonnx usage --dsn postgresql://... [--since 2026-11-01] [--tenant acme] [--model m]
+    KUBEONNX_LEDGER_DSN=postgresql://... kubeonnx usage [--since 2026-11-01] [--tenant acme]
 
 prints requests and rows per day, tenant and model.
 """
@@ -278,6 +278,15 @@ def _date(text: str) -> datetime:
         raise argparse.ArgumentTypeError(f"{text!r} is not a date (YYYY-MM-DD)") from None
 
 
+def _has_password(dsn: str) -> bool:
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        return bool(conninfo_to_dict(dsn).get("password"))
+    except Exception:  # not parseable: psycopg names the problem when it connects
+        return False
+
+
 def usage_report(argv: list[str]) -> int:
     """`kubeonnx usage`: requests and rows per day, tenant and model, from the ledger."""
     import psycopg
@@ -288,16 +297,42 @@ def usage_report(argv: list[str]) -> int:
     )
     parser.add_argument(
         "--dsn",
-        default=os.environ.get("KUBEONNX_LEDGER_DSN"),
-        help="PostgreSQL connection string (default: $KUBEONNX_LEDGER_DSN)",
+        help="PostgreSQL connection string without a password (libpq takes it from "
+        "PGPASSWORD or ~/.pgpass); default: $KUBEONNX_LEDGER_DSN, which may hold one",
     )
-    parser.add_argument("--since", type=_date, default=datetime(1970, 1, 1, tzinfo=UTC))
-    parser.add_argument("--until", type=_date, default=datetime(9999, 1, 1, tzinfo=UTC))
-    parser.add_argument("--tenant")
-    parser.add_argument("--model")
+    parser.add_argument(
+        "--dsn-file",
+        type=Path,
+        help="file holding the connection string (a mounted Secret key), password included",
+    )
+    parser.add_argument(
+        "--since",
+        type=_date,
+        default=datetime(1970, 1, 1, tzinfo=UTC),
+        help="first day counted, YYYY-MM-DD (UTC; default: all)",
+    )
+    parser.add_argument(
+        "--until",
+        type=_date,
+        default=datetime(9999, 1, 1, tzinfo=UTC),
+        help="first day no longer counted, YYYY-MM-DD (UTC; default: none)",
+    )
+    parser.add_argument("--tenant", help="only this tenant (default: every tenant)")
+    parser.add_argument("--model", help="only this model (default: every model)")
     args = parser.parse_args(argv)
+    if args.dsn and _has_password(args.dsn):
+        # A command line is readable by every user of the machine and kept in shell histories.
+        parser.error(
+            "--dsn must not hold a password: set KUBEONNX_LEDGER_DSN, PGPASSWORD or --dsn-file"
+        )
+    if args.dsn_file is not None:
+        try:
+            args.dsn = args.dsn_file.read_text().strip()
+        except OSError as exc:
+            parser.error(f"--dsn-file: {exc}")
+    args.dsn = args.dsn or os.environ.get("KUBEONNX_LEDGER_DSN")
     if not args.dsn:
-        parser.error("--dsn or KUBEONNX_LEDGER_DSN is required")
+        parser.error("KUBEONNX_LEDGER_DSN, --dsn-file or --dsn is required")
     params = {"since": args.since, "until": args.until, "tenant": args.tenant, "model": args.model}
     try:
         with psycopg.connect(args.dsn, connect_timeout=5) as conn:

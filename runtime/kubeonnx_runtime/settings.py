@@ -5,15 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, CliSuppress, SettingsConfigDict
 
 # A model version is a URL path segment and a label value (the operator's CRD says the same).
 VERSION_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$"
+# Secrets are taken from a variable or a file, never from a flag: a command line is seen by
+# every user of the machine (ps, /proc/PID/cmdline) and kept in shell histories.
+SECRET_FLAGS = ("--async-redis-password",)
 
 
 class ServeSettings(BaseSettings):
-    """Settings of `kubeonnx serve`; flag `--model-uri` is variable `KUBEONNX_MODEL_URI`."""
+    """Settings of `kubeonnx serve`; flag `--model-uri` is variable `KUBEONNX_MODEL_URI`.
+    Secrets are never flags: S3 keys are AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, the
+    Redis password KUBEONNX_ASYNC_REDIS_PASSWORD or a file (--async-redis-password-file)."""
 
     model_config = SettingsConfigDict(
         env_prefix="KUBEONNX_",
@@ -21,6 +26,9 @@ class ServeSettings(BaseSettings):
         cli_kebab_case=True,
         cli_implicit_flags=True,
         cli_exit_on_error=True,
+        cli_hide_none_type=True,
+        cli_parse_none_str="unset",
+        cli_show_env_vars=True,
         extra="ignore",
         protected_namespaces=(),
     )
@@ -75,7 +83,14 @@ class ServeSettings(BaseSettings):
     async_redis_url: str | None = Field(
         None, description="Redis holding the asynchronous request stream; unset: no async"
     )
-    async_redis_password: SecretStr | None = Field(None, description="password of that Redis")
+    async_redis_password: CliSuppress[SecretStr | None] = Field(
+        None, description="password of that Redis (the variable only, never a flag)"
+    )
+    async_redis_password_file: Path | None = Field(
+        None,
+        description="file holding the password of that Redis (a mounted Secret key), instead of "
+        "KUBEONNX_ASYNC_REDIS_PASSWORD",
+    )
     async_prefix: str | None = Field(
         None,
         description="prefix of the stream and record keys; default kubeonnx:{MODEL_NAME}",
@@ -159,8 +174,10 @@ class ServeSettings(BaseSettings):
         "does not serve; unset: /metrics on the main port",
     )
     cache_dir: Path = Field(Path("/var/cache/kubeonnx"), description="model download cache")
-    termination_log: Path = Field(
-        Path("/dev/termination-log"), description="where a fatal start-up error is written"
+    termination_log: Path | None = Field(
+        None,
+        description="where a fatal start-up error is also written, as one line (the operator's "
+        "Deployment sets /dev/termination-log); unset: standard error only",
     )
     drain_seconds: float = Field(
         5.0, ge=0, description="after SIGTERM: seconds to answer not-ready before closing"
@@ -183,3 +200,13 @@ class ServeSettings(BaseSettings):
         if len(value) != 64 or any(c not in "0123456789abcdefABCDEF" for c in value):
             raise ValueError("must be 64 hexadecimal characters")
         return value.lower()
+
+    @model_validator(mode="after")
+    def _password_file(self) -> ServeSettings:
+        if self.async_redis_password_file is not None:
+            try:
+                text = self.async_redis_password_file.read_text().strip()
+            except OSError as exc:
+                raise ValueError(f"cannot read the Redis password file: {exc}") from None
+            self.async_redis_password = SecretStr(text)
+        return self

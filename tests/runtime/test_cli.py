@@ -1,0 +1,195 @@
+"""The `kubeonnx` command as a user first meets it: --version, help without pydantic's
+metavars, secrets never taken as flags, help on every flag, `render -n`, no termination log
+unless asked, and `kubeonnx infer` against the real server."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from collections.abc import Iterator
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from kubeonnx_runtime import cli as serve_cli
+from kubeonnx_runtime.client import endpoint
+from kubeonnx_runtime.settings import ServeSettings
+
+from e2e.generate_images import generate as generate_images
+from tests.runtime.conftest import KUBEONNX, Served
+from tests.runtime.test_images import LABELS, PROCESSING, image_server
+
+EXAMPLE = """\
+apiVersion: kubeonnx.io/v1alpha1
+kind: InferenceModel
+metadata: {name: iris}
+spec:
+  model: {uri: s3://models/iris/model.onnx}
+"""
+
+
+def run(
+    *args: str, stdin: str | None = None, env: dict[str, str] | None = None
+) -> tuple[int, str, str]:
+    done = subprocess.run(
+        [KUBEONNX, *args], input=stdin, capture_output=True, text=True, timeout=120, env=env
+    )
+    return done.returncode, done.stdout, done.stderr
+
+
+def options_without_help(help_text: str) -> list[str]:
+    """The options of an argparse help text whose description is empty."""
+    section = help_text.split("options:", 1)[1]
+    lines = section.splitlines()
+    bare = []
+    for i, line in enumerate(lines):
+        match = re.match(r"^  (-[-\w]+(?:, --[-\w]+)?(?: \S+)?)(\s{2,}\S.*)?$", line)
+        if not match:
+            continue
+        described = match.group(2) or (
+            i + 1 < len(lines) and lines[i + 1].startswith(" " * 10) and lines[i + 1].strip()
+        )
+        if not described:
+            bare.append(match.group(1))
+    return bare
+
+
+def test_version_prints_the_installed_version() -> None:
+    code, out, _ = run("--version")
+    assert code == 0
+    assert out.strip() == f"kubeonnx {version('kubeonnx')}"
+
+
+def test_serve_help_has_no_pydantic_metavars_and_no_password_flag() -> None:
+    code, out, _ = run("serve", "--help")
+    assert code == 0
+    assert "null" not in out and "{str," not in out and "SecretStr" not in out, out
+    assert not re.search(r"--async-redis-password(?!-file)", out), out
+    assert "--async-redis-password-file" in out
+    assert "KUBEONNX_MODEL_URI" in out  # the variable behind each flag is named
+    assert options_without_help(out) == []
+
+
+def test_a_password_on_the_command_line_is_refused_naming_the_variable() -> None:
+    code, _, err = run("serve", "--model-uri", "file:///m.onnx", "--async-redis-password=hunter2")
+    assert code == 2
+    assert "KUBEONNX_ASYNC_REDIS_PASSWORD" in err and "hunter2" not in err
+
+
+def test_the_redis_password_is_read_from_a_file(tmp_path: Path) -> None:
+    secret = tmp_path / "password"
+    secret.write_text("hunter2\n")
+    settings = ServeSettings(
+        _cli_parse_args=[
+            "--model-uri",
+            "file:///m.onnx",
+            "--async-redis-password-file",
+            str(secret),
+        ]
+    )
+    assert settings.async_redis_password is not None
+    assert settings.async_redis_password.get_secret_value() == "hunter2"
+
+
+def test_usage_describes_every_flag_and_refuses_a_password_in_its_dsn() -> None:
+    code, out, _ = run("usage", "--help")
+    assert code == 0
+    assert options_without_help(out) == [], out
+    code, _, err = run("usage", "--dsn", "postgresql://u:hunter2@127.0.0.1:1/db")
+    assert code == 2
+    assert "must not hold a password" in err and "KUBEONNX_LEDGER_DSN" in err
+
+
+def test_render_takes_the_namespace_of_documents_that_name_none(tmp_path: Path) -> None:
+    code, out, err = run("render", "-n", "team-a", "-f", "-", stdin=EXAMPLE)
+    assert code == 0, err
+    children = list(yaml.safe_load_all(out))
+    assert children and {c["metadata"]["namespace"] for c in children} == {"team-a"}
+    other = EXAMPLE.replace("metadata: {name: iris}", "metadata: {name: iris, namespace: b}")
+    code, _, err = run("render", "-n", "team-a", "-f", "-", stdin=other)
+    assert code == 1
+    assert "namespace 'b', not 'team-a'" in err
+
+
+def test_serve_by_hand_writes_no_termination_log(monkeypatch: pytest.MonkeyPatch) -> None:
+    written: list[object] = []
+    monkeypatch.delenv("KUBEONNX_TERMINATION_LOG", raising=False)
+    monkeypatch.setattr(serve_cli, "write_termination_message", lambda p, m: written.append(p))
+    assert serve_cli.main(["--model-uri", "file:///m.onnx", "--log-level", "loud"]) == 2
+    assert written in ([], [None])
+    assert ServeSettings(model_uri="file:///m.onnx").termination_log is None
+
+
+@pytest.mark.parametrize(
+    ("url", "action", "expected"),
+    [
+        ("http://h:8080", "infer", "http://h:8080/v2/models/model/infer"),
+        ("http://h/team/iris/", "infer", "http://h/team/iris/v2/models/model/infer"),
+        ("http://h/v2/models/iris", "infer", "http://h/v2/models/iris/infer"),
+        (
+            "http://h/v2/models/iris/versions/2",
+            "predict",
+            "http://h/v2/models/iris/versions/2/predict",
+        ),
+        ("http://h/v2/models/iris/infer", "infer", "http://h/v2/models/iris/infer"),
+    ],
+)
+def test_infer_finds_the_endpoint_from_any_url_a_user_has(
+    url: str, action: str, expected: str
+) -> None:
+    assert endpoint(url, "model", action) == expected
+
+
+def test_infer_sends_a_npy_and_prints_the_outputs(mlp_server: Served, tmp_path: Path) -> None:
+    array = tmp_path / "rows.npy"
+    np.save(array, np.arange(8, dtype=np.float32).reshape(2, 4))
+    code, out, err = run("infer", mlp_server.url, str(array), "--model", "mlp")
+    assert code == 0, err
+    assert "model mlp version 1" in out
+    assert re.search(r"FP32 \[2, 3\]", out), out
+
+
+def test_infer_sends_a_json_request_as_it_is(mlp_server: Served, tmp_path: Path) -> None:
+    request = tmp_path / "request.json"
+    request.write_text(
+        json.dumps(
+            {
+                "inputs": [
+                    {"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}
+                ]
+            }
+        )
+    )
+    code, out, err = run("infer", f"{mlp_server.url}/v2/models/mlp", str(request), "--raw")
+    assert code == 0, err
+    assert json.loads(out)["outputs"][0]["shape"] == [1, 3]
+
+
+def test_infer_prints_the_servers_message_and_fails(mlp_server: Served, tmp_path: Path) -> None:
+    array = tmp_path / "wrong.npy"
+    np.save(array, np.zeros((2, 5), dtype=np.float32))
+    code, out, err = run("infer", mlp_server.url, str(array), "--model", "mlp")
+    assert code == 1 and out == ""
+    assert "HTTP 400" in err and "shape" in err, err
+    code, _, err = run("infer", mlp_server.url, str(tmp_path / "absent.npy"), "--model", "mlp")
+    assert code == 1 and "absent.npy" in err
+    code, _, err = run("infer", mlp_server.url, str(array), "--model", "nosuch")
+    assert code == 1 and "HTTP 404" in err
+
+
+@pytest.fixture(scope="module")
+def classifier(
+    tmp_path_factory: pytest.TempPathFactory, models: dict[str, Path]
+) -> Iterator[Served]:
+    yield from image_server(tmp_path_factory, models["convnet"], "classifier", PROCESSING, LABELS)
+
+
+def test_infer_sends_an_image_to_predict(classifier: Served, tmp_path: Path) -> None:
+    photo = generate_images(tmp_path)["photo.jpg"]
+    code, out, err = run("infer", classifier.url, str(photo), "--model", "classifier")
+    assert code == 0, err
+    answer = json.loads(out)
+    assert {p["label"] for p in answer["predictions"]} <= set(LABELS), answer
