@@ -23,6 +23,7 @@ RESERVED_ENV_PREFIX = "KUBEONNX_"
 # spec.model.version is a URL path segment (/v2/models/NAME/versions/V) and a label value.
 VERSION_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$"
 DEFAULT_VERSION = "1"
+S3_OBJECT = r"^s3://[^/]+/.*[^/]$"
 
 
 class _Spec(BaseModel):
@@ -46,6 +47,11 @@ class ModelSource(_Spec):
         if not self.uri.startswith(SUPPORTED_SCHEMES):
             raise ValueError(
                 f"spec.model.uri {self.uri!r} must start with one of {', '.join(SUPPORTED_SCHEMES)}"
+            )
+        if self.uri.startswith("s3://") and not re.match(S3_OBJECT, self.uri):
+            raise ValueError(
+                f"spec.model.uri {self.uri!r} must be s3://BUCKET/KEY naming the model file: a "
+                "bucket alone or a folder (ending in /) is not a file"
             )
         return self
 
@@ -71,6 +77,11 @@ class AcceleratorSpec(_Spec):
     def _profile(self) -> AcceleratorSpec:
         if self.count > 0 and not self.profile:
             raise ValueError("spec.accelerator.profile is required when spec.accelerator.count > 0")
+        if self.profile and self.count == 0:
+            raise ValueError(
+                "spec.accelerator.count (GPUs per replica) is required when "
+                "spec.accelerator.profile is set; without it the model would run on CPU"
+            )
         return self
 
 
@@ -89,17 +100,29 @@ class DemandSpec(_Spec):
 
 class ScalingSpec(_Spec):
     min_replicas: int = Field(1, ge=0, le=1000)
+    # Left out, maxReplicas follows minReplicas (the CRD has no default for it: a structural
+    # default cannot depend on another field), so minReplicas 3 alone serves 3 replicas.
     max_replicas: int = Field(1, ge=1, le=1000)
     autoscaler: Literal["hpa", "keda", "none"] = "hpa"
     target_cpu_utilization: int = Field(70, ge=1, le=100, alias="targetCPUUtilization")
     target_inflight_requests: int = Field(8, ge=1, le=100000)
     demand: DemandSpec | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _max_from_min(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not {"maxReplicas", "max_replicas"} & data.keys():
+            low = data.get("minReplicas", data.get("min_replicas", 1))
+            if isinstance(low, int) and not isinstance(low, bool):
+                return {**data, "maxReplicas": max(low, 1)}
+        return data
+
     @model_validator(mode="after")
     def _bounds(self) -> ScalingSpec:
         if self.min_replicas > self.max_replicas:
             raise ValueError(
-                "spec.scaling.minReplicas must not be greater than spec.scaling.maxReplicas"
+                "spec.scaling.minReplicas must not be greater than spec.scaling.maxReplicas "
+                f"({self.min_replicas} > {self.max_replicas})"
             )
         return self
 
