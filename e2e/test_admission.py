@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from e2e.conftest import Cluster
+from e2e.conftest import Cluster, eventually
+from e2e.operator_process import OperatorProcess
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("crds")]
 
@@ -120,3 +121,33 @@ def test_kubectl_get_qp_has_a_reason_column(cluster: Cluster, namespace: str) ->
     listed = cluster.kubectl("get", "qp", "-n", namespace)
     assert listed.returncode == 0, listed.stderr
     assert "REASON" in listed.stdout.splitlines()[0].split()
+
+
+def test_a_missing_credentials_secret_is_named_by_the_operator(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    spec = {"model": {"uri": "s3://models/m.onnx", "s3": {"credentialsSecret": "s3-creds"}}}
+    assert cluster.apply(model("creds", **spec), namespace).returncode == 0
+
+    def reason() -> str | None:
+        im = cluster.get("inferencemodel", "creds", "-n", namespace) or {}
+        for condition in (im.get("status") or {}).get("conditions") or []:
+            if condition["type"] == "Ready":
+                return str(condition["reason"]) + ": " + str(condition["message"])
+        return None
+
+    named = eventually(
+        lambda: (r := reason()) and r.startswith("CredentialsSecretNotFound") and r,
+        90,
+        what="the CredentialsSecretNotFound reason",
+    )
+    assert "spec.model.s3.credentialsSecret names Secret 's3-creds'" in named
+    assert cluster.get("deployment", "creds", "-n", namespace) is None
+    cluster.create_secret(
+        "s3-creds", namespace, {"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"}
+    )
+    eventually(
+        lambda: cluster.get("deployment", "creds", "-n", namespace),
+        180,
+        what="the Deployment once the Secret exists",
+    )

@@ -249,10 +249,15 @@ class Kube:
     async def secret_metadata(self, namespace: str, name: str) -> dict[str, Any] | None:
         """A Secret's metadata alone (a PartialObjectMetadata), or None when it does not
         exist: the API server leaves its data out, so the operator never receives a key."""
+        return await self.metadata("Secret", namespace, name)
+
+    async def metadata(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """The metadata alone (a PartialObjectMetadata) of a core (v1) object, or None when it
+        does not exist."""
         generic = self.client._client
         request = generic.prepare_request(
             "get",
-            res=resource("v1", "Secret"),
+            res=resource("v1", kind),
             name=name,
             namespace=namespace,
             headers={"Accept": PARTIAL_METADATA},
@@ -267,7 +272,7 @@ class Kube:
             raise
         found: dict[str, Any] = response.json()
         if found.get("kind") != "PartialObjectMetadata":  # never keep what was not asked for
-            raise ValueError(f"Secret {namespace}/{name}: the API server sent {found.get('kind')}")
+            raise ValueError(f"{kind} {namespace}/{name}: the API server sent {found.get('kind')}")
         return found
 
     async def patch_status(

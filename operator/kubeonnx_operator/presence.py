@@ -1,5 +1,6 @@
-"""Whether the Secrets that QuotaPolicy tenants name exist: asked by name, metadata only, and
-remembered, so that a resync asks nothing and a policy of many tenants costs its GETs once.
+"""Whether the Secrets that QuotaPolicy tenants name exist (and the S3 credentials Secret and
+labels ConfigMap a model names): asked by name, metadata only, and remembered, so that a
+resync asks nothing and a policy of many tenants costs its GETs once.
 
 The operator holds no list or watch on Secrets and never reads their data: the kubelet mounts
 them into the model's pods. It asks only so that a missing Secret shows in status
@@ -32,8 +33,9 @@ class SecretPresence:
     ) -> None:
         self.kube = kube
         self.clock = clock
-        self._known: dict[tuple[str, str], tuple[bool, float]] = {}  # -> (exists, checked at)
-        self._asking: dict[tuple[str, str], asyncio.Future[bool]] = {}
+        # (namespace, name, kind) -> (exists, checked at)
+        self._known: dict[tuple[str, str, str], tuple[bool, float]] = {}
+        self._asking: dict[tuple[str, str, str], asyncio.Future[bool]] = {}
         self._slots = asyncio.Semaphore(max_in_flight)
 
     async def missing(self, namespace: str, names: Iterable[str]) -> set[str]:
@@ -42,8 +44,8 @@ class SecretPresence:
         found = await asyncio.gather(*(self.exists(namespace, name) for name in wanted))
         return {name for name, exists in zip(wanted, found, strict=True) if not exists}
 
-    async def exists(self, namespace: str, name: str) -> bool:
-        key = (namespace, name)
+    async def exists(self, namespace: str, name: str, kind: str = "Secret") -> bool:
+        key = (namespace, name, kind)
         known = self._known.get(key)
         if known is not None:
             exists, checked = known
@@ -55,9 +57,13 @@ class SecretPresence:
             asking.add_done_callback(lambda _: self._asking.pop(key, None))
         return await asyncio.shield(asking)
 
-    async def _ask(self, key: tuple[str, str]) -> bool:
+    async def _ask(self, key: tuple[str, str, str]) -> bool:
+        namespace, name, kind = key
         async with self._slots:
-            exists = await self.kube.secret_metadata(*key) is not None
+            if kind == "Secret":
+                exists = await self.kube.secret_metadata(namespace, name) is not None
+            else:
+                exists = await self.kube.metadata(kind, namespace, name) is not None
         self._known[key] = (exists, self.clock())
         return exists
 

@@ -22,7 +22,7 @@ from .quota import QuotaProblem, ResolvedQuota, resolve_quota, secret_names
 from .render import Model, render_children
 from .render.model import load_model
 from .spec import InvalidSpec
-from .status import READY, Verdict, derive_status, derive_verdict, gateway_verdict
+from .status import READY, ModelReason, Verdict, derive_status, derive_verdict, gateway_verdict
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +145,13 @@ class Reconciler:
                 return
             model = dataclasses.replace(model, quota=resolved)
 
+        missing = await self._missing_reference(model)
+        if missing is not None:
+            # Found here rather than by the kubelet (a pod stuck in CreateContainerConfigError):
+            # nothing is applied until it exists; what runs already keeps running.
+            await self._report(body, missing, self.deployment(key), model)
+            return
+
         owner = owner_reference(body)
         rendered: set[tuple[str, str, str]] = set()
         deployment: dict[str, Any] | None = None
@@ -193,6 +200,31 @@ class Reconciler:
         if problem is not None:  # a child we could not create outranks what the pods show
             verdict = problem
         await self._report(body, verdict, deployment, model)
+
+    async def _missing_reference(self, model: Model) -> Verdict | None:
+        """The verdict naming the S3 credentials Secret or labels ConfigMap the spec names
+        and the namespace lacks, asked by name for metadata alone and remembered as the
+        tenants' Secrets are (`presence`): an idle resync reads nothing."""
+        spec, namespace = model.spec, model.namespace
+        wanted: list[tuple[str, str, ModelReason, str]] = []
+        if spec.model.s3.credentials_secret:
+            secret = spec.model.s3.credentials_secret
+            wanted.append(
+                ("Secret", secret, "CredentialsSecretNotFound", "spec.model.s3.credentialsSecret")
+            )
+        output = spec.processing.output if spec.processing else None
+        if output is not None and output.labels is not None:
+            which = "detection" if output.detection is not None else "classification"
+            field = f"spec.processing.output.{which}.labelsConfigMap"
+            wanted.append(("ConfigMap", output.labels.name, "LabelsConfigMapNotFound", field))
+        for kind, ref, reason, field in wanted:
+            if not await self.secrets.exists(namespace, ref, kind):
+                return Verdict(
+                    False,
+                    reason,
+                    f"{field} names {kind} {ref!r}, which namespace {namespace} lacks",
+                )
+        return None
 
     async def _resolve_quota(self, model: Model) -> ResolvedQuota | Verdict:
         """The runtime's quota file for the model's QuotaPolicy, once every tenant's Secret

@@ -30,6 +30,8 @@ ModelReason = Literal[
     "QuotaPolicyNotFound",
     "QuotaSecretNotFound",
     "QuotaPolicyInvalid",
+    "CredentialsSecretNotFound",
+    "LabelsConfigMapNotFound",
     "GatewayNotReady",
     "ChildConflict",
     "ReconcileError",

@@ -16,6 +16,8 @@ from kubeonnx_operator.spec import InferenceModelSpec, InvalidSpec, parse_spec
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
+from tests.operator.test_reconcile import FakeKube, body, ready, reconciler
+
 ROOT = Path(__file__).resolve().parents[2]
 URI = {"uri": "s3://b/k.onnx"}
 
@@ -139,3 +141,61 @@ def test_kubectl_get_qp_shows_the_reason() -> None:
     columns = {c["name"]: c for c in crd["spec"]["versions"][0]["additionalPrinterColumns"]}
     assert columns["Reason"]["jsonPath"] == '.status.conditions[?(@.type=="Ready")].reason'
     assert "priority" not in columns["Reason"]
+
+
+class RefKube(FakeKube):
+    """FakeKube whose Secrets and ConfigMaps exist only when listed in `present`; it counts
+    the lookups."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.present: set[tuple[str, str]] = set()
+        self.lookups: list[tuple[str, str]] = []
+
+    async def metadata(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        self.lookups.append((kind, name))
+        return {"kind": "PartialObjectMetadata"} if (kind, name) in self.present else None
+
+
+LABELLED = {
+    "input": {"image": {"size": [8, 8]}},
+    "output": {"detection": {"labelsConfigMap": {"name": "coco", "key": "labels.txt"}}},
+}
+
+
+@pytest.mark.parametrize(
+    ("spec", "kind", "name", "reason", "field"),
+    [
+        (
+            {"model": {"uri": "s3://b/m.onnx", "s3": {"credentialsSecret": "s3-creds"}}},
+            "Secret",
+            "s3-creds",
+            "CredentialsSecretNotFound",
+            "spec.model.s3.credentialsSecret",
+        ),
+        (
+            {"processing": LABELLED},
+            "ConfigMap",
+            "coco",
+            "LabelsConfigMapNotFound",
+            "spec.processing.output.detection.labelsConfigMap",
+        ),
+    ],
+)
+async def test_a_missing_secret_or_config_map_is_named_before_any_pod_needs_it(
+    spec: dict[str, Any], kind: str, name: str, reason: str, field: str
+) -> None:
+    kube = RefKube()
+    reconcile = reconciler(kube)
+    await reconcile.reconcile(body(**spec))
+    assert ready(kube)["reason"] == reason
+    assert field in ready(kube)["message"] and repr(name) in ready(kube)["message"]
+    assert kube.applied == []  # nothing applied until it exists
+    kube.present.add((kind, name))
+    reconcile.secrets.recheck_missing("ns")  # as a change in the namespace would
+    await reconcile.reconcile(body(**spec))
+    assert ready(kube)["reason"] != reason
+    assert any(m["kind"] == "Deployment" for _, m in kube.applied)
+    looked = len(kube.lookups)
+    await reconcile.reconcile(body(**spec))  # an idle resync: found once, not asked again
+    assert len(kube.lookups) == looked

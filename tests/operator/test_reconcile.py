@@ -68,6 +68,12 @@ class FakeKube:
     async def get_secret(self, namespace: str, name: str) -> None:
         return None
 
+    async def metadata(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        return {"kind": "PartialObjectMetadata"}
+
+    async def secret_metadata(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return await self.metadata("Secret", namespace, name)
+
     async def patch_model_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         self.statuses.append(copy.deepcopy(status))
 
