@@ -193,3 +193,26 @@ def test_infer_sends_an_image_to_predict(classifier: Served, tmp_path: Path) -> 
     assert code == 0, err
     answer = json.loads(out)
     assert {p["label"] for p in answer["predictions"]} <= set(LABELS), answer
+
+
+def test_the_operators_deployments_ask_for_the_termination_log() -> None:
+    # serve writes none unless asked: the pods the operator renders must ask.
+    from kubeonnx_operator.cli import render_documents
+    from kubeonnx_operator.config import OperatorConfig
+
+    spec = {
+        "model": {"uri": "s3://models/m.onnx"},
+        "async": {"enabled": True, "redis": {"url": "redis://r:6379"}},
+    }
+    doc = {"kind": "InferenceModel", "metadata": {"name": "m"}, "spec": spec}
+    children, problems = render_documents([("-", doc)], OperatorConfig())
+    assert problems == []
+    deployments = [c for c in children if c["kind"] == "Deployment"]
+    assert len(deployments) == 2  # the model and its gateway
+    for deployment in deployments:
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["KUBEONNX_TERMINATION_LOG"] == "/dev/termination-log"
+        assert container.get("terminationMessagePath", "/dev/termination-log") == (
+            "/dev/termination-log"
+        )
