@@ -123,31 +123,61 @@ def test_kubectl_get_qp_has_a_reason_column(cluster: Cluster, namespace: str) ->
     assert "REASON" in listed.stdout.splitlines()[0].split()
 
 
-def test_a_missing_credentials_secret_is_named_by_the_operator(
-    cluster: Cluster, operator: OperatorProcess, namespace: str
-) -> None:
-    spec = {"model": {"uri": "s3://models/m.onnx", "s3": {"credentialsSecret": "s3-creds"}}}
-    assert cluster.apply(model("creds", **spec), namespace).returncode == 0
+LABELLED = {
+    "input": {"image": {"size": [8, 8]}},
+    "output": {"classification": {"labelsConfigMap": {"name": "labels", "key": "labels.txt"}}},
+}
 
-    def reason() -> str | None:
-        im = cluster.get("inferencemodel", "creds", "-n", namespace) or {}
+
+@pytest.mark.parametrize(
+    ("spec", "kind", "reason", "named"),
+    [
+        (
+            {"model": {"uri": "s3://models/m.onnx", "s3": {"credentialsSecret": "s3-creds"}}},
+            "secret",
+            "CredentialsSecretNotFound",
+            "spec.model.s3.credentialsSecret names Secret 's3-creds'",
+        ),
+        (
+            {"processing": LABELLED},
+            "configmap",
+            "LabelsConfigMapNotFound",
+            "spec.processing.output.classification.labelsConfigMap names ConfigMap 'labels'",
+        ),
+    ],
+)
+def test_a_missing_secret_or_config_map_is_named_by_the_operator(
+    cluster: Cluster,
+    operator: OperatorProcess,
+    namespace: str,
+    spec: dict[str, Any],
+    kind: str,
+    reason: str,
+    named: str,
+) -> None:
+    assert cluster.apply(model("refs", **spec), namespace).returncode == 0
+
+    def ready() -> str | None:
+        im = cluster.get("inferencemodel", "refs", "-n", namespace) or {}
         for condition in (im.get("status") or {}).get("conditions") or []:
             if condition["type"] == "Ready":
                 return str(condition["reason"]) + ": " + str(condition["message"])
         return None
 
-    named = eventually(
-        lambda: (r := reason()) and r.startswith("CredentialsSecretNotFound") and r,
-        90,
-        what="the CredentialsSecretNotFound reason",
+    shown = eventually(
+        lambda: (r := ready()) and r.startswith(reason) and r, 90, what=f"the {reason} reason"
     )
-    assert "spec.model.s3.credentialsSecret names Secret 's3-creds'" in named
-    assert cluster.get("deployment", "creds", "-n", namespace) is None
-    cluster.create_secret(
-        "s3-creds", namespace, {"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"}
-    )
+    assert named in shown
+    assert cluster.get("deployment", "refs", "-n", namespace) is None
+    name = named.split("'")[1]
+    if kind == "secret":
+        cluster.create_secret(
+            name, namespace, {"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"}
+        )
+    else:
+        cluster.kubectl("create", "configmap", name, "-n", namespace, "--from-literal=labels.txt=a")
     eventually(
-        lambda: cluster.get("deployment", "creds", "-n", namespace),
+        lambda: cluster.get("deployment", "refs", "-n", namespace),
         180,
-        what="the Deployment once the Secret exists",
+        what=f"the Deployment once the {kind} exists",
     )
