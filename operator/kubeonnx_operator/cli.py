@@ -13,7 +13,7 @@ import yaml
 from pydantic import ValidationError
 
 from .config import OperatorConfig, load_config
-from .quota import QuotaProblem, resolve_quota
+from .quota import QuotaProblem, parse_policy, resolve_quota
 from .render import render_children
 from .render.model import load_model
 from .spec import InvalidSpec
@@ -94,6 +94,11 @@ def render_documents(
     policies = by_kind("QuotaPolicy")
     out: list[dict[str, Any]] = []
     problems: list[str] = []
+    for (namespace, name), policy in policies.items():
+        try:  # strict, unlike the operator: a field this version does not know is an error
+            parse_policy(policy.get("spec"), strict=True)
+        except InvalidSpec as exc:
+            problems.append(f"QuotaPolicy {namespace}/{name}: {exc}")
     for path, doc in docs:
         if not isinstance(doc, dict) or doc.get("kind") != "InferenceModel":
             continue

@@ -57,6 +57,14 @@ def as_dict(obj: Any) -> dict[str, Any]:
     return result
 
 
+def as_api_error(exc: httpx2.HTTPStatusError) -> ApiError:
+    """An error answer without a Status body (the text/plain "404 page not found" of an API
+    group not installed, such as KEDA's) as the ApiError lightkube raises for the others."""
+    code = exc.response.status_code
+    text = exc.response.text.strip()[:200] or exc.response.reason_phrase
+    return ApiError(request=exc.request, status=Status(code=code, message=text))
+
+
 def is_not_found(exc: ApiError) -> bool:
     return exc.status.code == 404
 
@@ -180,7 +188,12 @@ class Kube:
             # the Lease could pass to another replica: a slow pool, connect or server can
             # delay it past the fence, never past the Lease.
             async with asyncio.timeout(None if math.isinf(budget) else budget):
-                return await call
+                try:
+                    return await call
+                except ApiError:
+                    raise
+                except httpx2.HTTPStatusError as exc:
+                    raise as_api_error(exc) from exc
         except TimeoutError:
             metrics.API_ERRORS.labels("timeout").inc()
             raise

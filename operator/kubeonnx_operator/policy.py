@@ -14,7 +14,7 @@ from typing import Any
 
 from .kube import Kube
 from .presence import SecretPresence
-from .quota import parse_policy
+from .quota import read_policy
 from .reconcile import status_changed, utc_now
 from .spec import InvalidSpec
 from .status import READY, PolicyReason, set_condition
@@ -60,7 +60,7 @@ class PolicyReconciler:
         }
         reason: PolicyReason
         try:
-            spec = parse_policy(body.get("spec"))
+            spec, ignored = read_policy(body.get("spec"))
         except InvalidSpec as exc:
             ready, reason, message = False, "InvalidSpec", str(exc)
         else:
@@ -89,6 +89,8 @@ class PolicyReconciler:
                     )
                     + (" (shadow: never refuses)" if spec.shadow else "")
                 )
+            if ignored:  # written under a newer CRD: served without them, and said so
+                message += f"; ignored, unknown to this operator: {', '.join(ignored)}"
         previous = body.get("status") or {}
         condition = {
             "type": READY,

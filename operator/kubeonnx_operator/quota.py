@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
 
-from .spec import InvalidSpec
+from .spec import InvalidSpec, validate_tolerant
 
 if TYPE_CHECKING:
     from .status import ModelReason
@@ -99,7 +99,19 @@ class QuotaPolicySpec(_Spec):
     decision_budget_ms: int = Field(25, ge=1, le=10000)
 
 
-def parse_policy(raw: dict[str, Any] | None) -> QuotaPolicySpec:
+def read_policy(raw: dict[str, Any] | None) -> tuple[QuotaPolicySpec, list[str]]:
+    """A QuotaPolicy's spec as read from the cluster, and the fields a newer CRD added that
+    this operator ignores (see `spec.validate_tolerant`)."""
+    try:
+        return validate_tolerant(QuotaPolicySpec, raw or {})
+    except ValidationError as exc:
+        raise InvalidSpec(str(exc)) from None
+
+
+def parse_policy(raw: dict[str, Any] | None, *, strict: bool = False) -> QuotaPolicySpec:
+    """A QuotaPolicy's spec; `strict` (`kubeonnx render`) also refuses unknown fields."""
+    if not strict:
+        return read_policy(raw)[0]
     try:
         return QuotaPolicySpec.model_validate(raw or {})
     except ValidationError as exc:

@@ -23,6 +23,7 @@ from .render import Model, render_children
 from .render.model import load_model
 from .spec import InvalidSpec
 from .status import READY, ModelReason, Verdict, derive_status, derive_verdict, gateway_verdict
+from .workqueue import Stopped
 
 log = logging.getLogger(__name__)
 
@@ -115,13 +116,15 @@ class Reconciler:
             return  # the garbage collector removes the children
         try:
             await self._reconcile(body)
-        except ApiError as exc:
+        except Stopped:
+            raise  # no longer the leader: the next one reports
+        except Exception as exc:
             # Shown on the object, then retried with backoff by the queue.
-            status = exc.status
-            await self._report_quietly(
-                body,
-                Verdict(False, "ReconcileError", f"API error {status.code}: {status.message}"),
-            )
+            if isinstance(exc, ApiError):
+                message = f"API error {exc.status.code}: {exc.status.message}"
+            else:  # the connection, a timeout, an answer that is no Status, a bug of ours
+                message = f"{type(exc).__name__}: {exc}"[:1024]
+            await self._report_quietly(body, Verdict(False, "ReconcileError", message))
             raise
 
     async def _reconcile(self, body: dict[str, Any]) -> None:
@@ -129,7 +132,7 @@ class Reconciler:
         name, namespace = meta["name"], meta["namespace"]
         key = (namespace, name)
         try:
-            model = load_model(name, namespace, body.get("spec"), self.config)
+            model = load_model(name, namespace, body.get("spec"), self.config, from_cluster=True)
         except InvalidSpec as exc:
             log.warning("InferenceModel %s/%s: invalid spec: %s", namespace, name, exc)
             # What runs already keeps running, and status says so.
@@ -176,6 +179,11 @@ class Reconciler:
                         "KedaNotInstalled",
                         "autoscaler keda needs KEDA (keda.sh/v1alpha1 ScaledObject) in the cluster",
                     )
+                    continue
+                if child["kind"] == "PodMonitor" and is_not_found(exc):
+                    # Its CRD went away since the watch saw it: the pods keep their
+                    # prometheus.io annotations, and the watch notices within a minute.
+                    log.warning("PodMonitor %s/%s not applied: no such kind", namespace, name)
                     continue
                 message = exc.status.message or ""
                 if exc.status.code in (400, 422) and not _refused_by_admission(message):
@@ -323,8 +331,10 @@ class Reconciler:
         key = (body["metadata"]["namespace"], body["metadata"]["name"])
         try:
             await self._report(body, verdict, self.deployment(key))
-        except ApiError as exc:
-            log.warning("status of %s/%s not written: %s", *key, exc.status.message)
+        except Stopped:
+            raise
+        except Exception as exc:
+            log.warning("status of %s/%s not written: %s", *key, exc)
 
     async def _report(
         self,
@@ -346,6 +356,7 @@ class Reconciler:
             mode=model.spec.mode if model else None,
             async_url=model.async_url(self.config) if model else None,
             version=model.spec.model.version if model else None,
+            ignored=model.ignored if model else None,
         )
         if status_changed(previous, status):
             meta = body["metadata"]

@@ -7,8 +7,9 @@ when a spec reaches them some other way.
 
 from __future__ import annotations
 
+import copy
 import re
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
@@ -252,15 +253,50 @@ class ProcessingSpec(_Spec):
     output: ProcessingOutputSpec = ProcessingOutputSpec()
 
 
+# Segments of the characters every ingress controller takes literally: ingress-nginx's
+# strict path validation allows no more for pathType Prefix. No '.', '%', whitespace,
+# ';', '{}', '$', regex metacharacters, and no empty segment ('//').
+ROUTE_PATH = r"^/$|^(/[A-Za-z0-9_-]+)+/?$"
+ROUTE_PATH_MAX = 256
+ROUTE_PATH_RULE = (
+    "spec.ingress.path must be '/' or segments of letters, digits, '_' and '-' "
+    f"(at most {ROUTE_PATH_MAX} characters): no '.', '//', '%', whitespace or characters "
+    "an ingress controller reads specially (; { } $ ^ * + ? ( ) [ ] | \\ ~ and such)"
+)
+SHARED_PREFIX = "/models"
+
+
+def check_route(path: str | None, namespace: str) -> None:
+    """Refuse a path on the shared pattern (/models/NAMESPACE/...) that names another
+    namespace, or the pattern's root: on a shared host it would take that traffic, API
+    keys included. Compared ignoring case, as a controller in regex mode matches."""
+    if path is None:
+        return
+    own = f"{SHARED_PREFIX}/{namespace}"
+    lowered = path.lower()
+    if lowered.rstrip("/") != SHARED_PREFIX and not lowered.startswith(SHARED_PREFIX + "/"):
+        return
+    if path.rstrip("/") != own and not path.startswith(own + "/"):
+        raise InvalidSpec(
+            f"spec.ingress.path {path!r}: paths under {SHARED_PREFIX}/ belong to the "
+            f"namespace they name; a model in namespace {namespace} may use {own} or "
+            f"{own}/... only"
+        )
+
+
 class IngressSpec(_Spec):
     enabled: bool = False
     host: str | None = None
-    path: str | None = Field(None, pattern=r"^/")
+    path: str | None = None
     class_name: str | None = None
     tls_secret: str | None = None
 
     @model_validator(mode="after")
     def _host(self) -> IngressSpec:
+        if self.path is not None and (
+            len(self.path) > ROUTE_PATH_MAX or not re.fullmatch(ROUTE_PATH, self.path)
+        ):
+            raise ValueError(f"{ROUTE_PATH_RULE}; got {self.path!r}")
         if self.enabled and not self.host:
             raise ValueError("spec.ingress.host is required when spec.ingress.enabled is true")
         return self
@@ -352,16 +388,57 @@ def _describe(exc: ValidationError) -> str:
 
 def check_name(name: str) -> None:
     """Refuse a metadata.name the children cannot carry (the CRD refuses it too)."""
-    if len(name) > NAME_MAX or not re.match(NAME_PATTERN, name):
+    if len(name) > NAME_MAX or not re.fullmatch(NAME_PATTERN, name):
         raise InvalidSpec(
             f"metadata.name {name!r} must be at most {NAME_MAX} characters of a-z, 0-9 and "
             "'-', starting with a letter: it names the model's Service and labels"
         )
 
 
+Parsed = TypeVar("Parsed", bound=BaseModel)
+
+
+def _drop(raw: Any, loc: tuple[int | str, ...]) -> None:
+    for step in loc[:-1]:
+        raw = raw[step]
+    raw.pop(loc[-1], None)
+
+
+def _where(loc: tuple[int | str, ...]) -> str:
+    return "spec" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
+
+
+def validate_tolerant(cls: type[Parsed], raw: dict[str, Any]) -> tuple[Parsed, list[str]]:
+    """Validate `raw` as `cls`, ignoring fields `cls` does not know, and name them.
+
+    An object read from the cluster may carry fields a newer CRD added (the documented
+    upgrade applies the CRDs before the operator; a rollback keeps them): they are
+    ignored, not a reason to stop serving. Anything else wrong raises ValidationError."""
+    try:
+        return cls.model_validate(raw), []
+    except ValidationError as exc:
+        unknown = [tuple(e["loc"]) for e in exc.errors() if e["type"] == "extra_forbidden"]
+        if not unknown:
+            raise
+    pruned = copy.deepcopy(raw)
+    for loc in unknown:
+        _drop(pruned, loc)
+    return cls.model_validate(pruned), sorted(_where(loc) for loc in unknown)
+
+
 def parse_spec(raw: dict[str, Any] | None) -> InferenceModelSpec:
-    """Parse an InferenceModel's spec, or raise InvalidSpec naming every bad field."""
+    """Parse an InferenceModel's spec strictly (`kubeonnx render`), or raise InvalidSpec
+    naming every bad field."""
     try:
         return InferenceModelSpec.model_validate(raw or {})
+    except ValidationError as exc:
+        raise InvalidSpec(_describe(exc)) from None
+
+
+def read_spec(raw: dict[str, Any] | None) -> tuple[InferenceModelSpec, list[str]]:
+    """Parse a spec read from the cluster: fields unknown to this operator (a newer CRD's)
+    are ignored and returned by name; anything else wrong raises InvalidSpec."""
+    try:
+        return validate_tolerant(InferenceModelSpec, raw or {})
     except ValidationError as exc:
         raise InvalidSpec(_describe(exc)) from None

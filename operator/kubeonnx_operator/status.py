@@ -12,6 +12,8 @@ from typing import Any, Literal, get_args
 from .render.model import CONTAINER
 
 READY = "Ready"
+# Not blocking: the spec has fields this operator does not know (written under a newer CRD).
+FIELDS_IGNORED = "FieldsIgnored"
 
 # Every reason an InferenceModel's Ready condition can give: the one registry (mypy holds
 # each Verdict to it; the Argo CD health check is tested against each).
@@ -197,8 +199,10 @@ def derive_status(
     mode: str | None = None,
     async_url: str | None = None,
     version: str | None = None,
+    ignored: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
-    """The whole status subresource, from the verdict and what was observed."""
+    """The whole status subresource, from the verdict and what was observed. `ignored`:
+    the spec's fields unknown to this operator (None: the spec was not read)."""
     desired = (deployment or {}).get("spec", {}).get("replicas", 0)
     ready = (deployment or {}).get("status", {}).get("readyReplicas", 0)
     condition = {
@@ -215,7 +219,12 @@ def derive_status(
         "replicaSummary": f"{ready}/{desired}",
         "url": url,
         "externalURL": external_url,
-        "conditions": set_condition(list(previous.get("conditions") or []), condition, now),
+        "conditions": _fields_ignored(
+            set_condition(list(previous.get("conditions") or []), condition, now),
+            ignored,
+            generation,
+            now,
+        ),
     }
     if mode is None:  # the spec could not be read: what is served keeps its mode and URL
         mode, async_url = previous.get("mode"), previous.get("asyncURL")
@@ -229,3 +238,22 @@ def derive_status(
     if version:
         status["version"] = version
     return status
+
+
+def _fields_ignored(
+    conditions: list[dict[str, Any]], ignored: tuple[str, ...] | None, generation: int, now: str
+) -> list[dict[str, Any]]:
+    if ignored is None:
+        return conditions
+    if not ignored:
+        return [c for c in conditions if c.get("type") != FIELDS_IGNORED]
+    condition = {
+        "type": FIELDS_IGNORED,
+        "status": "True",
+        "reason": "UnknownFields",
+        "message": (
+            f"ignored, unknown to this operator (set under a newer CRD?): {', '.join(ignored)}"
+        )[:1024],
+        "observedGeneration": generation,
+    }
+    return set_condition(conditions, condition, now)

@@ -7,7 +7,7 @@ from typing import Any
 
 from ..config import AcceleratorProfile, OperatorConfig
 from ..quota import ResolvedQuota
-from ..spec import InferenceModelSpec, InvalidSpec, check_name, parse_spec
+from ..spec import InferenceModelSpec, InvalidSpec, check_name, check_route, parse_spec, read_spec
 
 GROUP = "kubeonnx.io"
 MODEL_LABEL = f"{GROUP}/inferencemodel"
@@ -31,6 +31,8 @@ class Model:
     namespace: str
     spec: InferenceModelSpec
     quota: ResolvedQuota | None = None  # set by the reconciler once the policy is read
+    # Fields of the spec this operator does not know (a newer CRD's), ignored: status says so.
+    ignored: tuple[str, ...] = ()
 
     @property
     def quota_config_name(self) -> str:
@@ -131,18 +133,30 @@ class Model:
 
 
 def load_model(
-    name: str, namespace: str, raw_spec: dict[str, Any] | None, config: OperatorConfig
+    name: str,
+    namespace: str,
+    raw_spec: dict[str, Any] | None,
+    config: OperatorConfig,
+    *,
+    from_cluster: bool = False,
 ) -> Model:
     """Parse an InferenceModel's spec and check what the CRD cannot know: that its
-    accelerator profile is one of this operator's. Raises InvalidSpec."""
+    accelerator profile is one of this operator's, and that its route is its namespace's.
+    `from_cluster`: fields a newer CRD added are ignored (and listed), not refused.
+    Raises InvalidSpec."""
     check_name(name)
-    model = Model(name, namespace, parse_spec(raw_spec))
+    if from_cluster:
+        spec, ignored = read_spec(raw_spec)
+        model = Model(name, namespace, spec, ignored=tuple(ignored))
+    else:
+        model = Model(name, namespace, parse_spec(raw_spec))
     if model.spec.async_.enabled and len(name) > ASYNC_NAME_MAX:
         raise InvalidSpec(
             f"metadata.name must be at most {ASYNC_NAME_MAX} characters when "
             f"spec.async.enabled is true: the gateway's Service is NAME{GATEWAY_SUFFIX}, "
             "a DNS label of at most 63 characters"
         )
+    check_route(model.spec.ingress.path, namespace)
     profile = model.spec.accelerator.profile
     if model.gpu and profile not in config.profiles:
         known = ", ".join(sorted(config.profiles)) or "(none configured)"
