@@ -94,11 +94,11 @@ def render_documents(
     policies = by_kind("QuotaPolicy")
     out: list[dict[str, Any]] = []
     problems: list[str] = []
-    for (namespace, name), policy in policies.items():
+    for key, raw in policies.items():
         try:  # strict, unlike the operator: a field this version does not know is an error
-            parse_policy(policy.get("spec"), strict=True)
+            parse_policy(raw.get("spec"), strict=True)
         except InvalidSpec as exc:
-            problems.append(f"QuotaPolicy {namespace}/{name}: {exc}")
+            problems.append(f"QuotaPolicy {'/'.join(key)}: {exc}")
     for path, doc in docs:
         if not isinstance(doc, dict) or doc.get("kind") != "InferenceModel":
             continue

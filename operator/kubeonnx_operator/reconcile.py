@@ -21,7 +21,7 @@ from .presence import SecretPresence
 from .quota import QuotaProblem, ResolvedQuota, resolve_quota, secret_names
 from .render import Model, render_children
 from .render.model import load_model
-from .spec import InvalidSpec
+from .spec import InvalidSpec, RouteRefused
 from .status import READY, ModelReason, Verdict, derive_status, derive_verdict, gateway_verdict
 from .workqueue import Stopped
 
@@ -135,6 +135,10 @@ class Reconciler:
             model = load_model(name, namespace, body.get("spec"), self.config, from_cluster=True)
         except InvalidSpec as exc:
             log.warning("InferenceModel %s/%s: invalid spec: %s", namespace, name, exc)
+            if isinstance(exc, RouteRefused):
+                # An Ingress made before the route was refused (by an older operator) would
+                # keep taking another namespace's traffic: it goes.
+                await self._prune_kind(key, meta["uid"], "Ingress")
             # What runs already keeps running, and status says so.
             await self._report(body, Verdict(False, "InvalidSpec", str(exc)), self.deployment(key))
             return
@@ -326,6 +330,12 @@ class Reconciler:
             await self.kube.delete(
                 child.api_version, child.kind, model.namespace, child.name, uid=child.uid
             )
+
+    async def _prune_kind(self, key: tuple[str, str], owner_uid: str, kind: str) -> None:
+        for child in self.observed.children(key):
+            if child.kind == kind and owner_uid in child.owner_uids:
+                log.info("deleting %s %s/%s: its route is refused", kind, key[0], child.name)
+                await self.kube.delete(child.api_version, kind, key[0], child.name, uid=child.uid)
 
     async def _report_quietly(self, body: dict[str, Any], verdict: Verdict) -> None:
         key = (body["metadata"]["namespace"], body["metadata"]["name"])

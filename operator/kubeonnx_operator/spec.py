@@ -267,17 +267,20 @@ SHARED_PREFIX = "/models"
 
 
 def check_route(path: str | None, namespace: str) -> None:
-    """Refuse a path on the shared pattern (/models/NAMESPACE/...) that names another
-    namespace, or the pattern's root: on a shared host it would take that traffic, API
-    keys included. Compared ignoring case, as a controller in regex mode matches."""
+    """Refuse a path with characters an ingress controller reads specially, or one on the
+    shared pattern (/models/NAMESPACE/...) that names another namespace, or the pattern's
+    root: on a shared host it would take that traffic, API keys included. The pattern is
+    compared ignoring case, as a controller in regex mode matches. Raises RouteRefused."""
     if path is None:
         return
+    if len(path) > ROUTE_PATH_MAX or not re.fullmatch(ROUTE_PATH, path):
+        raise RouteRefused(f"{ROUTE_PATH_RULE}; got {path!r}")
     own = f"{SHARED_PREFIX}/{namespace}"
     lowered = path.lower()
     if lowered.rstrip("/") != SHARED_PREFIX and not lowered.startswith(SHARED_PREFIX + "/"):
         return
     if path.rstrip("/") != own and not path.startswith(own + "/"):
-        raise InvalidSpec(
+        raise RouteRefused(
             f"spec.ingress.path {path!r}: paths under {SHARED_PREFIX}/ belong to the "
             f"namespace they name; a model in namespace {namespace} may use {own} or "
             f"{own}/... only"
@@ -293,10 +296,6 @@ class IngressSpec(_Spec):
 
     @model_validator(mode="after")
     def _host(self) -> IngressSpec:
-        if self.path is not None and (
-            len(self.path) > ROUTE_PATH_MAX or not re.fullmatch(ROUTE_PATH, self.path)
-        ):
-            raise ValueError(f"{ROUTE_PATH_RULE}; got {self.path!r}")
         if self.enabled and not self.host:
             raise ValueError("spec.ingress.host is required when spec.ingress.enabled is true")
         return self
@@ -375,6 +374,10 @@ class InferenceModelSpec(_Spec):
 
 class InvalidSpec(ValueError):
     """The spec cannot be served as written; the message names the field."""
+
+
+class RouteRefused(InvalidSpec):
+    """spec.ingress.path could take traffic that is not the model's: no Ingress for it."""
 
 
 def _describe(exc: ValidationError) -> str:
