@@ -1,0 +1,312 @@
+"""Every CEL rule of the CRDs, and the chart's admission policy, refuses through the real API
+server, with a message that names the field.
+
+The table below holds one refusal per rule (several for the route's characters); a test
+checks that it covers every rule the CRDs carry, so a rule added without a refusal here
+fails. Each object is sent with a server-side dry run, so nothing is stored; the valid
+objects they are made from are accepted the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from e2e.conftest import Cluster, eventually
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "charts" / "kubeonnx"
+NAMESPACE_RULE = "admission policy: spec.ingress.path in the model's namespace"
+
+IMAGE = {"input": {"image": {"size": [8, 8]}}}
+
+
+def model(name: str = "m", **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "kubeonnx.io/v1alpha1",
+        "kind": "InferenceModel",
+        "metadata": {"name": name},
+        "spec": {"model": {"uri": "s3://models/m/model.onnx"}, **spec},
+    }
+
+
+def policy(**spec: Any) -> dict[str, Any]:
+    tenant = {
+        "name": "acme",
+        "apiKeySecret": {"name": "k", "key": "token"},
+        "limits": [{"unit": "requests", "limit": 10, "window": "1m"}],
+    }
+    return {
+        "apiVersion": "kubeonnx.io/v1alpha1",
+        "kind": "QuotaPolicy",
+        "metadata": {"name": "q"},
+        "spec": {"tenants": [tenant], **spec},
+    }
+
+
+def ingress(path: str) -> dict[str, Any]:
+    return {"enabled": True, "host": "models.example.com", "path": path}
+
+
+TWICE = [{"unit": "requests", "limit": 1, "window": "1m"}] * 2
+
+# (the rule, as the CRD writes it (or NAMESPACE_RULE), the object, what the refusal says)
+REFUSALS: list[tuple[str, dict[str, Any], str]] = [
+    (
+        "self.metadata.name.size() <= 63",
+        model("a" * 64),
+        "metadata.name must be at most 63 characters",
+    ),
+    (
+        "self.scaling.minReplicas > 0 ||",
+        model(scaling={"minReplicas": 0, "maxReplicas": 2}),
+        "spec.scaling.minReplicas 0 (scale to zero) needs autoscaler keda",
+    ),
+    (
+        "self.startsWith('s3://') || self.startsWith('file://')",
+        model(model={"uri": "https://example.com/m.onnx"}),
+        "spec.model.uri must start with s3:// or file://",
+    ),
+    (
+        "self.count == 0 ||",
+        model(accelerator={"count": 1}),
+        "spec.accelerator.profile is required when spec.accelerator.count > 0",
+    ),
+    (
+        "self.minReplicas <= self.maxReplicas",
+        model(scaling={"minReplicas": 3, "maxReplicas": 2}),
+        "spec.scaling.minReplicas must not be greater than spec.scaling.maxReplicas",
+    ),
+    (
+        '!self.enabled || (has(self.host) && self.host != "")',
+        model(ingress={"enabled": True}),
+        "spec.ingress.host is required when spec.ingress.enabled is true",
+    ),
+    *[
+        (
+            "self.matches('^/$|^(/[A-Za-z0-9_-]+)+/?$')",
+            model(ingress=ingress(path)),
+            "spec.ingress.path must be '/' or segments of letters, digits, '_' and '-'",
+        )
+        for path in [
+            "/models/ns/m;",
+            "/models/ns/m{}",
+            "/models/ns/$host",
+            "/models/ns/m x",
+            "/models/ns/../other/m",
+            "/models/ns//m",
+            "/models/ns/m%2F",
+            "/models/ns/m.*",
+            "/models/ns/(m)",
+            "/models/ns/m\\x",
+            "models/ns/m",
+        ]
+    ],
+    (
+        "!self.enabled || has(self.redis)",
+        model(**{"async": {"enabled": True}}),
+        "spec.async.redis.url is required when spec.async.enabled is true",
+    ),
+    (
+        "self.startsWith('redis://') || self.startsWith('rediss://')",
+        model(**{"async": {"redis": {"url": "http://redis:6379"}}}),
+        "spec.async.redis.url must start with redis:// or rediss://",
+    ),
+    (
+        '!self.contains("@")',
+        model(**{"async": {"redis": {"url": "redis://user:pw@redis:6379"}}}),
+        "spec.async.redis.url must not carry credentials",
+    ),
+    (
+        "self.all(x, x != 0.0)",
+        model(processing={"input": {"image": {"size": [8, 8], "std": [1.0, 0.0, 1.0]}}}),
+        "spec.processing.input.image.std must not contain 0",
+    ),
+    (
+        "self > 0.0",
+        model(processing={"input": {"image": {"size": [8, 8], "scale": 0.0}}}),
+        "spec.processing.input.image.scale must be greater than 0",
+    ),
+    (
+        "!(has(self.classification) && has(self.detection))",
+        model(processing={**IMAGE, "output": {"classification": {}, "detection": {}}}),
+        "spec.processing.output takes classification or detection, not both",
+    ),
+    (
+        "self > 0.0",
+        model(processing={**IMAGE, "output": {"detection": {"iouThreshold": 0.0}}}),
+        "spec.processing.output.detection.iouThreshold must be greater than 0",
+    ),
+    (
+        "!has(self.volumeMounts) ||",
+        model(pod={"volumeMounts": [{"name": "extra", "mountPath": "/extra"}]}),
+        "every spec.pod.volumeMounts name must be a volume in spec.pod.volumes",
+    ),
+    (
+        "self.all(e, !e.name.startsWith('KUBEONNX_'))",
+        model(pod={"env": [{"name": "KUBEONNX_MODEL_URI", "value": "s3://x/y"}]}),
+        "spec.pod.env must not set KUBEONNX_* variables",
+    ),
+    (
+        "self.all(v, !(v.name in ['model-cache', 'tmp', 'quota', 'labels']))",
+        model(pod={"volumes": [{"name": "tmp", "emptyDir": {}}]}),
+        "spec.pod.volumes must not use the runtime's own names",
+    ),
+    *[
+        (
+            NAMESPACE_RULE,
+            model(ingress=ingress(path)),
+            f"spec.ingress.path {path}: paths under /models/ belong to the namespace they name",
+        )
+        for path in ["/models/victim/their-model", "/models", "/MODELS/victim/their-model"]
+    ],
+    (
+        "self.all(l, self.exists_one(m, m.unit == l.unit && m.window == l.window))",
+        policy(defaultTenant={"limits": TWICE}),
+        "spec.defaultTenant.limits",
+    ),
+    (
+        "self.all(l, self.exists_one(m, m.unit == l.unit && m.window == l.window))",
+        {
+            **policy(),
+            "spec": {
+                "tenants": [
+                    {"name": "acme", "apiKeySecret": {"name": "k", "key": "t"}, "limits": TWICE}
+                ]
+            },
+        },
+        "spec.tenants[0].limits",
+    ),
+    (
+        "self.startsWith('redis://') || self.startsWith('rediss://')",
+        policy(backend={"redis": {"url": "http://redis:6379"}}),
+        "spec.backend.redis.url must start with redis:// or rediss://",
+    ),
+    (
+        '!self.contains("@")',
+        policy(backend={"redis": {"url": "redis://user:pw@redis:6379"}}),
+        "spec.backend.redis.url must not carry credentials",
+    ),
+]
+
+
+def crd_rules() -> list[str]:
+    rules: list[str] = []
+
+    def walk(schema: dict[str, Any]) -> None:
+        rules.extend(v["rule"] for v in schema.get("x-kubernetes-validations") or [])
+        for sub in (schema.get("properties") or {}).values():
+            walk(sub)
+        for key in ("items", "additionalProperties"):
+            if isinstance(schema.get(key), dict):
+                walk(schema[key])
+
+    for path in sorted((ROOT / "crds").glob("*.yaml")):
+        for version in yaml.safe_load(path.read_text())["spec"]["versions"]:
+            walk(version["schema"]["openAPIV3Schema"])
+    return [" ".join(rule.split()) for rule in rules]
+
+
+def test_the_table_refuses_through_every_rule() -> None:
+    """Each CRD rule has a refusal below (counted by how often it is written)."""
+    rules = crd_rules()
+    assert len(rules) >= 21
+    for rule in set(rules):
+        covering = {id(obj) for r, obj, _ in REFUSALS if rule.startswith(r)}
+        assert len(covering) >= rules.count(rule), f"no refusal for the rule: {rule}"
+
+
+def helm() -> str:
+    from e2e.cluster import build_binaries
+
+    return str(build_binaries()["helm"])
+
+
+def dry_run(cluster: Cluster, namespace: str, obj: dict[str, Any]) -> Any:
+    return cluster.kubectl(
+        "apply",
+        "--dry-run=server",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        input=yaml.safe_dump(obj),
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def api(cluster: Cluster) -> Iterator[tuple[Cluster, str]]:
+    """The CRDs and the chart's admission policy installed, and a namespace to send to."""
+    cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
+    cluster.kubectl(
+        "wait",
+        "--for=condition=Established",
+        "--timeout=30s",
+        "crd/inferencemodels.kubeonnx.io",
+        "crd/quotapolicies.kubeonnx.io",
+    )
+    rendered = subprocess.run(
+        [helm(), "template", "cel", str(CHART), "-s", "templates/admission-policy.yaml"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    cluster.kubectl("apply", "-f", "-", input=rendered)
+    namespace = f"e2e-cel-{uuid.uuid4().hex[:6]}"
+    cluster.kubectl("create", "namespace", namespace)
+    try:
+        # The policy takes effect once the API server has compiled it and seen its binding.
+        hijack = model(ingress=ingress("/models/victim/m"))
+        eventually(
+            lambda: dry_run(cluster, namespace, hijack).returncode != 0,
+            60,
+            what="the admission policy in force",
+        )
+        yield cluster, namespace
+    finally:
+        cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+        cluster.kubectl("delete", "-f", "-", "--ignore-not-found", input=rendered, check=False)
+
+
+def test_the_objects_refused_below_come_from_valid_ones(api: tuple[Cluster, str]) -> None:
+    cluster, namespace = api
+    own = f"/models/{namespace}/m"
+    for obj in [
+        model(),
+        model(ingress=ingress(own)),
+        model(ingress=ingress(f"/models/{namespace}")),
+        model(ingress=ingress("/")),
+        model(ingress=ingress("/api/v1_m-2/")),
+        model(processing={**IMAGE, "output": {"detection": {}}}),
+        model(**{"async": {"enabled": True, "redis": {"url": "redis://redis:6379"}}}),
+        model(pod={"volumes": [{"name": "extra", "emptyDir": {}}]}),
+        policy(),
+    ]:
+        accepted = dry_run(cluster, namespace, obj)
+        assert accepted.returncode == 0, (obj, accepted.stderr)
+
+
+@pytest.mark.parametrize(
+    ("rule", "obj", "message"),
+    REFUSALS,
+    ids=[f"{i}-{message[:40]}" for i, (_, _, message) in enumerate(REFUSALS)],
+)
+def test_the_api_server_refuses_naming_the_field(
+    api: tuple[Cluster, str], rule: str, obj: dict[str, Any], message: str
+) -> None:
+    cluster, namespace = api
+    refused = dry_run(cluster, namespace, copy.deepcopy(obj))
+    assert refused.returncode != 0
+    stderr = " ".join(refused.stderr.split())
+    assert message in stderr, stderr
+    if rule == NAMESPACE_RULE:
+        assert "ValidatingAdmissionPolicy" in stderr, stderr
