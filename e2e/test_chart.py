@@ -27,6 +27,14 @@ CHART = ROOT / "charts" / "kubeonnx"
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 
 
+CLUSTER_SCOPED = {
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "ValidatingAdmissionPolicy",
+    "ValidatingAdmissionPolicyBinding",
+}
+
+
 def helm() -> str:
     from e2e.cluster import build_binaries
 
@@ -76,7 +84,7 @@ def test_the_chart_passes_a_strict_server_side_dry_run(
         assert f"name: {namespace}-kubeonnx" in rendered  # release-scoped cluster names
     # Every namespaced object says where it goes (no ConfigMap landing in default).
     for doc in yaml.safe_load_all(rendered):
-        if doc and doc["kind"] not in {"ClusterRole", "ClusterRoleBinding"}:
+        if doc and doc["kind"] not in CLUSTER_SCOPED:
             assert doc["metadata"].get("namespace") == namespace, doc["kind"]
     proc = dry_run(cluster, namespace, rendered)
     assert proc.returncode == 0, proc.stderr
