@@ -8,7 +8,10 @@ from typing import Any
 
 import httpx2
 import pytest
-from kubeonnx_operator.kube import Kube, is_not_found
+from kubeonnx_operator.config import OperatorConfig
+from kubeonnx_operator.kube import Kube, as_api_error, is_not_found
+from kubeonnx_operator.observed import ObservedChildren
+from kubeonnx_operator.reconcile import Reconciler
 from lightkube import ApiError
 
 from tests.operator.test_reconcile import FakeKube, body, ready, reconciler
@@ -72,3 +75,16 @@ async def test_any_failure_of_a_write_is_a_reconcile_error(failure: Exception) -
     cond = ready(kube)
     assert cond["reason"] == "ReconcileError"
     assert cond["message"] == f"{type(failure).__name__}: {failure}"
+
+
+async def test_a_pod_monitor_whose_crd_went_away_is_skipped() -> None:
+    """The watch saw the PodMonitor CRD, which has been deleted since: the model is served
+    without its PodMonitor, not failed."""
+    kube = FakeKube()
+    kube.refuse["PodMonitor"] = as_api_error(plain_404())
+    rec = Reconciler(
+        kube, OperatorConfig(), ObservedChildren(), now=lambda: "t", pod_monitor=lambda: True
+    )  # type: ignore[arg-type]
+    await rec.reconcile(body())
+    assert ready(kube)["reason"] == "Progressing"
+    assert "Deployment" in {m["kind"] for _, m in kube.applied}
