@@ -242,7 +242,7 @@ def test_the_previous_operators_rules_read_this_trees_models() -> None:
         try:
             previous.parse_spec(doc["spec"])
         except previous.InvalidSpec as exc:
-            # The defect design change 42 fixes, in a revision from before it.
+            # The defect design change 45 fixes, in a revision from before it.
             pytest.skip(f"{revision} predates reading newer CRDs' objects: {exc}")
 
 
