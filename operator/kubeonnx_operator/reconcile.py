@@ -123,7 +123,7 @@ class Reconciler:
             if isinstance(exc, ApiError):
                 message = f"API error {exc.status.code}: {exc.status.message}"
             else:  # the connection, a timeout, an answer that is no Status, a bug of ours
-                message = f"{type(exc).__name__}: {exc}"[:1024]
+                message = f"{type(exc).__name__}: {exc}"[:1024] if str(exc) else type(exc).__name__
             await self._report_quietly(body, Verdict(False, "ReconcileError", message))
             raise
 
