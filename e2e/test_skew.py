@@ -1,7 +1,8 @@
 """CRD/operator skew on the real API server: the CRD a newer release might ship (a field
 added at the top of the spec and one in spec.runtime) is applied, as the documented upgrade
-applies CRDs before the operator, and this operator serves a model that sets both: Ready,
-with a FieldsIgnored condition naming them. The module's CRDs are put back afterwards."""
+applies CRDs before the operator, and this operator, started with it in place, serves a model
+that sets both: Ready, with a FieldsIgnored condition naming them. The module's CRDs are put
+back afterwards."""
 
 from __future__ import annotations
 
@@ -59,6 +60,11 @@ def newer_crds(cluster: Cluster, operator: OperatorProcess, namespace: str) -> I
 
     try:
         eventually(kept, 60, what="the newer CRD's schema in force")
+        # A watch opened before the CRD changed may go on serving objects pruned by the old
+        # schema until it is re-established; an operator started now (a rollback, or the
+        # old operator's pod restarted during the upgrade) reads them whole.
+        operator.stop()
+        operator.start()
         yield
     finally:
         cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
