@@ -142,23 +142,22 @@ async def test_a_model_from_a_newer_crd_is_served_as_before_and_says_what_it_ign
 
 
 class SecretsKube(FakeKube):
+    """The stand-in for the API, with the example's Secrets in it (their metadata only, as
+    the operator reads them) and the QuotaPolicy's status writes recorded."""
+
     def __init__(self, secrets: dict[str, dict[str, Any]]) -> None:
         super().__init__()
         self.secrets = secrets
         self.policy_statuses: list[dict[str, Any]] = []
 
-    async def get_secret(self, namespace: str, name: str) -> Any:  # type: ignore[override]
-        return self.secrets.get(name)
+    async def secret_metadata(self, namespace: str, name: str) -> Any:
+        secret = self.secrets.get(name)
+        return None if secret is None else {"metadata": secret["metadata"]}
 
     async def patch_status(
         self, api_version: str, kind: str, namespace: str, name: str, status: dict[str, Any]
     ) -> None:
         self.policy_statuses.append(copy.deepcopy(status))
-
-
-class NoUsage:
-    async def read(self, namespace: str, name: str, spec: Any) -> list[dict[str, Any]]:
-        return []
 
 
 async def test_a_quota_policy_from_a_newer_crd_keeps_its_models_served() -> None:
@@ -176,7 +175,7 @@ async def test_a_quota_policy_from_a_newer_crd_keeps_its_models_served() -> None
     assert "Deployment" in {m["kind"] for m in _applied(kube)}, kube.statuses[-1]
     assert kube.statuses[-1]["conditions"][0]["reason"] == "Progressing"
 
-    await PolicyReconciler(kube, {}, now=lambda: "t", usage=NoUsage()).reconcile(policy_body)  # type: ignore[arg-type]
+    await PolicyReconciler(kube, {}, now=lambda: "t").reconcile(policy_body)  # type: ignore[arg-type]
     (cond,) = kube.policy_statuses[-1]["conditions"]
     assert cond["reason"] == "Ready"
     for where in added:
@@ -242,7 +241,7 @@ def test_the_previous_operators_rules_read_this_trees_models() -> None:
         try:
             previous.parse_spec(doc["spec"])
         except previous.InvalidSpec as exc:
-            # The defect design change 45 fixes, in a revision from before it.
+            # The defect design change 51 fixes, in a revision from before it.
             pytest.skip(f"{revision} predates reading newer CRDs' objects: {exc}")
 
 
