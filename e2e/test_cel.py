@@ -52,6 +52,11 @@ def policy(**spec: Any) -> dict[str, Any]:
     }
 
 
+def tenant_policy(name: str = "acme", key: str = "token") -> dict[str, Any]:
+    tenant = {"name": name, "apiKeySecret": {"name": "k", "key": key}}
+    return {**policy(), "spec": {"tenants": [tenant]}}
+
+
 def ingress(path: str) -> dict[str, Any]:
     return {"enabled": True, "host": "models.example.com", "path": path}
 
@@ -69,6 +74,11 @@ REFUSALS: list[tuple[str, dict[str, Any], str]] = [
         "!has(self.spec.async) || !self.spec.async.enabled || self.metadata.name.size() <= 55",
         model("a" * 56, **{"async": {"enabled": True, "redis": {"url": "redis://redis:6379"}}}),
         "metadata.name must be at most 55 characters when spec.async.enabled is true",
+    ),
+    (
+        "self.matches('^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$')",
+        model(model={"uri": "s3://models/m/model.onnx", "version": "-v1"}),
+        "spec.model.version must be letters, digits, '.', '_' and '-'",
     ),
     (
         "self.scaling.minReplicas > 0 ||",
@@ -191,6 +201,16 @@ REFUSALS: list[tuple[str, dict[str, Any], str]] = [
         "spec.tenants[0].limits",
     ),
     (
+        "self != 'default'",
+        tenant_policy(name="default"),
+        'spec.tenants[].name "default" is reserved for requests without a known key',
+    ),
+    (
+        '!self.startsWith("..") && self != "."',
+        tenant_policy(key="..data"),
+        "spec.tenants[].apiKeySecret.key must be a Secret key",
+    ),
+    (
         "self.startsWith('redis://') || self.startsWith('rediss://')",
         policy(backend={"redis": {"url": "http://redis:6379"}}),
         "spec.backend.redis.url must start with redis:// or rediss://",
@@ -223,7 +243,7 @@ def crd_rules() -> list[str]:
 def test_the_table_refuses_through_every_rule() -> None:
     """Each CRD rule has a refusal below (counted by how often it is written)."""
     rules = crd_rules()
-    assert len(rules) >= 22
+    assert len(rules) >= 25
     for rule in set(rules):
         covering = {id(obj) for r, obj, _ in REFUSALS if rule.startswith(r)}
         assert len(covering) >= rules.count(rule), f"no refusal for the rule: {rule}"
