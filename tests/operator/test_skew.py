@@ -163,6 +163,8 @@ class SecretsKube(FakeKube):
 async def test_a_quota_policy_from_a_newer_crd_keeps_its_models_served() -> None:
     docs = _docs((ROOT / "examples" / "quota-policy.yaml").read_text())
     secrets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret"}
+    # The model's S3 credentials, which the example expects in the namespace.
+    secrets["s3-credentials"] = {"metadata": {"name": "s3-credentials"}}
     policy = next(d for d in docs if d["kind"] == "QuotaPolicy")
     model = next(d for d in docs if d["kind"] == "InferenceModel")
     newer, added = future(policy)
@@ -241,7 +243,7 @@ def test_the_previous_operators_rules_read_this_trees_models() -> None:
         try:
             previous.parse_spec(doc["spec"])
         except previous.InvalidSpec as exc:
-            # The defect design change 51 fixes, in a revision from before it.
+            # The defect design change 53 fixes, in a revision from before it.
             pytest.skip(f"{revision} predates reading newer CRDs' objects: {exc}")
 
 
