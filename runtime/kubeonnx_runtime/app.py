@@ -532,12 +532,15 @@ async def _all_or_none(receive: Receive, work: list[Awaitable[Any]]) -> list[Any
     rest: decodes not started never start."""
     tasks = [asyncio.ensure_future(w) for w in work]
     together: asyncio.Future[list[Any]] = asyncio.gather(*tasks)
-    gone: asyncio.Future[Any] = asyncio.ensure_future(receive())
+    gone: asyncio.Future[Message] = asyncio.ensure_future(receive())
     try:
-        await asyncio.wait((together, gone), return_when=asyncio.FIRST_COMPLETED)
-        if not together.done():
-            raise InvalidRequest("the client went away before the images were decoded")
-        return together.result()
+        while True:
+            await asyncio.wait((together, gone), return_when=asyncio.FIRST_COMPLETED)
+            if together.done():
+                return together.result()
+            if gone.result()["type"] == "http.disconnect":
+                raise InvalidRequest("the client went away before the images were decoded")
+            gone = asyncio.ensure_future(receive())
     finally:
         gone.cancel()
         for task in tasks:

@@ -5,6 +5,7 @@ before anything is decoded."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
@@ -16,6 +17,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from kubeonnx_runtime.images import DecodeBudget
 from kubeonnx_runtime.quota import key_hash
 from PIL import Image
 
@@ -236,3 +238,23 @@ def test_an_over_quota_upload_is_refused_before_it_is_decoded(bombed: Served) ->
         )
     assert r.status_code == 429, r.text
     assert grown() < SLACK, f"RSS peaked {grown() >> 20} MiB above its start"
+
+
+def test_the_decode_budget_is_first_come_first_served_and_frees_what_is_cancelled() -> None:
+    async def scenario() -> None:
+        budget = DecodeBudget(100)
+        await budget.acquire(60)
+        big = asyncio.ensure_future(budget.acquire(60))  # does not fit: waits
+        small = asyncio.ensure_future(budget.acquire(10))  # fits, but does not overtake
+        await asyncio.sleep(0)
+        assert not big.done() and not small.done()
+        big.cancel()
+        await asyncio.wait_for(small, 1)  # granted once the one ahead of it gave up
+        assert big.cancelled()
+        assert budget.held == 70
+        budget.release(60)
+        budget.release(10)
+        assert budget.held == 0
+        await asyncio.wait_for(budget.acquire(100), 1)  # all of it, once free
+
+    asyncio.run(scenario())
