@@ -31,6 +31,7 @@ from .errors import FatalStartupError, InvalidRequest, describe
 FORMATS = ("JPEG", "PNG", "WEBP")
 # RFC 2046 allows 70; python-multipart takes up to 256 and raises beyond.
 MAX_BOUNDARY = 256
+JPEG_HEAD_FF = 65536
 _FILTERS = {
     "bilinear": Image.Resampling.BILINEAR,
     "nearest": Image.Resampling.NEAREST,
@@ -276,6 +277,16 @@ class ImagePipeline:
         JPEG scans, and the memory its decode will hold. InvalidRequest names the problem."""
         if not data:
             raise InvalidRequest(f"{where} is empty")
+        if data.startswith(b"\xff\xd8"):
+            # Pillow reads a JPEG's header a marker at a time in Python, about a microsecond
+            # each: 16 million 4-byte comments would take it 18 s. Every marker starts with
+            # 0xFF, counted in C; real headers (EXIF, thumbnails, ICC) hold a few thousand.
+            head_end = data.find(b"\xff\xda")
+            if data.count(b"\xff", 0, head_end if head_end >= 0 else len(data)) > JPEG_HEAD_FF:
+                raise InvalidRequest(
+                    f"{where} is a JPEG with more than {JPEG_HEAD_FF} marker bytes (0xFF) "
+                    "before its first scan"
+                )
         try:
             img = Image.open(io.BytesIO(data), formats=FORMATS)
         except UnidentifiedImageError:
