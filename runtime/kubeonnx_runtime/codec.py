@@ -5,8 +5,11 @@ Pure functions from bytes to numpy arrays and back; the HTTP layer only passes b
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 import struct
+import threading
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -220,6 +223,33 @@ def json_limit_message(limit: int) -> str:
     )
 
 
+_gc_lock = threading.Lock()
+_gc_pausers = 0
+_gc_was_enabled = False
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """The cyclic garbage collector held off while a request is decoded (from any number of
+    threads at once). Parsed JSON is acyclic and is freed by reference counting when the
+    decode ends; but each of its lists counts towards the collector's thresholds, and the
+    collections they set off, passes over every tracked object of the process holding the
+    GIL, took 1.8 s of a 0.2 s parse of 2 MB of nested lists."""
+    global _gc_pausers, _gc_was_enabled
+    with _gc_lock:
+        if _gc_pausers == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_pausers += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_pausers -= 1
+            if _gc_pausers == 0 and _gc_was_enabled:
+                gc.enable()
+
+
 def decode_request(
     body: bytes,
     header_length: int | None,
@@ -232,6 +262,16 @@ def decode_request(
     before its data is read, and a missing input is refused. `max_json_bytes` bounds what
     becomes Python objects, ten to twenty times its size in memory and all of it decoded
     holding the GIL: the JSON, and BYTES tensors sent as binary data (413 beyond)."""
+    with _gc_paused():
+        return _decode_request(body, header_length, model_inputs, max_json_bytes)
+
+
+def _decode_request(
+    body: bytes,
+    header_length: int | None,
+    model_inputs: Mapping[str, TensorSpec] | None,
+    max_json_bytes: int | None,
+) -> InferRequest:
     if header_length is None:
         header_bytes, binary = body, memoryview(b"")
     else:

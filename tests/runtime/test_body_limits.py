@@ -4,6 +4,7 @@ body; numeric tensors sent as binary data are not, so large inputs still travel.
 
 from __future__ import annotations
 
+import gc
 import gzip
 import json
 import struct
@@ -13,6 +14,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from kubeonnx_runtime.codec import decode_request
+from kubeonnx_runtime.datatypes import TensorSpec
 
 from tests.runtime.conftest import Served, start_server
 
@@ -141,3 +144,26 @@ def test_numeric_binary_tensors_are_not_bound_by_the_json_limit(limited: Served)
     assert r.status_code == 200, r.text
     head = json.loads(r.content[: int(r.headers["inference-header-content-length"])])
     assert head["outputs"][0]["shape"] == [rows, 1]
+
+
+def test_decoding_json_sets_off_no_garbage_collection() -> None:
+    """Parsed JSON is acyclic; each of its lists still counted towards the collector's
+    thresholds, and the collections they set off (passes over the whole heap, holding the
+    GIL) took 1.8 s of a 0.2 s parse of 2 MB of nested lists."""
+    count = 600_000
+    body = b'{"inputs":[{"name":"x","datatype":"FP32","shape":[%d,0],"data":[' % count
+    body += b"[]," * (count - 1) + b"[]]}]}"
+    collections: list[str] = []
+
+    def seen(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            collections.append(f"generation {info['generation']}")
+
+    gc.callbacks.append(seen)
+    try:
+        request = decode_request(body, None, {"x": TensorSpec("x", "FP32", (-1, 0))})
+    finally:
+        gc.callbacks.remove(seen)
+    assert request.inputs["x"].shape == (count, 0)
+    assert collections == []
+    assert gc.isenabled()

@@ -3,6 +3,7 @@ request gets the status it must, the event loop keeps answering and memory stays
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import gzip
 import json
@@ -592,6 +593,34 @@ def test_a_gzip_json_bomb_within_the_body_limit_harms_nobody(bounded: Served) ->
         )
     assert status == 413, answer[:300]
     assert b"over the limit of 2097152 bytes (--max-json-bytes)" in answer
+
+
+def empty_lists_json(size: int) -> bytes:
+    """About `size` bytes of JSON that cost the most as Python objects: empty lists."""
+    count = (size - 100) // 3
+    head = b'{"inputs":[{"name":"input","datatype":"FP32","shape":[%d,0],"data":[' % count
+    return head + b"[]," * (count - 1) + b"[]]}]}"
+
+
+def test_the_largest_json_the_server_decodes_four_at_once_harms_nobody(bounded: Served) -> None:
+    """Four bodies just under the JSON limit, of the costliest kinds, sent at once: a million
+    numbers (the last out of range) and 700,000 empty lists (refused for their shape). The
+    lists' allocation set off the garbage collector's passes over the whole heap, 1.8 s of
+    them holding the GIL. Each is decoded, one at a time, within the same bounds."""
+    # The numbers end in one out of range for FP32: all are converted, then refused.
+    numbers = zeros_json(JSON_LIMIT // 2 - 4096).replace(b"0]}]}", b"1e39]}]}")
+    bodies = [numbers, empty_lists_json(JSON_LIMIT - 64)] * 2
+    assert all(JSON_LIMIT - 8192 < len(b) <= JSON_LIMIT for b in bodies)
+    probe_bound = 1.0 + 10 * json_decode_seconds(zeros_json(JSON_LIMIT // 2))
+    url = f"{bounded.url}/v2/models/classifier/infer"
+    with (
+        unharmed(bounded, peak=OBJECTS_PER_JSON_BYTE * JSON_LIMIT + SLACK, probe_bound=probe_bound),
+        concurrent.futures.ThreadPoolExecutor(4) as pool,
+    ):
+        answers = list(pool.map(lambda b: httpx.post(url, content=b, timeout=60), bodies))
+    assert [a.status_code for a in answers] == [400] * 4, [a.text[:200] for a in answers]
+    assert all("out of range for datatype FP32" in a.json()["error"] for a in answers[::2])
+    assert all(", 0]; the model takes" in a.json()["error"] for a in answers[1::2])
 
 
 IMAGE_BOMBS: dict[str, tuple[Callable[[], httpx.Request], int, str]] = {
