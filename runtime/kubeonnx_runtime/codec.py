@@ -5,7 +5,6 @@ Pure functions from bytes to numpy arrays and back; the HTTP layer only passes b
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import math
 import struct
@@ -226,11 +225,13 @@ def json_limit_message(limit: int) -> str:
 _gc_lock = threading.Lock()
 _gc_pausers = 0
 _gc_was_enabled = False
+# Bodies from this size on are decoded with the garbage collector held off; below it, too few
+# objects to matter, and holding it off costs 3 us, on a tiny model's 7 us decode.
+GC_PAUSE_FROM = 64 * 1024
 
 
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """The cyclic garbage collector held off while a request is decoded (from any number of
+def _pause_gc() -> None:
+    """Hold the cyclic garbage collector off while a request is decoded (from any number of
     threads at once). Parsed JSON is acyclic and is freed by reference counting when the
     decode ends; but each of its lists counts towards the collector's thresholds, and the
     collections they set off, passes over every tracked object of the process holding the
@@ -241,13 +242,14 @@ def _gc_paused() -> Iterator[None]:
             _gc_was_enabled = gc.isenabled()
             gc.disable()
         _gc_pausers += 1
-    try:
-        yield
-    finally:
-        with _gc_lock:
-            _gc_pausers -= 1
-            if _gc_pausers == 0 and _gc_was_enabled:
-                gc.enable()
+
+
+def _resume_gc() -> None:
+    global _gc_pausers
+    with _gc_lock:
+        _gc_pausers -= 1
+        if _gc_pausers == 0 and _gc_was_enabled:
+            gc.enable()
 
 
 def decode_request(
@@ -262,8 +264,13 @@ def decode_request(
     before its data is read, and a missing input is refused. `max_json_bytes` bounds what
     becomes Python objects, ten to twenty times its size in memory and all of it decoded
     holding the GIL: the JSON, and BYTES tensors sent as binary data (413 beyond)."""
-    with _gc_paused():
+    if len(body) < GC_PAUSE_FROM:
         return _decode_request(body, header_length, model_inputs, max_json_bytes)
+    _pause_gc()
+    try:
+        return _decode_request(body, header_length, model_inputs, max_json_bytes)
+    finally:
+        _resume_gc()
 
 
 def _decode_request(
