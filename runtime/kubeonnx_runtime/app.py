@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .asyncinfer import AsyncStore, QueueFull, QueueUnavailable, RequestNotFound, status_document
-from .codec import HEADER_LENGTH, InferRequest, encode_response
+from .codec import HEADER_LENGTH, InferRequest, encode_response, json_limit_message
 from .dataplane import DataPlane
 from .datatypes import OIP_TO_NUMPY
 from .errors import (
@@ -36,7 +36,7 @@ from .errors import (
     RuntimeServeError,
     ServerBusy,
 )
-from .images import ImagePipeline, parse_multipart
+from .images import DecodeBudget, ImagePipeline, OpenedImage, parse_multipart
 from .ledger import Ledger
 from .logs import request_id_var
 from .metrics import RuntimeMetrics
@@ -193,6 +193,7 @@ class InferHandler:
     ) -> None:
         self.dataplane = dataplane
         self.max_body = max_body
+        self.max_json = dataplane.max_json_bytes or max_body
         self.quota = quota
         self.ledger = ledger
         self.jobs = jobs
@@ -219,7 +220,15 @@ class InferHandler:
     def _decode(
         self, body: bytes, encoding: str | None, header_length: int | None, limit: int
     ) -> tuple[InferRequest, bytes]:
-        raw = inflate(body, encoding, limit)
+        # A body that is all JSON inflates no further than the JSON limit: a small gzip body
+        # of tens of MB of JSON is refused without being inflated, let alone parsed.
+        json_bound = header_length is None and self.max_json < limit
+        try:
+            raw = inflate(body, encoding, self.max_json if json_bound else limit)
+        except PayloadTooLarge:
+            if not json_bound:
+                raise
+            raise PayloadTooLarge(json_limit_message(self.max_json)) from None
         return self.dataplane.decode(raw, header_length), raw
 
     async def __call__(
@@ -296,6 +305,23 @@ class InferHandler:
             raise PayloadTooLarge(f"the request body is {declared} bytes; the limit is {limit}")
         return await read_body(receive, limit)
 
+    def check_json_length(
+        self, headers: Mapping[str, str], header_length: int | None, limit: int
+    ) -> None:
+        """413 before the body is read when its JSON is declared over the JSON limit (a body
+        declared over the body's `limit` is `read`'s to refuse)."""
+        length = _int_header(headers, "content-length")
+        if length is not None and length > limit:
+            return
+        if header_length is not None:
+            declared: int | None = header_length
+        elif headers.get("content-encoding") in (None, "", "identity"):
+            declared = length
+        else:
+            return  # known once inflated
+        if declared is not None and declared > self.max_json:
+            raise PayloadTooLarge(json_limit_message(self.max_json))
+
     async def charge(self, tenant: str, rows: Callable[[], int]) -> list[tuple[bytes, bytes]]:
         """Admit `rows` against the tenant's quota (429 when over); the budget headers to
         answer with. Without quotas, nothing. Call it after the cheap checks and before the
@@ -335,6 +361,7 @@ class InferHandler:
             jobs.check_callback(headers.get(CALLBACK_HEADER))
             if jobs.max_entry_bytes < limit:
                 limit, which = jobs.max_entry_bytes, ASYNC_ENTRY_LIMIT
+        self.check_json_length(headers, header_length, limit)
         try:
             body = await self.read(headers, receive, limit)
             encoding = headers.get("content-encoding")
@@ -353,6 +380,8 @@ class InferHandler:
                 if batcher is not None:
                     batcher.withdraw()
         except PayloadTooLarge as exc:
+            if not which or "--max-json-bytes" in str(exc):  # the JSON limit names itself
+                raise
             raise PayloadTooLarge(f"{exc}{which}") from None
         if batcher is not None and not respond_async and batcher.depth >= batcher.max_queue:
             raise ServerBusy(
@@ -387,11 +416,18 @@ class PredictHandler:
     then each is one request to the batcher, merged with whatever else is queued."""
 
     def __init__(
-        self, infer: InferHandler, pipeline: ImagePipeline, *, max_images: int, threads: int
+        self,
+        infer: InferHandler,
+        pipeline: ImagePipeline,
+        *,
+        max_images: int,
+        threads: int,
+        max_decode_bytes: int,
     ) -> None:
         self.infer = infer
         self.pipeline = pipeline
         self.max_images = max_images
+        self.budget = DecodeBudget(max_decode_bytes)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kubeonnx-image")
 
     def close(self) -> None:
@@ -445,14 +481,15 @@ class PredictHandler:
         tenant = handler.identify(headers)
         body = await handler.read(headers, receive)
         images = self._images(body, headers.get("content-type", ""), batch)
-        loop = asyncio.get_running_loop()
-        prepared = await asyncio.gather(
-            *(
-                loop.run_in_executor(self._pool, self.pipeline.preprocess, data, where)
-                for where, data in images
-            )
+        pool, pipeline = self._pool, self.pipeline
+        # The cheap checks (headers only), then the quota, then the expensive decodes.
+        opened = await _all_or_none(
+            receive, [_on(pool, pipeline.open, data, where) for where, data in images]
         )
-        extra = await handler.charge(tenant, lambda: len(prepared))  # a row per image
+        for image in opened:
+            self.budget.check(image)
+        extra = await handler.charge(tenant, lambda: len(opened))  # a row per image
+        prepared = await _all_or_none(receive, [self._decode(image) for image in opened])
         name_in = self.pipeline.input.name
         outputs = await asyncio.gather(
             *(dataplane.infer(InferRequest({name_in: tensor})) for tensor, _ in prepared)
@@ -469,6 +506,46 @@ class PredictHandler:
         else:
             answer = {"model": dataplane.name, **results[0]}
         return 200, "application/json", extra, orjson.dumps(answer)
+
+    async def _decode(self, image: OpenedImage) -> tuple[Any, tuple[int, int]]:
+        """Decode within the memory budget, which is given back only when the decode has
+        really ended: a cancelled wait frees it at once, a running decode when it returns."""
+        budget = self.budget
+        await budget.acquire(image.cost)
+        loop = asyncio.get_running_loop()
+        try:
+            future = self._pool.submit(self.pipeline.decode, image)
+        except BaseException:
+            budget.release(image.cost)
+            raise
+        future.add_done_callback(lambda _: loop.call_soon_threadsafe(budget.release, image.cost))
+        return await asyncio.wrap_future(future)
+
+
+def _on(pool: ThreadPoolExecutor, fn: Callable[..., Any], *args: Any) -> Awaitable[Any]:
+    return asyncio.wrap_future(pool.submit(fn, *args))
+
+
+async def _all_or_none(receive: Receive, work: list[Awaitable[Any]]) -> list[Any]:
+    """The results of all of `work`, in order; the first failure, or the client leaving
+    (the request's next message, once its body is read, is its disconnect), cancels the
+    rest: decodes not started never start."""
+    tasks = [asyncio.ensure_future(w) for w in work]
+    together: asyncio.Future[list[Any]] = asyncio.gather(*tasks)
+    gone: asyncio.Future[Message] = asyncio.ensure_future(receive())
+    try:
+        while True:
+            await asyncio.wait((together, gone), return_when=asyncio.FIRST_COMPLETED)
+            if together.done():
+                return together.result()
+            if gone.result()["type"] == "http.disconnect":
+                raise InvalidRequest("the client went away before the images were decoded")
+            gone = asyncio.ensure_future(receive())
+    finally:
+        gone.cancel()
+        for task in tasks:
+            task.cancel()
+        together.cancel()
 
 
 def request_rows(inputs: Mapping[str, Any]) -> int:
@@ -654,6 +731,7 @@ def create_app(
     max_images: int = 64,
     image_threads: int = 2,
     metrics_port: int | None = None,
+    max_decode_bytes: int = 1024 * 1024 * 1024,
 ) -> FrontDoor:
     """Build the app around an injected data plane and metrics registry."""
 
@@ -791,7 +869,13 @@ def create_app(
     )
 
     predict = (
-        PredictHandler(handler, images, max_images=max_images, threads=image_threads)
+        PredictHandler(
+            handler,
+            images,
+            max_images=max_images,
+            threads=image_threads,
+            max_decode_bytes=max_decode_bytes,
+        )
         if images is not None
         else None
     )

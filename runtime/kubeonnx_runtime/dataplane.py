@@ -34,9 +34,16 @@ class DataPlane:
     requests as far as the protocol goes and runs none."""
 
     def __init__(
-        self, model: ServedModel | None, batcher: Batcher | None, *, name: str, version: str
+        self,
+        model: ServedModel | None,
+        batcher: Batcher | None,
+        *,
+        name: str,
+        version: str,
+        max_json_bytes: int | None = None,
     ) -> None:
         self.model = model
+        self.max_json_bytes = max_json_bytes
         self.batcher = batcher
         self.name = name
         self.version = version
@@ -85,7 +92,7 @@ class DataPlane:
     def decode(self, body: bytes, header_length: int | None) -> InferRequest:
         """Decode a request body, checking it against the model before reading tensor data;
         the caller has checked the model's name (`check_model`) before reading the body."""
-        request = decode_request(body, header_length, self._inputs)
+        request = decode_request(body, header_length, self._inputs, self.max_json_bytes)
         if request.outputs is not None and self.model is not None:
             self.model.check_outputs([o.name for o in request.outputs])
         return request

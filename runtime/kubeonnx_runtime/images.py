@@ -2,11 +2,16 @@
 `spec.processing` declares, and turn the model's class scores into labels.
 
 Pure functions and a pipeline object, no web framework; decoding is CPU work that the HTTP
-layer runs on threads (Pillow releases the GIL while it decodes and resizes).
+layer runs on threads (Pillow releases the GIL while it decodes and resizes). An image is
+opened and checked from its header first (`ImagePipeline.open`: format, pixels, JPEG scans,
+the memory its decode will hold), and decoded only after that (`ImagePipeline.decode`), within
+a process-wide memory budget (`DecodeBudget`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import io
 import warnings
 from collections.abc import Callable
@@ -15,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -24,6 +29,9 @@ from .datatypes import TensorSpec
 from .errors import FatalStartupError, InvalidRequest, describe
 
 FORMATS = ("JPEG", "PNG", "WEBP")
+# RFC 2046 allows 70; python-multipart takes up to 256 and raises beyond.
+MAX_BOUNDARY = 256
+JPEG_HEAD_FF = 65536
 _FILTERS = {
     "bilinear": Image.Resampling.BILINEAR,
     "nearest": Image.Resampling.NEAREST,
@@ -32,6 +40,25 @@ _FILTERS = {
 # Our own pixel limit is checked first and names the problem; Pillow's bomb warning would
 # only repeat it in a worse form.
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+# Bytes per pixel an image's decode holds at its peak, on top of the decoded frame (4 bytes a
+# pixel: Pillow keeps RGB in 32 bits) and of one more frame for each conversion. Measured with
+# Pillow 13: libwebp's lossless decoder and Pillow's copy of its output take 12 more (14
+# here, for a margin).
+_DECODER_EXTRA = {"JPEG": 0, "PNG": 0, "WEBP": 14}
+_FRAME = 4
+# EXIF orientation: the transpositions that show the stored pixels as the camera was held
+# (ImageOps.exif_transpose's table).
+_ORIENT = {
+    2: [Image.Transpose.FLIP_LEFT_RIGHT],
+    3: [Image.Transpose.ROTATE_180],
+    4: [Image.Transpose.FLIP_TOP_BOTTOM],
+    5: [Image.Transpose.TRANSPOSE],
+    6: [Image.Transpose.ROTATE_270],
+    7: [Image.Transpose.TRANSVERSE],
+    8: [Image.Transpose.ROTATE_90],
+}
+# 16-bit greyscale (PNG): Pillow's conversion to 8 bits would clip at 255.
+_SIXTEEN_BIT = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 
 
 class _Config(BaseModel):
@@ -176,9 +203,12 @@ class ImagePipeline:
         inputs: list[TensorSpec],
         outputs: list[TensorSpec],
         labels: list[str] | None = None,
+        *,
+        max_scans: int = 32,
     ) -> None:
         image = processing.input.image
         self.image = image
+        self.max_scans = max_scans
         self.detection = processing.output.detection
         self.classification = processing.output.classification or Classification()
         self.labels = labels
@@ -240,8 +270,23 @@ class ImagePipeline:
     def preprocess(self, data: bytes, where: str) -> tuple[np.ndarray, tuple[int, int]]:
         """One image's bytes to a [1, ...] tensor and the image's (width, height), or
         InvalidRequest naming the problem."""
+        return self.decode(self.open(data, where))
+
+    def open(self, data: bytes, where: str) -> OpenedImage:
+        """Read and check an image's header, decoding nothing: its format, its pixels, its
+        JPEG scans, and the memory its decode will hold. InvalidRequest names the problem."""
         if not data:
             raise InvalidRequest(f"{where} is empty")
+        if data.startswith(b"\xff\xd8"):
+            # Pillow reads a JPEG's header a marker at a time in Python, about a microsecond
+            # each: 16 million 4-byte comments would take it 18 s. Every marker starts with
+            # 0xFF, counted in C; real headers (EXIF, thumbnails, ICC) hold a few thousand.
+            head_end = data.find(b"\xff\xda")
+            if data.count(b"\xff", 0, head_end if head_end >= 0 else len(data)) > JPEG_HEAD_FF:
+                raise InvalidRequest(
+                    f"{where} is a JPEG with more than {JPEG_HEAD_FF} marker bytes (0xFF) "
+                    "before its first scan"
+                )
         try:
             img = Image.open(io.BytesIO(data), formats=FORMATS)
         except UnidentifiedImageError:
@@ -258,18 +303,60 @@ class ImagePipeline:
             raise InvalidRequest(
                 f"{where} is {width}x{height} pixels, over the limit of {limit} pixels"
             )
+        if img.format == "JPEG":
+            # Each scan is a pass over every block of the image: a few hundred make a small
+            # file take tens of seconds. Counting the SOS markers anywhere in the file may
+            # count one of a thumbnail's too, never fewer than there are.
+            scans = data.count(b"\xff\xda")
+            if scans > self.max_scans:
+                raise InvalidRequest(
+                    f"{where} is a JPEG of {scans} scans, over the limit of {self.max_scans}"
+                )
+        orientation = _orientation(img)
+        frames = (
+            1
+            + (img.mode != "RGB")
+            + (img.mode in _SIXTEEN_BIT)
+            + (orientation != 1 or img.format == "PNG")
+        )
+        cost = width * height * (_FRAME * frames + _DECODER_EXTRA.get(img.format or "", 14))
+        return OpenedImage(img, where, orientation, cost)
+
+    def decode(self, opened: OpenedImage) -> tuple[np.ndarray, tuple[int, int]]:
+        """An opened image to a [1, ...] tensor and its (width, height) as the user sees it:
+        EXIF orientation applied, 16-bit greyscale scaled to 8 bits, then the declared
+        preprocessing."""
+        img, where = opened.image, opened.where
+        # The opened image is let go of here: a WebP's decoder keeps its whole canvas.
+        opened.image = None
+        assert img is not None, "an image is decoded once"
+        source = img
         h, w = self.image.size
         try:
-            resized = img.convert("RGB").resize((w, h), self._resample)
+            img.load()
+            # A PNG's eXIf chunk may follow its pixels (its cost counted the transposition).
+            orientation = opened.orientation if img.format != "PNG" else _orientation(img)
+            if img.mode in _SIXTEEN_BIT:
+                grey = np.asarray(img, dtype=np.float32) * np.float32(255 / 65535) + 0.5
+                img = Image.fromarray(grey.astype(np.uint8), "L")
+                del grey
+            if img.mode != "RGB":
+                img = img.convert("RGB")
+            for step in _ORIENT.get(orientation, ()):
+                img = img.transpose(step)
+            size = img.size
+            resized = img.resize((w, h), self._resample)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             raise InvalidRequest(f"{where} is a corrupt or truncated image: {exc}") from None
+        finally:
+            source.close()
         pixels = np.asarray(resized, dtype=np.float32)  # H, W, RGB
         if self.image.channels == "BGR":
             pixels = pixels[..., ::-1]
         pixels = pixels * self._gain - self._offset
         if self.image.layout == "NCHW":
             pixels = pixels.transpose(2, 0, 1)
-        return np.ascontiguousarray(pixels)[None], (width, height)
+        return np.ascontiguousarray(pixels)[None], size
 
     def answer(self, outputs: dict[str, np.ndarray], size: tuple[int, int]) -> dict[str, Any]:
         """The answer for one image from its model outputs (first dimension 1)."""
@@ -329,6 +416,74 @@ class ImagePipeline:
         ]
 
 
+@dataclass
+class OpenedImage:
+    """An image whose header was read and checked; nothing is decoded yet."""
+
+    image: Image.Image | None  # None once decoded
+    where: str  # what to call it in an error
+    orientation: int  # EXIF orientation, 1 as stored
+    cost: int  # bytes its decode holds at its peak, estimated from the header
+
+
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation the image's header carries (1 without one); never decodes."""
+    raw = img.info.get("exif")
+    if not raw:
+        return 1
+    exif = Image.Exif()
+    try:
+        exif.load(raw)
+        value = exif.get(ExifTags.Base.Orientation, 1)
+    except Exception:  # a broken EXIF block: Pillow's parser raises many kinds
+        return 1
+    return value if isinstance(value, int) and value in _ORIENT else 1
+
+
+class DecodeBudget:
+    """The memory the image decodes of a process may hold at once: a decode takes its share
+    before it starts, waiting in turn (first come, first served) while others hold it, and
+    gives it back once done. An image that needs more than all of it is refused."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self._waiting: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+
+    def check(self, opened: OpenedImage) -> None:
+        if opened.cost > self.limit:
+            raise InvalidRequest(
+                f"{opened.where} needs about {opened.cost >> 20} MiB to decode, over the limit "
+                f"of {self.limit >> 20} MiB"
+            )
+
+    async def acquire(self, cost: int) -> None:
+        if not self._waiting and self.held + cost <= self.limit:
+            self.held += cost
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiting.append((cost, waiter))
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():  # granted as it was cancelled
+                self.release(cost)
+            else:
+                self._waiting.remove((cost, waiter))
+                self._wake()
+            raise
+
+    def release(self, cost: int) -> None:
+        self.held -= cost
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiting and self.held + self._waiting[0][0] <= self.limit:
+            cost, waiter = self._waiting.popleft()
+            self.held += cost
+            waiter.set_result(None)
+
+
 def _pick(specs: list[TensorSpec], name: str | None, what: str, field: str) -> TensorSpec:
     if name is not None:
         for spec in specs:
@@ -359,6 +514,10 @@ def parse_multipart(body: bytes, content_type: str, max_parts: int) -> list[Part
     boundary = params.get(b"boundary")
     if not boundary:
         raise InvalidRequest("multipart/form-data without a boundary")
+    if len(boundary) > MAX_BOUNDARY:
+        raise InvalidRequest(
+            f"the multipart boundary is {len(boundary)} characters; at most {MAX_BOUNDARY}"
+        )
     parts: list[Part] = []
     headers: dict[bytes, bytes] = {}
     field: list[bytes] = []

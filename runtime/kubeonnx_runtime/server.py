@@ -333,7 +333,11 @@ def serve(settings: ServeSettings) -> int:
             if settings.processing:
                 labels = load_labels(settings.labels_file) if settings.labels_file else None
                 images = ImagePipeline(
-                    load_processing(settings.processing), model.inputs, model.outputs, labels
+                    load_processing(settings.processing),
+                    model.inputs,
+                    model.outputs,
+                    labels,
+                    max_scans=settings.max_jpeg_scans,
                 )
     except FatalStartupError as exc:
         log.error("fatal: %s", exc)
@@ -360,7 +364,13 @@ def serve(settings: ServeSettings) -> int:
             on_batch=batch_sizes.observe,
             on_queue_depth=queue_depth.set,
         )
-    dataplane = DataPlane(model, batcher, name=settings.model_name, version=settings.model_version)
+    dataplane = DataPlane(
+        model,
+        batcher,
+        name=settings.model_name,
+        version=settings.model_version,
+        max_json_bytes=settings.max_json_bytes,
+    )
     tasks: list[asyncio.Task[None]] = []
     consuming: list[asyncio.Task[None]] = []
     jobs: AsyncStore | None = None
@@ -443,6 +453,7 @@ def serve(settings: ServeSettings) -> int:
         max_images=settings.max_images_per_request,
         image_threads=cpu_quota_threads(),
         metrics_port=settings.metrics_port,
+        max_decode_bytes=settings.max_decode_bytes,
     )
     config = uvicorn.Config(
         app,

@@ -63,6 +63,14 @@ class ServeSettings(BaseSettings):
         ge=1024,
         description="largest request body, as sent and once inflated (gzip, deflate); 413 beyond",
     )
+    max_json_bytes: int = Field(
+        8 * 1024 * 1024,
+        ge=1024,
+        description="largest JSON of a request (the body, or the binary extension's header) "
+        "plus its BYTES tensors sent as binary data, once inflated: they become Python objects, "
+        "ten to twenty times their size, decoded holding the interpreter lock; 413 beyond "
+        "(numeric tensors sent as binary data are bounded by --max-request-bytes only)",
+    )
     max_header_bytes: int = Field(
         64 * 1024, ge=1024, description="largest request line and headers; 431 beyond"
     )
@@ -156,6 +164,19 @@ class ServeSettings(BaseSettings):
     )
     max_images_per_request: int = Field(
         64, ge=1, le=4096, description="images /predict/batch takes in one request"
+    )
+    max_jpeg_scans: int = Field(
+        32,
+        ge=1,
+        description="scans a JPEG may have: each is a pass over the whole image (libjpeg's "
+        "standard progression makes 10); 400 beyond",
+    )
+    max_decode_bytes: int = Field(
+        1024 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="memory the image decodes of the process may hold at once, estimated from "
+        "each image's header before it is decoded; decodes beyond it wait their turn, and an "
+        "image that needs more than all of it is refused (400)",
     )
     quota_config: Path | None = Field(None, description="mounted quota configuration file")
     quota_reload_s: float = Field(

@@ -3,7 +3,9 @@ request gets the status it must, the event loop keeps answering and memory stays
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import gzip
 import json
 import signal
 import socket
@@ -15,11 +17,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
+import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.runtime.conftest import Served, start_server
+from tests.runtime.test_image_bombs import files, scan_bomb, webp_bomb
 
 DATATYPES = ["BOOL", "UINT8", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES", "X", ""]
 json_values = st.recursive(
@@ -29,10 +34,12 @@ json_values = st.recursive(
     ),
     max_leaves=20,
 )
+# Every field may hold any JSON value, objects and arrays included, where a string, a number
+# or an object belongs.
 tensor = st.fixed_dictionaries(
     {
-        "name": st.sampled_from(["input", "features", "ids", "mask", "tag", "zzz"]),
-        "datatype": st.sampled_from(DATATYPES),
+        "name": st.sampled_from(["input", "features", "ids", "mask", "tag", "zzz"]) | json_values,
+        "datatype": st.sampled_from(DATATYPES) | json_values,
         "shape": st.lists(st.integers(-2, 5), max_size=3) | json_values,
     },
     optional={
@@ -43,13 +50,23 @@ tensor = st.fixed_dictionaries(
         | json_values,
         "parameters": st.fixed_dictionaries(
             {}, optional={"binary_data_size": st.integers(-5, 64) | json_values}
-        ),
+        )
+        | json_values,
     },
 )
 bodies = st.fixed_dictionaries(
     {"inputs": st.lists(tensor, max_size=4) | json_values},
     optional={
-        "outputs": st.lists(st.fixed_dictionaries({"name": st.text(max_size=8)}), max_size=2)
+        "outputs": st.lists(
+            st.fixed_dictionaries(
+                {"name": st.text(max_size=8) | json_values},
+                optional={
+                    "parameters": st.fixed_dictionaries({}, optional={"binary_data": json_values})
+                    | json_values
+                },
+            ),
+            max_size=2,
+        )
         | json_values,
         "parameters": json_values,
         "id": json_values,
@@ -90,6 +107,60 @@ def test_no_request_body_gets_a_5xx(
 def test_arbitrary_bytes_get_a_4xx(mixed_server: Served, raw: bytes, path: str) -> None:
     r = httpx.post(f"{mixed_server.url}{path}", content=raw)
     assert 400 <= r.status_code < 500
+
+
+GOOD_INPUT = {"name": "features", "datatype": "FP32", "shape": [1, 4], "data": [1, 1, 1, 1]}
+WRONG_KINDS = [{"a": 1}, [1, "x"], [], 7, 1.5, True, None, "s"]
+# (where in the request, how to put a value there)
+FIELDS: dict[str, Callable[[object], dict]] = {  # type: ignore[type-arg]
+    "inputs": lambda v: {"inputs": v},
+    "inputs[0]": lambda v: {"inputs": [v]},
+    "inputs[].name": lambda v: {"inputs": [{**GOOD_INPUT, "name": v}]},
+    "inputs[].datatype": lambda v: {"inputs": [{**GOOD_INPUT, "datatype": v}]},
+    "inputs[].shape": lambda v: {"inputs": [{**GOOD_INPUT, "shape": v}]},
+    "inputs[].shape[0]": lambda v: {"inputs": [{**GOOD_INPUT, "shape": [v, 4]}]},
+    "inputs[].data": lambda v: {"inputs": [{**GOOD_INPUT, "data": v}]},
+    "inputs[].data[0]": lambda v: {"inputs": [{**GOOD_INPUT, "data": [v, 1, 1, 1]}]},
+    "inputs[].parameters": lambda v: {"inputs": [{**GOOD_INPUT, "parameters": v}]},
+    "inputs[].parameters.binary_data_size": lambda v: {
+        "inputs": [{**GOOD_INPUT, "parameters": {"binary_data_size": v}}]
+    },
+    "outputs": lambda v: {"inputs": [GOOD_INPUT], "outputs": v},
+    "outputs[0]": lambda v: {"inputs": [GOOD_INPUT], "outputs": [v]},
+    "outputs[].name": lambda v: {"inputs": [GOOD_INPUT], "outputs": [{"name": v}]},
+    "outputs[].parameters": lambda v: {
+        "inputs": [GOOD_INPUT],
+        "outputs": [{"name": "score", "parameters": v}],
+    },
+    "outputs[].parameters.binary_data": lambda v: {
+        "inputs": [GOOD_INPUT],
+        "outputs": [{"name": "score", "parameters": {"binary_data": v}}],
+    },
+    "parameters": lambda v: {"inputs": [GOOD_INPUT], "parameters": v},
+    "parameters.binary_data_output": lambda v: {
+        "inputs": [GOOD_INPUT],
+        "parameters": {"binary_data_output": v},
+    },
+    "id": lambda v: {"inputs": [GOOD_INPUT], "id": v},
+}
+
+
+@pytest.mark.parametrize("field", list(FIELDS))
+def test_any_json_value_in_any_field_gets_a_4xx_or_an_answer(
+    mixed_server: Served, field: str
+) -> None:
+    """No JSON document is a 5xx: every field holding an object, an array, a number, a
+    boolean, null or a string is refused with a message, or (where it may) served."""
+    with httpx.Client(timeout=10) as http:
+        for value in WRONG_KINDS:
+            body = FIELDS[field](value)
+            for headers in ({}, {"Inference-Header-Content-Length": str(len(json.dumps(body)))}):
+                r = http.post(
+                    f"{mixed_server.url}{INFER}", content=json.dumps(body), headers=headers
+                )
+                assert r.status_code in (200, 400), (field, value, r.status_code, r.text)
+                if r.status_code == 400:
+                    assert r.json()["error"], (field, value)
 
 
 def test_server_is_up_and_correct_after_the_fuzz(mixed_server: Served) -> None:
@@ -135,24 +206,29 @@ def guarded(tmp_path_factory: pytest.TempPathFactory, models: dict[str, Path]) -
     served.stop(signal.SIGKILL, timeout=10)
 
 
-def rss(pid: int) -> int:
+def _status_kib(pid: int, field: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field}")
+
+
+def rss(pid: int) -> int:
+    return _status_kib(pid, "VmRSS") * 1024
 
 
 class LivenessProbe(threading.Thread):
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, timeout: float = 1.0) -> None:
         super().__init__(daemon=True)
         self.url = f"{url}/v2/health/live"
+        self.timeout = timeout
         self.worst = 0.0
         self.failures: list[str] = []
         self.answers = 0
         self._stop_event = threading.Event()
 
     def run(self) -> None:
-        with httpx.Client(timeout=1.0) as http:
+        with httpx.Client(timeout=self.timeout) as http:
             while True:
                 started = time.monotonic()
                 try:
@@ -172,19 +248,30 @@ class LivenessProbe(threading.Thread):
 
 
 @contextlib.contextmanager
-def unharmed(served: Served) -> Iterator[None]:
+def unharmed(
+    served: Served, *, peak: int | None = None, probe_bound: float = 1.0
+) -> Iterator[None]:
+    """The probe answers all along, within `probe_bound` seconds each time; RSS grows by
+    less than 64 MiB, or with `peak`, never peaks (nor stays) more than that above its
+    start."""
+    if peak is not None:  # Linux resets the peak (VmHWM) on writing 5 to clear_refs
+        Path(f"/proc/{served.proc.pid}/clear_refs").write_text("5")
     before = rss(served.proc.pid)
-    probe = LivenessProbe(served.url)
+    probe = LivenessProbe(served.url, probe_bound)
     probe.start()
     try:
         yield
     finally:
         probe.stop()
     assert not probe.failures and probe.answers > 0, probe.failures[:3]
-    assert probe.worst < 1.0, f"/v2/health/live took {probe.worst:.2f}s"
+    assert probe.worst < probe_bound, f"/v2/health/live took {probe.worst:.2f}s"
     assert httpx.get(f"{served.url}/v2/health/live", timeout=1).status_code == 200
     grown = rss(served.proc.pid) - before
-    assert grown < 64 * 1024 * 1024, f"RSS grew {grown / 2**20:.0f} MiB"
+    kept = 64 * 1024 * 1024 if peak is None else peak  # what the allocator keeps, at most
+    assert grown < kept, f"RSS grew {grown / 2**20:.0f} MiB"
+    if peak is not None:
+        peaked = _status_kib(served.proc.pid, "VmHWM") * 1024 - before
+        assert peaked < peak, f"RSS peaked {peaked >> 20} MiB above its start"
 
 
 def address(served: Served) -> tuple[str, int]:
@@ -447,3 +534,125 @@ def test_a_stalled_upload_does_not_make_the_batcher_wait(guarded: Served) -> Non
         answer = stalled.recv(4096)
     assert answer.startswith(b"HTTP/1.1 408"), answer
     assert max(latencies) < BATCH_DELAY_MS / 1000 / 2, latencies
+
+
+# The same checks against a server with the default body limit (64 MiB) and image endpoints,
+# for hostile bodies within that limit: JSON that inflates to tens of MB, JPEGs of hundreds
+# of scans, WebPs of a few KB that decode to hundreds of MB. Memory is bounded by the
+# configured limits: the JSON limit times what JSON costs as Python objects, or the decode
+# budget, plus the process's own slack.
+
+JSON_LIMIT = 2 * 1024 * 1024  # KUBEONNX_MAX_JSON_BYTES of the bounded server
+DECODE_BUDGET = 256 * 1024 * 1024  # KUBEONNX_MAX_DECODE_BYTES
+OBJECTS_PER_JSON_BYTE = 25  # "[]," is 3 bytes of JSON and 64 of Python list and pointer
+# One decode's objects, and as much again of the one before that the allocator may keep
+# (fragmented), plus the process's slack.
+SLACK = 64 * 1024 * 1024
+JSON_PEAK = 2 * OBJECTS_PER_JSON_BYTE * JSON_LIMIT + SLACK
+CLASSIFY = "/v2/models/classifier/predict"
+
+
+@pytest.fixture(scope="module")
+def bounded(tmp_path_factory: pytest.TempPathFactory, models: dict[str, Path]) -> Iterator[Served]:
+    processing = {"input": {"image": {"size": [32, 32]}}}
+    served = start_server(
+        tmp_path_factory.mktemp("bounded"),
+        *("--model-uri", f"file://{models['convnet']}", "--model-name", "classifier"),
+        env={
+            "KUBEONNX_MAX_JSON_BYTES": str(JSON_LIMIT),
+            "KUBEONNX_MAX_DECODE_BYTES": str(DECODE_BUDGET),
+            "KUBEONNX_PROCESSING": json.dumps(processing),
+        },
+    )
+    yield served
+    served.stop(signal.SIGKILL, timeout=10)
+
+
+def zeros_json(values: int) -> bytes:
+    """A convnet request of `values` zeros: 2 bytes of JSON each."""
+    rows = values // (3 * 32 * 32)
+    head = b'{"inputs":[{"name":"input","datatype":"FP32","shape":[%d,3,32,32],"data":[' % rows
+    return head + b"0," * (rows * 3 * 32 * 32 - 1) + b"0]}]}"
+
+
+def json_decode_seconds(body: bytes) -> float:
+    """What decoding `body` holds the interpreter lock for, measured here: orjson, then numpy."""
+    started = time.monotonic()
+    np.asarray(orjson.loads(body)["inputs"][0]["data"], dtype=np.float32)
+    return time.monotonic() - started
+
+
+def test_a_gzip_json_bomb_within_the_body_limit_harms_nobody(bounded: Served) -> None:
+    """60 KB of gzip that inflates to 64 MB of JSON (within the 64 MiB body limit): refused
+    once it inflates past the JSON limit. The probe is answered within 1 s plus ten times
+    what the largest JSON the server will parse takes to decode here, and RSS peaks below
+    the JSON limit's worth of Python objects."""
+    bomb = gzip.compress(zeros_json(32 * 1024 * 1024 - 3072), 9)
+    assert len(bomb) < 100_000
+    probe_bound = 1.0 + 10 * json_decode_seconds(zeros_json(JSON_LIMIT // 2))
+    with unharmed(bounded, peak=JSON_PEAK, probe_bound=probe_bound):
+        status, answer = exchange(
+            bounded, post("/v2/models/classifier/infer", bomb, Content_Encoding="gzip"), 60
+        )
+    assert status == 413, answer[:300]
+    assert b"over the limit of 2097152 bytes (--max-json-bytes)" in answer
+
+
+def empty_lists_json(size: int) -> bytes:
+    """About `size` bytes of JSON that cost the most as Python objects: empty lists."""
+    count = (size - 100) // 3
+    head = b'{"inputs":[{"name":"input","datatype":"FP32","shape":[%d,0],"data":[' % count
+    return head + b"[]," * (count - 1) + b"[]]}]}"
+
+
+def test_the_largest_json_the_server_decodes_four_at_once_harms_nobody(bounded: Served) -> None:
+    """Four bodies just under the JSON limit, of the costliest kinds, sent at once: a million
+    numbers (the last out of range) and 700,000 empty lists (refused for their shape). The
+    lists' allocation set off the garbage collector's passes over the whole heap, 1.8 s of
+    them holding the GIL. Each is decoded, one at a time, within the same bounds."""
+    # The numbers end in one out of range for FP32: all are converted, then refused.
+    numbers = zeros_json(JSON_LIMIT // 2 - 4096).replace(b"0]}]}", b"1e39]}]}")
+    bodies = [numbers, empty_lists_json(JSON_LIMIT - 64)] * 2
+    assert all(JSON_LIMIT - 8192 < len(b) <= JSON_LIMIT for b in bodies)
+    probe_bound = 1.0 + 10 * json_decode_seconds(zeros_json(JSON_LIMIT // 2))
+    url = f"{bounded.url}/v2/models/classifier/infer"
+    with (
+        unharmed(bounded, peak=JSON_PEAK, probe_bound=probe_bound),
+        concurrent.futures.ThreadPoolExecutor(4) as pool,
+    ):
+        answers = list(pool.map(lambda b: httpx.post(url, content=b, timeout=60), bodies))
+    assert [a.status_code for a in answers] == [400] * 4, [a.text[:200] for a in answers]
+    assert all("out of range for datatype FP32" in a.json()["error"] for a in answers[::2])
+    assert all(", 0]; the model takes" in a.json()["error"] for a in answers[1::2])
+
+
+IMAGE_BOMBS: dict[str, tuple[Callable[[], httpx.Request], int, str]] = {
+    "a JPEG of 300 scans (each a pass over the image)": (
+        lambda: httpx.Request("POST", CLASSIFY, content=scan_bomb(1024)),
+        400,
+        "the image is a JPEG of 300 scans, over the limit of 32",
+    ),
+    "eight 1.4 KB WebPs of 6000x6000, each over the decode budget": (
+        lambda: httpx.Request("POST", CLASSIFY + "/batch", files=files(*[webp_bomb(6000)] * 8)),
+        400,
+        "MiB to decode, over the limit of 256 MiB",
+    ),
+    "eight 3000x3000 WebPs of 500 bytes, decoded in turn within the budget": (
+        lambda: httpx.Request("POST", CLASSIFY + "/batch", files=files(*[webp_bomb(3000)] * 8)),
+        200,
+        '"image":7',
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(IMAGE_BOMBS))
+def test_an_image_bomb_gets_its_status_and_harms_nobody(bounded: Served, case: str) -> None:
+    make, expected, message = IMAGE_BOMBS[case]
+    request = make()
+    head = f"POST {request.url.path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in request.headers.items() if k != "host")
+    raw = head.encode() + b"\r\n" + request.read()
+    with unharmed(bounded, peak=DECODE_BUDGET + SLACK, probe_bound=1.0):
+        status, answer = exchange(bounded, raw, 120)
+    assert status == expected, answer[:300]
+    assert message.encode() in answer, answer[:300]

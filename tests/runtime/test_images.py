@@ -4,6 +4,7 @@ onnxruntime run directly; hostile images get a 400 that names the problem."""
 from __future__ import annotations
 
 import concurrent.futures
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ from kubeonnx_runtime.datatypes import TensorSpec
 from kubeonnx_runtime.errors import FatalStartupError, InvalidRequest
 from kubeonnx_runtime.images import ImagePipeline, load_processing, parse_multipart
 from kubeonnx_runtime.quota import key_hash
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 from e2e.generate_images import generate as generate_images
 from tests.runtime.conftest import Served, start_server
@@ -71,7 +72,7 @@ def image_server(
     served.stop()
 
 
-def reference(model: Path, path: Path) -> list[tuple[str, float]]:
+def reference(model: Path, path: Path | io.BytesIO) -> list[tuple[str, float]]:
     """The declared preprocessing written out plainly, and onnxruntime run directly."""
     img = Image.open(path).convert("RGB").resize((32, 32), Image.Resampling.BILINEAR)
     x = (np.asarray(img, dtype=np.float32) / 255 - np.array(MEAN, np.float32)) / np.array(
@@ -501,3 +502,95 @@ def test_detect_converts_centre_size_and_normalised_boxes_and_suppresses_per_cla
     # Normalised centre 0.5, size 0.5 of 200x100 -> x 50..150, y 25..75, then x2 to 400 wide.
     assert found[0].box == pytest.approx((100.0, 25.0, 300.0, 75.0))
     assert found[2].box == pytest.approx((340.0, 85.0, 400.0, 100.0))
+
+
+def stored_sideways(seen: Image.Image, fmt: str) -> bytes:
+    """The picture `seen` as a camera held sideways stores it: pixels rotated, and EXIF
+    orientation 6, which ImageOps.exif_transpose turns back into `seen`."""
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6
+    out = io.BytesIO()
+    seen.transpose(Image.Transpose.ROTATE_90).save(out, fmt, exif=exif)
+    return out.getvalue()
+
+
+def png(img: Image.Image) -> bytes:
+    out = io.BytesIO()
+    img.save(out, "PNG")
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+def test_exif_orientation_is_applied(
+    classifier: Served, images: dict[str, Path], models: dict[str, Path], fmt: str
+) -> None:
+    seen = Image.open(images["photo.jpg"]).convert("RGB")  # 640x480, not square
+    stored = stored_sideways(seen, fmt)
+    upright = ImageOps.exif_transpose(Image.open(io.BytesIO(stored)))
+    assert upright.size == seen.size
+    expected = reference(models["convnet"], io.BytesIO(png(upright)))
+    answer = httpx.post(f"{classifier.url}/v2/models/classifier/predict", content=stored)
+    assert answer.status_code == 200, answer.text
+    assert_matches(answer.json()["predictions"], expected)
+    if fmt == "PNG":  # lossless: the same answer as the upright picture itself
+        assert expected == reference(models["convnet"], io.BytesIO(png(seen)))
+
+
+def test_detection_boxes_are_in_the_frame_the_user_sees(
+    detector: Served, images: dict[str, Path], models: dict[str, Path], tmp_path: Path
+) -> None:
+    seen = Image.open(images["photo.jpg"]).convert("RGB")
+    (tmp_path / "seen.png").write_bytes(png(seen))
+    expected, _ = plain_detections(models["detector"], tmp_path / "seen.png")
+    assert expected
+    answer = httpx.post(
+        f"{detector.url}/v2/models/detector/predict", content=stored_sideways(seen, "PNG")
+    )
+    assert answer.status_code == 200, answer.text
+    found = answer.json()["detections"]
+    assert [d["label"] for d in found] == [label for label, _, _ in expected]
+    for got, (_, score, box) in zip(found, expected, strict=True):
+        assert got["score"] == pytest.approx(score, rel=1e-5)
+        corners = [got["box"][k] for k in ("x1", "y1", "x2", "y2")]
+        np.testing.assert_allclose(corners, box, rtol=1e-4, atol=1e-3)
+
+
+def test_sixteen_bit_greyscale_is_scaled_not_clipped(
+    classifier: Served, models: dict[str, Path]
+) -> None:
+    """A 16-bit PNG answers as the same picture in 8 bits does (value / 257, rounded)."""
+    y, x = np.mgrid[0:48, 0:64]
+    grey = (x * 1000 + y * 300) % 65536
+    wide = Image.fromarray(grey.astype(np.uint16))
+    assert wide.mode == "I;16"
+    narrow = Image.fromarray(np.round(grey / 257).astype(np.uint8), "L")
+    expected = reference(models["convnet"], io.BytesIO(png(narrow)))
+    white = reference(models["convnet"], io.BytesIO(png(Image.new("L", (64, 48), 255))))
+    assert expected != white
+    answer = httpx.post(f"{classifier.url}/v2/models/classifier/predict", content=png(wide))
+    assert answer.status_code == 200, answer.text
+    assert_matches(answer.json()["predictions"], expected)
+
+
+@pytest.mark.parametrize("length", [200, 300])
+def test_a_long_multipart_boundary_is_served_or_named(
+    classifier: Served, images: dict[str, Path], length: int
+) -> None:
+    boundary = "b" * length
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="t.png"\r\n\r\n'
+        ).encode()
+        + images["tiny.png"].read_bytes()
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    answer = httpx.post(
+        f"{classifier.url}/v2/models/classifier/predict",
+        content=body,
+        headers={"content-type": f"multipart/form-data; boundary={boundary}"},
+    )
+    if length <= 256:
+        assert answer.status_code == 200, answer.text
+    else:
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["error"] == "the multipart boundary is 300 characters; at most 256"
