@@ -182,6 +182,13 @@ class ServeSettings(BaseSettings):
     drain_seconds: float = Field(
         5.0, ge=0, description="after SIGTERM: seconds to answer not-ready before closing"
     )
+    grace_seconds: float = Field(
+        30.0,
+        ge=10,
+        description="the pod's terminationGracePeriodSeconds: the drain, the requests in "
+        "flight and the usage ledger's last write and spill all end within it (the default is "
+        "the shorter of the two the operator renders)",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="debug, info, warning or error"
     )

@@ -5,6 +5,10 @@ live one replaying a spill."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
+import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -12,11 +16,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from kubeonnx_runtime import ledger as ledger_module
 from kubeonnx_runtime.ledger import Ledger, _row_line
+from kubeonnx_runtime.server import LEDGER_RESERVE_S, STOP_MARGIN_S, stop_budget
 
 from e2e.postgres_server import LocalPostgres
+from e2e.redis_server import LocalRedis
+from tests.runtime.test_quota_redis import infer, serve_mlp, write_policy
 
 DOWN = "postgresql://kubeonnx@127.0.0.1:1/none"
 
@@ -203,3 +211,68 @@ def test_a_starting_replica_leaves_a_live_replicas_spill_and_replay_keeps_to_max
     # On disk: the a-rows (taken over by the third), the b-rows (held by the second).
     assert ids_on_disk(spill) == sorted([f"a{i}" for i in range(60)] + [f"b{i}" for i in range(60)])
     assert third.pending == 60 and starting.pending == 60
+
+
+def trickle(url: str, stop: threading.Event) -> None:
+    """A client that sends a request's body a byte at a time, never finishing it."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(
+            b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nX-Api-Key: a-key\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{"
+        )
+        while not stop.wait(0.3):
+            with contextlib.suppress(OSError):
+                sock.sendall(b" ")
+
+
+def test_a_slow_client_and_a_dead_postgres_still_leave_time_to_spill_within_the_grace_period(
+    serve, models, redis_server: LocalRedis, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """The stop's parts (drain, requests in flight, the ledger's last write and spill) are
+    bounded by KUBEONNX_GRACE_SECONDS together: a client trickling its body in holds the stop
+    only for its share, and the rows waiting for a PostgreSQL that refuses are spilled."""
+    grace = 12
+    config = write_policy(tmp_path, redis_server.url, {"a": []}, ledger={"dsnEnv": "LEDGER_DSN"})
+    spill = tmp_path / "spill"
+    served = serve_mlp(
+        serve,
+        models,
+        config,
+        env={
+            "LEDGER_DSN": DOWN,
+            "KUBEONNX_LEDGER_SPILL_DIR": str(spill),
+            "KUBEONNX_GRACE_SECONDS": str(grace),
+            "KUBEONNX_DRAIN_SECONDS": "2",
+        },
+    )
+    stop = threading.Event()
+    slow = threading.Thread(target=trickle, args=(served.url, stop), daemon=True)
+    try:
+        with httpx.Client(timeout=30) as http:
+            for _ in range(10):
+                assert infer(http, served, "a").status_code == 200
+        slow.start()
+        time.sleep(0.5)  # its request is in flight
+        started = time.monotonic()
+        served.proc.send_signal(signal.SIGTERM)
+        try:
+            assert served.proc.wait(grace) == 0, served.logs()
+        except subprocess.TimeoutExpired:
+            took = time.monotonic() - started
+            raise AssertionError(f"still running {took:.0f}s after SIGTERM") from None
+    finally:
+        stop.set()
+        slow.join(10)
+    (written,) = spill.glob("*.rows")
+    assert len(written.read_text().splitlines()) == 10
+
+
+def test_the_stop_budget_fits_the_grace_period() -> None:
+    for grace in (10.0, 12.0, 30.0, 60.0, 300.0):
+        for drain in (0.0, 2.0, 5.0, 60.0):
+            spent_drain, in_flight = stop_budget(grace, drain)
+            assert spent_drain <= drain
+            assert spent_drain + in_flight + LEDGER_RESERVE_S + STOP_MARGIN_S <= grace
+            assert in_flight >= 1.0
+    assert stop_budget(30.0, 5.0) == (5.0, 18.0)
