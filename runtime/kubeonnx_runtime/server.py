@@ -391,14 +391,13 @@ def serve(settings: ServeSettings) -> int:
     if settings.async_redis_url is not None:
         client = async_client(settings)
         keys = async_keys(settings)
+        callback_hosts = [h.strip() for h in settings.async_callback_hosts.split(",") if h.strip()]
         jobs = AsyncStore(
             client,
             keys,
             max_queued=settings.async_max_queued,
             max_entry_bytes=settings.async_max_entry_bytes,
-            callback_hosts=[
-                h.strip() for h in settings.async_callback_hosts.split(",") if h.strip()
-            ],
+            callback_hosts=callback_hosts,
         )
         if batcher is not None:
             # Enough requests in flight for full batches, never more than the batcher queues.
@@ -417,6 +416,7 @@ def serve(settings: ServeSettings) -> int:
                 max_result_bytes=settings.async_max_result_bytes,
                 dead_letter_max=settings.async_dead_letter_max_length,
                 max_callbacks=settings.async_max_callbacks,
+                callback_hosts=callback_hosts,
                 on_outcome=lambda outcome: metrics.async_outcomes.labels(label, outcome).inc(),
                 on_queue_length=metrics.async_queue_length.labels(label).set,
                 on_result_bytes=metrics.async_result_bytes.labels(label).inc,
