@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -49,16 +50,21 @@ CALLBACK_TRIES = 3
 CALLBACK_DEADLINE_S = 15.0
 CALLBACK_STOP_S = 5.0
 
-# KEYS: stream, record. ARGV: max queued, pending TTL, id, body, header length, callback,
-# tenant, submitted at. Refuses (0) when the stream holds max queued entries already. The
-# group is made with the stream: its lag (what KEDA scales on) counts from the first entry,
-# before any replica has run.
+# KEYS: stream, record, queued bytes. ARGV: max queued, pending TTL, id, body, header length,
+# callback, tenant, submitted at, max queued bytes. Refuses when the stream holds max queued
+# entries already (0) or their bodies would pass max queued bytes (-1). The group is made with
+# the stream: its lag (what KEDA scales on) counts from the first entry, before any replica
+# has run; the byte counter starts over with it.
 _SUBMIT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('XGROUP', 'CREATE', KEYS[1], 'kubeonnx', '0', 'MKSTREAM')
+  redis.call('SET', KEYS[3], 0)
 elseif redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then
   return 0
+elseif tonumber(redis.call('GET', KEYS[3]) or '0') + #ARGV[4] > tonumber(ARGV[9]) then
+  return -1
 end
+redis.call('INCRBY', KEYS[3], #ARGV[4])
 redis.call('HSET', KEYS[2], 'status', 'pending', 'attempts', 0, 'submitted', ARGV[8],
            'tenant', ARGV[7])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
@@ -67,11 +73,21 @@ redis.call('XADD', KEYS[1], '*', 'id', ARGV[3], 'body', ARGV[4], 'hl', ARGV[5],
 return 1
 """
 
-# KEYS: record, completed counter, dead-letter stream, request stream. ARGV: status, HTTP
-# code, content type, result or error, header length, completed at, TTL, tenant, attempts,
-# the entry to acknowledge and delete ("" to leave it for later), then, to dead-letter the
-# request ("" otherwise): "1", callback, the request's header length and body, and the
-# dead-letter stream's maximum length (the oldest entries are trimmed).
+# Acknowledges and deletes the entry ARGV[1] of the stream KEYS[1], taking its body's bytes
+# (ARGV[2]) off the queued-bytes counter KEYS[2] once (only if this call deleted it).
+_ACK_LUA = """
+redis.call('XACK', KEYS[1], 'kubeonnx', ARGV[1])
+if redis.call('XDEL', KEYS[1], ARGV[1]) == 1 then
+  if redis.call('DECRBY', KEYS[2], ARGV[2]) < 0 then redis.call('SET', KEYS[2], 0) end
+end
+"""
+
+# KEYS: record, completed counter, dead-letter stream, request stream, queued bytes, dead-letter
+# bytes. ARGV: status, HTTP code, content type, result or error, header length, completed
+# at, TTL, tenant, attempts, the entry to acknowledge and delete ("" to leave it for later),
+# then, to dead-letter the request ("" otherwise): "1", callback, the request's header length
+# and body, and the dead-letter stream's maximum length; then the entry's body bytes and the
+# dead-letter stream's maximum bytes (its oldest entries are trimmed past either maximum).
 # Writes only the first outcome of a request: a redelivered one changes nothing (0).
 _COMPLETE = """
 local status = redis.call('HGET', KEYS[1], 'status')
@@ -83,16 +99,32 @@ if status ~= 'done' and status ~= 'failed' then
   redis.call('EXPIRE', KEYS[1], ARGV[7])
   redis.call('INCR', KEYS[2])
   if ARGV[11] ~= '' then
-    redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[15], '*', 'id', string.match(KEYS[1], '[^:]+$'),
+    redis.call('XADD', KEYS[3], '*', 'id', string.match(KEYS[1], '[^:]+$'),
                'reason', ARGV[4],
                'attempts', ARGV[9], 'tenant', ARGV[8], 'callback', ARGV[12], 'hl', ARGV[13],
                'body', ARGV[14])
+    local bytes = redis.call('INCRBY', KEYS[6], #ARGV[14])
+    while redis.call('XLEN', KEYS[3]) > tonumber(ARGV[15]) or bytes > tonumber(ARGV[17]) do
+      local oldest = redis.call('XRANGE', KEYS[3], '-', '+', 'COUNT', 1)
+      if #oldest == 0 then
+        redis.call('SET', KEYS[6], 0)
+        break
+      end
+      local fields, size = oldest[1][2], 0
+      for i = 1, #fields, 2 do
+        if fields[i] == 'body' then size = #fields[i + 1] end
+      end
+      redis.call('XDEL', KEYS[3], oldest[1][1])
+      bytes = redis.call('DECRBY', KEYS[6], size)
+    end
   end
   written = 1
 end
 if ARGV[10] ~= '' then
   redis.call('XACK', KEYS[4], 'kubeonnx', ARGV[10])
-  redis.call('XDEL', KEYS[4], ARGV[10])
+  if redis.call('XDEL', KEYS[4], ARGV[10]) == 1 then
+    if redis.call('DECRBY', KEYS[5], ARGV[16]) < 0 then redis.call('SET', KEYS[5], 0) end
+  end
 end
 return written
 """
@@ -113,6 +145,14 @@ class AsyncKeys:
     @property
     def completed(self) -> str:
         return f"{self.prefix}:completed"
+
+    @property
+    def queued_bytes(self) -> str:
+        return f"{self.prefix}:queued-bytes"
+
+    @property
+    def dead_bytes(self) -> str:
+        return f"{self.prefix}:dead-bytes"
 
     def record(self, request_id: str) -> str:
         return f"{self.prefix}:request:{request_id}"
@@ -302,10 +342,12 @@ class AsyncStore:
         max_queued: int,
         callback_hosts: list[str],
         max_entry_bytes: int = 4 * 1024 * 1024,
+        max_queued_bytes: int = 1024 * 1024 * 1024,
     ) -> None:
         self.client = client
         self.keys = keys
         self.max_queued = max_queued
+        self.max_queued_bytes = max_queued_bytes
         self.callback_hosts = callback_hosts
         self.max_entry_bytes = max_entry_bytes
         self._submit = client.register_script(_SUBMIT)
@@ -333,7 +375,7 @@ class AsyncStore:
         request_id = uuid.uuid4().hex
         queued = await _store_call(
             self._submit(
-                keys=[self.keys.stream, self.keys.record(request_id)],
+                keys=[self.keys.stream, self.keys.record(request_id), self.keys.queued_bytes],
                 args=[
                     self.max_queued,
                     PENDING_TTL_S,
@@ -343,9 +385,15 @@ class AsyncStore:
                     callback or "",
                     tenant,
                     f"{time.time():.3f}",
+                    self.max_queued_bytes,
                 ],
             )
         )
+        if queued == -1:
+            raise QueueFull(
+                f"the asynchronous queue holds its limit of {self.max_queued_bytes} bytes of "
+                "requests (spec.async.maxQueuedBytes); retry later"
+            )
         if not queued:
             raise QueueFull(
                 f"the asynchronous queue is full ({self.max_queued} requests); retry later"
@@ -612,6 +660,7 @@ class AsyncWorker:
         consumer: str | None = None,
         max_result_bytes: int = 4 * 1024 * 1024,
         dead_letter_max: int = 1000,
+        dead_letter_max_bytes: int = 256 * 1024 * 1024,
         max_callbacks: int = 64,
         callback_hosts: list[str] | None = None,
         on_outcome: Outcome | None = None,
@@ -631,6 +680,7 @@ class AsyncWorker:
         self.concurrency = concurrency
         self.max_result_bytes = max_result_bytes
         self.dead_letter_max = dead_letter_max
+        self.dead_letter_max_bytes = dead_letter_max_bytes
         # Unique per process: a restarted pod must not inherit a dead one's pending entries
         # by name (they are reclaimed by idle time, like any other consumer's).
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
@@ -647,6 +697,7 @@ class AsyncWorker:
             max_wait_s=max(1.0, claim_after_s / 2),
         )
         self._complete = client.register_script(_COMPLETE)
+        self._ack = client.register_script(_ACK_LUA)
         self._stopping = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
         self._claims = 0
@@ -749,6 +800,7 @@ class AsyncWorker:
         tenant = _text(fields.get(b"tenant", b""))
         callback = _text(fields.get(b"callback", b""))
         record = self.keys.record(request_id)
+        size = len(fields.get(b"body", b""))  # taken off the queued bytes when deleted
         try:
             written: str | None = None  # the outcome a previous delivery already wrote
             if delivered > 1:  # redelivered: its replica may have died after writing the result
@@ -782,6 +834,7 @@ class AsyncWorker:
                     tenant,
                     delivered - 1,
                     ack,
+                    size,
                     dead,
                 )
                 status, acked = "failed", bool(ack)
@@ -795,16 +848,23 @@ class AsyncWorker:
                     status, code, payload, hl = await self._run(request_id, fields)
                 finally:
                     heartbeat.cancel()
-                await self._finish(request_id, status, code, payload, hl, tenant, delivered, ack)
+                await self._finish(
+                    request_id, status, code, payload, hl, tenant, delivered, ack, size
+                )
                 acked = bool(ack)
                 self._on_outcome(status)
                 self._on_result_bytes(len(payload))
             if callback:  # then acknowledged, apart from the inference slots
                 self.callbacks.start(
-                    callback, request_id, status, entry_id, self._acknowledge, tenant
+                    callback,
+                    request_id,
+                    status,
+                    entry_id,
+                    functools.partial(self._acknowledge, size=size),
+                    tenant,
                 )
             elif not acked:
-                await self._acknowledge(entry_id)
+                await self._acknowledge(entry_id, size)
         except Transient as exc:
             # Left pending: another attempt comes when it has been idle for claim_after.
             self._on_outcome("retry")
@@ -817,11 +877,8 @@ class AsyncWorker:
                 "request %s: the queue could not be updated; it stays pending", request_id
             )
 
-    async def _acknowledge(self, entry_id: str) -> None:
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.xack(self.keys.stream, GROUP, entry_id)
-            pipe.xdel(self.keys.stream, entry_id)
-            await pipe.execute()
+    async def _acknowledge(self, entry_id: str, size: int = 0) -> None:
+        await self._ack(keys=[self.keys.stream, self.keys.queued_bytes], args=[entry_id, size])
 
     async def _keep_claimed(self, entry_id: str) -> None:
         """While a request runs, reset its idle time every third of claim_after, so a run
@@ -879,12 +936,20 @@ class AsyncWorker:
         tenant: str,
         attempts: int,
         ack: str,
+        size: int,
         dead: list[Any] | None = None,
     ) -> None:
         ctype = "application/octet-stream" if header_length is not None else "application/json"
         keys = self.keys
         await self._complete(
-            keys=[keys.record(request_id), keys.completed, keys.dead, keys.stream],
+            keys=[
+                keys.record(request_id),
+                keys.completed,
+                keys.dead,
+                keys.stream,
+                keys.queued_bytes,
+                keys.dead_bytes,
+            ],
             args=[
                 status,
                 code,
@@ -896,7 +961,9 @@ class AsyncWorker:
                 tenant,
                 attempts,
                 ack,
-                *(dead or [""]),
+                *(dead or ["", "", "", "", ""]),
+                size,
+                self.dead_letter_max_bytes,
             ],
         )
 

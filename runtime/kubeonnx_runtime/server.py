@@ -397,6 +397,7 @@ def serve(settings: ServeSettings) -> int:
             keys,
             max_queued=settings.async_max_queued,
             max_entry_bytes=settings.async_max_entry_bytes,
+            max_queued_bytes=settings.async_max_queued_bytes,
             callback_hosts=callback_hosts,
         )
         if batcher is not None:
@@ -415,6 +416,7 @@ def serve(settings: ServeSettings) -> int:
                 concurrency=min(concurrency, max(1, settings.max_queue // 2)),
                 max_result_bytes=settings.async_max_result_bytes,
                 dead_letter_max=settings.async_dead_letter_max_length,
+                dead_letter_max_bytes=settings.async_dead_letter_max_bytes,
                 max_callbacks=settings.async_max_callbacks,
                 callback_hosts=callback_hosts,
                 on_outcome=lambda outcome: metrics.async_outcomes.labels(label, outcome).inc(),

@@ -121,6 +121,17 @@ class ServeSettings(BaseSettings):
         description="largest asynchronous result kept; a larger one makes the request failed "
         "(413) instead of being written",
     )
+    async_max_queued_bytes: int = Field(
+        1024 * 1024 * 1024,
+        ge=1024,
+        description="bytes of request bodies the queue holds at most, all entries together; "
+        "503 beyond",
+    )
+    async_dead_letter_max_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1024,
+        description="bytes of request bodies the dead-letter stream keeps; the oldest are trimmed",
+    )
     async_dead_letter_max_length: int = Field(
         1000,
         ge=1,
