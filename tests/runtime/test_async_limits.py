@@ -122,6 +122,8 @@ def test_the_dead_letter_stream_keeps_only_its_newest_entries(
         redis_url,
         KUBEONNX_ASYNC_MAX_ATTEMPTS="1",
         KUBEONNX_ASYNC_DEAD_LETTER_MAX_LENGTH="2",
+        # One at a time: each completion time is taken in the order the letters are added.
+        KUBEONNX_ASYNC_CONCURRENCY="1",
     )
     with httpx.Client(base_url=served.url, timeout=10) as http:
         for request_id in ids:
