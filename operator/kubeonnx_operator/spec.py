@@ -176,6 +176,8 @@ class AsyncSpec(_Spec):
     max_entry_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
     max_result_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
     dead_letter_max_length: int = Field(1000, ge=1, le=1_000_000)
+    max_queued_bytes: int = Field(1024**3, ge=1024, le=1024**4)
+    dead_letter_max_bytes: int = Field(256 * 1024**2, ge=1024, le=1024**4)
     target_queue_length: int = Field(16, ge=1, le=100000)
     callback_hosts: list[str] = []
     gateway: GatewaySpec = GatewaySpec()

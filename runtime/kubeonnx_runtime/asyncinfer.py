@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import re
 import socket
 import time
 import uuid
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -48,16 +50,21 @@ CALLBACK_TRIES = 3
 CALLBACK_DEADLINE_S = 15.0
 CALLBACK_STOP_S = 5.0
 
-# KEYS: stream, record. ARGV: max queued, pending TTL, id, body, header length, callback,
-# tenant, submitted at. Refuses (0) when the stream holds max queued entries already. The
-# group is made with the stream: its lag (what KEDA scales on) counts from the first entry,
-# before any replica has run.
+# KEYS: stream, record, queued bytes. ARGV: max queued, pending TTL, id, body, header length,
+# callback, tenant, submitted at, max queued bytes. Refuses when the stream holds max queued
+# entries already (0) or their bodies would pass max queued bytes (-1). The group is made with
+# the stream: its lag (what KEDA scales on) counts from the first entry, before any replica
+# has run; the byte counter starts over with it.
 _SUBMIT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('XGROUP', 'CREATE', KEYS[1], 'kubeonnx', '0', 'MKSTREAM')
+  redis.call('SET', KEYS[3], 0)
 elseif redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then
   return 0
+elseif tonumber(redis.call('GET', KEYS[3]) or '0') + #ARGV[4] > tonumber(ARGV[9]) then
+  return -1
 end
+redis.call('INCRBY', KEYS[3], #ARGV[4])
 redis.call('HSET', KEYS[2], 'status', 'pending', 'attempts', 0, 'submitted', ARGV[8],
            'tenant', ARGV[7])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
@@ -66,11 +73,21 @@ redis.call('XADD', KEYS[1], '*', 'id', ARGV[3], 'body', ARGV[4], 'hl', ARGV[5],
 return 1
 """
 
-# KEYS: record, completed counter, dead-letter stream, request stream. ARGV: status, HTTP
-# code, content type, result or error, header length, completed at, TTL, tenant, attempts,
-# the entry to acknowledge and delete ("" to leave it for later), then, to dead-letter the
-# request ("" otherwise): "1", callback, the request's header length and body, and the
-# dead-letter stream's maximum length (the oldest entries are trimmed).
+# Acknowledges and deletes the entry ARGV[1] of the stream KEYS[1], taking its body's bytes
+# (ARGV[2]) off the queued-bytes counter KEYS[2] once (only if this call deleted it).
+_ACK_LUA = """
+redis.call('XACK', KEYS[1], 'kubeonnx', ARGV[1])
+if redis.call('XDEL', KEYS[1], ARGV[1]) == 1 then
+  if redis.call('DECRBY', KEYS[2], ARGV[2]) < 0 then redis.call('SET', KEYS[2], 0) end
+end
+"""
+
+# KEYS: record, completed counter, dead-letter stream, request stream, queued bytes, dead-letter
+# bytes. ARGV: status, HTTP code, content type, result or error, header length, completed
+# at, TTL, tenant, attempts, the entry to acknowledge and delete ("" to leave it for later),
+# then, to dead-letter the request ("" otherwise): "1", callback, the request's header length
+# and body, and the dead-letter stream's maximum length; then the entry's body bytes and the
+# dead-letter stream's maximum bytes (its oldest entries are trimmed past either maximum).
 # Writes only the first outcome of a request: a redelivered one changes nothing (0).
 _COMPLETE = """
 local status = redis.call('HGET', KEYS[1], 'status')
@@ -82,16 +99,32 @@ if status ~= 'done' and status ~= 'failed' then
   redis.call('EXPIRE', KEYS[1], ARGV[7])
   redis.call('INCR', KEYS[2])
   if ARGV[11] ~= '' then
-    redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[15], '*', 'id', string.match(KEYS[1], '[^:]+$'),
+    redis.call('XADD', KEYS[3], '*', 'id', string.match(KEYS[1], '[^:]+$'),
                'reason', ARGV[4],
                'attempts', ARGV[9], 'tenant', ARGV[8], 'callback', ARGV[12], 'hl', ARGV[13],
                'body', ARGV[14])
+    local bytes = redis.call('INCRBY', KEYS[6], #ARGV[14])
+    while redis.call('XLEN', KEYS[3]) > tonumber(ARGV[15]) or bytes > tonumber(ARGV[17]) do
+      local oldest = redis.call('XRANGE', KEYS[3], '-', '+', 'COUNT', 1)
+      if #oldest == 0 then
+        redis.call('SET', KEYS[6], 0)
+        break
+      end
+      local fields, size = oldest[1][2], 0
+      for i = 1, #fields, 2 do
+        if fields[i] == 'body' then size = #fields[i + 1] end
+      end
+      redis.call('XDEL', KEYS[3], oldest[1][1])
+      bytes = redis.call('DECRBY', KEYS[6], size)
+    end
   end
   written = 1
 end
 if ARGV[10] ~= '' then
   redis.call('XACK', KEYS[4], 'kubeonnx', ARGV[10])
-  redis.call('XDEL', KEYS[4], ARGV[10])
+  if redis.call('XDEL', KEYS[4], ARGV[10]) == 1 then
+    if redis.call('DECRBY', KEYS[5], ARGV[16]) < 0 then redis.call('SET', KEYS[5], 0) end
+  end
 end
 return written
 """
@@ -112,6 +145,14 @@ class AsyncKeys:
     @property
     def completed(self) -> str:
         return f"{self.prefix}:completed"
+
+    @property
+    def queued_bytes(self) -> str:
+        return f"{self.prefix}:queued-bytes"
+
+    @property
+    def dead_bytes(self) -> str:
+        return f"{self.prefix}:dead-bytes"
 
     def record(self, request_id: str) -> str:
         return f"{self.prefix}:request:{request_id}"
@@ -171,8 +212,8 @@ def check_callback(url: str, allowed_hosts: list[str]) -> None:
         raise InvalidRequest(f"callback URL {shown!r} is not a valid URL: {exc}") from None
     if parsed.scheme not in ("http", "https") or not host:
         raise InvalidRequest(f"callback URL {shown!r} must be an http or https URL with a host")
-    port = 80 if parsed.scheme == "http" else 443
-    if read[0] is None or (read[0], read[1] or port) != (host, parsed.port or port):
+    default = 80 if parsed.scheme == "http" else 443
+    if read[0] is None or (read[0], read[1] or default) != (host, parsed.port or default):
         raise InvalidRequest(f"callback URL {shown!r} is not a valid URL: an ambiguous host/port")
     if read[1] == 0:
         raise InvalidRequest(f"callback URL {shown!r} is not a valid URL: port 0")
@@ -182,13 +223,64 @@ def check_callback(url: str, allowed_hosts: list[str]) -> None:
         raise InvalidRequest(
             "this model calls no callbacks: its spec.async.callbackHosts lists none"
         )
+    port = parsed.port or default
+    host_allowed = False
     for pattern in allowed_hosts:
-        pattern = pattern.lower()
-        if host == pattern or (pattern.startswith("*.") and host.endswith(pattern[1:])):
+        name, listed_port = _entry(pattern)
+        if not _host_matches(host, name):
+            continue
+        host_allowed = True
+        if listed_port == "*" or (listed_port or str(default)) == str(port):
             return
+    if host_allowed:
+        raise InvalidRequest(
+            f"callback port {port} of {host!r} is not allowed: spec.async.callbackHosts "
+            f"allows this host on port {default} only, unless an entry names the port "
+            f"({host}:{port}, or {host}:* for any)"
+        )
     raise InvalidRequest(
         f"callback host {host!r} is not allowed: it is not in spec.async.callbackHosts"
     )
+
+
+def _entry(pattern: str) -> tuple[str, str | None]:
+    """An allowlist entry as (host, port): a name, `*.domain`, an IP or a CIDR, with
+    `:port` or `:*` (any port) after it, `[IPv6]:port` for IPv6; no port: the scheme's."""
+    pattern = pattern.strip().lower()
+    if pattern.startswith("["):
+        host, _, rest = pattern[1:].partition("]")
+        return host, rest[1:] if rest.startswith(":") else None
+    if pattern.count(":") == 1:
+        host, _, port = pattern.partition(":")
+        return host, port
+    return pattern, None
+
+
+def _network(name: str) -> Any:
+    """The IP network an allowlist host names (an IP or a CIDR), or None for a name."""
+    import ipaddress
+
+    try:
+        return ipaddress.ip_network(name, strict=False)
+    except ValueError:
+        return None
+
+
+def _host_matches(host: str, name: str) -> bool:
+    import ipaddress
+
+    if host == name or (name.startswith("*.") and host.endswith(name[1:])):
+        return True
+    network = _network(name)
+    if network is None or not _is_ip(host):
+        return False
+    return ipaddress.ip_address(host) in network
+
+
+def _listed_networks(allowed_hosts: list[str]) -> list[Any]:
+    """The IPs and CIDRs listed: the only non-public addresses a callback may reach."""
+    listed = (_network(_entry(pattern)[0]) for pattern in allowed_hosts)
+    return [network for network in listed if network is not None]
 
 
 def _idna(host: str) -> str:
@@ -250,10 +342,12 @@ class AsyncStore:
         max_queued: int,
         callback_hosts: list[str],
         max_entry_bytes: int = 4 * 1024 * 1024,
+        max_queued_bytes: int = 1024 * 1024 * 1024,
     ) -> None:
         self.client = client
         self.keys = keys
         self.max_queued = max_queued
+        self.max_queued_bytes = max_queued_bytes
         self.callback_hosts = callback_hosts
         self.max_entry_bytes = max_entry_bytes
         self._submit = client.register_script(_SUBMIT)
@@ -281,7 +375,7 @@ class AsyncStore:
         request_id = uuid.uuid4().hex
         queued = await _store_call(
             self._submit(
-                keys=[self.keys.stream, self.keys.record(request_id)],
+                keys=[self.keys.stream, self.keys.record(request_id), self.keys.queued_bytes],
                 args=[
                     self.max_queued,
                     PENDING_TTL_S,
@@ -291,9 +385,15 @@ class AsyncStore:
                     callback or "",
                     tenant,
                     f"{time.time():.3f}",
+                    self.max_queued_bytes,
                 ],
             )
         )
+        if queued == -1:
+            raise QueueFull(
+                f"the asynchronous queue holds its limit of {self.max_queued_bytes} bytes of "
+                "requests (spec.async.maxQueuedBytes); retry later"
+            )
         if not queued:
             raise QueueFull(
                 f"the asynchronous queue is full ({self.max_queued} requests); retry later"
@@ -337,17 +437,58 @@ class Transient(Exception):
     """The request may succeed on another attempt (the server, not the request, failed)."""
 
 
+class CallbackRefused(Exception):
+    """The callback's host resolves to an address it may not call."""
+
+
+@dataclass
+class _Call:
+    url: str
+    request_id: str
+    status: str
+    entry_id: str
+    acknowledge: Callable[[str], Awaitable[None]]
+    tenant: str
+    host: str
+    since: float
+
+
 class Callbacks:
     """Callbacks of answered requests, made apart from inference, so a URL that never
-    answers holds no inference slot: at most `limit` at once, each within
-    CALLBACK_DEADLINE_S, its entry acknowledged after it. Beyond the limit, or cut short by
-    a stop, a callback is made when its entry is claimed again (at least once holds)."""
+    answers holds no inference slot: at most `limit` at once, at most `per_tenant` of one
+    tenant and `per_host` to one host, each within CALLBACK_DEADLINE_S, its entry
+    acknowledged after it. A callback over a cap waits in a local queue (at most
+    `4 * limit`, at most `max_wait_s`, fairly over tenants) and is made as soon as a slot
+    frees; beyond that, or cut short by a stop, it is made when its entry is claimed again
+    (at least once holds).
 
-    def __init__(self, model_name: str, limit: int, on_outcome: Outcome | None = None) -> None:
+    The host is resolved at delivery and the request sent to the address checked: a name
+    that resolves to a loopback, link-local, private or otherwise non-public address is
+    refused unless that address is listed in `allowed_hosts` as an IP or CIDR. Only the
+    status of the answer is read: its body is never read."""
+
+    def __init__(
+        self,
+        model_name: str,
+        limit: int,
+        on_outcome: Outcome | None = None,
+        *,
+        allowed_hosts: list[str] | None = None,
+        per_tenant: int | None = None,
+        per_host: int | None = None,
+        max_wait_s: float = 60.0,
+    ) -> None:
         self.model_name = model_name
         self.limit = limit
+        self.per_tenant = per_tenant or max(1, limit // 4)
+        self.per_host = per_host or max(1, limit // 4)
+        self.max_wait_s = max_wait_s
+        self.networks = _listed_networks(allowed_hosts or [])
         self._on_outcome = on_outcome or (lambda outcome: None)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._tenants: Counter[str] = Counter()
+        self._hosts: Counter[str] = Counter()
+        self._waiting: deque[_Call] = deque()
         self._http: Any = None
 
     def start(
@@ -357,30 +498,77 @@ class Callbacks:
         status: str,
         entry_id: str,
         acknowledge: Callable[[str], Awaitable[None]],
+        tenant: str = "",
     ) -> None:
-        if len(self._tasks) >= self.limit:
-            self._on_outcome("deferred")
-            log.warning(
-                "callback for %s deferred: %d callbacks already in flight; it is made when the "
-                "request is claimed again",
-                request_id,
-                len(self._tasks),
-            )
-            return
+        try:  # the endpoint; a URL the client refuses fails in call()
+            split = urlsplit(url)
+            host = f"{(split.hostname or '').lower()}:{split.port or split.scheme}"
+        except ValueError:
+            host = ""
+        call = _Call(url, request_id, status, entry_id, acknowledge, tenant, host, time.monotonic())
+        if self._fits(call):
+            self._launch(call)
+        elif len(self._waiting) < 4 * self.limit:
+            self._waiting.append(call)
+        else:
+            self._defer(call, "the local queue of callbacks is full")
 
+    def _fits(self, call: _Call) -> bool:
+        return (
+            len(self._tasks) < self.limit
+            and self._tenants[call.tenant] < self.per_tenant
+            and self._hosts[call.host] < self.per_host
+        )
+
+    def _defer(self, call: _Call, why: str) -> None:
+        self._on_outcome("deferred")
+        log.warning(
+            "callback for %s deferred (%s); it is made when the request is claimed again",
+            call.request_id,
+            why,
+        )
+
+    def _launch(self, call: _Call) -> None:
         async def call_then_acknowledge() -> None:
-            self._on_outcome(await self.call(url, request_id, status))
+            self._on_outcome(await self.call(call.url, call.request_id, call.status))
             try:
-                await acknowledge(entry_id)
+                await call.acknowledge(call.entry_id)
             except Exception as exc:  # left pending: claimed again, called back again
-                log.warning("request %s: not acknowledged after its callback: %s", request_id, exc)
+                log.warning(
+                    "request %s: not acknowledged after its callback: %s", call.request_id, exc
+                )
 
+        self._tenants[call.tenant] += 1
+        self._hosts[call.host] += 1
         task = asyncio.create_task(call_then_acknowledge())
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+
+        def done(_: asyncio.Task[None]) -> None:
+            self._tasks.discard(task)
+            self._tenants[call.tenant] -= 1
+            self._hosts[call.host] -= 1
+            self._next()
+
+        task.add_done_callback(done)
+
+    def _next(self) -> None:
+        """Start the waiting callbacks that fit now, oldest first; those that waited too
+        long are left to be claimed again."""
+        now = time.monotonic()
+        kept: deque[_Call] = deque()
+        while self._waiting:
+            call = self._waiting.popleft()
+            if now - call.since > self.max_wait_s:
+                self._defer(call, f"waited {self.max_wait_s:.0f}s for a free slot")
+            elif self._fits(call):
+                self._launch(call)
+            else:
+                kept.append(call)
+        self._waiting = kept
 
     async def stop(self) -> None:
         """Wait CALLBACK_STOP_S for the callbacks in flight; the rest stay pending."""
+        self._waiting.clear()  # their entries stay pending: claimed again
         if self._tasks:
             _, late = await asyncio.wait(self._tasks, timeout=CALLBACK_STOP_S)
             for task in late:
@@ -388,6 +576,32 @@ class Callbacks:
             await asyncio.gather(*late, return_exceptions=True)
         if self._http is not None:
             await self._http.aclose()
+
+    async def _target(self, url: str) -> tuple[str, dict[str, str], dict[str, Any]]:
+        """The URL with its host replaced by a checked address, the Host header, and the
+        name for TLS (SNI and the certificate's check)."""
+        import ipaddress
+
+        import httpx
+
+        parsed = httpx.URL(url)
+        host = parsed.host
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
+        if not addresses:
+            raise CallbackRefused(f"{host} does not resolve")
+        for address in addresses:
+            if not address.is_global and not any(address in net for net in self.networks):
+                raise CallbackRefused(
+                    f"{host} resolves to {address}, a non-public address not listed as an "
+                    "IP or CIDR in spec.async.callbackHosts"
+                )
+        address = addresses[0]
+        literal = f"[{address}]" if address.version == 6 else str(address)
+        headers = {"Host": parsed.netloc.decode("ascii")}
+        extensions = {"sni_hostname": host} if parsed.scheme == "https" else {}
+        return str(parsed.copy_with(host=literal)), headers, extensions
 
     async def call(self, url: str, request_id: str, status: str) -> str:
         """POST the request's id and status to its callback URL. Never raises; ends within
@@ -401,14 +615,23 @@ class Callbacks:
             async with asyncio.timeout(CALLBACK_DEADLINE_S):
                 for attempt in range(CALLBACK_TRIES):
                     try:
-                        response = await self._http.post(url, json=body)
+                        target, headers, extensions = await self._target(url)
+                        request = self._http.build_request(
+                            "POST", target, json=body, headers=headers, extensions=extensions
+                        )
+                        # Only the status: the body, however large, is never read.
+                        response = await self._http.send(request, stream=True)
+                        await response.aclose()
                         if response.status_code < 500:
                             return "delivered"
-                    except httpx.HTTPError as exc:
+                    except (httpx.HTTPError, OSError) as exc:
                         log.info("callback for %s failed: %s", request_id, exc)
                     await asyncio.sleep(0.5 * 2**attempt)
         except TimeoutError:
             pass
+        except CallbackRefused as exc:
+            log.warning("callback for %s refused: %s", request_id, exc)
+            return "refused"
         except Exception as exc:  # a URL the client refuses: no try would succeed
             log.warning("callback for %s not made: %s: %s", request_id, type(exc).__name__, exc)
             return "failed"
@@ -437,7 +660,9 @@ class AsyncWorker:
         consumer: str | None = None,
         max_result_bytes: int = 4 * 1024 * 1024,
         dead_letter_max: int = 1000,
+        dead_letter_max_bytes: int = 256 * 1024 * 1024,
         max_callbacks: int = 64,
+        callback_hosts: list[str] | None = None,
         on_outcome: Outcome | None = None,
         on_queue_length: Callable[[int], None] | None = None,
         on_result_bytes: Callable[[int], None] | None = None,
@@ -455,14 +680,24 @@ class AsyncWorker:
         self.concurrency = concurrency
         self.max_result_bytes = max_result_bytes
         self.dead_letter_max = dead_letter_max
+        self.dead_letter_max_bytes = dead_letter_max_bytes
         # Unique per process: a restarted pod must not inherit a dead one's pending entries
         # by name (they are reclaimed by idle time, like any other consumer's).
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
         self._on_outcome = on_outcome or (lambda outcome: None)
         self._on_queue_length = on_queue_length or (lambda n: None)
         self._on_result_bytes = on_result_bytes or (lambda n: None)
-        self.callbacks = Callbacks(model_name, max_callbacks, on_callback)
+        # A deferred callback waits locally for less than claim_after: by then its entry
+        # may be claimed again (and called back from there).
+        self.callbacks = Callbacks(
+            model_name,
+            max_callbacks,
+            on_callback,
+            allowed_hosts=callback_hosts,
+            max_wait_s=max(1.0, claim_after_s / 2),
+        )
         self._complete = client.register_script(_COMPLETE)
+        self._ack = client.register_script(_ACK_LUA)
         self._stopping = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
         self._claims = 0
@@ -565,6 +800,7 @@ class AsyncWorker:
         tenant = _text(fields.get(b"tenant", b""))
         callback = _text(fields.get(b"callback", b""))
         record = self.keys.record(request_id)
+        size = len(fields.get(b"body", b""))  # taken off the queued bytes when deleted
         try:
             written: str | None = None  # the outcome a previous delivery already wrote
             if delivered > 1:  # redelivered: its replica may have died after writing the result
@@ -598,6 +834,7 @@ class AsyncWorker:
                     tenant,
                     delivered - 1,
                     ack,
+                    size,
                     dead,
                 )
                 status, acked = "failed", bool(ack)
@@ -611,14 +848,23 @@ class AsyncWorker:
                     status, code, payload, hl = await self._run(request_id, fields)
                 finally:
                     heartbeat.cancel()
-                await self._finish(request_id, status, code, payload, hl, tenant, delivered, ack)
+                await self._finish(
+                    request_id, status, code, payload, hl, tenant, delivered, ack, size
+                )
                 acked = bool(ack)
                 self._on_outcome(status)
                 self._on_result_bytes(len(payload))
             if callback:  # then acknowledged, apart from the inference slots
-                self.callbacks.start(callback, request_id, status, entry_id, self._acknowledge)
+                self.callbacks.start(
+                    callback,
+                    request_id,
+                    status,
+                    entry_id,
+                    functools.partial(self._acknowledge, size=size),
+                    tenant,
+                )
             elif not acked:
-                await self._acknowledge(entry_id)
+                await self._acknowledge(entry_id, size)
         except Transient as exc:
             # Left pending: another attempt comes when it has been idle for claim_after.
             self._on_outcome("retry")
@@ -631,11 +877,8 @@ class AsyncWorker:
                 "request %s: the queue could not be updated; it stays pending", request_id
             )
 
-    async def _acknowledge(self, entry_id: str) -> None:
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.xack(self.keys.stream, GROUP, entry_id)
-            pipe.xdel(self.keys.stream, entry_id)
-            await pipe.execute()
+    async def _acknowledge(self, entry_id: str, size: int = 0) -> None:
+        await self._ack(keys=[self.keys.stream, self.keys.queued_bytes], args=[entry_id, size])
 
     async def _keep_claimed(self, entry_id: str) -> None:
         """While a request runs, reset its idle time every third of claim_after, so a run
@@ -693,12 +936,20 @@ class AsyncWorker:
         tenant: str,
         attempts: int,
         ack: str,
+        size: int,
         dead: list[Any] | None = None,
     ) -> None:
         ctype = "application/octet-stream" if header_length is not None else "application/json"
         keys = self.keys
         await self._complete(
-            keys=[keys.record(request_id), keys.completed, keys.dead, keys.stream],
+            keys=[
+                keys.record(request_id),
+                keys.completed,
+                keys.dead,
+                keys.stream,
+                keys.queued_bytes,
+                keys.dead_bytes,
+            ],
             args=[
                 status,
                 code,
@@ -710,7 +961,9 @@ class AsyncWorker:
                 tenant,
                 attempts,
                 ack,
-                *(dead or [""]),
+                *(dead or ["", "", "", "", ""]),
+                size,
+                self.dead_letter_max_bytes,
             ],
         )
 

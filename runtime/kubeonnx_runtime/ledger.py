@@ -10,7 +10,11 @@ the oldest are dropped and counted in kubeonnx_ledger_dropped_rows_total).
 At shutdown a last write is tried for `STOP_FLUSH_S`; what is still waiting is written to a
 spill file in `spill_dir` (one JSON row a line, renamed into place once complete), and the
 next process to start with that directory replays it. Replayed rows keep their ids, so a
-row that reached the table before all the same is not counted twice.
+row that reached the table before all the same is not counted twice. A replica holds an
+exclusive flock on each file it replays until its rows are written (or spilled again), so a
+starting replica takes over only the files of a dead one. A row PostgreSQL refuses as data
+(a null id, a NUL byte) is set aside in a `.rejected` file of the spill directory, with a log
+line, instead of holding up the rows behind it.
 
     KUBEONNX_LEDGER_DSN=postgresql://... kubeonnx usage [--since 2026-11-01] [--tenant acme]
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import itertools
 import json
 import logging
@@ -62,6 +67,7 @@ Row = tuple[str, datetime, str, str, str, int, str | None]
 # period holds the HTTP drain, the queue worker's stop and this).
 STOP_FLUSH_S = 3.0
 SPILL_SUFFIX = ".rows"
+REJECTED_SUFFIX = ".rejected"
 
 
 def _row_line(row: Row) -> str:
@@ -70,8 +76,24 @@ def _row_line(row: Row) -> str:
 
 
 def _parse_row(line: str) -> Row:
-    rid, at, policy, tenant, model, rows, request_id = json.loads(line)
-    return (rid, datetime.fromisoformat(at), policy, tenant, model, int(rows), request_id)
+    """One spill line, every field type-checked (ValueError names what is wrong)."""
+    fields = json.loads(line)
+    if not isinstance(fields, list) or len(fields) != 7:
+        raise ValueError("a row is a list of 7 fields")
+    rid, at, policy, tenant, model, rows, request_id = fields
+    for name, value in (("id", rid), ("at", at), ("policy", policy), ("tenant", tenant)):
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{name} must be a non-empty string")
+    if not isinstance(model, str) or not model:
+        raise ValueError("model must be a non-empty string")
+    if not isinstance(rows, int) or isinstance(rows, bool) or rows < 0:
+        raise ValueError("rows must be a non-negative integer")
+    if request_id is not None and not isinstance(request_id, str):
+        raise ValueError("request_id must be a string or null")
+    when = datetime.fromisoformat(at)
+    if when.tzinfo is None:
+        raise ValueError("at must carry a time zone")
+    return (rid, when, policy, tenant, model, rows, request_id)
 
 
 class Ledger:
@@ -92,6 +114,9 @@ class Ledger:
         self.policy, self.model = policy, model
         self.max_buffer, self.batch_rows, self.flush_every_s = max_buffer, batch_rows, flush_every_s
         self._pending: deque[Row] = deque()
+        # The batch being committed: out of _pending, so that record() dropping the oldest
+        # row never takes one of them, and back at the head of _pending if the commit fails.
+        self._writing: list[Row] = []
         self._ids = itertools.count(1)
         self._prefix = os.urandom(8).hex()
         self._on_written = on_written or (lambda n: None)
@@ -99,19 +124,21 @@ class Ledger:
         self._connection: Any = None
         self._down_since: float | None = None
         self.spill_dir = spill_dir
-        self._replayed: list[Path] = []  # spill files taken over, deleted once written
-        self._replayed_rows = 0  # their rows, at the head of _pending
+        # Spill files taken over, each with its open, flocked descriptor and the ids of its
+        # rows not yet written; a file is deleted once all its rows are written (or dropped).
+        self._replayed: dict[Path, tuple[int, set[str]]] = {}
+        self._reading: asyncio.Future[Any] | None = None  # the replay's thread, while it runs
+        self._spills_left = False  # files left for later: replay() stopped at max_buffer
+        self._closed = False
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + len(self._writing)
 
     def record(self, tenant: str, rows: int, request_id: str | None) -> None:
         """Note an admitted request; never blocks, never fails."""
-        if len(self._pending) >= self.max_buffer:
-            self._pending.popleft()
-            self._left_memory(1)
-            self._on_dropped(1)
+        if self.pending >= self.max_buffer and self._pending:
+            self._dropped([self._pending.popleft()])
         self._pending.append(
             (
                 f"{self._prefix}-{next(self._ids):x}",
@@ -125,37 +152,109 @@ class Ledger:
         )
 
     def replay(self) -> int:
-        """Take over the rows stopped processes spilled into `spill_dir`, and those another
-        process took over and did not finish (killed while replaying them). Each file is
-        claimed by renaming it, so replicas sharing the directory rarely both take one; when
-        they do, the rows' ids keep them once in the table. Returns the rows taken over."""
-        if self.spill_dir is None or not self.spill_dir.is_dir():
-            return 0
+        """Take over the rows stopped processes spilled into `spill_dir`, and those of a
+        process that died while replaying them. Returns the rows taken over."""
+        return self._take(self._read_spills(self.max_buffer - self.pending))
+
+    def _read_spills(self, room: int) -> tuple[list[Row], dict[Path, tuple[int, set[str]]], bool]:
+        """Claim and read spill files while their rows fit in `room` (the first one always).
+        A file is claimed by an exclusive flock, held until its rows are written, and a
+        rename to this process's name: a file whose owner is alive (its lock held) is left
+        to it. Lines that do not parse are set aside in a .rejected file."""
         rows: list[Row] = []
+        files: dict[Path, tuple[int, set[str]]] = {}
+        if self.spill_dir is None or not self.spill_dir.is_dir():
+            return rows, files, False
         for path in sorted(self.spill_dir.iterdir()):
             base, found, _ = path.name.partition(SPILL_SUFFIX)
             if not found or path.name.endswith(f".{self._prefix}"):
                 continue
-            claimed = path.with_name(f"{base}{SPILL_SUFFIX}.{self._prefix}")
             try:
-                path.rename(claimed)
-                taken = [_parse_row(line) for line in claimed.read_text().splitlines() if line]
+                fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:  # another replica took it first
                 continue
-            except (OSError, ValueError, TypeError) as exc:  # left, renamed, for a person
-                log.warning("usage ledger: spill file %s not replayed: %s", claimed, exc)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # a live replica is replaying it
+                os.close(fd)
                 continue
+            try:
+                with os.fdopen(os.dup(fd)) as text:
+                    lines = [line for line in text.read().splitlines() if line]
+                if rows and len(rows) + len(lines) > room:
+                    os.close(fd)  # unlocked: left for when the buffer has room
+                    return rows, files, True
+                claimed = path.with_name(f"{base}{SPILL_SUFFIX}.{self._prefix}")
+                path.rename(claimed)
+            except FileNotFoundError:  # taken, written and deleted meanwhile
+                os.close(fd)
+                continue
+            except (OSError, ValueError) as exc:  # left for a person
+                os.close(fd)
+                log.warning("usage ledger: spill file %s not replayed: %s", path, exc)
+                continue
+            taken: list[Row] = []
+            for number, line in enumerate(lines, 1):
+                try:
+                    taken.append(_parse_row(line))
+                except (ValueError, TypeError) as exc:
+                    self._reject([line.rstrip("\n") + "\n"], f"{claimed.name}:{number}: {exc}")
             rows.extend(taken)
-            self._replayed.append(claimed)
+            files[claimed] = (fd, {row[0] for row in taken})
+        return rows, files, False
+
+    def _take(self, read: tuple[list[Row], dict[Path, tuple[int, set[str]]], bool]) -> int:
+        rows, files, left = read
+        if self._closed:  # read after the stop: the files stay, for the next process
+            for fd, _ in files.values():
+                os.close(fd)
+            return 0
+        self._spills_left = left
         self._pending.extendleft(reversed(rows))
-        self._replayed_rows += len(rows)
+        self._replayed.update(files)
+        for path, (_, ids) in files.items():
+            if not ids:
+                self._done_with(path)
         if rows:
             log.info("usage ledger: %d rows replayed from %s", len(rows), self.spill_dir)
         return len(rows)
 
+    def _done_with(self, path: Path) -> None:
+        fd, _ = self._replayed.pop(path)
+        path.unlink(missing_ok=True)  # deleted before it is unlocked
+        os.close(fd)
+
+    def _left_memory(self, rows: list[Row]) -> None:
+        """`rows` left memory (written, dropped or set aside): replayed files whose every
+        row has are deleted."""
+        if not self._replayed:
+            return
+        ids = {row[0] for row in rows}
+        for path, (_, waiting) in list(self._replayed.items()):
+            waiting -= ids
+            if not waiting:
+                self._done_with(path)
+
+    def _dropped(self, rows: list[Row]) -> None:
+        self._left_memory(rows)
+        self._on_dropped(len(rows))
+
+    def _reject(self, lines: list[str], why: str) -> None:
+        """Set rows PostgreSQL (or the spill parser) refuses aside, for a person."""
+        log.error("usage ledger: %d rows set aside: %s", len(lines), redact(why))
+        if self.spill_dir is None:
+            return
+        with contextlib.suppress(OSError):
+            self.spill_dir.mkdir(parents=True, exist_ok=True)
+            with (self.spill_dir / f"{self._prefix}{REJECTED_SUFFIX}").open("a") as out:
+                out.writelines(lines)
+
     def spill(self) -> int:
         """Write what is still waiting to a spill file of this process; the files it had
         taken over are then deleted (their rows are in it). Returns the rows spilled."""
+        self._closed = True
+        self._pending.extendleft(reversed(self._writing))
+        self._writing = []
         rows = len(self._pending)
         if self.spill_dir is None:
             if rows:
@@ -170,28 +269,14 @@ class Ledger:
                 os.fsync(out.fileno())
             partial.rename(self.spill_dir / f"{time.time_ns()}-{self._prefix}{SPILL_SUFFIX}")
             log.warning("usage ledger: %d rows spilled to %s", rows, self.spill_dir)
-        for path in self._replayed:
-            path.unlink(missing_ok=True)
-        self._replayed.clear()
+        for path in list(self._replayed):
+            self._done_with(path)
         return rows
-
-    def _left_memory(self, n: int) -> None:
-        """`n` rows left the head of _pending (written or dropped)."""
-        if self._replayed:
-            self._replayed_rows -= n
-            if self._replayed_rows <= 0:  # every replayed row is written: files done
-                for path in self._replayed:
-                    path.unlink(missing_ok=True)
-                self._replayed.clear()
-                self._replayed_rows = 0
 
     async def run(self) -> None:
         """Replay spilled rows, then write what accumulates, every `flush_every_s`, until
-        cancelled."""
-        try:
-            await asyncio.to_thread(self.replay)
-        except OSError as exc:
-            log.warning("usage ledger: cannot read the spill directory: %s", exc)
+        cancelled; spill files left for want of room are replayed once the buffer empties."""
+        await self._replay_apart()
         delay = self.flush_every_s
         while True:
             await asyncio.sleep(delay)
@@ -212,14 +297,46 @@ class Ledger:
                         redact(f"{type(exc).__name__}: {exc}"),
                         len(self._pending),
                     )
+                continue
+            if self._spills_left and not self._pending:
+                await self._replay_apart()
+
+    async def _replay_apart(self) -> None:
+        """Read the spill files in a thread; its rows join _pending on the loop. A thread
+        cannot be cancelled: close() waits for it (bounded), and a read that ends after the
+        stop deletes nothing (the files stay for the next process)."""
+        reading = asyncio.ensure_future(
+            asyncio.to_thread(self._read_spills, self.max_buffer - self.pending)
+        )
+        self._reading = reading
+
+        def taken(done: asyncio.Future[Any]) -> None:
+            if done.cancelled():
+                return
+            if done.exception() is not None:
+                log.warning("usage ledger: cannot read the spill directory: %s", done.exception())
+                return
+            self._take(done.result())
+
+        reading.add_done_callback(taken)
+        await asyncio.wait([reading])
 
     async def close(self, flush_s: float = STOP_FLUSH_S) -> None:
-        """A last write of what is pending (at most `flush_s`), then the rest spilled."""
+        """A last write of what is pending (at most `flush_s`, a replay still reading
+        included), then the rest spilled."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + flush_s
+        if self._reading is not None and not self._reading.done():
+            await asyncio.wait([self._reading], timeout=max(flush_s / 2, 0.1))
+            await asyncio.sleep(0)  # its done callback runs
+            if not self._reading.done():
+                log.warning("usage ledger: spill files still being read are left for later")
+        self._closed = True
         try:
-            async with asyncio.timeout(flush_s):
+            async with asyncio.timeout_at(max(end, loop.time() + 0.1)):
                 while self._pending:
                     await self._write_batch()
-        except Exception as exc:  # a batch cut short was not popped: it is spilled
+        except Exception as exc:  # a batch cut short went back to _pending: it is spilled
             log.warning(
                 "usage ledger: %d rows not written at shutdown (%s)",
                 self.pending,
@@ -243,15 +360,39 @@ class Ledger:
             async with self._connection.cursor() as cur:
                 await cur.execute(SCHEMA)
             await self._connection.commit()
-        batch = list(itertools.islice(self._pending, self.batch_rows))
-        async with self._connection.cursor() as cur:
-            await cur.executemany(INSERT, batch)
-        await self._connection.commit()
-        # Committed: these rows may leave memory (records made meanwhile were appended).
-        for _ in batch:
-            self._pending.popleft()
-        self._left_memory(len(batch))
-        self._on_written(len(batch))
+        n = min(self.batch_rows, len(self._pending))
+        self._writing = [self._pending.popleft() for _ in range(n)]
+        try:
+            rejected = await self._commit(self._writing)
+        except BaseException:  # not confirmed: back at the head, written again later
+            self._pending.extendleft(reversed(self._writing))
+            self._writing = []
+            while self.pending > self.max_buffer and self._pending:
+                self._dropped([self._pending.popleft()])
+            raise
+        batch, self._writing = self._writing, []
+        self._left_memory(batch)
+        self._on_written(len(batch) - rejected)
+
+    async def _commit(self, rows: list[Row]) -> int:
+        """Insert and commit `rows`; a batch PostgreSQL refuses as data (not a connection
+        error) is split until the rows at fault are alone, and those are set aside (counted
+        as dropped). Returns the rows set aside."""
+        import psycopg
+
+        try:
+            async with self._connection.cursor() as cur:
+                await cur.executemany(INSERT, rows)
+            await self._connection.commit()
+        except (psycopg.DataError, psycopg.IntegrityError) as exc:
+            await self._connection.rollback()
+            if len(rows) == 1:
+                self._reject([_row_line(rows[0])], f"{type(exc).__name__}: {exc}")
+                self._on_dropped(1)
+                return 1
+            half = len(rows) // 2
+            return await self._commit(rows[:half]) + await self._commit(rows[half:])
+        return 0
 
     async def _disconnect(self) -> None:
         if self._connection is not None:

@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from types import FrameType
 from typing import Any
 
@@ -24,7 +25,7 @@ from .dataplane import DataPlane
 from .errors import FatalStartupError, write_termination_message
 from .fetch import S3Options, fetch_model
 from .images import ImagePipeline, load_labels, load_processing
-from .ledger import Ledger
+from .ledger import STOP_FLUSH_S, Ledger
 from .logs import configure_logging
 from .metrics import RuntimeMetrics
 from .model import OnnxModel, cpu_quota_threads
@@ -33,17 +34,39 @@ from .settings import ServeSettings
 
 log = logging.getLogger("kubeonnx.serve")
 
+# Of the grace period, kept back from the drain and the requests in flight: the usage
+# ledger's last write, its disconnect and its spill (STOP_FLUSH_S + 1 s + the file), and a
+# margin for the process to end before the kubelet's SIGKILL.
+LEDGER_RESERVE_S = STOP_FLUSH_S + 2.0
+STOP_MARGIN_S = 2.0
+
+
+def stop_budget(grace_s: float, drain_s: float) -> tuple[float, float]:
+    """(drain, in flight): the seconds after SIGTERM spent answering not-ready, then those
+    given to the requests in flight, such that both plus the ledger's reserve and the margin
+    fit in the grace period."""
+    room = max(grace_s - LEDGER_RESERVE_S - STOP_MARGIN_S, 2.0)
+    drain = min(drain_s, room / 2)
+    return drain, max(room - drain, 1.0)
+
 
 class DrainingServer(uvicorn.Server):
     """On the first SIGTERM, answer not-ready for `drain_seconds` (so endpoints drop the pod),
-    then stop accepting and let uvicorn finish the requests in flight."""
+    then stop accepting and let uvicorn finish the requests in flight. `stop_deadline` is
+    when everything must be done (the grace period less a margin), from the first signal."""
 
-    def __init__(self, config: uvicorn.Config, dataplane: DataPlane, drain_seconds: float) -> None:
+    def __init__(
+        self, config: uvicorn.Config, dataplane: DataPlane, drain_seconds: float, grace_s: float
+    ) -> None:
         super().__init__(config)
         self.dataplane = dataplane
         self.drain_seconds = drain_seconds
+        self.grace_s = grace_s
+        self.stop_deadline: float | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.stop_deadline is None:
+            self.stop_deadline = time.monotonic() + self.grace_s - STOP_MARGIN_S
         if self.dataplane.draining or self.drain_seconds <= 0:
             self.dataplane.draining = True
             super().handle_exit(sig, frame)
@@ -378,14 +401,14 @@ def serve(settings: ServeSettings) -> int:
     if settings.async_redis_url is not None:
         client = async_client(settings)
         keys = async_keys(settings)
+        callback_hosts = [h.strip() for h in settings.async_callback_hosts.split(",") if h.strip()]
         jobs = AsyncStore(
             client,
             keys,
             max_queued=settings.async_max_queued,
             max_entry_bytes=settings.async_max_entry_bytes,
-            callback_hosts=[
-                h.strip() for h in settings.async_callback_hosts.split(",") if h.strip()
-            ],
+            max_queued_bytes=settings.async_max_queued_bytes,
+            callback_hosts=callback_hosts,
         )
         if batcher is not None:
             # Enough requests in flight for full batches, never more than the batcher queues.
@@ -403,7 +426,9 @@ def serve(settings: ServeSettings) -> int:
                 concurrency=min(concurrency, max(1, settings.max_queue // 2)),
                 max_result_bytes=settings.async_max_result_bytes,
                 dead_letter_max=settings.async_dead_letter_max_length,
+                dead_letter_max_bytes=settings.async_dead_letter_max_bytes,
                 max_callbacks=settings.async_max_callbacks,
+                callback_hosts=callback_hosts,
                 on_outcome=lambda outcome: metrics.async_outcomes.labels(label, outcome).inc(),
                 on_queue_length=metrics.async_queue_length.labels(label).set,
                 on_result_bytes=metrics.async_result_bytes.labels(label).inc,
@@ -429,15 +454,28 @@ def serve(settings: ServeSettings) -> int:
         if worker is not None:
             consuming.append(asyncio.create_task(worker.run(), name="async-worker"))
 
+    drain_s, in_flight_s = stop_budget(settings.grace_seconds, settings.drain_seconds)
+
+    def left_s() -> float:
+        """Seconds until the stop deadline (the whole grace period if no signal came)."""
+        deadline = server.stop_deadline
+        if deadline is None:
+            return settings.grace_seconds - STOP_MARGIN_S
+        return deadline - time.monotonic()
+
     async def stop_tasks() -> None:
         if worker is not None:
             worker.stop()  # requests in flight are answered; the rest stay queued
+            await asyncio.wait(consuming, timeout=max(left_s() - LEDGER_RESERVE_S, 0.5))
+            for task in consuming:
+                task.cancel()
             await asyncio.gather(*consuming, return_exceptions=True)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)  # none still writing
         if ledger is not None:
-            await ledger.close()  # what is pending, written before the process ends
+            # What is pending, written or spilled before the deadline, whatever came before.
+            await ledger.close(flush_s=min(STOP_FLUSH_S, max(left_s() - 2.0, 0.5)))
 
     app = create_app(
         dataplane,
@@ -465,13 +503,13 @@ def serve(settings: ServeSettings) -> int:
         # (2% of the event loop in a profile) buys nothing; nor does advertising uvicorn.
         proxy_headers=False,
         server_header=False,
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=round(in_flight_s),
         lifespan="on",
         http=guarded_protocol(settings.max_header_bytes, settings.read_timeout_s),
         limit_concurrency=settings.max_connections,
         loop="uvloop",
     )
-    server = DrainingServer(config, dataplane, settings.drain_seconds)
+    server = DrainingServer(config, dataplane, drain_s, settings.grace_seconds)
     # uvicorn re-raises the signal it caught once it has shut down; after a graceful
     # shutdown that signal should end the process with status 0, not kill it.
     for sig in (signal.SIGTERM, signal.SIGINT):

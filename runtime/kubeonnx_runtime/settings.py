@@ -129,6 +129,17 @@ class ServeSettings(BaseSettings):
         description="largest asynchronous result kept; a larger one makes the request failed "
         "(413) instead of being written",
     )
+    async_max_queued_bytes: int = Field(
+        1024 * 1024 * 1024,
+        ge=1024,
+        description="bytes of request bodies the queue holds at most, all entries together; "
+        "503 beyond",
+    )
+    async_dead_letter_max_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1024,
+        description="bytes of request bodies the dead-letter stream keeps; the oldest are trimmed",
+    )
     async_dead_letter_max_length: int = Field(
         1000,
         ge=1,
@@ -202,6 +213,13 @@ class ServeSettings(BaseSettings):
     )
     drain_seconds: float = Field(
         5.0, ge=0, description="after SIGTERM: seconds to answer not-ready before closing"
+    )
+    grace_seconds: float = Field(
+        30.0,
+        ge=10,
+        description="the pod's terminationGracePeriodSeconds: the drain, the requests in "
+        "flight and the usage ledger's last write and spill all end within it (the default is "
+        "the shorter of the two the operator renders)",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="debug, info, warning or error"

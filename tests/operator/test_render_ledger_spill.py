@@ -44,5 +44,7 @@ def test_the_model_and_its_gateway_mount_the_spill_directory() -> None:
 
 def test_a_models_own_ledger_spill_volume_replaces_the_empty_dir() -> None:
     claim = {"name": "ledger-spill", "persistentVolumeClaim": {"claimName": "usage-spill"}}
-    for deployment in deployments([claim]):
+    rendered = deployments([claim])
+    assert len(rendered) == 2  # the model's and the gateway's
+    for deployment in rendered:
         assert spill_volume(deployment) == claim

@@ -137,6 +137,32 @@ async def test_a_watch_that_stops_delivering_is_listed_again_and_sees_what_chang
     assert server.user_agents == {"kubeonnx-operator (a_1)"}
 
 
+async def test_each_watch_asks_for_a_timeout_jittered_between_1x_and_2x() -> None:
+    """With a timeout large enough for int() to keep the jitter: the values stay in range
+    and differ from one watch to the next (a fixed value would synchronise relists)."""
+    asked: list[int] = []
+
+    class Recorder:
+        async def watch_events(self, *args: Any, timeout_s: int, **kwargs: Any) -> Any:
+            asked.append(timeout_s)
+            return
+            yield  # an async generator that ends at once
+
+    informer = Informer(
+        Recorder(),  # type: ignore[arg-type]
+        lambda kind, o: None,
+        namespace="ns",
+        api_version="v1",
+        kind="Service",
+        watch_timeout_s=300,
+    )
+    for _ in range(20):
+        await informer._watch("1")
+    assert len(asked) == 20
+    assert all(300 <= t <= 600 for t in asked), asked
+    assert len(set(asked)) > 1, asked
+
+
 async def test_a_write_that_cannot_be_sent_within_the_leases_time_is_never_sent(
     server: ApiServer,
 ) -> None:

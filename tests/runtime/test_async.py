@@ -401,7 +401,7 @@ def test_a_callback_is_called_only_on_an_allowed_host(
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Callbacks)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        served = start(serve, models, redis_url, KUBEONNX_ASYNC_CALLBACK_HOSTS="127.0.0.1")
+        served = start(serve, models, redis_url, KUBEONNX_ASYNC_CALLBACK_HOSTS="127.0.0.1:*")
         url = f"http://127.0.0.1:{server.server_port}/done"
         with httpx.Client(base_url=served.url, timeout=10) as http:
             refused = http.post(
@@ -438,7 +438,7 @@ def test_prefer_header_parsing() -> None:
 
 def test_callback_hosts() -> None:
     check_callback("https://hooks.example.com/x", ["*.example.com"])
-    check_callback("http://ci.internal:8080/", ["ci.internal"])
+    check_callback("http://ci.internal:8080/", ["ci.internal:8080"])
     for url, hosts, problem in [
         ("ftp://x.example.com/", ["*.example.com"], "must be an http or https URL"),
         ("https://example.com.evil.net/", ["*.example.com"], "is not allowed"),

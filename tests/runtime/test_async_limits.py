@@ -122,6 +122,8 @@ def test_the_dead_letter_stream_keeps_only_its_newest_entries(
         redis_url,
         KUBEONNX_ASYNC_MAX_ATTEMPTS="1",
         KUBEONNX_ASYNC_DEAD_LETTER_MAX_LENGTH="2",
+        # One at a time: each completion time is taken in the order the letters are added.
+        KUBEONNX_ASYNC_CONCURRENCY="1",
     )
     with httpx.Client(base_url=served.url, timeout=10) as http:
         for request_id in ids:
@@ -129,4 +131,11 @@ def test_the_dead_letter_stream_keeps_only_its_newest_entries(
             assert failed.json()["error"].startswith("gave up after 1 attempts"), failed.text
     dead = client.xrange(KEYS.dead)
     assert len(dead) == 2  # four dead-lettered, the two oldest trimmed
+    # Which two: the newest, those dead-lettered last (their records' completion times).
+    done = {rid: float(client.hget(KEYS.record(rid), "completed")) for rid in ids}  # type: ignore[arg-type]
+    kept = [fields[b"id"].decode() for _, fields in dead]
+    trimmed = set(ids) - set(kept)
+    assert len(set(kept)) == 2 and set(kept) <= set(ids), kept
+    assert min(done[rid] for rid in kept) >= max(done[rid] for rid in trimmed), (kept, done)
+    assert [done[rid] for rid in kept] == sorted(done[rid] for rid in kept)  # in order
     assert client.xlen(KEYS.stream) == 0

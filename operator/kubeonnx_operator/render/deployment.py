@@ -93,6 +93,8 @@ def async_env(model: Model) -> list[dict[str, Any]]:
         ("KUBEONNX_ASYNC_MAX_ENTRY_BYTES", str(spec.max_entry_bytes)),
         ("KUBEONNX_ASYNC_MAX_RESULT_BYTES", str(spec.max_result_bytes)),
         ("KUBEONNX_ASYNC_DEAD_LETTER_MAX_LENGTH", str(spec.dead_letter_max_length)),
+        ("KUBEONNX_ASYNC_MAX_QUEUED_BYTES", str(spec.max_queued_bytes)),
+        ("KUBEONNX_ASYNC_DEAD_LETTER_MAX_BYTES", str(spec.dead_letter_max_bytes)),
         ("KUBEONNX_ASYNC_CALLBACK_HOSTS", ",".join(spec.callback_hosts)),
     ]
     env = plain_env(values)
