@@ -56,6 +56,32 @@ API_ERRORS = Counter(
     "kubeonnx_operator_api_errors_total", "API calls refused or failed, by HTTP code.", ["code"]
 )
 LEADER = Gauge("kubeonnx_operator_leader", "1 while this replica holds the leader Lease.")
+MODEL_READY = Gauge(
+    "kubeonnx_operator_model_ready",
+    "1 while an InferenceModel is Ready (its Ready condition True), else 0; the condition's "
+    "reason in `reason` (one series per model). Written by the leader: a standby's series "
+    "are as it last reconciled.",
+    ["namespace", "model", "reason"],
+)
+_model_reasons: dict[tuple[str, str], str] = {}
+
+
+def set_model_ready(namespace: str, model: str, ready: bool, reason: str) -> None:
+    """The model's Ready condition, as last reported; a changed reason replaces its series."""
+    before = _model_reasons.get((namespace, model))
+    if before is not None and before != reason:
+        MODEL_READY.remove(namespace, model, before)
+    _model_reasons[(namespace, model)] = reason
+    MODEL_READY.labels(namespace, model, reason).set(1 if ready else 0)
+
+
+def forget_model(namespace: str, model: str) -> None:
+    """A deleted model's series goes with it."""
+    before = _model_reasons.pop((namespace, model), None)
+    if before is not None:
+        MODEL_READY.remove(namespace, model, before)
+
+
 EVENTS = Counter(
     "kubeonnx_operator_events_total",
     "Kubernetes Events posted, by type and reason.",

@@ -14,6 +14,7 @@ from typing import Any
 
 from lightkube import ApiError
 
+from . import metrics
 from .config import OperatorConfig
 from .kube import Kube, is_not_found
 from .observed import ObservedChildren, digest, our_fields, slim_deployment
@@ -95,6 +96,7 @@ class Reconciler:
         """Drop what is kept of a deleted model."""
         self.applied.pop(key, None)
         self.applied_deployments.pop(key, None)
+        metrics.forget_model(*key)
 
     def deployment(self, key: tuple[str, str]) -> dict[str, Any] | None:
         """The newest view of the model's Deployment: the watch's, unless our last apply
@@ -368,8 +370,9 @@ class Reconciler:
             version=model.spec.model.version if model else None,
             ignored=model.ignored if model else None,
         )
+        meta = body["metadata"]
+        metrics.set_model_ready(meta["namespace"], meta["name"], verdict.ready, verdict.reason)
         if status_changed(previous, status):
-            meta = body["metadata"]
             await self.kube.patch_model_status(meta["namespace"], meta["name"], status)
             body["status"] = status
             before = _ready_reason(previous)
