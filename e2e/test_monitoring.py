@@ -108,7 +108,7 @@ class Runtime:
 def start_runtime(
     pod: str, role: str, model_path: Path, redis_url: str, quota: Path, work: Path
 ) -> Runtime:
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     work.mkdir(parents=True)
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("KUBEONNX_")},
@@ -118,6 +118,7 @@ def start_runtime(
         "KUBEONNX_MODEL_VERSION": VERSION,
         "KUBEONNX_HOST": "127.0.0.1",
         "KUBEONNX_PORT": str(port),
+        "KUBEONNX_METRICS_PORT": str(metrics_port),  # as the operator renders it
         "KUBEONNX_CACHE_DIR": str(work / "cache"),
         "KUBEONNX_TERMINATION_LOG": str(work / "termination-log"),
         "KUBEONNX_DRAIN_SECONDS": "0",
@@ -132,7 +133,15 @@ def start_runtime(
     log = work / "serve.log"
     with log.open("wb") as out:
         proc = subprocess.Popen([KUBEONNX, "serve"], env=env, stdout=out, stderr=subprocess.STDOUT)
-    runtime = Runtime(Pod(pod, "runtime", {"http": f"127.0.0.1:{port}"}), proc, log)
+    runtime = Runtime(
+        Pod(
+            pod,
+            "runtime",
+            {"http": f"127.0.0.1:{port}", "metrics": f"127.0.0.1:{metrics_port}"},
+        ),
+        proc,
+        log,
+    )
     wait_serving(
         f"{runtime.http}/v2/health/ready",
         proc,
@@ -218,7 +227,7 @@ def bed(
         runtimes.append(server)
         monitor = {
             "metadata": {"namespace": NAMESPACE, "name": NAME},
-            "spec": {"podMetricsEndpoints": [{"port": "http"}]},
+            "spec": {"podMetricsEndpoints": [{"port": "metrics"}]},
         }
         operator_pod = "kubeonnx-operator-5b6c7d8f9-0"
         prometheus.scrape(
