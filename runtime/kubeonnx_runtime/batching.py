@@ -88,8 +88,10 @@ class Batcher:
         batchable: bool,
         on_batch: Callable[[int], None] | None = None,
         on_queue_depth: Callable[[int], None] | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self._run = run
+        self._clock = clock  # times model runs (the inline threshold); a test injects its own
         self.max_batch_size = max_batch_size if batchable else 1
         self.max_delay_s = max_delay_s if self.max_batch_size > 1 else 0.0
         self.max_queue = max_queue
@@ -210,12 +212,12 @@ class Batcher:
         return how long the model took, timed in the thread that ran it (timing the await
         instead would add the event loop's own delays, and keep a fast model off the loop
         for good once it had been sent to the executor)."""
-        started = time.perf_counter()
+        started = self._clock()
         if len(batch) > 1:
             try:
                 outputs = self._run(merge([i.inputs for i in batch]))
                 merged: list[Tensors | Exception] = list(split(outputs, [i.rows for i in batch]))
-                return merged, time.perf_counter() - started
+                return merged, self._clock() - started
             except Exception as exc:
                 # One request may have poisoned the run (a value the model refuses), or the
                 # outputs do not follow the rows: answer each request on its own.
@@ -230,4 +232,4 @@ class Batcher:
                 results.append(self._run(item.inputs))
             except Exception as exc:
                 results.append(exc)
-        return results, time.perf_counter() - started
+        return results, self._clock() - started
