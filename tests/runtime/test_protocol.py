@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import signal
-import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -14,6 +14,15 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from tests.runtime.conftest import Served
+from tests.runtime.model_runs import (
+    hooked_env,
+    metric,
+    release,
+    row_digest,
+    runs,
+    wait_for,
+    wait_held,
+)
 
 
 def client(served: Served) -> triton.InferenceServerClient:
@@ -203,8 +212,12 @@ def test_server_metadata_metrics_and_docs(mlp_server: Served) -> None:
     ("model", "row", "requests"), [("mlp", (4,), 64), ("convnet", (3, 32, 32), 24)]
 )
 def test_batched_answers_equal_unbatched_under_concurrency(  # type: ignore[no-untyped-def]
-    serve, models, model: str, row: tuple[int, ...], requests: int
+    serve, models, tmp_path: Path, model: str, row: tuple[int, ...], requests: int
 ) -> None:
+    """The first request's model run is held until every other request waits in the queue,
+    so merging must happen; the model's own run log (written by a wrapper in the server
+    process) says what ran together."""
+    hooks = tmp_path / "hooks"
     served = serve(
         "--model-uri",
         f"file://{models[model]}",
@@ -214,6 +227,7 @@ def test_batched_answers_equal_unbatched_under_concurrency(  # type: ignore[no-u
         "16",
         "--max-batch-delay-ms",
         "20",
+        env=hooked_env(hooks, hold_run=0),
     )
     rng = np.random.default_rng(42)
     inputs = [
@@ -227,14 +241,33 @@ def test_batched_answers_equal_unbatched_under_concurrency(  # type: ignore[no-u
         i.set_data_from_numpy(x)
         return client(served).infer(model, [i]).as_numpy("output")
 
-    with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        got = list(pool.map(call, inputs))
+    with concurrent.futures.ThreadPoolExecutor(requests) as pool:
+        first = pool.submit(call, inputs[0])
+        wait_held(hooks, served)
+        rest = [pool.submit(call, x) for x in inputs[1:]]
+        wait_for(
+            lambda: metric(served, "kubeonnx_queue_depth") == requests - 1,
+            "every other request queued behind the held run",
+        )
+        release(hooks)
+        got = [first.result(60), *(f.result(60) for f in rest)]
     for g, e in zip(got, expected, strict=True):
         assert g.shape == e.shape
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
-    # The batcher really merged requests: fewer model runs than requests.
-    count = batch_runs(served)
-    assert count < len(inputs), f"{count} model runs for {len(inputs)} requests"
+
+    ran = runs(hooks)
+    assert [r.number for r in ran] == list(range(len(ran)))
+    assert ran[0].rows == [row_digest(r) for r in inputs[0]]  # the held run: the first alone
+    # Every row ran exactly once.
+    digests = [row_digest(r) for x in inputs for r in x]
+    assert sorted(d for r in ran for d in r.rows) == sorted(digests)
+    # Once released, the batcher took full batches from the queue: with requests of at most
+    # 3 rows, every run but the last has at least 14 of its 16 rows.
+    queued_rows = sum(len(x) for x in inputs[1:])
+    assert len(ran) - 1 <= -(-queued_rows // 14), [len(r.rows) for r in ran]
+    assert all(len(r.rows) >= 14 for r in ran[1:-1]), [len(r.rows) for r in ran]
+    # The server's own count agrees with the model's log.
+    assert batch_runs(served) == len(ran)
 
 
 def test_fixed_batch_model_runs_request_by_request(serve, models) -> None:  # type: ignore[no-untyped-def]
@@ -306,40 +339,70 @@ def test_route_prefix_serves_the_same_api(serve, models) -> None:  # type: ignor
     assert httpx.get(f"{served.url}/v2/models/mlp").status_code == 200
 
 
-def test_sigterm_turns_not_ready_then_finishes_in_flight_requests(serve, models) -> None:  # type: ignore[no-untyped-def]
+def mlp_body(value: float) -> dict:  # type: ignore[type-arg]
+    return {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [value] * 4}]}
+
+
+def test_sigterm_drains_then_finishes_requests_that_outlast_it(  # type: ignore[no-untyped-def]
+    serve, models, tmp_path: Path
+) -> None:
+    """A model run is held across the whole drain: the requests in flight at SIGTERM outlast
+    the drain and the listener's closing, one arrives mid-drain, and every one is answered
+    before the process exits 0. A server that exits at once, or stops reading at SIGTERM,
+    fails this."""
+    hooks = tmp_path / "hooks"
     served = serve(
         "--model-uri",
-        f"file://{models['wide']}",
+        f"file://{models['mlp']}",
         "--model-name",
-        "m",
+        "mlp",
         "--max-batch-size",
         "1",
-        "--threads",
-        "1",
-        env={"KUBEONNX_DRAIN_SECONDS": "1.5"},
+        env={"KUBEONNX_DRAIN_SECONDS": "6", **hooked_env(hooks, hold_run=0)},
     )
-    body = {
-        "inputs": [
-            {"name": "input", "shape": [512, 256], "datatype": "FP32", "data": [0.5] * (512 * 256)}
-        ]
-    }
-    results: list[int] = []
+    url = f"{served.url}/v2/models/mlp/infer"
+    values = [1.0, 2.0, 3.0, 4.0]
+    expected = [reference(models, np.full((1, 4), v, np.float32)) for v in values]
 
-    def slow_requests() -> None:
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            for r in pool.map(
-                lambda _: httpx.post(f"{served.url}/v2/models/m/infer", json=body, timeout=60),
-                range(4),
-            ):
-                results.append(r.status_code)
+    def post(value: float) -> httpx.Response:
+        return httpx.post(url, json=mlp_body(value), timeout=120)
 
-    worker = threading.Thread(target=slow_requests)
-    worker.start()
-    time.sleep(0.3)
-    served.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
-    assert httpx.get(f"{served.url}/v2/health/ready").status_code == 503
-    assert httpx.get(f"{served.url}/v2/health/live").status_code == 200
-    worker.join(60)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        in_flight = [pool.submit(post, values[0])]
+        wait_held(hooks, served)
+        in_flight += [pool.submit(post, v) for v in values[1:3]]
+        wait_for(lambda: metric(served, "kubeonnx_queue_depth") == 2, "two requests queued")
+
+        served.proc.send_signal(signal.SIGTERM)
+        wait_for(
+            lambda: httpx.get(f"{served.url}/v2/health/ready").status_code == 503,
+            "not ready after SIGTERM",
+        )
+        assert httpx.get(f"{served.url}/v2/health/live").status_code == 200
+        late = pool.submit(post, values[3])  # arrives mid-drain: still served
+        wait_for(lambda: metric(served, "kubeonnx_queue_depth") == 3, "the late request queued")
+
+        def closed() -> bool:
+            try:
+                httpx.get(f"{served.url}/v2/health/live", timeout=5)
+            except httpx.ConnectError:
+                return True
+            return False
+
+        wait_for(closed, "the listener closed at the end of the drain")
+        wait_for(
+            lambda: "Waiting for connections to close" in served.logs(),
+            "the server waiting for the requests in flight",
+        )
+        # Give a server that would give up on them (or exit) the time to do so: a second of
+        # the 30 s it promises them.
+        time.sleep(1)
+        # The drain is over and nothing new is taken; the requests taken are still running.
+        assert served.proc.poll() is None
+        assert not any(f.done() for f in [*in_flight, late])
+        release(hooks)
+        answers = [f.result(60) for f in [*in_flight, late]]
+    for answer, want in zip(answers, expected, strict=True):
+        assert answer.status_code == 200, answer.text
+        np.testing.assert_allclose(answer.json()["outputs"][0]["data"], want.ravel(), rtol=1e-5)
     assert served.proc.wait(30) == 0
-    assert results == [200] * 4
