@@ -9,6 +9,7 @@ import json
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -24,6 +25,7 @@ from kubeonnx_runtime.quota import key_hash
 
 from e2e.redis_server import LocalRedis
 from tests.runtime.conftest import Served
+from tests.runtime.model_runs import hooked_env, release, row_digest, runs, wait_for, wait_held
 
 PREFIX = "kubeonnx:{tests/mlp}"
 KEYS = AsyncKeys(PREFIX)
@@ -158,12 +160,40 @@ def consumers(client) -> dict[str, int]:  # type: ignore[no-untyped-def]
     }
 
 
+def pending_to(client, consumer: str) -> list[str]:  # type: ignore[no-untyped-def]
+    """The request ids of the entries delivered to `consumer` and not acknowledged."""
+    entries = client.xpending_range(KEYS.stream, GROUP, "-", "+", 10_000, consumername=consumer)
+    ids = []
+    for entry in entries:
+        ((_, fields),) = client.xrange(KEYS.stream, entry["message_id"], entry["message_id"])
+        ids.append(fields[b"id"].decode())
+    return ids
+
+
+def holding(client, consumer: str, n: int) -> list[str] | None:  # type: ignore[no-untyped-def]
+    """What `consumer` holds, once it holds `n` requests."""
+    held = pending_to(client, consumer)
+    return held if len(held) == n else None
+
+
+def consumer_of(client, served: Served) -> str:  # type: ignore[no-untyped-def]
+    """The consumer name of a replica (its pid is part of it)."""
+    return wait_for(
+        lambda: next((n for n in consumers(client) if f"-{served.proc.pid}-" in n), None),
+        f"replica {served.proc.pid} in the consumer group",
+    )
+
+
 def test_a_thousand_requests_queued_with_no_consumer_are_answered_once_despite_a_sigkill(
-    serve, models: dict[str, Path], redis_url: str
+    serve, models: dict[str, Path], redis_url: str, tmp_path: Path
 ) -> None:
+    """What the model ran is counted by a wrapper around each replica's model run, in a log
+    of its own per replica, not by the worker: a request run twice would show there."""
     rng = np.random.default_rng(7)
     inputs = rng.standard_normal((1000, 4)).astype(np.float32)
     expected = expected_outputs(models["mlp"], inputs)
+    digest_of = {row_digest(inputs[i]): i for i in range(1000)}
+    assert len(digest_of) == 1000
 
     # Only the gateway runs: it takes requests and runs no model.
     gateway = start_gateway(serve, redis_url)
@@ -185,20 +215,28 @@ def test_a_thousand_requests_queued_with_no_consumer_are_answered_once_despite_a
     (group,) = client.xinfo_groups(KEYS.stream)
     assert group["lag"] == 1000
 
-    # Two replicas drain the queue; the first seen holding requests is killed at once.
-    replicas = [start(serve, models, redis_url, wait_ready=False) for _ in range(2)]
-    deadline = time.monotonic() + 60
-    while True:
-        held = {name: n for name, n in consumers(client).items() if n}
-        if held:
-            break
-        assert time.monotonic() < deadline, "no replica ever held a request"
-        time.sleep(0.002)
-    victim_name, held_at_kill = next(iter(held.items()))
-    victim = next(r for r in replicas if f"-{r.proc.pid}-" in victim_name)
+    # The first replica answers two batches, then its third model run is held: it holds
+    # all the requests it may take at once (16), and its process is SIGKILLed holding them
+    # while a second replica drains the queue.
+    victim_runs, second_runs = tmp_path / "victim", tmp_path / "second"
+    victim = start(
+        serve,
+        models,
+        redis_url,
+        KUBEONNX_ASYNC_CONCURRENCY="16",
+        # A model run of 2 ms, so runs stay off the event loop: the held one does not stop
+        # the replica from finishing what it ran before.
+        **hooked_env(victim_runs, hold_run=2, run_seconds=0.002),
+    )
+    wait_held(victim_runs, victim)
+    victim_name = consumer_of(client, victim)
+    held = wait_for(lambda: holding(client, victim_name, 16), "the first replica holding 16")
+    ran_before_kill = runs(victim_runs)
+    assert [r.number for r in ran_before_kill] == [0, 1]
+    second = start(serve, models, redis_url, **hooked_env(second_runs))
+    wait_for(lambda: runs(second_runs), "the second replica's first model run")
     victim.stop(signal.SIGKILL)
-    assert int(client.get(KEYS.completed) or 0) < 1000  # killed mid-run
-    second = next(r for r in replicas if r is not victim)
+    assert int(client.get(KEYS.completed) or 0) < 1000  # killed holding requests
     assert second.proc.poll() is None
 
     deadline = time.monotonic() + 120
@@ -207,13 +245,24 @@ def test_a_thousand_requests_queued_with_no_consumer_are_answered_once_despite_a
         time.sleep(0.2)
     time.sleep(3)  # past claim_after: a duplicate run, were there one, would have finished
 
-    assert int(client.get(KEYS.completed)) == 1000  # each result written exactly once
+    assert int(client.get(KEYS.completed)) == 1000
     assert client.xlen(KEYS.stream) == 0  # every entry acknowledged and deleted
     assert client.xlen(KEYS.dead) == 0
     assert client.xpending(KEYS.stream, GROUP)["pending"] == 0
     (group,) = client.xinfo_groups(KEYS.stream)
     assert group["lag"] == 0  # known (not null) after the deletions: nothing left to scale on
-    assert held_at_kill > 0  # what it held was reclaimed and answered by the other
+
+    # The model runs, as the wrappers logged them: every request ran exactly once, in one
+    # replica or the other; the killed replica's held run never returned.
+    ran = runs(victim_runs) + runs(second_runs)
+    assert runs(victim_runs) == ran_before_kill
+    times_run = Counter(digest_of[d] for r in ran for d in r.rows)
+    assert sorted(times_run) == list(range(1000))
+    assert set(times_run.values()) == {1}, [i for i, n in times_run.items() if n > 1]
+    by_second = {digest_of[d] for r in runs(second_runs) for d in r.rows}
+    assert {ids[h] for h in held} <= by_second  # what the killed one held, the other ran
+    assert len(by_second) < 1000  # the first replica's answers were not run again
+
     with httpx.Client(base_url=second.url, timeout=10) as http:
         for request_id, i in ids.items():
             answer = http.get(f"/v2/models/mlp/requests/{request_id}")
@@ -222,6 +271,52 @@ def test_a_thousand_requests_queued_with_no_consumer_are_answered_once_despite_a
             np.testing.assert_allclose(got, expected[i], rtol=1e-5, atol=1e-6)
     metrics = httpx.get(f"{second.url}/metrics").text
     assert 'kubeonnx_async_outcomes_total{model="mlp",outcome="done",version="1"}' in metrics
+
+
+def test_sigterm_answers_the_requests_in_flight_and_leaves_the_rest_queued(
+    serve, models: dict[str, Path], redis_url: str, tmp_path: Path
+) -> None:
+    """A replica's first model run is held while it holds 4 requests (its concurrency) of
+    40, then it gets SIGTERM: it waits for the held run, writes and acknowledges those 4,
+    takes no more, and exits 0; the other 36 stay queued, undelivered, for the next one."""
+    gateway = start_gateway(serve, redis_url)
+    with httpx.Client(base_url=gateway.url, timeout=10) as http:
+        ids = [
+            http.post("/v2/models/mlp/async-infer", json=body([float(i)] * 4)).json()["id"]
+            for i in range(40)
+        ]
+    client = redis_client(redis_url)
+    hooks = tmp_path / "hooks"
+    served = start(
+        serve, models, redis_url, KUBEONNX_ASYNC_CONCURRENCY="4", **hooked_env(hooks, hold_run=0)
+    )
+    wait_held(hooks, served)
+    name = consumer_of(client, served)
+    held = wait_for(lambda: holding(client, name, 4), "the replica holding 4 requests")
+    served.proc.send_signal(signal.SIGTERM)
+    wait_for(
+        lambda: "Waiting for application shutdown" in served.logs(), "the replica shutting down"
+    )
+    time.sleep(1)  # time for a replica that would not wait, or would read on, to do so
+    assert served.proc.poll() is None
+    assert pending_to(client, name) == held
+    release(hooks)
+    assert served.proc.wait(30) == 0
+
+    statuses = {i: client.hget(KEYS.record(i), "status").decode() for i in ids}
+    assert {i for i, s in statuses.items() if s == "done"} == set(held)
+    assert client.xpending(KEYS.stream, GROUP)["pending"] == 0  # the 4 acknowledged
+    assert client.xlen(KEYS.stream) == 36
+    (group,) = client.xinfo_groups(KEYS.stream)
+    assert group["lag"] == 36  # never delivered: the next replica takes them
+    queued = {f[b"id"].decode() for _, f in client.xrange(KEYS.stream)}
+    assert queued == set(ids) - set(held)
+
+    after = start(serve, models, redis_url)
+    with httpx.Client(base_url=after.url, timeout=10) as http:
+        for request_id in ids:
+            done = wait_done(http, f"/v2/models/mlp/requests/{request_id}")
+            assert done.status_code == 200, done.text
 
 
 def test_a_request_delivered_max_attempts_times_goes_to_the_dead_letter_stream(
