@@ -705,6 +705,9 @@ class AsyncWorker:
     def stop(self) -> None:
         """Take no new entries; `run` returns once those in flight are answered."""
         self._stopping.set()
+        log.info(
+            "stopping: answering the %d requests in hand; the rest stay queued", len(self._inflight)
+        )
 
     async def _ensure_group(self) -> None:
         import redis.exceptions

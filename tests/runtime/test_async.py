@@ -236,7 +236,6 @@ def test_a_thousand_requests_queued_with_no_consumer_are_answered_once_despite_a
     second = start(serve, models, redis_url, **hooked_env(second_runs))
     wait_for(lambda: runs(second_runs), "the second replica's first model run")
     victim.stop(signal.SIGKILL)
-    assert int(client.get(KEYS.completed) or 0) < 1000  # killed holding requests
     assert second.proc.poll() is None
 
     deadline = time.monotonic() + 120
@@ -294,9 +293,7 @@ def test_sigterm_answers_the_requests_in_flight_and_leaves_the_rest_queued(
     name = consumer_of(client, served)
     held = wait_for(lambda: holding(client, name, 4), "the replica holding 4 requests")
     served.proc.send_signal(signal.SIGTERM)
-    wait_for(
-        lambda: "Waiting for application shutdown" in served.logs(), "the replica shutting down"
-    )
+    wait_for(lambda: "stopping: answering the 4 requests" in served.logs(), "the worker stopping")
     time.sleep(1)  # time for a replica that would not wait, or would read on, to do so
     assert served.proc.poll() is None
     assert pending_to(client, name) == held
