@@ -60,7 +60,7 @@ def runs(folder: Path) -> list[Run]:
     return found
 
 
-def wait_for(check: Callable[[], T], what: str, timeout: float = 60) -> T:
+def wait_for(check: Callable[[], T], what: str, timeout: float = 120) -> T:
     """Poll `check` until it returns something true; fail naming `what` after `timeout`."""
     deadline = time.monotonic() + timeout
     while True:
@@ -71,7 +71,7 @@ def wait_for(check: Callable[[], T], what: str, timeout: float = 60) -> T:
         time.sleep(0.02)
 
 
-def wait_held(folder: Path, served: Served, timeout: float = 60) -> None:
+def wait_held(folder: Path, served: Served, timeout: float = 120) -> None:
     """Wait until the server's held run has begun (and is now waiting for `release`)."""
 
     def held() -> bool:
