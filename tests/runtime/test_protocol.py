@@ -389,7 +389,7 @@ def test_sigterm_drains_then_finishes_requests_that_outlast_it(  # type: ignore[
         def closed() -> bool:
             try:
                 httpx.get(f"{served.url}/v2/health/live", timeout=5)
-            except httpx.ConnectError:
+            except httpx.TransportError:  # refused, or accepted as the listener closed, and reset
                 return True
             return False
 
