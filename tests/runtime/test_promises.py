@@ -335,7 +335,9 @@ def test_a_callback_refused_twice_is_tried_again_until_it_is_taken(
     FlakyReceiver.received = []
     threading.Thread(target=receiver.serve_forever, daemon=True).start()
     try:
-        served = async_replica(serve, models, redis_url, KUBEONNX_ASYNC_CALLBACK_HOSTS="127.0.0.1")
+        served = async_replica(
+            serve, models, redis_url, KUBEONNX_ASYNC_CALLBACK_HOSTS="127.0.0.1:*"
+        )
         with httpx.Client(base_url=served.url, timeout=10) as http:
             queued = http.post(
                 "/v2/models/mlp/async-infer",
