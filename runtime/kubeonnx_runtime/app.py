@@ -41,6 +41,7 @@ from .ledger import Ledger
 from .logs import request_id_var
 from .metrics import RuntimeMetrics
 from .quota import Decision, Quota, QuotaExceeded, QuotaUnavailable, Unauthorized
+from .router import is_mirror_copy
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +163,8 @@ InferAnswer = tuple[int, str, list[tuple[bytes, bytes]], bytes]
 # The quota charges (decision, rows) of the request being answered, settled by `metered`
 # once its status is known: kept, and written to the ledger, when it was served (2xx) or the
 # model itself refused its input (400: the work was done); otherwise refunded.
+# Set while answering the router's mirrored copy (it bears the mirror secret): no charge.
+_mirror_copy: ContextVar[bool] = ContextVar("kubeonnx_mirror_copy", default=False)
 _charges: ContextVar[list[tuple[Decision, int]] | None] = ContextVar(
     "kubeonnx_charges", default=None
 )
@@ -326,7 +329,7 @@ class InferHandler:
         """Admit `rows` against the tenant's quota (429 when over); the budget headers to
         answer with. Without quotas, nothing. Call it after the cheap checks and before the
         expensive work: the answer's status settles the charge (`metered`)."""
-        if self.quota is None:
+        if self.quota is None or _mirror_copy.get():
             return []
         n = rows()
         decision = await self.quota.admit(tenant, n)
@@ -619,8 +622,10 @@ class FrontDoor:
         route_prefix: str = "",
         metrics: Callable[[], bytes] | None = None,
         metrics_port: int | None = None,
+        mirror_secret: bytes = b"",
     ) -> None:
         self.app = app
+        self.mirror_secret = mirror_secret
         self.infer = infer
         self._tenant_header = infer.quota.header.encode() if infer.quota else None
         self._read = _READ_HEADERS | ({self._tenant_header} if self._tenant_header else set())
@@ -656,6 +661,8 @@ class FrontDoor:
         headers = {k.decode(): v.decode("latin-1") for k, v in scope["headers"] if k in self._read}
         rid = headers.pop("x-request-id", None) or f"{self._id_prefix}-{next(self._ids):x}"
         token = request_id_var.set(rid)
+        if self.mirror_secret:
+            _mirror_copy.set(is_mirror_copy(scope["headers"], self.mirror_secret))
         try:
             match = INFER_PATH.match(path) if scope["method"] == "POST" else None
             if match is None:
@@ -732,6 +739,7 @@ def create_app(
     image_threads: int = 2,
     metrics_port: int | None = None,
     max_decode_bytes: int = 1024 * 1024 * 1024,
+    mirror_secret: bytes = b"",
 ) -> FrontDoor:
     """Build the app around an injected data plane and metrics registry."""
 
@@ -925,4 +933,4 @@ def create_app(
         async def prometheus() -> Response:
             return Response(exposition(), media_type=CONTENT_TYPE_LATEST)
 
-    return FrontDoor(app, handler, route_prefix, exposition, metrics_port)
+    return FrontDoor(app, handler, route_prefix, exposition, metrics_port, mirror_secret)

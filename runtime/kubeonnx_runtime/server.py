@@ -294,6 +294,7 @@ def async_keys(settings: ServeSettings) -> AsyncKeys:
 
 def load(settings: ServeSettings, metrics: RuntimeMetrics) -> OnnxModel:
     label = settings.model_name
+    assert settings.model_uri is not None
     fetched = fetch_model(
         settings.model_uri,
         settings.cache_dir,
@@ -334,12 +335,18 @@ def load(settings: ServeSettings, metrics: RuntimeMetrics) -> OnnxModel:
 
 
 def serve(settings: ServeSettings) -> int:
+    if settings.role == "router":
+        from .router import serve_router
+
+        return serve_router(settings)
     configure_logging(settings.log_level)
     disable_created_metrics()
     metrics = RuntimeMetrics(CollectorRegistry(), settings.model_version)
     model: OnnxModel | None = None
     images: ImagePipeline | None = None
     try:
+        if settings.model_uri is None:
+            raise FatalStartupError(f"role {settings.role} needs --model-uri (KUBEONNX_MODEL_URI)")
         sockets = [listen(settings.host, settings.port)]
         if settings.metrics_port is not None:
             sockets.append(listen(settings.host, settings.metrics_port))
@@ -492,6 +499,9 @@ def serve(settings: ServeSettings) -> int:
         image_threads=cpu_quota_threads(),
         metrics_port=settings.metrics_port,
         max_decode_bytes=settings.max_decode_bytes,
+        mirror_secret=settings.mirror_secret.get_secret_value().encode()
+        if settings.mirror_secret
+        else b"",
     )
     config = uvicorn.Config(
         app,

@@ -33,7 +33,11 @@ class ServeSettings(BaseSettings):
         protected_namespaces=(),
     )
 
-    model_uri: str = Field(description="where the model is: s3://BUCKET/KEY or file:///PATH")
+    model_uri: str | None = Field(
+        None,
+        description="where the model is: s3://BUCKET/KEY or file:///PATH (roles server and "
+        "gateway)",
+    )
     model_sha256: str | None = Field(
         None, description="expected sha256 of the model file; a mismatch refuses to start"
     )
@@ -83,10 +87,19 @@ class ServeSettings(BaseSettings):
     max_connections: int = Field(
         2048, ge=1, description="open connections beyond which requests are answered 503"
     )
-    role: Literal["server", "gateway"] = Field(
+    role: Literal["server", "gateway", "router"] = Field(
         "server",
         description="server: load the model and serve it (and consume the asynchronous queue, "
-        "if any); gateway: no model, only take asynchronous requests and answer their status",
+        "if any); gateway: no model, only take asynchronous requests and answer their status; "
+        "router: no model, split requests between versions (--router-config)",
+    )
+    router_config: Path | None = Field(
+        None, description="role router: its versions, weights, mirrors (JSON or YAML file)"
+    )
+    mirror_secret: SecretStr | None = Field(
+        None,
+        description="shared by the router and the versions' runtimes: a request bearing it in "
+        "X-Kubeonnx-Mirror is the router's mirrored copy, answered but charged no quota",
     )
     async_redis_url: str | None = Field(
         None, description="Redis holding the asynchronous request stream; unset: no async"
