@@ -194,18 +194,75 @@ def test_frozen_mirror_never_fails_the_client(tmp_path: Path, versions: dict[str
         router.stop()
 
 
-def test_mirror_header_from_a_client_is_removed(
-    tmp_path: Path, versions: dict[str, Served]
+def test_mirrors_are_never_charged_and_clients_cannot_pass_for_one(
+    tmp_path: Path, models: dict[str, Path], versions: dict[str, Served]
 ) -> None:
-    """A client cannot make its request pass for the router's copy: the router strips the
-    marker; the runtime answers it like any request (its charging is tested with quotas)."""
-    router = start_router(tmp_path, [{"name": "1", "url": versions["1"].url, "weight": 1}])
+    """Version 5 charges quota and knows the mirror secret: the router's copies to it are
+    not charged; a client's request bearing the marker (even with the right secret) is
+    stripped by the router and charged once."""
+    from kubeonnx_runtime.quota import key_hash
+
+    policy = tmp_path / "quota.json"
+    policy.write_text(
+        json.dumps(
+            {
+                "policy": "router-test",
+                "tenants": [
+                    {
+                        "name": "acme",
+                        "keySha256": [key_hash("acme-key")],
+                        "limits": [{"unit": "requests", "limit": 1000, "window": "1d"}],
+                    }
+                ],
+            }
+        )
+    )
+    charged = start_server(
+        tmp_path,
+        "--model-uri",
+        f"file://{models['mlp']}",
+        "--model-name",
+        "mlp",
+        env={
+            "KUBEONNX_MODEL_VERSION": "5",
+            "KUBEONNX_MIRROR_SECRET": SECRET,
+            "KUBEONNX_QUOTA_CONFIG": str(policy),
+        },
+    )
+    router = start_router(
+        tmp_path,
+        [
+            {"name": "1", "url": versions["1"].url, "weight": 1},
+            {"name": "5", "url": charged.url, "mirror_percent": 100},
+        ],
+    )
+    key = {"X-Api-Key": "acme-key"}
+
+    def used() -> int:
+        r = httpx.get(f"{charged.url}/v2/quota", headers=key)
+        return int(r.json()["limits"][0]["used"])
+
     try:
+        deadline = time.monotonic() + 60
+        while metric(router.url, "kubeonnx_router_upstream_ready") < 2:
+            assert time.monotonic() < deadline, router.logs()
+            time.sleep(0.1)
         with httpx.Client(base_url=router.url, timeout=30) as http:
-            r = http.post("/v2/models/mlp/infer", json=BODY, headers={"X-Kubeonnx-Mirror": SECRET})
-        assert version_of(r) == "1"
+            for _ in range(10):
+                assert version_of(http.post("/v2/models/mlp/infer", json=BODY, headers=key)) == "1"
+            deadline = time.monotonic() + 60
+            while metric(router.url, "kubeonnx_router_mirrors_total", outcome="sent") < 10:
+                assert time.monotonic() < deadline, router.logs()
+                time.sleep(0.1)
+            assert used() == 0  # ten copies answered, none charged
+            forged = {**key, "X-Kubeonnx-Mirror": SECRET, "X-Model-Version": "5"}
+            r = http.post("/v2/models/mlp/infer", json=BODY, headers=forged)
+            assert version_of(r) == "5"
+            assert "ratelimit" in r.headers  # the upstream's quota headers pass through
+        assert used() == 1  # the client's own request, charged once
     finally:
         router.stop()
+        charged.stop()
 
 
 def test_candidate_starting_then_killed(
