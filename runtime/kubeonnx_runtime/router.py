@@ -35,6 +35,7 @@ import logging
 import math
 import re
 import signal
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ from .settings import VERSION_PATTERN, ServeSettings
 log = logging.getLogger(__name__)
 
 MIRROR_HEADER = b"x-kubeonnx-mirror"
+SMALL_BODY = 64 * 1024  # bodies up to this are read whole; larger ones stream
 VERSION_IN_PATH = re.compile(r"/v2/models/[^/]+/versions/([^/]+)(?:/|$)")
 MIRRORED_PATH = re.compile(r"/v2/models/[^/]+(?:/versions/[^/]+)?/(?:infer|predict|predict/batch)$")
 HOP_BY_HOP = {
@@ -239,12 +241,18 @@ class Router:
         self.pin_header = config.pin_header.lower().encode()
         self.tenant_header = config.tenant_header.lower().encode()
         self.retry_after = str(max(1, math.ceil(config.probe_interval_s))).encode()
+        limits = httpx.Limits(max_connections=4096, max_keepalive_connections=512)
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(
                 config.timeout_s, connect=config.connect_timeout_s, pool=config.connect_timeout_s
             ),
-            limits=httpx.Limits(max_connections=4096, max_keepalive_connections=512),
-            transport=transport,
+            limits=limits,
+            # Headers and body are separate writes: without NODELAY, Nagle holds the body
+            # until the upstream's delayed ACK of the headers (milliseconds a request).
+            transport=transport
+            or httpx.AsyncHTTPTransport(
+                limits=limits, socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+            ),
         )
         self.mirroring: set[asyncio.Task[None]] = set()
         self.probes: list[asyncio.Task[None]] = []
@@ -376,15 +384,18 @@ class Router:
         method: str = scope["method"]
         mirrors = self.picker.mirrors() if method == "POST" and MIRRORED_PATH.search(path) else []
         body: bytes | None = None
+        length = _content_length(headers)
+        if length is not None and length <= SMALL_BODY:
+            body = await _read_all(receive, length)  # one write upstream, not a stream
         if mirrors:
-            length = _content_length(headers)
-            if (
-                length is not None
-                and length <= self.config.mirror_max_body_bytes
-                and not _async_request(headers)
-            ):
+            if _async_request(headers) or length is None:
+                mirrors_ok = False
+            elif body is None and length <= self.config.mirror_max_body_bytes:
                 body = await _read_all(receive, length)
+                mirrors_ok = True
             else:
+                mirrors_ok = body is not None
+            if not mirrors_ok:
                 for m in mirrors:
                     self.metrics.mirrors.labels(m.name, "dropped").inc()
                 mirrors = []
@@ -551,6 +562,7 @@ def serve_router(settings: ServeSettings) -> int:
     from .server import guarded_protocol, listen
 
     configure_logging(settings.log_level)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per proxied request
     try:
         if settings.router_config is None:
             raise FatalStartupError("role router needs --router-config (KUBEONNX_ROUTER_CONFIG)")
@@ -572,6 +584,7 @@ def serve_router(settings: ServeSettings) -> int:
         access_log=False,
         proxy_headers=False,
         server_header=False,
+        date_header=False,  # the upstream's Date passes through, not a second one
         timeout_graceful_shutdown=30,
         lifespan="on",
         http=guarded_protocol(settings.max_header_bytes, settings.read_timeout_s),
