@@ -513,7 +513,7 @@ def is_mirror_copy(headers: list[tuple[bytes, bytes]], secret: bytes) -> bool:
 
 def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
     for k, v in headers:
-        if k == b"content-length":
+        if k.lower() == b"content-length":
             with contextlib.suppress(ValueError):
                 return int(v)
     return None
