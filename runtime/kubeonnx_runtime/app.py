@@ -276,17 +276,18 @@ class InferHandler:
         finally:
             _charges.reset(token)
             if charges:
-                await self._settle(charges, status)
+                self._settle(charges, status)
             self.inflight.dec()
             self.latency.observe(time.perf_counter() - started)
             self.count(status)
 
-    async def _settle(self, charges: list[tuple[Decision, int]], status: int) -> None:
-        """Write a served request's charge to the ledger, or refund one that was not."""
+    def _settle(self, charges: list[tuple[Decision, int]], status: int) -> None:
+        """Write a served request's charge to the ledger, or refund one that was not (in the
+        background: the answer does not wait for it)."""
         for decision, rows in charges:
             if not charge_stands(status):
                 assert self.quota is not None
-                await self.quota.refund(decision)
+                self.quota.refund(decision)
             elif self.ledger is not None:
                 self.ledger.record(decision.tenant, rows, request_id_var.get())
 
