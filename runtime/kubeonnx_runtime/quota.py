@@ -591,12 +591,12 @@ class Quota:
     ) -> None:
         """Take back, in the background, what request `ref` (sent at `at`) added in Redis, if
         anything; `counted`: it was an admission (a refund is a decision outcome), not a
-        decision abandoned on its way. At most REFUNDS_IN_FLIGHT at a time: past that, or when
-        Redis does not take it within REFUND_TIMEOUT_S, the refund is lost, logged and
-        counted."""
+        decision abandoned on its way (which may never have reached Redis). At most
+        REFUNDS_IN_FLIGHT at a time: past that, or when Redis does not take it within
+        REFUND_TIMEOUT_S, the refund is lost, logged, and counted if it was an admission's."""
         assert self._refund is not None
         if len(self._refunds) >= REFUNDS_IN_FLIGHT:
-            self._lost(tenant, f"{REFUNDS_IN_FLIGHT} refunds already in flight")
+            self._lost(tenant, f"{REFUNDS_IN_FLIGHT} refunds already in flight", counted)
             return
         keys = [self._key(tenant, lim, at) for lim in limits]
         keys.append(charge_key(self.config.namespace, self.config.policy, tenant, ref))
@@ -606,7 +606,7 @@ class Quota:
             try:
                 await asyncio.wait_for(call, REFUND_TIMEOUT_S)
             except Exception as exc:
-                self._lost(tenant, redact(f"{type(exc).__name__}: {exc}"))
+                self._lost(tenant, redact(f"{type(exc).__name__}: {exc}"), counted)
                 return
             if counted:
                 self._on_decision(tenant, "refunded")
@@ -615,9 +615,12 @@ class Quota:
         self._refunds.add(task)
         task.add_done_callback(self._refunds.discard)
 
-    def _lost(self, tenant: str, why: str) -> None:
-        log.warning("quota refund for tenant %s lost: %s", tenant, why)
-        self._on_refund_lost()
+    def _lost(self, tenant: str, why: str, counted: bool) -> None:
+        if counted:
+            log.warning("quota refund for tenant %s lost: %s", tenant, why)
+            self._on_refund_lost()
+        else:
+            log.info("quota: an abandoned decision of tenant %s not taken back: %s", tenant, why)
 
     async def drain(self, timeout_s: float = REFUND_TIMEOUT_S) -> None:
         """Wait for the refunds in flight (at shutdown), at most `timeout_s`."""

@@ -143,6 +143,9 @@ def test_a_frozen_then_killed_redis_is_handled_by_the_failure_mode(
             {"a": [{"unit": "requests", "limit": 10, "window": "1d"}]},
             failureMode=mode,
             replicas=2,
+            # Far above a round trip to a healthy Redis on a loaded machine (the checks
+            # before the faults and after the restart), far below the wait checked below.
+            decisionBudgetMs=1000,
         )
         served = serve_mlp(serve, models, config)
         with httpx.Client(timeout=10) as http:
@@ -155,14 +158,14 @@ def test_a_frozen_then_killed_redis_is_handled_by_the_failure_mode(
                     r = infer(http, served, "a")
                     answers.append((r.status_code, time.monotonic() - started, r))
                 codes = [code for code, _, _ in answers]
-                # The budget (25 ms), and at most 1 s more on a replica starved of CPU.
+                # The budget (1 s), and at most 1 s more on a replica starved of CPU.
                 assert max(took for _, took, _ in answers) < 5, answers
                 if mode == "Closed":
                     assert codes == [503] * 8
                     assert answers[0][2].headers["retry-after"] == "1"
                     # Frozen: it takes connections and does not answer; killed: it refuses them.
                     why = (
-                        "quota store did not answer within 25 ms"
+                        "quota store did not answer within 1000 ms"
                         if fault == store.pause
                         else "quota store is unreachable"
                     )
