@@ -93,8 +93,12 @@ class Limit(_Config):
         return WINDOW_SECONDS[self.window]
 
 
+# A DNS label, as the QuotaPolicy's schema has it: the runtime checks what it is given too.
+TENANT_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
 class TenantConfig(_Config):
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, max_length=63, pattern=TENANT_NAME_PATTERN)
     key_sha256: list[str] = Field(default_factory=list)
     # A file of keys, one a line (the tenant's Secret, mounted), relative to the configuration
     # file's directory: hashed into key_sha256 when the configuration is loaded.
@@ -127,7 +131,8 @@ class QuotaConfig(_Config):
     """The file `KUBEONNX_QUOTA_CONFIG` names: what the operator renders from a QuotaPolicy."""
 
     policy: str = Field(min_length=1)
-    namespace: str = ""  # the policy's namespace: counters of same-named policies stay apart
+    # The policy's namespace: counters of same-named policies in two namespaces stay apart.
+    namespace: str = Field(min_length=1)
     tenant_header: str = "X-Api-Key"
     tenants: list[TenantConfig] = Field(default_factory=list)
     default_tenant: DefaultTenant | None = None

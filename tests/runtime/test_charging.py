@@ -43,6 +43,7 @@ def quota_config(**extra: Any) -> QuotaConfig:
     return QuotaConfig.model_validate(
         {
             "policy": "team",
+            "namespace": "tests",
             "tenants": [
                 {
                     "name": "acme",

@@ -42,6 +42,7 @@ def test_the_runtime_refuses_a_tenant_named_default(tmp_path: Path, models) -> N
     """A configuration written by hand (or by an older operator) does not start either."""
     raw = {
         "policy": "team",
+        "namespace": "tests",
         "tenants": [{"name": "default", "keySha256": [key_hash("k")]}],
         "defaultTenant": {"limits": []},
     }

@@ -33,6 +33,7 @@ def write_policy(tmp_path: Path, url: str, tenants: dict[str, list[dict]], **ext
 
     policy = {
         "policy": f"p-{uuid.uuid4().hex[:8]}",
+        "namespace": "tests",
         "redis": {"url": url},
         "tenants": [
             {"name": name, "keySha256": [key_hash(f"{name}-key")], "limits": limits}
@@ -227,6 +228,7 @@ def quota_on(url: str, budget_ms: int = 25):  # type: ignore[no-untyped-def]
     config = QuotaConfig.model_validate(
         {
             "policy": f"p-{uuid.uuid4().hex[:8]}",
+            "namespace": "tests",
             "redis": {"url": url},
             "decisionBudgetMs": budget_ms,
             "tenants": [

@@ -5,18 +5,27 @@ never hold up an answer, and a lost refund is logged and counted."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import kubeonnx_runtime.quota as quota_module
 import pytest
 from kubeonnx_runtime.app import InferHandler
 from kubeonnx_runtime.dataplane import DataPlane
-from kubeonnx_runtime.errors import ServerBusy
+from kubeonnx_runtime.errors import FatalStartupError, ServerBusy
 from kubeonnx_runtime.metrics import RuntimeMetrics
-from kubeonnx_runtime.quota import Quota, QuotaConfig, QuotaUnavailable, connect_redis, counter_key
+from kubeonnx_runtime.quota import (
+    Quota,
+    QuotaConfig,
+    QuotaUnavailable,
+    connect_redis,
+    counter_key,
+    load_quota_config,
+)
 from prometheus_client import CollectorRegistry
 
 from e2e.redis_server import LocalRedis
@@ -215,3 +224,30 @@ def test_a_refund_does_not_hold_up_the_answer(
         assert "quota refund for tenant a lost: ConnectionError" in caplog.text
     finally:
         store.stop()
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"namespace": None}, "namespace"),
+        ({"namespace": ""}, "namespace"),
+        ({"tenants": [{"name": "Acme_1", "keySha256": []}]}, "tenants.0.name"),
+        ({"tenants": [{"name": "a" * 64, "keySha256": []}]}, "tenants.0.name"),
+    ],
+)
+def test_the_runtime_checks_the_namespace_and_tenant_names(
+    tmp_path: Path, change: dict[str, Any], field: str
+) -> None:
+    """What the QuotaPolicy's schema and the operator check, the runtime checks again: a file
+    written by hand (or by an older operator) with no namespace (counters would merge with a
+    same-named policy's) or a tenant name that is not a DNS label does not load."""
+    raw: dict[str, Any] = {"policy": "team", "namespace": "vision", "tenants": [], **change}
+    raw = {k: v for k, v in raw.items() if v is not None}
+    path = tmp_path / "quota.json"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(FatalStartupError, match="invalid quota configuration") as refused:
+        load_quota_config(path)
+    assert field in str(refused.value), refused.value
+    raw.update(namespace="vision", tenants=[{"name": "acme-1", "keySha256": []}])
+    path.write_text(json.dumps(raw))
+    assert load_quota_config(path).namespace == "vision"
