@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import kubeonnx_runtime.quota as quota_module
+import numpy as np
 import pytest
 from kubeonnx_runtime.app import InferHandler
+from kubeonnx_runtime.batching import Batcher
 from kubeonnx_runtime.dataplane import DataPlane
 from kubeonnx_runtime.errors import FatalStartupError, ServerBusy
 from kubeonnx_runtime.metrics import RuntimeMetrics
@@ -251,3 +253,43 @@ def test_the_runtime_checks_the_namespace_and_tenant_names(
     raw.update(namespace="vision", tenants=[{"name": "acme-1", "keySha256": []}])
     path.write_text(json.dumps(raw))
     assert load_quota_config(path).namespace == "vision"
+
+
+def test_a_reservation_holds_the_queue_for_every_part_before_the_charge() -> None:
+    """An image batch reserves a place for each image before it is charged: no room for all
+    is 503 at once (nothing charged, nothing run); reserved parts always get in; places not
+    taken are given back. A request larger than the whole queue gets in alone."""
+    tensor = {"input": np.zeros((1, 4), np.float32)}
+
+    async def main() -> None:
+        # Not started: what is queued stays queued.
+        batcher = Batcher(
+            lambda x: x, max_batch_size=1, max_delay_s=0, max_queue=3, batchable=False
+        )
+        first = asyncio.ensure_future(batcher.infer(tensor))
+        await asyncio.sleep(0)
+        held = batcher.reserve(2)
+        with pytest.raises(ServerBusy, match="no room for 1"):
+            batcher.reserve(1)
+        with pytest.raises(ServerBusy, match="queue is full"):
+            await batcher.infer(tensor)  # the places are held for the batch's parts
+        parts = [asyncio.ensure_future(batcher.infer(tensor, held)) for _ in range(2)]
+        await asyncio.sleep(0)
+        assert (batcher.depth, batcher.reserved) == (3, 0)
+        for task in (first, *parts):
+            task.cancel()
+        batcher.release(held)  # all taken: nothing to give back
+        assert batcher.reserved == 0
+
+        small = Batcher(lambda x: x, max_batch_size=1, max_delay_s=0, max_queue=2, batchable=False)
+        large = small.reserve(4)  # more than the queue: alone
+        with pytest.raises(ServerBusy):
+            small.reserve(1)
+        one = asyncio.ensure_future(small.infer(tensor, large))
+        await asyncio.sleep(0)
+        small.release(large)  # a part failed to decode: its 3 places come back
+        assert small.reserved == 0
+        small.release(small.reserve(1))
+        one.cancel()
+
+    asyncio.run(main())
