@@ -5,6 +5,7 @@ never hold up an answer, and a lost refund is logged and counted."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import time
@@ -12,6 +13,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import httpx
 import kubeonnx_runtime.quota as quota_module
 import numpy as np
 import pytest
@@ -26,6 +28,7 @@ from kubeonnx_runtime.quota import (
     QuotaUnavailable,
     connect_redis,
     counter_key,
+    key_hash,
     load_quota_config,
 )
 from prometheus_client import CollectorRegistry
@@ -293,3 +296,61 @@ def test_a_reservation_holds_the_queue_for_every_part_before_the_charge() -> Non
         one.cancel()
 
     asyncio.run(main())
+
+
+def test_an_image_batch_is_charged_for_every_image_the_model_ran(
+    serve, models: dict[str, Path], tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """Ten batches of 4 images at once into a queue of 2: a batch without room for all its
+    images is refused before it is charged and runs nothing; every image the model ran is
+    charged (before the fix: 18 runs, 0 charged: a batch whose last image found the queue
+    full was refunded whole while its other images ran)."""
+    from e2e.generate_images import generate as generate_images
+    from tests.runtime.test_images import PROCESSING
+
+    not_near_midnight()
+    tiny = generate_images(tmp_path / "images")["tiny.png"].read_bytes()
+    path = tmp_path / "quota.json"
+    path.write_text(
+        json.dumps(
+            {
+                "policy": "images",
+                "namespace": "tests",
+                "tenants": [
+                    {
+                        "name": "acme",
+                        "keySha256": [key_hash("acme-key")],
+                        "limits": [{"unit": "rows", "limit": 100000, "window": "1d"}],
+                    }
+                ],
+            }
+        )
+    )
+    served = serve(
+        "--model-uri",
+        f"file://{models['convnet']}",
+        "--model-name",
+        "classifier",
+        env={
+            "KUBEONNX_PROCESSING": json.dumps(PROCESSING),
+            "KUBEONNX_QUOTA_CONFIG": str(path),
+            "KUBEONNX_MAX_BATCH_SIZE": "1",
+            "KUBEONNX_MAX_QUEUE": "2",
+        },
+    )
+    url = f"{served.url}/v2/models/classifier/predict/batch"
+    key = {"X-Api-Key": "acme-key"}
+
+    def post(_: int) -> int:
+        files = [("files", ("t.png", tiny))] * 4
+        return httpx.post(url, files=files, headers=key, timeout=60).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(10) as pool:
+        codes = list(pool.map(post, range(10)))
+    runs = 0.0
+    for line in httpx.get(f"{served.url}/metrics").text.splitlines():
+        if line.startswith("kubeonnx_batch_size_count{"):
+            runs = float(line.rsplit(" ", 1)[1])
+    usage = httpx.get(f"{served.url}/v2/quota", headers=key).json()
+    assert (runs, usage["limits"][0]["used"]) == (4 * codes.count(200),) * 2, codes
+    assert set(codes) <= {200, 503} and 200 in codes, codes  # a batch alone gets in
