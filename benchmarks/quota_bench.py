@@ -41,6 +41,7 @@ def policy(work: Path, name: str, redis_url: str | None) -> Path:
     ]
     config = {
         "policy": name,
+        "namespace": "tests",
         "tenants": [{"name": "bench", "keySha256": [key_hash(KEY)], "limits": limits}],
     }
     if redis_url:

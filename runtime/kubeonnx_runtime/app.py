@@ -279,17 +279,18 @@ class InferHandler:
         finally:
             _charges.reset(token)
             if charges:
-                await self._settle(charges, status)
+                self._settle(charges, status)
             self.inflight.dec()
             self.latency.observe(time.perf_counter() - started)
             self.count(status)
 
-    async def _settle(self, charges: list[tuple[Decision, int]], status: int) -> None:
-        """Write a served request's charge to the ledger, or refund one that was not."""
+    def _settle(self, charges: list[tuple[Decision, int]], status: int) -> None:
+        """Write a served request's charge to the ledger, or refund one that was not (in the
+        background: the answer does not wait for it)."""
         for decision, rows in charges:
             if not charge_stands(status):
                 assert self.quota is not None
-                await self.quota.refund(decision)
+                self.quota.refund(decision)
             elif self.ledger is not None:
                 self.ledger.record(decision.tenant, rows, request_id_var.get())
 
@@ -491,12 +492,22 @@ class PredictHandler:
         )
         for image in opened:
             self.budget.check(image)
-        extra = await handler.charge(tenant, lambda: len(opened))  # a row per image
-        prepared = await _all_or_none(receive, [self._decode(image) for image in opened])
-        name_in = self.pipeline.input.name
-        outputs = await asyncio.gather(
-            *(dataplane.infer(InferRequest({name_in: tensor})) for tensor, _ in prepared)
-        )
+        dataplane.check_runs()  # the gateway runs no model: 404 before the charge
+        assert dataplane.batcher is not None
+        # A queue place for every image before the charge: no image finds the queue full
+        # after others ran (the 503 would refund the whole charge for images the model ran).
+        places = dataplane.batcher.reserve(len(opened))
+        try:
+            extra = await handler.charge(tenant, lambda: len(opened))  # a row per image
+            prepared = await _all_or_none(receive, [self._decode(image) for image in opened])
+            name_in = self.pipeline.input.name
+            # One image failing (or the client leaving) cancels those still queued.
+            outputs = await _all_or_none(
+                receive,
+                [dataplane.infer(InferRequest({name_in: t}), places) for t, _ in prepared],
+            )
+        finally:
+            dataplane.batcher.release(places)
         results = [
             self.pipeline.answer(out, size)
             for out, (_, size) in zip(outputs, prepared, strict=True)

@@ -66,6 +66,15 @@ def split(outputs: Tensors, sizes: list[int]) -> list[Tensors]:
     return [{name: parts[name][i] for name in outputs} for i in range(len(sizes))]
 
 
+class Reservation:
+    """Places held in a batcher's queue for the parts of one request (`Batcher.reserve`)."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, n: int) -> None:
+        self.left = n
+
+
 @dataclass
 class _Pending:
     inputs: Tensors
@@ -104,6 +113,7 @@ class Batcher:
         self._task: asyncio.Task[None] | None = None
         # Requests admitted but still being decoded: worth waiting for only if there are any.
         self.arriving = 0
+        self.reserved = 0  # places held for parts of requests not queued yet (`reserve`)
         # Model runs shorter than this block the event loop for less than a thread hand-off
         # costs, so they run inline; longer ones go to the executor (measured, EWMA).
         self.inline_below_s = 0.0005
@@ -131,8 +141,30 @@ class Batcher:
     def withdraw(self) -> None:
         self.arriving = max(0, self.arriving - 1)
 
-    async def infer(self, inputs: Tensors) -> Tensors:
-        if len(self._queue) >= self.max_queue:
+    def reserve(self, n: int) -> Reservation:
+        """Hold `n` places in the queue for one request's parts (the images of a batch), or
+        refuse it (ServerBusy) at once: checked before the request is charged and decoded, so
+        no part finds the queue full after the others ran. A request larger than the queue
+        gets in alone (the queue then holds at most its parts). `infer(..., reservation=)`
+        takes a place; `release` gives back the places not taken."""
+        held = len(self._queue) + self.reserved
+        if held + n > self.max_queue and held > 0:
+            raise ServerBusy(
+                f"the request queue has no room for {n} requests ({held} of {self.max_queue} "
+                "places taken); retry shortly"
+            )
+        self.reserved += n
+        return Reservation(n)
+
+    def release(self, reservation: Reservation) -> None:
+        self.reserved -= reservation.left
+        reservation.left = 0
+
+    async def infer(self, inputs: Tensors, reservation: Reservation | None = None) -> Tensors:
+        if reservation is not None and reservation.left > 0:
+            reservation.left -= 1
+            self.reserved -= 1
+        elif len(self._queue) + self.reserved >= self.max_queue:
             raise ServerBusy(f"the request queue is full ({self.max_queue} waiting); retry shortly")
         n = rows(inputs) if self.max_batch_size > 1 else None
         key = batch_key(inputs) if n is not None else None

@@ -7,7 +7,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .batching import Batcher
+from .batching import Batcher, Reservation
 from .codec import InferRequest, decode_request
 from .datatypes import TensorSpec
 from .errors import ModelNotFound
@@ -105,7 +105,10 @@ class DataPlane:
                 f"submit with POST /v2/models/{self.name}/async-infer"
             )
 
-    async def infer(self, request: InferRequest) -> dict[str, np.ndarray]:
+    async def infer(
+        self, request: InferRequest, reservation: Reservation | None = None
+    ) -> dict[str, np.ndarray]:
+        """Run the request (in a place of `reservation`, if given: `Batcher.reserve`)."""
         self.check_runs()
         assert self.batcher is not None
-        return await self.batcher.infer(request.inputs)
+        return await self.batcher.infer(request.inputs, reservation)

@@ -90,6 +90,13 @@ class RuntimeMetrics:
             ["model", "tenant", "decision"],
             registry=registry,
         )
+        self.quota_refunds_lost = Counter(
+            "kubeonnx_quota_refunds_lost",
+            "Refunds that never reached the quota store (Redis unreachable, too slow, or too "
+            "many in flight): those requests stay counted though not served.",
+            ["model"],
+            registry=registry,
+        )
         self.quota_redis_seconds = Histogram(
             "kubeonnx_quota_redis_seconds",
             "Round trips to the quota store (Redis), timeouts included.",

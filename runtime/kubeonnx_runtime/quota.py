@@ -19,6 +19,13 @@ circuit breaker stops asking Redis for a second, so a dead Redis costs nothing p
 `shadow` decides and counts but never refuses (to roll a policy out). A request the runtime
 counted and then did not serve after all is refunded (`Quota.refund`).
 
+Each request sent to Redis carries an id, under which the script records what it added. A
+decision the runtime stopped waiting for may still run in Redis after it (the script was
+already on its way): a compensating refund by that id, sent in the background, takes back
+what it added, or, arriving first, marks the id abandoned so the late script adds nothing.
+Refunds never hold up an answer: they run in the background, a bounded number at a time; one
+that cannot run is logged and counted (`kubeonnx_quota_refunds_lost_total`).
+
 The quota has a Redis client and connection pool of its own, never the asynchronous
 queue's, so its small round trips do not wait behind the queue's bulk transfers.
 """
@@ -28,8 +35,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import itertools
 import logging
 import math
+import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -54,6 +63,13 @@ LATE_GRACE_S = 1.0
 CONNECT_TIMEOUT_S = 1.0  # a refused connection fails at once, a dropped one after this
 BREAKER_FAILURES = 3
 BREAKER_OPEN_S = 1.0
+# How long Redis keeps what a request added, for its refund: a refund later than this is lost.
+CHARGE_RECORD_S = 120
+# How long an id whose decision was abandoned stays marked: the most a script sent before may
+# wait in Redis and still be refused its count.
+ABANDONED_S = 3600
+REFUNDS_IN_FLIGHT = 64  # background refunds at a time; more are lost (and counted)
+REFUND_TIMEOUT_S = 5.0
 # The identity of requests without a known key; no tenant may take the name (QuotaConfig), so
 # a tenant's counters, metrics, ledger rows and asynchronous results never merge with theirs.
 DEFAULT_TENANT = "default"
@@ -77,8 +93,12 @@ class Limit(_Config):
         return WINDOW_SECONDS[self.window]
 
 
+# A DNS label, as the QuotaPolicy's schema has it: the runtime checks what it is given too.
+TENANT_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
 class TenantConfig(_Config):
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, max_length=63, pattern=TENANT_NAME_PATTERN)
     key_sha256: list[str] = Field(default_factory=list)
     # A file of keys, one a line (the tenant's Secret, mounted), relative to the configuration
     # file's directory: hashed into key_sha256 when the configuration is loaded.
@@ -111,7 +131,8 @@ class QuotaConfig(_Config):
     """The file `KUBEONNX_QUOTA_CONFIG` names: what the operator renders from a QuotaPolicy."""
 
     policy: str = Field(min_length=1)
-    namespace: str = ""  # the policy's namespace: counters of same-named policies stay apart
+    # The policy's namespace: counters of same-named policies in two namespaces stay apart.
+    namespace: str = Field(min_length=1)
     tenant_header: str = "X-Api-Key"
     tenants: list[TenantConfig] = Field(default_factory=list)
     default_tenant: DefaultTenant | None = None
@@ -232,6 +253,7 @@ class Decision:
     counted_in: str = ""
     at: float = 0.0
     costs: tuple[int, ...] = ()
+    ref: str = ""  # the request's id in Redis (counted_in "redis")
 
     def headers(self, now: float) -> list[tuple[bytes, bytes]]:
         """RateLimit-Policy and RateLimit (IETF httpapi ratelimit-headers draft), and the
@@ -282,35 +304,55 @@ def counter_key(
     return f"kubeonnx:{{{namespace}/{policy}/{tenant}}}:{unit}-{window}:{bucket}"
 
 
+def charge_key(namespace: str, policy: str, tenant: str, ref: str) -> str:
+    """The Redis key under which a request's id records what its decision added (or that it
+    was abandoned); in the tenant's slot, beside its counters."""
+    return f"kubeonnx:{{{namespace}/{policy}/{tenant}}}:charge:{ref}"
+
+
 def _until(at: float, now: float) -> int:
     return max(1, math.ceil(at - now))
 
 
 # Decides a batch of one tenant's requests: every request that arrived while the previous
-# round trip was in flight goes in one call. KEYS: the tenant's counters, one per window.
-# ARGV: per window its limit, per window its TTL, then per request its cost in each window.
+# round trip was in flight goes in one call. KEYS: the tenant's counters, one per window, then
+# per request its charge key (charge_key). ARGV: the number of windows, how long a record is
+# kept, per window its limit, per window its TTL, then per request its cost in each window.
 # Requests are decided in arrival order against running totals, each counted in every window
-# or in none; the totals are written once. Returns, per request: admitted (1/0), the violated
-# window (0 if none), and each window's count after it (before it, when refused).
+# or in none; the totals are written once. An admitted request's costs are recorded under its
+# charge key; a request whose key already exists was abandoned (its refund came first) and is
+# neither decided nor counted. Returns, per request: admitted (1/0), the violated window (0 if
+# none, -1 abandoned), and each window's count after it (before it, when refused).
 _CHECK_AND_COUNT = """
-local n = #KEYS
+local n = tonumber(ARGV[1])
 local used, limit, start = {}, {}, {}
 for i = 1, n do
   used[i] = tonumber(redis.call('GET', KEYS[i]) or '0')
   start[i] = used[i]
-  limit[i] = tonumber(ARGV[i])
+  limit[i] = tonumber(ARGV[2 + i])
 end
 local out = {}
-for base = 2 * n, #ARGV - n, n do
+local r = n
+for base = 2 + 2 * n, #ARGV - n, n do
+  r = r + 1
   local violated = 0
-  for i = 1, n do
-    if used[i] + tonumber(ARGV[base + i]) > limit[i] then
-      violated = i
-      break
+  if redis.call('EXISTS', KEYS[r]) == 1 then
+    violated = -1
+  else
+    for i = 1, n do
+      if used[i] + tonumber(ARGV[base + i]) > limit[i] then
+        violated = i
+        break
+      end
     end
   end
   if violated == 0 then
-    for i = 1, n do used[i] = used[i] + tonumber(ARGV[base + i]) end
+    local added = {}
+    for i = 1, n do
+      used[i] = used[i] + tonumber(ARGV[base + i])
+      added[i] = ARGV[base + i]
+    end
+    redis.call('SET', KEYS[r], table.concat(added, ','), 'EX', tonumber(ARGV[2]))
   end
   out[#out + 1] = violated == 0 and 1 or 0
   out[#out + 1] = violated
@@ -320,7 +362,7 @@ for i = 1, n do
   if used[i] > start[i] then
     redis.call('INCRBY', KEYS[i], used[i] - start[i])
     if start[i] == 0 then  -- a new window's counter (EXPIRE's NX needs Redis 7)
-      redis.call('EXPIRE', KEYS[i], tonumber(ARGV[n + i]))
+      redis.call('EXPIRE', KEYS[i], tonumber(ARGV[2 + n + i]))
     end
   end
 end
@@ -328,21 +370,36 @@ return out
 """
 MAX_COALESCED = 256  # requests decided in one script call
 
-# Takes back a refunded request's cost from the counters it was counted in (never below 0;
-# a counter already expired stays gone). KEYS: the counters; ARGV: the cost in each.
+# Takes back what one request's decision added, by its charge key, once: KEYS: the counters it
+# was decided against, then its charge key; ARGV: how long an abandoned mark is kept. No record
+# yet: the decision has not run (or never will), so the id is marked abandoned and the script
+# will add nothing for it. Counters never go below 0; one already expired stays gone. Returns 1
+# when something was taken back.
 _REFUND = """
-for i = 1, #KEYS do
-  local back = math.min(tonumber(redis.call('GET', KEYS[i]) or '0'), tonumber(ARGV[i]))
+local n = #KEYS - 1
+local record = redis.call('GET', KEYS[n + 1])
+if not record then
+  redis.call('SET', KEYS[n + 1], 'abandoned', 'EX', tonumber(ARGV[1]))
+  return 0
+end
+if record == 'abandoned' or record == 'refunded' then return 0 end
+local i = 0
+for cost in string.gmatch(record, '[^,]+') do
+  i = i + 1
+  local back = math.min(tonumber(redis.call('GET', KEYS[i]) or '0'), tonumber(cost))
   if back > 0 then redis.call('DECRBY', KEYS[i], back) end
 end
-return 0
+redis.call('SET', KEYS[n + 1], 'refunded', 'EX', tonumber(ARGV[1]))
+return 1
 """
 
 
 @dataclass(slots=True)
 class _Waiting:
     costs: list[int]
-    future: asyncio.Future[tuple[bool, int, list[int]]]
+    ref: str  # the request's id: its charge key's last part
+    # admitted, violated window, counts, and the time the request was counted at
+    future: asyncio.Future[tuple[bool, int, list[int], float]]
 
 
 class MemoryCounters:
@@ -398,6 +455,7 @@ class Quota:
         clock: Callable[[], float] = time.time,
         on_decision: Callable[[str, str], None] | None = None,
         on_redis_seconds: Callable[[float], None] | None = None,
+        on_refund_lost: Callable[[], None] | None = None,
     ) -> None:
         self.header = config.tenant_header.lower()  # fixed for the process: the front door reads it
         self._clock = clock
@@ -413,6 +471,10 @@ class Quota:
         self._breaker_why = ""
         self._on_decision = on_decision or (lambda tenant, decision: None)
         self._on_redis_seconds = on_redis_seconds or (lambda s: None)
+        self._on_refund_lost = on_refund_lost or (lambda: None)
+        self._refunds: set[asyncio.Task[None]] = set()
+        # Request ids: unique across replicas and restarts while a charge record lives.
+        self._ids = map(f"{os.urandom(8).hex()}-{{:x}}".format, itertools.count())
         self.use(config)
 
     def use(self, config: QuotaConfig) -> None:
@@ -502,44 +564,83 @@ class Quota:
         try:
             # The sender bounds each round trip (_within_budget) and answers every request it
             # took, whatever happens to it.
-            result = await self._ask_redis(tenant, limits, [c for _, c in costs])
+            ref = next(self._ids)
+            admitted, violated, used, at = await self._ask_redis(
+                tenant, limits, [c for _, c in costs], ref
+            )
         except QuotaUnavailable as exc:
             return self._fallback(tenant, costs, now, str(exc))
-        return self._settle(tenant, costs, now, *result, counted_in="redis")
+        # The windows are those of the time the script was sent with (its keys), not `now`.
+        return self._settle(
+            tenant, costs, at, admitted, violated, used, counted_in="redis", ref=ref
+        )
 
-    async def refund(self, decision: Decision) -> None:
+    def refund(self, decision: Decision) -> None:
         """Take back a request that was counted and then not served after all (a full queue,
-        a refusal after admission): its cost leaves the windows it was counted in. Best
-        effort: a refund Redis does not take in time is logged and lost."""
+        a refusal after admission): its cost leaves the windows it was counted in. In
+        memory at once; in Redis in the background (`_refund_later`), never holding up an
+        answer."""
         if not decision.counted_in:
             return
         tenant, at = decision.tenant, decision.at
         costs = [(w.limit, c) for w, c in zip(decision.windows, decision.costs, strict=True)]
         if decision.counted_in == "redis":
-            if self._refund is None or self._clock() < self._breaker_until:
-                return
-            keys = [self._key(tenant, lim, at) for lim, _ in costs]
-            try:
-                await _within_budget(
-                    self._refund(keys=keys, args=[c for _, c in costs]), self._budget_s
-                )
-            except Exception as exc:
-                log.info("quota refund for tenant %s lost: %s", tenant, redact(str(exc)))
-                return
-        else:
-            counters = self._memory if decision.counted_in == "memory" else self._local
-            counters.refund(tenant, costs, at)
+            self._refund_later(tenant, [lim for lim, _ in costs], at, decision.ref, True)
+            return
+        counters = self._memory if decision.counted_in == "memory" else self._local
+        counters.refund(tenant, costs, at)
         self._on_decision(tenant, "refunded")
 
+    def _refund_later(
+        self, tenant: str, limits: list[Limit], at: float, ref: str, counted: bool
+    ) -> None:
+        """Take back, in the background, what request `ref` (sent at `at`) added in Redis, if
+        anything; `counted`: it was an admission (a refund is a decision outcome), not a
+        decision abandoned on its way (which may never have reached Redis). At most
+        REFUNDS_IN_FLIGHT at a time: past that, or when Redis does not take it within
+        REFUND_TIMEOUT_S, the refund is lost, logged, and counted if it was an admission's."""
+        assert self._refund is not None
+        if len(self._refunds) >= REFUNDS_IN_FLIGHT:
+            self._lost(tenant, f"{REFUNDS_IN_FLIGHT} refunds already in flight", counted)
+            return
+        keys = [self._key(tenant, lim, at) for lim in limits]
+        keys.append(charge_key(self.config.namespace, self.config.policy, tenant, ref))
+        call = self._refund(keys=keys, args=[ABANDONED_S])
+
+        async def send() -> None:
+            try:
+                await asyncio.wait_for(call, REFUND_TIMEOUT_S)
+            except Exception as exc:
+                self._lost(tenant, redact(f"{type(exc).__name__}: {exc}"), counted)
+                return
+            if counted:
+                self._on_decision(tenant, "refunded")
+
+        task = asyncio.get_running_loop().create_task(send())
+        self._refunds.add(task)
+        task.add_done_callback(self._refunds.discard)
+
+    def _lost(self, tenant: str, why: str, counted: bool) -> None:
+        if counted:
+            log.warning("quota refund for tenant %s lost: %s", tenant, why)
+            self._on_refund_lost()
+        else:
+            log.info("quota: an abandoned decision of tenant %s not taken back: %s", tenant, why)
+
+    async def drain(self, timeout_s: float = REFUND_TIMEOUT_S) -> None:
+        """Wait for the refunds in flight (at shutdown), at most `timeout_s`."""
+        if self._refunds:
+            await asyncio.wait(set(self._refunds), timeout=timeout_s)
+
     async def _ask_redis(
-        self, tenant: str, limits: list[Limit], costs: list[int]
-    ) -> tuple[bool, int, list[int]]:
+        self, tenant: str, limits: list[Limit], costs: list[int], ref: str
+    ) -> tuple[bool, int, list[int], float]:
         """Queue the request for the tenant's next script call, and start the sender if none
         runs: requests arriving during a round trip share the next one."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[tuple[bool, int, list[int]]] = loop.create_future()
+        future: asyncio.Future[tuple[bool, int, list[int], float]] = loop.create_future()
         group = (tenant, id(limits))
-        self._waiting.setdefault(group, (limits, []))[1].append(_Waiting(costs, future))
+        self._waiting.setdefault(group, (limits, []))[1].append(_Waiting(costs, ref, future))
         if group not in self._senders:
             self._senders[group] = loop.create_task(self._send(group))
         return await future
@@ -557,17 +658,23 @@ class Quota:
                 else:
                     del self._waiting[group]
                 now = self._clock()
-                args: list[int] = [lim.limit for lim in limits]
+                args: list[int] = [len(limits), CHARGE_RECORD_S]
+                args += [lim.limit for lim in limits]
                 args += [lim.seconds * 2 for lim in limits]  # outlive the window
                 for w in batch:
                     args += w.costs
                 keys = [self._key(tenant, lim, now) for lim in limits]
+                ns, policy = self.config.namespace, self.config.policy
+                keys += [charge_key(ns, policy, tenant, w.ref) for w in batch]
                 started = time.perf_counter()
                 try:
                     reply = await _within_budget(self._script(keys=keys, args=args), self._budget_s)
                 except Exception as exc:
                     self._on_redis_seconds(time.perf_counter() - started)
                     why = self._store_failed(exc, now)
+                    # The script may still run after this (it was on its way): undo it.
+                    for w in batch:
+                        self._refund_later(tenant, limits, now, w.ref, False)
                     for w in batch:
                         if not w.future.done():
                             w.future.set_exception(QuotaUnavailable(why))
@@ -581,7 +688,7 @@ class Quota:
                     if not w.future.done():
                         part = reply[j * step : (j + 1) * step]
                         w.future.set_result(
-                            (bool(part[0]), int(part[1]), [int(u) for u in part[2:]])
+                            (bool(part[0]), int(part[1]), [int(u) for u in part[2:]], now)
                         )
         finally:
             self._senders.pop(group, None)
@@ -647,6 +754,7 @@ class Quota:
         used: list[int],
         *,
         counted_in: str,
+        ref: str = "",
     ) -> Decision:
         windows = tuple(
             WindowState(lim, u, _reset_at(lim, now))
@@ -655,7 +763,7 @@ class Quota:
         if admitted:
             spent = tuple(c for _, c in costs)
             return self._decided(
-                Decision(tenant, windows, None, counted_in, now, spent), "admitted"
+                Decision(tenant, windows, None, counted_in, now, spent, ref), "admitted"
             )
         if self.config.shadow:
             return self._decided(Decision(tenant, windows), "shadow_refused")

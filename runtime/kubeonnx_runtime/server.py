@@ -246,6 +246,7 @@ def make_quota(settings: ServeSettings, metrics: RuntimeMetrics) -> Quota | None
         redis_client=client,
         on_decision=count,
         on_redis_seconds=metrics.quota_redis_seconds.labels(label).observe,
+        on_refund_lost=metrics.quota_refunds_lost.labels(label).inc,
     )
 
 
@@ -480,6 +481,8 @@ def serve(settings: ServeSettings) -> int:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)  # none still writing
+        if quota is not None:
+            await quota.drain()  # refunds in flight reach Redis
         if ledger is not None:
             # What is pending, written or spilled before the deadline, whatever came before.
             await ledger.close(flush_s=min(STOP_FLUSH_S, max(left_s() - 2.0, 0.5)))

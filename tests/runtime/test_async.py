@@ -408,6 +408,7 @@ def test_quota_applies_at_submission_and_a_tenant_reads_only_its_own_requests(
 ) -> None:
     policy = {
         "policy": "async",
+        "namespace": "tests",
         "tenants": [
             {
                 "name": name,

@@ -78,6 +78,7 @@ def test_a_bad_callback_url_is_a_400_before_the_quota_is_charged(
 ) -> None:  # type: ignore[no-untyped-def]
     policy = {
         "policy": "callbacks",
+        "namespace": "tests",
         "tenants": [
             {
                 "name": "acme",

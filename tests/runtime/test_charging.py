@@ -43,6 +43,7 @@ def quota_config(**extra: Any) -> QuotaConfig:
     return QuotaConfig.model_validate(
         {
             "policy": "team",
+            "namespace": "tests",
             "tenants": [
                 {
                     "name": "acme",
@@ -103,6 +104,7 @@ def test_a_charge_is_kept_when_served_and_refunded_when_refused(
         assert ledger.rows == [("acme", 3)]
         # Refused after the decision: the batcher or the queue is full.
         assert await answer(5, ServerBusy("the request queue is full")) == 503
+        await quota.drain()  # a refund to Redis runs after the answer
         assert await used(quota) == {"requests-1d": 1, "rows-1d": 3}
         assert ledger.rows == [("acme", 3)]
         # The model itself refused the input: the work was done, the charge stands.
@@ -140,7 +142,9 @@ def test_a_full_batcher_refuses_before_the_charge() -> None:
     model = HeldModel()
     batcher = Batcher(model.run, max_batch_size=1, max_delay_s=0, max_queue=1, batchable=False)
     plane = DataPlane(model, batcher, name="m", version="1")
-    quota, ledger = Quota(quota_config()), Ledger()
+    outcomes: list[str] = []
+    quota = Quota(quota_config(), on_decision=lambda tenant, outcome: outcomes.append(outcome))
+    ledger = Ledger()
     app = create_app(plane, RuntimeMetrics(CollectorRegistry()), quota=quota, ledger=ledger)  # type: ignore[arg-type]
     request = {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [1] * 4}]}
 
@@ -169,6 +173,8 @@ def test_a_full_batcher_refuses_before_the_charge() -> None:
         await batcher.stop()
         assert await used(quota) == {"requests-1d": 2, "rows-1d": 2}
         assert ledger.rows == [("acme", 1), ("acme", 1)]
+        # Never decided, rather than charged and refunded (which leaves the same counts).
+        assert outcomes == ["admitted", "admitted"]
 
     asyncio.run(main())
 
@@ -178,6 +184,16 @@ def postgres() -> Any:
     server = LocalPostgres().start()
     yield server
     server.remove()
+
+
+def decisions(served: Any, tenant: str) -> dict[str, float]:
+    """The served process's kubeonnx_quota_decisions_total for `tenant`, by decision."""
+    found = {}
+    for line in httpx.get(f"{served.url}/metrics").text.splitlines():
+        if line.startswith("kubeonnx_quota_decisions_total{") and f'tenant="{tenant}"' in line:
+            decision = line.split('decision="', 1)[1].split('"', 1)[0]
+            found[decision] = float(line.rsplit(" ", 1)[1])
+    return found
 
 
 def test_the_gateway_charges_only_what_it_queues(
@@ -218,6 +234,12 @@ def test_the_gateway_charges_only_what_it_queues(
             usage = http.get("/v2/quota", headers=acme).json()
         assert usage["limits"][0]["used"] == 1  # was 4: every refusal was charged
         policy = usage["policy"]
+        # The 400 and the 404 are never decided (charging and refunding them would leave the
+        # same count); the full queue is known only as the entry is queued, after the charge.
+        deadline = time.monotonic() + 30
+        while not decisions(gateway, "acme").get("refunded") and time.monotonic() < deadline:
+            time.sleep(0.1)  # the refund runs after the answer
+        assert decisions(gateway, "acme") == {"admitted": 2, "refunded": 1}
 
         deadline = time.monotonic() + 60
         while pending(gateway) and time.monotonic() < deadline:

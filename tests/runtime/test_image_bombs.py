@@ -136,6 +136,7 @@ def bombed(tmp_path_factory: pytest.TempPathFactory, models: dict[str, Path]) ->
     tmp = tmp_path_factory.mktemp("bombs")
     policy = {
         "policy": "bombs",
+        "namespace": "tests",
         "tenants": [
             {
                 "name": "tight",

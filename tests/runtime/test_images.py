@@ -246,6 +246,7 @@ def test_quota_counts_each_image(
 ) -> None:
     policy = {
         "policy": "images",
+        "namespace": "tests",
         "tenants": [
             {
                 "name": "acme",

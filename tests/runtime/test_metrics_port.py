@@ -23,7 +23,11 @@ def test_metrics_are_served_on_the_metrics_port_only(serve, models, tmp_path: Pa
     config = tmp_path / "quota.json"
     config.write_text(
         json.dumps(
-            {"policy": "team", "tenants": [{"name": "acme", "keySha256": [key_hash("acme-key")]}]}
+            {
+                "policy": "team",
+                "namespace": "tests",
+                "tenants": [{"name": "acme", "keySha256": [key_hash("acme-key")]}],
+            }
         )
     )
     port = free_port()

@@ -73,6 +73,7 @@ def quota_server(serve, models, tmp_path: Path) -> Served:  # type: ignore[no-un
     # Tenant a: 4 requests a minute and 20 rows a day. Tenant b: 5 rows a day.
     policy = {
         "policy": f"p-{uuid.uuid4().hex[:8]}",
+        "namespace": "tests",
         "tenants": [
             {
                 "name": "a",

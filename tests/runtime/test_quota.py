@@ -19,6 +19,7 @@ def config(**extra: object) -> QuotaConfig:
     return QuotaConfig.model_validate(
         {
             "policy": "team",
+            "namespace": "tests",
             "tenants": [
                 {
                     "name": "acme",
@@ -103,12 +104,13 @@ def test_a_bad_configuration_is_refused_by_name(tmp_path) -> None:  # type: igno
 
     path = tmp_path / "quota.yaml"
     path.write_text(
-        "policy: p\ntenants:\n- {name: a, limits: [{unit: rows, limit: -1, window: 1w}]}"
+        "policy: p\nnamespace: tests\n"
+        "tenants:\n- {name: a, limits: [{unit: rows, limit: -1, window: 1w}]}"
     )
     with pytest.raises(FatalStartupError) as err:
         load_quota_config(path)
     assert "tenants.0.limits.0.limit: Input should be greater than or equal to 0" in str(err.value)
     assert "tenants.0.limits.0.window: Input should be '1s', '1m', '1h' or '1d'" in str(err.value)
-    path.write_text("policy: p\ntenants: [{name: a}, {name: a}]")
+    path.write_text("policy: p\nnamespace: tests\ntenants: [{name: a}, {name: a}]")
     with pytest.raises(FatalStartupError, match="tenant names must be unique"):
         load_quota_config(path)

@@ -42,6 +42,7 @@ def test_the_runtime_refuses_a_tenant_named_default(tmp_path: Path, models) -> N
     """A configuration written by hand (or by an older operator) does not start either."""
     raw = {
         "policy": "team",
+        "namespace": "tests",
         "tenants": [{"name": "default", "keySha256": [key_hash("k")]}],
         "defaultTenant": {"limits": []},
     }
@@ -88,7 +89,9 @@ def test_same_named_policies_in_two_namespaces_count_apart(
                 for _ in range(4)
             ]
             assert codes == [200, 200, 200, 429], (namespace, codes)  # its own 3, not shared
-    keys = sorted(k.decode() for k in redis_server.client().scan_iter(f"kubeonnx:*/{name}/*"))
+    keys = sorted(
+        k.decode() for k in redis_server.client().scan_iter(f"kubeonnx:*/{name}/*:requests-*")
+    )
     assert [k.split("}")[0] for k in keys] == [
         f"kubeonnx:{{speech/{name}/acme",
         f"kubeonnx:{{vision/{name}/acme",

@@ -18,6 +18,7 @@ def write_config(tmp_path: Path, **extra: object) -> Path:
     path = tmp_path / "config.json"
     config = {
         "policy": "team",
+        "namespace": "tests",
         "tenants": [
             {"name": "acme", "keyFile": "keys/acme-key/token"},  # beside this file
             {"name": "globex", "keyFile": "keys/globex-key/token"},

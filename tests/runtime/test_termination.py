@@ -141,9 +141,11 @@ def test_the_fatal_start_up_is_one_line_in_the_termination_log(
         "quota_ledger": tmp_path / "quota-ledger.json",
     }
     files["labels"].write_text("cat\ndog\n")
-    files["quota_bad"].write_text(json.dumps({"policy": "p", "tenants": [{"name": ""}]}))
+    files["quota_bad"].write_text(
+        json.dumps({"policy": "p", "namespace": "t", "tenants": [{"name": ""}]})
+    )
     files["quota_ledger"].write_text(
-        json.dumps({"policy": "p", "ledger": {"dsnEnv": "KUBEONNX_LEDGER_DSN"}})
+        json.dumps({"policy": "p", "namespace": "t", "ledger": {"dsnEnv": "KUBEONNX_LEDGER_DSN"}})
     )
     placeholders = {f"{{{name}}}": str(file) for name, file in files.items()}
     env = {k: placeholders.get(v, v) for k, v in env.items()}
