@@ -703,7 +703,10 @@ class AsyncWorker:
         self._claims = 0
 
     def stop(self) -> None:
-        """Take no new entries; `run` returns once those in flight are answered."""
+        """Take no new entries (at most the read in progress, a second long, still brings
+        some, which are answered too); `run` returns once those in flight are answered."""
+        if self._stopping.is_set():
+            return
         self._stopping.set()
         log.info(
             "stopping: answering the %d requests in hand; the rest stay queued", len(self._inflight)

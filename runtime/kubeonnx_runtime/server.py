@@ -10,6 +10,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -53,20 +54,28 @@ def stop_budget(grace_s: float, drain_s: float) -> tuple[float, float]:
 class DrainingServer(uvicorn.Server):
     """On the first SIGTERM, answer not-ready for `drain_seconds` (so endpoints drop the pod),
     then stop accepting and let uvicorn finish the requests in flight. `stop_deadline` is
-    when everything must be done (the grace period less a margin), from the first signal."""
+    when everything must be done (the grace period less a margin), from the first signal;
+    `on_signal` is called then (in the signal handler: it may only schedule work)."""
 
     def __init__(
-        self, config: uvicorn.Config, dataplane: DataPlane, drain_seconds: float, grace_s: float
+        self,
+        config: uvicorn.Config,
+        dataplane: DataPlane,
+        drain_seconds: float,
+        grace_s: float,
+        on_signal: Callable[[], None] = lambda: None,
     ) -> None:
         super().__init__(config)
         self.dataplane = dataplane
         self.drain_seconds = drain_seconds
         self.grace_s = grace_s
+        self.on_signal = on_signal
         self.stop_deadline: float | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.stop_deadline is None:
             self.stop_deadline = time.monotonic() + self.grace_s - STOP_MARGIN_S
+            self.on_signal()
         if self.dataplane.draining or self.drain_seconds <= 0:
             self.dataplane.draining = True
             super().handle_exit(sig, frame)
@@ -406,6 +415,7 @@ def serve(settings: ServeSettings) -> int:
     consuming: list[asyncio.Task[None]] = []
     jobs: AsyncStore | None = None
     worker: AsyncWorker | None = None
+    loops: list[asyncio.AbstractEventLoop] = []
     if settings.async_redis_url is not None:
         client = async_client(settings)
         keys = async_keys(settings)
@@ -453,6 +463,7 @@ def serve(settings: ServeSettings) -> int:
         )
 
     async def start_tasks() -> None:
+        loops.append(asyncio.get_running_loop())
         if quota is not None and settings.quota_config is not None:
             tasks.append(
                 asyncio.create_task(quota.follow(settings.quota_config, settings.quota_reload_s))
@@ -471,9 +482,15 @@ def serve(settings: ServeSettings) -> int:
             return settings.grace_seconds - STOP_MARGIN_S
         return deadline - time.monotonic()
 
+    def stop_consuming() -> None:
+        """At the first signal, not after the HTTP drain: the worker takes no new entries
+        while the pod drains, and answers those in hand within the same stop budget."""
+        if worker is not None and loops:
+            loops[0].call_soon_threadsafe(worker.stop)
+
     async def stop_tasks() -> None:
         if worker is not None:
-            worker.stop()  # requests in flight are answered; the rest stay queued
+            worker.stop()  # if no signal came: requests in flight are answered, the rest stay
             await asyncio.wait(consuming, timeout=max(left_s() - LEDGER_RESERVE_S, 0.5))
             for task in consuming:
                 task.cancel()
@@ -522,7 +539,9 @@ def serve(settings: ServeSettings) -> int:
         limit_concurrency=settings.max_connections,
         loop="uvloop",
     )
-    server = DrainingServer(config, dataplane, drain_s, settings.grace_seconds)
+    server = DrainingServer(
+        config, dataplane, drain_s, settings.grace_seconds, on_signal=stop_consuming
+    )
     # uvicorn re-raises the signal it caught once it has shut down; after a graceful
     # shutdown that signal should end the process with status 0, not kill it.
     for sig in (signal.SIGTERM, signal.SIGINT):
