@@ -12,7 +12,15 @@ import numpy as np
 from kubeonnx_runtime.asyncinfer import GROUP
 from kubeonnx_runtime.settings import ServeSettings
 
-from tests.runtime.model_runs import hooked_env, release, row_digest, runs, wait_for, wait_held
+from tests.runtime.model_runs import (
+    hooked_env,
+    metric,
+    release,
+    row_digest,
+    runs,
+    wait_for,
+    wait_held,
+)
 from tests.runtime.test_async import (
     KEYS,
     body,
@@ -64,11 +72,13 @@ def test_sigterm_stops_taking_entries_at_once_while_the_http_drain_goes_on(
         httpx.post, f"{served.url}/v2/models/mlp/infer", json=body([100.0] * 4), timeout=300
     )
 
-    served.proc.send_signal(signal.SIGTERM)
     wait_for(
-        lambda: httpx.get(f"{served.url}/v2/health/ready", timeout=30).status_code == 503,
-        "the replica draining (not ready)",
+        lambda: metric(served, "kubeonnx_inflight_requests") >= 1,
+        "the synchronous request in flight",
     )
+
+    served.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: "signal SIGTERM: not ready" in served.logs(), "the replica draining")
     after = [http.post("/v2/models/mlp/async-infer", json=body(v)).json()["id"] for v in values[8:]]
     release(hooks)
     assert served.proc.wait(120) == 0, served.logs()[-3000:]
