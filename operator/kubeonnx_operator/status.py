@@ -42,7 +42,7 @@ MODEL_REASONS: tuple[str, ...] = get_args(ModelReason)
 # The reasons given with Ready=True: the model serves (or wakes on demand).
 READY_REASONS = frozenset({"Ready", "ScaledToZero"})
 # Every reason a QuotaPolicy's Ready condition can give.
-PolicyReason = Literal["Ready", "InvalidSpec", "SecretNotFound"]
+PolicyReason = Literal["Ready", "InvalidSpec", "SecretNotFound", "ReconcileError"]
 POLICY_REASONS: tuple[str, ...] = get_args(PolicyReason)
 
 
