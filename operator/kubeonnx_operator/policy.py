@@ -115,7 +115,10 @@ class PolicyReconciler:
                     + (" (shadow: never refuses)" if spec.shadow else "")
                 )
             if ignored:  # written under a newer CRD: served without them, and said so
-                message += f"; ignored, unknown to this operator: {', '.join(ignored)}"
+                message += (
+                    "; NOT applied, unknown to this operator (set under a newer CRD?): "
+                    + ", ".join(ignored)
+                )
         await self._write(body, status, ready, reason, message)
 
     async def _write(
