@@ -19,7 +19,7 @@ from .presence import SecretPresence
 from .quota import read_policy
 from .reconcile import status_changed, utc_now
 from .spec import InvalidSpec
-from .status import READY, PolicyReason, set_condition
+from .status import FIELDS_IGNORED, READY, PolicyReason, set_condition
 from .workqueue import Stopped
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,13 @@ def models_using(
 
 def _key(body: dict[str, Any]) -> tuple[str, str]:
     return body["metadata"]["namespace"], body["metadata"]["name"]
+
+
+def _ready_message(status: dict[str, Any]) -> str:
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == READY:
+            return str(cond.get("message") or "")
+    return ""
 
 
 class PolicyReconciler:
@@ -115,10 +122,14 @@ class PolicyReconciler:
                     + (" (shadow: never refuses)" if spec.shadow else "")
                 )
             if ignored:  # written under a newer CRD: served without them, and said so
-                message += (
-                    "; NOT applied, unknown to this operator (set under a newer CRD?): "
+                unknown = (
+                    "NOT applied, unknown to this operator (set under a newer CRD?): "
                     + ", ".join(ignored)
                 )
+                message += "; " + unknown
+                if unknown not in _ready_message(body.get("status") or {}):
+                    # Fail-open made loud, as for a model: one Warning per change.
+                    await self.kube.event(body, "Warning", FIELDS_IGNORED, unknown[:1024])
         await self._write(body, status, ready, reason, message)
 
     async def _write(

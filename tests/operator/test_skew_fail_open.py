@@ -100,3 +100,18 @@ async def test_a_policy_with_a_tenant_field_it_does_not_know_is_not_ready() -> N
     await policies.reconcile(qp)
     got, message = reason(kube.policy_statuses[-1])
     assert got == "InvalidSpec" and "spec.tenants[0].futureCap" in message
+
+
+async def test_a_policy_with_ignored_fields_posts_one_warning_per_change() -> None:
+    kube = SecretsKube({"key-0"})
+    qp = policy(1, futureField=1)
+    policies: PolicyReconciler = reconcilers(kube, qp, Clock())[1]
+    await policies.reconcile(qp)
+    got, message = reason(kube.policy_statuses[-1])
+    assert got == "Ready" and "NOT applied" in message and "spec.futureField" in message
+    await policies.reconcile(qp)  # nothing changed: no second Warning
+    qp["spec"]["otherFutureField"] = 2
+    await policies.reconcile(qp)  # what is ignored changed: one more
+    warnings = [e for e in kube.events if e[1] == FIELDS_IGNORED]
+    assert [w[0] for w in warnings] == ["Warning", "Warning"]
+    assert "spec.otherFutureField" in warnings[1][2]
