@@ -345,3 +345,27 @@ def test_the_api_server_refuses_naming_the_field(
     assert message in stderr, stderr
     if rule == NAMESPACE_RULE:
         assert "ValidatingAdmissionPolicy" in stderr, stderr
+
+
+def test_an_update_to_another_namespaces_route_is_refused(api: tuple[Cluster, str]) -> None:
+    """The admission policy holds on UPDATE, not only CREATE: a model created on its own
+    prefix cannot be patched onto another namespace's."""
+    cluster, namespace = api
+    own = f"/models/{namespace}/patched"
+    created = cluster.kubectl(
+        "apply", "-n", namespace, "-f", "-",
+        input=yaml.safe_dump(model("patched", ingress=ingress(own))),
+        check=False,
+    )  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    hijack = '{"spec": {"ingress": {"path": "/models/victim/their-model"}}}'
+    patched = cluster.kubectl(
+        "patch", "inferencemodel", "patched", "-n", namespace, "--type=merge", "-p", hijack,
+        check=False,
+    )  # fmt: skip
+    assert patched.returncode != 0
+    stderr = " ".join(patched.stderr.split())
+    assert "ValidatingAdmissionPolicy" in stderr, stderr
+    assert "spec.ingress.path /models/victim/their-model: paths under /models/" in stderr, stderr
+    stored = cluster.get("inferencemodel", "patched", "-n", namespace)
+    assert stored is not None and stored["spec"]["ingress"]["path"] == own

@@ -75,13 +75,17 @@ def test_the_chart_passes_a_strict_server_side_dry_run(
     cluster: Cluster, namespace: str, mode: str
 ) -> None:
     args = [helm(), "template", "kubeonnx", str(CHART), "-n", namespace]
-    if mode == "namespaced":
+    if mode == "namespaced":  # as an installer with namespaced rights alone would
         args += ["--set", f"watchNamespaces={{{namespace}}}"]
+        args += ["--set", "routeAdmissionPolicy.enabled=false"]
     rendered = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    kinds = {doc["kind"] for doc in yaml.safe_load_all(rendered) if doc}
     if mode == "namespaced":
-        assert "kind: ClusterRole" not in rendered
+        assert kinds & CLUSTER_SCOPED == set(), kinds  # nothing cluster-wide at all
     else:
         assert f"name: {namespace}-kubeonnx" in rendered  # release-scoped cluster names
+        # the route policy, rendered by default (routeAdmissionPolicy.enabled)
+        assert {"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"} <= kinds
     # Every namespaced object says where it goes (no ConfigMap landing in default).
     for doc in yaml.safe_load_all(rendered):
         if doc and doc["kind"] not in CLUSTER_SCOPED:

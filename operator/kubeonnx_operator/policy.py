@@ -12,12 +12,15 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from lightkube import ApiError
+
 from .kube import Kube
 from .presence import SecretPresence
 from .quota import read_policy
 from .reconcile import status_changed, utc_now
 from .spec import InvalidSpec
-from .status import READY, PolicyReason, set_condition
+from .status import FIELDS_IGNORED, READY, PolicyReason, set_condition
+from .workqueue import Stopped
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,17 @@ def models_using(
         for key, body in models.items()
         if key[0] == namespace and (body.get("spec") or {}).get("quotaPolicy") == policy
     ]
+
+
+def _key(body: dict[str, Any]) -> tuple[str, str]:
+    return body["metadata"]["namespace"], body["metadata"]["name"]
+
+
+def _ready_message(status: dict[str, Any]) -> str:
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == READY:
+            return str(cond.get("message") or "")
+    return ""
 
 
 class PolicyReconciler:
@@ -52,10 +66,28 @@ class PolicyReconciler:
         meta = body["metadata"]
         if meta.get("deletionTimestamp"):
             return
-        namespace, name = meta["namespace"], meta["name"]
-        generation = int(meta.get("generation", 1))
+        try:
+            await self._reconcile(body)
+        except Stopped:
+            raise  # no longer the leader: the next one reports
+        except Exception as exc:
+            # As `Reconciler.reconcile`: shown on the policy (a stale Ready=True would hide
+            # that the new generation was never checked), then retried with backoff.
+            if isinstance(exc, ApiError):
+                message = f"API error {exc.status.code}: {exc.status.message}"
+            else:
+                message = f"{type(exc).__name__}: {exc}"[:1024] if str(exc) else type(exc).__name__
+            try:
+                await self._write(body, {}, False, "ReconcileError", message)
+            except Stopped:
+                raise
+            except Exception as again:
+                log.warning("status of %s/%s not written: %s", *_key(body), again)
+            raise
+
+    async def _reconcile(self, body: dict[str, Any]) -> None:
+        namespace, name = _key(body)
         status: dict[str, Any] = {
-            "observedGeneration": generation,
             "models": len(models_using(self.models, namespace, name)),
         }
         reason: PolicyReason
@@ -90,8 +122,31 @@ class PolicyReconciler:
                     + (" (shadow: never refuses)" if spec.shadow else "")
                 )
             if ignored:  # written under a newer CRD: served without them, and said so
-                message += f"; ignored, unknown to this operator: {', '.join(ignored)}"
+                unknown = (
+                    "NOT applied, unknown to this operator (set under a newer CRD?): "
+                    + ", ".join(ignored)
+                )
+                message += "; " + unknown
+                if unknown not in _ready_message(body.get("status") or {}):
+                    # Fail-open made loud, as for a model: one Warning per change.
+                    await self.kube.event(body, "Warning", FIELDS_IGNORED, unknown[:1024])
+        await self._write(body, status, ready, reason, message)
+
+    async def _write(
+        self,
+        body: dict[str, Any],
+        status: dict[str, Any],
+        ready: bool,
+        reason: PolicyReason,
+        message: str,
+    ) -> None:
+        namespace, name = _key(body)
+        generation = int(body["metadata"].get("generation", 1))
         previous = body.get("status") or {}
+        if not status:  # a failure: the counts found before stay as they were
+            status = {k: v for k, v in previous.items() if k != "conditions"}
+        status["observedGeneration"] = generation
+        status.setdefault("models", len(models_using(self.models, namespace, name)))
         condition = {
             "type": READY,
             "status": "True" if ready else "False",

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
 
-from .spec import InvalidSpec, validate_tolerant
+from .spec import POLICY_MUST_UNDERSTAND, InvalidSpec, validate_tolerant
 
 if TYPE_CHECKING:
     from .status import ModelReason
@@ -103,7 +103,7 @@ def read_policy(raw: dict[str, Any] | None) -> tuple[QuotaPolicySpec, list[str]]
     """A QuotaPolicy's spec as read from the cluster, and the fields a newer CRD added that
     this operator ignores (see `spec.validate_tolerant`)."""
     try:
-        return validate_tolerant(QuotaPolicySpec, raw or {})
+        return validate_tolerant(QuotaPolicySpec, raw or {}, POLICY_MUST_UNDERSTAND)
     except ValidationError as exc:
         raise InvalidSpec(str(exc)) from None
 

@@ -23,7 +23,16 @@ from .quota import QuotaProblem, ResolvedQuota, resolve_quota, secret_names
 from .render import Model, render_children
 from .render.model import load_model
 from .spec import InvalidSpec, RouteRefused
-from .status import READY, ModelReason, Verdict, derive_status, derive_verdict, gateway_verdict
+from .status import (
+    FIELDS_IGNORED,
+    READY,
+    ModelReason,
+    Verdict,
+    derive_status,
+    derive_verdict,
+    fields_ignored_message,
+    gateway_verdict,
+)
 from .workqueue import Stopped
 
 log = logging.getLogger(__name__)
@@ -384,6 +393,11 @@ class Reconciler:
                     verdict.reason,
                     verdict.message,
                 )
+            ignored = fields_ignored_message(status)
+            if ignored and ignored != fields_ignored_message(previous):
+                # Fail-open made loud: a field a newer CRD added (it may restrict something)
+                # is not applied; one Warning per change, for whoever alerts on Events.
+                await self.kube.event(body, "Warning", FIELDS_IGNORED, ignored)
 
 
 def _ready_reason(status: dict[str, Any]) -> str | None:

@@ -413,18 +413,39 @@ def _where(loc: tuple[int | str, ...]) -> str:
     return "spec" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
 
 
-def validate_tolerant(cls: type[Parsed], raw: dict[str, Any]) -> tuple[Parsed, list[str]]:
+class NotUnderstood(InvalidSpec):
+    """A field unknown to this operator in a section it must understand."""
+
+
+# Sections of a spec in which a newer CRD's field may restrict something (who reaches a
+# model, what a tenant may use): there an unknown field is refused, not ignored, since
+# ignoring it would serve the object more openly than its author asked (fail-open).
+MODEL_MUST_UNDERSTAND = ("ingress",)
+POLICY_MUST_UNDERSTAND = ("tenants", "defaultTenant")
+
+
+def validate_tolerant(
+    cls: type[Parsed], raw: dict[str, Any], must_understand: tuple[str, ...] = ()
+) -> tuple[Parsed, list[str]]:
     """Validate `raw` as `cls`, ignoring fields `cls` does not know, and name them.
 
     An object read from the cluster may carry fields a newer CRD added (the documented
     upgrade applies the CRDs before the operator; a rollback keeps them): they are
-    ignored, not a reason to stop serving. Anything else wrong raises ValidationError."""
+    ignored, not a reason to stop serving, except under the top-level sections named in
+    `must_understand` (NotUnderstood). Anything else wrong raises ValidationError."""
     try:
         return cls.model_validate(raw), []
     except ValidationError as exc:
         unknown = [tuple(e["loc"]) for e in exc.errors() if e["type"] == "extra_forbidden"]
         if not unknown:
             raise
+    refused = sorted(_where(loc) for loc in unknown if loc[0] in must_understand)
+    if refused:
+        raise NotUnderstood(
+            f"{', '.join(refused)}: unknown to this operator in a section where it must"
+            " understand every field (a newer CRD's restriction would not be applied);"
+            " upgrade the operator"
+        )
     pruned = copy.deepcopy(raw)
     for loc in unknown:
         _drop(pruned, loc)
@@ -444,6 +465,8 @@ def read_spec(raw: dict[str, Any] | None) -> tuple[InferenceModelSpec, list[str]
     """Parse a spec read from the cluster: fields unknown to this operator (a newer CRD's)
     are ignored and returned by name; anything else wrong raises InvalidSpec."""
     try:
-        return validate_tolerant(InferenceModelSpec, raw or {})
+        return validate_tolerant(InferenceModelSpec, raw or {}, MODEL_MUST_UNDERSTAND)
+    except NotUnderstood as exc:
+        raise RouteRefused(str(exc)) from None  # spec.ingress: no Ingress until understood
     except ValidationError as exc:
         raise InvalidSpec(_describe(exc)) from None

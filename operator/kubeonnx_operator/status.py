@@ -42,7 +42,7 @@ MODEL_REASONS: tuple[str, ...] = get_args(ModelReason)
 # The reasons given with Ready=True: the model serves (or wakes on demand).
 READY_REASONS = frozenset({"Ready", "ScaledToZero"})
 # Every reason a QuotaPolicy's Ready condition can give.
-PolicyReason = Literal["Ready", "InvalidSpec", "SecretNotFound"]
+PolicyReason = Literal["Ready", "InvalidSpec", "SecretNotFound", "ReconcileError"]
 POLICY_REASONS: tuple[str, ...] = get_args(PolicyReason)
 
 
@@ -240,6 +240,14 @@ def derive_status(
     return status
 
 
+def fields_ignored_message(status: dict[str, Any]) -> str | None:
+    """The FieldsIgnored condition's message in `status` (None: no such condition)."""
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == FIELDS_IGNORED:
+            return str(cond.get("message"))
+    return None
+
+
 def _fields_ignored(
     conditions: list[dict[str, Any]], ignored: tuple[str, ...] | None, generation: int, now: str
 ) -> list[dict[str, Any]]:
@@ -252,7 +260,8 @@ def _fields_ignored(
         "status": "True",
         "reason": "UnknownFields",
         "message": (
-            f"ignored, unknown to this operator (set under a newer CRD?): {', '.join(ignored)}"
+            "NOT applied, unknown to this operator (set under a newer CRD?); the object is"
+            f" served as if they were absent: {', '.join(ignored)}"
         )[:1024],
         "observedGeneration": generation,
     }

@@ -18,7 +18,8 @@ for _, condition in ipairs(status.conditions) do
     if condition.status == "True" then
       hs.status = "Healthy"
     else
-      -- InvalidSpec, SecretNotFound: budgets cannot be enforced as written.
+      -- InvalidSpec, SecretNotFound: budgets cannot be enforced as written;
+      -- ReconcileError: the latest spec could not be checked (the message says why).
       hs.status = "Degraded"
     end
     return hs
