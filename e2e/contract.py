@@ -28,10 +28,16 @@ class LocalContainer:
     container: dict[str, Any]
     termination_log: Path
     log_path: Path
+    named_ports: dict[str, int]  # the container's named ports, as local loopback ports
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        """Where the container's `metrics` port serves /metrics (not the http port)."""
+        return f"http://127.0.0.1:{self.named_ports['metrics']}/metrics"
 
     def probe(self, kind: str, timeout: float = 120) -> float:
         """Poll the container's own probe until it passes; return the seconds it took."""
@@ -147,4 +153,5 @@ def run_container(
         proc = subprocess.Popen(
             command, env={**base_env, **env}, stdout=log, stderr=subprocess.STDOUT
         )
-    return LocalContainer(proc, local_port, container, local_term, log_path)
+    named = {name: int(local[str(port)]) for name, port in ports.items() if name}
+    return LocalContainer(proc, local_port, container, local_term, log_path, named)

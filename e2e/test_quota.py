@@ -100,7 +100,7 @@ def test_models_that_name_a_policy_get_its_quota_file_and_the_policy_counts_them
     assert cond["status"] == "True" and cond["reason"] == "Ready"
     assert "inexact across replicas" in cond["message"]
     header, *rows = cluster.kubectl("get", "qp", "-n", namespace).stdout.splitlines()
-    assert header.split() == ["NAME", "MODELS", "TENANTS", "STORE", "READY", "AGE"]
+    assert header.split() == ["NAME", "MODELS", "TENANTS", "STORE", "READY", "REASON", "AGE"]
     assert rows[0].split()[:5] == ["team", "2", "2", "memory", "True"]
 
     # A model that stops naming the policy loses its quota file; the policy counts one.

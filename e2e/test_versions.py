@@ -106,7 +106,7 @@ def test_the_operators_deployment_serves_the_version(
         assert answer.get_response()["model_version"] == "2024-06.rc1"
         other = httpx.get(f"{runtime.url}/v2/models/{name}/versions/1")
         assert other.status_code == 404 and "2024-06.rc1" in other.json()["error"]
-        metrics = httpx.get(f"{runtime.url}/metrics").text
+        metrics = httpx.get(runtime.metrics_url).text
         assert 'version="2024-06.rc1"' in metrics
     finally:
         assert runtime.stop() == 0
