@@ -20,7 +20,7 @@ import httpx
 import numpy as np
 import orjson
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from tests.runtime.conftest import Served, start_server
@@ -656,3 +656,242 @@ def test_an_image_bomb_gets_its_status_and_harms_nobody(bounded: Served, case: s
         status, answer = exchange(bounded, raw, 120)
     assert status == expected, answer[:300]
     assert message.encode() in answer, answer[:300]
+
+
+# Callback URL forms, sent to an asynchronous gateway (a real redis-server holds its queue and
+# its quota counters) in the Kubeonnx-Callback-Url header of a submission, as raw bytes (CR,
+# LF and UTF-8 travel as a client could send them). Each is refused 400 with a message, is
+# never charged, and harms nobody (the same probe and RSS bounds as above). The allowlist has
+# every form an entry takes: a host, a wildcard domain, an IP with a port, a CIDR with any
+# port, an IPv6 address with a port.
+
+CALLBACK_HOSTS = ["hooks.example.com", "*.example.org", "127.0.0.1:9", "10.0.0.0/8:*", "[::1]:8080"]
+ASYNC_INFER = "/v2/models/mlp/async-infer"
+ASYNC_BODY = json.dumps(
+    {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [1, 1, 1, 1]}]}
+).encode()
+TENANT_KEY = "acme-key"
+
+
+@pytest.fixture(scope="module")
+def callback_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    from e2e.redis_server import LocalRedis
+    from tests.runtime.test_async import async_env
+    from tests.runtime.test_quota_redis import write_policy
+
+    store = LocalRedis().start()
+    tmp = tmp_path_factory.mktemp("callbacks")
+    limits = {"acme": [{"unit": "requests", "limit": 100_000, "window": "1d"}]}
+    config = write_policy(tmp, store.url, limits, decisionBudgetMs=10000)
+    env = async_env(
+        store.url,
+        KUBEONNX_QUOTA_CONFIG=str(config),
+        KUBEONNX_ASYNC_CALLBACK_HOSTS=",".join(CALLBACK_HOSTS),
+        KUBEONNX_ASYNC_MAX_QUEUED="100000",
+    )
+    args = ("--role", "gateway", "--model-name", "mlp", "--model-uri", "file:///none")
+    try:
+        served = start_server(tmp, *args, env=env)
+        yield served
+        served.stop(signal.SIGKILL, timeout=10)
+    finally:
+        store.stop()
+
+
+def charged(served: Served) -> int:
+    """What the tenant has used today, as GET /v2/quota answers it."""
+    answer = httpx.get(f"{served.url}/v2/quota", headers={"X-Api-Key": TENANT_KEY}, timeout=30)
+    assert answer.status_code == 200, answer.text
+    return int(answer.json()["limits"][0]["used"])
+
+
+def submit_with_callback(served: Served, url: str) -> tuple[int | None, bytes]:
+    raw = post(
+        ASYNC_INFER, ASYNC_BODY, X_Api_Key=TENANT_KEY, Connection="close", Kubeonnx_Callback_Url=url
+    )
+    return exchange(served, raw, 30)
+
+
+# (the URL, a fragment of the refusal's message)
+HOSTILE_CALLBACKS: dict[str, tuple[str, str]] = {
+    "userinfo: an allowed host before @": ("http://hooks.example.com@evil.test/", "not allowed"),
+    "userinfo: an allowed host and port before @": (
+        "http://hooks.example.com:80@evil.test/",
+        "not allowed",
+    ),
+    "userinfo: a backslash before @": ("http://hooks.example.com\\@evil.test/", "not allowed"),
+    "userinfo: %2F before @": ("http://hooks.example.com%2F@evil.test/", "not allowed"),
+    "userinfo: an allowed IP and port before @": ("http://127.0.0.1:9@evil.test/", "not allowed"),
+    "fragment that names an allowed domain": ("http://evil.test#.example.org/", "not allowed"),
+    "IPv6 with a zone": ("http://[fe80::1%25eth0]/", "not allowed"),
+    "IPv4-mapped IPv6 of an allowed IP": ("http://[::ffff:127.0.0.1]:9/", "not allowed"),
+    "IPv4-mapped IPv6, hex": ("http://[::ffff:7f00:1]:9/", "not allowed"),
+    "hex IP": ("http://0x7f.1:9/", "not allowed"),
+    "hex IP, one number": ("http://0x7f000001:9/", "not allowed"),
+    "decimal IP": ("http://2130706433:9/", "not allowed"),
+    "octal IP": ("http://0177.0.0.1:9/", "not a valid URL"),
+    "short IP": ("http://127.1:9/", "not allowed"),
+    "an allowed IP as a subdomain": ("http://10.0.0.1.evil.test/", "not allowed"),
+    "port 0": ("http://hooks.example.com:0/", "port 0"),
+    "port 65536": ("http://hooks.example.com:65536/", "not a valid URL"),
+    "port +80": ("http://hooks.example.com:+80/", "not a valid URL"),
+    "port -1": ("http://hooks.example.com:-1/", "not a valid URL"),
+    "port 80a": ("http://hooks.example.com:80a/", "not a valid URL"),
+    "two ports": ("http://hooks.example.com:80:80/", "not a valid URL"),
+    "a port that is a host": ("http://127.0.0.1:9.evil.test/", "not a valid URL"),
+    "a port not listed": ("http://hooks.example.com:8080/", "port 8080"),
+    "a tab in the host": ("http://hooks\texample.com/", "not a valid URL"),
+    "ideographic full stops": ("http://hooks\u3002example\u3002com/", "not a valid URL"),
+    "a full-width full stop": ("http://hooks\uff0eexample.com/", "not a valid URL"),
+    "a full-width letter": ("http://\uff48ooks.example.com/", "not a valid URL"),
+    "an empty A-label under a wildcard": ("http://xn--.example.org/", "not a valid URL"),
+    "an invalid A-label under a wildcard": ("http://xn--a.example.org/", "not a valid URL"),
+    "an empty label under a wildcard": ("http://a..example.org/", "not a valid URL"),
+    "a label starting with '-' under a wildcard": ("http://-a.example.org/", "not a valid URL"),
+    "a 64-character label under a wildcard": (f"http://{'a' * 64}.example.org/", "not a valid"),
+    "a 400-character host under a wildcard": (f"http://{'a.' * 200}example.org/", "not a valid"),
+    "a 10,000-character host": (f"http://{'a' * 10_000}.example.org/", "not a valid URL"),
+    "http://[": ("http://[", "not a valid URL"),
+    "http://[::1": ("http://[::1", "not a valid URL"),
+    "http://]/": ("http://]/", "not a valid URL"),
+    "ftp": ("ftp://hooks.example.com/", "must be an http or https URL"),
+    "file": ("file:///etc/passwd", "must be an http or https URL"),
+    "gopher": ("gopher://hooks.example.com/", "must be an http or https URL"),
+    "javascript": ("javascript:alert(1)", "must be an http or https URL"),
+    "no scheme": ("//hooks.example.com/", "must be an http or https URL"),
+    "a bare host": ("hooks.example.com", "must be an http or https URL"),
+    "empty host": ("http:///hook", "must be an http or https URL"),
+    "empty host with a port": ("http://:80/", "must be an http or https URL"),
+    "nothing after the scheme": ("http://", "must be an http or https URL"),
+    "a trailing dot": ("http://hooks.example.com./", "not a valid URL"),
+    "two trailing dots": ("http://hooks.example.com../", "not a valid URL"),
+    "a trailing dot and a port": ("http://hooks.example.com.:80/", "not a valid URL"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_CALLBACKS))
+def test_a_hostile_callback_url_is_refused_uncharged_and_harms_nobody(
+    callback_gateway: Served, case: str
+) -> None:
+    url, message = HOSTILE_CALLBACKS[case]
+    before = charged(callback_gateway)
+    with unharmed(callback_gateway):
+        status, answer = submit_with_callback(callback_gateway, url)
+    assert status == 400, (status, answer[:300])
+    error = json.loads(answer)["error"]
+    assert message in error, error
+    assert "hooks.example.com," not in error  # the refusal does not list the allowlist
+    assert charged(callback_gateway) == before
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"http://hooks.example.com\r\n/",  # CR LF: the header ends, "/" is a malformed line
+        b"http://hooks.example.com\n/",
+        b"http://hooks.example.com/\rX: y",
+        b"http://hooks.example.com/\x00",
+    ],
+)
+def test_a_callback_header_with_control_characters_is_a_4xx(
+    callback_gateway: Served, line: bytes
+) -> None:
+    """CR, LF and NUL in the header: the HTTP parser refuses the request (400), or the
+    callback check does; never 5xx, never charged."""
+    before = charged(callback_gateway)
+    raw = post(ASYNC_INFER, ASYNC_BODY, X_Api_Key=TENANT_KEY, Connection="close").replace(
+        b"\r\n\r\n", b"\r\nKubeonnx-Callback-Url: " + line + b"\r\n\r\n", 1
+    )
+    with unharmed(callback_gateway):
+        status, answer = exchange(callback_gateway, raw, 30)
+    assert status is not None and 400 <= status < 500, (status, answer[:300])
+    assert charged(callback_gateway) == before
+
+
+def allowed_by_the_list(url: str) -> bool:
+    """Whether the HTTP client would call a host and port the allowlist names, computed
+    apart from the runtime's check: httpx's own reading of the URL, matched by hand."""
+    import ipaddress
+
+    try:
+        parsed = httpx.URL(url)
+        host, port = parsed.host, parsed.port
+    except (httpx.InvalidURL, ValueError):
+        return False
+    if parsed.scheme not in ("http", "https") or not host:
+        return False
+    port = port or (80 if parsed.scheme == "http" else 443)
+    default = port == (80 if parsed.scheme == "http" else 443)
+    if host in ("hooks.example.com",) or host.endswith(".example.org"):
+        return default
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return (
+        (str(ip) == "127.0.0.1" and port == 9)
+        or (ip.version == 4 and ip in ipaddress.ip_network("10.0.0.0/8"))
+        or (str(ip) == "::1" and port == 8080)
+    )
+
+
+URL_PARTS = {
+    "scheme": ["http://", "https://", "HTTP://", "ftp://", "//", "http:/", "http:\\\\", ""],
+    "userinfo": ["", "hooks.example.com@", "evil.test\\@", "a%2F@", "u:p@", "@", "127.0.0.1:9@"],
+    "host": [
+        "hooks.example.com",
+        "a.example.org",
+        "evil.test",
+        "127.0.0.1",
+        "10.1.2.3",
+        "[::1]",
+        "[fe80::1%25eth0]",
+        "[::ffff:127.0.0.1]",
+        "0x7f.1",
+        "2130706433",
+        "017700000001",
+        "xn--.example.org",
+        "xn--a.example.org",
+        "hooks\u3002example.com",
+        "\uff48ooks.example.com",
+        "hooks.example.com.",
+        "[",
+        "",
+        "a" * 300 + ".example.org",
+    ],
+    "port": ["", ":0", ":9", ":80", ":443", ":8080", ":65536", ":+80", ":*", ":-1", ":"],
+    "rest": ["", "/", "/hook?x=1", "#@evil.test", "?@evil.test", "\\@evil.test", "/%0d%0a"],
+}
+callback_urls = st.one_of(
+    st.tuples(*(st.sampled_from(parts) for parts in URL_PARTS.values())).map("".join),
+    st.text(
+        st.characters(blacklist_categories=("Cs", "Cc")), max_size=60
+    ),  # anything a header may carry
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(url=callback_urls)
+def test_any_callback_url_is_a_4xx_or_an_allowed_host_and_only_those_are_charged(
+    callback_gateway: Served, url: str
+) -> None:
+    """A 202 only where the client would call a host and port the allowlist names; every
+    other URL a 400 with a message, uncharged."""
+    url = url.strip()  # the HTTP parser strips a header value's surrounding blanks
+    before = charged(callback_gateway)
+    with unharmed(callback_gateway):
+        status, answer = submit_with_callback(callback_gateway, url)
+    # The runtime reads header values as latin-1, whatever bytes the client sent.
+    read = url.encode().decode("latin-1")
+    if not url:  # an empty header: no callback at all
+        assert status == 202, (status, answer[:300])
+        assert charged(callback_gateway) == before + 1
+        return
+    assert status in (202, 400), (url, status, answer[:300])
+    event(f"answered {status}")  # --hypothesis-show-statistics: how many were allowed
+    if status == 202:
+        assert allowed_by_the_list(read), url
+        assert charged(callback_gateway) == before + 1
+    else:
+        assert json.loads(answer)["error"], answer[:300]
+        assert charged(callback_gateway) == before
