@@ -3,8 +3,10 @@
 Brings up the local control plane (building the pinned binaries if needed), an S3 stand-in
 holding a generated model, and the operator; applies examples/cpu-hpa.yaml; runs the runtime
 exactly as the operator's Deployment says (e2e/contract.py); sends one inference; prints the
-answer and `kubectl get inferencemodels`. On a terminal it then waits for Ctrl-C; otherwise
-it stops at once. Either way it leaves nothing running (`make demo-down` also cleans up).
+answer and `kubectl get inferencemodels`, printing each command it runs. On a terminal it
+then waits for Ctrl-C; otherwise it stops at once. Ctrl-C, `kill` and a closed terminal all
+stop what it started and remove its temporary folder (`make demo-down` cleans up after a
+`kill -9`). It refuses to start over a cluster of `make dev` or `make cluster-up`.
 """
 
 from __future__ import annotations
