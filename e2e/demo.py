@@ -178,6 +178,12 @@ def main() -> int:
         )
         runtime = run_container(deployment, {"s3-credentials": secret}, work)
         local_cluster.record(state, "runtime", runtime.proc.pid)
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        say(
+            "    a local process, not a pod: "
+            + shlex.join([*container.get("command", []), *container.get("args", [])])
+            + "\n    (its environment and files from the Deployment, the Secret's keys included)"
+        )
         runtime.probe("startupProbe")
         runtime.probe("readinessProbe")
         print(f"    ready at {runtime.url} (in the cluster: the Service {name}.{NAMESPACE})")
@@ -261,12 +267,12 @@ def main() -> int:
 
         step("kubectl get inferencemodels,quotapolicies -A")
         print(kubectl("get", "inferencemodels,quotapolicies", "-A"))
-        print(f"""How to go on:
+        if sys.stdin.isatty():
+            print(f"""How to go on (while this runs):
     export KUBECONFIG={state.kubeconfig}
     kubectl get inferencemodels -A      kubectl describe im {name} -n {NAMESPACE}
     curl {runtime.url}/v2/models/{name}
     make demo-down                        (stops everything if this process was killed)""")
-        if sys.stdin.isatty():
             print("\nRunning; press Ctrl-C to stop everything.", flush=True)
             while True:
                 time.sleep(1)
