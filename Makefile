@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: venv binaries lint unit e2e check cluster-up cluster-down models demo demo-down bench
+.PHONY: venv binaries lint unit e2e check cluster-up cluster-down dev dev-down models demo demo-down bench
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -41,13 +41,20 @@ cluster-up: venv binaries
 cluster-down: venv
 	$(PY) -m e2e.cluster down
 
+dev: venv binaries   ## cluster, CRDs and the operator (a process); prints KUBECONFIG and what next
+	$(PY) -m e2e.cluster dev
+
+dev-down: venv       ## stops everything `make dev` started, the operator included
+	$(PY) -m e2e.cluster down
+
 models: venv
 	$(PY) -m e2e.generate_models models
 
 demo: venv           ## the whole flow on an embedded default (README's first command)
 	$(PY) -m e2e.demo
 
-demo-down: cluster-down
+demo-down: venv      ## after a killed demo: stops its cluster, operator and runtime (only the demo's)
+	$(PY) -m e2e.cluster down demo
 
 benchmarks/.venv-peer/bin/mlserver:
 	python3 -m venv benchmarks/.venv-peer

@@ -17,11 +17,18 @@ log() { printf '[build-binaries] %s\n' "$*" >&2; }
 # Each component lands in its own version-keyed directory, moved into place only
 # when every binary of it has been built, so an interrupted build is never reused.
 have() { local dir=$1; shift; for b in "$@"; do [ -e "$dir/$b" ] || return 1; done; }
+# Called before the first build: without Go, one line saying what to install.
+need_go() {
+  command -v go >/dev/null && return
+  log "Go is not installed: install Go 1.25 or newer (https://go.dev/dl/) and put it on PATH; it builds the pinned binaries once into $cache/bin"
+  exit 3
+}
 
 build_kubernetes() {
   local v=$K8S_VERSION dir="$cache/bin/kubernetes-$K8S_VERSION"
   local bins=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
   if have "$dir" "${bins[@]}"; then log "kubernetes $v: cached"; echo "KUBERNETES_BIN=$dir"; return; fi
+  need_go
   log "kubernetes $v: building ${bins[*]} (a cold build takes a while on 2 cores)"
   local work; work=$(mktemp -d); trap "rm -rf '$work'; trap - RETURN" RETURN
   local minor=${v#v1.}; minor=${minor%%.*}
@@ -56,6 +63,7 @@ build_kubernetes() {
 build_etcd() {
   local v=$ETCD_VERSION dir="$cache/bin/etcd-$ETCD_VERSION"
   if have "$dir" etcd; then log "etcd $v: cached"; echo "ETCD_BIN=$dir"; return; fi
+  need_go
   log "etcd $v: building"
   local work; work=$(mktemp -d); trap "rm -rf '$work'; trap - RETURN" RETURN
   (
@@ -76,6 +84,7 @@ build_etcd() {
 build_installable() {  # NAME VERSION PACKAGE LDFLAGS VAR
   local name=$1 v=$2 pkg=$3 ld=$4 var=$5 dir="$cache/bin/$1-$2"
   if have "$dir" "$name"; then log "$name $v: cached"; echo "$var=$dir"; return; fi
+  need_go
   log "$name $v: building"
   local work; work=$(mktemp -d); trap "rm -rf '$work'; trap - RETURN" RETURN
   GOBIN="$work/out" go install -ldflags "-s -w $ld" "$pkg@$v"
@@ -104,6 +113,7 @@ build_kwok() {
 build_prometheus() {
   local v=$PROMETHEUS_VERSION dir="$cache/bin/prometheus-$PROMETHEUS_VERSION"
   if have "$dir" prometheus promtool; then log "prometheus $v: cached"; echo "PROMETHEUS_BIN=$dir"; return; fi
+  need_go
   log "prometheus $v: building prometheus promtool (a cold build takes a while on 2 cores)"
   local work; work=$(mktemp -d); trap "rm -rf '$work'; trap - RETURN" RETURN
   # The module has no replace directives, so `go install pkg@version` builds it as pinned.

@@ -2,7 +2,10 @@
 kube-scheduler, and kwok standing in for nodes and kubelets.
 
     python -m e2e.cluster up      # builds missing binaries, starts, writes .cluster/kubeconfig
-    python -m e2e.cluster down    # stops every process it started and removes its data
+    python -m e2e.cluster dev     # `make dev`: up, the CRDs and the operator, then what to type
+    python -m e2e.cluster down    # stops every process it started (the operator too)
+
+The cluster lives in .cluster/ (KUBEONNX_CLUSTER_DIR moves it, e.g. for the tests of `make dev`).
 
 The pytest fixture in e2e/conftest.py calls the same `up` and `down`.
 """
@@ -30,7 +33,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-STATE_DIR = ROOT / ".cluster"
+STATE_DIR = Path(os.environ.get("KUBEONNX_CLUSTER_DIR", ROOT / ".cluster")).resolve()
 STATE_FILE = STATE_DIR / "state.json"
 KUBECONFIG = STATE_DIR / "kubeconfig"
 # A second identity for the operator, so its API writes can be told apart in the audit log.
@@ -40,14 +43,20 @@ E2E = Path(__file__).resolve().parent
 
 
 def log(msg: str) -> None:
-    print(f"[cluster] {msg}", file=sys.stderr, flush=True)
+    # A closed terminal (SIGHUP) must not stop a clean-up half way.
+    with contextlib.suppress(OSError):
+        print(f"[cluster] {msg}", file=sys.stderr, flush=True)
 
 
 def build_binaries() -> dict[str, Path]:
-    """Run the pinned build (a no-op when cached); return each binary's path."""
-    out = subprocess.run(
-        ["bash", str(E2E / "build-binaries.sh")], check=True, stdout=subprocess.PIPE, text=True
-    ).stdout
+    """Run the pinned build (a no-op when cached); return each binary's path. A failed build
+    has said why on stderr (e.g. that Go is missing): exit with its status, no traceback."""
+    build = subprocess.run(
+        ["bash", str(E2E / "build-binaries.sh")], stdout=subprocess.PIPE, text=True
+    )
+    if build.returncode:
+        raise SystemExit(build.returncode)
+    out = build.stdout
     dirs = dict(line.split("=", 1) for line in out.split() if "=" in line)
     paths = {}
     for var, names in {
@@ -146,6 +155,8 @@ class ClusterState:
     bin_dir: dict[str, str]
     pids: dict[str, int] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
+    # Who started it: "cluster-up", "dev" or "demo". `make demo` never takes over the others'.
+    owner: str = "cluster-up"
 
     def save(self) -> None:
         STATE_DIR.mkdir(exist_ok=True)
@@ -312,12 +323,12 @@ def _grant_chart_role(state: ClusterState, helm: Path) -> None:
     )
 
 
-def up() -> ClusterState:
+def up(owner: str = "cluster-up", bins: dict[str, Path] | None = None) -> ClusterState:
     """Start the control plane (stopping a previous one first); return its state."""
     if ClusterState.load():
         down()
     started = time.monotonic()
-    bins = build_binaries()
+    bins = bins or build_binaries()
     data = Path(tempfile.mkdtemp(prefix="kubeonnx-cluster-"))
     pki = data / "pki"
     pki.mkdir()
@@ -368,7 +379,13 @@ def up() -> ClusterState:
     KUBECONFIG.write_text(_kubeconfig(server, "admin", token))
     OPERATOR_KUBECONFIG.write_text(_kubeconfig(server, OPERATOR_USER, operator_token))
     state = ClusterState(
-        str(data), str(KUBECONFIG), server, token, {k: str(v) for k, v in bins.items()}, ports=ports
+        str(data),
+        str(KUBECONFIG),
+        server,
+        token,
+        {k: str(v) for k, v in bins.items()},
+        ports=ports,
+        owner=owner,
     )
     state.save()
     try:
@@ -519,23 +536,104 @@ def up() -> ClusterState:
     return state
 
 
-def down() -> None:
-    """Stop every process `up` started and remove its data; safe to call twice."""
+def start_operator(state: ClusterState, kubeconfig: str) -> None:
+    """The operator as a process (as the demo and the e2e suite run it), recorded in the state
+    so that `down` stops it before the API server it talks to: left running, it would log
+    Lease errors every 2 s for ever."""
+    from e2e.operator_process import OperatorProcess
+
+    work = Path(state.data_dir) / "operator"
+    work.mkdir(exist_ok=True)
+    operator = OperatorProcess(kubeconfig, work)
+    operator.start(on_spawn=lambda pid: record(state, "operator", pid))
+
+
+def record(state: ClusterState, name: str, pid: int) -> None:
+    state.pids[name] = pid
+    state.save()
+
+
+def dev() -> None:
+    """`make dev`: the control plane, the CRDs and the operator, then what to type next."""
+    state = up(owner="dev")
+    try:
+        kubectl(state, "apply", "--server-side", "-f", str(ROOT / "crds"))
+        kubectl(
+            state,
+            "wait",
+            "--for=condition=Established",
+            "crd/inferencemodels.kubeonnx.io",
+            "crd/quotapolicies.kubeonnx.io",
+        )
+        # The chart's RBAC, no more (the identity _grant_chart_role bound).
+        start_operator(state, str(OPERATOR_KUBECONFIG))
+    except BaseException:
+        down()
+        raise
+    kubectl_bin, helm_bin = state.bin_dir["kubectl"], state.bin_dir["helm"]
+    print(f"""
+The local cluster is up: the CRDs are installed and the operator runs as a local process
+(its log: {state.data_dir}/operator/operator.log).
+
+    export KUBECONFIG={state.kubeconfig}
+    export PATH={Path(kubectl_bin).parent}:{Path(helm_bin).parent}:$PATH
+    # the pinned kubectl: {kubectl_bin}
+    # the pinned helm:    {helm_bin}
+
+Next:
+    kubectl create namespace demo
+    kubectl create secret generic s3-credentials -n demo \\
+        --from-literal=AWS_ACCESS_KEY_ID=... --from-literal=AWS_SECRET_ACCESS_KEY=...
+    kubectl apply -n demo -f examples/cpu-hpa.yaml
+    kubectl get im -n demo                  (REASON and MESSAGE say what is missing)
+    kubectl describe im -n demo mlp-cpu
+    make dev-down                           (stops the cluster and the operator)
+
+Pods here are simulated (kwok, no kubelet, no container runtime): Ready means scheduled,
+not serving; `kubectl logs`, `exec` and `port-forward` do not work. To see a model answer,
+`make demo` runs the runtime as a local process with the Deployment's command (on a cluster
+of its own: run it after `make dev-down`; it refuses to take this one over).""")
+
+
+def _signal(pid: int, sig: int) -> None:
+    """Signal the process group `pid` leads, or the process alone (the demo's runtime leads
+    none)."""
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def down(owner: str | None = None) -> None:
+    """Stop every process `up` started (and the operator `start_operator` started) and remove
+    its data; safe to call twice. With an owner, refuse a cluster someone else started."""
     state = ClusterState.load()
     if state is None:
         return
-    order = ["kwok", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"]
+    if owner is not None and state.owner != owner:
+        raise SystemExit(
+            f"the cluster in {STATE_DIR} was started by `make {state.owner}`, not `make {owner}`:"
+            f" `make {'dev' if state.owner == 'dev' else 'cluster'}-down` stops it"
+        )
+    order = [
+        "runtime",
+        "operator",
+        "kwok",
+        "kube-scheduler",
+        "kube-controller-manager",
+        "kube-apiserver",
+        "etcd",
+    ]
     pids = [state.pids[n] for n in order if n in state.pids]
     for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGTERM)
+        _signal(pid, signal.SIGTERM)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and any(_alive(p) for p in pids):
         time.sleep(0.1)
     for pid in pids:
         if _alive(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
+            _signal(pid, signal.SIGKILL)
     shutil.rmtree(state.data_dir, ignore_errors=True)
     STATE_FILE.unlink(missing_ok=True)
     KUBECONFIG.unlink(missing_ok=True)
@@ -547,7 +645,9 @@ if __name__ == "__main__":
     command = sys.argv[1] if len(sys.argv) > 1 else "up"
     if command == "up":
         up()
+    elif command == "dev":
+        dev()
     elif command == "down":
-        down()
+        down(sys.argv[2] if len(sys.argv) > 2 else None)
     else:
-        sys.exit(f"usage: python -m e2e.cluster up|down (not {command!r})")
+        sys.exit(f"usage: python -m e2e.cluster up|dev|down [OWNER] (not {command!r})")

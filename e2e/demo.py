@@ -3,13 +3,18 @@
 Brings up the local control plane (building the pinned binaries if needed), an S3 stand-in
 holding a generated model, and the operator; applies examples/cpu-hpa.yaml; runs the runtime
 exactly as the operator's Deployment says (e2e/contract.py); sends one inference; prints the
-answer and `kubectl get inferencemodels`. On a terminal it then waits for Ctrl-C; otherwise
-it stops at once. Either way it leaves nothing running (`make demo-down` also cleans up).
+answer and `kubectl get inferencemodels`, printing each command it runs. On a terminal it
+then waits for Ctrl-C; otherwise it stops at once. Ctrl-C, `kill` and a closed terminal all
+stop what it started and remove its temporary folder (`make demo-down` cleans up after a
+`kill -9`). It refuses to start over a cluster of `make dev` or `make cluster-up`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shlex
+import shutil
 import signal
 import sys
 import tempfile
@@ -28,10 +33,17 @@ from e2e.s3 import CREDENTIALS, LocalS3
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMESPACE = "demo"
+EXAMPLE_ENDPOINT = "http://minio.storage.svc:9000"  # examples/cpu-hpa.yaml's, replaced
+
+
+def say(msg: str) -> None:
+    # A closed terminal (SIGHUP) must not stop the clean-up half way.
+    with contextlib.suppress(OSError):
+        print(msg, flush=True)
 
 
 def step(msg: str) -> None:
-    print(f"\n==> {msg}", flush=True)
+    say(f"\n==> {msg}")
 
 
 DEMO_POLICY = {
@@ -64,15 +76,44 @@ def eventually_quota(kubectl: Any, name: str) -> dict[str, Any]:
     raise RuntimeError("the operator did not give the model its quota file within 60 s")
 
 
+def interrupted(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> int:
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    existing = local_cluster.ClusterState.load()
+    if existing is not None and existing.owner != "demo":
+        down = "dev-down" if existing.owner == "dev" else "cluster-down"
+        print(
+            f"a cluster started by `make {existing.owner}` runs in {local_cluster.STATE_DIR}:"
+            f" the demo does not tear it down. Stop it first (`make {down}`), then `make demo`.",
+            file=sys.stderr,
+        )
+        return 1
+    # Before anything starts: a machine without Go gets the build's one line, and nothing to undo.
+    bins = local_cluster.build_binaries()
+    # Ctrl-C, `kill` and a closed terminal all end in the `finally` below.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupted)
     work = Path(tempfile.mkdtemp(prefix="kubeonnx-demo-"))
     s3 = operator = runtime = None
     try:
         step("Control plane (etcd, kube-apiserver, controller-manager, scheduler, kwok nodes)")
-        state = local_cluster.up()
+        state = local_cluster.up(owner="demo", bins=bins)
+        print(
+            "    Pods here are simulated by kwok (no kubelet): Ready means scheduled, not\n"
+            "    serving, and `kubectl logs` / `port-forward` do not work. The answer below comes\n"
+            "    from the runtime run as a local process with the Deployment's command.\n"
+            "    The commands this demo runs, to repeat them (kubectl is the pinned one:\n"
+            f"    {state.bin_dir['kubectl']}):\n"
+            f"    $ export KUBECONFIG={state.kubeconfig}"
+        )
 
-        def kubectl(*args: str, input: str | None = None) -> str:
+        def kubectl(*args: str, input: str | None = None, shown: str | None = None) -> str:
+            """Run kubectl; print the command (or `shown`, its shell form) when it changes
+            something."""
+            if shown or args[0] in ("apply", "create", "patch", "wait"):
+                say(f"    $ {shown or shlex.join(['kubectl', *args])}")
             return local_cluster.kubectl(state, *args, input=input)
 
         step("S3 stand-in on loopback, holding a model made by e2e/generate_models.py")
@@ -90,12 +131,15 @@ def main() -> int:
             "crd/quotapolicies.kubeonnx.io",
         )
         operator = OperatorProcess(state.kubeconfig, work)
-        operator.start()
+        # Recorded with the cluster, so that `make demo-down` stops it too.
+        operator.start(on_spawn=lambda pid: local_cluster.record(state, "operator", pid))
+        say(f"    $ kubeonnx operator --config {operator.config_path.name}   (KUBECONFIG as above)")
 
-        step("kubectl apply -f examples/cpu-hpa.yaml")
-        doc = yaml.safe_load((ROOT / "examples" / "cpu-hpa.yaml").read_text())
-        doc["spec"]["model"]["s3"]["endpoint"] = s3.endpoint
-        name = doc["metadata"]["name"]
+        step("kubectl apply -f examples/cpu-hpa.yaml, its S3 endpoint the stand-in's")
+        example = (ROOT / "examples" / "cpu-hpa.yaml").read_text()
+        assert EXAMPLE_ENDPOINT in example, f"examples/cpu-hpa.yaml lacks {EXAMPLE_ENDPOINT}"
+        manifest = example.replace(EXAMPLE_ENDPOINT, s3.endpoint)
+        name = yaml.safe_load(manifest)["metadata"]["name"]
         kubectl("create", "namespace", NAMESPACE)
         kubectl(
             "create",
@@ -106,7 +150,17 @@ def main() -> int:
             NAMESPACE,
             *[f"--from-literal={k}={v}" for k, v in CREDENTIALS.items()],
         )
-        print(kubectl("apply", "-n", NAMESPACE, "-f", "-", input=json.dumps(doc)).strip())
+        rewrite = f"sed 's#{EXAMPLE_ENDPOINT}#{s3.endpoint}#' examples/cpu-hpa.yaml"
+        applied = kubectl(
+            "apply",
+            "-n",
+            NAMESPACE,
+            "-f",
+            "-",
+            input=manifest,
+            shown=f"{rewrite} | kubectl apply -n {NAMESPACE} -f -",
+        )
+        print(applied.strip())
         kubectl("wait", "-n", NAMESPACE, "--for=create", "--timeout=60s", f"deployment/{name}")
         kubectl(
             "wait",
@@ -123,6 +177,13 @@ def main() -> int:
             kubectl("get", "secret", "s3-credentials", "-n", NAMESPACE, "-o", "json")
         )
         runtime = run_container(deployment, {"s3-credentials": secret}, work)
+        local_cluster.record(state, "runtime", runtime.proc.pid)
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        say(
+            "    a local process, not a pod: "
+            + shlex.join([*container.get("command", []), *container.get("args", [])])
+            + "\n    (its environment and files from the Deployment, the Secret's keys included)"
+        )
         runtime.probe("startupProbe")
         runtime.probe("readinessProbe")
         print(f"    ready at {runtime.url} (in the cluster: the Service {name}.{NAMESPACE})")
@@ -155,7 +216,18 @@ def main() -> int:
             NAMESPACE,
             "--from-literal=token=demo-key",
         )
-        print(kubectl("apply", "-n", NAMESPACE, "-f", "-", input=json.dumps(DEMO_POLICY)).strip())
+        policy = json.dumps(DEMO_POLICY)
+        print(
+            kubectl(
+                "apply",
+                "-n",
+                NAMESPACE,
+                "-f",
+                "-",
+                input=policy,
+                shown=f"echo {shlex.quote(policy)} | kubectl apply -n {NAMESPACE} -f -",
+            ).strip()
+        )
         patch = json.dumps({"spec": {"quotaPolicy": DEMO_POLICY["metadata"]["name"]}})
         print(
             kubectl(
@@ -175,6 +247,7 @@ def main() -> int:
             work / "metered",
             config_maps={f"{name}-quota": quota_config},
         )
+        local_cluster.record(state, "runtime", runtime.proc.pid)
         runtime.probe("startupProbe")
         runtime.probe("readinessProbe")
         for attempt in range(1, 5):
@@ -194,19 +267,22 @@ def main() -> int:
 
         step("kubectl get inferencemodels,quotapolicies -A")
         print(kubectl("get", "inferencemodels,quotapolicies", "-A"))
-        print(f"""How to go on:
+        if sys.stdin.isatty():
+            print(f"""How to go on (while this runs):
     export KUBECONFIG={state.kubeconfig}
     kubectl get inferencemodels -A      kubectl describe im {name} -n {NAMESPACE}
     curl {runtime.url}/v2/models/{name}
     make demo-down                        (stops everything if this process was killed)""")
-        if sys.stdin.isatty():
             print("\nRunning; press Ctrl-C to stop everything.", flush=True)
             while True:
                 time.sleep(1)
         return 0
     except KeyboardInterrupt:
-        return 130
+        return 0  # stopped on purpose: Ctrl-C, `kill`, a closed terminal
     finally:
+        # A second Ctrl-C must not cut the clean-up short.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
         step("Stopping")
         if runtime is not None:
             runtime.stop()
@@ -215,6 +291,7 @@ def main() -> int:
         if s3 is not None:
             s3.stop()
         local_cluster.down()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

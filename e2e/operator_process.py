@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -27,7 +28,8 @@ class OperatorProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.env: dict[str, str] = {}  # added to the process's environment
 
-    def start(self) -> None:
+    def start(self, on_spawn: Callable[[int], None] | None = None) -> None:
+        """on_spawn: given the pid (its process group) before the wait, e.g. to record it."""
         env = {**os.environ, "KUBECONFIG": self.kubeconfig, **self.env}
         kubeonnx = str(Path(sys.executable).parent / "kubeonnx")
         with self.log_path.open("ab") as log:
@@ -36,8 +38,11 @@ class OperatorProcess:
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
+        if on_spawn is not None:
+            on_spawn(self.proc.pid)
         wait_serving(
             f"http://127.0.0.1:{self.health_port}/healthz",
             self.proc,

@@ -1,0 +1,196 @@
+"""The local test bed as a user's tool: `make dev` / `make dev-down`, and `make demo` leaving
+no trap (it never takes over another's cluster; Ctrl-C or a closed terminal stops all it
+started; a machine without Go gets one line). Each test has a cluster directory of its own
+(KUBEONNX_CLUSTER_DIR), so none touches `.cluster/` or the suite's cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV = Path(sys.executable).parent.parent
+# `make` with the running venv, never reinstalling it (-o: its stamp counts as up to date).
+MAKE = ["make", "-C", str(ROOT), f"VENV={VENV}", "-o", f"{VENV}/.installed"]
+
+
+def env_for(cluster_dir: Path, **extra: str) -> dict[str, str]:
+    return {**os.environ, "KUBEONNX_CLUSTER_DIR": str(cluster_dir), **extra}
+
+
+def state_of(cluster_dir: Path) -> dict[str, object]:
+    state: dict[str, object] = json.loads((cluster_dir / "state.json").read_text())
+    return state
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
+
+
+def processes_naming(*paths: str) -> list[str]:
+    """Every live process whose command line names one of these paths."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if any(p in cmdline for p in paths) and alive(int(proc.name)):
+            found.append(f"{proc.name}: {cmdline}")
+    return found
+
+
+def wait_gone(pids: list[int], timeout: float = 60) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
+        time.sleep(0.2)
+    return [p for p in pids if alive(p)]
+
+
+def test_dev_up_demo_refuses_it_and_dev_down_stops_everything(tmp_path: Path) -> None:
+    cluster_dir = tmp_path / "cluster"
+    env = env_for(cluster_dir)
+    dev = subprocess.run(
+        [*MAKE, "dev"], env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+    try:
+        assert dev.returncode == 0, dev.stdout + dev.stderr
+        state = state_of(cluster_dir)
+        pids: dict[str, int] = state["pids"]  # type: ignore[assignment]
+        assert state["owner"] == "dev"
+        assert {"operator", "kube-apiserver", "etcd", "kwok"} <= set(pids), pids
+        assert all(alive(p) for p in pids.values()), pids
+        bins: dict[str, str] = state["bin_dir"]  # type: ignore[assignment]
+        out = dev.stdout
+        assert f"export KUBECONFIG={cluster_dir / 'kubeconfig'}" in out, out
+        assert bins["kubectl"] in out and bins["helm"] in out, out
+        assert "kubectl apply -n demo -f examples/cpu-hpa.yaml" in out, out
+        assert "kubectl get im" in out and "make dev-down" in out, out
+        assert "simulated (kwok" in out and "Ready means scheduled" in out, out
+        assert "port-forward" in out, out
+        # The CRDs are there and the operator answers (its health port, in its config).
+        kubectl = [bins["kubectl"], "--kubeconfig", str(cluster_dir / "kubeconfig")]
+        subprocess.run([*kubectl, "get", "crd", "inferencemodels.kubeonnx.io"], check=True)
+
+        # `make demo` refuses the dev cluster, and leaves it running.
+        demo = subprocess.run(
+            [sys.executable, "-m", "e2e.demo"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert demo.returncode == 1, demo.stdout + demo.stderr
+        assert "make dev" in demo.stderr and "make dev-down" in demo.stderr, demo.stderr
+        # `make demo-down` does not stop it either.
+        demo_down = subprocess.run(
+            [*MAKE, "demo-down"], env=env, capture_output=True, text=True, timeout=120, check=False
+        )
+        assert demo_down.returncode != 0
+        assert "make dev-down" in demo_down.stderr, demo_down.stderr
+        assert state_of(cluster_dir)["pids"] == pids
+        assert all(alive(p) for p in pids.values()), pids
+        subprocess.run([*kubectl, "get", "nodes"], check=True, capture_output=True)
+    finally:
+        down = subprocess.run(
+            [*MAKE, "dev-down"], env=env, capture_output=True, text=True, timeout=120, check=False
+        )
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert wait_gone(list(pids.values())) == []
+    assert not (cluster_dir / "state.json").exists()
+    assert not Path(str(state["data_dir"])).exists()
+    assert processes_naming(str(cluster_dir), str(state["data_dir"])) == []
+
+
+def pump(proc: subprocess.Popen[str], lines: list[str]) -> None:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP], ids=["ctrl-c", "hangup"])
+def test_demo_interrupted_stops_everything_it_started(tmp_path: Path, sig: int) -> None:
+    cluster_dir = tmp_path / "cluster"
+    # Its own session, signalled as a group: what a terminal does on Ctrl-C or on closing.
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "e2e.demo"],
+        cwd=ROOT,
+        env=env_for(cluster_dir),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=pump, args=(demo, lines), daemon=True)
+    reader.start()
+    try:
+        # A well-defined point: the cluster, the S3 stand-in and the operator are up.
+        deadline = time.monotonic() + 480
+        while not any("$ kubeonnx operator --config" in line for line in lines):
+            assert demo.poll() is None, "".join(lines)
+            assert time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.5)
+        state = state_of(cluster_dir)
+        pids: dict[str, int] = state["pids"]  # type: ignore[assignment]
+        assert "operator" in pids and all(alive(p) for p in pids.values()), pids
+        operator_cmd = Path(f"/proc/{pids['operator']}/cmdline").read_bytes().split(b"\0")
+        work = Path(operator_cmd[operator_cmd.index(b"--config") + 1].decode()).parent
+        assert work.name.startswith("kubeonnx-demo-") and work.exists(), work
+        text = "".join(lines)
+        assert "Ready means scheduled" in text and "local process" in text, text
+        assert "$ kubectl apply --server-side -f" in text, text
+        os.killpg(demo.pid, sig)
+        rc = demo.wait(180)
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGKILL)
+            demo.wait()
+            subprocess.run([sys.executable, "-m", "e2e.cluster", "down"], env=env_for(cluster_dir))
+    reader.join(10)
+    assert rc == 0, "".join(lines)
+    assert wait_gone(list(pids.values())) == [], "".join(lines)
+    assert not (cluster_dir / "state.json").exists()
+    assert not work.exists() and not Path(str(state["data_dir"])).exists()
+    assert processes_naming(str(cluster_dir), str(state["data_dir"]), str(work)) == []
+
+
+def test_demo_without_go_says_what_to_install_in_one_line(tmp_path: Path) -> None:
+    path = f"{VENV}/bin:/usr/bin:/bin"
+    if shutil.which("go", path=path):
+        pytest.skip("Go is on the system PATH here")
+    demo = subprocess.run(
+        [sys.executable, "-m", "e2e.demo"],
+        cwd=ROOT,
+        # An empty binaries cache: the build must run, and cannot.
+        env=env_for(tmp_path / "cluster", PATH=path, KUBEONNX_CACHE=str(tmp_path / "cache")),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert demo.returncode != 0
+    assert demo.stdout == ""
+    lines = demo.stderr.splitlines()
+    assert len(lines) == 1, demo.stderr
+    assert "Go is not installed" in lines[0] and "https://go.dev/dl/" in lines[0], lines
+    assert not (tmp_path / "cluster" / "state.json").exists()
