@@ -155,7 +155,8 @@ class ClusterState:
     bin_dir: dict[str, str]
     pids: dict[str, int] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
-    # Who started it: "cluster-up", "dev" or "demo". `make demo` never takes over the others'.
+    # Who started it: "cluster-up", "dev", "demo" or "e2e" (the suite). `make demo` and the
+    # e2e suite never take over the others'.
     owner: str = "cluster-up"
 
     def save(self) -> None:

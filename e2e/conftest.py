@@ -103,7 +103,15 @@ def cluster() -> Iterator[Cluster]:
             kubectl = str(local_cluster.build_binaries()["kubectl"])
         yield Cluster(external, kubectl, local=False)
         return
-    state = local_cluster.up()
+    existing = local_cluster.ClusterState.load()
+    if existing is not None and existing.owner != "e2e":
+        down = {"dev": "dev-down", "demo": "demo-down"}.get(existing.owner, "cluster-down")
+        pytest.exit(
+            f"a cluster started by `make {existing.owner}` runs in {local_cluster.STATE_DIR}: "
+            f"the e2e suite does not take it over; `make {down}` stops it",
+            returncode=2,
+        )
+    state = local_cluster.up(owner="e2e")
     try:
         yield Cluster(
             state.kubeconfig,

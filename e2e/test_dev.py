@@ -194,3 +194,39 @@ def test_demo_without_go_says_what_to_install_in_one_line(tmp_path: Path) -> Non
     assert len(lines) == 1, demo.stderr
     assert "Go is not installed" in lines[0] and "https://go.dev/dl/" in lines[0], lines
     assert not (tmp_path / "cluster" / "state.json").exists()
+
+
+def test_the_e2e_suite_refuses_a_cluster_of_make_dev(tmp_path: Path) -> None:
+    """`make e2e` over a running `make dev` stops at once, naming the command that stops it,
+    and leaves that cluster's state alone (it used to tear it down and start its own)."""
+    cluster_dir = tmp_path / "cluster"
+    cluster_dir.mkdir()
+    state = {
+        "data_dir": str(tmp_path / "data"),
+        "kubeconfig": str(cluster_dir / "kubeconfig"),
+        "server": "https://127.0.0.1:1",
+        "token": "t",
+        "bin_dir": {},
+        "owner": "dev",
+    }
+    (cluster_dir / "state.json").write_text(json.dumps(state))
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "e2e/test_control_plane.py",
+        ],
+        cwd=ROOT,
+        env=env_for(cluster_dir),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "started by `make dev`" in run.stdout + run.stderr
+    assert "make dev-down" in run.stdout + run.stderr
+    assert json.loads((cluster_dir / "state.json").read_text()) == state
