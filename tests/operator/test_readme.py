@@ -236,3 +236,22 @@ def test_the_blocks_that_can_run_here_run(tmp_path: Path) -> None:
         model["spec"]["model"]["sha256"]
         == __import__("hashlib").sha256((tmp_path / "models/mlp.onnx").read_bytes()).hexdigest()
     )
+
+
+def test_the_docs_objects_fit_the_crds() -> None:
+    """Every InferenceModel and QuotaPolicy written out in the README or docs/ is valid
+    under its CRD's schema (what `kubectl apply` checks before CEL)."""
+    schemas = {}
+    for crd_file in (ROOT / "crds").glob("*.yaml"):
+        crd = yaml.safe_load(crd_file.read_text())
+        schemas[crd["spec"]["names"]["kind"]] = crd["spec"]["versions"][0]["schema"][
+            "openAPIV3Schema"
+        ]
+    checked = 0
+    for doc in [README, *sorted((ROOT / "docs").glob("*.md"))]:
+        for block in re.findall(r"^```yaml\n(.*?)^```", doc.read_text(), re.M | re.S):
+            for obj in yaml.safe_load_all(block):
+                if isinstance(obj, dict) and obj.get("kind") in schemas:
+                    jsonschema.validate(obj, schemas[obj["kind"]])
+                    checked += 1
+    assert checked >= 2
