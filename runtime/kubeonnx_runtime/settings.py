@@ -12,13 +12,14 @@ from pydantic_settings import BaseSettings, CliSuppress, SettingsConfigDict
 VERSION_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$"
 # Secrets are taken from a variable or a file, never from a flag: a command line is seen by
 # every user of the machine (ps, /proc/PID/cmdline) and kept in shell histories.
-SECRET_FLAGS = ("--async-redis-password",)
+SECRET_FLAGS = ("--async-redis-password", "--mirror-secret")
 
 
 class ServeSettings(BaseSettings):
     """Settings of `kubeonnx serve`; flag `--model-uri` is variable `KUBEONNX_MODEL_URI`.
     Secrets are never flags: S3 keys are AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, the
-    Redis password KUBEONNX_ASYNC_REDIS_PASSWORD or a file (--async-redis-password-file)."""
+    Redis password KUBEONNX_ASYNC_REDIS_PASSWORD or a file (--async-redis-password-file), the
+    router's mirror secret KUBEONNX_MIRROR_SECRET."""
 
     model_config = SettingsConfigDict(
         env_prefix="KUBEONNX_",
@@ -96,10 +97,16 @@ class ServeSettings(BaseSettings):
     router_config: Path | None = Field(
         None, description="role router: its versions, weights, mirrors (JSON or YAML file)"
     )
-    mirror_secret: SecretStr | None = Field(
+    mirror_secret: CliSuppress[SecretStr | None] = Field(
         None,
         description="shared by the router and the versions' runtimes: a request bearing it in "
-        "X-Kubeonnx-Mirror is the router's mirrored copy, answered but charged no quota",
+        "X-Kubeonnx-Mirror is the router's mirrored copy, answered but charged no quota (the "
+        "variable KUBEONNX_MIRROR_SECRET only, never a flag)",
+    )
+    mirror_secret_file: Path | None = Field(
+        None,
+        description="file holding the mirror secret (a mounted Secret key), instead of "
+        "KUBEONNX_MIRROR_SECRET",
     )
     async_redis_url: str | None = Field(
         None, description="Redis holding the asynchronous request stream; unset: no async"
@@ -261,4 +268,10 @@ class ServeSettings(BaseSettings):
             except OSError as exc:
                 raise ValueError(f"cannot read the Redis password file: {exc}") from None
             self.async_redis_password = SecretStr(text)
+        if self.mirror_secret_file is not None:
+            try:
+                text = self.mirror_secret_file.read_text().strip()
+            except OSError as exc:
+                raise ValueError(f"cannot read the mirror secret file: {exc}") from None
+            self.mirror_secret = SecretStr(text)
         return self

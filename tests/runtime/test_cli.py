@@ -69,14 +69,25 @@ def test_serve_help_has_no_pydantic_metavars_and_no_password_flag() -> None:
     assert "null" not in out and "{str," not in out and "SecretStr" not in out, out
     assert not re.search(r"--async-redis-password(?!-file)", out), out
     assert "--async-redis-password-file" in out
+    # the router's mirror secret: the variable or a file only
+    assert not re.search(r"--mirror-secret(?!-file)", out), out
     assert "KUBEONNX_MODEL_URI" in out  # the variable behind each flag is named
     assert options_without_help(out) == []
 
 
-def test_a_password_on_the_command_line_is_refused_naming_the_variable() -> None:
-    code, _, err = run("serve", "--model-uri", "file:///m.onnx", "--async-redis-password=hunter2")
+@pytest.mark.parametrize(
+    ("flag", "variable"),
+    [
+        ("--async-redis-password", "KUBEONNX_ASYNC_REDIS_PASSWORD"),
+        ("--mirror-secret", "KUBEONNX_MIRROR_SECRET"),
+    ],
+)
+def test_a_password_on_the_command_line_is_refused_naming_the_variable(
+    flag: str, variable: str
+) -> None:
+    code, _, err = run("serve", "--model-uri", "file:///m.onnx", f"{flag}=hunter2")
     assert code == 2
-    assert "KUBEONNX_ASYNC_REDIS_PASSWORD" in err and "hunter2" not in err
+    assert variable in err and "hunter2" not in err
 
 
 def test_the_redis_password_is_read_from_a_file(tmp_path: Path) -> None:
@@ -216,3 +227,13 @@ def test_the_operators_deployments_ask_for_the_termination_log() -> None:
         assert container.get("terminationMessagePath", "/dev/termination-log") == (
             "/dev/termination-log"
         )
+
+
+def test_the_mirror_secret_is_read_from_a_file(tmp_path: Path) -> None:
+    from kubeonnx_runtime.settings import ServeSettings
+
+    secret = tmp_path / "mirror"
+    secret.write_text("s3cret\n")
+    settings = ServeSettings(_cli_parse_args=["--mirror-secret-file", str(secret)])
+    assert settings.mirror_secret is not None
+    assert settings.mirror_secret.get_secret_value() == "s3cret"

@@ -207,6 +207,7 @@ def test_mirrors_are_never_charged_and_clients_cannot_pass_for_one(
         json.dumps(
             {
                 "policy": "router-test",
+                "namespace": "default",
                 "tenants": [
                     {
                         "name": "acme",
