@@ -188,10 +188,15 @@ def test_twenty_watched_namespaces_keep_leadership_steady_and_reconciles_going(
             )
             # Leadership stayed put the whole time: the same holder, no transition, and the
             # operator never stopped leading (which it logs).
-            now = lease(cluster, name)
+            # Renewals went on (one every retry period, so wait for the next rather than
+            # assume the checks above took longer than one).
+            now = eventually(
+                lambda: (n := lease(cluster, name))["renewTime"] != holder["renewTime"] and n,
+                30,
+                what="a renewal of the Lease",
+            )
             assert now["holderIdentity"] == holder["holderIdentity"]
             assert now.get("leaseTransitions") == holder.get("leaseTransitions")
-            assert now["renewTime"] != holder["renewTime"]  # renewals went on
             assert "lost the Lease" not in op.logs()
             assert op.leads()
     finally:

@@ -6,6 +6,7 @@ keda at zero becomes hpa, and what the API server's refusals become in status.""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -198,17 +199,29 @@ def test_what_the_api_server_refuses_becomes_a_reason_in_status(
     try:
         for doc in policy:
             assert cluster.apply(doc, namespace).returncode == 0
+        # Probe with a server-side dry-run create: it always reaches admission and is never
+        # stored. (An apply of a stored probe would come back "unchanged" without asking the
+        # API server, so a probe created before the policy took effect never saw it.)
+        probe = json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": "probe"},
+                "spec": {"ports": [{"port": 80}]},
+            }
+        )
         eventually(
             lambda: (
                 "no Services here"
-                in cluster.apply(
-                    {
-                        "apiVersion": "v1",
-                        "kind": "Service",
-                        "metadata": {"name": "probe"},
-                        "spec": {"ports": [{"port": 80}]},
-                    },
+                in cluster.kubectl(
+                    "create",
+                    "--dry-run=server",
+                    "-n",
                     namespace,
+                    "-f",
+                    "-",
+                    input=probe,
+                    check=False,
                 ).stderr
             ),
             60,
