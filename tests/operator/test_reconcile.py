@@ -102,6 +102,27 @@ def reconciler(kube: FakeKube, observed: ObservedChildren | None = None) -> Reco
     return Reconciler(kube, OperatorConfig(), observed or ObservedChildren(), now=lambda: "t")  # type: ignore[arg-type]
 
 
+def observed_with_owned_ingress() -> ObservedChildren:
+    """A watch cache holding the model's Ingress, as an earlier reconcile left it."""
+    observed = ObservedChildren()
+    observed.record(
+        KEY,
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "Ingress",
+            "metadata": {
+                "name": "m",
+                "namespace": "ns",
+                "uid": "ingress-uid",
+                "ownerReferences": [{"uid": UID, "controller": True}],
+                "managedFields": [],
+            },
+        },
+        deleted=False,
+    )
+    return observed
+
+
 def ready(kube: FakeKube) -> dict[str, Any]:
     cond: dict[str, Any] = kube.statuses[-1]["conditions"][0]
     return cond

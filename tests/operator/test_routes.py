@@ -8,11 +8,16 @@ from typing import Any
 
 import pytest
 from kubeonnx_operator.config import OperatorConfig
-from kubeonnx_operator.observed import ObservedChildren
 from kubeonnx_operator.render.model import load_model
 from kubeonnx_operator.spec import InvalidSpec
 
-from tests.operator.test_reconcile import KEY, UID, FakeKube, body, ready, reconciler
+from tests.operator.test_reconcile import (
+    FakeKube,
+    body,
+    observed_with_owned_ingress,
+    ready,
+    reconciler,
+)
 
 # Each is a way past a prefix match or into a controller's configuration: nginx reads
 # ';', '{}', '$' and whitespace in a location; a regex-mode controller reads the
@@ -106,23 +111,8 @@ def test_render_refuses_them_too() -> None:
 
 async def test_a_hijacking_model_gets_no_ingress_and_loses_the_one_it_had() -> None:
     kube = FakeKube()
-    observed = ObservedChildren()
     # Made by an operator that did not check routes yet.
-    observed.record(
-        KEY,
-        {
-            "apiVersion": "networking.k8s.io/v1",
-            "kind": "Ingress",
-            "metadata": {
-                "name": "m",
-                "namespace": "ns",
-                "uid": "ingress-uid",
-                "ownerReferences": [{"uid": UID, "controller": True}],
-                "managedFields": [],
-            },
-        },
-        deleted=False,
-    )
+    observed = observed_with_owned_ingress()
     ingress = {"enabled": True, "host": "shared.example", "path": "/models/victim/their-model"}
     await reconciler(kube, observed).reconcile(body(ingress=ingress))
     assert not kube.applied

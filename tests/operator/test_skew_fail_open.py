@@ -7,13 +7,18 @@ QuotaPolicy) an unknown field is refused instead: fail closed."""
 from __future__ import annotations
 
 import pytest
-from kubeonnx_operator.observed import ObservedChildren
 from kubeonnx_operator.policy import PolicyReconciler
 from kubeonnx_operator.quota import read_policy
 from kubeonnx_operator.spec import InvalidSpec, RouteRefused, read_spec
 from kubeonnx_operator.status import FIELDS_IGNORED
 
-from tests.operator.test_reconcile import KEY, UID, FakeKube, body, ready, reconciler
+from tests.operator.test_reconcile import (
+    FakeKube,
+    body,
+    observed_with_owned_ingress,
+    ready,
+    reconciler,
+)
 from tests.operator.test_secrets import Clock, SecretsKube, policy, reason, reconcilers
 from tests.operator.test_skew import MODELS, _model_body, future
 
@@ -54,22 +59,7 @@ def test_an_unknown_field_under_spec_ingress_is_refused_not_ignored() -> None:
 
 async def test_a_model_with_an_ingress_field_it_does_not_know_loses_its_ingress() -> None:
     kube = FakeKube()
-    observed = ObservedChildren()
-    observed.record(
-        KEY,
-        {
-            "apiVersion": "networking.k8s.io/v1",
-            "kind": "Ingress",
-            "metadata": {
-                "name": "m",
-                "namespace": "ns",
-                "uid": "ingress-uid",
-                "ownerReferences": [{"uid": UID, "controller": True}],
-                "managedFields": [],
-            },
-        },
-        deleted=False,
-    )
+    observed = observed_with_owned_ingress()
     ingress = {**INGRESS, "allowedSourceRanges": ["10.0.0.0/8"]}
     await reconciler(kube, observed).reconcile(body(ingress=ingress))
     assert kube.deleted == [("Ingress", "m", "ingress-uid")]  # not served more openly
