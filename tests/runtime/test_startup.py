@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -184,6 +186,67 @@ def test_an_object_overwritten_during_download_is_never_mixed(
     )
     assert fetched.path.read_bytes() == v2
     assert fetched.sha256 == hashlib.sha256(v2).hexdigest()
+
+
+def test_an_s3_model_is_fetched_in_concurrent_ranged_parts(
+    s3, s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The download is parallel: the first PARALLEL_PARTS ranged GETs are all in flight at
+    once (each waits at a barrier until the others have arrived, so a serial download
+    breaks the barrier), and the parts cover the object once each, in PART_SIZE ranges."""
+    from kubeonnx_runtime import fetch
+
+    part = 8 * 1024
+    parts = 2 * fetch.PARALLEL_PARTS + 3  # more than one window of workers
+    body = os.urandom(parts * part - 100)  # the last part is short
+    s3.put_object(Bucket="models", Key="parallel/model.onnx", Body=body)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setattr(fetch, "PART_SIZE", part)
+    # Generous: it only waits for threads already started, however loaded the machine is.
+    together = threading.Barrier(fetch.PARALLEL_PARTS, timeout=60)
+    lock = threading.Lock()
+    ranges: list[str] = []
+    in_flight = {"now": 0, "most": 0}
+    real_client = fetch._s3_client
+
+    class CountingClient:
+        def __init__(self, client: object) -> None:
+            self._client = client
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self._client, name)
+
+        def get_object(self, **kwargs: object) -> object:
+            with lock:
+                first_wave = len(ranges) < fetch.PARALLEL_PARTS
+                ranges.append(str(kwargs["Range"]))
+                in_flight["now"] += 1
+                in_flight["most"] = max(in_flight["most"], in_flight["now"])
+            try:
+                if first_wave:
+                    together.wait()
+                return self._client.get_object(**kwargs)  # type: ignore[attr-defined]
+            finally:
+                with lock:
+                    in_flight["now"] -= 1
+
+    monkeypatch.setattr(fetch, "_s3_client", lambda o: CountingClient(real_client(o)))
+    fetched = fetch.fetch_model(
+        "s3://models/parallel/model.onnx",
+        tmp_path / "cache",
+        sha256=hashlib.sha256(body).hexdigest(),
+        s3=fetch.S3Options(endpoint=s3_endpoint, region="us-east-1"),
+    )
+    assert fetched.path.read_bytes() == body and fetched.downloaded_bytes == len(body)
+    assert in_flight["most"] == fetch.PARALLEL_PARTS > 1
+    spans = []
+    for r in ranges:
+        match = re.fullmatch(r"bytes=(\d+)-(\d+)", r)
+        assert match, r
+        spans.append((int(match[1]), int(match[2])))
+    spans.sort()
+    assert spans == [(o, min(o + part, len(body)) - 1) for o in range(0, len(body), part)]
 
 
 def test_a_model_that_cannot_run_on_ones_is_served_unwarmed_or_warmed_larger(
