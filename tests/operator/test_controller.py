@@ -12,14 +12,19 @@ from __future__ import annotations
 
 import asyncio
 import copy
+from pathlib import Path
 from typing import Any
 
 import httpx2
+from kubeonnx_operator.config import OperatorConfig
+from kubeonnx_operator.handlers import Controller
 from kubeonnx_operator.informer import Informer
 from kubeonnx_operator.leader import LeaderElector
 from kubeonnx_operator.workqueue import WorkQueue
 from lightkube import ApiError
 from lightkube.models.meta_v1 import Status
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def api_error(code: int, message: str = "") -> ApiError:
@@ -342,3 +347,49 @@ async def test_the_leader_releases_the_lease_on_a_clean_shutdown() -> None:
     await a.release()
     assert not a.holding()
     assert await b._try()  # at once: no 15 s wait
+
+
+def operators_elector(store: LeaseStore, identity: str, clock: Clock) -> LeaderElector:
+    """The elector the operator builds (its timings, not a test's), on the stand-in Lease."""
+    config = OperatorConfig(leader_election=True, lease_namespace="ops")
+    controller = Controller(
+        FakeClient(),  # type: ignore[arg-type]
+        config,
+        ["ns"],
+        lease_client=store.client_for(),
+        identity=identity,
+    )
+    assert controller.elector is not None
+    controller.elector.clock = clock
+    return controller.elector
+
+
+async def test_a_standby_takes_over_15_to_19_s_after_the_leaders_last_renewal() -> None:
+    """docs/reference.md (the chart) states the takeover interval; this computes it from the
+    operator's own elector. The leader renews every retry_s; a standby polls every retry_s
+    at any phase against those renewals, first sees the last renewal up to one retry after
+    it, and takes over at the first poll once the record has been unchanged for lease_s by
+    its own clock: lease_s to lease_s + 2 * retry_s after the last renewal."""
+    timings = operators_elector(LeaseStore(), "probe", Clock())
+    low, high = timings.lease_s, timings.lease_s + 2 * timings.retry_s
+    reference = " ".join((ROOT / "docs" / "reference.md").read_text().split())
+    assert f"{low:g}-{high:g} s after the leader's last renewal" in reference, (low, high)
+    retry = timings.retry_s
+    for phase in (0.0, 0.25, 0.5, 1.0, 1.5, 1.75, 1.99):  # the standby's poll after a renewal
+        store, clock = LeaseStore(), Clock()
+        a, b = operators_elector(store, "a", clock), operators_elector(store, "b", clock)
+        last_renewal = 3 * retry  # a renews at 0, 2, 4, 6 s, then dies
+        polls = [(k * retry, a) for k in range(4)]
+        polls += [(phase + k * retry, b) for k in range(40)]
+        took_over = None
+        for at, elector in sorted(polls, key=lambda p: (p[0], p[1] is b)):
+            clock.now = at
+            won = await elector._try()
+            if elector is a:
+                assert won
+            elif won:
+                took_over = at
+                break
+        assert took_over is not None, phase
+        assert store.lease is not None and store.lease["spec"]["holderIdentity"] == "b"
+        assert low <= took_over - last_renewal < high, (phase, took_over)
