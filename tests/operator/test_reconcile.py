@@ -267,11 +267,22 @@ async def test_an_invalid_spec_still_reports_the_replicas_that_serve() -> None:
 
 async def test_one_event_per_change_of_reason() -> None:
     kube = FakeKube()
-    rec = reconciler(kube)
+    observed = ObservedChildren()
+    rec = reconciler(kube, observed)
     b = body()
     await rec.reconcile(b)
     await rec.reconcile(b)
     assert [reason for _, reason, _ in kube.events] == ["Progressing"]
+    # The Deployment rolled out: the change of reason is an Event too, once.
+    gen = kube.live[("Deployment", "m")]["metadata"]["generation"]
+    observed.record(KEY, seen_deployment(gen, 1, owns_replicas=False), deleted=False)
+    await rec.reconcile(b)
+    await rec.reconcile(b)
+    assert ready(kube)["reason"] == "Ready"
+    assert [(kind, reason) for kind, reason, _ in kube.events] == [
+        ("Normal", "Progressing"),
+        ("Normal", "Ready"),
+    ]
 
 
 async def test_children_no_longer_rendered_are_pruned_by_uid() -> None:

@@ -45,6 +45,20 @@ def test_ready_when_rolled_out_and_ready() -> None:
 def test_old_pods_still_present_is_progressing() -> None:
     v = derive_verdict(deployment(desired=2, ready=2, updated=1, total=3), [], min_replicas=1)
     assert (v.ready, v.reason) == (False, "Progressing")
+    assert v.message == "2/2 replicas ready, 1/2 updated"  # MESSAGE counts them
+
+
+def test_a_rollout_past_its_deadline_carries_the_deployments_message() -> None:
+    msg = 'ReplicaSet "m-5d8f" has timed out progressing.'
+    late = {
+        "type": "Progressing",
+        "status": "False",
+        "reason": "ProgressDeadlineExceeded",
+        "message": msg,
+    }
+    d = deployment(desired=2, ready=1, updated=1, total=2, conditions=[late])
+    v = derive_verdict(d, [], min_replicas=2)
+    assert (v.ready, v.reason, v.message) == (False, "ProgressDeadlineExceeded", msg)
 
 
 def test_deployment_not_yet_observed_is_progressing() -> None:
