@@ -199,3 +199,42 @@ async def test_a_missing_secret_or_config_map_is_named_before_any_pod_needs_it(
     looked = len(kube.lookups)
     await reconcile.reconcile(body(**spec))  # an idle resync: found once, not asked again
     assert len(kube.lookups) == looked
+
+
+def test_kubectl_get_im_shows_the_readmes_columns() -> None:
+    """README's `kubectl get im` sample is the CRD's printer columns; `-o wide` adds MESSAGE."""
+    readme = (ROOT / "README.md").read_text()
+    header = next(line for line in readme.splitlines() if line.startswith("# NAME "))
+    crd = yaml.safe_load((ROOT / "crds" / "inferencemodels.kubeonnx.io.yaml").read_text())
+    columns = crd["spec"]["versions"][0]["additionalPrinterColumns"]
+    default = ["NAME"] + [c["name"].upper() for c in columns if not c.get("priority")]
+    assert header.split()[1:] == default
+    wide = [c for c in columns if c.get("priority")]
+    assert [(c["name"], c["priority"]) for c in wide] == [("Message", 1)]
+    by_name = {c["name"]: c["jsonPath"] for c in columns}
+    assert by_name["Ready"] == '.status.conditions[?(@.type=="Ready")].status'
+    assert by_name["Reason"] == '.status.conditions[?(@.type=="Ready")].reason'
+    assert by_name["Message"] == '.status.conditions[?(@.type=="Ready")].message'
+    assert by_name["Mode"] == ".status.mode" and by_name["URL"] == ".status.url"
+
+
+IMAGE = {"input": {"image": {"size": [32, 32]}}, "output": {"classification": {"topK": 1}}}
+QUEUE = {"enabled": True, "redis": {"url": "redis://r:6379/0"}}
+
+
+@pytest.mark.parametrize(
+    ("extra", "mode"),
+    [
+        ({}, "sync"),
+        ({"async": QUEUE}, "async"),
+        ({"processing": IMAGE}, "image"),
+        ({"async": QUEUE, "processing": IMAGE}, "async,image"),
+    ],
+)
+async def test_mode_names_the_extra_ways_the_model_is_served(
+    extra: dict[str, Any], mode: str
+) -> None:
+    assert parse_spec({"model": URI, **extra}).mode == mode
+    kube = FakeKube()
+    await reconciler(kube).reconcile(body(**extra))
+    assert kube.statuses[-1]["mode"] == mode  # what MODE shows
