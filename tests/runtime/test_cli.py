@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import yaml
@@ -237,3 +238,21 @@ def test_the_mirror_secret_is_read_from_a_file(tmp_path: Path) -> None:
     settings = ServeSettings(_cli_parse_args=["--mirror-secret-file", str(secret)])
     assert settings.mirror_secret is not None
     assert settings.mirror_secret.get_secret_value() == "s3cret"
+
+
+def test_a_runtime_started_alone_is_asked_as_the_readme_does(
+    serve, models: dict[str, Path], tmp_path: Path
+) -> None:
+    """README (Calling a model): a runtime started without --model-name serves its model as
+    `model`, and `kubeonnx infer URL rows.npy` (no --model) reaches it; the quickstart's
+    `mlp` takes FP32 [-1,4] named `input` and answers FP32 [-1,3]."""
+    served = serve("--model-uri", f"file://{models['mlp']}")
+    meta = httpx.get(f"{served.url}/v2/models/model").json()
+    assert meta["name"] == "model"
+    assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 4]}]
+    assert [(o["datatype"], o["shape"]) for o in meta["outputs"]] == [("FP32", [-1, 3])]
+    rows = tmp_path / "rows.npy"
+    np.save(rows, np.ones((2, 4), np.float32))
+    code, out, err = run("infer", served.url, str(rows))
+    assert code == 0, err
+    assert "model model version 1" in out and re.search(r"FP32 \[2, 3\]", out), out
