@@ -18,6 +18,7 @@ import yaml
 from kubeonnx_runtime import cli as serve_cli
 from kubeonnx_runtime.client import endpoint
 from kubeonnx_runtime.settings import ServeSettings
+from pydantic import ValidationError
 
 from e2e.generate_images import generate as generate_images
 from tests.runtime.conftest import KUBEONNX, Served
@@ -256,3 +257,61 @@ def test_a_runtime_started_alone_is_asked_as_the_readme_does(
     code, out, err = run("infer", served.url, str(rows))
     assert code == 0, err
     assert "model model version 1" in out and re.search(r"FP32 \[2, 3\]", out), out
+
+
+def test_every_serve_flag_is_also_its_variable_and_the_help_names_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """README (Calling a model): every flag is also a KUBEONNX_* variable, and `kubeonnx
+    serve --help` names each. For every setting, a value the flag takes (other than the
+    default) set as the variable gives the same setting."""
+    code, out, _ = run("serve", "--help")
+    assert code == 0
+    options = out.split("options:", 1)[1]
+    flags = sorted(set(re.findall(r"^  (--[a-z0-9-]+)", options, re.M)) - {"--help"})
+    for flag in flags:
+        variable = "KUBEONNX_" + flag[2:].replace("-", "_").upper()
+        named = options.split(f"\n  {flag} ", 1)[1].split("\n  -", 1)[0]
+        assert f"[env: {variable}]" in " ".join(named.split()), flag
+    secrets = {f[2:].replace("-", "_") for f in serve_cli.SECRET_FLAGS}
+    fields = set(ServeSettings.model_fields) - secrets  # secrets are never flags
+    assert {f[2:].replace("-", "_") for f in flags} == fields
+
+    existing = tmp_path / "file"
+    existing.write_text("x")
+    candidates = ["7", "0.25", "30", "123456789", "a" * 64, "abc", str(existing), "/p"]
+    candidates += ["cuda", "gateway", "debug"]
+    unchecked = set(fields)
+    for name in sorted(fields):
+        default = ServeSettings.model_fields[name].default
+        for value in candidates:
+            flag = "--" + name.replace("_", "-")
+            try:
+                by_flag = getattr(ServeSettings(_cli_parse_args=[flag, value]), name)
+            except (ValidationError, SystemExit):
+                continue
+            if by_flag == default:
+                continue
+            with monkeypatch.context() as env:
+                env.setenv("KUBEONNX_" + name.upper(), value)
+                by_variable = getattr(ServeSettings(_cli_parse_args=[]), name)
+            assert by_variable == by_flag, (name, value)
+            unchecked.discard(name)
+            break
+    assert unchecked == set()
+
+
+def test_render_with_pod_monitor_adds_the_pod_monitor_the_readme_shows() -> None:
+    """README (Serving a model): `kubeonnx render -f examples/gpu-keda.yaml -n vision
+    --pod-monitor` shows what the operator would create, a PodMonitor included."""
+    example = str(Path(__file__).resolve().parents[2] / "examples" / "gpu-keda.yaml")
+    kinds = {}
+    for extra in ((), ("--pod-monitor",)):
+        code, out, err = run("render", "-f", example, "-n", "vision", *extra)
+        assert code == 0, err
+        docs = list(yaml.safe_load_all(out))
+        assert {d["metadata"]["namespace"] for d in docs} == {"vision"}
+        kinds[extra] = sorted(d["kind"] for d in docs)
+    assert "PodMonitor" not in kinds[()]
+    assert kinds[("--pod-monitor",)] == sorted([*kinds[()], "PodMonitor"])
+    assert {"Deployment", "Service", "ScaledObject", "Ingress"} <= set(kinds[()])
