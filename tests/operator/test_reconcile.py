@@ -485,3 +485,22 @@ async def test_failure_mode_local_shares_the_limits_among_the_gateway_replicas_t
         assert config["replicas"] == admitting
         # What all of them together admit while Redis is down stays within the limit.
         assert admitting * (limit // config["replicas"]) <= limit
+
+
+async def test_a_model_scaled_to_zero_is_ready_and_says_what_wakes_it() -> None:
+    """README's reason table: ScaledToZero, READY True, MESSAGE says what wakes the model."""
+    kube = FakeKube()
+    observed = ObservedChildren()
+    rec = reconciler(kube, observed)
+    scaling = {"autoscaler": "keda", "minReplicas": 0, "maxReplicas": 2}
+    model = body(**{"async": ASYNC}, scaling=scaling)
+    await rec.reconcile(model)
+    gen = kube.live[("Deployment", "m")]["metadata"]["generation"]
+    observed.record(KEY, seen_deployment(gen, 0, owns_replicas=False), deleted=False)
+    observed.record(KEY, seen_gateway(1, "NewReplicaSetAvailable"), deleted=False)
+    await rec.reconcile(model)
+    cond = ready(kube)
+    assert (cond["status"], cond["reason"]) == ("True", "ScaledToZero")
+    assert cond["message"] == (
+        "scaled to zero; KEDA wakes it when requests are queued in kubeonnx:{ns/m}:requests"
+    )
