@@ -332,3 +332,19 @@ async def test_an_existence_check_asks_for_metadata_and_never_keeps_a_key(api: s
         assert _SecretsAPI.accepts and set(_SecretsAPI.accepts) == {PARTIAL_METADATA}
     finally:
         await client.close()
+
+
+async def test_a_policy_that_cannot_be_read_keeps_its_models_unapplied_until_it_can() -> None:
+    """README's reason table: QuotaPolicyInvalid, and nothing applied until it can be read."""
+    kube = SecretsKube({"key-0"})
+    qp = policy(1)
+    qp["spec"]["tenants"][0]["name"] = "default"  # reserved: the policy cannot be read
+    models, _ = reconcilers(kube, qp, Clock())
+    await models.reconcile(metered("a"))
+    got, message = reason(kube.statuses[-1])
+    assert got == "QuotaPolicyInvalid" and "'default' is reserved" in message, message
+    assert kube.applied == []
+    qp["spec"]["tenants"][0]["name"] = "t0"  # fixed: the model is served
+    await models.reconcile(metered("a"))
+    assert reason(kube.statuses[-1])[0] != "QuotaPolicyInvalid"
+    assert {m["kind"] for _, m in kube.applied} >= {"ConfigMap", "Deployment"}
