@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -126,7 +127,9 @@ def pump(proc: subprocess.Popen[str], lines: list[str]) -> None:
         lines.append(line)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP], ids=["ctrl-c", "hangup"])
+@pytest.mark.parametrize(
+    "sig", [signal.SIGINT, signal.SIGHUP, signal.SIGTERM], ids=["ctrl-c", "hangup", "kill"]
+)
 def test_demo_interrupted_stops_everything_it_started(tmp_path: Path, sig: int) -> None:
     cluster_dir = tmp_path / "cluster"
     # Its own session, signalled as a group: what a terminal does on Ctrl-C or on closing.
@@ -159,7 +162,10 @@ def test_demo_interrupted_stops_everything_it_started(tmp_path: Path, sig: int) 
         text = "".join(lines)
         assert "Ready means scheduled" in text and "local process" in text, text
         assert "$ kubectl apply --server-side -f" in text, text
-        os.killpg(demo.pid, sig)
+        if sig == signal.SIGTERM:
+            os.kill(demo.pid, sig)  # `kill PID`: the demo alone
+        else:
+            os.killpg(demo.pid, sig)
         rc = demo.wait(180)
     finally:
         if demo.poll() is None:
@@ -172,6 +178,44 @@ def test_demo_interrupted_stops_everything_it_started(tmp_path: Path, sig: int) 
     assert not (cluster_dir / "state.json").exists()
     assert not work.exists() and not Path(str(state["data_dir"])).exists()
     assert processes_naming(str(cluster_dir), str(state["data_dir"]), str(work)) == []
+
+
+def test_the_demo_answers_then_refuses_the_fourth_request_and_stops(tmp_path: Path) -> None:
+    """README (Try it without a cluster): `make demo` prints an inference answer, then puts
+    the model under a QuotaPolicy of 3 requests a minute and shows the fourth refused (429
+    with Retry-After and the budget headers), then `kubectl get inferencemodels,
+    quotapolicies`; off a terminal it stops everything when it ends."""
+    cluster_dir = tmp_path / "cluster"
+    demo = subprocess.run(
+        [sys.executable, "-m", "e2e.demo"],
+        cwd=ROOT,
+        env=env_for(cluster_dir),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    out = demo.stdout
+    assert demo.returncode == 0, out + demo.stderr
+    (answer,) = [line.split("answer:", 1)[1] for line in out.splitlines() if "answer:" in line]
+    (output,) = json.loads(answer)["outputs"]
+    assert output["shape"] == [2, 3] and len(output["data"]) == 6, answer
+    requests = {}
+    for line in out.splitlines():
+        match = re.fullmatch(r"\s+request (\d): (\d{3}) (\{.*\})", line)
+        if match:
+            requests[int(match[1])] = (int(match[2]), json.loads(match[3]))
+    assert [requests[n][0] for n in (1, 2, 3, 4)] == [200, 200, 200, 429], out
+    assert [requests[n][1]["x-ratelimit-remaining"] for n in (1, 2, 3, 4)] == ["2", "1", "0", "0"]
+    refused = requests[4][1]
+    assert 0 < int(refused["retry-after"]) <= 60, refused
+    assert "is over its limit of 3 requests per 1m" in out, out
+    assert {"ratelimit", "x-ratelimit-reset"} <= set(refused), refused
+    listed = out.split("kubectl get inferencemodels,quotapolicies -A", 1)[1]
+    assert "inferencemodel.kubeonnx.io/" in listed and "quotapolicy.kubeonnx.io/" in listed, out
+    assert not (cluster_dir / "state.json").exists()
+    assert processes_naming(str(cluster_dir)) == []
 
 
 def test_demo_without_go_says_what_to_install_in_one_line(tmp_path: Path) -> None:
