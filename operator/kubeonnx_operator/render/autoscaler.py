@@ -40,11 +40,13 @@ def render_hpa(model: Model) -> dict[str, Any]:
     }
 
 
-def inflight_query(model: Model) -> str:
-    """The PromQL that KEDA scales on: the runtime's in-flight gauge, summed over replicas."""
+def inflight_query(model: Model, deployment: str | None = None) -> str:
+    """The PromQL that KEDA scales on: the runtime's in-flight gauge, summed over replicas
+    (of one Deployment's pods, by name, when the model has several versions)."""
+    pods = f',pod=~"{deployment}-[a-z0-9]+-[a-z0-9]+"' if deployment else ""
     return (
-        f'sum(kubeonnx_inflight_requests{{namespace="{model.namespace}",model="{model.name}"}})'
-        " or vector(0)"
+        f'sum(kubeonnx_inflight_requests{{namespace="{model.namespace}",model="{model.name}"'
+        f"{pods}}}) or vector(0)"
     )
 
 
