@@ -11,7 +11,7 @@ import pytest
 
 from e2e.conftest import Cluster, eventually
 from e2e.operator_process import OperatorProcess
-from e2e.test_operator import prepare_namespace, ready, resyncs
+from e2e.test_operator import prepare_namespace, ready, resyncs, until_reason
 
 pytestmark = pytest.mark.e2e
 MODEL_LABEL = "kubeonnx.io/inferencemodel"
@@ -171,13 +171,16 @@ def test_an_idle_resync_writes_nothing_with_candidates(
     prepare_namespace(cluster, namespace)
     doc = model("idle", candidate("idle", "2", weight=20, mirrorPercent=10))
     apply(cluster, doc, namespace)
+    # Mirrored: nothing is applied until the user makes the mirror Secret.
+    cond = until_reason(cluster, namespace, "idle", "MirrorSecretNotFound")
+    assert "'idle-mirror'" in cond["message"]
+    assert cluster.get("deployment", "idle", "-n", namespace) is None
+    cluster.create_secret("idle-mirror", namespace, {"secret": "s" * 32})
     eventually(
         lambda: (v := versions(cluster, namespace, "idle")) and v[-1]["weight"] == 20,
         90,
         what="the candidate serving",
     )
-    secret = cluster.get("secret", "idle-mirror", "-n", namespace)
-    assert secret and secret["metadata"]["ownerReferences"][0]["name"] == "idle"
     router = cluster.get("deployment", "idle-router", "-n", namespace) or {}
     env = {e["name"]: e for e in router["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["KUBEONNX_MIRROR_SECRET"]["valueFrom"]["secretKeyRef"]["name"] == "idle-mirror"

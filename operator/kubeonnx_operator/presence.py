@@ -67,10 +67,6 @@ class SecretPresence:
         self._known[key] = (exists, self.clock())
         return exists
 
-    def remember(self, namespace: str, name: str, kind: str = "Secret") -> None:
-        """`name` exists now (the operator just made it)."""
-        self._known[(namespace, name, kind)] = (True, self.clock())
-
     def recheck_missing(self, namespace: str) -> None:
         """Ask again about the namespace's missing Secrets at the next reconcile (a policy
         there changed, perhaps because its Secrets were just created)."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import secrets
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -188,8 +187,6 @@ class Reconciler:
             return
 
         owner = owner_reference(body)
-        if mirrored(model):
-            await self._mirror_secret(model, owner)
         self.stable_names[key] = stable_name
         rendered: set[tuple[str, str, str]] = set()
         problem: Verdict | None = None
@@ -265,32 +262,11 @@ class Reconciler:
             ]
         )
 
-    async def _mirror_secret(self, model: Model, owner: dict[str, Any]) -> None:
-        """Make the Secret holding the router's mirror secret, once: never rewritten (its
-        value is in the pods' environment), removed with the model."""
-        name = mirror_secret_name(model)
-        if await self.secrets.exists(model.namespace, name):
-            return
-        await self.kube.apply(
-            {
-                "apiVersion": "v1",
-                "kind": "Secret",
-                "metadata": {
-                    "name": name,
-                    "namespace": model.namespace,
-                    "labels": model.labels,
-                    "ownerReferences": [owner],
-                },
-                "type": "Opaque",
-                "stringData": {MIRROR_KEY: secrets.token_urlsafe(32)},
-            }
-        )
-        self.secrets.remember(model.namespace, name)
-
     async def _missing_reference(self, model: Model) -> Verdict | None:
         """The verdict naming the S3 credentials Secret or labels ConfigMap the spec names
-        and the namespace lacks, asked by name for metadata alone and remembered as the
-        tenants' Secrets are (`presence`): an idle resync reads nothing."""
+        and the namespace lacks (or the mirror Secret a mirrored candidate needs), asked by
+        name for metadata alone and remembered as the tenants' Secrets are (`presence`): an
+        idle resync reads nothing."""
         spec, namespace = model.spec, model.namespace
         wanted: list[tuple[str, str, ModelReason, str]] = []
         if spec.model.s3.credentials_secret:
@@ -298,6 +274,11 @@ class Reconciler:
             wanted.append(
                 ("Secret", secret, "CredentialsSecretNotFound", "spec.model.s3.credentialsSecret")
             )
+        for i, c in enumerate(spec.traffic.candidates):
+            if c.model.s3.credentials_secret:
+                field = f"spec.traffic.candidates[{i}].model.s3.credentialsSecret"
+                secret = c.model.s3.credentials_secret
+                wanted.append(("Secret", secret, "CredentialsSecretNotFound", field))
         output = spec.processing.output if spec.processing else None
         if output is not None and output.labels is not None:
             which = "detection" if output.detection is not None else "classification"
@@ -309,6 +290,16 @@ class Reconciler:
                     False,
                     reason,
                     f"{field} names {kind} {ref!r}, which namespace {namespace} lacks",
+                )
+        if mirrored(model):
+            name = mirror_secret_name(model)
+            if not await self.secrets.exists(namespace, name):
+                return Verdict(
+                    False,
+                    "MirrorSecretNotFound",
+                    f"spec.traffic.candidates[].mirrorPercent needs Secret {name!r} (key "
+                    f"{MIRROR_KEY!r}: a random token that marks the router's copies), which "
+                    f"namespace {namespace} lacks",
                 )
         return None
 

@@ -496,9 +496,9 @@ class RouteRefused(InvalidSpec):
 def _describe(exc: ValidationError) -> str:
     problems = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"])
+        loc = tuple(err["loc"])
         msg = re.sub(r"^Value error, ", "", err["msg"])
-        problems.append(f"spec.{loc}: {msg}" if loc and not msg.startswith("spec.") else msg)
+        problems.append(f"{_where(loc)}: {msg}" if loc and not msg.startswith("spec.") else msg)
     return "; ".join(problems)
 
 

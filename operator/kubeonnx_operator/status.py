@@ -34,6 +34,7 @@ ModelReason = Literal[
     "QuotaPolicyInvalid",
     "CredentialsSecretNotFound",
     "LabelsConfigMapNotFound",
+    "MirrorSecretNotFound",
     "GatewayNotReady",
     "ChildConflict",
     "ReconcileError",

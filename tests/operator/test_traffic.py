@@ -141,9 +141,12 @@ def test_the_router_file_is_the_runtimes_contract(tmp_path: Any) -> None:
     assert container["args"][:4] == ["serve", "--role", "router", "--router-config"]
     mount = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}["router"]
     assert container["args"][4] == f"{mount}/router.json"
-    # A mirror: the router and every candidate get the secret from the Secret NAME-mirror.
+    # A mirror: the router and every candidate get the secret from the Secret NAME-mirror
+    # (the router needs it; a version starts without it, and then charges copies).
     secret = {"secretKeyRef": {"name": "mlp-mirror", "key": "secret", "optional": True}}
-    assert env(router)["KUBEONNX_MIRROR_SECRET"] == secret
+    assert env(router)["KUBEONNX_MIRROR_SECRET"] == {
+        "secretKeyRef": {"name": "mlp-mirror", "key": "secret"}
+    }
     assert env(got[("Deployment", "mlp-v2")])["KUBEONNX_MIRROR_SECRET"] == secret
     assert env(got[("Deployment", "mlp-v3")])["KUBEONNX_MIRROR_SECRET"] == secret
     without = children(raw(candidate("2", weight=10)))
@@ -324,11 +327,19 @@ async def test_status_versions_and_an_idle_reconcile_writes_nothing() -> None:
     kube.metadata = metadata  # type: ignore[method-assign]
     observed = ObservedChildren()
     rec = reconciler(kube, observed)
+    rec.secrets.clock = lambda: 0.0  # a missing Secret is asked about again at once
     im = body(traffic={"candidates": [candidate("2", weight=10, mirrorPercent=5)]})
+    # Mirrored: nothing is applied until the mirror Secret exists (the operator writes none).
     await rec.reconcile(im)
-    secrets = [m for _, m in kube.applied if m["kind"] == "Secret"]
-    assert [s["metadata"]["name"] for s in secrets] == ["m-mirror"]
-    assert len(secrets[0]["stringData"]["secret"]) >= 32
+    assert kube.applied == []
+    (condition,) = kube.statuses[-1]["conditions"]
+    assert condition["reason"] == "MirrorSecretNotFound"
+    assert "'m-mirror'" in condition["message"] and "mirrorPercent" in condition["message"]
+    made.add("m-mirror")
+    rec.secrets.recheck_missing("ns")
+    im["status"] = kube.statuses[-1]
+    await rec.reconcile(im)
+    assert not any(m["kind"] == "Secret" for _, m in kube.applied)
     # The watch shows what was applied: the stable ready, the candidate not yet.
     for (kind, _), live in kube.live.items():
         if kind != "Secret":

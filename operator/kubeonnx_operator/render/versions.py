@@ -170,10 +170,13 @@ def mirror_secret_name(model: Model) -> str:
     return f"{model.name}{MIRROR_SUFFIX}"
 
 
-def mirror_env(model: Model) -> dict[str, Any]:
-    """The mirror secret, from the Secret the operator makes when a candidate is mirrored.
-    Optional: a version's pods start without it (then no copy reaches them uncharged)."""
-    ref = {"name": mirror_secret_name(model), "key": MIRROR_KEY, "optional": True}
+def mirror_env(model: Model, optional: bool = True) -> dict[str, Any]:
+    """The mirror secret, from Secret NAME-mirror (made by the user: the operator writes no
+    Secret), which the reconciler requires while a candidate is mirrored. Optional for the
+    versions: their pods start without it (then they charge a copy as any request)."""
+    ref: dict[str, Any] = {"name": mirror_secret_name(model), "key": MIRROR_KEY}
+    if optional:
+        ref["optional"] = True
     return {"name": MIRROR_ENV, "valueFrom": {"secretKeyRef": ref}}
 
 
@@ -292,7 +295,7 @@ def render_router(
         ]
     )
     if mirrored(model):
-        env.append(mirror_env(model))
+        env.append(mirror_env(model, optional=False))
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": config.runtime_image,
