@@ -407,3 +407,19 @@ def test_status_versions_is_documented_for_the_printer_columns() -> None:
         "deployment",
     }
     assert "phase" in status["rollout"]["properties"]
+
+
+async def test_a_candidates_missing_credentials_secret_is_named() -> None:
+    kube = FakeKube()
+
+    async def metadata(kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        return None if name == "v2-creds" else {"kind": "PartialObjectMetadata"}
+
+    kube.metadata = metadata  # type: ignore[method-assign]
+    source = {"uri": "s3://b/2.onnx", "s3": {"credentialsSecret": "v2-creds"}}
+    im = body(traffic={"candidates": [{"version": "2", "model": source}]})
+    await reconciler(kube).reconcile(im)
+    assert kube.applied == []
+    (condition,) = kube.statuses[-1]["conditions"]
+    assert condition["reason"] == "CredentialsSecretNotFound"
+    assert "spec.traffic.candidates[0].model.s3.credentialsSecret" in condition["message"]
