@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .render.model import FIELD_MANAGER, GATEWAY_SUFFIX, ROUTER_SUFFIX
-from .render.versions import VERSION_LABEL
+from .render.versions import VERSION_LABEL, VERSION_OF_LABEL
 
 Key = tuple[str, str]  # namespace, owner name
 
@@ -56,8 +56,14 @@ class ChildRef:
 
 def _slim_pod(pod: dict[str, Any]) -> dict[str, Any]:
     status = pod.get("status") or {}
+    meta = pod.get("metadata", {})
+    labels = meta.get("labels") or {}
     return {
-        "metadata": {"creationTimestamp": pod.get("metadata", {}).get("creationTimestamp")},
+        "metadata": {
+            "creationTimestamp": meta.get("creationTimestamp"),
+            # Which version's Deployment it is of: None for the first stable's (see versions).
+            "version": labels.get(VERSION_LABEL) if VERSION_OF_LABEL in labels else None,
+        },
         "status": {
             k: status[k] for k in ("phase", "conditions", "containerStatuses") if k in status
         },
@@ -144,5 +150,8 @@ class ObservedChildren:
     def children(self, owner: Key) -> list[ChildRef]:
         return list(self._children.get(owner, {}).values())
 
-    def pods(self, owner: Key) -> list[dict[str, Any]]:
-        return list(self._pods.get(owner, {}).values())
+    def pods(self, owner: Key, version: str | None = None) -> list[dict[str, Any]]:
+        """The pods of one Deployment of the model: the first stable's (`version` None, as
+        it always was), or the one of `version` that selects by version."""
+        pods = self._pods.get(owner, {}).values()
+        return [p for p in pods if p["metadata"].get("version") == version]

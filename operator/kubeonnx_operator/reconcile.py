@@ -237,10 +237,9 @@ class Reconciler:
         for gone in set(self.applied_deployments.get(key, {})) - kept:
             del self.applied_deployments[key][gone]
 
-        # The pods watched are those of the Deployment named after the model (the others'
-        # carry no kubeonnx.io/inferencemodel label): they name the stable's problems only
-        # while it is that Deployment.
-        pods = self.observed.pods((namespace, name)) if stable_name == name else []
+        # The stable's pods (by the label its Deployment selects on).
+        stable = placed[0]
+        pods = self.observed.pods(key, None if stable.first else stable.version)
         verdict = derive_verdict(
             deployment, pods, model.spec.scaling.min_replicas, model.wake_signal()
         )

@@ -423,3 +423,56 @@ async def test_a_candidates_missing_credentials_secret_is_named() -> None:
     (condition,) = kube.statuses[-1]["conditions"]
     assert condition["reason"] == "CredentialsSecretNotFound"
     assert "spec.traffic.candidates[0].model.s3.credentialsSecret" in condition["message"]
+
+
+def crashing_pod(labels: dict[str, str], uid: str) -> dict[str, Any]:
+    state = {"waiting": {"reason": "CrashLoopBackOff"}}
+    last = {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"uid": uid, "namespace": "ns", "labels": labels, "creationTimestamp": "t"},
+        "status": {
+            "containerStatuses": [
+                {"name": "runtime", "restartCount": 4, "state": state, "lastState": last}
+            ]
+        },
+    }
+
+
+async def test_the_stables_pods_name_its_problems_whichever_deployment_it_is() -> None:
+    kube = FakeKube()
+    observed = ObservedChildren()
+    rec = reconciler(kube, observed)
+    im = body(model={"uri": "s3://b/m.onnx", "version": "2"})
+    await rec.reconcile(im)
+    # As after a promotion: the Deployment of version 2 is m-v2.
+    promoted = watched(kube, "m", ready=0)
+    promoted["metadata"].update(name="m-v2", uid="m-v2-uid")
+    promoted["metadata"]["labels"]["kubeonnx.io/version"] = "2"
+    observed.record(("ns", "m"), promoted, deleted=False)
+    # A candidate's crashing pod (version 3) is not the stable's problem ...
+    candidate_pod = crashing_pod({VERSION_OF_LABEL: "m", VERSION_LABEL: "3"}, "p3")
+    observed.record(("ns", "m"), candidate_pod, deleted=False)
+    im["status"] = kube.statuses[-1]
+    await rec.reconcile(im)
+    assert rec.stable_names[("ns", "m")] == "m-v2"
+    assert kube.statuses[-1]["conditions"][0]["reason"] == "Progressing"
+    # ... the stable's own is, though its pods carry no kubeonnx.io/inferencemodel label.
+    stable_pod = crashing_pod({VERSION_OF_LABEL: "m", VERSION_LABEL: "2"}, "p2")
+    observed.record(("ns", "m"), stable_pod, deleted=False)
+    im["status"] = kube.statuses[-1]
+    await rec.reconcile(im)
+    assert kube.statuses[-1]["conditions"][0]["reason"] == "CrashLoop"
+
+
+def test_a_versions_pods_are_watched_as_the_models() -> None:
+    from kubeonnx_operator.config import OperatorConfig as Config
+    from kubeonnx_operator.handlers import VERSION_POD_SELECTOR, Controller
+
+    controller = Controller(None, Config(leader_election=False), ["ns"])  # type: ignore[arg-type]
+    pod_watches = [i.labels for i in controller.informers if i.kind == "Pod"]
+    assert VERSION_POD_SELECTOR in pod_watches and len(pod_watches) == 2
+    controller._child_event("ADDED", crashing_pod({VERSION_OF_LABEL: "m", VERSION_LABEL: "2"}, "p"))
+    assert len(controller.observed.pods(("ns", "m"), "2")) == 1
+    assert controller.observed.pods(("ns", "m")) == []
