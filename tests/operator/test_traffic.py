@@ -206,7 +206,7 @@ def test_the_async_queue_is_the_stables_alone() -> None:
     assert triggers == {"mlp": ["inflight", "queue"], "mlp-v2": ["inflight"]}
     # Each version scales on its own pods' in-flight requests.
     query = got[("ScaledObject", "mlp-v2")]["spec"]["triggers"][0]["metadata"]["query"]
-    assert 'pod=~"mlp-v2-[a-z0-9]+-[a-z0-9]+"' in query
+    assert 'model="mlp",version="2"}' in query
 
 
 def test_promotion_keeps_the_candidates_deployment_as_it_is() -> None:

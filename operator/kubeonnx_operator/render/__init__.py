@@ -77,7 +77,7 @@ def _version_children(
         if several:  # every version's runtimes report model=NAME: count this one's alone
             for trigger in scaled["spec"]["triggers"]:
                 if trigger["name"] == "inflight":
-                    trigger["metadata"]["query"] = inflight_query(version, placed.deployment)
+                    trigger["metadata"]["query"] = inflight_query(version, placed.version)
         children["autoscaler"] = scaled
     if scaling.max_replicas > 1:
         children["pdb"] = render_pdb(version)

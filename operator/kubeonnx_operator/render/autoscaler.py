@@ -40,13 +40,13 @@ def render_hpa(model: Model) -> dict[str, Any]:
     }
 
 
-def inflight_query(model: Model, deployment: str | None = None) -> str:
+def inflight_query(model: Model, version: str | None = None) -> str:
     """The PromQL that KEDA scales on: the runtime's in-flight gauge, summed over replicas
-    (of one Deployment's pods, by name, when the model has several versions)."""
-    pods = f',pod=~"{deployment}-[a-z0-9]+-[a-z0-9]+"' if deployment else ""
+    (of one version's, when the model has several: every runtime series has `version`)."""
+    only = f',version="{version}"' if version else ""
     return (
         f'sum(kubeonnx_inflight_requests{{namespace="{model.namespace}",model="{model.name}"'
-        f"{pods}}}) or vector(0)"
+        f"{only}}}) or vector(0)"
     )
 
 
