@@ -63,6 +63,17 @@ def ingress(path: str) -> dict[str, Any]:
 
 TWICE = [{"unit": "requests", "limit": 1, "window": "1m"}] * 2
 
+
+def candidate(version: str = "2", **fields: Any) -> dict[str, Any]:
+    return {"version": version, "model": {"uri": "s3://models/m/v2/model.onnx"}, **fields}
+
+
+def traffic(*candidates: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    return {"traffic": {"candidates": list(candidates), **fields}}
+
+
+ROLLOUT = {"steps": [{"weight": 10}, {"pause": {}}]}
+
 # (the rule, as the CRD writes it (or NAMESPACE_RULE), the object, what the refusal says)
 REFUSALS: list[tuple[str, dict[str, Any], str]] = [
     (
@@ -149,6 +160,66 @@ REFUSALS: list[tuple[str, dict[str, Any], str]] = [
         '!self.contains("@")',
         model(**{"async": {"redis": {"url": "redis://user:pw@redis:6379"}}}),
         "spec.async.redis.url must not carry credentials",
+    ),
+    (
+        "!has(self.spec.traffic) || !has(self.spec.traffic.candidates) ||",
+        model("a" * 57, **traffic(candidate())),
+        "metadata.name must be at most 56 characters with spec.traffic.candidates",
+    ),
+    (
+        "!has(self.traffic) || !has(self.traffic.candidates) ||",
+        model(**traffic(candidate("1"))),
+        "spec.traffic.candidates[].version must differ from spec.model.version",
+    ),
+    (
+        "!has(self.candidates) || self.candidates.all(c, self.candidates.exists_one(",
+        model(**traffic(candidate("2"), candidate("2"))),
+        "spec.traffic.candidates[].version must be unique",
+    ),
+    (
+        "!has(self.candidates) || (size(self.candidates) > 0",
+        model(**traffic(candidate("2", weight=60), candidate("3", weight=50))),
+        "spec.traffic.candidates[].weight must not sum to more than 100",
+    ),
+    (
+        "!has(self.rollout) || (has(self.candidates) && size(self.candidates) == 1)",
+        model(**traffic(candidate("2"), candidate("3"), rollout=ROLLOUT)),
+        "spec.traffic.rollout needs exactly one candidate",
+    ),
+    (
+        "!has(self.rollout) || !has(self.candidates) || self.candidates.all(",
+        model(**traffic(candidate("2", weight=10), rollout=ROLLOUT)),
+        "spec.traffic.candidates[].weight must be 0 (unset) with spec.traffic.rollout",
+    ),
+    (
+        "has(self.weight) != has(self.pause)",
+        model(**traffic(candidate(), rollout={"steps": [{"weight": 10, "pause": {}}]})),
+        "spec.traffic.rollout.steps[] takes exactly one of weight or pause",
+    ),
+    (
+        "!has(self.scaling) || !has(self.scaling.maxReplicas) ||",
+        model(**traffic(candidate(scaling={"minReplicas": 3, "maxReplicas": 2}))),
+        "spec.traffic.candidates[].scaling.minReplicas must not be greater than its maxReplicas",
+    ),
+    (
+        "!has(self.scaling) || self.scaling.minReplicas > 0 ||",
+        model(**traffic(candidate(scaling={"minReplicas": 0, "maxReplicas": 2}))),
+        "spec.traffic.candidates[].scaling.minReplicas 0 needs autoscaler keda",
+    ),
+    (
+        "self.matches('^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$')",
+        model(**traffic(candidate("v2-"))),
+        "spec.traffic.candidates[].version must be letters, digits, '.', '_' and '-'",
+    ),
+    (
+        "self.startsWith('s3://') || self.startsWith('file://')",
+        model(**traffic({"version": "2", "model": {"uri": "https://example.com/m.onnx"}})),
+        "spec.traffic.candidates[].model.uri must start with s3:// or file://",
+    ),
+    (
+        "!self.startsWith('s3://') || self.matches('^s3://[^/]+/.*[^/]$')",
+        model(**traffic({"version": "2", "model": {"uri": "s3://models/m/"}})),
+        "spec.traffic.candidates[].model.uri must be s3://BUCKET/KEY naming the model file",
     ),
     (
         "self.all(x, x != 0.0)",
@@ -324,6 +395,15 @@ def test_the_objects_refused_below_come_from_valid_ones(api: tuple[Cluster, str]
         model(processing={**IMAGE, "output": {"detection": {}}}),
         model(**{"async": {"enabled": True, "redis": {"url": "redis://redis:6379"}}}),
         model(pod={"volumes": [{"name": "extra", "emptyDir": {}}]}),
+        model(
+            "a" * 56,
+            **traffic(
+                candidate("2", weight=60, mirrorPercent=5),
+                candidate("3", weight=40, scaling={"minReplicas": 2}),
+                sticky=True,
+            ),
+        ),
+        model(**traffic(candidate(), rollout=ROLLOUT)),
         policy(),
     ]:
         accepted = dry_run(cluster, namespace, obj)

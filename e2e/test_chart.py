@@ -111,7 +111,12 @@ def test_every_rendered_example_passes_a_strict_server_side_dry_run(
         if d and d["kind"] == "InferenceModel"
     ]
     gateways = sum(1 for d in models if (d["spec"].get("async") or {}).get("enabled"))
-    assert kinds.count("Deployment") == len(models) + gateways and "PodMonitor" in kinds
+    # With candidates: one Deployment per candidate, and the router's.
+    versions = sum(
+        len(c) + 1 for d in models if (c := (d["spec"].get("traffic") or {}).get("candidates"))
+    )
+    deployments = len(models) + gateways + versions
+    assert kinds.count("Deployment") == deployments and "PodMonitor" in kinds
     proc = dry_run(cluster, "default", rendered)  # render's namespace, where none is given
     assert proc.returncode == 0, proc.stderr
     # And the examples themselves.

@@ -236,14 +236,32 @@ def test_every_example_is_served_with_the_right_children(
     env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
     assert json.loads(env["KUBEONNX_PROCESSING"])["input"]["image"]["size"] == [224, 224]
 
-    table = cluster.kubectl("get", "inferencemodels", "-n", namespace).stdout
-    header, *rows = table.splitlines()
-    assert header.split() == ["NAME", "READY", "REASON", "REPLICAS", "GPU", "MODE", "URL", "AGE"]
-    by_name = {r.split()[0]: r.split() for r in rows}
-    assert by_name["resnet-gpu"][1:6] == ["True", "Ready", "1/1", "1", "sync"]
-    assert by_name["mlp-cpu"][1:6] == ["True", "Ready", "1/1", "0", "sync"]
-    assert by_name["batch-scorer"][5] == "async"
-    assert by_name["classifier"][5] == "image"
+    def table() -> dict[str, dict[str, str]]:
+        """`kubectl get im`, each row by column (an unset value is blank)."""
+        out = cluster.kubectl("get", "inferencemodels", "-n", namespace).stdout
+        header, *rows = out.splitlines()
+        names = header.split()
+        assert names == [
+            *("NAME", "READY", "REASON", "REPLICAS", "VERSION", "CANARY", "PHASE"),
+            *("GPU", "MODE", "URL", "AGE"),
+        ]
+        starts = [header.index(f"{n} ") if n != "AGE" else header.rindex(n) for n in names]
+        cells = [slice(a, b) for a, b in zip(starts, [*starts[1:], None], strict=True)]
+        return {
+            r.split()[0]: {n: r[c].strip() for n, c in zip(names, cells, strict=True)} for r in rows
+        }
+
+    by_name = table()
+    columns = ("READY", "REASON", "REPLICAS", "VERSION", "CANARY", "PHASE", "GPU", "MODE")
+    row = by_name["resnet-gpu"]
+    assert [row[c] for c in columns] == ["True", "Ready", "1/1", "1", "", "", "1", "sync"]
+    row = by_name["mlp-cpu"]
+    assert [row[c] for c in columns] == ["True", "Ready", "1/1", "1", "", "", "0", "sync"]
+    assert by_name["batch-scorer"]["MODE"] == "async"
+    assert by_name["classifier"]["MODE"] == "image"
+    # The canary: the stable version, and the candidate's share once it has a ready replica.
+    eventually(lambda: table()["mlp-canary"]["CANARY"] == "10", 60, what="the canary's 10%")
+    assert table()["ranker"]["VERSION"] == "a"
 
 
 def test_spec_change_rolls_the_deployment_and_advances_observed_generation(

@@ -31,6 +31,7 @@ from .policy import PolicyReconciler, models_using
 from .presence import SecretPresence
 from .reconcile import Reconciler
 from .render.model import MANAGED_BY, MODEL_LABEL
+from .render.versions import VERSION_OF_LABEL
 from .workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
@@ -52,10 +53,16 @@ API_VERSION = "kubeonnx.io/v1alpha1"
 WATCH_DOWN_LIMIT_S = 120.0
 # Only what the operator made: selected by the API server, not filtered here.
 CHILD_SELECTOR = {"app.kubernetes.io/managed-by": MANAGED_BY, MODEL_LABEL: operators.exists()}
+# The pods of every version's Deployment but the first stable's carry the model's name in
+# another label (their selectors must not overlap): a watch of their own.
+VERSION_POD_SELECTOR = {
+    "app.kubernetes.io/managed-by": MANAGED_BY,
+    VERSION_OF_LABEL: operators.exists(),
+}
 
 
 def watch_count(namespaces: list[str]) -> int:
-    return max(1, len(namespaces)) * (2 + len(CHILD_KINDS))
+    return max(1, len(namespaces)) * (3 + len(CHILD_KINDS))
 
 
 def connections(config: OperatorConfig, namespaces: list[str]) -> int:
@@ -125,13 +132,17 @@ class Controller:
                         watch_timeout_s=config.watch_timeout_seconds,
                     )
                 )
-            for api_version, kind, optional in CHILD_KINDS:
+            watched = [(*kind, CHILD_SELECTOR) for kind in CHILD_KINDS]
+            for api_version, kind, optional, labels in [
+                *watched,
+                ("v1", "Pod", False, VERSION_POD_SELECTOR),
+            ]:
                 self.informers.append(
                     Informer(
                         client,
                         self._child_event,
                         namespace=namespace,
-                        labels=CHILD_SELECTOR,
+                        labels=labels,
                         api_version=api_version,
                         kind=kind,
                         optional=optional,
@@ -245,7 +256,8 @@ class Controller:
 
     def _child_event(self, kind: str, body: dict[str, Any]) -> None:
         meta = body["metadata"]
-        owner = (meta.get("labels") or {}).get(MODEL_LABEL)
+        labels = meta.get("labels") or {}
+        owner = labels.get(MODEL_LABEL) or labels.get(VERSION_OF_LABEL)
         namespace = meta.get("namespace")
         if owner and namespace:
             key = (namespace, owner)

@@ -14,7 +14,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from .render.model import FIELD_MANAGER, GATEWAY_SUFFIX
+from .render.model import FIELD_MANAGER, GATEWAY_SUFFIX, ROUTER_SUFFIX
+from .render.versions import VERSION_LABEL, VERSION_OF_LABEL
 
 Key = tuple[str, str]  # namespace, owner name
 
@@ -55,8 +56,14 @@ class ChildRef:
 
 def _slim_pod(pod: dict[str, Any]) -> dict[str, Any]:
     status = pod.get("status") or {}
+    meta = pod.get("metadata", {})
+    labels = meta.get("labels") or {}
     return {
-        "metadata": {"creationTimestamp": pod.get("metadata", {}).get("creationTimestamp")},
+        "metadata": {
+            "creationTimestamp": meta.get("creationTimestamp"),
+            # Which version's Deployment it is of: None for the first stable's (see versions).
+            "version": labels.get(VERSION_LABEL) if VERSION_OF_LABEL in labels else None,
+        },
         "status": {
             k: status[k] for k in ("phase", "conditions", "containerStatuses") if k in status
         },
@@ -65,8 +72,14 @@ def _slim_pod(pod: dict[str, Any]) -> dict[str, Any]:
 
 def slim_deployment(deployment: dict[str, Any]) -> dict[str, Any]:
     meta = deployment["metadata"]
+    version = (meta.get("labels") or {}).get(VERSION_LABEL)
     return {
-        "metadata": {"generation": meta.get("generation", 0), "uid": meta.get("uid")},
+        "metadata": {
+            "name": meta.get("name"),
+            "generation": meta.get("generation", 0),
+            "uid": meta.get("uid"),
+            "version": version,
+        },
         "spec": {"replicas": deployment.get("spec", {}).get("replicas", 1)},
         "status": deployment.get("status") or {},
         "ownsReplicas": owns_replicas(deployment),
@@ -77,7 +90,8 @@ class ObservedChildren:
     def __init__(self) -> None:
         self._children: dict[Key, dict[tuple[str, str, str], ChildRef]] = {}
         self._pods: dict[Key, dict[str, dict[str, Any]]] = {}  # by pod UID
-        self._deployments: dict[Key, dict[str, Any]] = {}
+        # The runtime's Deployments of each model (one per version), by name.
+        self._deployments: dict[Key, dict[str, dict[str, Any]]] = {}
         self._gateways: dict[Key, dict[str, Any]] = {}  # the async gateway's Deployment
 
     def record(self, owner: Key, obj: dict[str, Any], deleted: bool) -> None:
@@ -96,17 +110,22 @@ class ObservedChildren:
             seen = children.get(ident)
             if seen is not None and seen.uid == uid:
                 del children[ident]
-            for kept in (self._deployments, self._gateways):
-                deployment = kept.get(owner)
-                if deployment is not None and deployment["metadata"]["uid"] == uid:
-                    del kept[owner]
+            gateway = self._gateways.get(owner)
+            if gateway is not None and gateway["metadata"]["uid"] == uid:
+                del self._gateways[owner]
+            versions = self._deployments.get(owner, {})
+            deployment = versions.get(meta["name"])
+            if deployment is not None and deployment["metadata"]["uid"] == uid:
+                del versions[meta["name"]]
         else:
             uids = frozenset(r.get("uid", "") for r in meta.get("ownerReferences") or [])
             children[ident] = ChildRef(*ident, uid, uids, our_fields(obj))
-            if obj["kind"] == "Deployment" and meta["name"] == owner[1]:
-                self._deployments[owner] = slim_deployment(obj)
-            elif obj["kind"] == "Deployment" and meta["name"] == f"{owner[1]}{GATEWAY_SUFFIX}":
+            if obj["kind"] != "Deployment" or meta["name"] == f"{owner[1]}{ROUTER_SUFFIX}":
+                return
+            if meta["name"] == f"{owner[1]}{GATEWAY_SUFFIX}":
                 self._gateways[owner] = slim_deployment(obj)
+            elif meta["name"] == owner[1] or VERSION_LABEL in (meta.get("labels") or {}):
+                self._deployments.setdefault(owner, {})[meta["name"]] = slim_deployment(obj)
 
     def forget(self, owner: Key) -> None:
         self._children.pop(owner, None)
@@ -117,8 +136,13 @@ class ObservedChildren:
     def child(self, owner: Key, api_version: str, kind: str, name: str) -> ChildRef | None:
         return self._children.get(owner, {}).get((api_version, kind, name))
 
-    def deployment(self, owner: Key) -> dict[str, Any] | None:
-        return self._deployments.get(owner)
+    def deployment(self, owner: Key, name: str | None = None) -> dict[str, Any] | None:
+        """The runtime Deployment `name` (default: the one named after the model)."""
+        return self._deployments.get(owner, {}).get(name or owner[1])
+
+    def deployments(self, owner: Key) -> dict[str, dict[str, Any]]:
+        """The model's runtime Deployments by name (each version's)."""
+        return dict(self._deployments.get(owner, {}))
 
     def gateway(self, owner: Key) -> dict[str, Any] | None:
         return self._gateways.get(owner)
@@ -126,5 +150,8 @@ class ObservedChildren:
     def children(self, owner: Key) -> list[ChildRef]:
         return list(self._children.get(owner, {}).values())
 
-    def pods(self, owner: Key) -> list[dict[str, Any]]:
-        return list(self._pods.get(owner, {}).values())
+    def pods(self, owner: Key, version: str | None = None) -> list[dict[str, Any]]:
+        """The pods of one Deployment of the model: the first stable's (`version` None, as
+        it always was), or the one of `version` that selects by version."""
+        pods = self._pods.get(owner, {}).values()
+        return [p for p in pods if p["metadata"].get("version") == version]

@@ -22,6 +22,7 @@ from .presence import SecretPresence
 from .quota import QuotaProblem, ResolvedQuota, resolve_quota, secret_names
 from .render import Model, render_children
 from .render.model import load_model
+from .render.versions import MIRROR_KEY, Placed, mirror_secret_name, mirrored, place
 from .spec import InvalidSpec, RouteRefused
 from .status import (
     FIELDS_IGNORED,
@@ -32,6 +33,7 @@ from .status import (
     derive_verdict,
     fields_ignored_message,
     gateway_verdict,
+    version_statuses,
 )
 from .workqueue import Stopped
 
@@ -94,9 +96,13 @@ class Reconciler:
         # What was last applied to each child: (digest of the manifest, our_fields of the
         # result). In memory only: after a restart every child is applied once again.
         self.applied: dict[tuple[str, str], dict[tuple[str, str, str], tuple[str, str]]] = {}
-        # The Deployment each model's last apply returned: newer than the watch's copy until
-        # the watch delivers the change, and status is never derived from an older one.
-        self.applied_deployments: dict[tuple[str, str], dict[str, Any]] = {}
+        # The Deployments (by name, one per version) each model's last applies returned:
+        # newer than the watch's copy until the watch delivers the change, and status is
+        # never derived from an older one.
+        self.applied_deployments: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+        # The name of each model's stable Deployment, as last rendered (after a promotion it
+        # is the candidate's, NAME-vVERSION).
+        self.stable_names: dict[tuple[str, str], str] = {}
         self.config = config
         self.now = now
         self.pod_monitor = pod_monitor  # whether the cluster has the PodMonitor CRD
@@ -105,13 +111,15 @@ class Reconciler:
         """Drop what is kept of a deleted model."""
         self.applied.pop(key, None)
         self.applied_deployments.pop(key, None)
+        self.stable_names.pop(key, None)
         metrics.forget_model(*key)
 
-    def deployment(self, key: tuple[str, str]) -> dict[str, Any] | None:
-        """The newest view of the model's Deployment: the watch's, unless our last apply
-        returned a later generation of the same object."""
-        seen = self.observed.deployment(key)
-        applied = self.applied_deployments.get(key)
+    def deployment(self, key: tuple[str, str], name: str | None = None) -> dict[str, Any] | None:
+        """The newest view of the model's Deployment `name` (default: the stable's): the
+        watch's, unless our last apply returned a later generation of the same object."""
+        name = name or self.stable_names.get(key) or key[1]
+        seen = self.observed.deployment(key, name)
+        applied = self.applied_deployments.get(key, {}).get(name)
         if applied is None:
             return seen
         if seen is None or seen["metadata"]["uid"] != applied["metadata"]["uid"]:
@@ -163,6 +171,14 @@ class Reconciler:
                 return
             model = dataclasses.replace(model, quota=resolved)
 
+        seen = self.observed.deployments(key)
+        model = dataclasses.replace(
+            model,
+            deployments=tuple(sorted((n, d["metadata"].get("version")) for n, d in seen.items())),
+        )
+        placed = place(model)
+        stable_name = placed[0].deployment
+
         missing = await self._missing_reference(model)
         if missing is not None:
             # Found here rather than by the kubelet (a pod stuck in CreateContainerConfigError):
@@ -171,8 +187,8 @@ class Reconciler:
             return
 
         owner = owner_reference(body)
+        self.stable_names[key] = stable_name
         rendered: set[tuple[str, str, str]] = set()
-        deployment: dict[str, Any] | None = None
         problem: Verdict | None = None
         for child in render_children(model, self.config, pod_monitor=self.pod_monitor()):
             child["metadata"]["ownerReferences"] = [owner]
@@ -206,15 +222,24 @@ class Reconciler:
                     problem = Verdict(False, "InvalidSpec", f"{child['kind']} refused: {message}")
                     continue
                 raise
-            if child["kind"] == "Deployment" and child["metadata"]["name"] == name:
-                if live is not None:
-                    self.applied_deployments[key] = slim_deployment(live)
-                deployment = self.deployment(key)
-        if deployment is not None and model.spec.scaling.autoscaler == "hpa":
-            deployment = await self._wake_from_zero(key, model, deployment)
+            if child["kind"] == "Deployment" and live is not None:
+                served = {p.deployment for p in placed}
+                if child["metadata"]["name"] in served:
+                    applied = self.applied_deployments.setdefault(key, {})
+                    applied[child["metadata"]["name"]] = slim_deployment(live)
+        for version in placed:
+            current = self.deployment(key, version.deployment)
+            if current is not None and version.spec.scaling.autoscaler == "hpa":
+                await self._wake_from_zero(key, version, current)
+        deployment = self.deployment(key, stable_name)
         await self._prune(model, body["metadata"]["uid"], rendered)
+        kept = {p.deployment for p in placed}
+        for gone in set(self.applied_deployments.get(key, {})) - kept:
+            del self.applied_deployments[key][gone]
 
-        pods = self.observed.pods((namespace, name))
+        # The stable's pods (by the label its Deployment selects on).
+        stable = placed[0]
+        pods = self.observed.pods(key, None if stable.first else stable.version)
         verdict = derive_verdict(
             deployment, pods, model.spec.scaling.min_replicas, model.wake_signal()
         )
@@ -222,12 +247,25 @@ class Reconciler:
             verdict = gateway_verdict(self.observed.gateway(key), model.gateway_name) or verdict
         if problem is not None:  # a child we could not create outranks what the pods show
             verdict = problem
-        await self._report(body, verdict, deployment, model)
+        await self._report(body, verdict, deployment, model, self._versions(key, placed))
+
+    def _versions(self, key: tuple[str, str], placed: list[Placed]) -> list[dict[str, Any]]:
+        """status.versions: each version's weights and replicas (none without candidates)."""
+        if len(placed) < 2:
+            return []
+        seen = [(p, self.deployment(key, p.deployment)) for p in placed]
+        return version_statuses(
+            [
+                (p.version, p.role, p.weight, p.deployment, d["status"] if d else {}, d)
+                for p, d in seen
+            ]
+        )
 
     async def _missing_reference(self, model: Model) -> Verdict | None:
         """The verdict naming the S3 credentials Secret or labels ConfigMap the spec names
-        and the namespace lacks, asked by name for metadata alone and remembered as the
-        tenants' Secrets are (`presence`): an idle resync reads nothing."""
+        and the namespace lacks (or the mirror Secret a mirrored candidate needs), asked by
+        name for metadata alone and remembered as the tenants' Secrets are (`presence`): an
+        idle resync reads nothing."""
         spec, namespace = model.spec, model.namespace
         wanted: list[tuple[str, str, ModelReason, str]] = []
         if spec.model.s3.credentials_secret:
@@ -235,6 +273,11 @@ class Reconciler:
             wanted.append(
                 ("Secret", secret, "CredentialsSecretNotFound", "spec.model.s3.credentialsSecret")
             )
+        for i, c in enumerate(spec.traffic.candidates):
+            if c.model.s3.credentials_secret:
+                field = f"spec.traffic.candidates[{i}].model.s3.credentialsSecret"
+                secret = c.model.s3.credentials_secret
+                wanted.append(("Secret", secret, "CredentialsSecretNotFound", field))
         output = spec.processing.output if spec.processing else None
         if output is not None and output.labels is not None:
             which = "detection" if output.detection is not None else "classification"
@@ -246,6 +289,16 @@ class Reconciler:
                     False,
                     reason,
                     f"{field} names {kind} {ref!r}, which namespace {namespace} lacks",
+                )
+        if mirrored(model):
+            name = mirror_secret_name(model)
+            if not await self.secrets.exists(namespace, name):
+                return Verdict(
+                    False,
+                    "MirrorSecretNotFound",
+                    f"spec.traffic.candidates[].mirrorPercent needs Secret {name!r} (key "
+                    f"{MIRROR_KEY!r}: a random token that marks the router's copies), which "
+                    f"namespace {namespace} lacks",
                 )
         return None
 
@@ -292,7 +345,7 @@ class Reconciler:
         field resets the Deployment to its default of 1 replica."""
         if "replicas" in manifest["spec"]:
             return
-        current = self.deployment(key)
+        current = self.deployment(key, manifest["metadata"]["name"])
         if current is None or not current.get("ownsReplicas"):
             return
         meta = manifest["metadata"]
@@ -307,25 +360,26 @@ class Reconciler:
         )
 
     async def _wake_from_zero(
-        self, key: tuple[str, str], model: Model, deployment: dict[str, Any]
-    ) -> dict[str, Any]:
+        self, key: tuple[str, str], version: Placed, deployment: dict[str, Any]
+    ) -> None:
         """An HPA never scales a Deployment at 0 replicas (left there by KEDA before a
         switch to hpa, or by hand): hand over minReplicas, at least 1, for it to take on."""
         if deployment["spec"].get("replicas", 1) != 0:
-            return deployment
-        replicas = max(model.spec.scaling.min_replicas, 1)
-        log.info("%s/%s: at 0 replicas under an HPA; setting %d", *key, replicas)
+            return
+        replicas = max(version.spec.scaling.min_replicas, 1)
+        log.info(
+            "%s/%s: %s at 0 replicas under an HPA; setting %d", *key, version.deployment, replicas
+        )
         live = await self.kube.apply(
             {
                 "apiVersion": "apps/v1",
                 "kind": "Deployment",
-                "metadata": {"name": model.name, "namespace": model.namespace},
+                "metadata": {"name": version.deployment, "namespace": key[0]},
                 "spec": {"replicas": replicas},
             },
             manager=HANDOVER_MANAGER,
         )
-        self.applied_deployments[key] = slim_deployment(live)
-        return self.deployment(key) or deployment
+        self.applied_deployments.setdefault(key, {})[version.deployment] = slim_deployment(live)
 
     async def _prune(self, model: Model, owner_uid: str, keep: set[tuple[str, str, str]]) -> None:
         """Delete children this model owns that were not rendered this time: by UID, so
@@ -363,6 +417,7 @@ class Reconciler:
         verdict: Verdict,
         deployment: dict[str, Any] | None = None,
         model: Model | None = None,
+        versions: list[dict[str, Any]] | None = None,
     ) -> None:
         """Write the derived status, only when it differs from what the object has."""
         previous = body.get("status") or {}
@@ -378,6 +433,7 @@ class Reconciler:
             async_url=model.async_url(self.config) if model else None,
             version=model.spec.model.version if model else None,
             ignored=model.ignored if model else None,
+            versions=versions if model else None,
         )
         meta = body["metadata"]
         metrics.set_model_ready(meta["namespace"], meta["name"], verdict.ready, verdict.reason)

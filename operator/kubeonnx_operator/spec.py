@@ -344,6 +344,106 @@ class PodSpec(_Spec):
         return self
 
 
+class CandidateSource(_Spec):
+    """A candidate version's model file: spec.model without the version."""
+
+    uri: str
+    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+    s3: S3Spec = S3Spec()
+
+    @model_validator(mode="after")
+    def _scheme(self) -> CandidateSource:
+        ModelSource(uri=self.uri)  # the same rules as spec.model.uri
+        return self
+
+
+class CandidateSpec(_Spec):
+    """A version served beside the stable one (spec.model), in a Deployment of its own."""
+
+    version: str = Field(pattern=VERSION_PATTERN)
+    model: CandidateSource
+    weight: int = Field(0, ge=0, le=100)
+    mirror_percent: int = Field(0, ge=0, le=100)
+    runtime: RuntimeSpec | None = None
+    resources: ResourcesSpec | None = None
+    scaling: ScalingSpec | None = None
+
+    @model_validator(mode="after")
+    def _scale_to_zero(self) -> CandidateSpec:
+        scaling = self.scaling
+        woken = scaling is not None and scaling.autoscaler == "keda" and scaling.demand is not None
+        if scaling is not None and scaling.min_replicas == 0 and not woken:
+            raise ValueError(
+                "spec.traffic.candidates[].scaling.minReplicas 0 needs autoscaler keda and "
+                "spec.traffic.candidates[].scaling.demand (a candidate consumes no queue)"
+            )
+        return self
+
+
+class PauseSpec(_Spec):
+    duration: str | None = Field(None, pattern=DURATION, min_length=2)
+
+
+class RolloutStep(_Spec):
+    weight: int | None = Field(None, ge=1, le=100)
+    pause: PauseSpec | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> RolloutStep:
+        if (self.weight is None) == (self.pause is None):
+            raise ValueError("spec.traffic.rollout.steps[] takes exactly one of weight or pause")
+        return self
+
+
+DECIMAL = r"^[0-9]+(\.[0-9]+)?$"
+
+
+class AnalysisSpec(_Spec):
+    interval: str = Field("1m", pattern=DURATION, min_length=2)
+    min_requests: int = Field(50, ge=0, le=1_000_000_000)
+    max_error_rate: str = Field("0.01", pattern=DECIMAL)
+    max_latency_ratio: str = Field("1.5", pattern=DECIMAL)
+    failure_limit: int = Field(2, ge=1, le=100)
+
+
+class RolloutSpec(_Spec):
+    steps: list[RolloutStep] = Field(min_length=1, max_length=20)
+    analysis: AnalysisSpec = AnalysisSpec()
+    auto_promote: bool = False
+
+
+HEADER_NAME = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"
+MAX_CANDIDATES = 3
+
+
+class TrafficSpec(_Spec):
+    """Candidate versions beside the stable one, and how requests are split between them."""
+
+    candidates: list[CandidateSpec] = Field([], max_length=MAX_CANDIDATES)
+    sticky: bool = False
+    pin_header: str = Field("X-Model-Version", pattern=HEADER_NAME, max_length=256)
+    rollout: RolloutSpec | None = None
+
+    @model_validator(mode="after")
+    def _combinations(self) -> TrafficSpec:
+        versions = [c.version for c in self.candidates]
+        if len(set(versions)) != len(versions):
+            raise ValueError(
+                f"spec.traffic.candidates[].version must be unique (got {', '.join(versions)})"
+            )
+        if sum(c.weight for c in self.candidates) > 100:
+            raise ValueError("spec.traffic.candidates[].weight must not sum to more than 100")
+        if self.rollout is not None:
+            if len(self.candidates) != 1:
+                raise ValueError("spec.traffic.rollout needs exactly one candidate")
+            if self.candidates[0].weight:
+                raise ValueError(
+                    "spec.traffic.candidates[].weight must be 0 (unset) with "
+                    "spec.traffic.rollout: the rollout's steps set it"
+                )
+        return self
+
+
 class InferenceModelSpec(_Spec):
     model: ModelSource
     service_account_name: str | None = None
@@ -358,6 +458,17 @@ class InferenceModelSpec(_Spec):
     model_cache: ModelCacheSpec = ModelCacheSpec()
     async_: AsyncSpec = Field(AsyncSpec(), alias="async")
     processing: ProcessingSpec | None = None
+    traffic: TrafficSpec = TrafficSpec()
+
+    @model_validator(mode="after")
+    def _stable_not_candidate(self) -> InferenceModelSpec:
+        for candidate in self.traffic.candidates:
+            if candidate.version == self.model.version:
+                raise ValueError(
+                    f"spec.traffic.candidates[].version {candidate.version!r} must differ "
+                    "from spec.model.version (the stable version)"
+                )
+        return self
 
     @model_validator(mode="after")
     def _scale_to_zero(self) -> InferenceModelSpec:
@@ -385,9 +496,9 @@ class RouteRefused(InvalidSpec):
 def _describe(exc: ValidationError) -> str:
     problems = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"])
+        loc = tuple(err["loc"])
         msg = re.sub(r"^Value error, ", "", err["msg"])
-        problems.append(f"spec.{loc}: {msg}" if loc and not msg.startswith("spec.") else msg)
+        problems.append(f"{_where(loc)}: {msg}" if loc and not msg.startswith("spec.") else msg)
     return "; ".join(problems)
 
 

@@ -34,6 +34,7 @@ ModelReason = Literal[
     "QuotaPolicyInvalid",
     "CredentialsSecretNotFound",
     "LabelsConfigMapNotFound",
+    "MirrorSecretNotFound",
     "GatewayNotReady",
     "ChildConflict",
     "ReconcileError",
@@ -167,6 +168,42 @@ def gateway_verdict(gateway: dict[str, Any] | None, name: str) -> Verdict | None
     )
 
 
+def served_weights(desired: list[int], ready: list[bool]) -> list[int]:
+    """The percent of requests each version serves: the router shares the weights among
+    the versions that have a ready replica (a version with none serves 0). Integers that
+    sum to 100 (the remainder of the rounding goes to the first, the stable), or all 0."""
+    total = sum(w for w, r in zip(desired, ready, strict=True) if r)
+    if total == 0:
+        return [0 for _ in desired]
+    served = [w * 100 // total if r else 0 for w, r in zip(desired, ready, strict=True)]
+    first = next(i for i, (w, r) in enumerate(zip(desired, ready, strict=True)) if r and w)
+    served[first] += 100 - sum(served)
+    return served
+
+
+def version_statuses(
+    versions: list[tuple[str, str, int, str, dict[str, Any], dict[str, Any] | None]],
+) -> list[dict[str, Any]]:
+    """status.versions from (version, role, desired weight, Deployment name, its status,
+    the Deployment or None), the stable first."""
+    ready = [status.get("readyReplicas", 0) >= 1 for _, _, _, _, status, _ in versions]
+    served = served_weights([w for _, _, w, _, _, _ in versions], ready)
+    return [
+        {
+            "version": version,
+            "role": role,
+            "weight": weight,
+            "desiredWeight": desired,
+            "readyReplicas": status.get("readyReplicas", 0),
+            "replicas": (deployment or {}).get("spec", {}).get("replicas", 0),
+            "deployment": name,
+        }
+        for (version, role, desired, name, status, deployment), weight in zip(
+            versions, served, strict=True
+        )
+    ]
+
+
 def set_condition(
     conditions: list[dict[str, Any]], new: dict[str, Any], now: str
 ) -> list[dict[str, Any]]:
@@ -200,9 +237,11 @@ def derive_status(
     async_url: str | None = None,
     version: str | None = None,
     ignored: tuple[str, ...] | None = None,
+    versions: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The whole status subresource, from the verdict and what was observed. `ignored`:
-    the spec's fields unknown to this operator (None: the spec was not read)."""
+    the spec's fields unknown to this operator (None: the spec was not read). `versions`:
+    status.versions ([]: no candidates; None: the spec was not read, what is there stays)."""
     desired = (deployment or {}).get("spec", {}).get("replicas", 0)
     ready = (deployment or {}).get("status", {}).get("readyReplicas", 0)
     condition = {
@@ -237,6 +276,10 @@ def derive_status(
         status["asyncURL"] = None  # status is written as a merge patch: null removes it
     if version:
         status["version"] = version
+    if versions:
+        status["versions"] = versions
+    elif versions is not None and previous.get("versions"):
+        status["versions"] = None  # a merge patch: null removes it
     return status
 
 

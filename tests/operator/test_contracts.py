@@ -121,3 +121,53 @@ def test_the_operator_image_pins_every_dependency() -> None:
         name = re.split(r"[<>=!\[ ;]", requirement, maxsplit=1)[0].lower().replace("_", "-")
         assert pinned.get(name), f"{name} is not pinned in operator/constraints.txt"
     assert "-c operator/constraints.txt" in (ROOT / "Dockerfile.operator").read_text()
+
+
+SCHEMA_KEYWORDS = {
+    "type",
+    "description",
+    "properties",
+    "items",
+    "required",
+    "default",
+    "enum",
+    "format",
+    "pattern",
+    "minimum",
+    "maximum",
+    "minLength",
+    "maxLength",
+    "minItems",
+    "maxItems",
+    "additionalProperties",
+    "anyOf",
+    "nullable",
+    "x-kubernetes-validations",
+    "x-kubernetes-preserve-unknown-fields",
+    "x-kubernetes-int-or-string",
+    "x-kubernetes-list-type",
+    "x-kubernetes-list-map-keys",
+}
+
+
+def test_every_schema_node_is_made_of_openapi_keywords() -> None:
+    """A comma in a flow mapping's description (`{description: a, b}`) makes a stray key
+    that the API server refuses: caught here, before the e2e suite."""
+    stray = []
+
+    def walk(schema: dict[str, Any], path: str) -> None:
+        stray.extend(f"{path}: {k}" for k in set(schema) - SCHEMA_KEYWORDS)
+        for name, sub in (schema.get("properties") or {}).items():
+            walk(sub, f"{path}.{name}")
+        for key in ("items", "additionalProperties"):
+            if isinstance(schema.get(key), dict):
+                walk(schema[key], f"{path}[]")
+
+    for path in (ROOT / "crds").glob("*.yaml"):
+        crd = yaml.safe_load(path.read_text())
+        for version in crd["spec"]["versions"]:
+            walk(version["schema"]["openAPIV3Schema"], path.name)
+            for column in version.get("additionalPrinterColumns") or []:
+                keys = {"name", "type", "jsonPath", "description", "priority", "format"}
+                stray.extend(f"{path.name} column: {k}" for k in set(column) - keys)
+    assert stray == []

@@ -66,6 +66,21 @@ def test_the_golden_render_keeps_the_facts_of_its_example(example: Path) -> None
         {("Deployment", f"{name}-gateway"), ("Service", f"{name}-gateway")} if async_on else set()
     )
     want |= {("ConfigMap", f"{name}-quota")} if spec.get("quotaPolicy") else set()
+    candidates = spec.get("traffic", {}).get("candidates", [])
+    stable_version = spec["model"].get("version", "1")
+    for c in candidates:
+        # The examples' versions are DNS-clean: each candidate's children are NAME-vVERSION.
+        own = f"{name}-v{c['version']}"
+        scale = c.get("scaling", scaling)
+        kind = {"hpa": "HorizontalPodAutoscaler", "keda": "ScaledObject"}.get(
+            scale.get("autoscaler", "hpa")
+        )
+        want |= {("Deployment", own), ("Service", own)}
+        want |= {(kind, own)} if kind else set()
+        want |= {("PodDisruptionBudget", own)} if scale.get("maxReplicas", 1) > 1 else set()
+    if candidates:
+        want |= {("Service", f"{name}-v{stable_version}")}
+        want |= {("Deployment", f"{name}-router"), ("ConfigMap", f"{name}-router")}
     assert set(got) == want
     assert {d["metadata"]["namespace"] for d in got.values()} == {namespace}
 
@@ -75,7 +90,30 @@ def test_the_golden_render_keeps_the_facts_of_its_example(example: Path) -> None
     assert selector == {MODEL_LABEL: name}
     pod = deployment["spec"]["template"]
     assert pod["metadata"]["labels"][MODEL_LABEL] == name
-    assert got[("Service", name)]["spec"]["selector"] == selector
+    if candidates:
+        # The model's Service reaches the router; each version's Service its own pods,
+        # which no other version's selector picks.
+        router = got[("Deployment", f"{name}-router")]
+        router_pods = router["spec"]["template"]["metadata"]["labels"]
+        assert got[("Service", name)]["spec"]["selector"].items() <= router_pods.items()
+        assert MODEL_LABEL not in router_pods
+        assert got[("Service", f"{name}-v{stable_version}")]["spec"]["selector"] == selector
+        for c in candidates:
+            own = got[("Deployment", f"{name}-v{c['version']}")]
+            own_pods = own["spec"]["template"]["metadata"]["labels"]
+            assert (
+                got[("Service", f"{name}-v{c['version']}")]["spec"]["selector"]
+                == (own["spec"]["selector"]["matchLabels"])
+            )
+            assert not selector.items() <= own_pods.items()
+            assert (
+                env_of(own["spec"]["template"]["spec"]["containers"][0])["KUBEONNX_MODEL_URI"]
+                == c["model"]["uri"]
+            )
+        (router_container,) = router["spec"]["template"]["spec"]["containers"]
+        assert router_container["args"][:3] == ["serve", "--role", "router"]
+    else:
+        assert got[("Service", name)]["spec"]["selector"] == selector
     (container,) = pod["spec"]["containers"]
     env = env_of(container)
     assert env["KUBEONNX_MODEL_URI"] == spec["model"]["uri"]

@@ -88,6 +88,10 @@ def test_changing_only_the_version_changes_only_the_pods_environment() -> None:
     after = render(spec(model={**URI, "version": "2"}, scaling=scaling))
     assert before.keys() == after.keys()
     for kind in before:
+        # Each version's children say whose they are in their own metadata (not the pods').
+        labels = [before[kind]["metadata"]["labels"], after[kind]["metadata"]["labels"]]
+        if kind != "Service":
+            assert [x.pop("kubeonnx.io/version") for x in labels] == ["1", "2"], kind
         if kind != "Deployment":
             # The Service, the autoscaler and KEDA's query are the same objects.
             assert before[kind] == after[kind], kind

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..config import OperatorConfig
 from ..spec import InferenceModelSpec
-from .autoscaler import render_hpa, render_scaled_object
+from .autoscaler import inflight_query, render_hpa, render_scaled_object
 from .deployment import render_deployment
 from .gateway import render_gateway, render_gateway_service
 from .ingress import render_ingress
@@ -18,6 +18,17 @@ from .monitor import render_pod_monitor
 from .pdb import render_pdb
 from .quota import render_quota_config
 from .service import render_service
+from .versions import (
+    Placed,
+    place,
+    relabel_version,
+    render_router,
+    render_router_config_map,
+    router_selector,
+    version_deployment,
+    version_model,
+    version_service,
+)
 
 __all__ = ["Model", "render_children"]
 
@@ -28,18 +39,51 @@ def render_children(
     """Every child the InferenceModel needs now, in apply order. `pod_monitor`: the
     cluster has the PodMonitor CRD (and the operator config does not turn it off)."""
     spec: InferenceModelSpec = model.spec
+    placed = place(model)
+    versions = [_version_children(model, config, p, pod_monitor, len(placed) > 1) for p in placed]
     children = [render_quota_config(model)] if model.quota is not None else []
-    children += [render_deployment(model, config), render_service(model)]
+    children += [v["deployment"] for v in versions]
+    if len(placed) > 1:
+        children += [version_service(model, p) for p in placed]
+        config_map = render_router_config_map(model, config, placed)
+        children += [config_map, render_router(model, config, config_map)]
+        selector = router_selector(model)
+    else:
+        selector = placed[0].selector
+    service = render_service(model)
+    service["spec"]["selector"] = selector
+    children.append(service)
     if spec.async_.enabled:
         children += [render_gateway(model, config), render_gateway_service(model)]
-    if spec.scaling.autoscaler == "hpa":
-        children.append(render_hpa(model))
-    elif spec.scaling.autoscaler == "keda":
-        children.append(render_scaled_object(model, config))
+    children += [v["autoscaler"] for v in versions if "autoscaler" in v]
     if spec.ingress.enabled:
         children.append(render_ingress(model, config))
-    if spec.scaling.max_replicas > 1:
-        children.append(render_pdb(model))
+    children += [v[kind] for kind in ("pdb", "monitor") for v in versions if kind in v]
+    return children
+
+
+def _version_children(
+    model: Model, config: OperatorConfig, placed: Placed, pod_monitor: bool, several: bool
+) -> dict[str, dict[str, Any]]:
+    """A version's Deployment, autoscaler, disruption budget and PodMonitor, named after
+    its Deployment."""
+    version = version_model(model, placed)
+    scaling = placed.spec.scaling
+    children = {"deployment": version_deployment(model, placed, render_deployment(version, config))}
+    if scaling.autoscaler == "hpa":
+        children["autoscaler"] = render_hpa(version)
+    elif scaling.autoscaler == "keda":
+        scaled = render_scaled_object(version, config)
+        if several:  # every version's runtimes report model=NAME: count this one's alone
+            for trigger in scaled["spec"]["triggers"]:
+                if trigger["name"] == "inflight":
+                    trigger["metadata"]["query"] = inflight_query(version, placed.version)
+        children["autoscaler"] = scaled
+    if scaling.max_replicas > 1:
+        children["pdb"] = render_pdb(version)
     if pod_monitor and config.pod_monitor:
-        children.append(render_pod_monitor(model))
+        children["monitor"] = render_pod_monitor(version)
+    for kind, child in children.items():
+        if kind != "deployment":
+            relabel_version(model, placed, child)
     return children

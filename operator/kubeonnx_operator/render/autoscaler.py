@@ -40,11 +40,13 @@ def render_hpa(model: Model) -> dict[str, Any]:
     }
 
 
-def inflight_query(model: Model) -> str:
-    """The PromQL that KEDA scales on: the runtime's in-flight gauge, summed over replicas."""
+def inflight_query(model: Model, version: str | None = None) -> str:
+    """The PromQL that KEDA scales on: the runtime's in-flight gauge, summed over replicas
+    (of one version's, when the model has several: every runtime series has `version`)."""
+    only = f',version="{version}"' if version else ""
     return (
-        f'sum(kubeonnx_inflight_requests{{namespace="{model.namespace}",model="{model.name}"}})'
-        " or vector(0)"
+        f'sum(kubeonnx_inflight_requests{{namespace="{model.namespace}",model="{model.name}"'
+        f"{only}}}) or vector(0)"
     )
 
 

@@ -21,6 +21,9 @@ METRICS_PORT = 9090
 SERVICE_PORT = 80
 CONTAINER = "runtime"
 GATEWAY_SUFFIX = "-gateway"
+ROUTER_SUFFIX = "-router"
+# With candidate versions the router's Deployment is NAME-router: 63 characters at most.
+ROUTER_NAME_MAX = 63 - len(ROUTER_SUFFIX)
 # The gateway's Service, NAME-gateway, is a DNS label: 63 characters at most.
 ASYNC_NAME_MAX = 63 - len(GATEWAY_SUFFIX)
 
@@ -33,6 +36,11 @@ class Model:
     quota: ResolvedQuota | None = None  # set by the reconciler once the policy is read
     # Fields of the spec this operator does not know (a newer CRD's), ignored: status says so.
     ignored: tuple[str, ...] = ()
+    # The model's Deployments in the cluster, (name, its kubeonnx.io/version label or None):
+    # a version keeps the Deployment already labelled with it (see render.versions.place).
+    deployments: tuple[tuple[str, str | None], ...] = ()
+    # The candidate's weight a rollout engine decided (spec.traffic.rollout); None: the spec's.
+    rollout_weight: int | None = None
 
     @property
     def quota_config_name(self) -> str:
@@ -50,7 +58,10 @@ class Model:
         gateway's, which charges at submission. failureMode Local gives each 1/this of
         every limit, so that together they never admit more than the limit."""
         gateway = self.spec.async_.gateway.replicas if self.spec.async_.enabled else 0
-        return self.spec.scaling.max_replicas + gateway
+        candidates = sum(
+            (c.scaling or self.spec.scaling).max_replicas for c in self.spec.traffic.candidates
+        )
+        return self.spec.scaling.max_replicas + gateway + candidates
 
     @property
     def gateway_name(self) -> str:
@@ -155,6 +166,11 @@ def load_model(
             f"metadata.name must be at most {ASYNC_NAME_MAX} characters when "
             f"spec.async.enabled is true: the gateway's Service is NAME{GATEWAY_SUFFIX}, "
             "a DNS label of at most 63 characters"
+        )
+    if model.spec.traffic.candidates and len(name) > ROUTER_NAME_MAX:
+        raise InvalidSpec(
+            f"metadata.name must be at most {ROUTER_NAME_MAX} characters with "
+            f"spec.traffic.candidates: the router's Deployment is NAME{ROUTER_SUFFIX}"
         )
     check_route(model.spec.ingress.path, namespace)
     profile = model.spec.accelerator.profile
