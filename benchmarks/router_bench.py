@@ -8,7 +8,13 @@ The model is `mlp` with one intra-op thread; the runtime is pinned to CPU 0, the
 CPU 1 as well: on a two-CPU machine the router shares its CPU with the load generator, so
 the ratio is a lower bound of what a router with a CPU of its own gives.
 Reported: requests/s at 64 connections direct and through the router (the ratio), and p50
-at 1 connection direct and through the router (the difference: the router's added p50).
+at 1 connection direct and through the router (the difference: the router's added p50),
+for each round and the median over the rounds (`--rounds N`: a noisy machine changes
+between rounds, the two paths of one round are measured back to back).
+
+    .venv/bin/python benchmarks/router_bench.py --profile /tmp/router.prof
+
+runs the router under cProfile at 64 connections instead, and prints where its time goes.
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pstats
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,6 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from procstat import cpu_seconds  # noqa: E402
 from runtime_bench import run_wrk  # noqa: E402
 
 from e2e.cluster import free_port  # noqa: E402
@@ -34,10 +43,13 @@ from e2e.serving import wait_serving  # noqa: E402
 BODY = b'{"inputs":[{"name":"input","shape":[1,4],"datatype":"FP32","data":[1,2,3,4]}]}'
 
 
-def start(cpus: str, env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
+def start(
+    cpus: str, env: dict[str, str], port: int, profile: Path | None = None
+) -> subprocess.Popen[bytes]:
     kubeonnx = str(Path(sys.executable).parent / "kubeonnx")
+    python = ["-m", "cProfile", "-o", str(profile)] if profile else []
     proc = subprocess.Popen(
-        ["taskset", "-c", cpus, kubeonnx, "serve"],
+        ["taskset", "-c", cpus, sys.executable, *python, kubeonnx, "serve"],
         env={**os.environ, **env, "KUBEONNX_PORT": str(port)},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -50,6 +62,12 @@ def start(cpus: str, env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=1, help="direct then router, N times")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="run the router under cProfile, write its stats here, and print the top entries",
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kubeonnx-router-bench-"))
     model = generate(work / "models", ["mlp"])["mlp"]
@@ -85,33 +103,57 @@ def main() -> None:
         )
     ]
     try:
-        procs.append(
-            start(
-                "1",
-                {**common, "KUBEONNX_ROLE": "router", "KUBEONNX_ROUTER_CONFIG": str(config)},
-                router_port,
+        router_env = {**common, "KUBEONNX_ROLE": "router", "KUBEONNX_ROUTER_CONFIG": str(config)}
+        procs.append(start("1", router_env, router_port, args.profile))
+        if args.profile:
+            profile(procs.pop(), router_port, script, args)
+            return
+        ratios, added, router_us = [], [], []
+        for n in range(args.rounds):
+            results = {}
+            for name, port in (("direct", runtime_port), ("router", router_port)):
+                url = f"http://127.0.0.1:{port}/v2/models/mlp/infer"
+                run_wrk(url, script, 4, 1)  # warm
+                cpu = [cpu_seconds(p.pid) for p in procs]
+                rps, _, _, total, _ = run_wrk(url, script, 64, args.seconds)
+                used = [cpu_seconds(p.pid) - c for p, c in zip(procs, cpu, strict=True)]
+                p50 = run_wrk(url, script, 1, args.seconds)[1]
+                results[name] = (rps, p50, [u / total * 1e6 for u in used])
+            (d_rps, d_p50, d_us), (r_rps, r_p50, r_us) = results["direct"], results["router"]
+            ratios.append(r_rps / d_rps)
+            added.append(r_p50 - d_p50)
+            router_us.append(r_us[1])
+            print(
+                f"round {n + 1}: c64 requests/s: direct {d_rps:.0f}, through the router "
+                f"{r_rps:.0f}, ratio {ratios[-1]:.2f}; c1 p50 ms: direct {d_p50:.3f}, "
+                f"through the router {r_p50:.3f}, added {added[-1]:.3f}; CPU per request at "
+                f"c64: runtime {d_us[0]:.0f} us direct, {r_us[0]:.0f} us behind the router, "
+                f"router {r_us[1]:.0f} us",
+                flush=True,
             )
-        )
-        results = {}
-        for name, port in (("direct", runtime_port), ("router", router_port)):
-            url = f"http://127.0.0.1:{port}/v2/models/mlp/infer"
-            run_wrk(url, script, 4, 1)  # warm
-            rps = run_wrk(url, script, 64, args.seconds)[0]
-            p50 = run_wrk(url, script, 1, args.seconds)[1]
-            results[name] = (rps, p50)
-        (d_rps, d_p50), (r_rps, r_p50) = results["direct"], results["router"]
         print(
-            f"c64 requests/s: direct {d_rps:.0f}, through the router {r_rps:.0f}, "
-            f"ratio {r_rps / d_rps:.2f}"
-        )
-        print(
-            f"c1 p50 ms: direct {d_p50:.3f}, through the router {r_p50:.3f}, "
-            f"added {r_p50 - d_p50:.3f}"
+            f"median of {args.rounds}: c64 ratio {statistics.median(ratios):.2f}, "
+            f"c1 added p50 {statistics.median(added):.3f} ms, "
+            f"router CPU per request {statistics.median(router_us):.0f} us"
         )
     finally:
         for proc in procs:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def profile(
+    router: subprocess.Popen[bytes], port: int, script: Path, args: argparse.Namespace
+) -> None:
+    """The router under load at 64 connections, then stopped (SIGINT) so cProfile writes."""
+    url = f"http://127.0.0.1:{port}/v2/models/mlp/infer"
+    rps = run_wrk(url, script, 64, args.seconds)[0]
+    os.killpg(router.pid, signal.SIGINT)
+    router.wait(60)
+    print(f"c64 requests/s through the profiled router: {rps:.0f}")
+    stats = pstats.Stats(str(args.profile))
+    stats.sort_stats("tottime").print_stats(25)
+    stats.sort_stats("cumulative").print_stats(25)
 
 
 if __name__ == "__main__":
