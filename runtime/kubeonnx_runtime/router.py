@@ -87,6 +87,7 @@ HOP_BY_HOP = {
 # chunked), the client's marker is never trusted, and the router answered its Expect.
 NOT_FORWARDED = HOP_BY_HOP | {b"content-length", MIRROR_HEADER, b"expect"}
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}  # sent again on a fresh connection if need be
+HOLD_HEAD = "kubeonnx.hold_head"  # in the scope: hold the answer's head for its body
 
 
 class VersionConfig(BaseModel):
@@ -407,7 +408,7 @@ class Router:
         for m in mirrors:
             self._mirror(m, method, target, headers, body.data or b"")
         try:
-            await self.relay(conn, send)
+            await self.relay(conn, scope, send)
         except UpstreamError:
             log.warning("upstream answer cut", extra={"version": chosen.name})  # started already
         finally:
@@ -512,9 +513,12 @@ class Router:
                 conn.finish()
                 raise
 
-    async def relay(self, conn: Connection, send: Send) -> None:
+    async def relay(self, conn: Connection, scope: Scope, send: Send) -> None:
         """The answer's status, headers and body to the client, as they come."""
         out = [(k, v) for k, v in conn.headers if k.lower() not in HOP_BY_HOP]
+        hold = scope.get(HOLD_HEAD)
+        if hold is not None:
+            hold()  # the head leaves with the first part of the body, in one write
         await send({"type": "http.response.start", "status": conn.status, "headers": out})
         more = True
         while more:
@@ -630,7 +634,15 @@ class Body:
 
     async def read_all(self) -> None:
         assert self.receive is not None
-        self.data = b"".join([chunk async for chunk in _stream(self.receive)])
+        parts = []
+        while True:  # _stream's loop, without an asynchronous generator per request
+            message: Message = await self.receive()
+            if message["type"] != "http.request":
+                raise ClientGone()
+            parts.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        self.data = parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def send(
         self,
@@ -684,11 +696,68 @@ async def _send_error(send: Send, status: int, error: str) -> None:
     await _send(send, status, "application/json", json.dumps({"error": error}).encode())
 
 
+class _HeadHolder:
+    """A client connection's transport that can hold an answer's head until the first part
+    of its body, so that both leave in one write: one segment and one wake-up of the client
+    instead of two (uvicorn writes them apart). Anything else is the transport's own."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._hold = False
+        self._held = b""
+
+    def hold(self) -> None:
+        self._hold = True
+
+    def write(self, data: bytes) -> None:
+        if self._hold:
+            self._hold, self._held = False, data
+            return
+        if self._held:
+            data, self._held = self._held + data, b""
+        self._transport.write(data)
+
+    def flush(self) -> None:
+        self._hold = False
+        if self._held:
+            data, self._held = self._held, b""
+            self._transport.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+def router_protocol(max_head: int, read_timeout: float) -> type[Any]:
+    """The server's guarded HTTP protocol, its answers' heads held for their bodies."""
+    from .server import guarded_protocol
+
+    base: Any = guarded_protocol(max_head, read_timeout)
+
+    class RouterHttpProtocol(base):
+        def connection_made(self, transport: asyncio.Transport) -> None:
+            super().connection_made(transport)
+            self.transport = _HeadHolder(transport)
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self.scope[HOLD_HEAD] = self.transport.hold
+
+        def on_response_complete(self) -> None:
+            self.transport.flush()  # a HEAD answer's head: no body follows
+            super().on_response_complete()
+
+    return RouterHttpProtocol
+
+
 def serve_router(settings: ServeSettings) -> int:
     """`kubeonnx serve --role router --router-config FILE`."""
     from .errors import write_termination_message
     from .logs import configure_logging
-    from .server import guarded_protocol, listen
+    from .server import listen
 
     configure_logging(settings.log_level)
     try:
@@ -715,7 +784,7 @@ def serve_router(settings: ServeSettings) -> int:
         date_header=False,  # the upstream's Date passes through, not a second one
         timeout_graceful_shutdown=30,
         lifespan="on",
-        http=guarded_protocol(settings.max_header_bytes, settings.read_timeout_s),
+        http=router_protocol(settings.max_header_bytes, settings.read_timeout_s),
         limit_concurrency=settings.max_connections,
         loop="uvloop",
     )

@@ -135,9 +135,11 @@ class Connection(asyncio.Protocol):
             return
         self.status = status
         self.reusable = self.parser.should_keep_alive()
-        names = {k.lower() for k, _ in self.headers}
+        # An answer whose body ends with the connection never allows another on it.
+        names = set() if self.reusable else {k.lower() for k, _ in self.headers}
         self._until_close = (
-            b"content-length" not in names
+            not self.reusable
+            and b"content-length" not in names
             and b"transfer-encoding" not in names
             and status not in (204, 304)
             and not self._head_only
