@@ -259,6 +259,7 @@ class Router:
         self.metrics_port = metrics_port
         self.upstreams = [Upstream(v) for v in config.versions]
         self.picker = Picker(self.upstreams)
+        self.mirrored = any(u.mirror_percent for u in self.upstreams)
         self.pin_header = config.pin_header.lower().encode()
         self.tenant_header = config.tenant_header.lower().encode()
         self.retry_after = str(max(1, math.ceil(config.probe_interval_s))).encode()
@@ -344,8 +345,9 @@ class Router:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    def choose(self, path: str, headers: list[tuple[bytes, bytes]]) -> Upstream | str:
-        """The upstream, or why none (an error message; 404 for an unknown pin)."""
+    def choose(self, path: str, headers: list[tuple[bytes, bytes]]) -> tuple[Upstream | str, bool]:
+        """The upstream, or why none (an error message; 404 for an unknown pin); and
+        whether the request named its version (then no other version may answer it)."""
         match = VERSION_IN_PATH.search(path)
         pinned = match[1] if match else None
         tenant = None
@@ -358,19 +360,19 @@ class Router:
             upstream = self.picker.by_name.get(pinned)
             if upstream is None:
                 served = ", ".join(u.name for u in self.upstreams)
-                return f"model version '{pinned}' is not served here; versions: {served}"
-            return upstream
+                return f"model version '{pinned}' is not served here; versions: {served}", True
+            return upstream, True
         if self.config.sticky and tenant:
             picked = self.picker.sticky(tenant)
         else:
             picked = self.picker.weighted()
-        return picked if picked is not None else ""
+        return (picked if picked is not None else ""), False
 
     async def proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
         received: list[tuple[bytes, bytes]] = scope["headers"]
         headers = [(k, v) for k, v in received if k not in NOT_FORWARDED]
-        chosen = self.choose(path, headers)
+        chosen, pinned = self.choose(path, headers)
         if isinstance(chosen, str):
             if chosen:
                 self.count("", 404)
@@ -378,9 +380,6 @@ class Router:
             else:
                 await self._unavailable(send, "no version of the model is ready")
             return
-        pinned = VERSION_IN_PATH.search(path) is not None or any(
-            k == self.pin_header for k, _ in headers
-        )
         if not chosen.ready:
             await self._unavailable(send, f"model version '{chosen.name}' is not ready")
             return
@@ -388,7 +387,11 @@ class Router:
         if scope.get("query_string"):
             target += b"?" + scope["query_string"]
         method: str = scope["method"]
-        mirrors = self.picker.mirrors() if method == "POST" and MIRRORED_PATH.search(path) else []
+        mirrors = (
+            self.picker.mirrors()
+            if self.mirrored and method == "POST" and MIRRORED_PATH.search(path)
+            else []
+        )
         length = _content_length(received)
         body = Body(receive, length, length is None and _chunked(received))
         try:
