@@ -43,10 +43,10 @@ from e2e.serving import wait_serving  # noqa: E402
 BODY = b'{"inputs":[{"name":"input","shape":[1,4],"datatype":"FP32","data":[1,2,3,4]}]}'
 
 PROFILED = """
-import cProfile, runpy, sys, time
+import cProfile, runpy, signal, sys, time
 sys.argv = [{script!r}, *sys.argv[1:]]
 profiler = cProfile.Profile(time.process_time)
-profiler.enable()
+signal.signal(signal.SIGUSR1, lambda *_: profiler.enable())  # the load starts
 try:
     runpy.run_path({script!r}, run_name="__main__")
 finally:
@@ -161,6 +161,8 @@ def profile(
 ) -> None:
     """The router under load at 64 connections, then stopped (SIGINT) so cProfile writes."""
     url = f"http://127.0.0.1:{port}/v2/models/mlp/infer"
+    run_wrk(url, script, 4, 1)  # warm
+    os.kill(router.pid, signal.SIGUSR1)  # profile from here: the load alone
     rps = run_wrk(url, script, 64, args.seconds)[0]
     os.killpg(router.pid, signal.SIGINT)
     router.wait(60)
@@ -168,6 +170,30 @@ def profile(
     stats = pstats.Stats(str(args.profile))
     stats.sort_stats("tottime").print_stats(25)
     stats.sort_stats("cumulative").print_stats(25)
+    # Own time (builtins charged to their main caller) by whose code runs.
+    shares: dict[str, float] = {}
+    for (path, _, _), (_, _, own, _, callers) in stats.stats.items():  # type: ignore[attr-defined]
+        if path == "~" and callers:
+            path = max(callers, key=lambda c: callers[c][2])[0]
+        shares[_part(path)] = shares.get(_part(path), 0) + own
+    total = sum(shares.values())
+    for part, own in sorted(shares.items(), key=lambda kv: -kv[1]):
+        print(f"{own / total:6.1%}  {part}")
+
+
+PARTS = (
+    ("kubeonnx_runtime/router.py", "the router's request path (router.py)"),
+    ("kubeonnx_runtime/upstream.py", "its upstream client (upstream.py)"),
+    ("kubeonnx_runtime/server.py", "uvicorn's HTTP server (client side)"),
+    ("uvicorn/", "uvicorn's HTTP server (client side)"),
+    ("prometheus_client/", "metrics"),
+    ("asyncio/", "the event loop (uvloop, asyncio)"),
+    ("_weakrefset", "the event loop (uvloop, asyncio)"),
+)
+
+
+def _part(path: str) -> str:
+    return next((part for key, part in PARTS if key in path), f"other: {path}")
 
 
 if __name__ == "__main__":

@@ -472,14 +472,12 @@ class Router:
                     send, 504, f"model version '{chosen.name}' did not answer in time"
                 )
                 return None
-            except UpstreamClosed:
+            except UpstreamClosed as exc:
                 # The upstream dropped the connection (killed?): no more traffic to it until
                 # its probe says it is ready again.
                 self.set_ready(chosen, False)
                 self.count(chosen.name, 502)
-                await _send_error(
-                    send, 502, f"model version '{chosen.name}' failed: its connection dropped"
-                )
+                await _send_error(send, 502, f"model version '{chosen.name}' failed: {exc}")
                 return None
 
     async def exchange(
