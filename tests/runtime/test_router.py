@@ -341,7 +341,7 @@ class FakeUpstream:
     connection is closed once the answer is sent; with `drop_reused`, a request that is not
     the first on its connection (a probe counts) is read and its connection closed
     unanswered (a keep-alive connection closed by the upstream just as the router reused
-    it)."""
+    it); with `stall` set, it is read and never answered."""
 
     BIG = 3 * 1024 * 1024 + 17
 
@@ -350,6 +350,7 @@ class FakeUpstream:
         self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
         self.close_after = False
         self.drop_reused = False
+        self.stall = threading.Event()  # set: a request other than a probe is never answered
         self.dropped: list[str] = []  # "METHOD path" of each request dropped
         self.answered: list[str] = []
         self.closed = threading.Semaphore(0)  # released as close_after closes a connection
@@ -375,6 +376,10 @@ class FakeUpstream:
                 probe = path == "/v2/health/ready"
                 nth += 0 if probe else 1
                 what = f"{request.method.decode()} {path}"
+                if not probe and self.stall.is_set():
+                    self.stall.wait()
+                    sock.recv(1)  # until the router gives up and closes the connection
+                    return
                 if not probe and self.drop_reused and served:
                     self.dropped.append(what)
                     return
@@ -541,3 +546,20 @@ def test_upstream_closing_kept_alive_connections(fake: tuple[FakeUpstream, Serve
         assert r.status_code == 502, r.text
         assert upstream.dropped == ["GET /v2/models/m", "POST /v2/models/m/infer"]
     assert upstream.answered.count("POST /v2/models/m/infer") == 5  # the dropped one: never
+
+
+def test_upstream_that_does_not_answer_is_a_504(tmp_path: Path) -> None:
+    upstream = FakeUpstream()
+    router = start_router(tmp_path, [{"name": "1", "url": upstream.url, "weight": 1}], timeout_s=1)
+    try:
+        upstream.stall.set()
+        with httpx.Client(base_url=router.url, timeout=60) as http:
+            r = http.post("/v2/models/m/infer", content=b"x")
+            assert r.status_code == 504, r.text
+            assert r.json()["error"] == "model version '1' did not answer in time"
+            upstream.stall.clear()
+            assert http.post("/v2/models/m/infer", content=b"x").json()["bytes"] == 1
+        assert metric(router.url, "kubeonnx_router_requests_total", code="504") == 1
+    finally:
+        router.stop()
+        upstream.stop()
