@@ -504,6 +504,8 @@ class Router:
                 await conn.read_head(wait_s)
                 return conn
             except UpstreamClosed as exc:
+                if conn.status:  # it answered before taking the whole body (a 413?): relayed
+                    return conn
                 conn.finish()
                 if reused and again and not exc.answered:
                     again, fresh = False, True

@@ -222,7 +222,11 @@ class Connection(asyncio.Protocol):
     def quiet(self) -> bool:
         """Nothing waits to be read on the idle connection: not even its end, which the
         event loop may not have handed over yet (the upstream closed it just now)."""
-        return self.fd < 0 or not select.select([self.fd], [], [], 0)[0]
+        if self.fd < 0:
+            return True
+        poll = select.poll()  # not select(): descriptors above 1023 are common in a proxy
+        poll.register(self.fd, select.POLLIN)
+        return not poll.poll(0)
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():

@@ -341,7 +341,8 @@ class FakeUpstream:
     connection is closed once the answer is sent; with `drop_reused`, a request that is not
     the first on its connection (a probe counts) is read and its connection closed
     unanswered (a keep-alive connection closed by the upstream just as the router reused
-    it); with `stall` set, it is read and never answered."""
+    it); with `stall` set, it is read and never answered; with `early`, its head is answered
+    413 and its connection closed, the body unread."""
 
     BIG = 3 * 1024 * 1024 + 17
 
@@ -351,6 +352,7 @@ class FakeUpstream:
         self.close_after = False
         self.drop_reused = False
         self.stall = threading.Event()  # set: a request other than a probe is never answered
+        self.early = False  # answer 413 to a request's head, and close without its body
         self.dropped: list[str] = []  # "METHOD path" of each request dropped
         self.answered: list[str] = []
         self.closed = threading.Semaphore(0)  # released as close_after closes a connection
@@ -414,7 +416,16 @@ class FakeUpstream:
                 conn.start_next_cycle()
 
     @staticmethod
-    def _read(conn: h11.Connection, sock: socket.socket) -> tuple[Any, bytes]:
+    def _answer_early(conn: h11.Connection, sock: socket.socket) -> None:
+        answer = b'{"error":"too large"}'
+        head = [(b"content-type", b"application/json"), (b"content-length", b"21")]
+        sock.sendall(
+            (conn.send(h11.Response(status_code=413, headers=head)) or b"")
+            + (conn.send(h11.Data(data=answer)) or b"")
+            + (conn.send(h11.EndOfMessage()) or b"")
+        )
+
+    def _read(self, conn: h11.Connection, sock: socket.socket) -> tuple[Any, bytes]:
         request, body = None, bytearray()
         while True:
             try:
@@ -428,6 +439,9 @@ class FakeUpstream:
                     return None, b""
             elif isinstance(event, h11.Request):
                 request = event
+                if self.early and event.target != b"/v2/health/ready":
+                    self._answer_early(conn, sock)
+                    return None, b""  # closed with the body unread
             elif isinstance(event, h11.Data):
                 body += event.data
             elif isinstance(event, h11.EndOfMessage):
@@ -563,3 +577,18 @@ def test_upstream_that_does_not_answer_is_a_504(tmp_path: Path) -> None:
     finally:
         router.stop()
         upstream.stop()
+
+
+def test_upstream_answering_before_the_whole_body_is_relayed(
+    fake: tuple[FakeUpstream, Served],
+) -> None:
+    """An upstream that refuses a large body from its head (413) and closes: its answer
+    reaches the client, and the version stays ready (it did not fail)."""
+    upstream, router = fake
+    upstream.early = True
+    with httpx.Client(base_url=router.url, timeout=60) as http:
+        r = http.post("/v2/models/m/infer", content=b"z" * (8 * 1024 * 1024))
+    assert r.status_code == 413, r.text
+    assert r.json() == {"error": "too large"}
+    assert metric(router.url, "kubeonnx_router_requests_total", code="502") == 0
+    assert metric(router.url, "kubeonnx_router_upstream_ready") == 1
