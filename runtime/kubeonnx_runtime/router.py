@@ -27,7 +27,6 @@ held, up to its bound, to be sent twice); hop-by-hop headers are not passed on.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import json
@@ -371,7 +370,7 @@ class Router:
     async def proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
         received: list[tuple[bytes, bytes]] = scope["headers"]
-        headers = [(k, v) for k, v in received if k not in NOT_FORWARDED]
+        headers, length, chunked = _split_headers(received)
         chosen, pinned = self.choose(path, headers)
         if isinstance(chosen, str):
             if chosen:
@@ -392,8 +391,7 @@ class Router:
             if self.mirrored and method == "POST" and MIRRORED_PATH.search(path)
             else []
         )
-        length = _content_length(received)
-        body = Body(receive, length, length is None and _chunked(received))
+        body = Body(receive, length, chunked)
         try:
             if length is not None and length <= SMALL_BODY:
                 await body.read_all()  # one write upstream, not a stream
@@ -604,20 +602,26 @@ def is_mirror_copy(headers: list[tuple[bytes, bytes]], secret: bytes) -> bool:
     return len(values) == 1 and hmac.compare_digest(values[0], secret)
 
 
-def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
-    for k, v in headers:
-        if k.lower() == b"content-length":
-            with contextlib.suppress(ValueError):
-                return int(v)
-    return None
+def _split_headers(
+    received: list[tuple[bytes, bytes]],
+) -> tuple[list[tuple[bytes, bytes]], int | None, bool]:
+    """In one pass: the headers passed upstream, the body's length if given, and whether
+    the body comes with a transfer coding instead (the server gives names in lower case)."""
+    headers = []
+    length = None
+    chunked = False
+    for k, v in received:
+        if k not in NOT_FORWARDED:
+            headers.append((k, v))
+        elif k == b"content-length":
+            length = int(v)  # digits: the server's parser refuses any other (400)
+        elif k == b"transfer-encoding":
+            chunked = True
+    return headers, length, chunked and length is None
 
 
 def _async_request(headers: list[tuple[bytes, bytes]]) -> bool:
     return any(k == b"prefer" and b"respond-async" in v.lower() for k, v in headers)
-
-
-def _chunked(headers: list[tuple[bytes, bytes]]) -> bool:
-    return any(k == b"transfer-encoding" for k, _ in headers)
 
 
 class Body:
