@@ -1,7 +1,7 @@
 """The router's overhead: the runtime called directly against the router in front of it, in
 one run.
 
-    .venv/bin/python benchmarks/router_bench.py [--seconds 10]
+    .venv/bin/python benchmarks/router_bench.py [--seconds 10] [--rounds 1]
 
 The model is `mlp` with one intra-op thread; the runtime is pinned to CPU 0, the router
 (`kubeonnx serve --role router`, one version of weight 1) to CPU 1, and wrk (one thread) to
@@ -9,12 +9,14 @@ CPU 1 as well: on a two-CPU machine the router shares its CPU with the load gene
 the ratio is a lower bound of what a router with a CPU of its own gives.
 Reported: requests/s at 64 connections direct and through the router (the ratio), and p50
 at 1 connection direct and through the router (the difference: the router's added p50),
-for each round and the median over the rounds (`--rounds N`: a noisy machine changes
-between rounds, the two paths of one round are measured back to back).
+and the CPU time each process spent per request at 64 connections, for each round and the
+median over the rounds (`--rounds N`: a noisy machine changes between rounds; in a round
+each measure through the router is taken right after the same measure direct).
 
     .venv/bin/python benchmarks/router_bench.py --profile /tmp/router.prof
 
-runs the router under cProfile at 64 connections instead, and prints where its time goes.
+runs the router under cProfile (CPU time, the load alone) at 64 connections instead, and
+prints where its time goes: the busiest functions, then the share of each part.
 """
 
 from __future__ import annotations
@@ -124,16 +126,22 @@ def main() -> None:
             return
         ratios, added, router_us = [], [], []
         for n in range(args.rounds):
-            results = {}
-            for name, port in (("direct", runtime_port), ("router", router_port)):
-                url = f"http://127.0.0.1:{port}/v2/models/mlp/infer"
+            urls = {
+                name: f"http://127.0.0.1:{port}/v2/models/mlp/infer"
+                for name, port in (("direct", runtime_port), ("router", router_port))
+            }
+            # Each measure of the router right after the same of the direct path: the
+            # machine's load drifts less between the two.
+            c64 = {}
+            for name, url in urls.items():
                 run_wrk(url, script, 4, 1)  # warm
                 cpu = [cpu_seconds(p.pid) for p in procs]
                 rps, _, _, total, _ = run_wrk(url, script, 64, args.seconds)
                 used = [cpu_seconds(p.pid) - c for p, c in zip(procs, cpu, strict=True)]
-                p50 = run_wrk(url, script, 1, args.seconds)[1]
-                results[name] = (rps, p50, [u / total * 1e6 for u in used])
-            (d_rps, d_p50, d_us), (r_rps, r_p50, r_us) = results["direct"], results["router"]
+                c64[name] = (rps, [u / total * 1e6 for u in used])
+            c1 = {name: run_wrk(url, script, 1, args.seconds)[1] for name, url in urls.items()}
+            (d_rps, d_us), (r_rps, r_us) = c64["direct"], c64["router"]
+            d_p50, r_p50 = c1["direct"], c1["router"]
             ratios.append(r_rps / d_rps)
             added.append(r_p50 - d_p50)
             router_us.append(r_us[1])
