@@ -22,6 +22,10 @@ upstreams.
 The router charges nothing: the upstream version that answers charges the request once,
 and its quota headers come back unchanged. Bodies stream both ways (a mirrored body is
 held, up to its bound, to be sent twice); hop-by-hop headers are not passed on.
+
+Requests go upstream over the router's own kept-alive connections (`upstream.Pool`,
+httptools on the event loop's transports): a general HTTP client cost several times the
+CPU per request. The client side is uvicorn's httptools protocol with the server's limits.
 """
 
 from __future__ import annotations
