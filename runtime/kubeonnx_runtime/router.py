@@ -22,12 +22,15 @@ upstreams.
 The router charges nothing: the upstream version that answers charges the request once,
 and its quota headers come back unchanged. Bodies stream both ways (a mirrored body is
 held, up to its bound, to be sent twice); hop-by-hop headers are not passed on.
+
+Requests go upstream over the router's own kept-alive connections (`upstream.Pool`,
+httptools on the event loop's transports): a general HTTP client cost several times the
+CPU per request. The client side is uvicorn's httptools protocol with the server's limits.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import json
@@ -35,15 +38,12 @@ import logging
 import math
 import re
 import signal
-import socket
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-import httpcore
-import httpx
 import uvicorn
-from httpx._transports.default import map_httpcore_exceptions
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -56,6 +56,17 @@ from starlette.types import Message, Receive, Scope, Send
 
 from .errors import FatalStartupError
 from .settings import VERSION_PATTERN, ServeSettings
+from .upstream import (
+    ClientGone,
+    ConnectFailed,
+    Connection,
+    Pool,
+    UpstreamClosed,
+    UpstreamError,
+    UpstreamTimeout,
+    request_head,
+    send_body,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +86,11 @@ HOP_BY_HOP = {
     b"upgrade",
     b"host",
 }
+# Not passed upstream either: the body's framing is the router's own (content-length or
+# chunked), the client's marker is never trusted, and the router answered its Expect.
+NOT_FORWARDED = HOP_BY_HOP | {b"content-length", MIRROR_HEADER, b"expect"}
+SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}  # sent again on a fresh connection if need be
+HOLD_HEAD = "kubeonnx.hold_head"  # in the scope: hold the answer's head for its body
 
 
 class VersionConfig(BaseModel):
@@ -169,6 +185,10 @@ class Upstream:
     def __init__(self, config: VersionConfig) -> None:
         self.name = config.name
         self.url = config.url.rstrip("/")
+        split = urlsplit(self.url)
+        self.host = split.hostname or ""
+        self.port = split.port or 80
+        self.netloc = split.netloc.encode()  # the Host header sent to it
         self.weight = config.weight
         self.mirror_percent = config.mirror_percent
         self.ready = False
@@ -221,91 +241,6 @@ class Picker:
         return chosen
 
 
-class LeanPool(httpx.AsyncBaseTransport):
-    """Idle HTTP/1.1 connections per upstream, taken and given back in constant time.
-    httpcore's own pool scans every connection for every waiting request: at concurrency
-    64 that was most of the router's CPU in a profile. Plain http:// upstreams only (the
-    versions' Services)."""
-
-    def __init__(self, max_idle: int = 512) -> None:
-        self._idle: dict[tuple[bytes, bytes, int], list[httpcore.AsyncHTTPConnection]] = {}
-        self._max_idle = max_idle
-        # Headers and body are separate writes: without NODELAY, Nagle holds the body
-        # until the upstream's delayed ACK of the headers.
-        self._options = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        url = request.url
-        key = (url.raw_scheme, url.raw_host, url.port or 80)
-        idle = self._idle.setdefault(key, [])
-        conn = None
-        while idle:
-            candidate = idle.pop()
-            if candidate.is_idle() and not candidate.has_expired():
-                conn = candidate
-                break
-            await candidate.aclose()
-        if conn is None:
-            conn = httpcore.AsyncHTTPConnection(httpcore.Origin(*key), socket_options=self._options)
-        assert isinstance(request.stream, httpx.AsyncByteStream)
-        core = httpcore.Request(
-            method=request.method,
-            url=httpcore.URL(scheme=key[0], host=key[1], port=key[2], target=url.raw_path),
-            headers=request.headers.raw,
-            content=request.stream,
-            extensions=request.extensions,
-        )
-        with map_httpcore_exceptions():
-            try:
-                answer = await conn.handle_async_request(core)
-            except BaseException:
-                await conn.aclose()
-                raise
-        assert isinstance(answer.stream, AsyncIterable)
-        return httpx.Response(
-            status_code=answer.status,
-            headers=answer.headers,
-            stream=_GiveBack(answer.stream, conn, idle, self._max_idle),
-            extensions=answer.extensions,
-        )
-
-    async def aclose(self) -> None:
-        for idle in self._idle.values():
-            for conn in idle:
-                await conn.aclose()
-        self._idle.clear()
-
-
-class _GiveBack(httpx.AsyncByteStream):
-    """An answer's body; closed, its connection goes back to the idle ones if reusable."""
-
-    def __init__(
-        self,
-        stream: AsyncIterable[bytes],
-        conn: httpcore.AsyncHTTPConnection,
-        idle: list[httpcore.AsyncHTTPConnection],
-        max_idle: int,
-    ) -> None:
-        self._stream = stream
-        self._conn = conn
-        self._idle = idle
-        self._max_idle = max_idle
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        with map_httpcore_exceptions():
-            async for part in self._stream:
-                yield part
-
-    async def aclose(self) -> None:
-        close = getattr(self._stream, "aclose", None)
-        if close is not None:
-            await close()
-        if self._conn.is_idle() and len(self._idle) < self._max_idle:
-            self._idle.append(self._conn)
-        else:
-            await self._conn.aclose()
-
-
 class Router:
     """The ASGI app of the router role."""
 
@@ -315,7 +250,6 @@ class Router:
         metrics: RouterMetrics,
         mirror_secret: str | None,
         metrics_port: int | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         if mirror_secret is None and any(v.mirror_percent for v in config.versions):
             raise FatalStartupError(
@@ -328,15 +262,12 @@ class Router:
         self.metrics_port = metrics_port
         self.upstreams = [Upstream(v) for v in config.versions]
         self.picker = Picker(self.upstreams)
+        self.mirrored = any(u.mirror_percent for u in self.upstreams)
         self.pin_header = config.pin_header.lower().encode()
         self.tenant_header = config.tenant_header.lower().encode()
         self.retry_after = str(max(1, math.ceil(config.probe_interval_s))).encode()
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(
-                config.timeout_s, connect=config.connect_timeout_s, pool=config.connect_timeout_s
-            ),
-            transport=transport or LeanPool(),
-        )
+        self.pool = Pool(config.connect_timeout_s)
+        self.counted: dict[tuple[str, int], Any] = {}  # requests' metric children, by label
         self.mirroring: set[asyncio.Task[None]] = set()
         self.probes: list[asyncio.Task[None]] = []
         for u in self.upstreams:
@@ -354,12 +285,13 @@ class Router:
 
     async def probe(self, upstream: Upstream) -> None:
         while True:
+            wait_s = self.config.probe_timeout_s
             try:
-                r = await self.client.get(
-                    f"{upstream.url}/v2/health/ready", timeout=self.config.probe_timeout_s
+                status = await asyncio.wait_for(
+                    self.fetch(upstream, "GET", b"/v2/health/ready", [], None, wait_s), wait_s
                 )
-                self.set_ready(upstream, r.status_code == 200)
-            except httpx.HTTPError:
+                self.set_ready(upstream, status == 200)
+            except (UpstreamError, TimeoutError):
                 self.set_ready(upstream, False)
             await asyncio.sleep(self.config.probe_interval_s)
 
@@ -370,7 +302,7 @@ class Router:
         for task in [*self.probes, *self.mirroring]:
             task.cancel()
         await asyncio.gather(*self.probes, *self.mirroring, return_exceptions=True)
-        await self.client.aclose()
+        self.pool.close()
 
     # -- ASGI ------------------------------------------------------------------------------
 
@@ -416,8 +348,9 @@ class Router:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    def choose(self, path: str, headers: list[tuple[bytes, bytes]]) -> Upstream | str:
-        """The upstream, or why none (an error message; 404 for an unknown pin)."""
+    def choose(self, path: str, headers: list[tuple[bytes, bytes]]) -> tuple[Upstream | str, bool]:
+        """The upstream, or why none (an error message; 404 for an unknown pin); and
+        whether the request named its version (then no other version may answer it)."""
         match = VERSION_IN_PATH.search(path)
         pinned = match[1] if match else None
         tenant = None
@@ -430,70 +363,101 @@ class Router:
             upstream = self.picker.by_name.get(pinned)
             if upstream is None:
                 served = ", ".join(u.name for u in self.upstreams)
-                return f"model version '{pinned}' is not served here; versions: {served}"
-            return upstream
+                return f"model version '{pinned}' is not served here; versions: {served}", True
+            return upstream, True
         if self.config.sticky and tenant:
             picked = self.picker.sticky(tenant)
         else:
             picked = self.picker.weighted()
-        return picked if picked is not None else ""
+        return (picked if picked is not None else ""), False
 
     async def proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
-        headers = [
-            (k, v) for k, v in scope["headers"] if k not in HOP_BY_HOP and k != MIRROR_HEADER
-        ]
-        chosen = self.choose(path, headers)
+        received: list[tuple[bytes, bytes]] = scope["headers"]
+        headers, length, chunked = _split_headers(received)
+        chosen, pinned = self.choose(path, headers)
         if isinstance(chosen, str):
             if chosen:
-                self.metrics.requests.labels("", "404").inc()
+                self.count("", 404)
                 await _send_error(send, 404, chosen)
             else:
                 await self._unavailable(send, "no version of the model is ready")
             return
-        pinned = VERSION_IN_PATH.search(path) is not None or any(
-            k == self.pin_header for k, _ in headers
-        )
         if not chosen.ready:
             await self._unavailable(send, f"model version '{chosen.name}' is not ready")
             return
-        target = scope.get("raw_path") or path.encode()
-        query = scope.get("query_string") or b""
-        url = (
-            chosen.url
-            + target.decode("latin-1")
-            + (("?" + query.decode("latin-1")) if query else "")
-        )
+        target: bytes = scope.get("raw_path") or path.encode()
+        if scope.get("query_string"):
+            target += b"?" + scope["query_string"]
         method: str = scope["method"]
-        mirrors = self.picker.mirrors() if method == "POST" and MIRRORED_PATH.search(path) else []
-        body: bytes | None = None
-        length = _content_length(headers)
-        if length is not None and length <= SMALL_BODY:
-            body = await _read_all(receive, length)  # one write upstream, not a stream
-        if mirrors:
-            if _async_request(headers) or length is None:
-                mirrors_ok = False
-            elif body is None and length <= self.config.mirror_max_body_bytes:
-                body = await _read_all(receive, length)
-                mirrors_ok = True
-            else:
-                mirrors_ok = body is not None
-            if not mirrors_ok:
-                for m in mirrors:
-                    self.metrics.mirrors.labels(m.name, "dropped").inc()
-                mirrors = []
+        mirrors = (
+            self.picker.mirrors()
+            if self.mirrored and method == "POST" and MIRRORED_PATH.search(path)
+            else []
+        )
+        body = Body(receive, length, chunked)
+        try:
+            if length is not None and length <= SMALL_BODY:
+                await body.read_all()  # one write upstream, not a stream
+            if mirrors:
+                mirrors = await self._mirrorable(mirrors, headers, body)
+            answer = await self.forward(chosen, pinned, method, target, headers, body, send)
+        except ClientGone:
+            # Nobody to answer (counted as nginx does, 499); the upstream connection, if
+            # any, was closed: the request on it is incomplete. The upstream is not at fault.
+            self.count(chosen.name, 499)
+            return
+        if answer is None:
+            return
+        chosen, conn = answer
+        for m in mirrors:
+            self._mirror(m, method, target, headers, body.data or b"")
+        try:
+            await self.relay(conn, scope, send)
+        except UpstreamError:
+            log.warning("upstream answer cut", extra={"version": chosen.name})  # started already
+        finally:
+            self.pool.release(chosen.host, chosen.port, conn)
+        self.count(chosen.name, conn.status)
+
+    async def _mirrorable(
+        self, mirrors: list[Upstream], headers: list[tuple[bytes, bytes]], body: Body
+    ) -> list[Upstream]:
+        """The mirrors a copy can go to: none for an asynchronous request or a body of
+        unknown length or over the bound (each counted as dropped)."""
+        if _async_request(headers) or body.length is None:
+            ok = False
+        elif body.data is None and body.length <= self.config.mirror_max_body_bytes:
+            await body.read_all()
+            ok = True
+        else:
+            ok = body.data is not None
+        if ok:
+            return mirrors
+        for m in mirrors:
+            self.metrics.mirrors.labels(m.name, "dropped").inc()
+        return []
+
+    async def forward(
+        self,
+        chosen: Upstream,
+        pinned: bool,
+        method: str,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: Body,
+        send: Send,
+    ) -> tuple[Upstream, Connection] | None:
+        """The request sent to `chosen` (or, refused, to another version) and its answer's
+        head read; None when an error was answered instead."""
         tried: set[str] = set()
         while True:
-            request = self.client.build_request(
-                method,
-                url,
-                headers=headers,
-                content=body if body is not None else _stream(receive),
-            )
             try:
-                response = await self.client.send(request, stream=True)
-                break
-            except httpx.ConnectError:
+                conn = await self.exchange(
+                    chosen, method, target, headers, body, self.config.timeout_s
+                )
+                return chosen, conn
+            except ConnectFailed:
                 # Nothing reached the upstream: it is gone; another version takes the request.
                 self.set_ready(chosen, False)
                 tried.add(chosen.name)
@@ -502,68 +466,116 @@ class Router:
                     await self._unavailable(
                         send, f"model version '{chosen.name}' is unreachable", 502
                     )
-                    return
+                    return None
                 chosen = again
-                url = (
-                    chosen.url
-                    + target.decode("latin-1")
-                    + (("?" + query.decode("latin-1")) if query else "")
-                )
-            except httpx.TimeoutException:
-                self.metrics.requests.labels(chosen.name, "504").inc()
+            except UpstreamTimeout:
+                self.count(chosen.name, 504)
                 await _send_error(
                     send, 504, f"model version '{chosen.name}' did not answer in time"
                 )
-                return
-            except httpx.HTTPError as exc:
+                return None
+            except UpstreamClosed as exc:
                 # The upstream dropped the connection (killed?): no more traffic to it until
                 # its probe says it is ready again.
                 self.set_ready(chosen, False)
-                self.metrics.requests.labels(chosen.name, "502").inc()
-                await _send_error(
-                    send, 502, f"model version '{chosen.name}' failed: {type(exc).__name__}"
-                )
-                return
-        for m in mirrors:
-            self._mirror(m, method, target, query, headers, body or b"")
+                self.count(chosen.name, 502)
+                await _send_error(send, 502, f"model version '{chosen.name}' failed: {exc}")
+                return None
+
+    async def exchange(
+        self,
+        upstream: Upstream,
+        method: str,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: Body,
+        wait_s: float,
+    ) -> Connection:
+        """A connection to `upstream` with the request sent and the answer's head read.
+
+        A request that found a kept-alive connection closed under it before any answer is
+        sent again on a fresh one only if that cannot do anything twice: a safe method
+        without a body."""
+        again = method in SAFE_METHODS and not body.length and not body.chunked
+        fresh = False
+        while True:
+            conn, reused = await self.pool.acquire(upstream.host, upstream.port, fresh)
+            conn.begin(head_only=method == "HEAD")
+            try:
+                await body.send(conn, method, target, upstream.netloc, headers, wait_s)
+                await conn.read_head(wait_s)
+                return conn
+            except UpstreamClosed as exc:
+                if conn.status:  # it answered before taking the whole body (a 413?): relayed
+                    return conn
+                conn.finish()
+                if reused and again and not exc.answered:
+                    again, fresh = False, True
+                    continue
+                raise
+            except BaseException:
+                conn.close()
+                conn.finish()
+                raise
+
+    async def relay(self, conn: Connection, scope: Scope, send: Send) -> None:
+        """The answer's status, headers and body to the client, as they come."""
+        out = [(k, v) for k, v in conn.headers if k.lower() not in HOP_BY_HOP]
+        hold = scope.get(HOLD_HEAD)
+        if hold is not None:
+            hold()  # the head leaves with the first part of the body, in one write
+        await send({"type": "http.response.start", "status": conn.status, "headers": out})
+        more = True
+        while more:
+            chunk = await conn.read_chunk(self.config.timeout_s)
+            more = bool(chunk) and not (conn.complete and not conn.chunks)
+            await send({"type": "http.response.body", "body": chunk, "more_body": more})
+
+    async def fetch(
+        self,
+        upstream: Upstream,
+        method: str,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        data: bytes | None,
+        wait_s: float,
+    ) -> int:
+        """A whole exchange whose answer is dropped (a probe, a mirrored copy): its status."""
+        body = Body.whole(data)
+        conn = await self.exchange(upstream, method, target, headers, body, wait_s)
         try:
-            out = [(k, v) for k, v in response.headers.raw if k.lower() not in HOP_BY_HOP]
-            await send(
-                {"type": "http.response.start", "status": response.status_code, "headers": out}
-            )
-            async for chunk in response.aiter_raw():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b""})
-        except httpx.HTTPError:
-            log.warning("upstream answer cut", extra={"version": chosen.name})  # started already
+            while await conn.read_chunk(wait_s):
+                pass
         finally:
-            await response.aclose()
-        self.metrics.requests.labels(chosen.name, str(response.status_code)).inc()
+            self.pool.release(upstream.host, upstream.port, conn)
+        return conn.status
+
+    def count(self, version: str, code: int) -> None:
+        child = self.counted.get((version, code))
+        if child is None:
+            child = self.counted[(version, code)] = self.metrics.requests.labels(version, str(code))
+        child.inc()
 
     def _mirror(
         self,
         upstream: Upstream,
         method: str,
         target: bytes,
-        query: bytes,
         headers: list[tuple[bytes, bytes]],
         body: bytes,
     ) -> None:
         if not upstream.ready or len(self.mirroring) >= self.config.max_mirrors_in_flight:
             self.metrics.mirrors.labels(upstream.name, "dropped").inc()
             return
-        url = (
-            upstream.url
-            + target.decode("latin-1")
-            + (("?" + query.decode("latin-1")) if query else "")
-        )
         marked = [*headers, (MIRROR_HEADER, self.mirror_secret)]
 
         async def copy() -> None:
             try:
-                r = await self.client.request(method, url, headers=marked, content=body)
-                outcome = "sent" if r.status_code < 500 else "failed"
-            except httpx.HTTPError:
+                status = await self.fetch(
+                    upstream, method, target, marked, body, self.config.timeout_s
+                )
+                outcome = "sent" if status < 500 else "failed"
+            except UpstreamError:
                 outcome = "failed"
             self.metrics.mirrors.labels(upstream.name, outcome).inc()
 
@@ -572,7 +584,7 @@ class Router:
         task.add_done_callback(self.mirroring.discard)
 
     async def _unavailable(self, send: Send, error: str, status: int = 503) -> None:
-        self.metrics.requests.labels("", str(status)).inc()
+        self.count("", status)
         await send(
             {
                 "type": "http.response.start",
@@ -594,33 +606,90 @@ def is_mirror_copy(headers: list[tuple[bytes, bytes]], secret: bytes) -> bool:
     return len(values) == 1 and hmac.compare_digest(values[0], secret)
 
 
-def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
-    for k, v in headers:
-        if k.lower() == b"content-length":
-            with contextlib.suppress(ValueError):
-                return int(v)
-    return None
+def _split_headers(
+    received: list[tuple[bytes, bytes]],
+) -> tuple[list[tuple[bytes, bytes]], int | None, bool]:
+    """In one pass: the headers passed upstream, the body's length if given, and whether
+    the body comes with a transfer coding instead (the server gives names in lower case)."""
+    headers = []
+    length = None
+    chunked = False
+    for k, v in received:
+        if k not in NOT_FORWARDED:
+            headers.append((k, v))
+        elif k == b"content-length":
+            length = int(v)  # digits: the server's parser refuses any other (400)
+        elif k == b"transfer-encoding":
+            chunked = True
+    return headers, length, chunked and length is None
 
 
 def _async_request(headers: list[tuple[bytes, bytes]]) -> bool:
     return any(k == b"prefer" and b"respond-async" in v.lower() for k, v in headers)
 
 
+class Body:
+    """A request's body: read whole (`data`) or streamed from the client as it is sent."""
+
+    def __init__(self, receive: Receive | None, length: int | None, chunked: bool) -> None:
+        self.receive = receive
+        self.length = length  # the client's content-length
+        self.chunked = chunked  # sent with a transfer coding, length unknown
+        self.data: bytes | None = None
+
+    @classmethod
+    def whole(cls, data: bytes | None) -> Body:
+        body = cls(None, None if data is None else len(data), False)
+        body.data = data
+        return body
+
+    async def read_all(self) -> None:
+        assert self.receive is not None
+        parts = []
+        while True:  # _stream's loop, without an asynchronous generator per request
+            message: Message = await self.receive()
+            if message["type"] != "http.request":
+                raise ClientGone()
+            parts.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        self.data = parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def send(
+        self,
+        conn: Connection,
+        method: str,
+        target: bytes,
+        host: bytes,
+        headers: list[tuple[bytes, bytes]],
+        wait_s: float,
+    ) -> None:
+        if self.data is not None:
+            framing = b"content-length: %d" % len(self.data) if self.length is not None else b""
+            conn.write(request_head(method, target, host, headers, framing) + self.data)
+            return
+        if self.length is None and not self.chunked:
+            conn.write(request_head(method, target, host, headers, b""))
+            return
+        framing = b"transfer-encoding: chunked" if self.chunked else b"content-length: %d"
+        if not self.chunked:
+            framing %= self.length
+        conn.write(request_head(method, target, host, headers, framing))
+        assert self.receive is not None
+        await send_body(conn, _stream(self.receive), self.chunked, wait_s)
+
+
 async def _stream(receive: Receive) -> AsyncIterator[bytes]:
+    """The client's body as it arrives; ClientGone if the client leaves before its end."""
     while True:
         message: Message = await receive()
         if message["type"] != "http.request":
-            return
+            raise ClientGone()
         chunk = message.get("body", b"")
         if chunk:
             yield chunk
         if not message.get("more_body", False):
             return
-
-
-async def _read_all(receive: Receive, length: int) -> bytes:
-    parts = [chunk async for chunk in _stream(receive)]
-    return b"".join(parts)
 
 
 async def _send(send: Send, status: int, content_type: str, body: bytes) -> None:
@@ -638,14 +707,70 @@ async def _send_error(send: Send, status: int, error: str) -> None:
     await _send(send, status, "application/json", json.dumps({"error": error}).encode())
 
 
+class _HeadHolder:
+    """A client connection's transport that can hold an answer's head until the first part
+    of its body, so that both leave in one write: one segment and one wake-up of the client
+    instead of two (uvicorn writes them apart). Anything else is the transport's own."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._hold = False
+        self._held = b""
+
+    def hold(self) -> None:
+        self._hold = True
+
+    def write(self, data: bytes) -> None:
+        if self._hold:
+            self._hold, self._held = False, data
+            return
+        if self._held:
+            data, self._held = self._held + data, b""
+        self._transport.write(data)
+
+    def flush(self) -> None:
+        self._hold = False
+        if self._held:
+            data, self._held = self._held, b""
+            self._transport.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+def router_protocol(max_head: int, read_timeout: float) -> type[Any]:
+    """The server's guarded HTTP protocol, its answers' heads held for their bodies."""
+    from .server import guarded_protocol
+
+    base: Any = guarded_protocol(max_head, read_timeout)
+
+    class RouterHttpProtocol(base):
+        def connection_made(self, transport: asyncio.Transport) -> None:
+            super().connection_made(transport)
+            self.transport = _HeadHolder(transport)
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self.scope[HOLD_HEAD] = self.transport.hold
+
+        def on_response_complete(self) -> None:
+            self.transport.flush()  # a HEAD answer's head: no body follows
+            super().on_response_complete()
+
+    return RouterHttpProtocol
+
+
 def serve_router(settings: ServeSettings) -> int:
     """`kubeonnx serve --role router --router-config FILE`."""
     from .errors import write_termination_message
     from .logs import configure_logging
-    from .server import guarded_protocol, listen
+    from .server import listen
 
     configure_logging(settings.log_level)
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per proxied request
     try:
         if settings.router_config is None:
             raise FatalStartupError("role router needs --router-config (KUBEONNX_ROUTER_CONFIG)")
@@ -670,7 +795,7 @@ def serve_router(settings: ServeSettings) -> int:
         date_header=False,  # the upstream's Date passes through, not a second one
         timeout_graceful_shutdown=30,
         lifespan="on",
-        http=guarded_protocol(settings.max_header_bytes, settings.read_timeout_s),
+        http=router_protocol(settings.max_header_bytes, settings.read_timeout_s),
         limit_concurrency=settings.max_connections,
         loop="uvloop",
     )

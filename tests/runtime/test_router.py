@@ -4,8 +4,11 @@ front of them."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import signal
+import socket
 import threading
 import time
 from collections import Counter
@@ -13,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import h11
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -326,3 +330,265 @@ def test_candidate_starting_then_killed(
         router.stop()
     failed = sum(n for code, n in codes.items() if code >= 500)
     assert failed <= workers, codes
+
+
+class FakeUpstream:
+    """An HTTP/1.1 upstream (h11, a thread per connection) that misbehaves on demand.
+
+    `/v2/health/ready` is always answered 200 (the router's probes). Any other request is
+    answered `{"method", "bytes", "sha256", "nth"}` (its body's size and hash, its number on
+    its connection), except: `/big` answers `BIG` bytes, chunked; with `close_after`, the
+    connection is closed once the answer is sent; with `drop_reused`, a request that is not
+    the first on its connection (a probe counts) is read and its connection closed
+    unanswered (a keep-alive connection closed by the upstream just as the router reused
+    it); with `stall` set, it is read and never answered; with `early`, its head is answered
+    413 and its connection closed, the body unread."""
+
+    BIG = 3 * 1024 * 1024 + 17
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        self.close_after = False
+        self.drop_reused = False
+        self.stall = threading.Event()  # set: a request other than a probe is never answered
+        self.early = False  # answer 413 to a request's head, and close without its body
+        self.dropped: list[str] = []  # "METHOD path" of each request dropped
+        self.answered: list[str] = []
+        self.closed = threading.Semaphore(0)  # released as close_after closes a connection
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
+
+    def _serve(self, sock: socket.socket) -> None:
+        conn = h11.Connection(h11.SERVER)
+        nth = served = 0  # requests answered on this connection: not probes, and all
+        with sock:
+            while True:
+                request, body = self._read(conn, sock)
+                if request is None:
+                    return
+                path = request.target.decode()
+                probe = path == "/v2/health/ready"
+                nth += 0 if probe else 1
+                what = f"{request.method.decode()} {path}"
+                if not probe and self.stall.is_set():
+                    self.stall.wait()
+                    sock.recv(1)  # until the router gives up and closes the connection
+                    return
+                if not probe and self.drop_reused and served:
+                    self.dropped.append(what)
+                    return
+                served += 1
+                if path == "/big":
+                    head = [(b"content-type", b"application/octet-stream")]
+                    chunks = [bytes([i % 251]) * 65536 for i in range(self.BIG // 65536)]
+                    chunks.append(b"x" * (self.BIG % 65536))
+                else:
+                    answer = {
+                        "method": request.method.decode(),
+                        "bytes": len(body),
+                        "sha256": hashlib.sha256(body).hexdigest(),
+                        "nth": nth,
+                    }
+                    chunks = [json.dumps(answer).encode()]
+                    head = [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(chunks[0])).encode()),
+                    ]
+                sock.sendall(conn.send(h11.Response(status_code=200, headers=head)) or b"")
+                if request.method != b"HEAD":
+                    for chunk in chunks:
+                        sock.sendall(conn.send(h11.Data(data=chunk)) or b"")
+                sock.sendall(conn.send(h11.EndOfMessage()) or b"")
+                if not probe:
+                    self.answered.append(what)
+                if self.close_after and not probe:
+                    sock.shutdown(socket.SHUT_RDWR)
+                    self.closed.release()
+                    return
+                conn.start_next_cycle()
+
+    @staticmethod
+    def _answer_early(conn: h11.Connection, sock: socket.socket) -> None:
+        answer = b'{"error":"too large"}'
+        head = [(b"content-type", b"application/json"), (b"content-length", b"21")]
+        sock.sendall(
+            (conn.send(h11.Response(status_code=413, headers=head)) or b"")
+            + (conn.send(h11.Data(data=answer)) or b"")
+            + (conn.send(h11.EndOfMessage()) or b"")
+        )
+
+    def _read(self, conn: h11.Connection, sock: socket.socket) -> tuple[Any, bytes]:
+        request, body = None, bytearray()
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError:  # the router cut a request short
+                return None, b""
+            if event is h11.NEED_DATA:
+                try:
+                    conn.receive_data(sock.recv(65536))
+                except OSError:
+                    return None, b""
+            elif isinstance(event, h11.Request):
+                request = event
+                if self.early and event.target != b"/v2/health/ready":
+                    self._answer_early(conn, sock)
+                    return None, b""  # closed with the body unread
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                return request, bytes(body)
+            else:  # ConnectionClosed
+                return None, b""
+
+    def stop(self) -> None:
+        self.server.close()
+
+
+@pytest.fixture
+def fake(tmp_path: Path) -> Iterator[tuple[FakeUpstream, Served]]:
+    upstream = FakeUpstream()
+    router = start_router(tmp_path, [{"name": "1", "url": upstream.url, "weight": 1}])
+    yield upstream, router
+    router.stop()
+    upstream.stop()
+
+
+def raw_exchange(url: str, data: bytes, answers: int) -> list[bytes]:
+    """Send raw bytes on one connection; read `answers` whole answers (content-length)."""
+    host, port = url.removeprefix("http://").split(":")
+    got: list[bytes] = []
+    buffer = b""
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(data)
+        while len(got) < answers:
+            while b"\r\n\r\n" not in buffer:
+                buffer += sock.recv(65536)
+            head, buffer = buffer.split(b"\r\n\r\n", 1)
+            length = int(re.search(rb"content-length: (\d+)", head, re.I)[1])  # type: ignore[index]
+            while len(buffer) < length:
+                buffer += sock.recv(65536)
+            got.append(buffer[:length])
+            buffer = buffer[length:]
+    return got
+
+
+def test_large_bodies_stream_both_ways(fake: tuple[FakeUpstream, Served]) -> None:
+    """A body of known length over 64 KiB, a chunked one (no length) and a chunked answer
+    of megabytes pass through whole; a HEAD answer ends at its head."""
+    _, router = fake
+    big = bytes(range(256)) * 8192  # 2 MiB
+    with httpx.Client(base_url=router.url, timeout=60) as http:
+        r = http.post("/v2/models/m/infer", content=big)
+        assert r.json()["bytes"] == len(big)
+        assert r.json()["sha256"] == hashlib.sha256(big).hexdigest()
+
+        def parts() -> Iterator[bytes]:
+            for i in range(0, len(big), 100_000):
+                yield big[i : i + 100_000]
+
+        r = http.post("/v2/models/m/infer", content=parts())  # transfer-encoding: chunked
+        assert r.json()["sha256"] == hashlib.sha256(big).hexdigest(), r.text
+        r = http.get("/big")
+        assert len(r.content) == FakeUpstream.BIG
+        assert r.content[65536 * 5] == 5 and r.content.endswith(b"x" * 17)
+        r = http.head("/v2/models/m")
+        assert r.status_code == 200 and r.content == b""
+        assert int(r.headers["content-length"]) > 0  # the GET's length, as HEAD promises
+
+
+def test_pipelined_requests_are_answered_in_order(fake: tuple[FakeUpstream, Served]) -> None:
+    _, router = fake
+    requests = b"".join(
+        b"POST /v2/models/m/infer HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%b"
+        % (len(body), body)
+        for body in (b"a", b"bb", b"ccc")
+    )
+    answers = [json.loads(a) for a in raw_exchange(router.url, requests, 3)]
+    assert [a["bytes"] for a in answers] == [1, 2, 3]
+
+
+def test_client_leaving_mid_body_is_not_the_upstreams_failure(
+    fake: tuple[FakeUpstream, Served],
+) -> None:
+    """The client promises 1 MiB, sends 200 KiB and leaves: counted as 499, the upstream
+    stays ready (no 502), and the next requests are answered."""
+    _, router = fake
+    host, port = router.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(
+            b"POST /v2/models/m/infer HTTP/1.1\r\nhost: x\r\ncontent-length: 1048576\r\n\r\n"
+            + b"z" * 200_000
+        )
+    deadline = time.monotonic() + 60
+    while metric(router.url, "kubeonnx_router_requests_total", code="499") < 1:
+        assert time.monotonic() < deadline, router.logs()
+        time.sleep(0.05)
+    assert metric(router.url, "kubeonnx_router_requests_total", code="502") == 0
+    assert metric(router.url, "kubeonnx_router_upstream_ready") == 1
+    with httpx.Client(base_url=router.url, timeout=30) as http:
+        assert http.post("/v2/models/m/infer", content=b"ok").json()["bytes"] == 2
+
+
+def test_upstream_closing_kept_alive_connections(fake: tuple[FakeUpstream, Served]) -> None:
+    """An upstream that closes its connection after each answer: the router notices and
+    opens a fresh one (any method). One that closes a reused connection on receiving the
+    request: a GET is sent again on a fresh connection; a POST is not (it may have been
+    acted on), it is a 502."""
+    upstream, router = fake
+    upstream.close_after = True
+    with httpx.Client(base_url=router.url, timeout=30) as http:
+        for i in range(5):
+            r = http.post("/v2/models/m/infer", content=b"x" * i)
+            assert r.status_code == 200 and r.json()["nth"] == 1, r.text
+            assert upstream.closed.acquire(timeout=30)  # closed before the next is sent
+        upstream.close_after = False
+        http.get("/v2/models/m")  # leaves a kept-alive connection in the router's pool
+        upstream.drop_reused = True
+        r = http.get("/v2/models/m")
+        assert r.status_code == 200 and r.json()["nth"] == 1, r.text
+        assert upstream.dropped == ["GET /v2/models/m"]
+        r = http.post("/v2/models/m/infer", content=b"once")
+        assert r.status_code == 502, r.text
+        assert upstream.dropped == ["GET /v2/models/m", "POST /v2/models/m/infer"]
+    assert upstream.answered.count("POST /v2/models/m/infer") == 5  # the dropped one: never
+
+
+def test_upstream_that_does_not_answer_is_a_504(tmp_path: Path) -> None:
+    upstream = FakeUpstream()
+    router = start_router(tmp_path, [{"name": "1", "url": upstream.url, "weight": 1}], timeout_s=1)
+    try:
+        upstream.stall.set()
+        with httpx.Client(base_url=router.url, timeout=60) as http:
+            r = http.post("/v2/models/m/infer", content=b"x")
+            assert r.status_code == 504, r.text
+            assert r.json()["error"] == "model version '1' did not answer in time"
+            upstream.stall.clear()
+            assert http.post("/v2/models/m/infer", content=b"x").json()["bytes"] == 1
+        assert metric(router.url, "kubeonnx_router_requests_total", code="504") == 1
+    finally:
+        router.stop()
+        upstream.stop()
+
+
+def test_upstream_answering_before_the_whole_body_is_relayed(
+    fake: tuple[FakeUpstream, Served],
+) -> None:
+    """An upstream that refuses a large body from its head (413) and closes: its answer
+    reaches the client, and the version stays ready (it did not fail)."""
+    upstream, router = fake
+    upstream.early = True
+    with httpx.Client(base_url=router.url, timeout=60) as http:
+        r = http.post("/v2/models/m/infer", content=b"z" * (8 * 1024 * 1024))
+    assert r.status_code == 413, r.text
+    assert r.json() == {"error": "too large"}
+    assert metric(router.url, "kubeonnx_router_requests_total", code="502") == 0
+    assert metric(router.url, "kubeonnx_router_upstream_ready") == 1
