@@ -92,6 +92,57 @@ def test_a_password_on_the_command_line_is_refused_naming_the_variable(
     assert variable in err and "hunter2" not in err
 
 
+@pytest.mark.parametrize(
+    ("flag", "instead"),
+    [
+        ("--async-redis-url", "KUBEONNX_ASYNC_REDIS_PASSWORD"),
+        ("--s3-endpoint", "AWS_SECRET_ACCESS_KEY"),
+        ("--model-uri", "AWS_SECRET_ACCESS_KEY"),
+    ],
+)
+@pytest.mark.parametrize("form", ["separate", "equals"])
+def test_a_url_flag_carrying_credentials_is_refused_in_one_line(
+    flag: str, instead: str, form: str, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """Secrets are never flags, in a URL either: the password would be in `ps`."""
+    import kubeonnx_runtime.server as server
+
+    started: list[ServeSettings] = []
+    monkeypatch.setattr(server, "serve", lambda settings: started.append(settings) or 0)
+    url = {
+        "--async-redis-url": "redis://:hunter2@127.0.0.1:1/0",
+        "--s3-endpoint": "http://key:hunter2@127.0.0.1:9000",
+        "--model-uri": "s3://key:hunter2@models/m.onnx",
+    }[flag]
+    given = [f"{flag}={url}"] if form == "equals" else [flag, url]
+    argv = (["--model-uri", "file:///m.onnx"] if flag != "--model-uri" else []) + given
+    assert serve_cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert started == []
+    assert len(err.strip().splitlines()) == 1, err
+    assert "hunter2" not in err
+    assert f"{flag} must not carry credentials" in err and instead in err, err
+    assert "KUBEONNX_" + flag[2:].replace("-", "_").upper() in err
+
+
+def test_a_redis_url_with_its_password_in_the_variable_or_the_password_variable_serves(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import kubeonnx_runtime.server as server
+
+    started: list[ServeSettings] = []
+    monkeypatch.setattr(server, "serve", lambda settings: started.append(settings) or 0)
+    monkeypatch.setenv("KUBEONNX_ASYNC_REDIS_URL", "redis://:hunter2@127.0.0.1:1/0")
+    assert serve_cli.main(["--model-uri", "file:///m.onnx"]) == 0
+    assert started[-1].async_redis_url == "redis://:hunter2@127.0.0.1:1/0"
+    monkeypatch.delenv("KUBEONNX_ASYNC_REDIS_URL")
+    monkeypatch.setenv("KUBEONNX_ASYNC_REDIS_PASSWORD", "hunter2")
+    argv = ["--model-uri", "file:///m.onnx", "--async-redis-url", "redis://127.0.0.1:1/0"]
+    assert serve_cli.main(argv) == 0
+    password = started[-1].async_redis_password
+    assert password is not None and password.get_secret_value() == "hunter2"
+
+
 def test_the_redis_password_is_read_from_a_file(tmp_path: Path) -> None:
     secret = tmp_path / "password"
     secret.write_text("hunter2\n")
