@@ -36,7 +36,7 @@ def _check_cluster_config() -> None:
 
     try:
         config = KubeConfig.from_env().get()
-    except Exception as exc:  # noqa: BLE001 - any reason: a missing file, bad YAML, no context
+    except Exception as exc:  # any reason: a missing file, bad YAML, no context
         where = os.environ.get("KUBECONFIG") or "~/.kube/config"
         reason = f"it has no {exc}" if isinstance(exc, KeyError) else " ".join(str(exc).split())
         raise SystemExit(

@@ -181,7 +181,8 @@ def test_every_helm_install_and_upgrade_takes_the_values_file() -> None:
     """`helm upgrade` with --set alone resets every value, images included, to the chart's
     defaults (which no registry holds): every install and upgrade the docs show gives the
     quickstart's values file, which a block writes."""
-    blocks = [b for doc in [README, *sorted((ROOT / "docs").glob("*.md"))] for b in shell_blocks(doc)]
+    docs = [README, *sorted((ROOT / "docs").glob("*.md"))]
+    blocks = [b for doc in docs for b in shell_blocks(doc)]
     found = 0
     for block in blocks:
         for line in commands(block):

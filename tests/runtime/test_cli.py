@@ -155,7 +155,7 @@ def test_operator_without_a_readable_kubeconfig_exits_in_one_line(
         kubeconfig.write_text(content)
     env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}
     env.update(KUBECONFIG=str(kubeconfig), HOME=str(tmp_path))
-    code, out, err = run("operator", env=env)
+    code, _, err = run("operator", env=env)
     assert code != 0
     assert len(err.strip().splitlines()) == 1, err
     assert f"cannot read the kubeconfig {kubeconfig}" in err, err
