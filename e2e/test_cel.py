@@ -107,12 +107,12 @@ REFUSALS: list[tuple[str, dict[str, Any], str]] = [
         "spec.model.uri must be s3://BUCKET/KEY naming the model file",
     ),
     (
-        "self.count > 0 || !has(self.profile) || self.profile == ''",
+        "self.count != 0 || !has(self.profile) || self.profile == ''",
         model(accelerator={"profile": "nvidia"}),
         "spec.accelerator.count (GPUs per replica) is required when spec.accelerator.profile",
     ),
     (
-        "self.count == 0 ||",
+        "self.count <= 0 ||",
         model(accelerator={"count": 1}),
         "spec.accelerator.profile is required when spec.accelerator.count > 0",
     ),
@@ -449,3 +449,24 @@ def test_an_update_to_another_namespaces_route_is_refused(api: tuple[Cluster, st
     assert "spec.ingress.path /models/victim/their-model: paths under /models/" in stderr, stderr
     stored = cluster.get("inferencemodel", "patched", "-n", namespace)
     assert stored is not None and stored["spec"]["ingress"]["path"] == own
+
+
+def test_a_refusal_names_metadata_name_and_a_negative_count_only_its_minimum(
+    api: tuple[Cluster, str],
+) -> None:
+    """The name rules are the root's, but their refusal names metadata.name (not `<nil>`);
+    a count of -1 given with a profile is refused for its minimum alone, not as missing."""
+    cluster, namespace = api
+    refused = dry_run(cluster, namespace, model("bad-name-" + "a" * 60))
+    assert refused.returncode != 0
+    stderr = " ".join(refused.stderr.split())
+    assert "<nil>" not in stderr, stderr
+    assert "metadata.name: Invalid value" in stderr and "at most 63 characters" in stderr, stderr
+    refused = dry_run(cluster, namespace, model("Bad_Name"))
+    assert refused.returncode != 0
+    assert "<nil>" not in refused.stderr, refused.stderr
+    refused = dry_run(cluster, namespace, model(accelerator={"count": -1, "profile": "h100"}))
+    assert refused.returncode != 0
+    stderr = " ".join(refused.stderr.split())
+    assert "spec.accelerator.count" in stderr and "greater than or equal to 0" in stderr, stderr
+    assert "is required when" not in stderr, stderr

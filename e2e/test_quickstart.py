@@ -71,13 +71,15 @@ def test_the_quickstart_up_to_the_kubelet(
     finally:
         cluster.kubectl("delete", "namespace", "demo", "--wait=false", check=False)
     # step 3's install, as a dry run against this cluster: what it prints next
+    env["REGISTRY"] = "registry.example.com/you"
+    run(block_with("cat > my-values.yaml"), tmp_path, env)  # step 3's values file
     install = block_with("helm install kubeonnx charts/kubeonnx")
     line = " ".join(
         part.strip().rstrip("\\")
         for part in install.splitlines()
-        if part.strip().startswith(("helm install", "--set"))
+        if part.strip().startswith(("helm install", "--set", "-f"))
     )
-    env["REGISTRY"] = "registry.example.com/you"
     notes = run(line + " --dry-run=client", tmp_path, env)
     assert "kubectl -n kubeonnx-system rollout status deployment/kubeonnx" in notes, notes
-    assert "No registry holds" not in notes  # the quickstart points the chart at your images
+    assert "no registry holds" not in notes  # the quickstart points the chart at your images
+    assert "registry.example.com/you/kubeonnx-operator:0.1.0" in notes, notes

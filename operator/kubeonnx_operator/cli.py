@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,27 @@ def _config(path: str | None) -> OperatorConfig:
         ) from None
 
 
+def _check_cluster_config() -> None:
+    """Exit in one line when there is no cluster to connect to: not in a pod, and KUBECONFIG
+    (or ~/.kube/config) missing or unreadable. kopf would retry its login every minute."""
+    from lightkube.config.kubeconfig import KubeConfig
+
+    try:
+        config = KubeConfig.from_env().get()
+    except Exception as exc:  # any reason: a missing file, bad YAML, no context
+        where = os.environ.get("KUBECONFIG") or "~/.kube/config"
+        reason = f"it has no {exc}" if isinstance(exc, KeyError) else " ".join(str(exc).split())
+        raise SystemExit(
+            f"kubeonnx operator: cannot read the kubeconfig {where} (and not in a pod with a "
+            f"service account): {reason}"
+        ) from None
+    if config is None or config.user is None:
+        raise SystemExit(
+            f"kubeonnx operator: the kubeconfig {os.environ.get('KUBECONFIG') or '~/.kube/config'}"
+            " has no current context with a user"
+        )
+
+
 def run_operator(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="kubeonnx operator", description="Run the kubeonnx operator (kopf)."
@@ -44,6 +66,7 @@ def run_operator(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     config = _config(args.config)
     namespaces = args.namespace or config.namespaces
+    _check_cluster_config()
 
     import kopf
 

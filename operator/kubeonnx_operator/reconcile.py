@@ -434,6 +434,7 @@ class Reconciler:
             version=model.spec.model.version if model else None,
             ignored=model.ignored if model else None,
             versions=versions if model else None,
+            min_replicas=model.spec.scaling.min_replicas if model else 0,
         )
         meta = body["metadata"]
         metrics.set_model_ready(meta["namespace"], meta["name"], verdict.ready, verdict.reason)

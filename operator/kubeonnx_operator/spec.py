@@ -81,7 +81,8 @@ class AcceleratorSpec(_Spec):
         if self.profile and self.count == 0:
             raise ValueError(
                 "spec.accelerator.count (GPUs per replica) is required when "
-                "spec.accelerator.profile is set; without it the model would run on CPU"
+                "spec.accelerator.profile is set (at least 1); without it the model would run "
+                "on CPU"
             )
         return self
 

@@ -103,8 +103,10 @@ def derive_verdict(
     min_replicas: int,
     wake: str | None = None,
 ) -> Verdict:
-    """Ready only when the current Deployment has rolled out and enough pods are ready.
-    `wake`: what scales a model up from zero, in words."""
+    """Ready only when the current Deployment has rolled out and at least minReplicas (at
+    least 1) of its pods are ready: under an autoscaler the Deployment first asks for 1
+    replica, until the autoscaler raises it to minReplicas, and `kubectl wait` must not
+    return before. `wake`: what scales a model up from zero, in words."""
     if deployment is None:
         return Verdict(False, "Progressing", "waiting for the Deployment to be created")
     spec, status = deployment.get("spec", {}), deployment.get("status", {})
@@ -115,10 +117,11 @@ def derive_verdict(
     observed = status.get("observedGeneration", 0) >= deployment["metadata"].get("generation", 0)
     rolled_out = observed and updated >= desired and total == updated
     required = max(min_replicas, 1)
+    asked = max(desired, required)
     if desired == 0 and min_replicas == 0 and observed:
         return Verdict(True, "ScaledToZero", f"scaled to zero; KEDA wakes it when {wake}")
-    if rolled_out and ready >= min(required, desired) and ready >= 1:
-        return Verdict(True, "Ready", f"{ready}/{desired} replicas ready")
+    if rolled_out and ready >= required:
+        return Verdict(True, "Ready", f"{ready}/{asked} replicas ready")
     # Not ready: name the first problem a pod shows, newest pods first.
     newest_first = sorted(
         pods, key=lambda p: p.get("metadata", {}).get("creationTimestamp") or "", reverse=True
@@ -133,10 +136,15 @@ def derive_verdict(
             return Verdict(False, "ReplicaFailure", cond.get("message") or "")
         if cond.get("type") == "Progressing" and cond.get("reason") == "ProgressDeadlineExceeded":
             return Verdict(False, "ProgressDeadlineExceeded", cond.get("message") or "")
+    waiting = (
+        f"; the autoscaler has yet to scale the Deployment to minReplicas {required}"
+        if desired < required
+        else ""
+    )
     return Verdict(
         False,
         "Progressing",
-        f"{ready}/{desired} replicas ready, {updated}/{desired} updated",
+        f"{ready}/{asked} replicas ready, {updated}/{desired} updated{waiting}",
     )
 
 
@@ -238,12 +246,16 @@ def derive_status(
     version: str | None = None,
     ignored: tuple[str, ...] | None = None,
     versions: list[dict[str, Any]] | None = None,
+    min_replicas: int = 0,
 ) -> dict[str, Any]:
     """The whole status subresource, from the verdict and what was observed. `ignored`:
     the spec's fields unknown to this operator (None: the spec was not read). `versions`:
-    status.versions ([]: no candidates; None: the spec was not read, what is there stays)."""
+    status.versions ([]: no candidates; None: the spec was not read, what is there stays).
+    The REPLICAS column (replicaSummary) is ready/asked: the Deployment's replicas, or
+    minReplicas while an autoscaler has yet to raise them to it."""
     desired = (deployment or {}).get("spec", {}).get("replicas", 0)
     ready = (deployment or {}).get("status", {}).get("readyReplicas", 0)
+    asked = max(desired, min_replicas) if deployment is not None else desired
     condition = {
         "type": READY,
         "status": "True" if verdict.ready else "False",
@@ -255,7 +267,7 @@ def derive_status(
         "observedGeneration": generation,
         "replicas": desired,
         "readyReplicas": ready,
-        "replicaSummary": f"{ready}/{desired}",
+        "replicaSummary": f"{ready}/{asked}",
         "url": url,
         "externalURL": external_url,
         "conditions": _fields_ignored(

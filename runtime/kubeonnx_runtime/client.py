@@ -9,23 +9,90 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import re
 import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
 from .datatypes import OIP_TO_NUMPY, oip_datatype
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# What the runtime's /predict decodes (images.FORMATS: JPEG, PNG, WebP).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+# Images it does not: refused here, before anything is sent.
+OTHER_IMAGE_SUFFIXES = (".bmp", ".gif", ".tif", ".tiff", ".heic", ".avif", ".ico")
 TIMEOUT_S = 60.0
+# RFC 9110's token: what a header name may hold.
+HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 
 class InferFailed(Exception):
     """What to print instead of an answer: the server's message, or why there was none."""
+
+
+def shown(url: str) -> str:
+    """URL as it may be printed: any user and password in it replaced by ***."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return re.sub(r"//[^/]*@", "//***@", url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
+
+
+def server_url(url: str) -> str:
+    """URL with http:// added when it names no scheme (127.0.0.1:8080); InferFailed for
+    another scheme, or for credentials in it (they would be in `ps`: -H @FILE sends them)."""
+    if "://" not in url:
+        url = f"http://{url}"
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise InferFailed(f"{shown(url)}: not a URL ({exc})") from None
+    if parts.scheme not in ("http", "https"):
+        raise InferFailed(f"{shown(url)}: URL must start with http:// or https://")
+    if "@" in parts.netloc:
+        raise InferFailed(
+            f"{shown(url)}: URL must not carry credentials (other users of the machine can read "
+            "the command line): put the header that carries them in a file and give -H @FILE"
+        )
+    if not parts.hostname:
+        raise InferFailed(f"{url}: URL names no host")
+    return url
+
+
+def parse_headers(given: list[str]) -> dict[str, str]:
+    """The headers of -H 'Name: value' and -H @FILE (one 'Name: value' a line; blank lines
+    and lines starting with # skipped), or InferFailed naming the one that is not a header.
+    A value is never printed: it may be a key."""
+    lines: list[tuple[str, str]] = []
+    for item in given:
+        if item.startswith("@"):
+            try:
+                text = Path(item[1:]).read_text()
+            except OSError as exc:
+                raise InferFailed(f"-H {item}: {exc.strerror or exc}") from None
+            lines += [
+                (f"-H {item} line {n}", line.strip())
+                for n, line in enumerate(text.splitlines(), 1)
+                if line.strip() and not line.lstrip().startswith("#")
+            ]
+        else:
+            lines.append(("-H", item))
+    headers: dict[str, str] = {}
+    for where, line in lines:
+        name, colon, value = line.partition(":")
+        name, value = name.strip(), value.strip()
+        if not colon or not HEADER_NAME.match(name) or any(c in value for c in "\r\n\0"):
+            what = repr(name) if HEADER_NAME.match(name) else "its name"
+            raise InferFailed(f"{where}: not a header 'Name: value' ({what})")
+        headers[name] = value
+    return headers
 
 
 def endpoint(url: str, model: str, action: str) -> str:
@@ -41,10 +108,16 @@ def endpoint(url: str, model: str, action: str) -> str:
     return f"{base}/v2/models/{model}/{action}"
 
 
-def _send(url: str, body: bytes | None, content_type: str | None) -> tuple[bytes, str]:
+def _send(
+    url: str,
+    body: bytes | None,
+    content_type: str | None,
+    extra: dict[str, str] | None = None,
+) -> tuple[bytes, str]:
     headers = {"Accept": "application/json"}
     if content_type:
         headers["Content-Type"] = content_type
+    headers.update(extra or {})  # as curl: the user's headers win
     request = urllib.request.Request(url, data=body, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
@@ -61,10 +134,10 @@ def _send(url: str, body: bytes | None, content_type: str | None) -> tuple[bytes
         raise InferFailed(f"{url}: {reason}") from None
 
 
-def _only_input(url: str) -> str:
+def _only_input(url: str, headers: dict[str, str]) -> str:
     """The model's only input, from its metadata (the URL without its action)."""
     metadata_url = url.rsplit("/", 1)[0]
-    body, _ = _send(metadata_url, None, None)
+    body, _ = _send(metadata_url, None, None, headers)
     inputs = json.loads(body).get("inputs") or []
     if len(inputs) != 1:
         names = ", ".join(i.get("name", "?") for i in inputs)
@@ -105,10 +178,15 @@ def describe(answer: Any) -> str:
     return "\n".join(lines)
 
 
-def _request(args: argparse.Namespace) -> tuple[str, bytes, str]:
+def _request(args: argparse.Namespace, headers: dict[str, str]) -> tuple[str, bytes, str]:
     """URL, body and content type of the request FILE makes."""
     path = Path(args.file)
     suffix = path.suffix.lower()
+    if suffix in OTHER_IMAGE_SUFFIXES:
+        raise InferFailed(
+            f"{args.file}: the server decodes JPEG, PNG and WebP images only "
+            f"({', '.join(IMAGE_SUFFIXES)}): convert it to one of them"
+        )
     try:
         raw = sys.stdin.buffer.read() if args.file == "-" else path.read_bytes()
     except OSError as exc:
@@ -121,7 +199,7 @@ def _request(args: argparse.Namespace) -> tuple[str, bytes, str]:
             array = np.load(io.BytesIO(raw), allow_pickle=False)
         except ValueError as exc:
             raise InferFailed(f"{args.file}: not a .npy array: {exc}") from None
-        name = args.input or _only_input(url)
+        name = args.input or _only_input(url, headers)
         return url, json.dumps(npy_request(array, name)).encode(), "application/json"
     try:
         json.loads(raw)
@@ -138,19 +216,21 @@ def infer_command(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="kubeonnx infer",
         description="Send FILE to a model and print its answer: a .json file is sent as the "
-        "Open Inference Protocol request as it is, a .npy array becomes the model's input, an "
-        "image is sent to /predict (models with spec.processing).",
+        "Open Inference Protocol request as it is, a .npy array becomes the model's input, a "
+        "JPEG, PNG or WebP image is sent to /predict (models with spec.processing).",
     )
     parser.add_argument(
         "url",
         metavar="URL",
-        help="the server (http://127.0.0.1:8080, status.url of an InferenceModel), a model "
-        "(…/v2/models/NAME) or the endpoint itself (…/infer, …/predict)",
+        help="the server (http://127.0.0.1:8080, status.url of an InferenceModel; http:// "
+        "when it names no scheme), a model (…/v2/models/NAME) or the endpoint itself "
+        "(…/infer, …/predict); never with credentials in it (-H @FILE sends them)",
     )
     parser.add_argument(
         "file",
         metavar="FILE",
-        help="a .json request, a .npy array or an image ('-': JSON on stdin)",
+        help="a .json request, a .npy array or a JPEG, PNG or WebP image (.jpg, .jpeg, .png, "
+        ".webp) ('-': JSON on stdin)",
     )
     parser.add_argument(
         "--model",
@@ -161,11 +241,24 @@ def infer_command(argv: list[str]) -> int:
     parser.add_argument(
         "--input", help="the input a .npy array fills (default: the model's only input)"
     )
+    parser.add_argument(
+        "-H",
+        "--header",
+        action="append",
+        default=[],
+        metavar="HEADER",
+        help="send 'Name: value' as a header, as curl does (repeatable); @FILE: the headers "
+        "in FILE, one 'Name: value' a line. A QuotaPolicy's API key goes in its tenantHeader "
+        "(X-Api-Key by default, or 'Authorization: Bearer KEY'): give it as -H @FILE, since "
+        "a command line is seen by every user of the machine (ps)",
+    )
     parser.add_argument("--raw", action="store_true", help="print the answer's JSON as it came")
     args = parser.parse_args(argv)
     try:
-        url, body, content_type = _request(args)
-        answer, answer_type = _send(url, body, content_type)
+        headers = parse_headers(args.header)
+        args.url = server_url(args.url)
+        url, body, content_type = _request(args, headers)
+        answer, answer_type = _send(url, body, content_type, headers)
     except InferFailed as exc:
         print(f"kubeonnx infer: {exc}", file=sys.stderr)
         return 1

@@ -13,6 +13,13 @@ VERSION_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$"
 # Secrets are taken from a variable or a file, never from a flag: a command line is seen by
 # every user of the machine (ps, /proc/PID/cmdline) and kept in shell histories.
 SECRET_FLAGS = ("--async-redis-password", "--mirror-secret")
+# Flags taking a URL, and where the credentials a URL could carry go instead: a URL holding
+# them is refused as a flag (its variable, KUBEONNX_..., may hold the whole URL).
+URL_FLAGS = {
+    "--async-redis-url": "KUBEONNX_ASYNC_REDIS_PASSWORD or --async-redis-password-file",
+    "--s3-endpoint": "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+    "--model-uri": "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+}
 
 
 class ServeSettings(BaseSettings):

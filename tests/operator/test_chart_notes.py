@@ -61,14 +61,32 @@ def test_notes_say_what_to_do_next(tmp_path: Path) -> None:
     assert "kubectl -n demo wait --for=condition=Ready im/NAME" in text
     assert "kubectl get inferencemodels -A -o wide" in text
     assert "URL/infer" in text
-    # the default image is in no registry: the notes say so and how to point at yours
-    assert "No registry holds that image" in text and "--set runtime.image=" in text
+    # the default images are in no registry: the notes say so and how to point at yours
+    assert "no registry holds the chart's default images" in text
+    assert "defaults: image.repository, runtime.image, runtime.gpuImage." in text
+    assert "helm upgrade ko CHART -n ops -f my-values.yaml" in text
 
 
-def test_notes_do_not_warn_when_the_runtime_image_is_yours(tmp_path: Path) -> None:
+def test_notes_warn_about_each_image_left_at_its_default(tmp_path: Path) -> None:
+    """An upgrade with --set alone puts the chart's defaults back: the operator's image as
+    well as the runtime's is named while it is a default, and only then."""
     text = render_notes(tmp_path, "--set", "runtime.image=registry.example.com/r:1")
     assert "registry.example.com/r:1" in text
-    assert "No registry holds" not in text
+    assert "defaults: image.repository, runtime.gpuImage." in text
+    text = render_notes(tmp_path / "op", "--set", "image.repository=registry.example.com/op")
+    assert "registry.example.com/op:0.1.0" in text
+    assert "defaults: runtime.image, runtime.gpuImage." in text
+
+
+def test_notes_do_not_warn_when_every_image_is_yours(tmp_path: Path) -> None:
+    values = tmp_path / "my-values.yaml"
+    values.write_text(
+        "image: {repository: registry.example.com/op, tag: '1'}\n"
+        "runtime: {image: registry.example.com/r:1, gpuImage: registry.example.com/r:1-cuda}\n"
+    )
+    text = render_notes(tmp_path, "-f", str(values))
+    assert "registry.example.com/op:1" in text and "registry.example.com/r:1-cuda" in text
+    assert "WARNING" not in text and "no registry holds" not in text
 
 
 def test_the_chart_ships_notes() -> None:

@@ -177,6 +177,23 @@ def test_every_block_is_run_or_marked_and_checked() -> None:
             assert any(method in m for m in matched), f"{path} does not take {method}"
 
 
+def test_every_helm_install_and_upgrade_takes_the_values_file() -> None:
+    """`helm upgrade` with --set alone resets every value, images included, to the chart's
+    defaults (which no registry holds): every install and upgrade the docs show gives the
+    quickstart's values file, which a block writes."""
+    docs = [README, *sorted((ROOT / "docs").glob("*.md"))]
+    blocks = [b for doc in docs for b in shell_blocks(doc)]
+    found = 0
+    for block in blocks:
+        for line in commands(block):
+            argv = words(line)
+            if argv[:2] in (["helm", "install"], ["helm", "upgrade"]):
+                found += 1
+                assert "-f" in argv and argv[argv.index("-f") + 1] == "my-values.yaml", line
+    assert found >= 3
+    assert any("cat > my-values.yaml" in b for b in shell_blocks(README))
+
+
 def test_the_docs_curls_reach_real_routes() -> None:
     for doc in [README, *sorted((ROOT / "docs").glob("*.md"))]:
         for block in shell_blocks(doc):
@@ -211,7 +228,11 @@ def test_the_blocks_that_can_run_here_run(tmp_path: Path) -> None:
     (bin_dir / "kubeonnx").write_text(f'#!/bin/sh\nexec {shlex.join(KUBEONNX)} "$@"\n')
     (bin_dir / "kubeonnx").chmod(0o755)
     (bin_dir / "helm").symlink_to(helm())
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "REGISTRY": "registry.example.com/you",  # step 2's
+    }
     ran = 0
     for block in shell_blocks(README):
         if block.startswith(MARK):
@@ -227,6 +248,13 @@ def test_the_blocks_that_can_run_here_run(tmp_path: Path) -> None:
         assert done.returncode == 0, f"README block failed:\n{block}\n{done.stderr}"
         ran += 1
     assert ran >= 3
+    # step 3's values file names every image, each a value the chart has
+    chart_values = yaml.safe_load((ROOT / "charts/kubeonnx/values.yaml").read_text())
+    mine = yaml.safe_load((tmp_path / "my-values.yaml").read_text())
+    images = [mine["image"]["repository"], mine["runtime"]["image"], mine["runtime"]["gpuImage"]]
+    assert all(i.startswith("registry.example.com/you/") for i in images), mine
+    for section, keys in mine.items():
+        assert set(keys) <= set(chart_values[section]), (section, keys)
     # the model the quickstart writes is valid under the CRD's schema, not only the operator's
     crd = yaml.safe_load((ROOT / "crds/inferencemodels.kubeonnx.io.yaml").read_text())
     schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]

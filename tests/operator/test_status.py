@@ -42,6 +42,32 @@ def test_ready_when_rolled_out_and_ready() -> None:
     assert (v.ready, v.reason) == (True, "Ready")
 
 
+def test_not_ready_before_the_autoscaler_raises_the_deployment_to_min_replicas() -> None:
+    """minReplicas 3 under an HPA: the Deployment first asks for 1 replica (the HPA raises
+    it), and one ready pod must not make the model Ready (`kubectl wait` would return)."""
+    early = deployment(desired=1, ready=1)
+    v = derive_verdict(early, [], min_replicas=3)
+    assert (v.ready, v.reason) == (False, "Progressing")
+    assert v.message.startswith("1/3 replicas ready") and "minReplicas 3" in v.message
+    status = derive_status(
+        generation=2,
+        previous={},
+        verdict=v,
+        deployment=early,
+        url="u",
+        external_url=None,
+        now="t0",
+        min_replicas=3,
+    )
+    assert status["replicaSummary"] == "1/3"
+    assert not derive_verdict(deployment(desired=3, ready=2), [], min_replicas=3).ready
+    v = derive_verdict(deployment(desired=3, ready=3), [], min_replicas=3)
+    assert (v.ready, v.reason, v.message) == (True, "Ready", "3/3 replicas ready")
+    # scaled up past minReplicas by the autoscaler: Ready while the new pods start
+    v = derive_verdict(deployment(desired=5, ready=3), [], min_replicas=3)
+    assert (v.ready, v.reason, v.message) == (True, "Ready", "3/5 replicas ready")
+
+
 def test_old_pods_still_present_is_progressing() -> None:
     v = derive_verdict(deployment(desired=2, ready=2, updated=1, total=3), [], min_replicas=1)
     assert (v.ready, v.reason) == (False, "Progressing")

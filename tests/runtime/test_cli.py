@@ -5,6 +5,7 @@ unless asked, and `kubeonnx infer` against the real server."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 from collections.abc import Iterator
@@ -90,6 +91,75 @@ def test_a_password_on_the_command_line_is_refused_naming_the_variable(
     code, _, err = run("serve", "--model-uri", "file:///m.onnx", f"{flag}=hunter2")
     assert code == 2
     assert variable in err and "hunter2" not in err
+
+
+@pytest.mark.parametrize(
+    ("flag", "instead"),
+    [
+        ("--async-redis-url", "KUBEONNX_ASYNC_REDIS_PASSWORD"),
+        ("--s3-endpoint", "AWS_SECRET_ACCESS_KEY"),
+        ("--model-uri", "AWS_SECRET_ACCESS_KEY"),
+    ],
+)
+@pytest.mark.parametrize("form", ["separate", "equals"])
+def test_a_url_flag_carrying_credentials_is_refused_in_one_line(
+    flag: str, instead: str, form: str, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """Secrets are never flags, in a URL either: the password would be in `ps`."""
+    import kubeonnx_runtime.server as server
+
+    started: list[ServeSettings] = []
+    monkeypatch.setattr(server, "serve", lambda settings: started.append(settings) or 0)
+    url = {
+        "--async-redis-url": "redis://:hunter2@127.0.0.1:1/0",
+        "--s3-endpoint": "http://key:hunter2@127.0.0.1:9000",
+        "--model-uri": "s3://key:hunter2@models/m.onnx",
+    }[flag]
+    given = [f"{flag}={url}"] if form == "equals" else [flag, url]
+    argv = (["--model-uri", "file:///m.onnx"] if flag != "--model-uri" else []) + given
+    assert serve_cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert started == []
+    assert len(err.strip().splitlines()) == 1, err
+    assert "hunter2" not in err
+    assert f"{flag} must not carry credentials" in err and instead in err, err
+    assert "KUBEONNX_" + flag[2:].replace("-", "_").upper() in err
+
+
+def test_a_redis_url_with_its_password_in_the_variable_or_the_password_variable_serves(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import kubeonnx_runtime.server as server
+
+    started: list[ServeSettings] = []
+    monkeypatch.setattr(server, "serve", lambda settings: started.append(settings) or 0)
+    monkeypatch.setenv("KUBEONNX_ASYNC_REDIS_URL", "redis://:hunter2@127.0.0.1:1/0")
+    assert serve_cli.main(["--model-uri", "file:///m.onnx"]) == 0
+    assert started[-1].async_redis_url == "redis://:hunter2@127.0.0.1:1/0"
+    monkeypatch.delenv("KUBEONNX_ASYNC_REDIS_URL")
+    monkeypatch.setenv("KUBEONNX_ASYNC_REDIS_PASSWORD", "hunter2")
+    argv = ["--model-uri", "file:///m.onnx", "--async-redis-url", "redis://127.0.0.1:1/0"]
+    assert serve_cli.main(argv) == 0
+    password = started[-1].async_redis_password
+    assert password is not None and password.get_secret_value() == "hunter2"
+
+
+@pytest.mark.parametrize("content", [None, "current-context: x\n"])
+def test_operator_without_a_readable_kubeconfig_exits_in_one_line(
+    tmp_path: Path, content: str | None
+) -> None:
+    """Not in a pod and KUBECONFIG missing or unusable: one line naming the file and a
+    non-zero exit, not kopf's login retried every minute."""
+    kubeconfig = tmp_path / "kubeconfig"
+    if content is not None:
+        kubeconfig.write_text(content)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}
+    env.update(KUBECONFIG=str(kubeconfig), HOME=str(tmp_path))
+    code, _, err = run("operator", env=env)
+    assert code != 0
+    assert len(err.strip().splitlines()) == 1, err
+    assert f"cannot read the kubeconfig {kubeconfig}" in err, err
+    assert "Traceback" not in err
 
 
 def test_the_redis_password_is_read_from_a_file(tmp_path: Path) -> None:
@@ -206,6 +276,75 @@ def test_infer_sends_an_image_to_predict(classifier: Served, tmp_path: Path) -> 
     assert code == 0, err
     answer = json.loads(out)
     assert {p["label"] for p in answer["predictions"]} <= set(LABELS), answer
+
+
+@pytest.mark.parametrize("suffix", [".bmp", ".gif", ".tif", ".tiff"])
+def test_infer_refuses_images_the_server_does_not_decode(suffix: str, tmp_path: Path) -> None:
+    """The runtime decodes JPEG, PNG and WebP only: other images are refused before any
+    request (the URL below answers nothing), and help names only those three."""
+    picture = tmp_path / f"photo{suffix}"
+    picture.write_bytes(b"not sent")
+    code, out, err = run("infer", "http://127.0.0.1:1", str(picture))
+    assert code == 1 and out == ""
+    assert "JPEG, PNG and WebP images only" in err, err
+    assert "Connection refused" not in err
+    code, out, _ = run("infer", "--help")
+    assert code == 0
+    assert not re.search(r"\.(bmp|gif|tiff?)\b", out), out
+    assert ".webp" in out
+
+
+def test_infer_takes_a_url_without_scheme_and_never_prints_credentials(
+    mlp_server: Served, tmp_path: Path
+) -> None:
+    rows = tmp_path / "rows.npy"
+    np.save(rows, np.ones((1, 4), np.float32))
+    bare = mlp_server.url.removeprefix("http://")  # 127.0.0.1:PORT
+    code, out, err = run("infer", bare, str(rows), "--model", "mlp")
+    assert code == 0, err
+    assert "model mlp version 1" in out
+    code, _, err = run("infer", f"ftp://{bare}", str(rows))
+    assert code == 1 and "URL must start with http:// or https://" in err, err
+    code, _, err = run("infer", "http://user:hunter2@nosuch.invalid:8080", str(rows))
+    assert code == 1 and "hunter2" not in err and "user:" not in err, err
+    assert "must not carry credentials" in err and "-H @FILE" in err, err
+
+
+def test_infer_sends_headers_so_a_tenant_is_not_only_the_default(
+    serve, models: dict[str, Path], tmp_path: Path
+) -> None:
+    """A model under a QuotaPolicy without a default tenant refuses a request without an
+    API key (401); -H 'X-Api-Key: KEY' and -H @FILE (the key out of the command line) send
+    the tenant's key."""
+    from kubeonnx_runtime.quota import key_hash
+
+    policy = {
+        "policy": "team",
+        "namespace": "tests",
+        "tenants": [{"name": "acme", "keySha256": [key_hash("acme-key")]}],
+    }
+    config = tmp_path / "quota.json"
+    config.write_text(json.dumps(policy))
+    served = serve(
+        "--model-uri",
+        f"file://{models['mlp']}",
+        env={"KUBEONNX_QUOTA_CONFIG": str(config)},
+    )
+    rows = tmp_path / "rows.npy"
+    np.save(rows, np.ones((1, 4), np.float32))
+    code, _, err = run("infer", served.url, str(rows), "--input", "input")
+    assert code == 1 and "HTTP 401" in err, err
+    code, out, err = run("infer", served.url, str(rows), "-H", "X-Api-Key: acme-key")
+    assert code == 0, err
+    assert "model model version 1" in out
+    keyfile = tmp_path / "headers"
+    keyfile.write_text("# acme's key\nX-Api-Key: acme-key\n")
+    code, out, err = run("infer", served.url, str(rows), "--header", f"@{keyfile}")
+    assert code == 0, err
+    code, _, err = run("infer", served.url, str(rows), "-H", "X-Api-Key acme-key")
+    assert code == 1 and "not a header 'Name: value'" in err and "acme-key" not in err, err
+    code, _, err = run("infer", served.url, str(rows), "-H", "X-Api-Key: wrong")
+    assert code == 1 and "HTTP 401" in err, err
 
 
 def test_the_operators_deployments_ask_for_the_termination_log() -> None:
