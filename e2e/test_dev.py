@@ -5,6 +5,7 @@ started; a machine without Go gets one line). Each test has a cluster directory 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -89,6 +90,18 @@ def test_dev_up_demo_refuses_it_and_dev_down_stops_everything(tmp_path: Path) ->
         kubectl = [bins["kubectl"], "--kubeconfig", str(cluster_dir / "kubeconfig")]
         subprocess.run([*kubectl, "get", "crd", "inferencemodels.kubeonnx.io"], check=True)
 
+        # A second `make dev` refuses, saying how to stop the first, and leaves it running
+        # (it used to stop it, and everything applied to it, and start another).
+        again = subprocess.run(
+            [*MAKE, "dev"], env=env, capture_output=True, text=True, timeout=300, check=False
+        )
+        assert again.returncode != 0, again.stdout + again.stderr
+        assert "a cluster started by `make dev` runs" in again.stderr, again.stderr
+        assert "`make dev-down` stops it" in again.stderr, again.stderr
+        assert "Traceback" not in again.stderr, again.stderr
+        assert state_of(cluster_dir)["pids"] == pids
+        assert all(alive(p) for p in pids.values()), pids
+
         # `make demo` refuses the dev cluster, and leaves it running.
         demo = subprocess.run(
             [sys.executable, "-m", "e2e.demo"],
@@ -119,6 +132,44 @@ def test_dev_up_demo_refuses_it_and_dev_down_stops_everything(tmp_path: Path) ->
     assert not (cluster_dir / "state.json").exists()
     assert not Path(str(state["data_dir"])).exists()
     assert processes_naming(str(cluster_dir), str(state["data_dir"])) == []
+
+
+def test_ctrl_c_during_make_dev_is_one_line_and_stops_what_it_started(tmp_path: Path) -> None:
+    """Ctrl-C while `make dev` starts the control plane: what it started is stopped, one
+    line says so (it printed a Python traceback)."""
+    cluster_dir = tmp_path / "cluster"
+    dev = subprocess.Popen(
+        [*MAKE, "dev"],
+        env=env_for(cluster_dir),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # signalled as a group, as a terminal does
+    )
+    pids: dict[str, int] = {}
+    try:
+        deadline = time.monotonic() + 480
+        while "kube-apiserver" not in pids:  # a well-defined point: the API server started
+            assert dev.poll() is None and time.monotonic() < deadline, dev.communicate()[1]
+            with contextlib.suppress(OSError, ValueError):
+                pids = state_of(cluster_dir)["pids"]  # type: ignore[assignment]
+            time.sleep(0.2)
+        data_dir = Path(str(state_of(cluster_dir)["data_dir"]))
+        os.killpg(dev.pid, signal.SIGINT)
+        _, err = dev.communicate(timeout=180)
+    finally:
+        if dev.poll() is None:
+            os.killpg(dev.pid, signal.SIGKILL)
+            dev.wait()
+            subprocess.run([sys.executable, "-m", "e2e.cluster", "down"], env=env_for(cluster_dir))
+    assert "Traceback" not in err, err
+    ours = [line for line in err.splitlines() if not line.startswith(("make", "["))]
+    assert ours == [], err
+    assert "[cluster] interrupted: what it had started is stopped" in err, err
+    assert wait_gone(list(pids.values())) == [], err
+    assert not (cluster_dir / "state.json").exists()
+    assert not data_dir.exists()
 
 
 def pump(proc: subprocess.Popen[str], lines: list[str]) -> None:
@@ -161,6 +212,11 @@ def test_demo_interrupted_stops_everything_it_started(tmp_path: Path, sig: int) 
         assert work.name.startswith("kubeonnx-demo-") and work.exists(), work
         text = "".join(lines)
         assert "Ready means scheduled" in text and "local process" in text, text
+        # The operator's configuration file is in the temporary folder: the line before
+        # the operator's command writes it.
+        assert "> operator-config.yaml\n    $ kubeonnx operator --config" in text, text
+        (write,) = [line for line in lines if line.endswith("> operator-config.yaml\n")]
+        assert "healthPort:" in write and "resyncSeconds:" in write, write
         assert "$ kubectl apply --server-side -f" in text, text
         if sig == signal.SIGTERM:
             os.kill(demo.pid, sig)  # `kill PID`: the demo alone
