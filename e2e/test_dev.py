@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from e2e.cluster import process_identity
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV = Path(sys.executable).parent.parent
 # `make` with the running venv, never reinstalling it (-o: its stamp counts as up to date).
@@ -301,12 +303,62 @@ def test_the_e2e_suite_refuses_a_cluster_of_make_dev(tmp_path: Path) -> None:
     and leaves that cluster's state alone (it used to tear it down and start its own)."""
     cluster_dir = tmp_path / "cluster"
     cluster_dir.mkdir()
+    # Its one process runs (a stand-in, recorded as `make dev` records its processes).
+    etcd = subprocess.Popen(["sleep", "300"], start_new_session=True)
     state = {
         "data_dir": str(tmp_path / "data"),
         "kubeconfig": str(cluster_dir / "kubeconfig"),
         "server": "https://127.0.0.1:1",
         "token": "t",
         "bin_dir": {},
+        "pids": {"etcd": etcd.pid},
+        "started": {"etcd": process_identity(etcd.pid)},
+        "owner": "dev",
+    }
+    (cluster_dir / "state.json").write_text(json.dumps(state))
+    try:
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "e2e/test_control_plane.py",
+            ],
+            cwd=ROOT,
+            env=env_for(cluster_dir),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        etcd.kill()
+        etcd.wait()
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "started by `make dev`" in run.stdout + run.stderr
+    assert "make dev-down" in run.stdout + run.stderr
+    assert json.loads((cluster_dir / "state.json").read_text()) == state
+
+
+def test_the_e2e_suite_takes_a_stale_state_for_no_cluster(tmp_path: Path) -> None:
+    """A `make dev` state none of whose processes runs (after a reboot) is no cluster: the
+    suite cleans it up and starts its own (here it gets as far as the build, with no Go),
+    instead of refusing it."""
+    cluster_dir = tmp_path / "cluster"
+    cluster_dir.mkdir()
+    (tmp_path / "data").mkdir()
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # its pid names no process now
+    state = {
+        "data_dir": str(tmp_path / "data"),
+        "kubeconfig": str(cluster_dir / "kubeconfig"),
+        "server": "https://127.0.0.1:1",
+        "token": "t",
+        "bin_dir": {},
+        "pids": {"etcd": gone.pid},
+        "started": {"etcd": "a-boot-before/1"},
         "owner": "dev",
     }
     (cluster_dir / "state.json").write_text(json.dumps(state))
@@ -321,12 +373,16 @@ def test_the_e2e_suite_refuses_a_cluster_of_make_dev(tmp_path: Path) -> None:
             "e2e/test_control_plane.py",
         ],
         cwd=ROOT,
-        env=env_for(cluster_dir),
+        env=env_for(
+            cluster_dir,
+            PATH=f"{VENV}/bin:/usr/bin:/bin",
+            KUBEONNX_CACHE=str(tmp_path / "cache"),
+        ),
         capture_output=True,
         text=True,
         timeout=300,
     )
-    assert run.returncode == 2, run.stdout + run.stderr
-    assert "started by `make dev`" in run.stdout + run.stderr
-    assert "make dev-down" in run.stdout + run.stderr
-    assert json.loads((cluster_dir / "state.json").read_text()) == state
+    out = run.stdout + run.stderr
+    assert "started by `make dev`" not in out, out
+    assert "Go is not installed" in out or "or newer is needed" in out, out
+    assert not (cluster_dir / "state.json").exists()
