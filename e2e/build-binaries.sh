@@ -17,12 +17,69 @@ log() { printf '[build-binaries] %s\n' "$*" >&2; }
 # Each component lands in its own version-keyed directory, moved into place only
 # when every binary of it has been built, so an interrupted build is never reused.
 have() { local dir=$1; shift; for b in "$@"; do [ -e "$dir/$b" ] || return 1; done; }
-# Called before the first build: without Go, one line saying what to install.
+
+# Work folders of the builds under way: removed on any exit, Ctrl-C and `kill` included.
+works=()
+new_work() { work=$(mktemp -d -t kubeonnx-build.XXXXXX); works+=("$work"); }  # sets the caller's $work
+cleanup() { [ ${#works[@]} -eq 0 ] || rm -rf "${works[@]}"; }
+trap cleanup EXIT
+trap 'log "interrupted: nothing half-built is kept (the next run builds it again)"; exit 130' INT
+trap 'log "stopped: nothing half-built is kept (the next run builds it again)"; exit 143' TERM
+
+# The field $1 of the JSON `go mod download -json` prints (or its error, in one line); quiet
+# on Ctrl-C, which the build's trap reports.
+json_field() {
+  python3 -c 'import json, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_DFL)
+d = json.load(sys.stdin)
+print(d.get(sys.argv[1]) or sys.exit("[build-binaries] go mod download: " + d.get("Error", "no " + sys.argv[1])))' "$1"
+}
+# Whether version $1 (1.26.7) is at least $2.
+version_ge() { [ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | head -n1)" = "$2" ]; }
+# Why the Go on PATH cannot build the pinned modules (nothing when it can).
+go_problem() {
+  if ! command -v go >/dev/null; then
+    echo "Go is not installed: install Go $GO_VERSION or newer (https://go.dev/dl/) and put it on PATH; it builds the pinned binaries once into $cache/bin"
+    return
+  fi
+  local have_v; have_v=$(go env GOVERSION 2>/dev/null); have_v=${have_v#go}
+  if ! version_ge "${have_v:-0}" "$GO_VERSION"; then
+    echo "Go $GO_VERSION or newer is needed (the pinned modules' go.mod say so), not Go ${have_v:-of unknown version} ($(command -v go)): install it from https://go.dev/dl/ and put it first on PATH"
+  fi
+}
+# Called before the first build: without a new enough Go, one line saying what to install.
 need_go() {
-  command -v go >/dev/null && return
-  log "Go is not installed: install Go 1.25 or newer (https://go.dev/dl/) and put it on PATH; it builds the pinned binaries once into $cache/bin"
+  local problem; problem=$(go_problem)
+  [ -z "$problem" ] && return
+  log "$problem"
   exit 3
 }
+# A Go toolchain of GO_VERSION, through the Go module proxy (the module golang.org/toolchain,
+# what `go` itself downloads to switch toolchains), with whatever Go is on PATH (1.13 or
+# newer); cached under $cache/go. Prints its GOROOT (its bin/go is the toolchain).
+fetch_go() {
+  local arch; case $(uname -m) in x86_64) arch=amd64 ;; aarch64 | arm64) arch=arm64 ;; *) arch=$(uname -m) ;; esac
+  local os; os=$(uname -s | tr '[:upper:]' '[:lower:]')
+  local module="golang.org/toolchain@v0.0.1-go$GO_VERSION.$os-$arch"
+  log "fetching Go $GO_VERSION: go mod download $module"
+  local dir; dir=$(GOMODCACHE="$cache/go/mod" GOFLAGS=-modcacherw GO111MODULE=on go mod download -json "$module" |
+    json_field Dir)
+  # Module zips keep no file modes: make its programs executable, as `go` does when it
+  # switches to a downloaded toolchain.
+  chmod -R a+x "$dir/bin" "$dir/pkg/tool"
+  echo "$dir"
+}
+# Hold the component's lock while building it or finding it cached: a second build of the
+# same component (another clone, CI while a demo builds) waits, then finds it cached.
+lock() {
+  mkdir -p "$cache/locks"
+  exec 9>"$cache/locks/$1.lock"
+  if ! flock -n 9; then
+    log "$1: another build of it runs (lock $cache/locks/$1.lock): waiting for it"
+    flock 9
+  fi
+}
+unlock() { exec 9>&-; }
 
 build_kubernetes() {
   local v=$K8S_VERSION dir="$cache/bin/kubernetes-$K8S_VERSION"
@@ -30,12 +87,12 @@ build_kubernetes() {
   if have "$dir" "${bins[@]}"; then log "kubernetes $v: cached"; echo "KUBERNETES_BIN=$dir"; return; fi
   need_go
   log "kubernetes $v: building ${bins[*]} (a cold build takes a while on 2 cores)"
-  local work; work=$(mktemp -d); trap "rm -rf '$work'; trap - RETURN" RETURN
+  local work; new_work
   local minor=${v#v1.}; minor=${minor%%.*}
   local staging_version="v0.${v#v1.}"
   # k8s.io/kubernetes replaces its staging modules with local paths, so it cannot be
   # built as a dependency directly: pin each staging module to its published version.
-  local gomod; gomod=$(go mod download -json "k8s.io/kubernetes@$v" | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')
+  local gomod; gomod=$(go mod download -json "k8s.io/kubernetes@$v" | json_field GoMod)
   local staging; staging=$(sed -n 's#^\s*\(k8s\.io/[^ ]*\) => \./staging/.*#\1#p' "$gomod" | sort -u)
   [ -n "$staging" ] || { log "no staging replaces found in $gomod"; exit 1; }
   (
@@ -65,7 +122,7 @@ build_etcd() {
   if have "$dir" etcd; then log "etcd $v: cached"; echo "ETCD_BIN=$dir"; return; fi
   need_go
   log "etcd $v: building"
-  local work; work=$(mktemp -d); trap "rm -rf '$work'; trap - RETURN" RETURN
+  local work; new_work
   (
     cd "$work"
     go mod init kubeonnx.local/etcd-build >/dev/null 2>&1
@@ -86,7 +143,7 @@ build_installable() {  # NAME VERSION PACKAGE LDFLAGS VAR
   if have "$dir" "$name"; then log "$name $v: cached"; echo "$var=$dir"; return; fi
   need_go
   log "$name $v: building"
-  local work; work=$(mktemp -d); trap "rm -rf '$work'; trap - RETURN" RETURN
+  local work; new_work
   GOBIN="$work/out" go install -ldflags "-s -w $ld" "$pkg@$v"
   mkdir -p "$cache/bin" && rm -rf "$dir" && mv "$work/out" "$dir"
   echo "$var=$dir"
@@ -100,7 +157,7 @@ build_kwok() {
     "-X sigs.k8s.io/kwok/pkg/consts.Version=$v" KWOK_BIN >/dev/null
   # kwok needs Stage objects to drive node and pod status; take the "fast" set shipped in
   # its own module (already in the module cache from the build above).
-  local src; src=$(go mod download -json "sigs.k8s.io/kwok@$v" | python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')/kustomize/stage
+  local src; src=$(go mod download -json "sigs.k8s.io/kwok@$v" | json_field Dir)/kustomize/stage
   local f out="$dir/stages.yaml"; : > "$out.tmp"
   for f in node/fast/node-initialize.yaml node/heartbeat/node-heartbeat.yaml \
            pod/fast/pod-ready.yaml pod/fast/pod-complete.yaml pod/fast/pod-delete.yaml; do
@@ -115,11 +172,11 @@ build_prometheus() {
   if have "$dir" prometheus promtool; then log "prometheus $v: cached"; echo "PROMETHEUS_BIN=$dir"; return; fi
   need_go
   log "prometheus $v: building prometheus promtool (a cold build takes a while on 2 cores)"
-  local work; work=$(mktemp -d); trap "rm -rf '$work'; trap - RETURN" RETURN
+  local work; new_work
   # The module has no replace directives, so `go install pkg@version` builds it as pinned.
   # Built without the web UI's assets (tag builtinassets): the tests use the HTTP API only.
   # Its release version (the module v0.3XX.Y is Prometheus 3.XX.Y) is in the module's VERSION.
-  local src; src=$(go mod download -json "github.com/prometheus/prometheus@$v" | python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')
+  local src; src=$(go mod download -json "github.com/prometheus/prometheus@$v" | json_field Dir)
   local p=github.com/prometheus/common/version
   GOBIN="$work/out" go install -ldflags "-s -w -X $p.Version=$(cat "$src/VERSION") -X $p.Revision=$v -X $p.Branch=$v" \
     "github.com/prometheus/prometheus/cmd/prometheus@$v" "github.com/prometheus/prometheus/cmd/promtool@$v"
@@ -136,8 +193,14 @@ helm_k8s_ldflags() {
   done
 }
 
+case ${1:-} in
+  --check-go) problem=$(go_problem); [ -z "$problem" ] || { log "$problem"; exit 3; }; exit 0 ;;
+  --fetch-go) fetch_go; exit 0 ;;
+esac
+
 want=${*:-kubernetes etcd kwok helm}
 for c in $want; do
+  lock "$c"
   case $c in
     kubernetes) build_kubernetes ;;
     etcd) build_etcd ;;
@@ -147,4 +210,5 @@ for c in $want; do
     prometheus) build_prometheus ;;
     *) log "unknown component: $c"; exit 2 ;;
   esac
+  unlock
 done

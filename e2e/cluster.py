@@ -51,12 +51,18 @@ def log(msg: str) -> None:
 def build_binaries() -> dict[str, Path]:
     """Run the pinned build (a no-op when cached); return each binary's path. A failed build
     has said why on stderr (e.g. that Go is missing): exit with its status, no traceback."""
-    build = subprocess.run(
+    build = subprocess.Popen(
         ["bash", str(E2E / "build-binaries.sh")], stdout=subprocess.PIPE, text=True
     )
+    try:
+        out, _ = build.communicate()
+    except KeyboardInterrupt:
+        # Ctrl-C reached the build too (the terminal's whole process group): it removes its
+        # work folders and says so in one line; no traceback on top of it.
+        build.wait()
+        raise SystemExit(130) from None
     if build.returncode:
         raise SystemExit(build.returncode)
-    out = build.stdout
     dirs = dict(line.split("=", 1) for line in out.split() if "=" in line)
     paths = {}
     for var, names in {
@@ -154,6 +160,10 @@ class ClusterState:
     token: str
     bin_dir: dict[str, str]
     pids: dict[str, int] = field(default_factory=dict)
+    # Each process's identity when started (process_identity): `down` signals a pid only
+    # while it is still that process, never one that took the pid over (after a reboot, an
+    # OOM kill, a crash).
+    started: dict[str, str] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
     # Who started it: "cluster-up", "dev", "demo" or "e2e" (the suite). `make demo` and the
     # e2e suite never take over the others'.
@@ -169,6 +179,37 @@ class ClusterState:
             return None
         return cls(**json.loads(STATE_FILE.read_text()))
 
+    def ours(self, name: str) -> bool:
+        """Whether the process recorded as `name` still runs (and is the one started)."""
+        pid, identity = self.pids.get(name), self.started.get(name)
+        return pid is not None and identity is not None and process_identity(pid) == identity
+
+    def running(self) -> list[str]:
+        """The names of its processes that still run; none: a stale state, no cluster."""
+        return [name for name in self.pids if self.ours(name)]
+
+
+def running_state() -> ClusterState | None:
+    """The cluster in STATE_DIR, or None when none is recorded or none of its processes
+    still runs (a reboot, a `kill -9` of everything: the state file is only a leftover)."""
+    state = ClusterState.load()
+    return state if state is not None and state.running() else None
+
+
+def process_identity(pid: int) -> str | None:
+    """What tells this process from a later one given the same pid: the boot and its start
+    time (in clock ticks since boot, field 22 of /proc/PID/stat); None when none runs (a
+    zombie counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    if fields[0] == "Z":  # fields[0] is field 3 (the state), so field 22 is fields[19]
+        return None
+    return f"{boot}/{fields[19]}"
+
 
 def _start(state: ClusterState, name: str, argv: list[str]) -> None:
     logf = open(Path(state.data_dir) / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
@@ -179,8 +220,7 @@ def _start(state: ClusterState, name: str, argv: list[str]) -> None:
         stdin=subprocess.DEVNULL,
         start_new_session=True,
     )
-    state.pids[name] = proc.pid
-    state.save()
+    record(state, name, proc.pid)
 
 
 def _alive(pid: int) -> bool:
@@ -324,9 +364,24 @@ def _grant_chart_role(state: ClusterState, helm: Path) -> None:
     )
 
 
+def stop_command(owner: str) -> str:
+    """The make target that stops a cluster `owner` started."""
+    return {"dev": "dev-down", "demo": "demo-down"}.get(owner, "cluster-down")
+
+
 def up(owner: str = "cluster-up", bins: dict[str, Path] | None = None) -> ClusterState:
-    """Start the control plane (stopping a previous one first); return its state."""
-    if ClusterState.load():
+    """Start the control plane; return its state. A running cluster is refused (it may hold
+    the user's work), except one the same e2e suite or demo left when killed, which is
+    stopped first; a stale state (none of its processes runs) is cleaned up."""
+    existing = ClusterState.load()
+    takes_over = existing is not None and existing.owner == owner and owner in ("e2e", "demo")
+    if existing is not None and existing.running() and not takes_over:
+        raise SystemExit(
+            f"a cluster started by `make {existing.owner}` runs in {STATE_DIR} (export"
+            f" KUBECONFIG={existing.kubeconfig}): `make {stop_command(existing.owner)}`"
+            " stops it (and everything in it)"
+        )
+    if existing is not None:
         down()
     started = time.monotonic()
     bins = bins or build_binaries()
@@ -551,6 +606,9 @@ def start_operator(state: ClusterState, kubeconfig: str) -> None:
 
 def record(state: ClusterState, name: str, pid: int) -> None:
     state.pids[name] = pid
+    identity = process_identity(pid)
+    if identity is not None:
+        state.started[name] = identity
     state.save()
 
 
@@ -606,13 +664,14 @@ def _signal(pid: int, sig: int) -> None:
             os.kill(pid, sig)
 
 
-def down(owner: str | None = None) -> None:
+def down(owner: str | None = None) -> bool:
     """Stop every process `up` started (and the operator `start_operator` started) and remove
-    its data; safe to call twice. With an owner, refuse a cluster someone else started."""
+    its data; safe to call twice. With an owner, refuse a running cluster someone else
+    started. Whether there was a cluster (a state) to remove."""
     state = ClusterState.load()
     if state is None:
-        return
-    if owner is not None and state.owner != owner:
+        return False
+    if owner is not None and state.owner != owner and state.running():
         raise SystemExit(
             f"the cluster in {STATE_DIR} was started by `make {state.owner}`, not `make {owner}`:"
             f" `make {'dev' if state.owner == 'dev' else 'cluster'}-down` stops it"
@@ -626,29 +685,49 @@ def down(owner: str | None = None) -> None:
         "kube-apiserver",
         "etcd",
     ]
-    pids = [state.pids[n] for n in order if n in state.pids]
+    # Only the processes it started: a recorded pid now held by another process (after a
+    # reboot, or a process that died) is left alone.
+    names = [n for n in order if n in state.pids and state.ours(n)]
+    pids = [state.pids[n] for n in names]
     for pid in pids:
         _signal(pid, signal.SIGTERM)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and any(_alive(p) for p in pids):
         time.sleep(0.1)
-    for pid in pids:
-        if _alive(pid):
-            _signal(pid, signal.SIGKILL)
+    for name in names:
+        if state.ours(name):
+            _signal(state.pids[name], signal.SIGKILL)
     shutil.rmtree(state.data_dir, ignore_errors=True)
     STATE_FILE.unlink(missing_ok=True)
     KUBECONFIG.unlink(missing_ok=True)
     OPERATOR_KUBECONFIG.unlink(missing_ok=True)
-    log("down")
+    log(f"down: stopped {', '.join(names)}" if names else "down: none of its processes was running")
+    return True
+
+
+def main(argv: list[str]) -> int:
+    command = argv[0] if argv else "up"
+    try:
+        if command == "up":
+            up()
+        elif command == "dev":
+            dev()
+        elif command == "down":
+            if not down(argv[1] if len(argv) > 1 else None):
+                log(f"no cluster in {STATE_DIR}: nothing to stop")
+        else:
+            log(f"usage: python -m e2e.cluster up|dev|down [OWNER] (not {command!r})")
+            return 2
+    except KeyboardInterrupt:
+        # up() and dev() have stopped what they had started: one line, no traceback.
+        log(
+            "interrupted: `make dev-down` finishes stopping it"
+            if command == "down"
+            else "interrupted: what it had started is stopped"
+        )
+        return 130
+    return 0
 
 
 if __name__ == "__main__":
-    command = sys.argv[1] if len(sys.argv) > 1 else "up"
-    if command == "up":
-        up()
-    elif command == "dev":
-        dev()
-    elif command == "down":
-        down(sys.argv[2] if len(sys.argv) > 2 else None)
-    else:
-        sys.exit(f"usage: python -m e2e.cluster up|dev|down [OWNER] (not {command!r})")
+    sys.exit(main(sys.argv[1:]))

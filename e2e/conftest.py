@@ -103,9 +103,10 @@ def cluster() -> Iterator[Cluster]:
             kubectl = str(local_cluster.build_binaries()["kubectl"])
         yield Cluster(external, kubectl, local=False)
         return
-    existing = local_cluster.ClusterState.load()
+    # A state none of whose processes runs (a reboot) is no cluster: `up` cleans it up.
+    existing = local_cluster.running_state()
     if existing is not None and existing.owner != "e2e":
-        down = {"dev": "dev-down", "demo": "demo-down"}.get(existing.owner, "cluster-down")
+        down = local_cluster.stop_command(existing.owner)
         pytest.exit(
             f"a cluster started by `make {existing.owner}` runs in {local_cluster.STATE_DIR}: "
             f"the e2e suite does not take it over; `make {down}` stops it",

@@ -76,14 +76,25 @@ def eventually_quota(kubectl: Any, name: str) -> dict[str, Any]:
     raise RuntimeError("the operator did not give the model its quota file within 60 s")
 
 
+def operator_commands(config: Path) -> str:
+    """The commands that write the operator's configuration file (it lives in the demo's
+    temporary folder) and start the operator with it, one line each, to repeat them."""
+    lines = shlex.join(["printf", "%s\\n", *config.read_text().splitlines()])
+    return (
+        f"    $ {lines} > {config.name}\n"
+        f"    $ kubeonnx operator --config {config.name}   (KUBECONFIG as above)"
+    )
+
+
 def interrupted(*_: object) -> None:
     raise KeyboardInterrupt
 
 
 def main() -> int:
-    existing = local_cluster.ClusterState.load()
+    # A state none of whose processes runs (a reboot, everything killed) is no cluster.
+    existing = local_cluster.running_state()
     if existing is not None and existing.owner != "demo":
-        down = "dev-down" if existing.owner == "dev" else "cluster-down"
+        down = local_cluster.stop_command(existing.owner)
         print(
             f"a cluster started by `make {existing.owner}` runs in {local_cluster.STATE_DIR}:"
             f" the demo does not tear it down. Stop it first (`make {down}`), then `make demo`.",
@@ -133,7 +144,7 @@ def main() -> int:
         operator = OperatorProcess(state.kubeconfig, work)
         # Recorded with the cluster, so that `make demo-down` stops it too.
         operator.start(on_spawn=lambda pid: local_cluster.record(state, "operator", pid))
-        say(f"    $ kubeonnx operator --config {operator.config_path.name}   (KUBECONFIG as above)")
+        say(operator_commands(operator.config_path))
 
         step("kubectl apply -f examples/cpu-hpa.yaml, its S3 endpoint the stand-in's")
         example = (ROOT / "examples" / "cpu-hpa.yaml").read_text()

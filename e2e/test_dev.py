@@ -5,6 +5,7 @@ started; a machine without Go gets one line). Each test has a cluster directory 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -17,6 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from e2e.cluster import process_identity
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV = Path(sys.executable).parent.parent
@@ -89,6 +92,18 @@ def test_dev_up_demo_refuses_it_and_dev_down_stops_everything(tmp_path: Path) ->
         kubectl = [bins["kubectl"], "--kubeconfig", str(cluster_dir / "kubeconfig")]
         subprocess.run([*kubectl, "get", "crd", "inferencemodels.kubeonnx.io"], check=True)
 
+        # A second `make dev` refuses, saying how to stop the first, and leaves it running
+        # (it used to stop it, and everything applied to it, and start another).
+        again = subprocess.run(
+            [*MAKE, "dev"], env=env, capture_output=True, text=True, timeout=300, check=False
+        )
+        assert again.returncode != 0, again.stdout + again.stderr
+        assert "a cluster started by `make dev` runs" in again.stderr, again.stderr
+        assert "`make dev-down` stops it" in again.stderr, again.stderr
+        assert "Traceback" not in again.stderr, again.stderr
+        assert state_of(cluster_dir)["pids"] == pids
+        assert all(alive(p) for p in pids.values()), pids
+
         # `make demo` refuses the dev cluster, and leaves it running.
         demo = subprocess.run(
             [sys.executable, "-m", "e2e.demo"],
@@ -119,6 +134,44 @@ def test_dev_up_demo_refuses_it_and_dev_down_stops_everything(tmp_path: Path) ->
     assert not (cluster_dir / "state.json").exists()
     assert not Path(str(state["data_dir"])).exists()
     assert processes_naming(str(cluster_dir), str(state["data_dir"])) == []
+
+
+def test_ctrl_c_during_make_dev_is_one_line_and_stops_what_it_started(tmp_path: Path) -> None:
+    """Ctrl-C while `make dev` starts the control plane: what it started is stopped, one
+    line says so (it printed a Python traceback)."""
+    cluster_dir = tmp_path / "cluster"
+    dev = subprocess.Popen(
+        [*MAKE, "dev"],
+        env=env_for(cluster_dir),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # signalled as a group, as a terminal does
+    )
+    pids: dict[str, int] = {}
+    try:
+        deadline = time.monotonic() + 480
+        while "kube-apiserver" not in pids:  # a well-defined point: the API server started
+            assert dev.poll() is None and time.monotonic() < deadline, dev.communicate()[1]
+            with contextlib.suppress(OSError, ValueError):
+                pids = state_of(cluster_dir)["pids"]  # type: ignore[assignment]
+            time.sleep(0.2)
+        data_dir = Path(str(state_of(cluster_dir)["data_dir"]))
+        os.killpg(dev.pid, signal.SIGINT)
+        _, err = dev.communicate(timeout=180)
+    finally:
+        if dev.poll() is None:
+            os.killpg(dev.pid, signal.SIGKILL)
+            dev.wait()
+            subprocess.run([sys.executable, "-m", "e2e.cluster", "down"], env=env_for(cluster_dir))
+    assert "Traceback" not in err, err
+    ours = [line for line in err.splitlines() if not line.startswith(("make", "["))]
+    assert ours == [], err
+    assert "[cluster] interrupted: what it had started is stopped" in err, err
+    assert wait_gone(list(pids.values())) == [], err
+    assert not (cluster_dir / "state.json").exists()
+    assert not data_dir.exists()
 
 
 def pump(proc: subprocess.Popen[str], lines: list[str]) -> None:
@@ -161,6 +214,11 @@ def test_demo_interrupted_stops_everything_it_started(tmp_path: Path, sig: int) 
         assert work.name.startswith("kubeonnx-demo-") and work.exists(), work
         text = "".join(lines)
         assert "Ready means scheduled" in text and "local process" in text, text
+        # The operator's configuration file is in the temporary folder: the line before
+        # the operator's command writes it.
+        assert "> operator-config.yaml\n    $ kubeonnx operator --config" in text, text
+        (write,) = [line for line in lines if line.endswith("> operator-config.yaml\n")]
+        assert "healthPort:" in write and "resyncSeconds:" in write, write
         assert "$ kubectl apply --server-side -f" in text, text
         if sig == signal.SIGTERM:
             os.kill(demo.pid, sig)  # `kill PID`: the demo alone
@@ -245,12 +303,62 @@ def test_the_e2e_suite_refuses_a_cluster_of_make_dev(tmp_path: Path) -> None:
     and leaves that cluster's state alone (it used to tear it down and start its own)."""
     cluster_dir = tmp_path / "cluster"
     cluster_dir.mkdir()
+    # Its one process runs (a stand-in, recorded as `make dev` records its processes).
+    etcd = subprocess.Popen(["sleep", "300"], start_new_session=True)
     state = {
         "data_dir": str(tmp_path / "data"),
         "kubeconfig": str(cluster_dir / "kubeconfig"),
         "server": "https://127.0.0.1:1",
         "token": "t",
         "bin_dir": {},
+        "pids": {"etcd": etcd.pid},
+        "started": {"etcd": process_identity(etcd.pid)},
+        "owner": "dev",
+    }
+    (cluster_dir / "state.json").write_text(json.dumps(state))
+    try:
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "e2e/test_control_plane.py",
+            ],
+            cwd=ROOT,
+            env=env_for(cluster_dir),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        etcd.kill()
+        etcd.wait()
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "started by `make dev`" in run.stdout + run.stderr
+    assert "make dev-down" in run.stdout + run.stderr
+    assert json.loads((cluster_dir / "state.json").read_text()) == state
+
+
+def test_the_e2e_suite_takes_a_stale_state_for_no_cluster(tmp_path: Path) -> None:
+    """A `make dev` state none of whose processes runs (after a reboot) is no cluster: the
+    suite cleans it up and starts its own (here it gets as far as the build, with no Go),
+    instead of refusing it."""
+    cluster_dir = tmp_path / "cluster"
+    cluster_dir.mkdir()
+    (tmp_path / "data").mkdir()
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # its pid names no process now
+    state = {
+        "data_dir": str(tmp_path / "data"),
+        "kubeconfig": str(cluster_dir / "kubeconfig"),
+        "server": "https://127.0.0.1:1",
+        "token": "t",
+        "bin_dir": {},
+        "pids": {"etcd": gone.pid},
+        "started": {"etcd": "a-boot-before/1"},
         "owner": "dev",
     }
     (cluster_dir / "state.json").write_text(json.dumps(state))
@@ -265,12 +373,16 @@ def test_the_e2e_suite_refuses_a_cluster_of_make_dev(tmp_path: Path) -> None:
             "e2e/test_control_plane.py",
         ],
         cwd=ROOT,
-        env=env_for(cluster_dir),
+        env=env_for(
+            cluster_dir,
+            PATH=f"{VENV}/bin:/usr/bin:/bin",
+            KUBEONNX_CACHE=str(tmp_path / "cache"),
+        ),
         capture_output=True,
         text=True,
         timeout=300,
     )
-    assert run.returncode == 2, run.stdout + run.stderr
-    assert "started by `make dev`" in run.stdout + run.stderr
-    assert "make dev-down" in run.stdout + run.stderr
-    assert json.loads((cluster_dir / "state.json").read_text()) == state
+    out = run.stdout + run.stderr
+    assert "started by `make dev`" not in out, out
+    assert "Go is not installed" in out or "or newer is needed" in out, out
+    assert not (cluster_dir / "state.json").exists()
