@@ -269,7 +269,7 @@ REFUSALS: list[tuple[str, dict[str, Any], str]] = [
         for path in ["/models/victim/their-model", "/models", "/MODELS/victim/their-model"]
     ],
     (
-        "self.all(a, self.exists_one(b, a.name == b.name &&",
+        "self.all(a, self.exists_one(b, a == b))",
         model(ingress=gateway({"name": "gw"}, {"name": "gw"})),
         "spec.ingress.gateway.parentRefs must not name the same Gateway (and sectionName) twice",
     ),

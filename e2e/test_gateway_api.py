@@ -185,7 +185,18 @@ def test_the_route_follows_readiness_and_the_gateways_mirror_feature(
         what="the candidate ready and weighted 20",
     )  # fmt: skip
 
-    # Idle: a resync with nothing new writes nothing, the route included.
+    # Idle: a resync with nothing new writes nothing, the route included, once the operator
+    # watches HTTPRoutes (an optional kind is looked for again every minute after it was
+    # missing; until then every resync applies the route again, a no-op on the server).
+    eventually(
+        lambda: (
+            operator.metrics().get('kubeonnx_operator_watched_objects{resource="HTTPRoute"}', 0)
+            >= 1
+        ),
+        120,
+        what="the operator watching HTTPRoutes",
+    )
+
     def snapshot() -> tuple[Any, ...]:
         im = cluster.get("inferencemodel", "gw", "-n", namespace) or {}
         found = route(cluster, namespace, "gw") or {}
