@@ -64,6 +64,10 @@ def ingress(path: str) -> dict[str, Any]:
 TWICE = [{"unit": "requests", "limit": 1, "window": "1m"}] * 2
 
 
+def gateway(*refs: dict[str, Any]) -> dict[str, Any]:
+    return {"gateway": {"parentRefs": list(refs)}}
+
+
 def candidate(version: str = "2", **fields: Any) -> dict[str, Any]:
     return {"version": version, "model": {"uri": "s3://models/m/v2/model.onnx"}, **fields}
 
@@ -265,6 +269,26 @@ REFUSALS: list[tuple[str, dict[str, Any], str]] = [
         for path in ["/models/victim/their-model", "/models", "/MODELS/victim/their-model"]
     ],
     (
+        "self.all(a, self.exists_one(b, a == b))",
+        model(ingress=gateway({"name": "gw"}, {"name": "gw"})),
+        "spec.ingress.gateway.parentRefs must not name the same Gateway (and sectionName) twice",
+    ),
+    (
+        "self.matches('^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$')",
+        model(ingress=gateway({"name": "Public"})),
+        "spec.ingress.gateway.parentRefs[].name must be a Gateway's name",
+    ),
+    (
+        "self.matches('^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$')",
+        model(ingress=gateway({"name": "gw", "sectionName": "HTTP"})),
+        "spec.ingress.gateway.parentRefs[].sectionName must be a listener's name",
+    ),
+    (
+        "self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')",
+        model(ingress=gateway({"name": "gw", "namespace": "a.b"})),
+        "spec.ingress.gateway.parentRefs[].namespace must be a namespace's name",
+    ),
+    (
         "self.all(l, self.exists_one(m, m.unit == l.unit && m.window == l.window))",
         policy(defaultTenant={"limits": TWICE}),
         "spec.defaultTenant.limits",
@@ -404,6 +428,16 @@ def test_the_objects_refused_below_come_from_valid_ones(api: tuple[Cluster, str]
             ),
         ),
         model(**traffic(candidate(), rollout=ROLLOUT)),
+        model(
+            ingress={
+                **ingress(own),
+                **gateway(
+                    {"name": "gw", "namespace": "edge", "sectionName": "https"},
+                    {"name": "gw", "namespace": "edge", "sectionName": "http"},
+                    {"name": "gw.internal"},
+                ),
+            }
+        ),
         policy(),
     ]:
         accepted = dry_run(cluster, namespace, obj)

@@ -46,6 +46,7 @@ CHILD_KINDS = [
     ("policy/v1", "PodDisruptionBudget", False),
     ("keda.sh/v1alpha1", "ScaledObject", True),
     ("monitoring.coreos.com/v1", "PodMonitor", True),
+    ("gateway.networking.k8s.io/v1", "HTTPRoute", True),
     ("v1", "ConfigMap", False),  # the runtime's quota file
 ]
 API_VERSION = "kubeonnx.io/v1alpha1"

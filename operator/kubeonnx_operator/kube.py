@@ -21,7 +21,7 @@ from lightkube.codecs import resource_registry
 from lightkube.config.client_adapter import verify_cluster
 from lightkube.config.kubeconfig import KubeConfig, SingleConfig
 from lightkube.core.selector import build_selector
-from lightkube.generic_resource import create_namespaced_resource
+from lightkube.generic_resource import create_global_resource, create_namespaced_resource
 from lightkube.models.meta_v1 import Status
 from lightkube.types import PatchType
 
@@ -38,10 +38,17 @@ _CUSTOM = {
     ("kubeonnx.io/v1alpha1", "QuotaPolicy"): "quotapolicies",
     ("keda.sh/v1alpha1", "ScaledObject"): "scaledobjects",
     ("monitoring.coreos.com/v1", "PodMonitor"): "podmonitors",
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"): "httproutes",
+    ("gateway.networking.k8s.io/v1", "Gateway"): "gateways",
 }
+# Cluster-scoped custom resources (read only).
+_CUSTOM_GLOBAL = {("gateway.networking.k8s.io/v1", "GatewayClass"): "gatewayclasses"}
 for (_api_version, _kind), _plural in _CUSTOM.items():
     _group, _, _version = _api_version.rpartition("/")
     create_namespaced_resource(_group, _version, _kind, _plural)
+for (_api_version, _kind), _plural in _CUSTOM_GLOBAL.items():
+    _group, _, _version = _api_version.rpartition("/")
+    create_global_resource(_group, _version, _kind, _plural)
 
 COMPONENT = "kubeonnx-operator"
 # Asks the API server for an object's metadata only (no data, no spec).

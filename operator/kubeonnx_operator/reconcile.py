@@ -21,12 +21,15 @@ from .observed import ObservedChildren, digest, our_fields, slim_deployment
 from .presence import SecretPresence
 from .quota import QuotaProblem, ResolvedQuota, resolve_quota, secret_names
 from .render import Model, render_children
+from .render.httproute import API_VERSION as GATEWAY_API
+from .render.httproute import mirror_features, parent_gateways
 from .render.model import load_model
 from .render.versions import MIRROR_KEY, Placed, mirror_secret_name, mirrored, place
 from .spec import InvalidSpec, RouteRefused
 from .status import (
     FIELDS_IGNORED,
     READY,
+    MirrorVerdict,
     ModelReason,
     Verdict,
     derive_status,
@@ -178,6 +181,12 @@ class Reconciler:
         )
         placed = place(model)
         stable_name = placed[0].deployment
+        mirror = await self._gateway_mirror(model, placed)
+        model = dataclasses.replace(
+            model,
+            ready_versions=self._ready_versions(key, placed),
+            gateway_mirror=bool(mirror) and mirror[0].on,
+        )
 
         missing = await self._missing_reference(model)
         if missing is not None:
@@ -209,6 +218,15 @@ class Reconciler:
                         False,
                         "KedaNotInstalled",
                         "autoscaler keda needs KEDA (keda.sh/v1alpha1 ScaledObject) in the cluster",
+                    )
+                    continue
+                if child["kind"] == "HTTPRoute" and is_not_found(exc):
+                    # Not retried: the next resync (or event) applies it once installed.
+                    problem = Verdict(
+                        False,
+                        "GatewayAPINotInstalled",
+                        "spec.ingress.gateway needs the Gateway API (gateway.networking.k8s.io"
+                        "/v1 HTTPRoute) in the cluster",
                     )
                     continue
                 if child["kind"] == "PodMonitor" and is_not_found(exc):
@@ -247,7 +265,65 @@ class Reconciler:
             verdict = gateway_verdict(self.observed.gateway(key), model.gateway_name) or verdict
         if problem is not None:  # a child we could not create outranks what the pods show
             verdict = problem
-        await self._report(body, verdict, deployment, model, self._versions(key, placed))
+        await self._report(
+            body, verdict, deployment, model, self._versions(key, placed), mirror=mirror
+        )
+
+    def _ready_versions(self, key: tuple[str, str], placed: list[Placed]) -> frozenset[str]:
+        """The versions whose Deployment has a ready replica (the HTTPRoute's weights)."""
+        ready = set()
+        for p in placed:
+            current = self.deployment(key, p.deployment) or {}
+            if current.get("status", {}).get("readyReplicas", 0) >= 1:
+                ready.add(p.version)
+        return frozenset(ready)
+
+    async def _gateway_mirror(
+        self, model: Model, placed: list[Placed]
+    ) -> tuple[MirrorVerdict, ...]:
+        """Whether the HTTPRoute may carry the mirrored candidates' RequestMirror filters:
+        only where the class of every Gateway it attaches to lists the features they need
+        in status.supportedFeatures. () where nothing is mirrored through a Gateway (none
+        named, no mirror, or `sticky`: the router mirrors). Read by name on each reconcile
+        that needs it, so a class that gains the feature is seen by the next resync."""
+        needed = mirror_features(placed)
+        if model.spec.ingress.gateway is None or not needed or model.spec.traffic.sticky:
+            return ()
+        off = "spec.traffic.candidates[].mirrorPercent is not applied to requests through the"
+        for namespace, name in parent_gateways(model):
+            try:
+                gateway = await self.kube.get(GATEWAY_API, "Gateway", namespace, name)
+            except ApiError as exc:
+                why = f"Gateway {namespace}/{name} cannot be read ({exc.status.code})"
+                return (MirrorVerdict(False, "GatewayNotReadable", f"{off} Gateway: {why}"),)
+            if gateway is None:
+                why = f"Gateway {namespace}/{name} does not exist"
+                return (MirrorVerdict(False, "GatewayNotFound", f"{off} Gateway: {why}"),)
+            class_name = str((gateway.get("spec") or {}).get("gatewayClassName") or "")
+            try:
+                gateway_class = await self.kube.get(GATEWAY_API, "GatewayClass", "", class_name)
+            except ApiError as exc:
+                why = f"GatewayClass {class_name} cannot be read ({exc.status.code})"
+                return (MirrorVerdict(False, "GatewayNotReadable", f"{off} Gateway: {why}"),)
+            if gateway_class is None:
+                why = f"GatewayClass {class_name} (of Gateway {namespace}/{name}) does not exist"
+                return (MirrorVerdict(False, "GatewayClassNotFound", f"{off} Gateway: {why}"),)
+            features = (gateway_class.get("status") or {}).get("supportedFeatures") or []
+            supported = {str(f.get("name")) for f in features if isinstance(f, dict)}
+            missing = [f for f in needed if f not in supported]
+            if missing:
+                why = (
+                    f"GatewayClass {class_name} (of Gateway {namespace}/{name}) does not list "
+                    f"{', '.join(missing)} in status.supportedFeatures"
+                )
+                return (MirrorVerdict(False, "FeatureNotSupported", f"{off} Gateway: {why}"),)
+        return (
+            MirrorVerdict(
+                True,
+                "Mirrored",
+                f"the HTTPRoute mirrors requests to the mirrored candidates ({', '.join(needed)})",
+            ),
+        )
 
     def _versions(self, key: tuple[str, str], placed: list[Placed]) -> list[dict[str, Any]]:
         """status.versions: each version's weights and replicas (none without candidates)."""
@@ -418,6 +494,7 @@ class Reconciler:
         deployment: dict[str, Any] | None = None,
         model: Model | None = None,
         versions: list[dict[str, Any]] | None = None,
+        mirror: tuple[MirrorVerdict, ...] | None = None,
     ) -> None:
         """Write the derived status, only when it differs from what the object has."""
         previous = body.get("status") or {}
@@ -435,6 +512,7 @@ class Reconciler:
             ignored=model.ignored if model else None,
             versions=versions if model else None,
             min_replicas=model.spec.scaling.min_replicas if model else 0,
+            mirror=mirror,
         )
         meta = body["metadata"]
         metrics.set_model_ready(meta["namespace"], meta["name"], verdict.ready, verdict.reason)

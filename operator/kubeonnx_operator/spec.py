@@ -290,12 +290,47 @@ def check_route(path: str | None, namespace: str) -> None:
         )
 
 
+# A Gateway's name and namespace (DNS labels/subdomains) and a listener's sectionName, as
+# the Gateway API's own schema takes them.
+GATEWAY_NAME = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
+NAMESPACE_NAME = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+SECTION_NAME = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
+MAX_PARENT_REFS = 8
+
+
+class GatewayParentRef(_Spec):
+    """A Gateway (gateway.networking.k8s.io) the model's HTTPRoute attaches to."""
+
+    name: str = Field(pattern=GATEWAY_NAME, max_length=253)
+    namespace: str | None = Field(None, pattern=NAMESPACE_NAME, max_length=63)
+    section_name: str | None = Field(None, pattern=SECTION_NAME, max_length=253)
+
+
+class GatewayRouteSpec(_Spec):
+    """An HTTPRoute (Gateway API) for the model's route path, beside or instead of the
+    Ingress: weighted between the versions, pinned by header and path, mirrored where the
+    Gateway's class supports it."""
+
+    parent_refs: list[GatewayParentRef] = Field(min_length=1, max_length=MAX_PARENT_REFS)
+
+    @model_validator(mode="after")
+    def _unique(self) -> GatewayRouteSpec:
+        refs = [(r.name, r.namespace, r.section_name) for r in self.parent_refs]
+        if len(set(refs)) != len(refs):
+            raise ValueError(
+                "spec.ingress.gateway.parentRefs must not name the same Gateway (and "
+                "sectionName) twice"
+            )
+        return self
+
+
 class IngressSpec(_Spec):
     enabled: bool = False
     host: str | None = None
     path: str | None = None
     class_name: str | None = None
     tls_secret: str | None = None
+    gateway: GatewayRouteSpec | None = None
 
     @model_validator(mode="after")
     def _host(self) -> IngressSpec:

@@ -10,10 +10,22 @@ from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 from .render.model import CONTAINER
+from .render.versions import served_weights
 
 READY = "Ready"
 # Not blocking: the spec has fields this operator does not know (written under a newer CRD).
 FIELDS_IGNORED = "FieldsIgnored"
+# Not blocking: whether the HTTPRoute mirrors the mirrored candidates (spec.ingress.gateway).
+GATEWAY_MIRROR = "GatewayMirror"
+# Every reason the GatewayMirror condition can give.
+MirrorReason = Literal[
+    "Mirrored",
+    "FeatureNotSupported",
+    "GatewayNotFound",
+    "GatewayClassNotFound",
+    "GatewayNotReadable",
+]
+MIRROR_REASONS: tuple[str, ...] = get_args(MirrorReason)
 
 # Every reason an InferenceModel's Ready condition can give: the one registry (mypy holds
 # each Verdict to it; the Argo CD health check is tested against each).
@@ -36,6 +48,7 @@ ModelReason = Literal[
     "LabelsConfigMapNotFound",
     "MirrorSecretNotFound",
     "GatewayNotReady",
+    "GatewayAPINotInstalled",
     "ChildConflict",
     "ReconcileError",
 ]
@@ -51,6 +64,15 @@ POLICY_REASONS: tuple[str, ...] = get_args(PolicyReason)
 class Verdict:
     ready: bool
     reason: ModelReason
+    message: str
+
+
+@dataclass(frozen=True)
+class MirrorVerdict:
+    """Whether the HTTPRoute carries the candidates' mirrors, and why (not)."""
+
+    on: bool
+    reason: MirrorReason
     message: str
 
 
@@ -176,19 +198,6 @@ def gateway_verdict(gateway: dict[str, Any] | None, name: str) -> Verdict | None
     )
 
 
-def served_weights(desired: list[int], ready: list[bool]) -> list[int]:
-    """The percent of requests each version serves: the router shares the weights among
-    the versions that have a ready replica (a version with none serves 0). Integers that
-    sum to 100 (the remainder of the rounding goes to the first, the stable), or all 0."""
-    total = sum(w for w, r in zip(desired, ready, strict=True) if r)
-    if total == 0:
-        return [0 for _ in desired]
-    served = [w * 100 // total if r else 0 for w, r in zip(desired, ready, strict=True)]
-    first = next(i for i, (w, r) in enumerate(zip(desired, ready, strict=True)) if r and w)
-    served[first] += 100 - sum(served)
-    return served
-
-
 def version_statuses(
     versions: list[tuple[str, str, int, str, dict[str, Any], dict[str, Any] | None]],
 ) -> list[dict[str, Any]]:
@@ -247,12 +256,15 @@ def derive_status(
     ignored: tuple[str, ...] | None = None,
     versions: list[dict[str, Any]] | None = None,
     min_replicas: int = 0,
+    mirror: tuple[MirrorVerdict, ...] | None = None,
 ) -> dict[str, Any]:
     """The whole status subresource, from the verdict and what was observed. `ignored`:
     the spec's fields unknown to this operator (None: the spec was not read). `versions`:
     status.versions ([]: no candidates; None: the spec was not read, what is there stays).
     The REPLICAS column (replicaSummary) is ready/asked: the Deployment's replicas, or
-    minReplicas while an autoscaler has yet to raise them to it."""
+    minReplicas while an autoscaler has yet to raise them to it. `mirror`: the GatewayMirror
+    condition (one verdict; (): none, nothing is mirrored through a Gateway; None: not
+    derived, what is there stays)."""
     desired = (deployment or {}).get("spec", {}).get("replicas", 0)
     ready = (deployment or {}).get("status", {}).get("readyReplicas", 0)
     asked = max(desired, min_replicas) if deployment is not None else desired
@@ -270,9 +282,14 @@ def derive_status(
         "replicaSummary": f"{ready}/{asked}",
         "url": url,
         "externalURL": external_url,
-        "conditions": _fields_ignored(
-            set_condition(list(previous.get("conditions") or []), condition, now),
-            ignored,
+        "conditions": _gateway_mirror(
+            _fields_ignored(
+                set_condition(list(previous.get("conditions") or []), condition, now),
+                ignored,
+                generation,
+                now,
+            ),
+            mirror,
             generation,
             now,
         ),
@@ -318,6 +335,26 @@ def _fields_ignored(
             "NOT applied, unknown to this operator (set under a newer CRD?); the object is"
             f" served as if they were absent: {', '.join(ignored)}"
         )[:1024],
+        "observedGeneration": generation,
+    }
+    return set_condition(conditions, condition, now)
+
+
+def _gateway_mirror(
+    conditions: list[dict[str, Any]],
+    mirror: tuple[MirrorVerdict, ...] | None,
+    generation: int,
+    now: str,
+) -> list[dict[str, Any]]:
+    if mirror is None:
+        return conditions
+    if not mirror:
+        return [c for c in conditions if c.get("type") != GATEWAY_MIRROR]
+    condition = {
+        "type": GATEWAY_MIRROR,
+        "status": "True" if mirror[0].on else "False",
+        "reason": mirror[0].reason,
+        "message": mirror[0].message[:1024],
         "observedGeneration": generation,
     }
     return set_condition(conditions, condition, now)

@@ -10,7 +10,12 @@ from typing import Any
 
 import pytest
 import yaml
-from kubeonnx_operator.status import MODEL_REASONS, POLICY_REASONS, READY_REASONS
+from kubeonnx_operator.status import (
+    MIRROR_REASONS,
+    MODEL_REASONS,
+    POLICY_REASONS,
+    READY_REASONS,
+)
 from lupa import lua51
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -102,7 +107,10 @@ def test_every_reason_of_a_quota_policy_maps_to_a_health(reason: str) -> None:
 def test_the_registry_holds_every_reason_the_code_names() -> None:
     # mypy holds each Verdict to the registry; this catches a reason given another way.
     sources = "\n".join(p.read_text() for p in (ROOT / "operator").rglob("*.py"))
-    named = set(re.findall(r'Verdict\(\s*(?:True|False),\s*"([A-Za-z]+)"', sources))
+    named = set(re.findall(r'(?<!Mirror)Verdict\(\s*(?:True|False),\s*"([A-Za-z]+)"', sources))
+    # The GatewayMirror condition's reasons: a registry of their own (not the Ready's).
+    mirror = set(re.findall(r'MirrorVerdict\(\s*(?:True|False),\s*"([A-Za-z]+)"', sources))
+    assert mirror == set(MIRROR_REASONS)
     named |= set(re.findall(r'QuotaProblem\(\s*"([A-Za-z]+)"', sources))
     named |= set(re.findall(r'reason(?:, message)? = (?:True|False), "([A-Za-z]+)"', sources))
     assert {"QuotaPolicyNotFound", "QuotaSecretNotFound", "QuotaPolicyInvalid"} <= named

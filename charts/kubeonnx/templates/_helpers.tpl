@@ -48,6 +48,16 @@ each watched namespace). Every verb here is used: apply is a patch; nothing is u
 - apiGroups: [networking.k8s.io]
   resources: [ingresses]
   verbs: [get, list, watch, create, patch, delete]
+# spec.ingress.gateway: the model's HTTPRoute; its parent Gateways and their class are
+# read by name (status.supportedFeatures: may the route mirror?), never listed or watched.
+# GatewayClasses are cluster-scoped: with watchNamespaces (Roles only) none can be read,
+# and mirroring through a Gateway stays off (condition GatewayMirror says so).
+- apiGroups: [gateway.networking.k8s.io]
+  resources: [httproutes]
+  verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [gateway.networking.k8s.io]
+  resources: [gateways, gatewayclasses]
+  verbs: [get]
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]
   verbs: [get, list, watch, create, patch, delete]

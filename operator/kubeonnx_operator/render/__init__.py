@@ -12,6 +12,7 @@ from ..spec import InferenceModelSpec
 from .autoscaler import inflight_query, render_hpa, render_scaled_object
 from .deployment import render_deployment
 from .gateway import render_gateway, render_gateway_service
+from .httproute import render_http_route
 from .ingress import render_ingress
 from .model import Model
 from .monitor import render_pod_monitor
@@ -58,6 +59,8 @@ def render_children(
     children += [v["autoscaler"] for v in versions if "autoscaler" in v]
     if spec.ingress.enabled:
         children.append(render_ingress(model, config))
+    if spec.ingress.gateway is not None:
+        children.append(render_http_route(model, placed))
     children += [v[kind] for kind in ("pdb", "monitor") for v in versions if kind in v]
     return children
 

@@ -41,6 +41,12 @@ class Model:
     deployments: tuple[tuple[str, str | None], ...] = ()
     # The candidate's weight a rollout engine decided (spec.traffic.rollout); None: the spec's.
     rollout_weight: int | None = None
+    # The versions with a ready replica, as the reconciler last saw them: the HTTPRoute's
+    # weights follow them. None: not known (`kubeonnx render`), the desired weights.
+    ready_versions: frozenset[str] | None = None
+    # Every parent Gateway's class supports the mirrors the HTTPRoute needs (decided by the
+    # reconciler from status.supportedFeatures): only then does it carry them.
+    gateway_mirror: bool = False
 
     @property
     def quota_config_name(self) -> str:

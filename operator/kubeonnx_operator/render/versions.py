@@ -162,6 +162,19 @@ def place(model: Model) -> list[Placed]:
     return placed
 
 
+def served_weights(desired: list[int], ready: list[bool]) -> list[int]:
+    """The percent of requests each version serves: the router shares the weights among
+    the versions that have a ready replica (a version with none serves 0). Integers that
+    sum to 100 (the remainder of the rounding goes to the first, the stable), or all 0."""
+    total = sum(w for w, r in zip(desired, ready, strict=True) if r)
+    if total == 0:
+        return [0 for _ in desired]
+    served = [w * 100 // total if r else 0 for w, r in zip(desired, ready, strict=True)]
+    first = next(i for i, (w, r) in enumerate(zip(desired, ready, strict=True)) if r and w)
+    served[first] += 100 - sum(served)
+    return served
+
+
 def mirrored(model: Model) -> bool:
     return any(c.mirror_percent for c in model.spec.traffic.candidates)
 
