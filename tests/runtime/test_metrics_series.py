@@ -5,6 +5,7 @@ the first 5xx would hide it from the analysis."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -21,8 +22,8 @@ def requests_by_code(url: str) -> dict[str, float]:
     }
 
 
-def test_the_analysed_codes_are_counted_from_zero_before_any_request(  # type: ignore[no-untyped-def]
-    serve, models: dict[str, Path]
+def test_the_analysed_codes_are_counted_from_zero_before_any_request(
+    serve: Any, models: dict[str, Path]
 ) -> None:
     served = serve("--model-uri", f"file://{models['mlp']}", "--model-name", "mlp")
     assert requests_by_code(served.url) == {"200": 0.0, "500": 0.0, "503": 0.0}
