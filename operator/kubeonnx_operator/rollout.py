@@ -17,6 +17,8 @@ into spec.model to finish (Succeeded)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -129,6 +131,18 @@ def _duration(value: Any, where: str, default: timedelta | None) -> Any:
         return timedelta(seconds=duration_seconds(str(value)))
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from None
+
+
+# What a person or the rollout sets on a candidate without changing what is served.
+_NOT_HASHED = frozenset({"weight", "mirrorPercent"})
+
+
+def candidate_spec_hash(candidate: Mapping[str, Any]) -> str:
+    """The hash of a candidate's entry under spec.traffic.candidates, weight and mirror
+    aside: a rolled-back rollout starts over only when it changes."""
+    kept = {k: v for k, v in candidate.items() if k not in _NOT_HASHED}
+    text = json.dumps(kept, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from kubeonnx_operator.rollout import (
     RolloutSpec,
     Step,
     advance,
+    candidate_spec_hash,
     conclude,
 )
 
@@ -443,3 +444,12 @@ def test_a_bad_spec_is_refused_naming_the_field(rollout: dict[str, Any], problem
     with pytest.raises(ValueError, match=r"spec\.traffic\.rollout") as err:
         RolloutSpec.from_dict(rollout)
     assert problem in str(err.value)
+
+
+def test_the_candidate_spec_hash_changes_with_what_is_served_only() -> None:
+    entry = {"version": "2", "model": {"uri": "s3://m/2.onnx", "sha256": "ab"}, "weight": 0}
+    h = candidate_spec_hash(entry)
+    same = {"weight": 30, "mirrorPercent": 5, "model": {"sha256": "ab", "uri": "s3://m/2.onnx"}}
+    assert candidate_spec_hash({**same, "version": "2"}) == h
+    assert candidate_spec_hash({**entry, "model": {"uri": "s3://m/2b.onnx", "sha256": "ab"}}) != h
+    assert candidate_spec_hash({**entry, "resources": {"limits": {"cpu": "2"}}}) != h
