@@ -38,8 +38,9 @@ from e2e.test_prometheus_queries import Replica, one, start_replica
 ROOT = Path(__file__).resolve().parent.parent
 HOOKS = ROOT / "tests" / "runtime" / "model_hooks"
 EXAMPLE = ROOT / "examples" / "cpu-hpa.yaml"
-STABLE, HEALTHY, FAULTY, IDLE = "1", "2", "3", "4"
+STABLE, HEALTHY, FAULTY, IDLE, SLOW = "1", "2", "3", "4", "5"
 FAIL_EVERY = 4  # the faulty candidate answers a 500 to one request in 4
+SLOW_RUN_S = 0.5  # each of the slow candidate's model runs takes this long
 # A short window (Prometheus scrapes every second here); the rollout's clock is injected.
 WINDOW = timedelta(seconds=8)
 REQUEST = {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [1] * 4}]}
@@ -137,10 +138,15 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
     hooked = {
         "PYTHONPATH": os.pathsep.join([str(HOOKS), os.environ.get("PYTHONPATH", "")]),
         "TEST_HOOK_DIR": str(hooks),
-        "TEST_HOOK_FAIL_EVERY": str(FAIL_EVERY),
         "KUBEONNX_MAX_BATCH_SIZE": "1",  # one request, one run: the failures are exact
     }
-    extras = {STABLE: {}, HEALTHY: {}, FAULTY: hooked, IDLE: {}}
+    extras = {
+        STABLE: {},
+        HEALTHY: {},
+        FAULTY: {**hooked, "TEST_HOOK_FAIL_EVERY": str(FAIL_EVERY)},
+        IDLE: {},
+        SLOW: {**hooked, "TEST_HOOK_RUN_SECONDS": str(SLOW_RUN_S)},
+    }
     versions = {
         v: start_replica(
             version_of(deployment, v, extra), namespace, f"{name}-v{v}-0", model, work / f"v{v}"
@@ -272,6 +278,25 @@ async def test_a_candidate_answering_5xx_is_rolled_back_after_failure_limit_anal
     # A changed candidate spec starts over.
     d = await r.advance(timedelta(0), spec_hash="h2")
     assert (d.status["phase"], d.weight, d.status["step"]) == ("Progressing", 50, 0)
+
+
+async def test_a_slower_candidate_is_rolled_back_on_its_p95_against_the_stables(
+    bed: Bed,
+) -> None:
+    spec = RolloutSpec(
+        (Step(weight=50),),
+        thresholds(min_requests=5, max_latency_ratio=Decimal("5"), failure_limit=2),
+    )
+    r = Driver(bed, spec, SLOW)
+    d = await r.advance(timedelta(0))
+    for _ in range(2):
+        d = await r.window(d.weight)
+    assert (d.status["phase"], d.weight) == ("RolledBack", 0), d.status
+    last = d.status["lastAnalysis"]
+    assert float(last["candidate"]["p95"]) >= SLOW_RUN_S, last
+    assert float(last["stable"]["p95"]) * 5 < float(last["candidate"]["p95"]), last
+    assert last["candidate"]["errorRate"] == "0.0000"
+    assert "p95 latency" in d.status["message"] and "maxLatencyRatio 5" in d.status["message"]
 
 
 async def test_no_traffic_holds_the_step(bed: Bed) -> None:
