@@ -23,20 +23,13 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from .analysis import Analysis, Thresholds, analysis_status
 from .spec import duration_seconds
 
 Phase = Literal["Progressing", "Paused", "Holding", "RolledBack", "Promoted", "Succeeded"]
-PHASES: tuple[Phase, ...] = (
-    "Progressing",
-    "Paused",
-    "Holding",
-    "RolledBack",
-    "Promoted",
-    "Succeeded",
-)
+PHASES: tuple[str, ...] = get_args(Phase)
 # A person resumes an open-ended pause by setting this annotation to the step's index.
 RESUME_ANNOTATION = "kubeonnx.io/rollout-resume"
 HOLDS = frozenset({"InsufficientTraffic", "Unavailable"})
@@ -72,7 +65,7 @@ class RolloutSpec:
         a = rollout.get("analysis") or {}
         d = Thresholds()
         thresholds = Thresholds(
-            interval=_duration(a.get("interval"), f"{where}.analysis.interval", d.interval),
+            interval=_interval(a.get("interval"), f"{where}.analysis.interval", d.interval),
             min_requests=_int(
                 a.get("minRequests", d.min_requests), f"{where}.analysis.minRequests", 1
             ),
@@ -103,7 +96,9 @@ def _step(raw: Any, where: str) -> Step:
         return Step(weight=_int(raw["weight"], f"{where}.weight", 1, 100))
     pause = raw["pause"] or {}
     duration = pause.get("duration") if isinstance(pause, Mapping) else None
-    return Step(pause=True, duration=_duration(duration, f"{where}.pause.duration", None))
+    if duration is None:
+        return Step(pause=True)
+    return Step(pause=True, duration=_duration(duration, f"{where}.pause.duration"))
 
 
 def _int(value: Any, where: str, low: int, high: int | None = None) -> int:
@@ -124,13 +119,20 @@ def _decimal(value: Any, where: str) -> Decimal:
     return out
 
 
-def _duration(value: Any, where: str, default: timedelta | None) -> Any:
-    if value is None:
-        return default
+def _duration(value: Any, where: str) -> timedelta:
     try:
         return timedelta(seconds=duration_seconds(str(value)))
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from None
+
+
+def _interval(value: Any, where: str, default: timedelta) -> timedelta:
+    if value is None:
+        return default
+    interval = _duration(value, where)
+    if interval < timedelta(seconds=1):
+        raise ValueError(f"{where}: at least 1s, not {value!r}")
+    return interval
 
 
 # What a person or the rollout sets on a candidate without changing what is served.
@@ -217,7 +219,7 @@ def _load(prev: Mapping[str, Any] | None) -> _State | None:
         phase = prev["phase"]
         if phase not in PHASES:
             return None
-        return _State(
+        state = _State(
             candidate=str(prev["candidate"]),
             spec_hash=str(prev["candidateSpecHash"]),
             phase=phase,
@@ -227,6 +229,8 @@ def _load(prev: Mapping[str, Any] | None) -> _State | None:
             last=dict(prev["lastAnalysis"]) if prev.get("lastAnalysis") else None,
             message=str(prev.get("message", "")),
         )
+        _ = state.last_time  # a lastAnalysis without a readable time is not ours either
+        return state
     except (KeyError, TypeError, ValueError):
         return None  # not a status this operator wrote: the rollout starts over
 

@@ -302,10 +302,27 @@ async def test_another_candidate_version_starts_its_own_rollout() -> None:
     assert d.events[0].reason == "RolloutProgressing"
 
 
-async def test_a_status_not_written_by_this_operator_starts_the_rollout_over() -> None:
-    d = await advance(
-        spec(W10),
+@pytest.mark.parametrize(
+    "prev",
+    [
         {"phase": "Bogus", "step": 7},
+        {"candidate": "2", "phase": "Paused", "step": 1, "candidateSpecHash": "h"},
+        {
+            "candidate": "2",
+            "phase": "Paused",
+            "step": 1,
+            "since": "2026-01-05T10:00:00Z",
+            "candidateSpecHash": "h",
+            "lastAnalysis": {"time": "yesterday", "result": "Passed"},
+        },
+    ],
+)
+async def test_a_status_not_written_by_this_operator_starts_the_rollout_over(
+    prev: dict[str, Any],
+) -> None:
+    d = await advance(
+        spec(W10, PAUSE),
+        prev,
         candidate="2",
         candidate_ready=True,
         candidate_spec_hash="h",
@@ -433,6 +450,10 @@ def test_the_spec_is_read_as_the_yaml_writes_it() -> None:
         (
             {"steps": [{"weight": 1}], "analysis": {"maxErrorRate": "lots"}},
             "analysis.maxErrorRate: a decimal",
+        ),
+        (
+            {"steps": [{"weight": 1}], "analysis": {"interval": "0s"}},
+            "analysis.interval: at least 1s",
         ),
         (
             {"steps": [{"weight": 1}], "analysis": {"failureLimit": 0}},
