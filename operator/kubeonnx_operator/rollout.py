@@ -254,8 +254,7 @@ async def advance(
     model's kubeonnx.io/rollout-resume annotation, if any; `analyse`: measures and judges
     the window ending now (called only when an analysis is due)."""
     now = _seconds(now)
-    before = _load(prev)
-    state = before
+    state = _load(prev)
     if (
         state is None
         or state.candidate != candidate
