@@ -182,6 +182,10 @@ def prefers_async(prefer: str | None) -> bool:
     return any(p.split(";")[0].strip().lower() == "respond-async" for p in prefer.split(","))
 
 
+# Status codes whose request counter exists before the first such answer.
+COUNTED_FROM_START = (200, 500, 503)
+
+
 class InferHandler:
     """Inference over HTTP, framework-free: bytes in, status and bytes out, metered."""
 
@@ -206,7 +210,12 @@ class InferHandler:
         self.inflight = metrics.inflight.labels(label)
         self.latency = metrics.latency.labels(label)
         self._requests = metrics.requests
-        self._by_code: dict[int, Any] = {}
+        # The codes a rollout's analysis reads exist at 0 from the start: Prometheus's rate()
+        # and increase() cannot count a series' first value, so a series born at its first
+        # request (the first 5xx of a candidate) would go uncounted.
+        self._by_code: dict[int, Any] = {
+            code: metrics.requests.labels(label, str(code)) for code in COUNTED_FROM_START
+        }
         self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kubeonnx-decode")
 
     def close(self) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
+from kubeonnx_operator.rollout import PHASES
 from kubeonnx_operator.status import (
     MIRROR_REASONS,
     MODEL_REASONS,
@@ -92,6 +93,27 @@ def test_every_reason_of_an_inference_model_maps_to_a_health(reason: str) -> Non
     else:
         want = "Degraded"
     assert got == {"status": want, "message": f"{reason}: m"}
+
+
+@pytest.mark.parametrize("phase", PHASES)
+@pytest.mark.parametrize("reason", ["Ready", "Progressing", "CrashLoop"])
+def test_every_rollout_phase_maps_to_a_health(phase: str, reason: str) -> None:
+    """A rollout rolled back is Degraded, one paused for a person Suspended, whatever the
+    stable's Ready; any other phase leaves the health to Ready. A stable that fails (Degraded)
+    says so first."""
+    check = CUSTOMIZATIONS / "kubeonnx.io" / "InferenceModel" / "health.lua"
+    obj = status_with(reason)
+    obj["status"]["rollout"] = {"phase": phase, "message": "r"}
+    got = health(check, obj)
+    if reason == "CrashLoop":
+        want = {"status": "Degraded", "message": "CrashLoop: m"}
+    elif phase == "RolledBack":
+        want = {"status": "Degraded", "message": "RolledBack: r"}
+    elif phase == "Paused":
+        want = {"status": "Suspended", "message": "Paused: r"}
+    else:
+        want = health(check, status_with(reason))
+    assert got == want
 
 
 @pytest.mark.parametrize("reason", POLICY_REASONS)

@@ -110,4 +110,4 @@ def test_a_poisoned_batch_fails_only_the_guilty_request(serve, models: dict[str,
         else:
             np.testing.assert_array_equal(output(r, "output"), table[x])
     metrics = httpx.get(f"{served.url}/metrics").text
-    assert 'kubeonnx_requests_total{code="500"' not in metrics
+    assert 'kubeonnx_requests_total{code="500",model="lookup",version="1"} 0.0' in metrics

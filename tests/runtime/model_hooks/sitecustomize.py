@@ -8,7 +8,10 @@ The model run that the batcher is given is wrapped. With TEST_HOOK_DIR set:
 - TEST_HOOK_RUN_SECONDS: each run takes at least that long (a slow model);
 - TEST_HOOK_HOLD_RUN=<n>: run number n (0 is the first run after start-up) writes
   TEST_HOOK_DIR/held-<pid> and waits, before the model runs, until TEST_HOOK_DIR/release
-  exists (at most 300 s), so a test holds a model run while it does something else.
+  exists (at most 300 s), so a test holds a model run while it does something else;
+- TEST_HOOK_FAIL_EVERY=<n>: every n-th run (run numbers n-1, 2n-1, ...) raises instead of
+  running, so that requests answered one run each get a 500 one time in n (a faulty
+  version of a model).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ def _install(directory: str) -> None:
     folder = Path(directory)
     hold = int(os.environ.get("TEST_HOOK_HOLD_RUN", "-1"))
     seconds = float(os.environ.get("TEST_HOOK_RUN_SECONDS", "0"))
+    fail_every = int(os.environ.get("TEST_HOOK_FAIL_EVERY", "0"))
     log = os.open(folder / "runs", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     numbers = itertools.count()
     lock = threading.Lock()
@@ -46,6 +50,8 @@ def _install(directory: str) -> None:
                 deadline = time.monotonic() + 300
                 while not (folder / "release").exists() and time.monotonic() < deadline:
                     time.sleep(0.01)
+            if fail_every and n % fail_every == fail_every - 1:
+                raise RuntimeError(f"test hook: run {n} fails (TEST_HOOK_FAIL_EVERY)")
             outputs = run(inputs)
             left = seconds - (time.monotonic() - started)
             if left > 0:

@@ -36,5 +36,16 @@ else
   -- ModelLoadFailed, CrashLoop, ImagePullFailed, Unschedulable, InvalidSpec, ChildConflict,
   -- ReconcileError, ...: the status message says what to fix.
   hs.status = "Degraded"
+  return hs
+end
+-- A candidate version's rollout: rolled back is Degraded (the candidate failed its analysis
+-- and gets no traffic until its spec changes); paused for a person is Suspended.
+local rollout = status.rollout
+if rollout ~= nil and rollout.phase == "RolledBack" then
+  hs.status = "Degraded"
+  hs.message = "RolledBack: " .. (rollout.message or "")
+elseif rollout ~= nil and rollout.phase == "Paused" then
+  hs.status = "Suspended"
+  hs.message = "Paused: " .. (rollout.message or "")
 end
 return hs
