@@ -75,8 +75,9 @@ build() {
   local dockerfile=$1 image=$2
   log "$dockerfile: podman build -t $image"
   # --isolation=chroot: no user namespace or network set-up, which this kind of machine lacks;
-  # the RUN steps share the host's network (PyPI).
-  "${podman[@]}" build --isolation=chroot --layers --build-arg "BASE=$base_image" \
+  # the RUN steps share the host's network (PyPI). --format docker: in podman's default OCI
+  # format, Dockerfile.runtime's SHELL (bash, pipefail) would be ignored, as docker never does.
+  "${podman[@]}" build --isolation=chroot --format docker --layers --build-arg "BASE=$base_image" \
     -f "$repo/$dockerfile" -t "$image" "$repo" >&2
 }
 

@@ -128,8 +128,14 @@ class Container:
     def run(
         self, input: bytes | None = None, timeout: float = 120
     ) -> subprocess.CompletedProcess[bytes]:
+        """Run it to completion, `input` on its stdin; killed if it outlasts `timeout`."""
         proc = self.popen(stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        out, err = proc.communicate(input, timeout=timeout)
+        try:
+            out, err = proc.communicate(input, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise
         return subprocess.CompletedProcess(proc.args, proc.wait(), out, err)
 
 
