@@ -61,8 +61,9 @@ make_base() {
     --customize-hook="cp $cas/*.crt \"\$1/usr/local/share/ca-certificates/\" 2>/dev/null || true" \
     --customize-hook='chroot "$1" update-ca-certificates >/dev/null' \
     --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*.bin' \
-    --format=tar "$suite" "$base_tar.part" "${mirrors[@]}" >&2
-  mv "$base_tar.part" "$base_tar"
+    --format=tar "$suite" "$base_tar.$$.part" "${mirrors[@]}" >&2 \
+    || { rm -f "$base_tar.$$.part"; log "mmdebstrap failed"; exit 1; }
+  mv "$base_tar.$$.part" "$base_tar"
 }
 
 import_base() {
