@@ -27,7 +27,10 @@ for tool in podman mmdebstrap; do
   command -v "$tool" >/dev/null || { log "$tool is not installed: apt-get install podman mmdebstrap"; exit 3; }
 done
 
-podman=(podman --root "$cache/podman/storage" --runroot "${XDG_RUNTIME_DIR:-/run}/kubeonnx-podman")
+# Podman's state outside the storage (locks, mounts) goes under /run, one directory per
+# storage: podman refuses a storage later opened with another run root or tmpdir.
+runroot="/run/kubeonnx-podman-$(printf '%s' "$cache" | sha256sum | cut -c1-12)"
+podman=(podman --root "$cache/podman/storage" --runroot "$runroot" --tmpdir "$runroot/libpod")
 
 # Everything the base is made of; its hash names the tarball and the image.
 suite=bookworm
