@@ -107,20 +107,29 @@ def test_the_quota_file_the_operator_renders_is_the_one_the_runtime_reads(tmp_pa
     assert config.replicas == 2 and config.failure_mode == "Local"
 
 
-def test_the_operator_image_pins_every_dependency() -> None:
+@pytest.mark.parametrize(
+    ("image", "extras"), [("operator", ["operator"]), ("runtime", ["runtime", "gpu"])]
+)
+def test_each_image_pins_every_dependency(image: str, extras: list[str]) -> None:
     import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    wanted = project["dependencies"] + project["optional-dependencies"]["operator"]
+    wanted = list(project["dependencies"])
+    for extra in extras:
+        wanted += project["optional-dependencies"][extra]
     pinned = {}
-    for line in (ROOT / "operator" / "constraints.txt").read_text().splitlines():
+    for line in (ROOT / image / "constraints.txt").read_text().splitlines():
         if line and not line.startswith("#"):
             name, _, version = line.partition("==")
             pinned[name.lower().replace("_", "-")] = version
     for requirement in wanted:
         name = re.split(r"[<>=!\[ ;]", requirement, maxsplit=1)[0].lower().replace("_", "-")
-        assert pinned.get(name), f"{name} is not pinned in operator/constraints.txt"
-    assert "-c operator/constraints.txt" in (ROOT / "Dockerfile.operator").read_text()
+        assert pinned.get(name), f"{name} is not pinned in {image}/constraints.txt"
+    dockerfile = (ROOT / f"Dockerfile.{image}").read_text()
+    assert f"-c {image}/constraints.txt" in dockerfile or (
+        f"COPY {image}/constraints.txt ./constraints.txt" in dockerfile
+        and dockerfile.count("pip install -c constraints.txt") >= 2
+    ), f"Dockerfile.{image} does not install with -c {image}/constraints.txt"
 
 
 SCHEMA_KEYWORDS = {
