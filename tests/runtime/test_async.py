@@ -436,9 +436,24 @@ def test_quota_applies_at_submission_and_a_tenant_reads_only_its_own_requests(
         assert redis_client(redis_url).xlen(KEYS.stream) == 2
 
         location = first.headers["location"]
+        globex = {"X-Api-Key": "globex-key"}
         assert http.get(location, headers=acme).status_code == 202
-        other = http.get(location, headers={"X-Api-Key": "globex-key"})
+        other = http.get(location, headers=globex)
         assert other.status_code == 404  # another tenant's request does not exist for it
+
+        start(serve, models, redis_url)  # a worker: the requests run and their results are kept
+        deadline = time.monotonic() + 30
+        while (done := http.get(location, headers=acme)).status_code == 202:
+            assert time.monotonic() < deadline, done.text
+            time.sleep(0.1)
+        assert done.status_code == 200, done.text
+        # Finished, it is still not another tenant's to read.
+        assert http.get(location, headers=globex).status_code == 404
+        # A record that names no tenant is no tenant's to read: the lookup fails closed.
+        record = KEYS.record(location.rstrip("/").rsplit("/", 1)[-1])
+        redis_client(redis_url).hset(record, "tenant", "")
+        assert http.get(location, headers=acme).status_code == 404
+        assert http.get(location, headers=globex).status_code == 404
 
 
 def test_redis_frozen_or_killed_is_a_503_and_the_queue_recovers_after(
