@@ -336,3 +336,59 @@ def test_the_decision_budget_is_the_policys(redis_server: LocalRedis) -> None:
         assert asyncio.run(decide(5000))[0] == "admitted"
     finally:
         store.stop()
+
+
+@pytest.mark.parametrize("store", ["redis", "memory"])
+def test_a_request_refused_by_its_second_window_counts_in_neither(
+    redis_server: LocalRedis, store: str
+) -> None:
+    """Two windows, requests (first) and rows (second): a request the rows window refuses
+    leaves the requests window's count where it was, read from Redis itself and from usage."""
+    import redis as redis_py
+    from kubeonnx_runtime.quota import (
+        Quota,
+        QuotaConfig,
+        QuotaExceeded,
+        connect_redis,
+        counter_key,
+    )
+
+    not_near_midnight()
+    policy = f"p-{uuid.uuid4().hex[:8]}"
+    limits = [
+        {"unit": "requests", "limit": 3, "window": "1d"},
+        {"unit": "rows", "limit": 10, "window": "1d"},
+    ]
+    config = QuotaConfig.model_validate(
+        {
+            "policy": policy,
+            "namespace": "tests",
+            **({"redis": {"url": redis_server.url}} if store == "redis" else {}),
+            "tenants": [{"name": "a", "limits": limits}],
+        }
+    )
+    client = connect_redis(config.redis, {}) if config.redis else None
+    quota = Quota(config, redis_client=client)
+
+    def counters() -> list[int]:
+        now = time.time()
+        keys = [counter_key("tests", policy, "a", x["unit"], x["window"], now) for x in limits]
+        return [int(v or 0) for v in redis_py.Redis.from_url(redis_server.url).mget(keys)]
+
+    async def run() -> None:
+        await quota.admit("a", 4)
+        await quota.admit("a", 4)
+        with pytest.raises(QuotaExceeded, match="limit of 10 rows per 1d") as refused:
+            await quota.admit("a", 4)  # 8 + 4 rows > 10: the second window refuses it
+        violated = refused.value.decision.violated
+        assert violated is not None and violated.limit.name == "rows-1d"
+        usage = await quota.usage("a")
+        assert usage["exact"] is (store == "redis")
+        assert [u["used"] for u in usage["limits"]] == [2, 8]
+        if store == "redis":
+            assert counters() == [2, 8]
+        # What is left of both windows is still there: a third request of 2 rows fits both.
+        third = await quota.admit("a", 2)
+        assert [w.used for w in third.windows] == [3, 10]
+
+    asyncio.run(run())
