@@ -289,36 +289,34 @@ def test_fixed_batch_model_runs_request_by_request(serve, models) -> None:  # ty
         c.infer("fixed", [j])
 
 
-def test_full_queue_answers_503_with_retry_after(serve, models) -> None:  # type: ignore[no-untyped-def]
+def test_full_queue_answers_503_with_retry_after(serve, models, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A held model run makes the overlap certain: one request in the held run, one in the
+    queue of 1, and the next is refused at once; both taken are answered once released."""
+    hooks = tmp_path / "hooks"
     served = serve(
         "--model-uri",
-        f"file://{models['wide']}",
+        f"file://{models['mlp']}",
         "--model-name",
         "m",
         "--max-queue",
         "1",
         "--max-batch-size",
         "1",
-        "--threads",
-        "1",
+        env=hooked_env(hooks, hold_run=0),
     )
-    body = {
-        "inputs": [
-            {"name": "input", "shape": [256, 256], "datatype": "FP32", "data": [0.5] * (256 * 256)}
-        ]
-    }
-    with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        responses = list(
-            pool.map(
-                lambda _: httpx.post(f"{served.url}/v2/models/m/infer", json=body, timeout=60),
-                range(16),
-            )
-        )
-    codes = [r.status_code for r in responses]
-    assert 200 in codes and 503 in codes, codes
-    refused = next(r for r in responses if r.status_code == 503)
-    assert refused.headers["retry-after"] == "1"
-    assert "queue is full" in refused.json()["error"]
+    url = f"{served.url}/v2/models/m/infer"
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        running = pool.submit(httpx.post, url, json=mlp_body(1.0), timeout=120)
+        wait_held(hooks, served)
+        queued = pool.submit(httpx.post, url, json=mlp_body(2.0), timeout=120)
+        wait_for(lambda: metric(served, "kubeonnx_queue_depth") == 1, "one request queued")
+        refused = httpx.post(url, json=mlp_body(3.0), timeout=60)
+        assert refused.status_code == 503, refused.text
+        assert refused.headers["retry-after"] == "1"
+        assert "queue is full" in refused.json()["error"]
+        assert not running.done() and not queued.done()
+        release(hooks)
+        assert [f.result(60).status_code for f in (running, queued)] == [200, 200]
 
 
 def test_every_answer_carries_a_request_id(mlp_server: Served) -> None:
