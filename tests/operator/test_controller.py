@@ -425,12 +425,6 @@ class RecordingApi:
         raise api_error(404)
 
 
-def api_error(code: int) -> ApiError:
-    request = httpx2.Request("GET", "https://api/x")
-    response = httpx2.Response(code, request=request, json={"kind": "Status", "code": code})
-    return ApiError(request=request, response=response, status=Status(code=code, message="x"))
-
-
 async def test_a_reconcile_after_the_lease_is_lost_writes_nothing() -> None:
     """The operator's own wiring: its Kube writes only within its elector's budget. The leader
     reconciles (writes go out), loses the API server past the renew deadline, and the next
