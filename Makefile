@@ -23,7 +23,7 @@ lint: venv
 	$(VENV)/bin/mypy
 	$(VENV)/bin/hadolint Dockerfile.operator Dockerfile.runtime
 
-unit: venv           ## unit and runtime integration tests (no cluster)
+unit: venv binaries  ## unit and runtime integration tests (no cluster; helm for the chart tests)
 	$(VENV)/bin/pytest tests
 
 # Built for the e2e suite only, so that `make demo` never waits for them.

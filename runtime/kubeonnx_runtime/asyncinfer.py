@@ -402,7 +402,8 @@ class AsyncStore:
 
     async def lookup(self, request_id: str, tenant: str | None) -> Record:
         """The request's record. With quotas, `tenant` is the caller's: another tenant's
-        request is answered as not found, as if it did not exist."""
+        request is answered as not found, as if it did not exist, and so is a record that
+        names no tenant (it fails closed: no tenant's key reads it)."""
         unknown = RequestNotFound(
             f"no request {request_id!r}: never submitted, or its result has expired"
         )
@@ -412,7 +413,7 @@ class AsyncStore:
         if not raw:
             raise unknown
         record = Record.from_hash(request_id, raw)
-        if tenant is not None and record.tenant and record.tenant != tenant:
+        if tenant is not None and record.tenant != tenant:
             raise unknown
         return record
 

@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx2
+import pytest
 from kubeonnx_operator.config import OperatorConfig
 from kubeonnx_operator.handlers import Controller
 from kubeonnx_operator.informer import Informer
 from kubeonnx_operator.leader import LeaderElector
-from kubeonnx_operator.workqueue import WorkQueue
+from kubeonnx_operator.workqueue import Stopped, WorkQueue
 from lightkube import ApiError
 from lightkube.models.meta_v1 import Status
 
@@ -349,8 +350,9 @@ async def test_the_leader_releases_the_lease_on_a_clean_shutdown() -> None:
     assert await b._try()  # at once: no 15 s wait
 
 
-def operators_elector(store: LeaseStore, identity: str, clock: Clock) -> LeaderElector:
-    """The elector the operator builds (its timings, not a test's), on the stand-in Lease."""
+def operators_controller(store: LeaseStore, identity: str, clock: Clock) -> Controller:
+    """The operator's Controller with its elector (its timings, not a test's) on the
+    stand-in Lease."""
     config = OperatorConfig(leader_election=True, lease_namespace="ops")
     controller = Controller(
         FakeClient(),  # type: ignore[arg-type]
@@ -361,7 +363,14 @@ def operators_elector(store: LeaseStore, identity: str, clock: Clock) -> LeaderE
     )
     assert controller.elector is not None
     controller.elector.clock = clock
-    return controller.elector
+    return controller
+
+
+def operators_elector(store: LeaseStore, identity: str, clock: Clock) -> LeaderElector:
+    """The elector the operator builds (its timings, not a test's), on the stand-in Lease."""
+    elector = operators_controller(store, identity, clock).elector
+    assert elector is not None
+    return elector
 
 
 async def test_a_standby_takes_over_15_to_19_s_after_the_leaders_last_renewal() -> None:
@@ -393,3 +402,54 @@ async def test_a_standby_takes_over_15_to_19_s_after_the_leaders_last_renewal() 
         assert took_over is not None, phase
         assert store.lease is not None and store.lease["spec"]["holderIdentity"] == "b"
         assert low <= took_over - last_renewal < high, (phase, took_over)
+
+
+class RecordingApi:
+    """The API the operator's Kube writes through: records each write, answers reads 404."""
+
+    def __init__(self) -> None:
+        self.writes: list[tuple[str, str]] = []
+
+    async def patch(self, res: Any, name: str, obj: Any, **_: Any) -> dict[str, Any]:
+        self.writes.append(("patch", name))
+        return copy.deepcopy(obj) if isinstance(obj, dict) else {"metadata": {"name": name}}
+
+    async def create(self, obj: Any, **_: Any) -> dict[str, Any]:
+        self.writes.append(("create", type(obj).__name__))
+        return {}
+
+    async def delete(self, res: Any, name: str, **_: Any) -> None:
+        self.writes.append(("delete", name))
+
+    async def get(self, res: Any, name: str, **_: Any) -> Any:
+        raise api_error(404)
+
+
+async def test_a_reconcile_after_the_lease_is_lost_writes_nothing() -> None:
+    """The operator's own wiring: its Kube writes only within its elector's budget. The leader
+    reconciles (writes go out), loses the API server past the renew deadline, and the next
+    reconcile of the same model sends no write at all."""
+    store, clock = LeaseStore(), Clock()
+    controller = operators_controller(store, "a", clock)
+    elector = controller.elector
+    assert elector is not None
+    api = RecordingApi()
+    controller.kube.client = api  # type: ignore[assignment]
+    model = {
+        "apiVersion": "kubeonnx.io/v1alpha1",
+        "kind": "InferenceModel",
+        "metadata": {"name": "m", "namespace": "ns", "uid": "uid-1", "generation": 1},
+        "spec": {"model": {"uri": "s3://b/m.onnx"}},
+    }
+    assert await elector._try()
+    await controller.reconciler.reconcile(copy.deepcopy(model))
+    assert ("patch", "m") in api.writes  # the leader writes
+    store.down = True
+    clock.now += elector.renew_deadline_s + 0.1  # renewals failed until past the deadline
+    assert not await elector._try()
+    api.writes.clear()
+    model["metadata"]["generation"] = 2
+    model["spec"]["model"]["uri"] = "s3://b/m2.onnx"  # a change that would be applied
+    with pytest.raises(Stopped, match="not the leader"):
+        await controller.reconciler.reconcile(copy.deepcopy(model))
+    assert api.writes == []  # no apply, no status, no Event

@@ -10,7 +10,6 @@ it names against the tree.
 
 from __future__ import annotations
 
-import glob
 import os
 import re
 import shlex
@@ -21,7 +20,6 @@ from pathlib import Path
 
 import jsonschema
 import numpy as np
-import pytest
 import yaml
 from kubeonnx_runtime.app import create_app
 from kubeonnx_runtime.batching import Batcher
@@ -30,6 +28,8 @@ from kubeonnx_runtime.datatypes import TensorSpec
 from kubeonnx_runtime.metrics import RuntimeMetrics
 from prometheus_client import CollectorRegistry
 from starlette.routing import Route
+
+from tests.operator.helm import pinned_helm
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -211,10 +211,8 @@ def test_the_url_column_alone_takes_no_post() -> None:
 
 
 def helm() -> str:
-    found = sorted(glob.glob(os.path.expanduser("~/.cache/kubeonnx/bin/helm-*/helm")))
-    if not found:
-        pytest.skip("the pinned helm is not built (bash e2e/build-binaries.sh)")
-    return found[-1]
+    """The pinned helm (e2e/versions.env), not whichever helm-* is in the cache."""
+    return str(pinned_helm())
 
 
 def test_the_blocks_that_can_run_here_run(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import pytest
 from kubeonnx_operator.config import OperatorConfig
 from kubeonnx_operator.observed import ObservedChildren
 from kubeonnx_operator.reconcile import Reconciler
+from kubeonnx_operator.render.model import MODEL_LABEL
 from lightkube import ApiError
 from lightkube.models.meta_v1 import Status
 
@@ -151,11 +152,27 @@ def seen_deployment(generation: int, replicas: int, *, owns_replicas: bool) -> d
     }
 
 
-async def test_an_object_it_does_not_own_is_left_alone_and_named_in_status() -> None:
+def existing(kube: FakeKube, obj: dict[str, Any], cached: bool) -> ObservedChildren:
+    """`obj` exists; `cached`: the watch cache holds it too, as it does any object carrying
+    the model's label (a hand-applied `kubeonnx render`, a deleted model's child)."""
+    obj = copy.deepcopy(obj)
+    meta = obj.setdefault("metadata", {})
+    obj.setdefault("apiVersion", "v1")
+    obj.setdefault("kind", "Service")
+    meta.update(namespace="ns", labels={MODEL_LABEL: "m"}, managedFields=[])
+    meta.setdefault("uid", "theirs")
+    kube.live[(obj["kind"], meta["name"])] = obj
+    observed = ObservedChildren()
+    if cached:
+        observed.record(KEY, obj, deleted=False)
+    return observed
+
+
+@pytest.mark.parametrize("cached", [False, True])
+async def test_an_object_it_does_not_own_is_left_alone_and_named_in_status(cached: bool) -> None:
     kube = FakeKube()
     users = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "m", "uid": "theirs"}}
-    kube.live[("Service", "m")] = users
-    await reconciler(kube).reconcile(body())
+    await reconciler(kube, existing(kube, users, cached)).reconcile(body())
     assert "Service" not in {m["kind"] for _, m in kube.applied}
     assert "Deployment" in {m["kind"] for _, m in kube.applied}
     cond = ready(kube)
@@ -169,18 +186,21 @@ def service_controlled_by(name: str, uid: str) -> dict[str, Any]:
     return {"metadata": {"name": "m", "ownerReferences": [ref]}}
 
 
-async def test_an_object_controlled_by_another_owner_is_a_conflict_too() -> None:
+@pytest.mark.parametrize("cached", [False, True])
+async def test_an_object_controlled_by_another_owner_is_a_conflict_too(cached: bool) -> None:
     kube = FakeKube()
-    kube.live[("Service", "m")] = service_controlled_by("other", "o")
-    await reconciler(kube).reconcile(body())
+    observed = existing(kube, service_controlled_by("other", "o"), cached)
+    await reconciler(kube, observed).reconcile(body())
     assert ready(kube)["reason"] == "ChildConflict"
     assert "controlled by InferenceModel other (uid o)" in ready(kube)["message"]
+    assert "Service" not in {m["kind"] for _, m in kube.applied}
 
 
-async def test_a_child_of_a_deleted_model_of_the_same_name_is_waited_for() -> None:
+@pytest.mark.parametrize("cached", [False, True])
+async def test_a_child_of_a_deleted_model_of_the_same_name_is_waited_for(cached: bool) -> None:
     kube = FakeKube()
-    kube.live[("Service", "m")] = service_controlled_by("m", "old")
-    await reconciler(kube).reconcile(body())
+    observed = existing(kube, service_controlled_by("m", "old"), cached)
+    await reconciler(kube, observed).reconcile(body())
     assert ready(kube)["reason"] == "Progressing"
     assert "waiting for the garbage collector to delete Service m" in ready(kube)["message"]
     assert "Service" not in {m["kind"] for _, m in kube.applied}

@@ -41,6 +41,7 @@ class ApiServer:
         self.user_agents: set[str] = set()
         self.writes: list[float] = []  # arrival time of each write (monotonic)
         self.hold = asyncio.Event()  # a slow request (/slow) is answered when set
+        self.slow_arrived = asyncio.Event()  # a slow request is being held
         self.url = ""
 
     async def services(self, request: web.Request) -> web.StreamResponse:
@@ -69,6 +70,7 @@ class ApiServer:
         return web.json_response(obj(request.match_info["name"], "u1"))
 
     async def slow(self, _: web.Request) -> web.Response:
+        self.slow_arrived.set()
         await self.hold.wait()
         return web.json_response({})
 
@@ -168,7 +170,7 @@ async def test_a_write_that_cannot_be_sent_within_the_leases_time_is_never_sent(
 ) -> None:
     client = server.client(connections=1)
     holder = asyncio.create_task(client._client._client.get("/slow"))  # the only connection
-    await asyncio.sleep(0.2)
+    await asyncio.wait_for(server.slow_arrived.wait(), 30)  # it holds the connection now
     budget_end = time.monotonic() + 0.5
     fenced = Kube(client, write_budget=lambda: budget_end - time.monotonic())
     manifest = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x", "namespace": "ns"}}
@@ -177,6 +179,8 @@ async def test_a_write_that_cannot_be_sent_within_the_leases_time_is_never_sent(
             await fenced.apply(manifest)
         server.hold.set()  # the connection is free now, 1 s after the write's budget ended
         await holder
+        # A deliberate window in which nothing may happen: a write abandoned at its budget
+        # but still queued for the freed connection would arrive now, and must not.
         await asyncio.sleep(0.5)
         assert server.writes == [], "a write landed after the Lease could have passed on"
         # With time left, the same write goes through.

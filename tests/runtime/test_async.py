@@ -22,12 +22,14 @@ from kubeonnx_runtime.app import prefers_async
 from kubeonnx_runtime.asyncinfer import GROUP, AsyncKeys, check_callback
 from kubeonnx_runtime.errors import InvalidRequest
 from kubeonnx_runtime.quota import key_hash
+from kubeonnx_runtime.server import LEDGER_RESERVE_S, STOP_MARGIN_S
 
 from e2e.redis_server import LocalRedis
 from tests.runtime.conftest import Served
 from tests.runtime.model_runs import hooked_env, release, row_digest, runs, wait_for, wait_held
 
 PREFIX = "kubeonnx:{tests/mlp}"
+GRACE_S = 14  # a stop budget of 7 s for the requests in hand, short enough for a test
 KEYS = AsyncKeys(PREFIX)
 
 
@@ -242,7 +244,11 @@ def test_a_thousand_requests_queued_with_no_consumer_are_answered_once_despite_a
     while int(client.get(KEYS.completed) or 0) < 1000:
         assert time.monotonic() < deadline, f"completed {client.get(KEYS.completed)} of 1000"
         time.sleep(0.2)
-    time.sleep(3)  # past claim_after: a duplicate run, were there one, would have finished
+    metrics = httpx.get(f"{second.url}/metrics").text
+    assert 'kubeonnx_async_outcomes_total{model="mlp",outcome="done",version="1"}' in metrics
+    # The second replica stopped: it answers what it holds before it exits, so every model
+    # run it began, a duplicate were there one, has returned and is in its run log.
+    assert second.stop(signal.SIGTERM) == 0
 
     assert int(client.get(KEYS.completed)) == 1000
     assert client.xlen(KEYS.stream) == 0  # every entry acknowledged and deleted
@@ -262,14 +268,12 @@ def test_a_thousand_requests_queued_with_no_consumer_are_answered_once_despite_a
     assert {ids[h] for h in held} <= by_second  # what the killed one held, the other ran
     assert len(by_second) < 1000  # the first replica's answers were not run again
 
-    with httpx.Client(base_url=second.url, timeout=10) as http:
+    with httpx.Client(base_url=gateway.url, timeout=10) as http:
         for request_id, i in ids.items():
             answer = http.get(f"/v2/models/mlp/requests/{request_id}")
             assert answer.status_code == 200, answer.text
             got = np.array(answer.json()["outputs"][0]["data"], dtype=np.float32)
             np.testing.assert_allclose(got, expected[i], rtol=1e-5, atol=1e-6)
-    metrics = httpx.get(f"{second.url}/metrics").text
-    assert 'kubeonnx_async_outcomes_total{model="mlp",outcome="done",version="1"}' in metrics
 
 
 def test_sigterm_answers_the_requests_in_flight_and_leaves_the_rest_queued(
@@ -287,16 +291,33 @@ def test_sigterm_answers_the_requests_in_flight_and_leaves_the_rest_queued(
     client = redis_client(redis_url)
     hooks = tmp_path / "hooks"
     served = start(
-        serve, models, redis_url, KUBEONNX_ASYNC_CONCURRENCY="4", **hooked_env(hooks, hold_run=0)
+        serve,
+        models,
+        redis_url,
+        KUBEONNX_ASYNC_CONCURRENCY="4",
+        KUBEONNX_GRACE_SECONDS=str(GRACE_S),
+        **hooked_env(hooks, hold_run=0),
     )
     wait_held(hooks, served)
     name = consumer_of(client, served)
     held = wait_for(lambda: holding(client, name, 4), "the replica holding 4 requests")
+    signalled = time.monotonic()
     served.proc.send_signal(signal.SIGTERM)
     wait_for(lambda: "stopping: answering the 4 requests" in served.logs(), "the worker stopping")
-    time.sleep(1)  # time for a replica that would not wait, or would read on, to do so
-    assert served.proc.poll() is None
-    assert pending_to(client, name) == held
+
+    # The held run outlasts half the worker's budget for the requests in hand (the grace
+    # period less the margin and the ledger's reserve, from the signal; no HTTP drain here):
+    # until then the replica is alive, holds the 4, and has read no more. The other half is
+    # the margin for a late look on a loaded machine. A deliberate window in which nothing may
+    # happen, watched, not slept through.
+    budget_s = GRACE_S - STOP_MARGIN_S - LEDGER_RESERVE_S
+
+    def half_the_budget_passed() -> bool:
+        assert served.proc.poll() is None, "the replica exited within its in-flight budget"
+        assert pending_to(client, name) == held
+        return time.monotonic() - signalled >= budget_s / 2
+
+    wait_for(half_the_budget_passed, "half the in-flight budget to pass")
     release(hooks)
     assert served.proc.wait(30) == 0
 
@@ -436,9 +457,24 @@ def test_quota_applies_at_submission_and_a_tenant_reads_only_its_own_requests(
         assert redis_client(redis_url).xlen(KEYS.stream) == 2
 
         location = first.headers["location"]
+        globex = {"X-Api-Key": "globex-key"}
         assert http.get(location, headers=acme).status_code == 202
-        other = http.get(location, headers={"X-Api-Key": "globex-key"})
+        other = http.get(location, headers=globex)
         assert other.status_code == 404  # another tenant's request does not exist for it
+
+        start(serve, models, redis_url)  # a worker: the requests run and their results are kept
+        deadline = time.monotonic() + 30
+        while (done := http.get(location, headers=acme)).status_code == 202:
+            assert time.monotonic() < deadline, done.text
+            time.sleep(0.1)
+        assert done.status_code == 200, done.text
+        # Finished, it is still not another tenant's to read.
+        assert http.get(location, headers=globex).status_code == 404
+        # A record that names no tenant is no tenant's to read: the lookup fails closed.
+        record = KEYS.record(location.rstrip("/").rsplit("/", 1)[-1])
+        redis_client(redis_url).hset(record, "tenant", "")
+        assert http.get(location, headers=acme).status_code == 404
+        assert http.get(location, headers=globex).status_code == 404
 
 
 def test_redis_frozen_or_killed_is_a_503_and_the_queue_recovers_after(

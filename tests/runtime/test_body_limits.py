@@ -8,6 +8,7 @@ import gc
 import gzip
 import json
 import struct
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -118,6 +119,26 @@ def test_gzip_json_is_refused_once_it_inflates_past_the_limit(limited: Served) -
     small = gzip.compress(json_request(10))
     ok = httpx.post(f"{limited.url}{INFER}", content=small, headers={"Content-Encoding": "gzip"})
     assert ok.status_code == 200, ok.text
+
+
+def test_gzip_json_inflation_stops_at_the_json_limit_not_the_body_limit(
+    limited: Served,
+) -> None:
+    """Where inflation stops shows in the answer: a gzip stream cut short past 3 MB of JSON
+    (over the 1 MiB JSON limit, far under the 64 MiB body limit) is refused as over the JSON
+    limit, since no more than that is inflated; inflating on towards the body limit would
+    reach the cut and answer that the body is truncated gzip."""
+    whole = json_request(80_000)
+    assert 3 * JSON_LIMIT < len(whole) < 64 * JSON_LIMIT
+    compressed = gzip.compress(whole, 9)
+    cut = compressed[: len(compressed) - 64]  # no trailer, and the last of the data gone
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    assert len(inflater.decompress(cut)) > 2 * JSON_LIMIT and not inflater.eof
+    r = httpx.post(
+        f"{limited.url}{INFER}", content=cut, headers={"Content-Encoding": "gzip"}, timeout=60
+    )
+    assert r.status_code == 413, r.text
+    assert r.json()["error"].startswith(NAMES_IT)
 
 
 def test_a_binary_requests_json_header_is_bounded_too(limited: Served) -> None:

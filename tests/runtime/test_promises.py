@@ -186,15 +186,27 @@ def postgres() -> Iterator[LocalPostgres]:
 
 
 async def test_a_batch_committed_but_not_confirmed_is_written_again_and_counted_once(
-    postgres: LocalPostgres, monkeypatch: pytest.MonkeyPatch
+    postgres: LocalPostgres, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """The connection drops right after PostgreSQL commits a batch: the ledger cannot know
-    the batch is in, keeps it, and writes it again; ON CONFLICT leaves one row each."""
+    the batch is in, keeps it, and writes it again; ON CONFLICT leaves one row each, and the
+    second write is a success: nothing refused, dropped or set aside."""
     import psycopg
     from kubeonnx_runtime.ledger import Ledger
 
     policy = f"p-{uuid.uuid4().hex[:8]}"
-    ledger = Ledger(postgres.dsn, policy=policy, model="m", flush_every_s=0.05)
+    written: list[int] = []
+    dropped: list[int] = []
+    spill = tmp_path / "spill"
+    ledger = Ledger(
+        postgres.dsn,
+        policy=policy,
+        model="m",
+        flush_every_s=0.05,
+        on_written=written.append,
+        on_dropped=dropped.append,
+        spill_dir=spill,
+    )
     for i in range(7):
         ledger.record("acme", i + 1, f"r-{i}")
 
@@ -224,6 +236,9 @@ async def test_a_batch_committed_but_not_confirmed_is_written_again_and_counted_
         f"SELECT request_id, rows FROM kubeonnx_usage WHERE policy = '{policy}' ORDER BY 1"
     )
     assert rows == [(f"r-{i}", i + 1) for i in range(7)]
+    # Written once as far as the ledger knows, not refused by the primary key and set aside.
+    assert sum(written) == 7 and dropped == []
+    assert not list(spill.glob("*.rejected"))
 
 
 def test_kubeonnx_usage_since_and_model_against_a_real_table(postgres: LocalPostgres) -> None:

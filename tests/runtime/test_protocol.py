@@ -11,6 +11,7 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
+from kubeonnx_runtime.server import stop_budget
 from tritonclient.utils import InferenceServerException
 
 from tests.runtime.conftest import Served
@@ -288,36 +289,34 @@ def test_fixed_batch_model_runs_request_by_request(serve, models) -> None:  # ty
         c.infer("fixed", [j])
 
 
-def test_full_queue_answers_503_with_retry_after(serve, models) -> None:  # type: ignore[no-untyped-def]
+def test_full_queue_answers_503_with_retry_after(serve, models, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A held model run makes the overlap certain: one request in the held run, one in the
+    queue of 1, and the next is refused at once; both taken are answered once released."""
+    hooks = tmp_path / "hooks"
     served = serve(
         "--model-uri",
-        f"file://{models['wide']}",
+        f"file://{models['mlp']}",
         "--model-name",
         "m",
         "--max-queue",
         "1",
         "--max-batch-size",
         "1",
-        "--threads",
-        "1",
+        env=hooked_env(hooks, hold_run=0),
     )
-    body = {
-        "inputs": [
-            {"name": "input", "shape": [256, 256], "datatype": "FP32", "data": [0.5] * (256 * 256)}
-        ]
-    }
-    with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        responses = list(
-            pool.map(
-                lambda _: httpx.post(f"{served.url}/v2/models/m/infer", json=body, timeout=60),
-                range(16),
-            )
-        )
-    codes = [r.status_code for r in responses]
-    assert 200 in codes and 503 in codes, codes
-    refused = next(r for r in responses if r.status_code == 503)
-    assert refused.headers["retry-after"] == "1"
-    assert "queue is full" in refused.json()["error"]
+    url = f"{served.url}/v2/models/m/infer"
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        running = pool.submit(httpx.post, url, json=mlp_body(1.0), timeout=120)
+        wait_held(hooks, served)
+        queued = pool.submit(httpx.post, url, json=mlp_body(2.0), timeout=120)
+        wait_for(lambda: metric(served, "kubeonnx_queue_depth") == 1, "one request queued")
+        refused = httpx.post(url, json=mlp_body(3.0), timeout=60)
+        assert refused.status_code == 503, refused.text
+        assert refused.headers["retry-after"] == "1"
+        assert "queue is full" in refused.json()["error"]
+        assert not running.done() and not queued.done()
+        release(hooks)
+        assert [f.result(60).status_code for f in (running, queued)] == [200, 200]
 
 
 def test_every_answer_carries_a_request_id(mlp_server: Served) -> None:
@@ -362,8 +361,15 @@ def test_sigterm_drains_then_finishes_requests_that_outlast_it(  # type: ignore[
         "mlp",
         "--max-batch-size",
         "1",
-        env={"KUBEONNX_DRAIN_SECONDS": "6", **hooked_env(hooks, hold_run=0)},
+        env={
+            "KUBEONNX_DRAIN_SECONDS": "6",
+            "KUBEONNX_GRACE_SECONDS": "19",
+            **hooked_env(hooks, hold_run=0),
+        },
     )
+    # The stop budget of that grace period: 6 s not ready, then 6 s for the requests taken.
+    drain_s, in_flight_s = stop_budget(19, 6)
+    assert (drain_s, in_flight_s) == (6, 6)
     url = f"{served.url}/v2/models/mlp/infer"
     values = [1.0, 2.0, 3.0, 4.0]
     expected = [reference(models, np.full((1, 4), v, np.float32)) for v in values]
@@ -377,6 +383,7 @@ def test_sigterm_drains_then_finishes_requests_that_outlast_it(  # type: ignore[
         in_flight += [pool.submit(post, v) for v in values[1:3]]
         wait_for(lambda: metric(served, "kubeonnx_queue_depth") == 2, "two requests queued")
 
+        signalled = time.monotonic()
         served.proc.send_signal(signal.SIGTERM)
         wait_for(
             lambda: httpx.get(f"{served.url}/v2/health/ready").status_code == 503,
@@ -389,21 +396,31 @@ def test_sigterm_drains_then_finishes_requests_that_outlast_it(  # type: ignore[
         def closed() -> bool:
             try:
                 httpx.get(f"{served.url}/v2/health/live", timeout=5)
+            except httpx.TimeoutException:  # a slow answer on a loaded machine: not closed
+                return False
             except httpx.TransportError:  # refused, or accepted as the listener closed, and reset
                 return True
             return False
 
         wait_for(closed, "the listener closed at the end of the drain")
+        # Not ready for at least the configured drain: the server's timer starts after the
+        # signal was sent, so on any machine the close is seen no sooner than this.
+        assert time.monotonic() - signalled >= drain_s
         wait_for(
             lambda: "Waiting for connections to close" in served.logs(),
             "the server waiting for the requests in flight",
         )
-        # Give a server that would give up on them (or exit) the time to do so: a second of
-        # the 30 s it promises them.
-        time.sleep(1)
-        # The drain is over and nothing new is taken; the requests taken are still running.
-        assert served.proc.poll() is None
-        assert not any(f.done() for f in [*in_flight, late])
+
+        # The requests taken keep running (the process alive, none answered) until half of
+        # their budget has passed: the server's deadline is at least drain + in flight after
+        # the signal, and the other half is the margin for a late look on a loaded machine.
+        # A deliberate window in which nothing may happen, watched, not slept through.
+        def half_the_budget_passed() -> bool:
+            assert served.proc.poll() is None, "the server exited within the in-flight budget"
+            assert not any(f.done() for f in [*in_flight, late]), "a request was given up on"
+            return time.monotonic() - signalled >= drain_s + in_flight_s / 2
+
+        wait_for(half_the_budget_passed, "half the in-flight budget to pass")
         release(hooks)
         answers = [f.result(60) for f in [*in_flight, late]]
     for answer, want in zip(answers, expected, strict=True):

@@ -358,3 +358,17 @@ def test_debug_logging_keeps_s3_request_headers_out_of_the_log(serve, s3, s3_end
     logs = served.logs()
     assert '"level": "debug"' in logs  # debug logging is on
     assert "Authorization" not in logs and "AWS4-HMAC-SHA256" not in logs
+
+
+def test_a_warm_cache_is_not_served_under_a_different_model_sha256(
+    serve, s3, s3_endpoint: str, models: dict[str, Path], tmp_path: Path
+) -> None:
+    """The cache holds the object verified under one sha256; a start with another does not
+    take the cached bytes: it fetches again and refuses the mismatch by its message."""
+    args = ("--model-uri", "s3://models/mlp/model.onnx", "--s3-endpoint", s3_endpoint)
+    serve(*args, "--model-sha256", sha256(models["mlp"])).stop()
+    assert len(list((tmp_path / "cache").glob("*.onnx"))) == 1  # warm
+    served = run_to_failure(tmp_path, *args, "--model-sha256", ZERO_SHA)
+    message = served.termination_log.read_text()
+    assert "checksum mismatch" in message and ZERO_SHA in message, served.logs()
+    assert "model cache hit" not in served.logs()
