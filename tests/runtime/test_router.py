@@ -342,7 +342,8 @@ class FakeUpstream:
     the first on its connection (a probe counts) is read and its connection closed
     unanswered (a keep-alive connection closed by the upstream just as the router reused
     it); with `stall` set, it is read and never answered; with `early`, its head is answered
-    413 and its connection closed, the body unread."""
+    413 and its connection closed, the body unread; with `junk_head`, its answer's head has
+    that many bytes more, in headers of 16,000 bytes."""
 
     BIG = 3 * 1024 * 1024 + 17
 
@@ -353,6 +354,7 @@ class FakeUpstream:
         self.drop_reused = False
         self.stall = threading.Event()  # set: a request other than a probe is never answered
         self.early = False  # answer 413 to a request's head, and close without its body
+        self.junk_head = 0  # bytes of extra headers in an answer (not a probe's)
         self.dropped: list[str] = []  # "METHOD path" of each request dropped
         self.answered: list[str] = []
         self.closed = threading.Semaphore(0)  # released as close_after closes a connection
@@ -402,6 +404,8 @@ class FakeUpstream:
                         (b"content-type", b"application/json"),
                         (b"content-length", str(len(chunks[0])).encode()),
                     ]
+                    if not probe:
+                        head += [(b"x-junk", b"j" * 16_000)] * (self.junk_head // 16_000)
                 sock.sendall(conn.send(h11.Response(status_code=200, headers=head)) or b"")
                 if request.method != b"HEAD":
                     for chunk in chunks:
@@ -592,3 +596,20 @@ def test_upstream_answering_before_the_whole_body_is_relayed(
     assert r.json() == {"error": "too large"}
     assert metric(router.url, "kubeonnx_router_requests_total", code="502") == 0
     assert metric(router.url, "kubeonnx_router_upstream_ready") == 1
+
+
+def test_an_upstream_answer_head_over_64_kib_is_a_502(fake: tuple[FakeUpstream, Served]) -> None:
+    """The answer's status line and headers are bounded as a client's are (64 KiB): over
+    it, a 502 and the connection closed, not megabytes of headers held and relayed. Just
+    under it, the answer passes."""
+    upstream, router = fake
+    with httpx.Client(base_url=router.url, timeout=60) as http:
+        upstream.junk_head = 60_000
+        r = http.post("/v2/models/m/infer", content=b"under")
+        assert r.status_code == 200 and len(r.headers.get_list("x-junk")) == 3, r.text
+        upstream.junk_head = 400_000
+        r = http.post("/v2/models/m/infer", content=b"over")
+        assert r.status_code == 502, r.text
+        assert r.json()["error"] == (
+            "model version '1' failed: the answer's head is over 65536 bytes"
+        )
