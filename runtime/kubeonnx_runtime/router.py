@@ -5,9 +5,11 @@ version's replicas), chosen in this order: the version in the path (`/versions/V
 pin header (`X-Model-Version`), the tenant's version when sticky (the API key's hash placed
 in the weights), else smooth weighted round-robin, which is exact: over any `sum(weights)`
 consecutive requests each version gets exactly its weight. Only versions whose upstream
-answers its readiness probe take traffic; the weights are shared among those. A connection
-refused by an upstream marks it not ready and the request goes to another version (nothing
-was sent, so this is safe for any method).
+answers its readiness probe take traffic; the weights are shared among those. A version is
+a Service over many pods, so a failed connection (one pod failing) does not decide its
+readiness: it probes the version at once, and only the probe marks it not ready. A request
+whose connection was refused goes to another version (nothing was sent, so this is safe for
+any method); that request alone, the weights stay.
 
 A version with `mirror_percent` gets that share of the inference requests copied to it as
 well, exactly counted the same way; its answers are dropped. A copy is made only for a body
@@ -31,6 +33,7 @@ CPU per request. The client side is uvicorn's httptools protocol with the server
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -192,6 +195,7 @@ class Upstream:
         self.weight = config.weight
         self.mirror_percent = config.mirror_percent
         self.ready = False
+        self.recheck = asyncio.Event()  # set: probe now, a connection to it failed
         self.current = 0  # smooth weighted round-robin state
         self.mirror_credit = 0.0
 
@@ -293,7 +297,9 @@ class Router:
                 self.set_ready(upstream, status == 200)
             except (UpstreamError, TimeoutError):
                 self.set_ready(upstream, False)
-            await asyncio.sleep(self.config.probe_interval_s)
+            upstream.recheck.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(upstream.recheck.wait(), self.config.probe_interval_s)
 
     async def start(self) -> None:
         self.probes = [asyncio.create_task(self.probe(u)) for u in self.upstreams]
@@ -458,8 +464,9 @@ class Router:
                 )
                 return chosen, conn
             except ConnectFailed:
-                # Nothing reached the upstream: it is gone; another version takes the request.
-                self.set_ready(chosen, False)
+                # Nothing reached the upstream: another version takes this request. Whether
+                # the version is gone (or one of its pods) is its probe's to say, at once.
+                chosen.recheck.set()
                 tried.add(chosen.name)
                 again = None if pinned else self.picker.weighted(exclude=tried)
                 if again is None:
@@ -475,9 +482,9 @@ class Router:
                 )
                 return None
             except UpstreamClosed as exc:
-                # The upstream dropped the connection (killed?): no more traffic to it until
-                # its probe says it is ready again.
-                self.set_ready(chosen, False)
+                # The upstream dropped the connection: one pod of the version, killed? Its
+                # probe says at once whether the version as a whole still answers.
+                chosen.recheck.set()
                 self.count(chosen.name, 502)
                 await _send_error(send, 502, f"model version '{chosen.name}' failed: {exc}")
                 return None

@@ -341,7 +341,8 @@ class FakeUpstream:
     connection is closed once the answer is sent; with `drop_reused`, a request that is not
     the first on its connection (a probe counts) is read and its connection closed
     unanswered (a keep-alive connection closed by the upstream just as the router reused
-    it); with `stall` set, it is read and never answered; with `early`, its head is answered
+    it); with `drop_next`, the next one is read and its connection closed unanswered (once);
+    with `stall` set, it is read and never answered; with `early`, its head is answered
     413 and its connection closed, the body unread; with `junk_head`, its answer's head has
     that many bytes more, in headers of 16,000 bytes."""
 
@@ -352,6 +353,7 @@ class FakeUpstream:
         self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
         self.close_after = False
         self.drop_reused = False
+        self.drop_next = False
         self.stall = threading.Event()  # set: a request other than a probe is never answered
         self.early = False  # answer 413 to a request's head, and close without its body
         self.junk_head = 0  # bytes of extra headers in an answer (not a probe's)
@@ -384,7 +386,8 @@ class FakeUpstream:
                     self.stall.wait()
                     sock.recv(1)  # until the router gives up and closes the connection
                     return
-                if not probe and self.drop_reused and served:
+                if not probe and (self.drop_next or (self.drop_reused and served)):
+                    self.drop_next = False
                     self.dropped.append(what)
                     return
                 served += 1
@@ -613,3 +616,43 @@ def test_an_upstream_answer_head_over_64_kib_is_a_502(fake: tuple[FakeUpstream, 
         assert r.json()["error"] == (
             "model version '1' failed: the answer's head is over 65536 bytes"
         )
+
+
+def test_one_dropped_connection_does_not_shift_the_weights(tmp_path: Path) -> None:
+    """A version is a Service over many pods: one connection it drops (a 502) is one pod
+    failing, not the version gone. With weights 99:1 the canary still gets exactly its 1 in
+    100 after the drop (it got every request until the stable version's next probe: 60 s
+    here, so the test does not depend on the machine's speed)."""
+    stable, canary = FakeUpstream(), FakeUpstream()
+    router = start_router(
+        tmp_path,
+        [
+            {"name": "1", "url": stable.url, "weight": 99},
+            {"name": "2", "url": canary.url, "weight": 1},
+        ],
+        probe_interval_s=60,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while metric(router.url, "kubeonnx_router_upstream_ready") < 2:
+            assert time.monotonic() < deadline, router.logs()
+            time.sleep(0.1)
+        stable.drop_next = True
+        with httpx.Client(base_url=router.url, timeout=60) as http:
+            r = http.post("/v2/models/m/infer", content=b"x")  # the first pick: version 1
+            assert r.status_code == 502, r.text
+            codes = Counter(
+                http.post("/v2/models/m/infer", content=b"x").status_code for _ in range(199)
+            )
+        assert codes == {200: 199}
+        assert stable.dropped == ["POST /v2/models/m/infer"]
+        deadline = time.monotonic() + 60
+        while len(stable.answered) + len(canary.answered) < 199:  # their threads' last appends
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert (len(stable.answered), len(canary.answered)) == (197, 2)  # 200 picks at 99:1
+        assert metric(router.url, "kubeonnx_router_upstream_ready", version="1") == 1
+    finally:
+        router.stop()
+        stable.stop()
+        canary.stop()
