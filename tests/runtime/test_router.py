@@ -336,15 +336,15 @@ class FakeUpstream:
     """An HTTP/1.1 upstream (h11, a thread per connection) that misbehaves on demand.
 
     `/v2/health/ready` is always answered 200 (the router's probes). Any other request is
-    answered `{"method", "bytes", "sha256", "nth"}` (its body's size and hash, its number on
-    its connection), except: `/big` answers `BIG` bytes, chunked; with `close_after`, the
-    connection is closed once the answer is sent; with `drop_reused`, a request that is not
-    the first on its connection (a probe counts) is read and its connection closed
-    unanswered (a keep-alive connection closed by the upstream just as the router reused
-    it); with `drop_next`, the next one is read and its connection closed unanswered (once);
-    with `stall` set, it is read and never answered; with `early`, its head is answered
-    413 and its connection closed, the body unread; with `junk_head`, its answer's head has
-    that many bytes more, in headers of 16,000 bytes."""
+    answered `{"method", "bytes", "sha256", "nth", "headers"}` (its body's size and hash, its
+    number on its connection, the names of its headers), except: `/big` answers `BIG` bytes,
+    chunked; with `close_after`, the connection is closed once the answer is sent; with
+    `drop_reused`, a request that is not the first on its connection (a probe counts) is
+    read and its connection closed unanswered (a keep-alive connection closed by the
+    upstream just as the router reused it); with `drop_next`, the next one is read and its
+    connection closed unanswered (once); with `stall` set, it is read and never answered;
+    with `early`, its head is answered 413 and its connection closed, the body unread; with
+    `junk_head`, its answer's head has that many bytes more, in headers of 16,000 bytes."""
 
     BIG = 3 * 1024 * 1024 + 17
 
@@ -401,6 +401,7 @@ class FakeUpstream:
                         "bytes": len(body),
                         "sha256": hashlib.sha256(body).hexdigest(),
                         "nth": nth,
+                        "headers": sorted(k.decode() for k, _ in request.headers),
                     }
                     chunks = [json.dumps(answer).encode()]
                     head = [
@@ -656,3 +657,55 @@ def test_one_dropped_connection_does_not_shift_the_weights(tmp_path: Path) -> No
         router.stop()
         stable.stop()
         canary.stop()
+
+
+def test_trailer_fields_neither_route_nor_go_upstream(tmp_path: Path) -> None:
+    """A chunked request's trailer fields are not headers (RFC 9110 6.5.1): a trailer naming
+    a version, an API key and credentials neither pins the request nor reaches the upstream."""
+    stable, other = FakeUpstream(), FakeUpstream()
+    router = start_router(
+        tmp_path,
+        [
+            {"name": "1", "url": stable.url, "weight": 1},
+            {"name": "2", "url": other.url, "weight": 0},  # reached only when pinned
+        ],
+        sticky=True,
+        tenant_header="X-Api-Key",
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while metric(router.url, "kubeonnx_router_upstream_ready") < 2:
+            assert time.monotonic() < deadline, router.logs()
+            time.sleep(0.1)
+        request = (
+            b"POST /v2/models/m/infer HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n"
+            b"content-type: application/json\r\n\r\n"
+            b"2\r\n{}\r\n0\r\n"
+            b"X-Model-Version: 2\r\nX-Api-Key: victim\r\nAuthorization: Bearer forged\r\n\r\n"
+        )
+        host, port = router.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(request)  # one write: the trailer is parsed before the request is routed
+            reader = h11.Connection(h11.CLIENT)
+            reader.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))
+            reader.send(h11.EndOfMessage())
+            answer, data = None, b""
+            while True:
+                event = reader.next_event()
+                if event is h11.NEED_DATA:
+                    reader.receive_data(sock.recv(65536))
+                elif isinstance(event, h11.Response):
+                    answer = event
+                elif isinstance(event, h11.Data):
+                    data += event.data
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+        assert answer is not None and answer.status_code == 200, data
+        got = json.loads(data)
+        assert got["bytes"] == 2
+        assert not {"x-model-version", "x-api-key", "authorization"} & set(got["headers"]), got
+        assert len(stable.answered) == 1 and other.answered == []
+    finally:
+        router.stop()
+        stable.stop()
+        other.stop()
