@@ -15,7 +15,8 @@ A version with `mirror_percent` gets that share of the inference requests copied
 well, exactly counted the same way; its answers are dropped. A copy is made only for a body
 of known length up to `mirror_max_body_bytes`, is sent after the client's request is
 forwarded, is never awaited by it, and is dropped (counted) when `max_mirrors_in_flight`
-copies are already in flight or the target is not ready. A copy carries the header
+copies are already in flight or the target is not ready; it is skipped when the target
+answered the request itself (pinned to it, say). A copy carries the header
 `X-Kubeonnx-Mirror` with the mirror secret; an upstream given the same secret charges no
 quota for it. The router removes that header from every client request, so a client
 cannot make its request pass for a copy, and the secret never leaves the router and the
@@ -172,7 +173,8 @@ class RouterMetrics:
         )
         self.mirrors = Counter(
             "kubeonnx_router_mirrors",
-            "Mirrored copies by target version and outcome (sent, dropped, failed)",
+            "Mirrored copies by target version and outcome (sent, dropped, failed, skipped: "
+            "the target answered the request itself)",
             ["version", "outcome"],
             registry=registry,
         )
@@ -417,6 +419,9 @@ class Router:
             return
         chosen, conn = answer
         for m in mirrors:
+            if m is chosen:  # it answered the request itself: a copy would run it twice
+                self.metrics.mirrors.labels(m.name, "skipped").inc()
+                continue
             self._mirror(m, method, target, headers, body.data or b"")
         try:
             await self.relay(conn, scope, send)

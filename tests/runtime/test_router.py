@@ -709,3 +709,41 @@ def test_trailer_fields_neither_route_nor_go_upstream(tmp_path: Path) -> None:
         router.stop()
         stable.stop()
         other.stop()
+
+
+def test_a_mirrored_version_that_answered_gets_no_copy(tmp_path: Path) -> None:
+    """A request pinned to the mirrored version is answered by it: copying it there as well
+    would run it twice on that version. The copy is skipped (counted so)."""
+    stable, mirror = FakeUpstream(), FakeUpstream()
+    router = start_router(
+        tmp_path,
+        [
+            {"name": "1", "url": stable.url, "weight": 1},
+            {"name": "2", "url": mirror.url, "mirror_percent": 100},
+        ],
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while metric(router.url, "kubeonnx_router_upstream_ready") < 2:
+            assert time.monotonic() < deadline, router.logs()
+            time.sleep(0.1)
+        with httpx.Client(base_url=router.url, timeout=60) as http:
+            pinned = http.post("/v2/models/m/infer", content=b"p", headers={"X-Model-Version": "2"})
+            assert pinned.status_code == 200, pinned.text
+            assert http.post("/v2/models/m/infer", content=b"w").status_code == 200  # copied
+        outcomes = ("sent", "skipped", "dropped", "failed")
+        deadline = time.monotonic() + 60
+        while (
+            sum(metric(router.url, "kubeonnx_router_mirrors_total", outcome=o) for o in outcomes)
+            < 2
+        ):
+            assert time.monotonic() < deadline, router.logs()
+            time.sleep(0.05)
+        seen = {o: metric(router.url, "kubeonnx_router_mirrors_total", outcome=o) for o in outcomes}
+        assert seen == {"sent": 1, "skipped": 1, "dropped": 0, "failed": 0}, seen
+        assert stable.answered == ["POST /v2/models/m/infer"]
+    finally:
+        router.stop()
+        stable.stop()
+        mirror.stop()
+
