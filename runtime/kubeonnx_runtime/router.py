@@ -382,7 +382,16 @@ class Router:
     async def proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
         received: list[tuple[bytes, bytes]] = scope["headers"]
-        headers, length, chunked = _split_headers(received)
+        headers, length, chunked, codings = _split_headers(received)
+        if codings:  # gzip, chunked: sent on as chunked alone, the body would change meaning
+            self.count("", 501)
+            await _send_error(
+                send,
+                501,
+                f"transfer coding '{codings.decode('latin-1')}' is not supported; "
+                "send the body with 'chunked' alone",
+            )
+            return
         chosen, pinned = self.choose(path, headers)
         if isinstance(chosen, str):
             if chosen:
@@ -620,20 +629,22 @@ def is_mirror_copy(headers: list[tuple[bytes, bytes]], secret: bytes) -> bool:
 
 def _split_headers(
     received: list[tuple[bytes, bytes]],
-) -> tuple[list[tuple[bytes, bytes]], int | None, bool]:
-    """In one pass: the headers passed upstream, the body's length if given, and whether
-    the body comes with a transfer coding instead (the server gives names in lower case)."""
+) -> tuple[list[tuple[bytes, bytes]], int | None, bool, bytes]:
+    """In one pass: the headers passed upstream, the body's length if given, whether the
+    body comes with a transfer coding instead (the server gives names in lower case), and
+    its transfer codings if they are not `chunked` alone (the router sends only that)."""
     headers = []
     length = None
-    chunked = False
+    codings: list[bytes] = []
     for k, v in received:
         if k not in NOT_FORWARDED:
             headers.append((k, v))
         elif k == b"content-length":
             length = int(v)  # digits: the server's parser refuses any other (400)
         elif k == b"transfer-encoding":
-            chunked = True
-    return headers, length, chunked and length is None
+            codings += (c.strip().lower() for c in v.split(b","))
+    other = b", ".join(codings) if codings and codings != [b"chunked"] else b""
+    return headers, length, bool(codings) and length is None, other
 
 
 def _async_request(headers: list[tuple[bytes, bytes]]) -> bool:

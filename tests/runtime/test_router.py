@@ -747,3 +747,24 @@ def test_a_mirrored_version_that_answered_gets_no_copy(tmp_path: Path) -> None:
         stable.stop()
         mirror.stop()
 
+
+def test_a_transfer_coding_other_than_chunked_is_a_501(fake: tuple[FakeUpstream, Served]) -> None:
+    """`Transfer-Encoding: gzip, chunked` would go upstream as `chunked` alone, the gzip
+    coding lost: the router refuses it (501) rather than change the body's meaning."""
+    upstream, router = fake
+    host, port = router.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(
+            b"POST /v2/models/m/infer HTTP/1.1\r\nhost: x\r\n"
+            b"transfer-encoding: gzip, chunked\r\n\r\n2\r\nzz\r\n0\r\n\r\n"
+        )
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            more = sock.recv(65536)
+            assert more, answer
+            answer += more
+    assert answer.startswith(b"HTTP/1.1 501 "), answer
+    assert upstream.answered == []
+    with httpx.Client(base_url=router.url, timeout=60) as http:
+        r = http.post("/v2/models/m/infer", content=iter([b"ok"]))  # chunked alone: passed on
+        assert r.json()["bytes"] == 2
