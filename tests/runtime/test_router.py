@@ -464,7 +464,11 @@ class FakeUpstream:
 @pytest.fixture
 def fake(tmp_path: Path) -> Iterator[tuple[FakeUpstream, Served]]:
     upstream = FakeUpstream()
-    router = start_router(tmp_path, [{"name": "1", "url": upstream.url, "weight": 1}])
+    # Probed at start, and at once after a failed connection, not every 0.3 s: a periodic
+    # probe holding the kept-alive connection would send a test's request on a fresh one.
+    router = start_router(
+        tmp_path, [{"name": "1", "url": upstream.url, "weight": 1}], probe_interval_s=60
+    )
     yield upstream, router
     router.stop()
     upstream.stop()
