@@ -5,15 +5,18 @@ version's replicas), chosen in this order: the version in the path (`/versions/V
 pin header (`X-Model-Version`), the tenant's version when sticky (the API key's hash placed
 in the weights), else smooth weighted round-robin, which is exact: over any `sum(weights)`
 consecutive requests each version gets exactly its weight. Only versions whose upstream
-answers its readiness probe take traffic; the weights are shared among those. A connection
-refused by an upstream marks it not ready and the request goes to another version (nothing
-was sent, so this is safe for any method).
+answers its readiness probe take traffic; the weights are shared among those. A version is
+a Service over many pods, so a failed connection (one pod failing) does not decide its
+readiness: it probes the version at once, and only the probe marks it not ready. A request
+whose connection was refused goes to another version (nothing was sent, so this is safe for
+any method); that request alone, the weights stay.
 
 A version with `mirror_percent` gets that share of the inference requests copied to it as
 well, exactly counted the same way; its answers are dropped. A copy is made only for a body
 of known length up to `mirror_max_body_bytes`, is sent after the client's request is
 forwarded, is never awaited by it, and is dropped (counted) when `max_mirrors_in_flight`
-copies are already in flight or the target is not ready. A copy carries the header
+copies are already in flight or the target is not ready; it is skipped when the target
+answered the request itself (pinned to it, say). A copy carries the header
 `X-Kubeonnx-Mirror` with the mirror secret; an upstream given the same secret charges no
 quota for it. The router removes that header from every client request, so a client
 cannot make its request pass for a copy, and the secret never leaves the router and the
@@ -31,6 +34,7 @@ CPU per request. The client side is uvicorn's httptools protocol with the server
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -169,7 +173,8 @@ class RouterMetrics:
         )
         self.mirrors = Counter(
             "kubeonnx_router_mirrors",
-            "Mirrored copies by target version and outcome (sent, dropped, failed)",
+            "Mirrored copies by target version and outcome (sent, dropped, failed, skipped: "
+            "the target answered the request itself)",
             ["version", "outcome"],
             registry=registry,
         )
@@ -192,6 +197,7 @@ class Upstream:
         self.weight = config.weight
         self.mirror_percent = config.mirror_percent
         self.ready = False
+        self.recheck = asyncio.Event()  # set: probe now, a connection to it failed
         self.current = 0  # smooth weighted round-robin state
         self.mirror_credit = 0.0
 
@@ -293,7 +299,9 @@ class Router:
                 self.set_ready(upstream, status == 200)
             except (UpstreamError, TimeoutError):
                 self.set_ready(upstream, False)
-            await asyncio.sleep(self.config.probe_interval_s)
+            upstream.recheck.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(upstream.recheck.wait(), self.config.probe_interval_s)
 
     async def start(self) -> None:
         self.probes = [asyncio.create_task(self.probe(u)) for u in self.upstreams]
@@ -374,7 +382,16 @@ class Router:
     async def proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
         received: list[tuple[bytes, bytes]] = scope["headers"]
-        headers, length, chunked = _split_headers(received)
+        headers, length, chunked, codings = _split_headers(received)
+        if codings:  # gzip, chunked: sent on as chunked alone, the body would change meaning
+            self.count("", 501)
+            await _send_error(
+                send,
+                501,
+                f"transfer coding '{codings.decode('latin-1')}' is not supported; "
+                "send the body with 'chunked' alone",
+            )
+            return
         chosen, pinned = self.choose(path, headers)
         if isinstance(chosen, str):
             if chosen:
@@ -411,6 +428,9 @@ class Router:
             return
         chosen, conn = answer
         for m in mirrors:
+            if m is chosen:  # it answered the request itself: a copy would run it twice
+                self.metrics.mirrors.labels(m.name, "skipped").inc()
+                continue
             self._mirror(m, method, target, headers, body.data or b"")
         try:
             await self.relay(conn, scope, send)
@@ -458,8 +478,9 @@ class Router:
                 )
                 return chosen, conn
             except ConnectFailed:
-                # Nothing reached the upstream: it is gone; another version takes the request.
-                self.set_ready(chosen, False)
+                # Nothing reached the upstream: another version takes this request. Whether
+                # the version is gone (or one of its pods) is its probe's to say, at once.
+                chosen.recheck.set()
                 tried.add(chosen.name)
                 again = None if pinned else self.picker.weighted(exclude=tried)
                 if again is None:
@@ -475,9 +496,9 @@ class Router:
                 )
                 return None
             except UpstreamClosed as exc:
-                # The upstream dropped the connection (killed?): no more traffic to it until
-                # its probe says it is ready again.
-                self.set_ready(chosen, False)
+                # The upstream dropped the connection: one pod of the version, killed? Its
+                # probe says at once whether the version as a whole still answers.
+                chosen.recheck.set()
                 self.count(chosen.name, 502)
                 await _send_error(send, 502, f"model version '{chosen.name}' failed: {exc}")
                 return None
@@ -608,20 +629,22 @@ def is_mirror_copy(headers: list[tuple[bytes, bytes]], secret: bytes) -> bool:
 
 def _split_headers(
     received: list[tuple[bytes, bytes]],
-) -> tuple[list[tuple[bytes, bytes]], int | None, bool]:
-    """In one pass: the headers passed upstream, the body's length if given, and whether
-    the body comes with a transfer coding instead (the server gives names in lower case)."""
+) -> tuple[list[tuple[bytes, bytes]], int | None, bool, bytes]:
+    """In one pass: the headers passed upstream, the body's length if given, whether the
+    body comes with a transfer coding instead (the server gives names in lower case), and
+    its transfer codings if they are not `chunked` alone (the router sends only that)."""
     headers = []
     length = None
-    chunked = False
+    codings: list[bytes] = []
     for k, v in received:
         if k not in NOT_FORWARDED:
             headers.append((k, v))
         elif k == b"content-length":
             length = int(v)  # digits: the server's parser refuses any other (400)
         elif k == b"transfer-encoding":
-            chunked = True
-    return headers, length, chunked and length is None
+            codings += (c.strip().lower() for c in v.split(b","))
+    other = b", ".join(codings) if codings and codings != [b"chunked"] else b""
+    return headers, length, bool(codings) and length is None, other
 
 
 def _async_request(headers: list[tuple[bytes, bytes]]) -> bool:

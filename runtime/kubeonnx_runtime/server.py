@@ -101,7 +101,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     holds neither memory nor the event loop for long.
 
     The head is counted before the parser sees it, because httptools gathers a header by
-    concatenation, which takes seconds on a header of tens of megabytes."""
+    concatenation, which takes seconds on a header of tens of megabytes. A chunked body's
+    trailer fields are dropped: they are not headers (RFC 9110 6.5.1)."""
 
     max_head = 64 * 1024
     read_timeout = 30.0
@@ -118,6 +119,13 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # After the head, a chunked body's trailer fields: uvicorn appends them to the
+        # request's headers, where they would name a tenant, a version or a mirror copy.
+        # They are not headers (RFC 9110 6.5.1) and nothing here uses them: dropped.
+        if self._in_head:
+            super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
         self._in_head = False

@@ -9,7 +9,8 @@ after 5 s idle). A connection is reused only after a whole answer that allows it
 
 Failures say how far the exchange got, which decides what the router may do next:
 `ConnectFailed` (nothing sent: any request may go elsewhere), `UpstreamTimeout`,
-`UpstreamClosed` (the connection dropped or the answer was not HTTP), `ClientGone` (the
+`UpstreamClosed` (the connection dropped, the answer was not HTTP or its head was over
+`MAX_HEAD` bytes, the limit the server puts on a client's), `ClientGone` (the
 client left before its body was read whole; the upstream connection is closed, as the
 request on it is incomplete).
 """
@@ -28,6 +29,7 @@ import httptools
 IDLE_S = 4.0  # below uvicorn's 5 s keep-alive: never race the upstream's own close
 HIGH_WATER = 256 * 1024  # answer bytes buffered before the upstream is told to wait
 MAX_IDLE = 512  # idle connections kept per upstream
+MAX_HEAD = 64 * 1024  # an answer's status line and headers (1xx heads included), as clients'
 
 
 class UpstreamError(Exception):
@@ -48,6 +50,10 @@ class UpstreamClosed(UpstreamError):
     def __init__(self, message: str, answered: bool = False) -> None:
         super().__init__(message)
         self.answered = answered  # any byte of an answer arrived
+
+
+class _HeadTooLarge(Exception):
+    pass
 
 
 class ClientGone(Exception):
@@ -78,6 +84,7 @@ class Connection(asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []
         self.chunks: deque[bytes] = deque()
         self._buffered = 0
+        self._head_bytes = 0  # received while the answer's head was incomplete
         self._paused = False
         self.complete = False
 
@@ -97,11 +104,24 @@ class Connection(asyncio.Protocol):
             self.close()  # bytes nobody asked for: the connection is not usable
             return
         self._answered = True
+        in_head = not self.status
+        if in_head:
+            self._head_bytes += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._fail(UpstreamClosed(f"not an HTTP/1.1 answer: {exc}", answered=True))
-            self.close()
+            if isinstance(exc.__context__, _HeadTooLarge):  # raised by on_headers_complete
+                self._head_too_large()
+            else:
+                self._fail(UpstreamClosed(f"not an HTTP/1.1 answer: {exc}", answered=True))
+                self.close()
+            return
+        if not self.status and self._head_bytes > MAX_HEAD:
+            self._head_too_large()  # not whole yet, and over the limit already
+
+    def _head_too_large(self) -> None:
+        self._fail(UpstreamClosed(f"the answer's head is over {MAX_HEAD} bytes", answered=True))
+        self.close()
 
     def eof_received(self) -> bool:
         if self._busy and self._until_close and self.status:
@@ -125,9 +145,14 @@ class Connection(asyncio.Protocol):
     # -- parser callbacks ------------------------------------------------------------------
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+        if not self.status:  # after the head: a trailer field, ignored (RFC 9110 6.5.1)
+            self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        # What arrived while reading the head bounds its size from above; only an answer
+        # that may be over the limit pays for measuring it.
+        if self._head_bytes > MAX_HEAD and self._head_size() > MAX_HEAD:
+            raise _HeadTooLarge()
         status = self.parser.get_status_code()
         if 100 <= status < 200:  # 100 Continue, 103 Early Hints: not the answer
             self._informational = True
@@ -146,6 +171,9 @@ class Connection(asyncio.Protocol):
         )
         if self._head is not None and not self._head.done():
             self._head.set_result(None)
+
+    def _head_size(self) -> int:
+        return 16 + sum(len(k) + len(v) + 4 for k, v in self.headers)  # 16: the status line
 
     def on_body(self, body: bytes) -> None:
         self.chunks.append(body)
@@ -170,7 +198,7 @@ class Connection(asyncio.Protocol):
         self._head = self.loop.create_future()
         self._error = None
         self.status, self.headers = 0, []
-        self._buffered = 0
+        self._buffered = self._head_bytes = 0
 
     def write(self, data: bytes) -> None:
         if self.closed or self.transport is None or self.transport.is_closing():

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from e2e.redis_server import LocalRedis
 from tests.runtime.conftest import start_server
 from tests.runtime.test_quota_redis import body, not_near_midnight, serve_mlp, write_policy
+from tests.runtime.test_router import raw_exchange
 
 RESERVED = "'default' is reserved for requests without a known key"
 
@@ -122,3 +123,54 @@ def test_two_api_keys_in_one_request_are_refused(
             assert "header X-Api-Key is given more than once" in answer.json()["error"]
         one = http.post("/v2/models/mlp/infer", json=body(1), headers={"X-Api-Key": "acme-key"})
         assert one.status_code == 200
+
+
+def test_an_api_key_in_a_trailer_names_no_tenant(tmp_path: Path, models) -> None:  # type: ignore[no-untyped-def]
+    """Trailer fields are not headers (RFC 9110 6.5.1): a chunked request whose trailer
+    holds a tenant's key (or the mirror marker) is charged to nobody's account but the
+    keyless caller's. The server appended trailers to the request's headers, read when the
+    whole request had arrived before its handler ran."""
+    config = tmp_path / "quota.json"
+    config.write_text(
+        json.dumps(
+            {
+                "policy": "trailers",
+                "namespace": "tests",
+                "tenants": [
+                    {
+                        "name": "acme",
+                        "keySha256": [key_hash("acme-key")],
+                        "limits": [{"unit": "requests", "limit": 1000, "window": "1d"}],
+                    }
+                ],
+                "defaultTenant": {"limits": [{"unit": "requests", "limit": 1000, "window": "1d"}]},
+            }
+        )
+    )
+    served = start_server(
+        tmp_path,
+        "--model-uri",
+        f"file://{models['mlp']}",
+        "--model-name",
+        "mlp",
+        "--quota-config",
+        str(config),
+    )
+    try:
+        data = json.dumps(
+            {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [1] * 4}]}
+        ).encode()
+        request = (
+            b"POST /v2/models/mlp/infer HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n"
+            b"content-type: application/json\r\n\r\n%x\r\n%b\r\n0\r\n"
+            b"X-Api-Key: acme-key\r\n\r\n" % (len(data), data)
+        )
+        (answer,) = raw_exchange(served.url, request, 1)
+        assert "outputs" in json.loads(answer), answer
+        with httpx.Client(base_url=served.url, timeout=30) as http:
+            acme = http.get("/v2/quota", headers={"X-Api-Key": "acme-key"}).json()
+            keyless = http.get("/v2/quota").json()
+        assert acme["limits"][0]["used"] == 0, acme
+        assert keyless["limits"][0]["used"] == 1, keyless
+    finally:
+        served.stop()

@@ -336,13 +336,15 @@ class FakeUpstream:
     """An HTTP/1.1 upstream (h11, a thread per connection) that misbehaves on demand.
 
     `/v2/health/ready` is always answered 200 (the router's probes). Any other request is
-    answered `{"method", "bytes", "sha256", "nth"}` (its body's size and hash, its number on
-    its connection), except: `/big` answers `BIG` bytes, chunked; with `close_after`, the
-    connection is closed once the answer is sent; with `drop_reused`, a request that is not
-    the first on its connection (a probe counts) is read and its connection closed
-    unanswered (a keep-alive connection closed by the upstream just as the router reused
-    it); with `stall` set, it is read and never answered; with `early`, its head is answered
-    413 and its connection closed, the body unread."""
+    answered `{"method", "bytes", "sha256", "nth", "headers"}` (its body's size and hash, its
+    number on its connection, the names of its headers), except: `/big` answers `BIG` bytes,
+    chunked; with `close_after`, the connection is closed once the answer is sent; with
+    `drop_reused`, a request that is not the first on its connection (a probe counts) is
+    read and its connection closed unanswered (a keep-alive connection closed by the
+    upstream just as the router reused it); with `drop_next`, the next one is read and its
+    connection closed unanswered (once); with `stall` set, it is read and never answered;
+    with `early`, its head is answered 413 and its connection closed, the body unread; with
+    `junk_head`, its answer's head has that many bytes more, in headers of 16,000 bytes."""
 
     BIG = 3 * 1024 * 1024 + 17
 
@@ -351,8 +353,10 @@ class FakeUpstream:
         self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
         self.close_after = False
         self.drop_reused = False
+        self.drop_next = False
         self.stall = threading.Event()  # set: a request other than a probe is never answered
         self.early = False  # answer 413 to a request's head, and close without its body
+        self.junk_head = 0  # bytes of extra headers in an answer (not a probe's)
         self.dropped: list[str] = []  # "METHOD path" of each request dropped
         self.answered: list[str] = []
         self.closed = threading.Semaphore(0)  # released as close_after closes a connection
@@ -382,7 +386,8 @@ class FakeUpstream:
                     self.stall.wait()
                     sock.recv(1)  # until the router gives up and closes the connection
                     return
-                if not probe and self.drop_reused and served:
+                if not probe and (self.drop_next or (self.drop_reused and served)):
+                    self.drop_next = False
                     self.dropped.append(what)
                     return
                 served += 1
@@ -396,12 +401,15 @@ class FakeUpstream:
                         "bytes": len(body),
                         "sha256": hashlib.sha256(body).hexdigest(),
                         "nth": nth,
+                        "headers": sorted(k.decode() for k, _ in request.headers),
                     }
                     chunks = [json.dumps(answer).encode()]
                     head = [
                         (b"content-type", b"application/json"),
                         (b"content-length", str(len(chunks[0])).encode()),
                     ]
+                    if not probe:
+                        head += [(b"x-junk", b"j" * 16_000)] * (self.junk_head // 16_000)
                 sock.sendall(conn.send(h11.Response(status_code=200, headers=head)) or b"")
                 if request.method != b"HEAD":
                     for chunk in chunks:
@@ -456,7 +464,11 @@ class FakeUpstream:
 @pytest.fixture
 def fake(tmp_path: Path) -> Iterator[tuple[FakeUpstream, Served]]:
     upstream = FakeUpstream()
-    router = start_router(tmp_path, [{"name": "1", "url": upstream.url, "weight": 1}])
+    # Probed at start, and at once after a failed connection, not every 0.3 s: a periodic
+    # probe holding the kept-alive connection would send a test's request on a fresh one.
+    router = start_router(
+        tmp_path, [{"name": "1", "url": upstream.url, "weight": 1}], probe_interval_s=60
+    )
     yield upstream, router
     router.stop()
     upstream.stop()
@@ -592,3 +604,171 @@ def test_upstream_answering_before_the_whole_body_is_relayed(
     assert r.json() == {"error": "too large"}
     assert metric(router.url, "kubeonnx_router_requests_total", code="502") == 0
     assert metric(router.url, "kubeonnx_router_upstream_ready") == 1
+
+
+def test_an_upstream_answer_head_over_64_kib_is_a_502(fake: tuple[FakeUpstream, Served]) -> None:
+    """The answer's status line and headers are bounded as a client's are (64 KiB): over
+    it, a 502 and the connection closed, not megabytes of headers held and relayed. Just
+    under it, the answer passes."""
+    upstream, router = fake
+    with httpx.Client(base_url=router.url, timeout=60) as http:
+        upstream.junk_head = 60_000
+        r = http.post("/v2/models/m/infer", content=b"under")
+        assert r.status_code == 200 and len(r.headers.get_list("x-junk")) == 3, r.text
+        upstream.junk_head = 400_000
+        r = http.post("/v2/models/m/infer", content=b"over")
+        assert r.status_code == 502, r.text
+        assert r.json()["error"] == (
+            "model version '1' failed: the answer's head is over 65536 bytes"
+        )
+
+
+def test_one_dropped_connection_does_not_shift_the_weights(tmp_path: Path) -> None:
+    """A version is a Service over many pods: one connection it drops (a 502) is one pod
+    failing, not the version gone. With weights 99:1 the canary still gets exactly its 1 in
+    100 after the drop (it got every request until the stable version's next probe: 60 s
+    here, so the test does not depend on the machine's speed)."""
+    stable, canary = FakeUpstream(), FakeUpstream()
+    router = start_router(
+        tmp_path,
+        [
+            {"name": "1", "url": stable.url, "weight": 99},
+            {"name": "2", "url": canary.url, "weight": 1},
+        ],
+        probe_interval_s=60,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while metric(router.url, "kubeonnx_router_upstream_ready") < 2:
+            assert time.monotonic() < deadline, router.logs()
+            time.sleep(0.1)
+        stable.drop_next = True
+        with httpx.Client(base_url=router.url, timeout=60) as http:
+            r = http.post("/v2/models/m/infer", content=b"x")  # the first pick: version 1
+            assert r.status_code == 502, r.text
+            codes = Counter(
+                http.post("/v2/models/m/infer", content=b"x").status_code for _ in range(199)
+            )
+        assert codes == {200: 199}
+        assert stable.dropped == ["POST /v2/models/m/infer"]
+        deadline = time.monotonic() + 60
+        while len(stable.answered) + len(canary.answered) < 199:  # their threads' last appends
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert (len(stable.answered), len(canary.answered)) == (197, 2)  # 200 picks at 99:1
+        assert metric(router.url, "kubeonnx_router_upstream_ready", version="1") == 1
+    finally:
+        router.stop()
+        stable.stop()
+        canary.stop()
+
+
+def test_trailer_fields_neither_route_nor_go_upstream(tmp_path: Path) -> None:
+    """A chunked request's trailer fields are not headers (RFC 9110 6.5.1): a trailer naming
+    a version, an API key and credentials neither pins the request nor reaches the upstream."""
+    stable, other = FakeUpstream(), FakeUpstream()
+    router = start_router(
+        tmp_path,
+        [
+            {"name": "1", "url": stable.url, "weight": 1},
+            {"name": "2", "url": other.url, "weight": 0},  # reached only when pinned
+        ],
+        sticky=True,
+        tenant_header="X-Api-Key",
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while metric(router.url, "kubeonnx_router_upstream_ready") < 2:
+            assert time.monotonic() < deadline, router.logs()
+            time.sleep(0.1)
+        request = (
+            b"POST /v2/models/m/infer HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n"
+            b"content-type: application/json\r\n\r\n"
+            b"2\r\n{}\r\n0\r\n"
+            b"X-Model-Version: 2\r\nX-Api-Key: victim\r\nAuthorization: Bearer forged\r\n\r\n"
+        )
+        host, port = router.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(request)  # one write: the trailer is parsed before the request is routed
+            reader = h11.Connection(h11.CLIENT)
+            reader.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))
+            reader.send(h11.EndOfMessage())
+            answer, data = None, b""
+            while True:
+                event = reader.next_event()
+                if event is h11.NEED_DATA:
+                    reader.receive_data(sock.recv(65536))
+                elif isinstance(event, h11.Response):
+                    answer = event
+                elif isinstance(event, h11.Data):
+                    data += event.data
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+        assert answer is not None and answer.status_code == 200, data
+        got = json.loads(data)
+        assert got["bytes"] == 2
+        assert not {"x-model-version", "x-api-key", "authorization"} & set(got["headers"]), got
+        assert len(stable.answered) == 1 and other.answered == []
+    finally:
+        router.stop()
+        stable.stop()
+        other.stop()
+
+
+def test_a_mirrored_version_that_answered_gets_no_copy(tmp_path: Path) -> None:
+    """A request pinned to the mirrored version is answered by it: copying it there as well
+    would run it twice on that version. The copy is skipped (counted so)."""
+    stable, mirror = FakeUpstream(), FakeUpstream()
+    router = start_router(
+        tmp_path,
+        [
+            {"name": "1", "url": stable.url, "weight": 1},
+            {"name": "2", "url": mirror.url, "mirror_percent": 100},
+        ],
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while metric(router.url, "kubeonnx_router_upstream_ready") < 2:
+            assert time.monotonic() < deadline, router.logs()
+            time.sleep(0.1)
+        with httpx.Client(base_url=router.url, timeout=60) as http:
+            pinned = http.post("/v2/models/m/infer", content=b"p", headers={"X-Model-Version": "2"})
+            assert pinned.status_code == 200, pinned.text
+            assert http.post("/v2/models/m/infer", content=b"w").status_code == 200  # copied
+        outcomes = ("sent", "skipped", "dropped", "failed")
+        deadline = time.monotonic() + 60
+        while (
+            sum(metric(router.url, "kubeonnx_router_mirrors_total", outcome=o) for o in outcomes)
+            < 2
+        ):
+            assert time.monotonic() < deadline, router.logs()
+            time.sleep(0.05)
+        seen = {o: metric(router.url, "kubeonnx_router_mirrors_total", outcome=o) for o in outcomes}
+        assert seen == {"sent": 1, "skipped": 1, "dropped": 0, "failed": 0}, seen
+        assert stable.answered == ["POST /v2/models/m/infer"]
+    finally:
+        router.stop()
+        stable.stop()
+        mirror.stop()
+
+
+def test_a_transfer_coding_other_than_chunked_is_a_501(fake: tuple[FakeUpstream, Served]) -> None:
+    """`Transfer-Encoding: gzip, chunked` would go upstream as `chunked` alone, the gzip
+    coding lost: the router refuses it (501) rather than change the body's meaning."""
+    upstream, router = fake
+    host, port = router.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(
+            b"POST /v2/models/m/infer HTTP/1.1\r\nhost: x\r\n"
+            b"transfer-encoding: gzip, chunked\r\n\r\n2\r\nzz\r\n0\r\n\r\n"
+        )
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            more = sock.recv(65536)
+            assert more, answer
+            answer += more
+    assert answer.startswith(b"HTTP/1.1 501 "), answer
+    assert upstream.answered == []
+    with httpx.Client(base_url=router.url, timeout=60) as http:
+        r = http.post("/v2/models/m/infer", content=iter([b"ok"]))  # chunked alone: passed on
+        assert r.json()["bytes"] == 2
