@@ -12,9 +12,10 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import httpx2
 from lightkube import ApiError
 
-from . import metrics
+from . import analysis, metrics, rollout
 from .config import OperatorConfig
 from .kube import Kube, is_not_found
 from .observed import ObservedChildren, digest, our_fields, slim_deployment
@@ -79,6 +80,13 @@ def status_changed(previous: dict[str, Any], new: dict[str, Any]) -> bool:
     return any(previous.get(k) != v for k, v in new.items())
 
 
+# What the reconciler calls to bind a rollout's analysis to one model: (namespace, model,
+# stable version, candidate version, thresholds) -> the `analyse` of rollout.advance.
+Analyser = Callable[[str, str, str, str, analysis.Thresholds], rollout.Analyse]
+# Never requeue a rollout sooner than this (an analysis due "now" is already past).
+MIN_REQUEUE_S = 1.0
+
+
 class Reconciler:
     def __init__(
         self,
@@ -89,8 +97,17 @@ class Reconciler:
         policies: dict[tuple[str, str], dict[str, Any]] | None = None,
         pod_monitor: Callable[[], bool] = lambda: False,
         secrets: SecretPresence | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        analyser: Analyser | None = None,
+        requeue: Callable[[tuple[str, str], float | None], None] = lambda key, after: None,
     ) -> None:
         self.kube = kube
+        # The rollouts' time (status.rollout's timers), their analysis (Prometheus by
+        # default), and how a model asks to be reconciled again (the work queue's timer).
+        self.clock = clock
+        self.analyser = analyser or self._prometheus_analyser
+        self.requeue = requeue
+        self._http: httpx2.AsyncClient | None = None
         # Whether the tenants' Secrets exist (metadata, by name, cached); never their data.
         self.secrets = secrets or SecretPresence(kube)
         self.observed = observed
@@ -110,8 +127,29 @@ class Reconciler:
         self.now = now
         self.pod_monitor = pod_monitor  # whether the cluster has the PodMonitor CRD
 
+    def _prometheus_analyser(
+        self,
+        namespace: str,
+        name: str,
+        stable: str,
+        candidate: str,
+        thresholds: analysis.Thresholds,
+    ) -> rollout.Analyse:
+        if self._http is None:  # one client for every model, made when first needed
+            self._http = httpx2.AsyncClient()
+        return analysis.analyser(
+            self.config.prometheus_address,
+            self._http,
+            namespace,
+            name,
+            stable,
+            candidate,
+            thresholds,
+        )
+
     def forget(self, key: tuple[str, str]) -> None:
         """Drop what is kept of a deleted model."""
+        self.requeue(key, None)
         self.applied.pop(key, None)
         self.applied_deployments.pop(key, None)
         self.stable_names.pop(key, None)
@@ -180,11 +218,21 @@ class Reconciler:
             deployments=tuple(sorted((n, d["metadata"].get("version")) for n, d in seen.items())),
         )
         placed = place(model)
+        ready_versions = self._ready_versions(key, placed)
+        try:
+            decision = await self._rollout(body, model, ready_versions)
+        except InvalidSpec as exc:
+            await self._report(body, Verdict(False, "InvalidSpec", str(exc)), self.deployment(key))
+            return
+        if decision is not None and model.spec.traffic.rollout is not None:
+            # The rollout's weight is the candidate's desired weight (served once ready).
+            model = dataclasses.replace(model, rollout_weight=decision.weight)
+            placed = place(model)
         stable_name = placed[0].deployment
         mirror = await self._gateway_mirror(model, placed)
         model = dataclasses.replace(
             model,
-            ready_versions=self._ready_versions(key, placed),
+            ready_versions=ready_versions,
             gateway_mirror=bool(mirror) and mirror[0].on,
         )
 
@@ -266,7 +314,52 @@ class Reconciler:
         if problem is not None:  # a child we could not create outranks what the pods show
             verdict = problem
         await self._report(
-            body, verdict, deployment, model, self._versions(key, placed), mirror=mirror
+            body,
+            verdict,
+            deployment,
+            model,
+            self._versions(key, placed),
+            mirror=mirror,
+            rollout_status=decision.status if decision is not None else {},
+        )
+        if decision is not None:
+            for event in decision.events:  # after the status that they tell of
+                await self.kube.event(body, event.type, event.reason, event.message)
+        after = decision.requeue_after if decision is not None else None
+        self.requeue(key, None if after is None else max(after, MIN_REQUEUE_S))
+
+    async def _rollout(
+        self, body: dict[str, Any], model: Model, ready: frozenset[str]
+    ) -> rollout.RolloutDecision | None:
+        """The rollout's decision (spec.traffic.rollout with its one candidate), or the
+        conclusion of one (no candidate left: Succeeded if it was promoted); None: no
+        rollout, status.rollout goes."""
+        spec = model.spec
+        previous = (body.get("status") or {}).get("rollout")
+        if not spec.traffic.candidates:
+            return rollout.conclude(previous, spec.model.version)
+        if spec.traffic.rollout is None:
+            return None
+        traffic = body["spec"]["traffic"]
+        try:
+            rollout_spec = rollout.RolloutSpec.from_dict(traffic["rollout"])
+        except ValueError as exc:
+            raise InvalidSpec(str(exc)) from None
+        entry = traffic["candidates"][0]
+        candidate = spec.traffic.candidates[0].version
+        annotations = body["metadata"].get("annotations") or {}
+        analyse = self.analyser(
+            model.namespace, model.name, spec.model.version, candidate, rollout_spec.analysis
+        )
+        return await rollout.advance(
+            rollout_spec,
+            previous,
+            candidate=candidate,
+            candidate_ready=candidate in ready,
+            candidate_spec_hash=rollout.candidate_spec_hash(entry),
+            now=self.clock(),
+            analyse=analyse,
+            resume=annotations.get(rollout.RESUME_ANNOTATION),
         )
 
     def _ready_versions(self, key: tuple[str, str], placed: list[Placed]) -> frozenset[str]:
@@ -495,8 +588,10 @@ class Reconciler:
         model: Model | None = None,
         versions: list[dict[str, Any]] | None = None,
         mirror: tuple[MirrorVerdict, ...] | None = None,
+        rollout_status: dict[str, Any] | None = None,
     ) -> None:
-        """Write the derived status, only when it differs from what the object has."""
+        """Write the derived status, only when it differs from what the object has.
+        `rollout_status`: status.rollout ({}: there is none; None: what is there stays)."""
         previous = body.get("status") or {}
         status = derive_status(
             generation=int(body["metadata"].get("generation", 1)),
@@ -513,6 +608,7 @@ class Reconciler:
             versions=versions if model else None,
             min_replicas=model.spec.scaling.min_replicas if model else 0,
             mirror=mirror,
+            rollout=rollout_status,
         )
         meta = body["metadata"]
         metrics.set_model_ready(meta["namespace"], meta["name"], verdict.ready, verdict.reason)
