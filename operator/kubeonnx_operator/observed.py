@@ -79,6 +79,11 @@ def slim_deployment(deployment: dict[str, Any]) -> dict[str, Any]:
             "generation": meta.get("generation", 0),
             "uid": meta.get("uid"),
             "version": version,
+            # The version its (immutable) selector names: a stable Deployment rolled in
+            # place to a new version keeps selecting its pods by the version it began with.
+            "selects": (deployment.get("spec", {}).get("selector") or {})
+            .get("matchLabels", {})
+            .get(VERSION_LABEL),
         },
         "spec": {"replicas": deployment.get("spec", {}).get("replicas", 1)},
         "status": deployment.get("status") or {},

@@ -216,8 +216,19 @@ class Reconciler:
         model = dataclasses.replace(
             model,
             deployments=tuple(sorted((n, d["metadata"].get("version")) for n, d in seen.items())),
+            selectors=tuple(
+                sorted(
+                    (n, d["metadata"]["selects"])
+                    for n, d in seen.items()
+                    if d["metadata"].get("selects")
+                )
+            ),
         )
         placed = place(model)
+        clash = _selector_clash(placed)
+        if clash is not None:
+            await self._report(body, clash, self.deployment(key), model)
+            return
         ready_versions = self._ready_versions(key, placed)
         try:
             decision = await self._rollout(body, model, ready_versions)
@@ -305,7 +316,7 @@ class Reconciler:
 
         # The stable's pods (by the label its Deployment selects on).
         stable = placed[0]
-        pods = self.observed.pods(key, None if stable.first else stable.version)
+        pods = self.observed.pods(key, None if stable.first else stable.pod_version)
         verdict = derive_verdict(
             deployment, pods, model.spec.scaling.min_replicas, model.wake_signal()
         )
@@ -629,6 +640,22 @@ class Reconciler:
                 # Fail-open made loud: a field a newer CRD added (it may restrict something)
                 # is not applied; one Warning per change, for whoever alerts on Events.
                 await self.kube.event(body, "Warning", FIELDS_IGNORED, ignored)
+
+
+def _selector_clash(placed: list[Placed]) -> Verdict | None:
+    """A candidate whose pods the stable's Deployment would select too: the stable was
+    rolled in place from that version, and its selector (which cannot change) names it."""
+    stable = placed[0]
+    for p in placed[1:]:
+        if p.selector == stable.selector or p.deployment == stable.deployment:
+            return Verdict(
+                False,
+                "InvalidSpec",
+                f"spec.traffic.candidates[].version {p.version!r}: the stable's Deployment "
+                f"{stable.deployment} (version {stable.version}) selects the pods labelled "
+                f"version {stable.pod_version}; choose another version for the candidate",
+            )
+    return None
 
 
 def _ready_reason(status: dict[str, Any]) -> str | None:

@@ -476,3 +476,61 @@ def test_a_versions_pods_are_watched_as_the_models() -> None:
     controller._child_event("ADDED", crashing_pod({VERSION_OF_LABEL: "m", VERSION_LABEL: "2"}, "p"))
     assert len(controller.observed.pods(("ns", "m"), "2")) == 1
     assert controller.observed.pods(("ns", "m")) == []
+
+
+async def test_a_new_stable_version_after_a_promotion_rolls_the_stables_deployment() -> None:
+    """Promoted "2" runs in m-v2 (m is gone); spec.model.version "3" rolls m-v2 in place
+    (its selector, which cannot change, keeps naming version 2): no new Deployment m, no
+    switch of Service m, nothing pruned."""
+    kube, observed = FakeKube(), ObservedChildren()
+    rec = reconciler(kube, observed)
+    im = body(traffic={"candidates": [candidate("2", weight=50)]})
+    await rec.reconcile(im)
+    for live in kube.live.values():
+        observed.record(("ns", "m"), live, deleted=False)
+    promoted = body(model={"uri": "s3://models/mlp/2/model.onnx", "version": "2"})
+    await rec.reconcile(promoted)
+    for kind, name, _ in kube.deleted:
+        observed.record(("ns", "m"), {**kube.live.pop((kind, name)), "kind": kind}, deleted=True)
+    assert {"m", "m-router"} <= {name for _, name, _ in kube.deleted}
+    observed.record(("ns", "m"), watched(kube, "m-v2", ready=1), deleted=False)
+    selector = kube.live[("Deployment", "m-v2")]["spec"]["selector"]
+    service = kube.live[("Service", "m")]["spec"]["selector"]
+    deleted, applied = len(kube.deleted), len(kube.applied)
+
+    await rec.reconcile(body(model={"uri": "s3://models/mlp/3/model.onnx", "version": "3"}))
+    names = [(m["kind"], m["metadata"]["name"]) for _, m in kube.applied[applied:]]
+    assert ("Deployment", "m") not in names and ("Deployment", "m-v2") in names
+    assert len(kube.deleted) == deleted  # m-v2's pods keep serving
+    rolled = kube.live[("Deployment", "m-v2")]
+    assert rolled["spec"]["selector"] == selector
+    assert env(rolled)["KUBEONNX_MODEL_VERSION"] == "3"
+    assert rolled["metadata"]["labels"][VERSION_LABEL] == "3"
+    assert kube.live[("Service", "m")]["spec"]["selector"] == service == selector["matchLabels"]
+    # The next reconcile finds the stable by its label: still m-v2.
+    observed.record(("ns", "m"), watched(kube, "m-v2", ready=1), deleted=False)
+    await rec.reconcile(body(model={"uri": "s3://models/mlp/3/model.onnx", "version": "3"}))
+    assert rec.stable_names[("ns", "m")] == "m-v2"
+    assert len(kube.deleted) == deleted
+
+
+async def test_a_candidate_the_rolled_stable_selects_is_refused() -> None:
+    kube, observed = FakeKube(), ObservedChildren()
+    rec = reconciler(kube, observed)
+    # As the test above leaves it: m-v2 serves version 3 and selects version 2's pods.
+    await rec.reconcile(body(model={"uri": "s3://b/2.onnx", "version": "2"}))
+    rolled = watched(kube, "m", ready=1)
+    rolled["metadata"].update(name="m-v2", uid="m-v2-uid")
+    rolled["metadata"]["labels"][VERSION_LABEL] = "3"
+    rolled["spec"]["selector"] = {"matchLabels": {VERSION_OF_LABEL: "m", VERSION_LABEL: "2"}}
+    observed.record(("ns", "m"), rolled, deleted=False)
+    applied = len(kube.applied)
+    im = body(
+        model={"uri": "s3://b/3.onnx", "version": "3"},
+        traffic={"candidates": [candidate("2", weight=10)]},
+    )
+    await rec.reconcile(im)
+    assert len(kube.applied) == applied
+    (condition,) = kube.statuses[-1]["conditions"]
+    assert condition["reason"] == "InvalidSpec"
+    assert "'2'" in condition["message"] and "m-v2" in condition["message"]
