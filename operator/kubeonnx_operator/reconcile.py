@@ -25,7 +25,14 @@ from .render import Model, render_children
 from .render.httproute import API_VERSION as GATEWAY_API
 from .render.httproute import mirror_features, parent_gateways
 from .render.model import load_model
-from .render.versions import MIRROR_KEY, Placed, mirror_secret_name, mirrored, place
+from .render.versions import (
+    MIRROR_KEY,
+    Placed,
+    mirror_secret_name,
+    mirrored,
+    place,
+    router_selector,
+)
 from .spec import InvalidSpec, RouteRefused
 from .status import (
     FIELDS_IGNORED,
@@ -241,10 +248,12 @@ class Reconciler:
             placed = place(model)
         stable_name = placed[0].deployment
         mirror = await self._gateway_mirror(model, placed)
+        router = self.observed.router(key) or {}
         model = dataclasses.replace(
             model,
             ready_versions=ready_versions,
             gateway_mirror=bool(mirror) and mirror[0].on,
+            router_ready=router.get("status", {}).get("readyReplicas", 0) >= 1,
         )
 
         missing = await self._missing_reference(model)
@@ -309,7 +318,12 @@ class Reconciler:
             if current is not None and version.spec.scaling.autoscaler == "hpa":
                 await self._wake_from_zero(key, version, current)
         deployment = self.deployment(key, stable_name)
-        await self._prune(model, body["metadata"]["uid"], rendered)
+        if self.observed.service_selector(key) == router_selector(model) and len(placed) == 1:
+            # The last candidate went: Service NAME is switched back to the stable's pods
+            # above; the router (and what it forwards to) goes once the watch shows that.
+            log.info("%s/%s: pruning waits for Service %s to select the stable", *key, name)
+        else:
+            await self._prune(model, body["metadata"]["uid"], rendered)
         kept = {p.deployment for p in placed}
         for gone in set(self.applied_deployments.get(key, {})) - kept:
             del self.applied_deployments[key][gone]

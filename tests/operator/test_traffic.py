@@ -534,3 +534,35 @@ async def test_a_candidate_the_rolled_stable_selects_is_refused() -> None:
     (condition,) = kube.statuses[-1]["conditions"]
     assert condition["reason"] == "InvalidSpec"
     assert "'2'" in condition["message"] and "m-v2" in condition["message"]
+
+
+async def test_service_switches_to_the_router_once_ready_and_back_before_it_goes() -> None:
+    kube, observed = FakeKube(), ObservedChildren()
+    rec = reconciler(kube, observed)
+    stable = {MODEL_LABEL: "m"}
+    router = {"kubeonnx.io/router": "m"}
+    await rec.reconcile(body())
+    for live in kube.live.values():
+        observed.record(("ns", "m"), live, deleted=False)
+    im = body(traffic={"candidates": [candidate("2", weight=10)]})
+    await rec.reconcile(im)
+    # The router is made, but Service m keeps the stable's pods until it has a ready one.
+    assert ("Deployment", "m-router") in kube.live
+    assert kube.live[("Service", "m")]["spec"]["selector"] == stable
+    for live in kube.live.values():
+        observed.record(("ns", "m"), live, deleted=False)
+    await rec.reconcile(im)
+    assert kube.live[("Service", "m")]["spec"]["selector"] == stable
+    observed.record(("ns", "m"), watched(kube, "m-router", ready=1), deleted=False)
+    await rec.reconcile(im)
+    assert kube.live[("Service", "m")]["spec"]["selector"] == router
+    observed.record(("ns", "m"), kube.live[("Service", "m")], deleted=False)
+
+    # The candidate removed: Service m back to the stable first, the router kept ...
+    await rec.reconcile(body())
+    assert kube.live[("Service", "m")]["spec"]["selector"] == stable
+    assert kube.deleted == []
+    # ... and deleted once the watch shows the Service selecting the stable.
+    observed.record(("ns", "m"), kube.live[("Service", "m")], deleted=False)
+    await rec.reconcile(body())
+    assert {"m-router", "m-v2"} <= {name for _, name, _ in kube.deleted}

@@ -47,6 +47,10 @@ class Model:
     # The versions with a ready replica, as the reconciler last saw them: the HTTPRoute's
     # weights follow them. None: not known (`kubeonnx render`), the desired weights.
     ready_versions: frozenset[str] | None = None
+    # The router's Deployment has a ready replica: only then does Service NAME select the
+    # router's pods (else the stable's, which serve meanwhile). None: not known (`kubeonnx
+    # render`), the router.
+    router_ready: bool | None = None
     # Every parent Gateway's class supports the mirrors the HTTPRoute needs (decided by the
     # reconciler from status.supportedFeatures): only then does it carry them.
     gateway_mirror: bool = False
