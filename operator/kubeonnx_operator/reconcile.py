@@ -27,6 +27,7 @@ from .render.httproute import mirror_features, parent_gateways
 from .render.model import load_model
 from .render.versions import (
     MIRROR_KEY,
+    VERSION_LABEL,
     Placed,
     mirror_secret_name,
     mirrored,
@@ -49,6 +50,7 @@ from .status import (
 from .workqueue import Stopped
 
 log = logging.getLogger(__name__)
+ROUTER_COMPONENT = "router"  # app.kubernetes.io/component of the router's objects
 
 # The field manager that keeps a Deployment's replicas while an autoscaler takes them over
 # (the hand-over in Kubernetes' server-side apply docs, "Transferring ownership").
@@ -264,14 +266,29 @@ class Reconciler:
             return
 
         owner = owner_reference(body)
+        children = render_children(model, self.config, pod_monitor=self.pod_monitor())
+        try:
+            checked = await self._check_version_children(key, children, owner["uid"])
+        except ChildConflict as exc:
+            # Another model's (or someone's) object under a version's name: nothing is
+            # applied, so neither Service NAME nor the router is pointed at it.
+            await self._report(
+                body, Verdict(False, "ChildConflict", str(exc)), self.deployment(key), model
+            )
+            return
+        except PreviousOwner as exc:
+            await self._report(
+                body, Verdict(False, "Progressing", str(exc)), self.deployment(key), model
+            )
+            return
         self.stable_names[key] = stable_name
         rendered: set[tuple[str, str, str]] = set()
         problem: Verdict | None = None
-        for child in render_children(model, self.config, pod_monitor=self.pod_monitor()):
+        for child in children:
             child["metadata"]["ownerReferences"] = [owner]
             rendered.add((child["apiVersion"], child["kind"], child["metadata"]["name"]))
             try:
-                live = await self._apply_if_needed(key, child, owner["uid"])
+                live = await self._apply_if_needed(key, child, owner["uid"], checked)
             except ChildConflict as exc:
                 problem = problem or Verdict(False, "ChildConflict", str(exc))
                 continue
@@ -507,8 +524,36 @@ class Reconciler:
         except QuotaProblem as problem:
             return Verdict(False, problem.reason, str(problem))
 
+    async def _check_version_children(
+        self, key: tuple[str, str], children: list[dict[str, Any]], owner_uid: str
+    ) -> set[tuple[str, str, str]]:
+        """Before anything is applied: every child named after a version or the router
+        (names another model may hold: model `m` with version 2 renders `m-v2`) that the
+        watch does not show as ours is looked up, and ChildConflict (or PreviousOwner) is
+        raised for one this model does not control. Returns those found free or ours."""
+        checked: set[tuple[str, str, str]] = set()
+        for child in children:
+            meta = child["metadata"]
+            ident = (child["apiVersion"], child["kind"], meta["name"])
+            labels = meta.get("labels") or {}
+            router = labels.get("app.kubernetes.io/component") == ROUTER_COMPONENT
+            if meta["name"] == key[1] or not (VERSION_LABEL in labels or router):
+                continue
+            seen = self.observed.child(key, *ident)
+            if seen is not None and owner_uid in seen.owner_uids:
+                continue
+            live = await self.kube.get(ident[0], ident[1], key[0], ident[2])
+            if live is not None:
+                _check_controller(live, owner_uid, ident[1], ident[2], key[1])
+            checked.add(ident)
+        return checked
+
     async def _apply_if_needed(
-        self, key: tuple[str, str], manifest: dict[str, Any], owner_uid: str
+        self,
+        key: tuple[str, str],
+        manifest: dict[str, Any],
+        owner_uid: str,
+        checked: set[tuple[str, str, str]] | None = None,
     ) -> dict[str, Any] | None:
         """Apply unless the watch shows the child as last applied, untouched since: an idle
         resync then sends nothing. Returns the live object when it applied. Raises
@@ -522,7 +567,7 @@ class Reconciler:
         if seen is not None and owner_uid in seen.owner_uids:
             if applied.get(ident) == (wanted, seen.fields):
                 return None
-        else:
+        elif checked is None or ident not in checked:
             # Not known as ours: look before applying, since a forced apply would adopt it.
             live = await self.kube.get(api_version, kind, meta["namespace"], name)
             if live is not None:

@@ -566,3 +566,47 @@ async def test_service_switches_to_the_router_once_ready_and_back_before_it_goes
     observed.record(("ns", "m"), kube.live[("Service", "m")], deleted=False)
     await rec.reconcile(body())
     assert {"m-router", "m-v2"} <= {name for _, name, _ in kube.deleted}
+
+
+@pytest.mark.parametrize("taken", ["m-v2", "m-router"])
+async def test_a_version_name_another_model_holds_stops_the_switch(taken: str) -> None:
+    """Model `m` with candidate 2 renders m-v2 and m-router, names a model called `m-v2`
+    (or `m-router`) already uses: nothing is applied, so neither Service m nor the router
+    points at the other model's objects, and the reason names the object."""
+    kube, observed = FakeKube(), ObservedChildren()
+    rec = reconciler(kube, observed)
+    await rec.reconcile(body())
+    for live in kube.live.values():
+        observed.record(("ns", "m"), live, deleted=False)
+    other = {"kind": "InferenceModel", "name": taken, "uid": "other", "controller": True}
+    for kind in ("Service", "Deployment"):
+        kube.live[(kind, taken)] = {
+            "kind": kind,
+            "metadata": {"name": taken, "ownerReferences": [other]},
+        }
+    applied = len(kube.applied)
+    await rec.reconcile(body(traffic={"candidates": [candidate("2", weight=10)]}))
+    assert kube.applied[applied:] == []
+    (condition,) = kube.statuses[-1]["conditions"]
+    assert condition["reason"] == "ChildConflict"
+    assert taken in condition["message"] and f"InferenceModel {taken}" in condition["message"]
+
+
+def test_kubeonnx_render_reports_names_two_models_share() -> None:
+    from kubeonnx_operator.cli import render_documents
+
+    def doc(name: str, *candidates: dict[str, Any]) -> dict[str, Any]:
+        return {"kind": "InferenceModel", "metadata": {"name": name}, "spec": raw(*candidates)}
+
+    out, problems = render_documents(
+        [("a.yaml", doc("mlp", candidate("2", weight=10))), ("b.yaml", doc("mlp-v2"))],
+        OperatorConfig(),
+    )
+    assert any("InferenceModel default/mlp-v2" in p and "Deployment mlp-v2" in p for p in problems)
+    names = [(c["kind"], c["metadata"]["name"]) for c in out]
+    assert len(names) == len(set(names))
+    _, fine = render_documents(
+        [("a.yaml", doc("mlp", candidate("2", weight=10))), ("b.yaml", doc("other"))],
+        OperatorConfig(),
+    )
+    assert fine == []
