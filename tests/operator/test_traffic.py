@@ -248,11 +248,20 @@ def test_a_version_keeps_the_deployment_labelled_with_it() -> None:
 
 
 @pytest.mark.parametrize(
-    ("version", "other"), [("1.0", "1-0"), ("RC", "rc"), ("a_b", "a-b"), ("x" * 63, "x" * 62)]
+    ("version", "other"),
+    [
+        ("1.0", "1-0"),
+        ("RC", "rc"),
+        ("a_b", "a-b"),
+        ("x" * 63, "x" * 62),
+        ("1.0", "1-0-d0ff5974"),  # the name of "1.0" as a version of its own
+        ("1.0", "1-0-d0ff5974-e6e2ba26"),
+    ],
 )
 def test_version_names_are_dns_labels_and_never_shared(version: str, other: str) -> None:
     names = {version_name("m" * 56, version), version_name("m" * 56, other)}
     assert len(names) == 2
+    assert version_name("h", version) != version_name("h", other)
     for name in names:
         assert len(name) <= 63 and name == name.lower() and not name.endswith("-")
     assert version_name("mlp", "2") == "mlp-v2"

@@ -49,15 +49,18 @@ ROUTER_REPLICAS = 2
 ROUTER_RESOURCES = {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}}
 
 Role = Literal["stable", "candidate"]
+# The end of a name version_name made unique with a hash: no version keeps it as it is.
+HASHED = re.compile(r"-[0-9a-f]{8}$")
 
 
 def version_name(name: str, version: str) -> str:
     """NAME-vVERSION, a DNS label: the version lower-cased, '.' and '_' as '-'; a version
-    that changes on the way (or a name too long) gets a hash of it, so that two versions
-    never share a name."""
+    that changes on the way (or a name too long) gets `-` and 8 hex digits of its sha256
+    at the end, and so does a version that already ends that way (else "1-0-d0ff5974"
+    would be the name of "1.0" too): two versions never share a name."""
     clean = re.sub(r"[._]", "-", version.lower())
     base = f"{name}-v{clean}"
-    if clean == version and len(base) <= 63:
+    if clean == version and len(base) <= 63 and not HASHED.search(version):
         return base
     tag = hashlib.sha256(version.encode()).hexdigest()[:8]
     return f"{base[: 63 - len(tag) - 1].rstrip('-')}-{tag}"
