@@ -205,3 +205,27 @@ async def test_promotion_concludes_the_rollout_and_abandoning_removes_it() -> No
     abandoned["spec"] = {"model": {"uri": "s3://b/m.onnx"}}
     await h.reconcile(abandoned)
     assert kube.statuses[-1]["rollout"] is None
+
+
+def route_weights(kube: FakeKube) -> list[int]:
+    route = next(m for (kind, _), m in kube.live.items() if kind == "HTTPRoute")
+    main = route["spec"]["rules"][-1]
+    return [b["weight"] for b in main["backendRefs"]]
+
+
+async def test_the_httproute_serves_the_rollouts_weight_once_the_candidate_is_ready() -> None:
+    kube, observed = FakeKube(), ObservedChildren()
+    h = Harness(kube, observed)
+    route = {"host": "models.example.com", "gateway": {"parentRefs": [{"name": "public"}]}}
+    im = body(
+        traffic={"candidates": [candidate("2")], "rollout": ROLLOUT},
+        ingress={"enabled": False, **route},
+    )
+    im = await h.reconcile(im)
+    assert route_weights(kube) == [0, 0]  # nothing ready yet: the Gateway serves none
+    show(kube, observed, candidate_ready=0)
+    im = await h.reconcile(im)
+    assert route_weights(kube) == [100, 0]  # the candidate's 10 only once it is ready
+    show(kube, observed, candidate_ready=1)
+    await h.reconcile(im)
+    assert route_weights(kube) == [90, 10]
