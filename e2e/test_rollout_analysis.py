@@ -318,3 +318,83 @@ async def test_no_traffic_holds_the_step(bed: Bed) -> None:
     await r.advance(timedelta(0))
     d = await r.advance(WINDOW)
     assert d.status["phase"] == "Holding" and "no request series" in d.status["message"]
+
+
+@pytest.mark.e2e
+def test_the_operator_rolls_back_a_5xx_candidate_on_the_real_prometheus(
+    bed: Bed, cluster: Any, repo_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The same judgement made by the operator process: the model (the example's name and
+    namespace, so the runtimes above are its versions' pods to Prometheus) in the local
+    control plane with the faulty version as its candidate; the operator's own analysis
+    reads the real Prometheus while the test sends traffic at the rollout's weight, and the
+    operator sets the candidate's weight to 0 after failureLimit failed analyses."""
+    from e2e.conftest import eventually
+    from e2e.operator_process import OperatorProcess
+    from e2e.test_operator import prepare_namespace
+
+    cluster.kubectl("apply", "--server-side", "-f", str(repo_root / "crds"))
+    cluster.kubectl(
+        "wait", "--for=condition=Established", "--timeout=30s", "crd/inferencemodels.kubeonnx.io"
+    )
+    ns = bed.namespace
+    if ns != "default":
+        cluster.kubectl("create", "namespace", ns, check=False)
+    prepare_namespace(cluster, ns)
+    seconds = int(WINDOW.total_seconds())
+    doc = {
+        "apiVersion": "kubeonnx.io/v1alpha1",
+        "kind": "InferenceModel",
+        "metadata": {"name": bed.model},
+        "spec": {
+            "model": {"uri": "s3://models/mlp/1/model.onnx", "version": STABLE},
+            "scaling": {"minReplicas": 1, "maxReplicas": 2},
+            "traffic": {
+                "candidates": [
+                    {"version": FAULTY, "model": {"uri": "s3://models/mlp/3/model.onnx"}}
+                ],
+                "rollout": {
+                    "steps": [{"weight": 50}],
+                    "analysis": {
+                        "interval": f"{seconds}s",
+                        "minRequests": 20,
+                        "maxErrorRate": "0.05",
+                        "maxLatencyRatio": "20",
+                        "failureLimit": 2,
+                    },
+                },
+            },
+        },
+    }
+    op = OperatorProcess(
+        cluster.operator_kubeconfig or cluster.kubeconfig,
+        tmp_path_factory.mktemp("operator"),
+        prometheusAddress=bed.prometheus.url,
+    )
+    op.start()
+    try:
+        applied = cluster.apply(doc, ns)
+        assert applied.returncode == 0, applied.stderr
+
+        def rollout() -> dict[str, Any]:
+            im = cluster.get("inferencemodel", bed.model, "-n", ns) or {}
+            return dict((im.get("status") or {}).get("rollout") or {})
+
+        eventually(lambda: rollout().get("phase") == "Progressing", 120, what="the rollout")
+        # Traffic at the rollout's weight, a window at a time, until the operator decides.
+        deadline = time.monotonic() + 240
+        while rollout().get("phase") != "RolledBack" and time.monotonic() < deadline:
+            weight = rollout().get("weight") or 50
+            bed.traffic(FAULTY, weight, WINDOW.total_seconds())
+        r = rollout()
+        assert (r.get("phase"), r.get("weight")) == ("RolledBack", 0), (r, op.logs()[-3000:])
+        last = r["lastAnalysis"]
+        assert last["result"] == "Failed"
+        assert math.isclose(float(last["candidate"]["errorRate"]), 1 / FAIL_EVERY, abs_tol=0.1)
+        assert "maxErrorRate 0.05" in r["message"]
+        events = cluster.get("events", "-n", ns) or {}
+        reasons = {(e["type"], e["reason"]) for e in events.get("items", [])}
+        assert ("Warning", "RolloutRolledBack") in reasons
+    finally:
+        cluster.kubectl("delete", "inferencemodel", bed.model, "-n", ns, check=False)
+        op.stop()

@@ -117,6 +117,7 @@ def render_documents(
     policies = by_kind("QuotaPolicy")
     out: list[dict[str, Any]] = []
     problems: list[str] = []
+    owners: dict[tuple[str, str, str, str], str] = {}  # (apiVersion, kind, ns, name) -> model
     for key, raw in policies.items():
         try:  # strict, unlike the operator: a field this version does not know is an error
             parse_policy(raw.get("spec"), strict=True)
@@ -146,7 +147,17 @@ def render_documents(
                 problems.append(f"{where}: {exc} (give it in the same files)")
                 continue
             model = dataclasses.replace(model, quota=quota)
-        out.extend(render_children(model, config, pod_monitor=pod_monitor))
+        for child in render_children(model, config, pod_monitor=pod_monitor):
+            ident = (child["apiVersion"], child["kind"], namespace, child["metadata"]["name"])
+            other = owners.setdefault(ident, f"InferenceModel {namespace}/{name}")
+            if other != f"InferenceModel {namespace}/{name}":
+                # In a cluster one of them would be refused (ChildConflict): said here.
+                problems.append(
+                    f"{where}: its {child['kind']} {child['metadata']['name']} is also "
+                    f"{other}'s: rename one of the models (or a version)"
+                )
+                continue
+            out.append(child)
     return out, problems
 
 

@@ -101,7 +101,12 @@ class Controller:
         # Shared by both reconcilers: a tenant's Secret is asked about once for all.
         self.secrets = SecretPresence(self.kube)
         self.reconciler = Reconciler(
-            self.kube, config, self.observed, pod_monitor=self._pod_monitor, secrets=self.secrets
+            self.kube,
+            config,
+            self.observed,
+            pod_monitor=self._pod_monitor,
+            secrets=self.secrets,
+            requeue=lambda key, after: self.queue.requeue_after(key, after),
         )
         self.queue = WorkQueue(
             self.reconciler.reconcile, kind="InferenceModel", max_concurrent=limit, running=False

@@ -79,6 +79,11 @@ def slim_deployment(deployment: dict[str, Any]) -> dict[str, Any]:
             "generation": meta.get("generation", 0),
             "uid": meta.get("uid"),
             "version": version,
+            # The version its (immutable) selector names: a stable Deployment rolled in
+            # place to a new version keeps selecting its pods by the version it began with.
+            "selects": (deployment.get("spec", {}).get("selector") or {})
+            .get("matchLabels", {})
+            .get(VERSION_LABEL),
         },
         "spec": {"replicas": deployment.get("spec", {}).get("replicas", 1)},
         "status": deployment.get("status") or {},
@@ -93,6 +98,9 @@ class ObservedChildren:
         # The runtime's Deployments of each model (one per version), by name.
         self._deployments: dict[Key, dict[str, dict[str, Any]]] = {}
         self._gateways: dict[Key, dict[str, Any]] = {}  # the async gateway's Deployment
+        self._routers: dict[Key, dict[str, Any]] = {}  # the router's Deployment (versions)
+        # The selector of Service NAME: the stable's pods or the router's.
+        self._service_selectors: dict[Key, dict[str, str]] = {}
 
     def record(self, owner: Key, obj: dict[str, Any], deleted: bool) -> None:
         meta = obj["metadata"]
@@ -110,9 +118,12 @@ class ObservedChildren:
             seen = children.get(ident)
             if seen is not None and seen.uid == uid:
                 del children[ident]
-            gateway = self._gateways.get(owner)
-            if gateway is not None and gateway["metadata"]["uid"] == uid:
-                del self._gateways[owner]
+            for kept in (self._gateways, self._routers):
+                seen_one = kept.get(owner)
+                if seen_one is not None and seen_one["metadata"]["uid"] == uid:
+                    del kept[owner]
+            if obj.get("kind") == "Service" and meta["name"] == owner[1]:
+                self._service_selectors.pop(owner, None)
             versions = self._deployments.get(owner, {})
             deployment = versions.get(meta["name"])
             if deployment is not None and deployment["metadata"]["uid"] == uid:
@@ -120,7 +131,12 @@ class ObservedChildren:
         else:
             uids = frozenset(r.get("uid", "") for r in meta.get("ownerReferences") or [])
             children[ident] = ChildRef(*ident, uid, uids, our_fields(obj))
-            if obj["kind"] != "Deployment" or meta["name"] == f"{owner[1]}{ROUTER_SUFFIX}":
+            if obj["kind"] == "Service" and meta["name"] == owner[1]:
+                self._service_selectors[owner] = dict((obj.get("spec") or {}).get("selector") or {})
+            if obj["kind"] != "Deployment":
+                return
+            if meta["name"] == f"{owner[1]}{ROUTER_SUFFIX}":
+                self._routers[owner] = slim_deployment(obj)
                 return
             if meta["name"] == f"{owner[1]}{GATEWAY_SUFFIX}":
                 self._gateways[owner] = slim_deployment(obj)
@@ -132,6 +148,8 @@ class ObservedChildren:
         self._pods.pop(owner, None)
         self._deployments.pop(owner, None)
         self._gateways.pop(owner, None)
+        self._routers.pop(owner, None)
+        self._service_selectors.pop(owner, None)
 
     def child(self, owner: Key, api_version: str, kind: str, name: str) -> ChildRef | None:
         return self._children.get(owner, {}).get((api_version, kind, name))
@@ -146,6 +164,14 @@ class ObservedChildren:
 
     def gateway(self, owner: Key) -> dict[str, Any] | None:
         return self._gateways.get(owner)
+
+    def router(self, owner: Key) -> dict[str, Any] | None:
+        """The router's Deployment, as the watch last showed it."""
+        return self._routers.get(owner)
+
+    def service_selector(self, owner: Key) -> dict[str, str] | None:
+        """The selector of Service NAME, as the watch last showed it."""
+        return self._service_selectors.get(owner)
 
     def children(self, owner: Key) -> list[ChildRef]:
         return list(self._children.get(owner, {}).values())

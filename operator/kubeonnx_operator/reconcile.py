@@ -12,9 +12,10 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import httpx2
 from lightkube import ApiError
 
-from . import metrics
+from . import analysis, metrics, rollout
 from .config import OperatorConfig
 from .kube import Kube, is_not_found
 from .observed import ObservedChildren, digest, our_fields, slim_deployment
@@ -24,7 +25,15 @@ from .render import Model, render_children
 from .render.httproute import API_VERSION as GATEWAY_API
 from .render.httproute import mirror_features, parent_gateways
 from .render.model import load_model
-from .render.versions import MIRROR_KEY, Placed, mirror_secret_name, mirrored, place
+from .render.versions import (
+    MIRROR_KEY,
+    VERSION_LABEL,
+    Placed,
+    mirror_secret_name,
+    mirrored,
+    place,
+    router_selector,
+)
 from .spec import InvalidSpec, RouteRefused
 from .status import (
     FIELDS_IGNORED,
@@ -41,6 +50,7 @@ from .status import (
 from .workqueue import Stopped
 
 log = logging.getLogger(__name__)
+ROUTER_COMPONENT = "router"  # app.kubernetes.io/component of the router's objects
 
 # The field manager that keeps a Deployment's replicas while an autoscaler takes them over
 # (the hand-over in Kubernetes' server-side apply docs, "Transferring ownership").
@@ -79,6 +89,13 @@ def status_changed(previous: dict[str, Any], new: dict[str, Any]) -> bool:
     return any(previous.get(k) != v for k, v in new.items())
 
 
+# What the reconciler calls to bind a rollout's analysis to one model: (namespace, model,
+# stable version, candidate version, thresholds) -> the `analyse` of rollout.advance.
+Analyser = Callable[[str, str, str, str, analysis.Thresholds], rollout.Analyse]
+# Never requeue a rollout sooner than this (an analysis due "now" is already past).
+MIN_REQUEUE_S = 1.0
+
+
 class Reconciler:
     def __init__(
         self,
@@ -89,8 +106,17 @@ class Reconciler:
         policies: dict[tuple[str, str], dict[str, Any]] | None = None,
         pod_monitor: Callable[[], bool] = lambda: False,
         secrets: SecretPresence | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        analyser: Analyser | None = None,
+        requeue: Callable[[tuple[str, str], float | None], None] = lambda key, after: None,
     ) -> None:
         self.kube = kube
+        # The rollouts' time (status.rollout's timers), their analysis (Prometheus by
+        # default), and how a model asks to be reconciled again (the work queue's timer).
+        self.clock = clock
+        self.analyser = analyser or self._prometheus_analyser
+        self.requeue = requeue
+        self._http: httpx2.AsyncClient | None = None
         # Whether the tenants' Secrets exist (metadata, by name, cached); never their data.
         self.secrets = secrets or SecretPresence(kube)
         self.observed = observed
@@ -110,8 +136,29 @@ class Reconciler:
         self.now = now
         self.pod_monitor = pod_monitor  # whether the cluster has the PodMonitor CRD
 
+    def _prometheus_analyser(
+        self,
+        namespace: str,
+        name: str,
+        stable: str,
+        candidate: str,
+        thresholds: analysis.Thresholds,
+    ) -> rollout.Analyse:
+        if self._http is None:  # one client for every model, made when first needed
+            self._http = httpx2.AsyncClient()
+        return analysis.analyser(
+            self.config.prometheus_address,
+            self._http,
+            namespace,
+            name,
+            stable,
+            candidate,
+            thresholds,
+        )
+
     def forget(self, key: tuple[str, str]) -> None:
         """Drop what is kept of a deleted model."""
+        self.requeue(key, None)
         self.applied.pop(key, None)
         self.applied_deployments.pop(key, None)
         self.stable_names.pop(key, None)
@@ -178,14 +225,37 @@ class Reconciler:
         model = dataclasses.replace(
             model,
             deployments=tuple(sorted((n, d["metadata"].get("version")) for n, d in seen.items())),
+            selectors=tuple(
+                sorted(
+                    (n, d["metadata"]["selects"])
+                    for n, d in seen.items()
+                    if d["metadata"].get("selects")
+                )
+            ),
         )
         placed = place(model)
+        clash = _selector_clash(placed)
+        if clash is not None:
+            await self._report(body, clash, self.deployment(key), model)
+            return
+        ready_versions = self._ready_versions(key, placed)
+        try:
+            decision = await self._rollout(body, model, ready_versions)
+        except InvalidSpec as exc:
+            await self._report(body, Verdict(False, "InvalidSpec", str(exc)), self.deployment(key))
+            return
+        if decision is not None and model.spec.traffic.rollout is not None:
+            # The rollout's weight is the candidate's desired weight (served once ready).
+            model = dataclasses.replace(model, rollout_weight=decision.weight)
+            placed = place(model)
         stable_name = placed[0].deployment
         mirror = await self._gateway_mirror(model, placed)
+        router = self.observed.router(key) or {}
         model = dataclasses.replace(
             model,
-            ready_versions=self._ready_versions(key, placed),
+            ready_versions=ready_versions,
             gateway_mirror=bool(mirror) and mirror[0].on,
+            router_ready=router.get("status", {}).get("readyReplicas", 0) >= 1,
         )
 
         missing = await self._missing_reference(model)
@@ -196,14 +266,29 @@ class Reconciler:
             return
 
         owner = owner_reference(body)
+        children = render_children(model, self.config, pod_monitor=self.pod_monitor())
+        try:
+            checked = await self._check_version_children(key, children, owner["uid"])
+        except ChildConflict as exc:
+            # Another model's (or someone's) object under a version's name: nothing is
+            # applied, so neither Service NAME nor the router is pointed at it.
+            await self._report(
+                body, Verdict(False, "ChildConflict", str(exc)), self.deployment(key), model
+            )
+            return
+        except PreviousOwner as exc:
+            await self._report(
+                body, Verdict(False, "Progressing", str(exc)), self.deployment(key), model
+            )
+            return
         self.stable_names[key] = stable_name
         rendered: set[tuple[str, str, str]] = set()
         problem: Verdict | None = None
-        for child in render_children(model, self.config, pod_monitor=self.pod_monitor()):
+        for child in children:
             child["metadata"]["ownerReferences"] = [owner]
             rendered.add((child["apiVersion"], child["kind"], child["metadata"]["name"]))
             try:
-                live = await self._apply_if_needed(key, child, owner["uid"])
+                live = await self._apply_if_needed(key, child, owner["uid"], checked)
             except ChildConflict as exc:
                 problem = problem or Verdict(False, "ChildConflict", str(exc))
                 continue
@@ -250,14 +335,19 @@ class Reconciler:
             if current is not None and version.spec.scaling.autoscaler == "hpa":
                 await self._wake_from_zero(key, version, current)
         deployment = self.deployment(key, stable_name)
-        await self._prune(model, body["metadata"]["uid"], rendered)
+        if self.observed.service_selector(key) == router_selector(model) and len(placed) == 1:
+            # The last candidate went: Service NAME is switched back to the stable's pods
+            # above; the router (and what it forwards to) goes once the watch shows that.
+            log.info("%s/%s: pruning waits for Service %s to select the stable", *key, name)
+        else:
+            await self._prune(model, body["metadata"]["uid"], rendered)
         kept = {p.deployment for p in placed}
         for gone in set(self.applied_deployments.get(key, {})) - kept:
             del self.applied_deployments[key][gone]
 
         # The stable's pods (by the label its Deployment selects on).
         stable = placed[0]
-        pods = self.observed.pods(key, None if stable.first else stable.version)
+        pods = self.observed.pods(key, None if stable.first else stable.pod_version)
         verdict = derive_verdict(
             deployment, pods, model.spec.scaling.min_replicas, model.wake_signal()
         )
@@ -266,7 +356,52 @@ class Reconciler:
         if problem is not None:  # a child we could not create outranks what the pods show
             verdict = problem
         await self._report(
-            body, verdict, deployment, model, self._versions(key, placed), mirror=mirror
+            body,
+            verdict,
+            deployment,
+            model,
+            self._versions(key, placed),
+            mirror=mirror,
+            rollout_status=decision.status if decision is not None else {},
+        )
+        if decision is not None:
+            for event in decision.events:  # after the status that they tell of
+                await self.kube.event(body, event.type, event.reason, event.message)
+        after = decision.requeue_after if decision is not None else None
+        self.requeue(key, None if after is None else max(after, MIN_REQUEUE_S))
+
+    async def _rollout(
+        self, body: dict[str, Any], model: Model, ready: frozenset[str]
+    ) -> rollout.RolloutDecision | None:
+        """The rollout's decision (spec.traffic.rollout with its one candidate), or the
+        conclusion of one (no candidate left: Succeeded if it was promoted); None: no
+        rollout, status.rollout goes."""
+        spec = model.spec
+        previous = (body.get("status") or {}).get("rollout")
+        if not spec.traffic.candidates:
+            return rollout.conclude(previous, spec.model.version)
+        if spec.traffic.rollout is None:
+            return None
+        traffic = body["spec"]["traffic"]
+        try:
+            rollout_spec = rollout.RolloutSpec.from_dict(traffic["rollout"])
+        except ValueError as exc:
+            raise InvalidSpec(str(exc)) from None
+        entry = traffic["candidates"][0]
+        candidate = spec.traffic.candidates[0].version
+        annotations = body["metadata"].get("annotations") or {}
+        analyse = self.analyser(
+            model.namespace, model.name, spec.model.version, candidate, rollout_spec.analysis
+        )
+        return await rollout.advance(
+            rollout_spec,
+            previous,
+            candidate=candidate,
+            candidate_ready=candidate in ready,
+            candidate_spec_hash=rollout.candidate_spec_hash(entry),
+            now=self.clock(),
+            analyse=analyse,
+            resume=annotations.get(rollout.RESUME_ANNOTATION),
         )
 
     def _ready_versions(self, key: tuple[str, str], placed: list[Placed]) -> frozenset[str]:
@@ -389,8 +524,36 @@ class Reconciler:
         except QuotaProblem as problem:
             return Verdict(False, problem.reason, str(problem))
 
+    async def _check_version_children(
+        self, key: tuple[str, str], children: list[dict[str, Any]], owner_uid: str
+    ) -> set[tuple[str, str, str]]:
+        """Before anything is applied: every child named after a version or the router
+        (names another model may hold: model `m` with version 2 renders `m-v2`) that the
+        watch does not show as ours is looked up, and ChildConflict (or PreviousOwner) is
+        raised for one this model does not control. Returns those found free or ours."""
+        checked: set[tuple[str, str, str]] = set()
+        for child in children:
+            meta = child["metadata"]
+            ident = (child["apiVersion"], child["kind"], meta["name"])
+            labels = meta.get("labels") or {}
+            router = labels.get("app.kubernetes.io/component") == ROUTER_COMPONENT
+            if meta["name"] == key[1] or not (VERSION_LABEL in labels or router):
+                continue
+            seen = self.observed.child(key, *ident)
+            if seen is not None and owner_uid in seen.owner_uids:
+                continue
+            live = await self.kube.get(ident[0], ident[1], key[0], ident[2])
+            if live is not None:
+                _check_controller(live, owner_uid, ident[1], ident[2], key[1])
+            checked.add(ident)
+        return checked
+
     async def _apply_if_needed(
-        self, key: tuple[str, str], manifest: dict[str, Any], owner_uid: str
+        self,
+        key: tuple[str, str],
+        manifest: dict[str, Any],
+        owner_uid: str,
+        checked: set[tuple[str, str, str]] | None = None,
     ) -> dict[str, Any] | None:
         """Apply unless the watch shows the child as last applied, untouched since: an idle
         resync then sends nothing. Returns the live object when it applied. Raises
@@ -404,7 +567,7 @@ class Reconciler:
         if seen is not None and owner_uid in seen.owner_uids:
             if applied.get(ident) == (wanted, seen.fields):
                 return None
-        else:
+        elif checked is None or ident not in checked:
             # Not known as ours: look before applying, since a forced apply would adopt it.
             live = await self.kube.get(api_version, kind, meta["namespace"], name)
             if live is not None:
@@ -495,8 +658,10 @@ class Reconciler:
         model: Model | None = None,
         versions: list[dict[str, Any]] | None = None,
         mirror: tuple[MirrorVerdict, ...] | None = None,
+        rollout_status: dict[str, Any] | None = None,
     ) -> None:
-        """Write the derived status, only when it differs from what the object has."""
+        """Write the derived status, only when it differs from what the object has.
+        `rollout_status`: status.rollout ({}: there is none; None: what is there stays)."""
         previous = body.get("status") or {}
         status = derive_status(
             generation=int(body["metadata"].get("generation", 1)),
@@ -513,6 +678,7 @@ class Reconciler:
             versions=versions if model else None,
             min_replicas=model.spec.scaling.min_replicas if model else 0,
             mirror=mirror,
+            rollout=rollout_status,
         )
         meta = body["metadata"]
         metrics.set_model_ready(meta["namespace"], meta["name"], verdict.ready, verdict.reason)
@@ -533,6 +699,22 @@ class Reconciler:
                 # Fail-open made loud: a field a newer CRD added (it may restrict something)
                 # is not applied; one Warning per change, for whoever alerts on Events.
                 await self.kube.event(body, "Warning", FIELDS_IGNORED, ignored)
+
+
+def _selector_clash(placed: list[Placed]) -> Verdict | None:
+    """A candidate whose pods the stable's Deployment would select too: the stable was
+    rolled in place from that version, and its selector (which cannot change) names it."""
+    stable = placed[0]
+    for p in placed[1:]:
+        if p.selector == stable.selector or p.deployment == stable.deployment:
+            return Verdict(
+                False,
+                "InvalidSpec",
+                f"spec.traffic.candidates[].version {p.version!r}: the stable's Deployment "
+                f"{stable.deployment} (version {stable.version}) selects the pods labelled "
+                f"version {stable.pod_version}; choose another version for the candidate",
+            )
+    return None
 
 
 def _ready_reason(status: dict[str, Any]) -> str | None:

@@ -257,6 +257,7 @@ def derive_status(
     versions: list[dict[str, Any]] | None = None,
     min_replicas: int = 0,
     mirror: tuple[MirrorVerdict, ...] | None = None,
+    rollout: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The whole status subresource, from the verdict and what was observed. `ignored`:
     the spec's fields unknown to this operator (None: the spec was not read). `versions`:
@@ -264,6 +265,7 @@ def derive_status(
     The REPLICAS column (replicaSummary) is ready/asked: the Deployment's replicas, or
     minReplicas while an autoscaler has yet to raise them to it. `mirror`: the GatewayMirror
     condition (one verdict; (): none, nothing is mirrored through a Gateway; None: not
+    derived, what is there stays). `rollout`: status.rollout ({}: none, removed; None: not
     derived, what is there stays)."""
     desired = (deployment or {}).get("spec", {}).get("replicas", 0)
     ready = (deployment or {}).get("status", {}).get("readyReplicas", 0)
@@ -309,7 +311,23 @@ def derive_status(
         status["versions"] = versions
     elif versions is not None and previous.get("versions"):
         status["versions"] = None  # a merge patch: null removes it
+    if rollout:
+        status["rollout"] = merge_patch(previous.get("rollout"), rollout)
+    elif rollout is not None and previous.get("rollout"):
+        status["rollout"] = None
     return status
+
+
+def merge_patch(previous: Any, new: dict[str, Any]) -> dict[str, Any]:
+    """`new` as a merge patch over `previous`: a key `previous` has and `new` lacks is
+    null (removed), at any depth; nothing else is added, so an unchanged `new` equals
+    `previous`."""
+    if not isinstance(previous, dict):
+        return new
+    out: dict[str, Any] = {k: None for k in previous if k not in new}
+    for k, v in new.items():
+        out[k] = merge_patch(previous.get(k), v) if isinstance(v, dict) else v
+    return out
 
 
 def fields_ignored_message(status: dict[str, Any]) -> str | None:

@@ -47,6 +47,7 @@ class WorkQueue:
         self._dirty: set[Key] = set()
         self._failures: dict[Key, int] = {}
         self._retries: dict[Key, asyncio.TimerHandle] = {}
+        self._later: dict[Key, asyncio.TimerHandle] = {}
         self.base_delay, self.max_delay = base_delay, max_delay
         self._slots = asyncio.Semaphore(max_concurrent)
         self.running = running
@@ -87,6 +88,20 @@ class WorkQueue:
         self._running[key] = asyncio.get_running_loop().create_task(self._run(key))
         self._depth()
 
+    def requeue_after(self, key: Key, delay: float | None) -> None:
+        """Reconcile `key` again in `delay` seconds (a rollout's next analysis or the end
+        of its pause), replacing the time asked before; None cancels it."""
+        old = self._later.pop(key, None)
+        if old:
+            old.cancel()
+        if delay is None or key not in self.bodies:
+            return
+        self._later[key] = asyncio.get_running_loop().call_later(delay, self._due, key)
+
+    def _due(self, key: Key) -> None:
+        self._later.pop(key, None)
+        self.trigger(key)
+
     def trigger_all(self) -> None:
         for key in list(self.bodies):
             self.trigger(key)
@@ -101,6 +116,8 @@ class WorkQueue:
         self.running = False
         for key in list(self._retries):
             self._end_backoff(key)
+        for key in list(self._later):
+            self.requeue_after(key, None)
         tasks = list(self._running.values())
         for task in tasks:
             task.cancel()

@@ -248,11 +248,20 @@ def test_a_version_keeps_the_deployment_labelled_with_it() -> None:
 
 
 @pytest.mark.parametrize(
-    ("version", "other"), [("1.0", "1-0"), ("RC", "rc"), ("a_b", "a-b"), ("x" * 63, "x" * 62)]
+    ("version", "other"),
+    [
+        ("1.0", "1-0"),
+        ("RC", "rc"),
+        ("a_b", "a-b"),
+        ("x" * 63, "x" * 62),
+        ("1.0", "1-0-d0ff5974"),  # the name of "1.0" as a version of its own
+        ("1.0", "1-0-d0ff5974-e6e2ba26"),
+    ],
 )
 def test_version_names_are_dns_labels_and_never_shared(version: str, other: str) -> None:
     names = {version_name("m" * 56, version), version_name("m" * 56, other)}
     assert len(names) == 2
+    assert version_name("h", version) != version_name("h", other)
     for name in names:
         assert len(name) <= 63 and name == name.lower() and not name.endswith("-")
     assert version_name("mlp", "2") == "mlp-v2"
@@ -476,3 +485,137 @@ def test_a_versions_pods_are_watched_as_the_models() -> None:
     controller._child_event("ADDED", crashing_pod({VERSION_OF_LABEL: "m", VERSION_LABEL: "2"}, "p"))
     assert len(controller.observed.pods(("ns", "m"), "2")) == 1
     assert controller.observed.pods(("ns", "m")) == []
+
+
+async def test_a_new_stable_version_after_a_promotion_rolls_the_stables_deployment() -> None:
+    """Promoted "2" runs in m-v2 (m is gone); spec.model.version "3" rolls m-v2 in place
+    (its selector, which cannot change, keeps naming version 2): no new Deployment m, no
+    switch of Service m, nothing pruned."""
+    kube, observed = FakeKube(), ObservedChildren()
+    rec = reconciler(kube, observed)
+    im = body(traffic={"candidates": [candidate("2", weight=50)]})
+    await rec.reconcile(im)
+    for live in kube.live.values():
+        observed.record(("ns", "m"), live, deleted=False)
+    promoted = body(model={"uri": "s3://models/mlp/2/model.onnx", "version": "2"})
+    await rec.reconcile(promoted)
+    for kind, name, _ in kube.deleted:
+        observed.record(("ns", "m"), {**kube.live.pop((kind, name)), "kind": kind}, deleted=True)
+    assert {"m", "m-router"} <= {name for _, name, _ in kube.deleted}
+    observed.record(("ns", "m"), watched(kube, "m-v2", ready=1), deleted=False)
+    selector = kube.live[("Deployment", "m-v2")]["spec"]["selector"]
+    service = kube.live[("Service", "m")]["spec"]["selector"]
+    deleted, applied = len(kube.deleted), len(kube.applied)
+
+    await rec.reconcile(body(model={"uri": "s3://models/mlp/3/model.onnx", "version": "3"}))
+    names = [(m["kind"], m["metadata"]["name"]) for _, m in kube.applied[applied:]]
+    assert ("Deployment", "m") not in names and ("Deployment", "m-v2") in names
+    assert len(kube.deleted) == deleted  # m-v2's pods keep serving
+    rolled = kube.live[("Deployment", "m-v2")]
+    assert rolled["spec"]["selector"] == selector
+    assert env(rolled)["KUBEONNX_MODEL_VERSION"] == "3"
+    assert rolled["metadata"]["labels"][VERSION_LABEL] == "3"
+    assert kube.live[("Service", "m")]["spec"]["selector"] == service == selector["matchLabels"]
+    # The next reconcile finds the stable by its label: still m-v2.
+    observed.record(("ns", "m"), watched(kube, "m-v2", ready=1), deleted=False)
+    await rec.reconcile(body(model={"uri": "s3://models/mlp/3/model.onnx", "version": "3"}))
+    assert rec.stable_names[("ns", "m")] == "m-v2"
+    assert len(kube.deleted) == deleted
+
+
+async def test_a_candidate_the_rolled_stable_selects_is_refused() -> None:
+    kube, observed = FakeKube(), ObservedChildren()
+    rec = reconciler(kube, observed)
+    # As the test above leaves it: m-v2 serves version 3 and selects version 2's pods.
+    await rec.reconcile(body(model={"uri": "s3://b/2.onnx", "version": "2"}))
+    rolled = watched(kube, "m", ready=1)
+    rolled["metadata"].update(name="m-v2", uid="m-v2-uid")
+    rolled["metadata"]["labels"][VERSION_LABEL] = "3"
+    rolled["spec"]["selector"] = {"matchLabels": {VERSION_OF_LABEL: "m", VERSION_LABEL: "2"}}
+    observed.record(("ns", "m"), rolled, deleted=False)
+    applied = len(kube.applied)
+    im = body(
+        model={"uri": "s3://b/3.onnx", "version": "3"},
+        traffic={"candidates": [candidate("2", weight=10)]},
+    )
+    await rec.reconcile(im)
+    assert len(kube.applied) == applied
+    (condition,) = kube.statuses[-1]["conditions"]
+    assert condition["reason"] == "InvalidSpec"
+    assert "'2'" in condition["message"] and "m-v2" in condition["message"]
+
+
+async def test_service_switches_to_the_router_once_ready_and_back_before_it_goes() -> None:
+    kube, observed = FakeKube(), ObservedChildren()
+    rec = reconciler(kube, observed)
+    stable = {MODEL_LABEL: "m"}
+    router = {"kubeonnx.io/router": "m"}
+    await rec.reconcile(body())
+    for live in kube.live.values():
+        observed.record(("ns", "m"), live, deleted=False)
+    im = body(traffic={"candidates": [candidate("2", weight=10)]})
+    await rec.reconcile(im)
+    # The router is made, but Service m keeps the stable's pods until it has a ready one.
+    assert ("Deployment", "m-router") in kube.live
+    assert kube.live[("Service", "m")]["spec"]["selector"] == stable
+    for live in kube.live.values():
+        observed.record(("ns", "m"), live, deleted=False)
+    await rec.reconcile(im)
+    assert kube.live[("Service", "m")]["spec"]["selector"] == stable
+    observed.record(("ns", "m"), watched(kube, "m-router", ready=1), deleted=False)
+    await rec.reconcile(im)
+    assert kube.live[("Service", "m")]["spec"]["selector"] == router
+    observed.record(("ns", "m"), kube.live[("Service", "m")], deleted=False)
+
+    # The candidate removed: Service m back to the stable first, the router kept ...
+    await rec.reconcile(body())
+    assert kube.live[("Service", "m")]["spec"]["selector"] == stable
+    assert kube.deleted == []
+    # ... and deleted once the watch shows the Service selecting the stable.
+    observed.record(("ns", "m"), kube.live[("Service", "m")], deleted=False)
+    await rec.reconcile(body())
+    assert {"m-router", "m-v2"} <= {name for _, name, _ in kube.deleted}
+
+
+@pytest.mark.parametrize("taken", ["m-v2", "m-router"])
+async def test_a_version_name_another_model_holds_stops_the_switch(taken: str) -> None:
+    """Model `m` with candidate 2 renders m-v2 and m-router, names a model called `m-v2`
+    (or `m-router`) already uses: nothing is applied, so neither Service m nor the router
+    points at the other model's objects, and the reason names the object."""
+    kube, observed = FakeKube(), ObservedChildren()
+    rec = reconciler(kube, observed)
+    await rec.reconcile(body())
+    for live in kube.live.values():
+        observed.record(("ns", "m"), live, deleted=False)
+    other = {"kind": "InferenceModel", "name": taken, "uid": "other", "controller": True}
+    for kind in ("Service", "Deployment"):
+        kube.live[(kind, taken)] = {
+            "kind": kind,
+            "metadata": {"name": taken, "ownerReferences": [other]},
+        }
+    applied = len(kube.applied)
+    await rec.reconcile(body(traffic={"candidates": [candidate("2", weight=10)]}))
+    assert kube.applied[applied:] == []
+    (condition,) = kube.statuses[-1]["conditions"]
+    assert condition["reason"] == "ChildConflict"
+    assert taken in condition["message"] and f"InferenceModel {taken}" in condition["message"]
+
+
+def test_kubeonnx_render_reports_names_two_models_share() -> None:
+    from kubeonnx_operator.cli import render_documents
+
+    def doc(name: str, *candidates: dict[str, Any]) -> dict[str, Any]:
+        return {"kind": "InferenceModel", "metadata": {"name": name}, "spec": raw(*candidates)}
+
+    out, problems = render_documents(
+        [("a.yaml", doc("mlp", candidate("2", weight=10))), ("b.yaml", doc("mlp-v2"))],
+        OperatorConfig(),
+    )
+    assert any("InferenceModel default/mlp-v2" in p and "Deployment mlp-v2" in p for p in problems)
+    names = [(c["kind"], c["metadata"]["name"]) for c in out]
+    assert len(names) == len(set(names))
+    _, fine = render_documents(
+        [("a.yaml", doc("mlp", candidate("2", weight=10))), ("b.yaml", doc("other"))],
+        OperatorConfig(),
+    )
+    assert fine == []

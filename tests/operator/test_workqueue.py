@@ -75,3 +75,26 @@ async def test_deleting_a_model_cancels_its_pending_retry() -> None:
     await asyncio.sleep(0.2)
     assert calls == 1
     assert not queue._retries and not queue._failures and KEY not in queue.bodies
+
+
+async def test_requeue_after_runs_the_key_again_and_the_latest_time_asked_wins() -> None:
+    runs: list[int] = []
+    again = asyncio.Event()
+
+    async def reconcile(b: dict[str, Any]) -> None:
+        runs.append(b["metadata"]["generation"])
+        if len(runs) == 2:
+            again.set()
+
+    queue = WorkQueue(reconcile)
+    queue.observe(KEY, body(1))
+    await queue.idle()
+    queue.requeue_after(KEY, 3600.0)
+    queue.requeue_after(KEY, None)  # cancelled: never runs
+    queue.requeue_after(KEY, 0.01)
+    await asyncio.wait_for(again.wait(), 30)
+    await queue.idle()
+    assert runs == [1, 1]
+    queue.requeue_after(KEY, 3600.0)
+    await queue.stop()  # a stopped queue keeps no timer
+    assert not queue._later

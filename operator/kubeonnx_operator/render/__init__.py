@@ -48,7 +48,8 @@ def render_children(
         children += [version_service(model, p) for p in placed]
         config_map = render_router_config_map(model, config, placed)
         children += [config_map, render_router(model, config, config_map)]
-        selector = router_selector(model)
+        # Not before the router can answer: the stable's pods serve until then.
+        selector = router_selector(model) if model.router_ready is not False else placed[0].selector
     else:
         selector = placed[0].selector
     service = render_service(model)

@@ -39,11 +39,18 @@ class Model:
     # The model's Deployments in the cluster, (name, its kubeonnx.io/version label or None):
     # a version keeps the Deployment already labelled with it (see render.versions.place).
     deployments: tuple[tuple[str, str | None], ...] = ()
+    # (name, the version its selector names) of those that select by version: a
+    # Deployment's selector cannot change, so it keeps the one it was made with.
+    selectors: tuple[tuple[str, str], ...] = ()
     # The candidate's weight a rollout engine decided (spec.traffic.rollout); None: the spec's.
     rollout_weight: int | None = None
     # The versions with a ready replica, as the reconciler last saw them: the HTTPRoute's
     # weights follow them. None: not known (`kubeonnx render`), the desired weights.
     ready_versions: frozenset[str] | None = None
+    # The router's Deployment has a ready replica: only then does Service NAME select the
+    # router's pods (else the stable's, which serve meanwhile). None: not known (`kubeonnx
+    # render`), the router.
+    router_ready: bool | None = None
     # Every parent Gateway's class supports the mirrors the HTTPRoute needs (decided by the
     # reconciler from status.supportedFeatures): only then does it carry them.
     gateway_mirror: bool = False

@@ -49,15 +49,18 @@ ROUTER_REPLICAS = 2
 ROUTER_RESOURCES = {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}}
 
 Role = Literal["stable", "candidate"]
+# The end of a name version_name made unique with a hash: no version keeps it as it is.
+HASHED = re.compile(r"-[0-9a-f]{8}$")
 
 
 def version_name(name: str, version: str) -> str:
     """NAME-vVERSION, a DNS label: the version lower-cased, '.' and '_' as '-'; a version
-    that changes on the way (or a name too long) gets a hash of it, so that two versions
-    never share a name."""
+    that changes on the way (or a name too long) gets `-` and 8 hex digits of its sha256
+    at the end, and so does a version that already ends that way (else "1-0-d0ff5974"
+    would be the name of "1.0" too): two versions never share a name."""
     clean = re.sub(r"[._]", "-", version.lower())
     base = f"{name}-v{clean}"
-    if clean == version and len(base) <= 63:
+    if clean == version and len(base) <= 63 and not HASHED.search(version):
         return base
     tag = hashlib.sha256(version.encode()).hexdigest()[:8]
     return f"{base[: 63 - len(tag) - 1].rstrip('-')}-{tag}"
@@ -74,6 +77,9 @@ class Placed:
     spec: InferenceModelSpec  # spec.model and the runtime, resources and scaling it runs
     weight: int  # desired share of requests, percent
     mirror_percent: int = 0
+    # The version the Deployment's selector names when it is not this one (a stable
+    # Deployment rolled in place to a new version): its pods keep that label.
+    selects: str | None = None
 
     @property
     def first(self) -> bool:
@@ -84,7 +90,12 @@ class Placed:
     def selector(self) -> dict[str, str]:
         if self.first:
             return {MODEL_LABEL: self.model}
-        return {VERSION_OF_LABEL: self.model, VERSION_LABEL: self.version}
+        return {VERSION_OF_LABEL: self.model, VERSION_LABEL: self.pod_version}
+
+    @property
+    def pod_version(self) -> str:
+        """The kubeonnx.io/version label of the version's pods."""
+        return self.selects or self.version
 
     @property
     def service(self) -> str:
@@ -124,15 +135,24 @@ def _candidate_spec(spec: InferenceModelSpec, index: int) -> InferenceModelSpec:
 
 def place(model: Model) -> list[Placed]:
     """Every version, the stable first, with the Deployment that serves it: the one the
-    cluster already has labelled with the version; else, for the stable, the one named after
-    the model unless a candidate holds it; else NAME-vVERSION."""
+    cluster already has labelled with the version; else, for the stable, the stable's
+    Deployment of before (one no candidate holds: a new stable version rolls it in place),
+    or the one named after the model unless a candidate holds it; else NAME-vVERSION."""
     spec = model.spec
     labelled = {v: n for n, v in model.deployments if v is not None}
+    selects = dict(model.selectors)
     candidates = spec.traffic.candidates
     weights = candidate_weights(model)
     held = {labelled.get(c.version) for c in candidates}
     stable_version = spec.model.version
     stable_deployment = labelled.get(stable_version)
+    if stable_deployment is None:
+        # The previous stable's: a Deployment of the model that serves no candidate (the
+        # one named after the model first).
+        free = sorted(
+            (n != model.name, n) for n, v in model.deployments if v is not None and n not in held
+        )
+        stable_deployment = free[0][1] if free else None
     if stable_deployment is None:
         stable_deployment = model.name if model.name not in held else None
     if stable_deployment is None:
@@ -145,21 +165,30 @@ def place(model: Model) -> list[Placed]:
             stable_deployment,
             spec,
             100 - sum(weights),
+            selects=_selects(selects, stable_deployment, stable_version),
         )
     ]
     for i, c in enumerate(candidates):
+        deployment = labelled.get(c.version) or version_name(model.name, c.version)
         placed.append(
             Placed(
                 model.name,
                 c.version,
                 "candidate",
-                labelled.get(c.version) or version_name(model.name, c.version),
+                deployment,
                 _candidate_spec(spec, i),
                 weights[i],
                 c.mirror_percent,
+                selects=_selects(selects, deployment, c.version),
             )
         )
     return placed
+
+
+def _selects(selects: dict[str, str], deployment: str, version: str) -> str | None:
+    """The version `deployment`'s selector names, where it is another."""
+    found = selects.get(deployment)
+    return found if found is not None and found != version else None
 
 
 def served_weights(desired: list[int], ready: list[bool]) -> list[int]:
