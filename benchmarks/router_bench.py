@@ -17,6 +17,13 @@ each measure through the router is taken right after the same measure direct).
 
 runs the router under cProfile (CPU time, the load alone) at 64 connections instead, and
 prints where its time goes: the busiest functions, then the share of each part.
+
+    .venv/bin/python benchmarks/router_bench.py --frozen-mirror [--seconds 10] [--rounds 3]
+
+measures what a mirror frozen with SIGSTOP costs the clients: p99 at 16 connections through
+a router without a mirror, then through a second router that copies every request to a
+runtime frozen for the whole measure, each right after the other in every round (the goal:
+the mirrored p99 at most twice the unmirrored).
 """
 
 from __future__ import annotations
@@ -84,6 +91,11 @@ def main() -> None:
         type=Path,
         help="run the router under cProfile, write its stats here, and print the top entries",
     )
+    parser.add_argument(
+        "--frozen-mirror",
+        action="store_true",
+        help="p99 through a router whose mirror target is frozen, against one without a mirror",
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kubeonnx-router-bench-"))
     model = generate(work / "models", ["mlp"])["mlp"]
@@ -124,6 +136,9 @@ def main() -> None:
         if args.profile:
             profile(procs.pop(), router_port, script, args)
             return
+        if args.frozen_mirror:
+            frozen_mirror(procs, common, model, runtime_port, router_port, work, script, args)
+            return
         ratios, added, router_us = [], [], []
         for n in range(args.rounds):
             urls = {
@@ -162,6 +177,71 @@ def main() -> None:
         for proc in procs:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def frozen_mirror(
+    procs: list[subprocess.Popen[bytes]],
+    common: dict[str, str],
+    model: Path,
+    runtime_port: int,
+    router_port: int,
+    work: Path,
+    script: Path,
+    args: argparse.Namespace,
+) -> None:
+    """A second runtime (the mirror target) and a router copying every request to it; the
+    target is frozen (SIGSTOP) while the clients' p99 is measured through both routers."""
+    secret = {"KUBEONNX_MIRROR_SECRET": "bench-mirror-secret"}
+    mirror_port, mirrored_port = free_port(), free_port()
+    procs.append(
+        start(
+            "0",
+            {
+                **common,
+                **secret,
+                "KUBEONNX_MODEL_URI": f"file://{model}",
+                "KUBEONNX_MODEL_NAME": "mlp",
+                "KUBEONNX_MODEL_VERSION": "3",
+                "KUBEONNX_THREADS": "1",
+            },
+            mirror_port,
+        )
+    )
+    mirror = procs[-1]
+    config = work / "mirrored.json"
+    config.write_text(
+        json.dumps(
+            {
+                "versions": [
+                    {"name": "1", "url": f"http://127.0.0.1:{runtime_port}", "weight": 1},
+                    {"name": "3", "url": f"http://127.0.0.1:{mirror_port}", "mirror_percent": 100},
+                ]
+            }
+        )
+    )
+    env = {**common, **secret, "KUBEONNX_ROLE": "router", "KUBEONNX_ROUTER_CONFIG": str(config)}
+    procs.append(start("1", env, mirrored_port))
+    urls = {
+        name: f"http://127.0.0.1:{port}/v2/models/mlp/infer"
+        for name, port in (("unmirrored", router_port), ("mirror frozen", mirrored_port))
+    }
+    ratios = []
+    for n in range(args.rounds):
+        p99 = {}
+        for name, url in urls.items():
+            run_wrk(url, script, 4, 1)  # warm (the mirror still answers here)
+            os.kill(mirror.pid, signal.SIGSTOP)
+            try:
+                p99[name] = run_wrk(url, script, 16, args.seconds)[2]
+            finally:
+                os.kill(mirror.pid, signal.SIGCONT)
+        ratios.append(p99["mirror frozen"] / p99["unmirrored"])
+        print(
+            f"round {n + 1}: c16 p99 ms: unmirrored {p99['unmirrored']:.2f}, mirror frozen "
+            f"{p99['mirror frozen']:.2f}, ratio {ratios[-1]:.2f}",
+            flush=True,
+        )
+    print(f"median of {args.rounds}: frozen-mirror p99 ratio {statistics.median(ratios):.2f}")
 
 
 def profile(
