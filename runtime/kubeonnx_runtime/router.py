@@ -521,16 +521,19 @@ class Router:
         fresh = False
         while True:
             conn, reused = await self.pool.acquire(upstream.host, upstream.port, fresh)
-            conn.begin(head_only=method == "HEAD")
+            conn.begin(head_only=method == "HEAD", with_body=bool(body.length) or body.chunked)
             try:
                 await body.send(conn, method, target, upstream.netloc, headers, wait_s)
                 await conn.read_head(wait_s)
                 return conn
             except UpstreamClosed as exc:
+                # A write of the body may fail (a reset) before the answer already received
+                # is read: only once the connection's end is in is it known.
+                await conn.settle(wait_s)
                 if conn.status:  # it answered before taking the whole body (a 413?): relayed
                     return conn
                 conn.finish()
-                if reused and again and not exc.answered:
+                if reused and again and not (exc.answered or conn.answered):
                     again, fresh = False, True
                     continue
                 raise

@@ -13,11 +13,19 @@ Failures say how far the exchange got, which decides what the router may do next
 `MAX_HEAD` bytes, the limit the server puts on a client's), `ClientGone` (the
 client left before its body was read whole; the upstream connection is closed, as the
 request on it is incomplete).
+
+An upstream may answer before it has taken the whole request body (a 413) and reset the
+connection. The router's next write of the body then fails, and the event loop closes the
+socket at once, maybe before it has read the answer already waiting in it. So while a
+request with a body is on, the connection holds a duplicate of its socket, and what the
+kernel still holds is read from it when the connection ends: an answer whose head arrived
+is relayed, whatever became of the rest of the request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import select
 import socket
 from collections import deque
@@ -87,6 +95,8 @@ class Connection(asyncio.Protocol):
         self._head_bytes = 0  # received while the answer's head was incomplete
         self._paused = False
         self.complete = False
+        self._spare: socket.socket | None = None  # a duplicate while a body is sent
+        self._lost: asyncio.Future[None] = loop.create_future()  # connection_lost came
 
     # -- protocol callbacks ----------------------------------------------------------------
 
@@ -132,9 +142,32 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._busy and not self.complete and self._spare is not None:
+            self._read_spare()
+        self._close_spare()
+        if not self._lost.done():
+            self._lost.set_result(None)
         if self._busy and not self.complete:
             self._fail(UpstreamClosed("the connection dropped", answered=self._answered))
         self._wake_drain()
+
+    def _read_spare(self) -> None:
+        """What arrived before the connection ended and the event loop did not read (a
+        failed write closed the socket first): an answer given before the whole body."""
+        assert self._spare is not None
+        try:
+            while self._busy and self._error is None and not self.complete:
+                data = self._spare.recv(65536, socket.MSG_DONTWAIT)
+                if not data:
+                    return
+                self.data_received(data)
+        except OSError:  # nothing more (EAGAIN), or the reset itself
+            return
+
+    def _close_spare(self) -> None:
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            spare.close()
 
     def pause_writing(self) -> None:
         self._drain = self.loop.create_future()
@@ -178,8 +211,9 @@ class Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         self.chunks.append(body)
         self._buffered += len(body)
-        if self._buffered > HIGH_WATER and not self._paused and self.transport is not None:
+        if self._buffered > HIGH_WATER and not self._paused and not self.closed:
             self._paused = True
+            assert self.transport is not None
             self.transport.pause_reading()
         self._wake()
 
@@ -192,7 +226,15 @@ class Connection(asyncio.Protocol):
 
     # -- the exchange ----------------------------------------------------------------------
 
-    def begin(self, head_only: bool) -> None:
+    @property
+    def answered(self) -> bool:
+        return self._answered
+
+    def begin(self, head_only: bool, with_body: bool = False) -> None:
+        """A new exchange; `with_body`: its request has a body, which the upstream may
+        refuse and then reset the connection under its answer."""
+        if with_body and self.fd >= 0 and not self.closed:
+            self._spare = socket.socket(fileno=os.dup(self.fd))
         self._busy, self._answered, self.complete = True, False, False
         self._head_only = head_only
         self._head = self.loop.create_future()
@@ -220,6 +262,13 @@ class Connection(asyncio.Protocol):
         if self._head_only:  # HEAD: the answer has no body, whatever its length says
             self.complete, self.reusable = True, False
 
+    async def settle(self, wait_s: float) -> None:
+        """The connection closed, and what arrived before its end parsed: after a failure,
+        whether an answer came is known only then."""
+        self.close()
+        if not self._lost.done():
+            await self._wait(self._lost, wait_s, "closing the connection")
+
     async def read_chunk(self, wait_s: float) -> bytes:
         """The next part of the answer's body, b"" once it is whole."""
         while True:
@@ -242,6 +291,7 @@ class Connection(asyncio.Protocol):
         """The exchange is over; whether the connection can take another."""
         self._busy = False
         self._head = self._waiter = None
+        self._close_spare()
         ok = self.complete and self.reusable and not self.closed and not self.chunks
         if not ok:
             self.close()

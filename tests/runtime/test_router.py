@@ -9,6 +9,7 @@ import json
 import re
 import signal
 import socket
+import struct
 import threading
 import time
 from collections import Counter
@@ -343,7 +344,9 @@ class FakeUpstream:
     read and its connection closed unanswered (a keep-alive connection closed by the
     upstream just as the router reused it); with `drop_next`, the next one is read and its
     connection closed unanswered (once); with `stall` set, it is read and never answered;
-    with `early`, its head is answered 413 and its connection closed, the body unread; with
+    with `early`, its head is answered 413 and then, the body unread: "reset", the connection
+    reset (SO_LINGER 0: the router's next write of the body fails), or "half", its sending
+    side closed and the rest of the body read and dropped until the router closes; with
     `junk_head`, its answer's head has that many bytes more, in headers of 16,000 bytes."""
 
     BIG = 3 * 1024 * 1024 + 17
@@ -355,7 +358,7 @@ class FakeUpstream:
         self.drop_reused = False
         self.drop_next = False
         self.stall = threading.Event()  # set: a request other than a probe is never answered
-        self.early = False  # answer 413 to a request's head, and close without its body
+        self.early = ""  # "reset" or "half": answer 413 to a request's head, body unread
         self.junk_head = 0  # bytes of extra headers in an answer (not a probe's)
         self.dropped: list[str] = []  # "METHOD path" of each request dropped
         self.answered: list[str] = []
@@ -423,8 +426,7 @@ class FakeUpstream:
                     return
                 conn.start_next_cycle()
 
-    @staticmethod
-    def _answer_early(conn: h11.Connection, sock: socket.socket) -> None:
+    def _answer_early(self, conn: h11.Connection, sock: socket.socket) -> None:
         answer = b'{"error":"too large"}'
         head = [(b"content-type", b"application/json"), (b"content-length", b"21")]
         sock.sendall(
@@ -432,6 +434,15 @@ class FakeUpstream:
             + (conn.send(h11.Data(data=answer)) or b"")
             + (conn.send(h11.EndOfMessage()) or b"")
         )
+        if self.early == "reset":  # closed at once with a RST, whatever is in flight
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            return
+        sock.shutdown(socket.SHUT_WR)
+        try:
+            while sock.recv(65536):  # the rest of the body, dropped
+                pass
+        except OSError:
+            pass
 
     def _read(self, conn: h11.Connection, sock: socket.socket) -> tuple[Any, bytes]:
         request, body = None, bytearray()
@@ -591,17 +602,22 @@ def test_upstream_that_does_not_answer_is_a_504(tmp_path: Path) -> None:
         upstream.stop()
 
 
+@pytest.mark.parametrize("early", ["reset", "half"])
 def test_upstream_answering_before_the_whole_body_is_relayed(
-    fake: tuple[FakeUpstream, Served],
+    fake: tuple[FakeUpstream, Served], early: str
 ) -> None:
-    """An upstream that refuses a large body from its head (413) and closes: its answer
-    reaches the client, and the version stays ready (it did not fail)."""
+    """An upstream that refuses a large body from its head (413): its answer reaches the
+    client, and the version stays ready (it did not fail). Whether the upstream then resets
+    the connection (the router's next write of the body fails, maybe before the answer it
+    already holds is read) or closes its side and drops the rest of the body, the answer
+    passes: 20 times, as the order of the answer and the failed write is the machine's."""
     upstream, router = fake
-    upstream.early = True
+    upstream.early = early
     with httpx.Client(base_url=router.url, timeout=60) as http:
-        r = http.post("/v2/models/m/infer", content=b"z" * (8 * 1024 * 1024))
-    assert r.status_code == 413, r.text
-    assert r.json() == {"error": "too large"}
+        for _ in range(20):
+            r = http.post("/v2/models/m/infer", content=b"z" * (4 * 1024 * 1024))
+            assert r.status_code == 413, r.text
+            assert r.json() == {"error": "too large"}
     assert metric(router.url, "kubeonnx_router_requests_total", code="502") == 0
     assert metric(router.url, "kubeonnx_router_upstream_ready") == 1
 
