@@ -123,6 +123,17 @@ def keda(
     process = KedaProcess(keda_dir() / "keda", cluster.kubeconfig, tmp_path_factory.mktemp("keda"))
     process.start()
     yield process
+    # KEDA's finalizer is on every ScaledObject it saw: let it let go of those being deleted
+    # with their namespaces, which would otherwise stay Terminating.
+    cluster.kubectl(
+        "wait",
+        "--for=delete",
+        "scaledobjects.keda.sh",
+        "--all",
+        "-A",
+        "--timeout=60s",
+        check=False,
+    )
     process.stop()
     print(process.logs()[-5000:])
 
@@ -173,7 +184,9 @@ def ready_replicas(cluster: Cluster, ns: str, name: str) -> int:
 
 def operator_owns_replicas(cluster: Cluster, ns: str, name: str) -> bool:
     """Whether the operator's field manager holds the Deployment's spec.replicas."""
-    d = cluster.get("deployment", name, "-n", ns) or {}
+    d = cluster.get("deployment", name, "-n", ns, "--show-managed-fields") or {}
+    managers = {m["manager"] for m in d["metadata"]["managedFields"]}
+    assert "kubeonnx" in managers, managers  # what the check below looks for
     return any(
         "f:replicas" in m.get("fieldsV1", {}).get("f:spec", {})
         for m in d["metadata"]["managedFields"]
