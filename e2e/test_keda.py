@@ -9,7 +9,8 @@ control plane, with a real redis-server and a real Prometheus for its triggers:
 - the operator never fights KEDA: replicas stay KEDA's, and an idle resync writes nothing.
 
 The operator's ScaledObjects are made with KEDA's own CustomResourceDefinitions of the
-version run (the cluster's stand-in schema is replaced by them for this module)."""
+version run (they replace the cluster's stand-in schema for this module, which is put back
+after)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
 COOLDOWN_S = 10  # the operator's kedaCooldownSeconds here (300 by default)
 PASSWORD_SECRET = {"name": "queue-redis", "key": "password"}
+STAND_IN = ROOT / "e2e" / "manifests" / "keda-scaledobject-crd.yaml"  # what `up` installs
 
 
 def keda_examples() -> list[dict[str, Any]]:
@@ -51,26 +53,46 @@ def keda_examples() -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def keda_crds(cluster: Cluster) -> Path:
+def keda_crds(cluster: Cluster) -> Iterator[Path]:
     """KEDA's CustomResourceDefinitions of the version run, in place of the cluster's
-    stand-in ScaledObject schema (which the rest of the suite keeps using until now; KEDA's
-    own is a superset of it)."""
+    stand-in ScaledObject schema for this module; the stand-in is put back after (the
+    suite's other modules expect the cluster as `up` made it: test_optional_crds.py deletes
+    the one CRD and waits for the keda.sh group to be gone)."""
     if not cluster.local:
         pytest.skip("runs KEDA as a process against the local control plane only")
     crds = keda_dir() / "crds"
-    installed = cluster.get("crd", "scaledobjects.keda.sh") or {}
-    if "controller-gen.kubebuilder.io/version" not in installed.get("metadata", {}).get(
-        "annotations", {}
-    ):
-        # The stand-in: deleted (with any ScaledObject of earlier tests; their operator
-        # remakes them) rather than merged into, so no field of it survives.
-        cluster.kubectl("delete", "crd", "scaledobjects.keda.sh", "--ignore-not-found")
-    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crds))
-    names = [
-        f"crd/{yaml.safe_load(p.read_text())['metadata']['name']}" for p in crds.glob("*.yaml")
-    ]
-    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", *names)
-    return crds
+    # The stand-in: deleted (with any ScaledObject of earlier tests; their operator remakes
+    # them) rather than merged into, so no field of it survives.
+    cluster.kubectl("delete", "crd", "scaledobjects.keda.sh", "--ignore-not-found")
+    try:
+        cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crds))
+        names = [
+            f"crd/{yaml.safe_load(p.read_text())['metadata']['name']}" for p in crds.glob("*.yaml")
+        ]
+        cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", *names)
+        yield crds
+    finally:
+        # KEDA no longer runs: a finalizer of its left on a ScaledObject would hold the
+        # CRD's deletion for ever.
+        left = cluster.get("scaledobjects.keda.sh", "-A") or {}
+        for so in left.get("items", []):
+            meta = so["metadata"]
+            cluster.kubectl(
+                "patch",
+                "scaledobject.keda.sh",
+                meta["name"],
+                "-n",
+                meta["namespace"],
+                "--type=merge",
+                "-p",
+                '{"metadata":{"finalizers":null}}',
+                check=False,
+            )
+        cluster.kubectl("delete", "-f", str(crds), "--ignore-not-found", "--timeout=120s")
+        cluster.kubectl("apply", "-f", str(STAND_IN))
+        cluster.kubectl(
+            "wait", "--for=condition=Established", "--timeout=60s", "crd/scaledobjects.keda.sh"
+        )
 
 
 @pytest.fixture(scope="module")
