@@ -184,6 +184,34 @@ build_prometheus() {
   echo "PROMETHEUS_BIN=$dir"
 }
 
+build_keda() {
+  local v=$KEDA_VERSION dir="$cache/bin/keda-$KEDA_VERSION"
+  if have "$dir" keda crds/keda.sh_scaledobjects.yaml; then log "keda $v: cached"; echo "KEDA_BIN=$dir"; return; fi
+  need_go
+  log "keda $v: building its operator (a cold build takes a while on 2 cores)"
+  local work; new_work
+  (
+    cd "$work"
+    go mod init kubeonnx.local/keda-build >/dev/null 2>&1
+    # A dependency's replace and exclude directives are ignored: repeat KEDA's own so the
+    # build uses the module graph its release was tested with.
+    local gomod; gomod=$(go mod download -json "github.com/kedacore/keda/v2@$v" | json_field GoMod)
+    local r
+    while read -r r; do go mod edit -replace "$r"; done < <(
+      sed -n 's#^replace \([^ ]*\) \([^ ]*\) => \([^ ]*\) \([^ ]*\)$#\1@\2=\3@\4#p' "$gomod")
+    while read -r r; do go mod edit -exclude "$r"; done < <(sed -n 's#^exclude \([^ ]*\) \([^ ]*\)$#\1@\2#p' "$gomod")
+    go get "github.com/kedacore/keda/v2/cmd/operator@$v" >&2
+    mkdir -p out
+    go build -ldflags "-s -w -X github.com/kedacore/keda/v2/version.Version=${v#v} -X github.com/kedacore/keda/v2/version.GitCommit=$v" \
+      -o out/keda github.com/kedacore/keda/v2/cmd/operator
+    # The custom resource definitions of this version, for the e2e cluster.
+    mkdir -p out/crds
+    cp "$(go mod download -json "github.com/kedacore/keda/v2@$v" | json_field Dir)"/config/crd/bases/*.yaml out/crds/
+    mkdir -p "$cache/bin" && rm -rf "$dir" && mv out "$dir"
+  )
+  echo "KEDA_BIN=$dir"
+}
+
 # Helm reports (and checks charts' kubeVersion against) the client-go it was built with.
 helm_k8s_ldflags() {
   local minor=${K8S_VERSION#v1.}; minor=${minor%%.*}
@@ -208,6 +236,7 @@ for c in $want; do
     helm) build_installable helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm \
             "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean $(helm_k8s_ldflags)" HELM_BIN ;;
     prometheus) build_prometheus ;;
+    keda) build_keda ;;
     *) log "unknown component: $c"; exit 2 ;;
   esac
   unlock

@@ -14,7 +14,8 @@ from e2e.cluster import free_port
 
 
 class LocalRedis:
-    def __init__(self) -> None:
+    def __init__(self, password: str | None = None) -> None:
+        self.password = password  # required of every client (redis-server --requirepass)
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._dir = tempfile.mkdtemp(prefix="kubeonnx-redis-")
@@ -49,6 +50,7 @@ class LocalRedis:
                 "no",
                 "--dir",
                 self._dir,
+                *(["--requirepass", self.password] if self.password else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -67,7 +69,7 @@ class LocalRedis:
         return False
 
     def client(self) -> redis.Redis:
-        return redis.Redis.from_url(self.url, socket_timeout=2)
+        return redis.Redis.from_url(self.url, password=self.password, socket_timeout=2)
 
     def pause(self) -> None:
         assert self.proc is not None

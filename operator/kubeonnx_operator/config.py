@@ -51,6 +51,10 @@ class OperatorConfig(BaseSettings):
     }
     ingress_class: str | None = None
     prometheus_address: str = "http://prometheus-operated.monitoring.svc:9090"
+    # Every ScaledObject's pollingInterval and cooldownPeriod (how long a model with no
+    # demand stays up before KEDA scales it to zero).
+    keda_polling_seconds: int = Field(15, ge=1)
+    keda_cooldown_seconds: int = Field(300, ge=0)
     cluster_domain: str = "cluster.local"
     namespaces: list[str] = Field(default_factory=list, description="empty: every namespace")
     pod_monitor: bool = True  # render a PodMonitor where its CRD is installed

@@ -70,6 +70,7 @@ def test_the_defaults_reach_the_operator(tmp_path: Path) -> None:
     assert config.pod_monitor is True
     assert config.cluster_domain == "cluster.local"
     assert config.image_pull_policy == "IfNotPresent"
+    assert (config.keda_polling_seconds, config.keda_cooldown_seconds) == (15, 300)
     assert lease_roles(docs) == ["r-leader-election"]
     (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
     assert deployment["spec"]["replicas"] == 2
@@ -83,8 +84,11 @@ def test_each_operator_value_reaches_the_operator_and_what_it_renders(tmp_path: 
         "podMonitor=false",
         "clusterDomain=corp.internal",
         "runtime.imagePullPolicy=Always",
+        "kedaPollingSeconds=5",
+        "kedaCooldownSeconds=30",
     )
     config = operator_config(docs, tmp_path)
+    assert (config.keda_polling_seconds, config.keda_cooldown_seconds) == (5, 30)
     assert config.leader_election is False
     assert config.pod_monitor is False
     assert config.cluster_domain == "corp.internal"
@@ -107,6 +111,8 @@ def test_each_operator_value_reaches_the_operator_and_what_it_renders(tmp_path: 
         (["clusterDomain=Not_A_Domain"], "clusterDomain"),
         (["runtime.imagePullPolicy=Sometimes"], "imagePullPolicy"),
         (["podMonitor=maybe"], "podMonitor"),
+        (["kedaCooldownSeconds=-1"], "kedaCooldownSeconds"),
+        (["kedaPollingSeconds=0"], "kedaPollingSeconds"),
     ],
 )
 def test_values_the_schema_refuses(values: list[str], named: str) -> None:

@@ -120,6 +120,15 @@ def test_autoscaler_choice_renders_one_kind() -> None:
     assert wake["metadata"]["activationThreshold"] == "0"
 
 
+def test_keda_polling_and_cooldown_come_from_the_operator_configuration() -> None:
+    keda = spec(scaling={"autoscaler": "keda", "minReplicas": 1, "maxReplicas": 4})
+    default = render(keda)["ScaledObject"]["spec"]
+    assert (default["pollingInterval"], default["cooldownPeriod"]) == (15, 300)
+    config = OperatorConfig(keda_polling_seconds=2, keda_cooldown_seconds=10)
+    short = render(keda, config)["ScaledObject"]["spec"]
+    assert (short["pollingInterval"], short["cooldownPeriod"]) == (2, 10)
+
+
 def test_an_ingress_on_the_whole_host_routes_slash() -> None:
     ingress = render(spec(ingress={"enabled": True, "host": "h.example", "path": "/"}))
     rule = ingress["Ingress"]["spec"]["rules"][0]["http"]["paths"][0]

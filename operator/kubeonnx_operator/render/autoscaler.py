@@ -110,8 +110,8 @@ def render_scaled_object(model: Model, config: OperatorConfig) -> dict[str, Any]
             "scaleTargetRef": _target(model),
             "minReplicaCount": scaling.min_replicas,
             "maxReplicaCount": scaling.max_replicas,
-            "pollingInterval": 15,
-            "cooldownPeriod": 300,
+            "pollingInterval": config.keda_polling_seconds,
+            "cooldownPeriod": config.keda_cooldown_seconds,
             "triggers": triggers,
         },
     }
