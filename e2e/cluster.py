@@ -385,7 +385,22 @@ def up(owner: str = "cluster-up", bins: dict[str, Path] | None = None) -> Cluste
         down()
     started = time.monotonic()
     bins = bins or build_binaries()
-    data = Path(tempfile.mkdtemp(prefix="kubeonnx-cluster-"))
+    # Named before it is made, inside the try that removes it: a Ctrl-C at any point after
+    # its creation (before the state names it, or after) leaves no folder holding the admin
+    # token behind.
+    data = Path(tempfile.gettempdir()) / f"kubeonnx-cluster-{secrets.token_hex(8)}"
+    try:
+        return _up(owner, bins, data, started)
+    except BaseException:
+        down()  # the state's processes, once it names them
+        shutil.rmtree(data, ignore_errors=True)
+        KUBECONFIG.unlink(missing_ok=True)
+        OPERATOR_KUBECONFIG.unlink(missing_ok=True)
+        raise
+
+
+def _up(owner: str, bins: dict[str, Path], data: Path, started: float) -> ClusterState:
+    data.mkdir(mode=0o700)
     pki = data / "pki"
     pki.mkdir()
     token = secrets.token_hex(16)
@@ -444,149 +459,145 @@ def up(owner: str = "cluster-up", bins: dict[str, Path] | None = None) -> Cluste
         owner=owner,
     )
     state.save()
-    try:
-        _start(
-            state,
-            "etcd",
-            [
-                str(bins["etcd"]),
-                "--data-dir",
-                str(data / "etcd"),
-                "--name",
-                "default",
-                "--listen-client-urls",
-                f"http://127.0.0.1:{ports['etcd']}",
-                "--advertise-client-urls",
-                f"http://127.0.0.1:{ports['etcd']}",
-                "--listen-peer-urls",
-                f"http://127.0.0.1:{ports['etcd-peer']}",
-                "--initial-advertise-peer-urls",
-                f"http://127.0.0.1:{ports['etcd-peer']}",
-                "--initial-cluster",
-                f"default=http://127.0.0.1:{ports['etcd-peer']}",
-                "--listen-metrics-urls",
-                "",
-                "--unsafe-no-fsync",
-                "--log-level",
-                "warn",
-            ],
-        )
-        _start(
-            state,
-            "kube-apiserver",
-            [
-                str(bins["kube-apiserver"]),
-                f"--etcd-servers=http://127.0.0.1:{ports['etcd']}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
-                f"--secure-port={ports['apiserver']}",
-                f"--cert-dir={pki}",
-                f"--token-auth-file={data / 'tokens.csv'}",
-                f"--audit-policy-file={data / 'audit-policy.yaml'}",
-                f"--audit-log-path={data / 'audit.log'}",
-                "--audit-log-format=json",
-                "--authorization-mode=RBAC",
-                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-                f"--service-account-key-file={pki / 'sa.pub'}",
-                f"--service-account-signing-key-file={pki / 'sa.key'}",
-                "--service-cluster-ip-range=10.96.0.0/16",
-                "--allow-privileged=true",
-                "--endpoint-reconciler-type=none",
-                "--v=1",
-            ],
-        )
-        _wait("kube-apiserver", lambda: _https_ok(f"{server}/readyz", token), 90, state)
-        kcm_kubeconfig = str(KUBECONFIG)
-        _start(
-            state,
-            "kube-controller-manager",
-            [
-                str(bins["kube-controller-manager"]),
-                f"--kubeconfig={kcm_kubeconfig}",
-                f"--authentication-kubeconfig={kcm_kubeconfig}",
-                f"--authorization-kubeconfig={kcm_kubeconfig}",
-                "--bind-address=127.0.0.1",
-                f"--secure-port={ports['kcm']}",
-                "--leader-elect=false",
-                f"--service-account-private-key-file={pki / 'sa.key'}",
-                "--controllers=*,-nodeipam,-persistentvolume-binder,-attachdetach,"
-                "-persistentvolume-expander,-cloud-node-lifecycle,-ttl,-bootstrapsigner,-tokencleaner",
-                "--concurrent-deployment-syncs=10",
-                "--concurrent-replicaset-syncs=10",
-                "--concurrent-gc-syncs=20",
-                "--kube-api-qps=200",
-                "--kube-api-burst=400",
-                "--v=1",
-            ],
-        )
-        _start(
-            state,
-            "kube-scheduler",
-            [
-                str(bins["kube-scheduler"]),
-                f"--kubeconfig={kcm_kubeconfig}",
-                f"--authentication-kubeconfig={kcm_kubeconfig}",
-                f"--authorization-kubeconfig={kcm_kubeconfig}",
-                "--bind-address=127.0.0.1",
-                f"--secure-port={ports['scheduler']}",
-                "--leader-elect=false",
-                "--kube-api-qps=200",
-                "--kube-api-burst=400",
-                "--v=1",
-            ],
-        )
-        _start(
-            state,
-            "kwok",
-            [
-                str(bins["kwok"]),
-                f"--kubeconfig={kcm_kubeconfig}",
-                "--manage-all-nodes=false",
-                "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
-                "--manage-nodes-with-label-selector=",
-                "--cidr=10.244.0.0/16",
-                "--node-ip=10.244.0.1",
-                f"--server-address=127.0.0.1:{ports['kwok']}",
-                f"--config={Path(bins['kwok']).parent / 'stages.yaml'}",
-            ],
-        )
-        nodes = "\n---\n".join(json.dumps(node_manifest(*n)) for n in NODES)
-        kubectl(state, "apply", "-f", "-", input=nodes)
-        kubectl(state, "apply", "-f", str(E2E / "manifests" / "keda-scaledobject-crd.yaml"))
-        kubectl(state, "apply", "-f", str(E2E / "manifests" / "podmonitor-crd.yaml"))
-        _wait(
-            "default service account",
-            lambda: "default" in kubectl(state, "get", "serviceaccount", "default", "-o", "name"),
-            60,
-            state,
-        )
-        _wait(
-            "nodes Ready",
-            lambda: (
-                kubectl(
-                    state,
-                    "get",
-                    "nodes",
-                    "-o",
-                    NODE_READY_JSONPATH,
-                ).split()
-                == ["True"] * len(NODES)
-            ),
-            60,
-            state,
-        )
-        kubectl(
-            state,
-            "wait",
-            "--for=condition=Established",
-            "--timeout=30s",
-            "crd/scaledobjects.keda.sh",
-            "crd/podmonitors.monitoring.coreos.com",
-        )
-        _grant_chart_role(state, bins["helm"])
-    except BaseException:
-        down()
-        raise
+    _start(
+        state,
+        "etcd",
+        [
+            str(bins["etcd"]),
+            "--data-dir",
+            str(data / "etcd"),
+            "--name",
+            "default",
+            "--listen-client-urls",
+            f"http://127.0.0.1:{ports['etcd']}",
+            "--advertise-client-urls",
+            f"http://127.0.0.1:{ports['etcd']}",
+            "--listen-peer-urls",
+            f"http://127.0.0.1:{ports['etcd-peer']}",
+            "--initial-advertise-peer-urls",
+            f"http://127.0.0.1:{ports['etcd-peer']}",
+            "--initial-cluster",
+            f"default=http://127.0.0.1:{ports['etcd-peer']}",
+            "--listen-metrics-urls",
+            "",
+            "--unsafe-no-fsync",
+            "--log-level",
+            "warn",
+        ],
+    )
+    _start(
+        state,
+        "kube-apiserver",
+        [
+            str(bins["kube-apiserver"]),
+            f"--etcd-servers=http://127.0.0.1:{ports['etcd']}",
+            "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
+            f"--secure-port={ports['apiserver']}",
+            f"--cert-dir={pki}",
+            f"--token-auth-file={data / 'tokens.csv'}",
+            f"--audit-policy-file={data / 'audit-policy.yaml'}",
+            f"--audit-log-path={data / 'audit.log'}",
+            "--audit-log-format=json",
+            "--authorization-mode=RBAC",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            f"--service-account-key-file={pki / 'sa.pub'}",
+            f"--service-account-signing-key-file={pki / 'sa.key'}",
+            "--service-cluster-ip-range=10.96.0.0/16",
+            "--allow-privileged=true",
+            "--endpoint-reconciler-type=none",
+            "--v=1",
+        ],
+    )
+    _wait("kube-apiserver", lambda: _https_ok(f"{server}/readyz", token), 90, state)
+    kcm_kubeconfig = str(KUBECONFIG)
+    _start(
+        state,
+        "kube-controller-manager",
+        [
+            str(bins["kube-controller-manager"]),
+            f"--kubeconfig={kcm_kubeconfig}",
+            f"--authentication-kubeconfig={kcm_kubeconfig}",
+            f"--authorization-kubeconfig={kcm_kubeconfig}",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={ports['kcm']}",
+            "--leader-elect=false",
+            f"--service-account-private-key-file={pki / 'sa.key'}",
+            "--controllers=*,-nodeipam,-persistentvolume-binder,-attachdetach,"
+            "-persistentvolume-expander,-cloud-node-lifecycle,-ttl,-bootstrapsigner,-tokencleaner",
+            "--concurrent-deployment-syncs=10",
+            "--concurrent-replicaset-syncs=10",
+            "--concurrent-gc-syncs=20",
+            "--kube-api-qps=200",
+            "--kube-api-burst=400",
+            "--v=1",
+        ],
+    )
+    _start(
+        state,
+        "kube-scheduler",
+        [
+            str(bins["kube-scheduler"]),
+            f"--kubeconfig={kcm_kubeconfig}",
+            f"--authentication-kubeconfig={kcm_kubeconfig}",
+            f"--authorization-kubeconfig={kcm_kubeconfig}",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={ports['scheduler']}",
+            "--leader-elect=false",
+            "--kube-api-qps=200",
+            "--kube-api-burst=400",
+            "--v=1",
+        ],
+    )
+    _start(
+        state,
+        "kwok",
+        [
+            str(bins["kwok"]),
+            f"--kubeconfig={kcm_kubeconfig}",
+            "--manage-all-nodes=false",
+            "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
+            "--manage-nodes-with-label-selector=",
+            "--cidr=10.244.0.0/16",
+            "--node-ip=10.244.0.1",
+            f"--server-address=127.0.0.1:{ports['kwok']}",
+            f"--config={Path(bins['kwok']).parent / 'stages.yaml'}",
+        ],
+    )
+    nodes = "\n---\n".join(json.dumps(node_manifest(*n)) for n in NODES)
+    kubectl(state, "apply", "-f", "-", input=nodes)
+    kubectl(state, "apply", "-f", str(E2E / "manifests" / "keda-scaledobject-crd.yaml"))
+    kubectl(state, "apply", "-f", str(E2E / "manifests" / "podmonitor-crd.yaml"))
+    _wait(
+        "default service account",
+        lambda: "default" in kubectl(state, "get", "serviceaccount", "default", "-o", "name"),
+        60,
+        state,
+    )
+    _wait(
+        "nodes Ready",
+        lambda: (
+            kubectl(
+                state,
+                "get",
+                "nodes",
+                "-o",
+                NODE_READY_JSONPATH,
+            ).split()
+            == ["True"] * len(NODES)
+        ),
+        60,
+        state,
+    )
+    kubectl(
+        state,
+        "wait",
+        "--for=condition=Established",
+        "--timeout=30s",
+        "crd/scaledobjects.keda.sh",
+        "crd/podmonitors.monitoring.coreos.com",
+    )
+    _grant_chart_role(state, bins["helm"])
     log(f"up in {time.monotonic() - started:.1f}s; kubeconfig: {KUBECONFIG}")
     print(KUBECONFIG)
     return state

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -427,3 +428,44 @@ def test_the_demos_operator_command_can_be_repeated(tmp_path: Path) -> None:
     repeat.mkdir()
     subprocess.run(["bash", "-c", commands[0]], cwd=repeat, check=True)
     assert (repeat / "operator-config.yaml").read_text() == config.read_text()
+
+
+# ---- the cluster's start ----
+
+
+@pytest.fixture
+def cluster_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """`e2e.cluster` in this process, its state and temporary folders under tmp_path."""
+    cluster_dir = tmp_path / "cluster"
+    monkeypatch.setattr(local_cluster, "STATE_DIR", cluster_dir)
+    monkeypatch.setattr(local_cluster, "STATE_FILE", cluster_dir / "state.json")
+    monkeypatch.setattr(local_cluster, "KUBECONFIG", cluster_dir / "kubeconfig")
+    monkeypatch.setattr(local_cluster, "OPERATOR_KUBECONFIG", cluster_dir / "operator.kubeconfig")
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    return cluster_dir
+
+
+@pytest.mark.parametrize("step", ["free_port", "_kubeconfig", "_start"])
+def test_ctrl_c_before_the_state_names_the_data_folder_leaves_none(
+    cluster_dir: Path, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    """Ctrl-C after the data folder (the admin token, the keys) is made, before, or just
+    after, the state names it: the folder and the kubeconfigs go."""
+
+    calls: list[object] = []
+
+    def interrupted(*args: object, **kwargs: object) -> str:
+        calls.append(args)
+        if step == "_kubeconfig" and len(calls) == 1:  # the admin's written, not the operator's
+            return "admin"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(local_cluster, step, interrupted)
+    tmp = Path(tempfile.gettempdir())
+    with pytest.raises(KeyboardInterrupt):
+        local_cluster.up(owner="dev", bins={"etcd": tmp / "etcd"})
+    assert list(tmp.iterdir()) == []
+    assert calls
+    left = {p.name for p in cluster_dir.glob("*")}
+    assert left & {"state.json", "kubeconfig", "operator.kubeconfig"} == set(), left
