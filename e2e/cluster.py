@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -364,6 +365,38 @@ def _grant_chart_role(state: ClusterState, helm: Path) -> None:
     )
 
 
+_locked = 0  # how deep this process is in `exclusive` (up's clean-up calls down)
+
+
+@contextlib.contextmanager
+def exclusive(command: str) -> Iterator[None]:
+    """Hold the cluster directory's lock while starting or stopping its cluster: a second
+    `make dev` (or a `make dev-down`) started meanwhile refuses in one line instead of
+    starting a second control plane that the state file does not name."""
+    global _locked
+    if _locked:
+        _locked += 1
+        try:
+            yield
+        finally:
+            _locked -= 1
+        return
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    with open(STATE_DIR / "lock", "w") as lock:  # not inherited by the children
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(
+                f"another command is starting or stopping the cluster in {STATE_DIR}:"
+                f" `{command}` refused (run it again once that one is done)"
+            ) from None
+        _locked = 1
+        try:
+            yield
+        finally:
+            _locked = 0
+
+
 def stop_command(owner: str) -> str:
     """The make target that stops a cluster `owner` started."""
     return {"dev": "dev-down", "demo": "demo-down"}.get(owner, "cluster-down")
@@ -372,7 +405,13 @@ def stop_command(owner: str) -> str:
 def up(owner: str = "cluster-up", bins: dict[str, Path] | None = None) -> ClusterState:
     """Start the control plane; return its state. A running cluster is refused (it may hold
     the user's work), except one the same e2e suite or demo left when killed, which is
-    stopped first; a stale state (none of its processes runs) is cleaned up."""
+    stopped first; a stale state (none of its processes runs) is cleaned up. A second
+    command starting or stopping it meanwhile is refused (`exclusive`)."""
+    with exclusive(f"make {owner}"):
+        return _start_cluster(owner, bins)
+
+
+def _start_cluster(owner: str, bins: dict[str, Path] | None) -> ClusterState:
     existing = ClusterState.load()
     takes_over = existing is not None and existing.owner == owner and owner in ("e2e", "demo")
     if existing is not None and existing.running() and not takes_over:
@@ -625,21 +664,22 @@ def record(state: ClusterState, name: str, pid: int) -> None:
 
 def dev() -> None:
     """`make dev`: the control plane, the CRDs and the operator, then what to type next."""
-    state = up(owner="dev")
-    try:
-        kubectl(state, "apply", "--server-side", "-f", str(ROOT / "crds"))
-        kubectl(
-            state,
-            "wait",
-            "--for=condition=Established",
-            "crd/inferencemodels.kubeonnx.io",
-            "crd/quotapolicies.kubeonnx.io",
-        )
-        # The chart's RBAC, no more (the identity _grant_chart_role bound).
-        start_operator(state, str(OPERATOR_KUBECONFIG))
-    except BaseException:
-        down()
-        raise
+    with exclusive("make dev"):
+        state = up(owner="dev")
+        try:
+            kubectl(state, "apply", "--server-side", "-f", str(ROOT / "crds"))
+            kubectl(
+                state,
+                "wait",
+                "--for=condition=Established",
+                "crd/inferencemodels.kubeonnx.io",
+                "crd/quotapolicies.kubeonnx.io",
+            )
+            # The chart's RBAC, no more (the identity _grant_chart_role bound).
+            start_operator(state, str(OPERATOR_KUBECONFIG))
+        except BaseException:
+            down()
+            raise
     kubectl_bin, helm_bin = state.bin_dir["kubectl"], state.bin_dir["helm"]
     print(f"""
 The local cluster is up: the CRDs are installed and the operator runs as a local process
@@ -679,6 +719,11 @@ def down(owner: str | None = None) -> bool:
     """Stop every process `up` started (and the operator `start_operator` started) and remove
     its data; safe to call twice. With an owner, refuse a running cluster someone else
     started. Whether there was a cluster (a state) to remove."""
+    with exclusive(f"make {stop_command(owner or 'cluster-up')}"):
+        return _stop_cluster(owner)
+
+
+def _stop_cluster(owner: str | None) -> bool:
     state = ClusterState.load()
     if state is None:
         return False

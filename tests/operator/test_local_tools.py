@@ -251,6 +251,31 @@ def test_a_second_make_dev_refuses_and_leaves_the_first_running(
         assert (cluster_dir / "state.json").read_text() == before
 
 
+@pytest.mark.parametrize(
+    ("args", "shown"),
+    [(["dev"], "make dev"), (["down", "dev"], "make dev-down"), (["up"], "make cluster-up")],
+)
+def test_a_command_while_another_starts_or_stops_the_cluster_refuses_in_one_line(
+    tmp_path: Path, args: list[str], shown: str
+) -> None:
+    """Two `make dev` within a second: the second used to start a control plane of its own
+    (both then failed, leaving both running with no state naming them). The first holds the
+    cluster directory's lock; the second refuses, touching nothing."""
+    import fcntl
+
+    cluster_dir = tmp_path / "cluster"
+    cluster_dir.mkdir()
+    with (cluster_dir / "lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a first `make dev` is starting it
+        run = cluster_cli(cluster_dir, *args)
+    assert run.returncode == 1, run.stderr
+    (line,) = run.stderr.splitlines()
+    assert "another command is starting or stopping the cluster" in line, line
+    assert f"`{shown}` refused" in line, line
+    assert sorted(p.name for p in cluster_dir.iterdir()) == ["lock"]
+    assert not (tmp_path / "cache").exists()  # no build started
+
+
 def test_the_demo_takes_a_stale_state_for_no_cluster(
     tmp_path: Path, sleeper: subprocess.Popen[bytes]
 ) -> None:
