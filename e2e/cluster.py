@@ -730,7 +730,7 @@ def _stop_cluster(owner: str | None) -> bool:
     if owner is not None and state.owner != owner and state.running():
         raise SystemExit(
             f"the cluster in {STATE_DIR} was started by `make {state.owner}`, not `make {owner}`:"
-            f" `make {'dev' if state.owner == 'dev' else 'cluster'}-down` stops it"
+            f" `make {stop_command(state.owner)}` stops it"
         )
     order = [
         "runtime",

@@ -276,6 +276,34 @@ def test_a_command_while_another_starts_or_stops_the_cluster_refuses_in_one_line
     assert not (tmp_path / "cache").exists()  # no build started
 
 
+@pytest.mark.parametrize(
+    ("owner", "target", "other"),
+    [("demo", "dev-down", "demo-down"), ("dev", "demo-down", "dev-down")],
+)
+def test_make_dev_down_leaves_a_running_demos_cluster_alone(
+    tmp_path: Path, sleeper: subprocess.Popen[bytes], owner: str, target: str, other: str
+) -> None:
+    """`make dev-down` used to stop a running `make demo`'s cluster (the demo went on saying
+    it ran); it refuses, naming `make demo-down`, as `make demo-down` refuses a dev one."""
+    cluster_dir = tmp_path / "cluster"
+    identity = local_cluster.process_identity(sleeper.pid)
+    write_state(cluster_dir, owner, {"etcd": sleeper.pid}, started={"etcd": identity})
+    venv = Path(sys.executable).parent.parent
+    run = subprocess.run(
+        ["make", "-s", "-C", str(ROOT), f"VENV={venv}", "-o", f"{venv}/.installed", target],
+        env={**os.environ, "KUBEONNX_CLUSTER_DIR": str(cluster_dir)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode != 0, run.stderr
+    assert f"was started by `make {owner}`" in run.stderr, run.stderr
+    assert f"`make {other}` stops it" in run.stderr, run.stderr
+    assert sleeper.poll() is None
+    assert (cluster_dir / "state.json").exists()
+
+
 def test_the_demo_takes_a_stale_state_for_no_cluster(
     tmp_path: Path, sleeper: subprocess.Popen[bytes]
 ) -> None:
