@@ -638,7 +638,6 @@ def _up(owner: str, bins: dict[str, Path], data: Path, started: float) -> Cluste
     )
     _grant_chart_role(state, bins["helm"])
     log(f"up in {time.monotonic() - started:.1f}s; kubeconfig: {KUBECONFIG}")
-    print(KUBECONFIG)
     return state
 
 
@@ -765,7 +764,9 @@ def main(argv: list[str]) -> int:
     command = argv[0] if argv else "up"
     try:
         if command == "up":
-            up()
+            # `make cluster-up`'s output is the kubeconfig's path (`make dev` and `make demo`
+            # say it in their own words).
+            print(up().kubeconfig)
         elif command == "dev":
             dev()
         elif command == "down":

@@ -30,6 +30,15 @@ VERSIONS = dict(
     if "=" in line and not line.startswith("#")
 )
 GO_VERSION = VERSIONS["GO_VERSION"]
+BINARIES = (
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kwok",
+    "kubectl",
+    "helm",
+)
 
 
 def fake_go(bin_dir: Path, version: str, log: Path | None = None) -> None:
@@ -522,3 +531,25 @@ def test_ctrl_c_before_the_state_names_the_data_folder_leaves_none(
     assert calls
     left = {p.name for p in cluster_dir.glob("*")}
     assert left & {"state.json", "kubeconfig", "operator.kubeconfig"} == set(), left
+
+
+def test_make_dev_and_demo_print_no_bare_kubeconfig_line(
+    cluster_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`up` for `make dev` and `make demo` wrote the kubeconfig's path alone on stdout after
+    "[cluster] up in ..." (a stray line in their output); `make cluster-up` prints it."""
+    for step in ("_start", "_wait", "_grant_chart_role"):
+        monkeypatch.setattr(local_cluster, step, lambda *args, **kwargs: None)
+    monkeypatch.setattr(local_cluster, "kubectl", lambda *args, **kwargs: "")
+    monkeypatch.setattr(
+        local_cluster, "build_binaries", lambda: dict.fromkeys(BINARIES, Path("bin"))
+    )
+    for owner in ("dev", "demo"):
+        local_cluster.up(owner=owner, bins=dict.fromkeys(BINARIES, Path("bin")))
+        out, err = capsys.readouterr()
+        assert out == "", out
+        assert "[cluster] up in" in err, err
+        local_cluster.down()
+    assert local_cluster.main(["up"]) == 0
+    assert capsys.readouterr().out == f"{cluster_dir / 'kubeconfig'}\n"
+    local_cluster.down()
