@@ -89,6 +89,8 @@ def test_the_go_version_is_checked_against_the_pinned_modules(
     (line,) = run.stderr.splitlines()
     assert f"Go {GO_VERSION} or newer is needed" in line and f"not Go {found}" in line, line
     assert "https://go.dev/dl/" in line, line
+    # The way to get it without leaving the shell: this Go fetches the pinned one.
+    assert 'export PATH="$(bash e2e/build-binaries.sh --fetch-go)/bin:$PATH"' in line, line
 
 
 def test_no_go_is_one_line_naming_the_version(tmp_path: Path) -> None:
