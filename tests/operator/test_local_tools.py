@@ -480,18 +480,29 @@ def test_ctrl_c_during_the_first_build_of_make_dev_is_one_line(tmp_path: Path) -
 
 
 def test_the_demos_operator_command_can_be_repeated(tmp_path: Path) -> None:
-    """The demo prints `kubeonnx operator --config operator-config.yaml`, whose file is in
-    its temporary folder: the lines printed before it write that file."""
+    """The demo prints `kubeonnx operator --config ...`, whose file is in its temporary
+    folder: the lines printed before it write that file again, into a new temporary folder
+    (they used to write operator-config.yaml into the current one, the user's clone)."""
     config = tmp_path / "demo" / "operator-config.yaml"
     config.parent.mkdir()
     config.write_text("healthPort: 18081\nresyncSeconds: 5\n")
     shown = operator_commands(config)
     commands = [line.strip().removeprefix("$ ") for line in shown.splitlines()]
-    assert commands[-1].startswith("kubeonnx operator --config operator-config.yaml")
-    repeat = tmp_path / "repeat"
+    assert commands[-1].startswith('kubeonnx operator --config "$config"'), commands
+    repeat, tmp = tmp_path / "repeat", tmp_path / "tmp"
     repeat.mkdir()
-    subprocess.run(["bash", "-c", commands[0]], cwd=repeat, check=True)
-    assert (repeat / "operator-config.yaml").read_text() == config.read_text()
+    tmp.mkdir()
+    written = subprocess.run(
+        ["bash", "-c", "\n".join([*commands[:-1], 'echo "$config"'])],
+        cwd=repeat,
+        env={**os.environ, "TMPDIR": str(tmp)},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert list(repeat.iterdir()) == []
+    assert Path(written).parent.parent == tmp and Path(written).name == config.name
+    assert Path(written).read_text() == config.read_text()
 
 
 # ---- the cluster's start ----
