@@ -44,8 +44,8 @@ cluster-down: venv
 dev: venv binaries   ## cluster, CRDs and the operator (a process); prints KUBECONFIG and what next
 	$(PY) -m e2e.cluster dev
 
-dev-down: venv       ## stops everything `make dev` started, the operator included
-	$(PY) -m e2e.cluster down
+dev-down: venv       ## stops everything `make dev` started, the operator included (only make dev's)
+	$(PY) -m e2e.cluster down dev
 
 models: venv
 	$(PY) -m e2e.generate_models models

@@ -44,7 +44,7 @@ go_problem() {
   fi
   local have_v; have_v=$(go env GOVERSION 2>/dev/null); have_v=${have_v#go}
   if ! version_ge "${have_v:-0}" "$GO_VERSION"; then
-    echo "Go $GO_VERSION or newer is needed (the pinned modules' go.mod say so), not Go ${have_v:-of unknown version} ($(command -v go)): install it from https://go.dev/dl/ and put it first on PATH"
+    echo "Go $GO_VERSION or newer is needed (the pinned modules' go.mod say so), not Go ${have_v:-of unknown version} ($(command -v go)): install it from https://go.dev/dl/ and put it first on PATH, or let this Go fetch it through the Go module proxy (as .ci/run does): export PATH=\"\$(bash e2e/build-binaries.sh --fetch-go)/bin:\$PATH\""
   fi
 }
 # Called before the first build: without a new enough Go, one line saying what to install.

@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -364,6 +365,38 @@ def _grant_chart_role(state: ClusterState, helm: Path) -> None:
     )
 
 
+_locked = 0  # how deep this process is in `exclusive` (up's clean-up calls down)
+
+
+@contextlib.contextmanager
+def exclusive(command: str) -> Iterator[None]:
+    """Hold the cluster directory's lock while starting or stopping its cluster: a second
+    `make dev` (or a `make dev-down`) started meanwhile refuses in one line instead of
+    starting a second control plane that the state file does not name."""
+    global _locked
+    if _locked:
+        _locked += 1
+        try:
+            yield
+        finally:
+            _locked -= 1
+        return
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    with open(STATE_DIR / "lock", "w") as lock:  # not inherited by the children
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(
+                f"another command is starting or stopping the cluster in {STATE_DIR}:"
+                f" `{command}` refused (run it again once that one is done)"
+            ) from None
+        _locked = 1
+        try:
+            yield
+        finally:
+            _locked = 0
+
+
 def stop_command(owner: str) -> str:
     """The make target that stops a cluster `owner` started."""
     return {"dev": "dev-down", "demo": "demo-down"}.get(owner, "cluster-down")
@@ -372,7 +405,13 @@ def stop_command(owner: str) -> str:
 def up(owner: str = "cluster-up", bins: dict[str, Path] | None = None) -> ClusterState:
     """Start the control plane; return its state. A running cluster is refused (it may hold
     the user's work), except one the same e2e suite or demo left when killed, which is
-    stopped first; a stale state (none of its processes runs) is cleaned up."""
+    stopped first; a stale state (none of its processes runs) is cleaned up. A second
+    command starting or stopping it meanwhile is refused (`exclusive`)."""
+    with exclusive(f"make {owner}"):
+        return _start_cluster(owner, bins)
+
+
+def _start_cluster(owner: str, bins: dict[str, Path] | None) -> ClusterState:
     existing = ClusterState.load()
     takes_over = existing is not None and existing.owner == owner and owner in ("e2e", "demo")
     if existing is not None and existing.running() and not takes_over:
@@ -385,7 +424,22 @@ def up(owner: str = "cluster-up", bins: dict[str, Path] | None = None) -> Cluste
         down()
     started = time.monotonic()
     bins = bins or build_binaries()
-    data = Path(tempfile.mkdtemp(prefix="kubeonnx-cluster-"))
+    # Named before it is made, inside the try that removes it: a Ctrl-C at any point after
+    # its creation (before the state names it, or after) leaves no folder holding the admin
+    # token behind.
+    data = Path(tempfile.gettempdir()) / f"kubeonnx-cluster-{secrets.token_hex(8)}"
+    try:
+        return _up(owner, bins, data, started)
+    except BaseException:
+        down()  # the state's processes, once it names them
+        shutil.rmtree(data, ignore_errors=True)
+        KUBECONFIG.unlink(missing_ok=True)
+        OPERATOR_KUBECONFIG.unlink(missing_ok=True)
+        raise
+
+
+def _up(owner: str, bins: dict[str, Path], data: Path, started: float) -> ClusterState:
+    data.mkdir(mode=0o700)
     pki = data / "pki"
     pki.mkdir()
     token = secrets.token_hex(16)
@@ -444,151 +498,146 @@ def up(owner: str = "cluster-up", bins: dict[str, Path] | None = None) -> Cluste
         owner=owner,
     )
     state.save()
-    try:
-        _start(
-            state,
-            "etcd",
-            [
-                str(bins["etcd"]),
-                "--data-dir",
-                str(data / "etcd"),
-                "--name",
-                "default",
-                "--listen-client-urls",
-                f"http://127.0.0.1:{ports['etcd']}",
-                "--advertise-client-urls",
-                f"http://127.0.0.1:{ports['etcd']}",
-                "--listen-peer-urls",
-                f"http://127.0.0.1:{ports['etcd-peer']}",
-                "--initial-advertise-peer-urls",
-                f"http://127.0.0.1:{ports['etcd-peer']}",
-                "--initial-cluster",
-                f"default=http://127.0.0.1:{ports['etcd-peer']}",
-                "--listen-metrics-urls",
-                "",
-                "--unsafe-no-fsync",
-                "--log-level",
-                "warn",
-            ],
-        )
-        _start(
-            state,
-            "kube-apiserver",
-            [
-                str(bins["kube-apiserver"]),
-                f"--etcd-servers=http://127.0.0.1:{ports['etcd']}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
-                f"--secure-port={ports['apiserver']}",
-                f"--cert-dir={pki}",
-                f"--token-auth-file={data / 'tokens.csv'}",
-                f"--audit-policy-file={data / 'audit-policy.yaml'}",
-                f"--audit-log-path={data / 'audit.log'}",
-                "--audit-log-format=json",
-                "--authorization-mode=RBAC",
-                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-                f"--service-account-key-file={pki / 'sa.pub'}",
-                f"--service-account-signing-key-file={pki / 'sa.key'}",
-                "--service-cluster-ip-range=10.96.0.0/16",
-                "--allow-privileged=true",
-                "--endpoint-reconciler-type=none",
-                "--v=1",
-            ],
-        )
-        _wait("kube-apiserver", lambda: _https_ok(f"{server}/readyz", token), 90, state)
-        kcm_kubeconfig = str(KUBECONFIG)
-        _start(
-            state,
-            "kube-controller-manager",
-            [
-                str(bins["kube-controller-manager"]),
-                f"--kubeconfig={kcm_kubeconfig}",
-                f"--authentication-kubeconfig={kcm_kubeconfig}",
-                f"--authorization-kubeconfig={kcm_kubeconfig}",
-                "--bind-address=127.0.0.1",
-                f"--secure-port={ports['kcm']}",
-                "--leader-elect=false",
-                f"--service-account-private-key-file={pki / 'sa.key'}",
-                "--controllers=*,-nodeipam,-persistentvolume-binder,-attachdetach,"
-                "-persistentvolume-expander,-cloud-node-lifecycle,-ttl,-bootstrapsigner,-tokencleaner",
-                "--concurrent-deployment-syncs=10",
-                "--concurrent-replicaset-syncs=10",
-                "--concurrent-gc-syncs=20",
-                "--kube-api-qps=200",
-                "--kube-api-burst=400",
-                "--v=1",
-            ],
-        )
-        _start(
-            state,
-            "kube-scheduler",
-            [
-                str(bins["kube-scheduler"]),
-                f"--kubeconfig={kcm_kubeconfig}",
-                f"--authentication-kubeconfig={kcm_kubeconfig}",
-                f"--authorization-kubeconfig={kcm_kubeconfig}",
-                "--bind-address=127.0.0.1",
-                f"--secure-port={ports['scheduler']}",
-                "--leader-elect=false",
-                "--kube-api-qps=200",
-                "--kube-api-burst=400",
-                "--v=1",
-            ],
-        )
-        _start(
-            state,
-            "kwok",
-            [
-                str(bins["kwok"]),
-                f"--kubeconfig={kcm_kubeconfig}",
-                "--manage-all-nodes=false",
-                "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
-                "--manage-nodes-with-label-selector=",
-                "--cidr=10.244.0.0/16",
-                "--node-ip=10.244.0.1",
-                f"--server-address=127.0.0.1:{ports['kwok']}",
-                f"--config={Path(bins['kwok']).parent / 'stages.yaml'}",
-            ],
-        )
-        nodes = "\n---\n".join(json.dumps(node_manifest(*n)) for n in NODES)
-        kubectl(state, "apply", "-f", "-", input=nodes)
-        kubectl(state, "apply", "-f", str(E2E / "manifests" / "keda-scaledobject-crd.yaml"))
-        kubectl(state, "apply", "-f", str(E2E / "manifests" / "podmonitor-crd.yaml"))
-        _wait(
-            "default service account",
-            lambda: "default" in kubectl(state, "get", "serviceaccount", "default", "-o", "name"),
-            60,
-            state,
-        )
-        _wait(
-            "nodes Ready",
-            lambda: (
-                kubectl(
-                    state,
-                    "get",
-                    "nodes",
-                    "-o",
-                    NODE_READY_JSONPATH,
-                ).split()
-                == ["True"] * len(NODES)
-            ),
-            60,
-            state,
-        )
-        kubectl(
-            state,
-            "wait",
-            "--for=condition=Established",
-            "--timeout=30s",
-            "crd/scaledobjects.keda.sh",
-            "crd/podmonitors.monitoring.coreos.com",
-        )
-        _grant_chart_role(state, bins["helm"])
-    except BaseException:
-        down()
-        raise
+    _start(
+        state,
+        "etcd",
+        [
+            str(bins["etcd"]),
+            "--data-dir",
+            str(data / "etcd"),
+            "--name",
+            "default",
+            "--listen-client-urls",
+            f"http://127.0.0.1:{ports['etcd']}",
+            "--advertise-client-urls",
+            f"http://127.0.0.1:{ports['etcd']}",
+            "--listen-peer-urls",
+            f"http://127.0.0.1:{ports['etcd-peer']}",
+            "--initial-advertise-peer-urls",
+            f"http://127.0.0.1:{ports['etcd-peer']}",
+            "--initial-cluster",
+            f"default=http://127.0.0.1:{ports['etcd-peer']}",
+            "--listen-metrics-urls",
+            "",
+            "--unsafe-no-fsync",
+            "--log-level",
+            "warn",
+        ],
+    )
+    _start(
+        state,
+        "kube-apiserver",
+        [
+            str(bins["kube-apiserver"]),
+            f"--etcd-servers=http://127.0.0.1:{ports['etcd']}",
+            "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
+            f"--secure-port={ports['apiserver']}",
+            f"--cert-dir={pki}",
+            f"--token-auth-file={data / 'tokens.csv'}",
+            f"--audit-policy-file={data / 'audit-policy.yaml'}",
+            f"--audit-log-path={data / 'audit.log'}",
+            "--audit-log-format=json",
+            "--authorization-mode=RBAC",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            f"--service-account-key-file={pki / 'sa.pub'}",
+            f"--service-account-signing-key-file={pki / 'sa.key'}",
+            "--service-cluster-ip-range=10.96.0.0/16",
+            "--allow-privileged=true",
+            "--endpoint-reconciler-type=none",
+            "--v=1",
+        ],
+    )
+    _wait("kube-apiserver", lambda: _https_ok(f"{server}/readyz", token), 90, state)
+    kcm_kubeconfig = str(KUBECONFIG)
+    _start(
+        state,
+        "kube-controller-manager",
+        [
+            str(bins["kube-controller-manager"]),
+            f"--kubeconfig={kcm_kubeconfig}",
+            f"--authentication-kubeconfig={kcm_kubeconfig}",
+            f"--authorization-kubeconfig={kcm_kubeconfig}",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={ports['kcm']}",
+            "--leader-elect=false",
+            f"--service-account-private-key-file={pki / 'sa.key'}",
+            "--controllers=*,-nodeipam,-persistentvolume-binder,-attachdetach,"
+            "-persistentvolume-expander,-cloud-node-lifecycle,-ttl,-bootstrapsigner,-tokencleaner",
+            "--concurrent-deployment-syncs=10",
+            "--concurrent-replicaset-syncs=10",
+            "--concurrent-gc-syncs=20",
+            "--kube-api-qps=200",
+            "--kube-api-burst=400",
+            "--v=1",
+        ],
+    )
+    _start(
+        state,
+        "kube-scheduler",
+        [
+            str(bins["kube-scheduler"]),
+            f"--kubeconfig={kcm_kubeconfig}",
+            f"--authentication-kubeconfig={kcm_kubeconfig}",
+            f"--authorization-kubeconfig={kcm_kubeconfig}",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={ports['scheduler']}",
+            "--leader-elect=false",
+            "--kube-api-qps=200",
+            "--kube-api-burst=400",
+            "--v=1",
+        ],
+    )
+    _start(
+        state,
+        "kwok",
+        [
+            str(bins["kwok"]),
+            f"--kubeconfig={kcm_kubeconfig}",
+            "--manage-all-nodes=false",
+            "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
+            "--manage-nodes-with-label-selector=",
+            "--cidr=10.244.0.0/16",
+            "--node-ip=10.244.0.1",
+            f"--server-address=127.0.0.1:{ports['kwok']}",
+            f"--config={Path(bins['kwok']).parent / 'stages.yaml'}",
+        ],
+    )
+    nodes = "\n---\n".join(json.dumps(node_manifest(*n)) for n in NODES)
+    kubectl(state, "apply", "-f", "-", input=nodes)
+    kubectl(state, "apply", "-f", str(E2E / "manifests" / "keda-scaledobject-crd.yaml"))
+    kubectl(state, "apply", "-f", str(E2E / "manifests" / "podmonitor-crd.yaml"))
+    _wait(
+        "default service account",
+        lambda: "default" in kubectl(state, "get", "serviceaccount", "default", "-o", "name"),
+        60,
+        state,
+    )
+    _wait(
+        "nodes Ready",
+        lambda: (
+            kubectl(
+                state,
+                "get",
+                "nodes",
+                "-o",
+                NODE_READY_JSONPATH,
+            ).split()
+            == ["True"] * len(NODES)
+        ),
+        60,
+        state,
+    )
+    kubectl(
+        state,
+        "wait",
+        "--for=condition=Established",
+        "--timeout=30s",
+        "crd/scaledobjects.keda.sh",
+        "crd/podmonitors.monitoring.coreos.com",
+    )
+    _grant_chart_role(state, bins["helm"])
     log(f"up in {time.monotonic() - started:.1f}s; kubeconfig: {KUBECONFIG}")
-    print(KUBECONFIG)
     return state
 
 
@@ -614,21 +663,22 @@ def record(state: ClusterState, name: str, pid: int) -> None:
 
 def dev() -> None:
     """`make dev`: the control plane, the CRDs and the operator, then what to type next."""
-    state = up(owner="dev")
-    try:
-        kubectl(state, "apply", "--server-side", "-f", str(ROOT / "crds"))
-        kubectl(
-            state,
-            "wait",
-            "--for=condition=Established",
-            "crd/inferencemodels.kubeonnx.io",
-            "crd/quotapolicies.kubeonnx.io",
-        )
-        # The chart's RBAC, no more (the identity _grant_chart_role bound).
-        start_operator(state, str(OPERATOR_KUBECONFIG))
-    except BaseException:
-        down()
-        raise
+    with exclusive("make dev"):
+        state = up(owner="dev")
+        try:
+            kubectl(state, "apply", "--server-side", "-f", str(ROOT / "crds"))
+            kubectl(
+                state,
+                "wait",
+                "--for=condition=Established",
+                "crd/inferencemodels.kubeonnx.io",
+                "crd/quotapolicies.kubeonnx.io",
+            )
+            # The chart's RBAC, no more (the identity _grant_chart_role bound).
+            start_operator(state, str(OPERATOR_KUBECONFIG))
+        except BaseException:
+            down()
+            raise
     kubectl_bin, helm_bin = state.bin_dir["kubectl"], state.bin_dir["helm"]
     print(f"""
 The local cluster is up: the CRDs are installed and the operator runs as a local process
@@ -668,13 +718,18 @@ def down(owner: str | None = None) -> bool:
     """Stop every process `up` started (and the operator `start_operator` started) and remove
     its data; safe to call twice. With an owner, refuse a running cluster someone else
     started. Whether there was a cluster (a state) to remove."""
+    with exclusive(f"make {stop_command(owner or 'cluster-up')}"):
+        return _stop_cluster(owner)
+
+
+def _stop_cluster(owner: str | None) -> bool:
     state = ClusterState.load()
     if state is None:
         return False
     if owner is not None and state.owner != owner and state.running():
         raise SystemExit(
             f"the cluster in {STATE_DIR} was started by `make {state.owner}`, not `make {owner}`:"
-            f" `make {'dev' if state.owner == 'dev' else 'cluster'}-down` stops it"
+            f" `make {stop_command(state.owner)}` stops it"
         )
     order = [
         "runtime",
@@ -709,7 +764,9 @@ def main(argv: list[str]) -> int:
     command = argv[0] if argv else "up"
     try:
         if command == "up":
-            up()
+            # `make cluster-up`'s output is the kubeconfig's path (`make dev` and `make demo`
+            # say it in their own words).
+            print(up().kubeconfig)
         elif command == "dev":
             dev()
         elif command == "down":

@@ -78,11 +78,13 @@ def eventually_quota(kubectl: Any, name: str) -> dict[str, Any]:
 
 def operator_commands(config: Path) -> str:
     """The commands that write the operator's configuration file (it lives in the demo's
-    temporary folder) and start the operator with it, one line each, to repeat them."""
+    temporary folder) and start the operator with it, one line each, to repeat them. The
+    file goes to a new temporary folder, never the current one (the user's clone)."""
     lines = shlex.join(["printf", "%s\\n", *config.read_text().splitlines()])
     return (
-        f"    $ {lines} > {config.name}\n"
-        f"    $ kubeonnx operator --config {config.name}   (KUBECONFIG as above)"
+        f'    $ config="$(mktemp -d)/{config.name}"\n'
+        f'    $ {lines} > "$config"\n'
+        f'    $ kubeonnx operator --config "$config"   (KUBECONFIG as above)'
     )
 
 

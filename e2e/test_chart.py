@@ -62,12 +62,16 @@ def test_helm_lint_strict() -> None:
 
 def test_values_the_schema_refuses_never_reach_a_template() -> None:
     proc = subprocess.run(
-        [helm(), "template", "r", str(CHART), "--set", "replicas=0", "--set", "oops=1"],
+        [
+            *[helm(), "template", "r", str(CHART), "--set", "replicas=0", "--set", "oops=1"],
+            *["--set", "resources.request.cpu=1"],  # a misspelt nested key too
+        ],
         capture_output=True,
         text=True,
     )
     assert proc.returncode != 0
     assert "replicas" in proc.stderr and "oops" in proc.stderr
+    assert "'request' not allowed" in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize("mode", ["cluster-wide", "namespaced"])

@@ -215,9 +215,9 @@ def test_demo_interrupted_stops_everything_it_started(tmp_path: Path, sig: int) 
         text = "".join(lines)
         assert "Ready means scheduled" in text and "local process" in text, text
         # The operator's configuration file is in the temporary folder: the line before
-        # the operator's command writes it.
-        assert "> operator-config.yaml\n    $ kubeonnx operator --config" in text, text
-        (write,) = [line for line in lines if line.endswith("> operator-config.yaml\n")]
+        # the operator's command writes it (into a new temporary folder, not the current one).
+        assert '> "$config"\n    $ kubeonnx operator --config "$config"' in text, text
+        (write,) = [line for line in lines if line.endswith('> "$config"\n')]
         assert "healthPort:" in write and "resyncSeconds:" in write, write
         assert "$ kubectl apply --server-side -f" in text, text
         if sig == signal.SIGTERM:

@@ -7,6 +7,8 @@ runtime image no kopf.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 
 USAGE = """usage: kubeonnx [--version] COMMAND [ARGS]
@@ -34,7 +36,19 @@ def version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
+    """The command; a closed standard output (`kubeonnx infer ... | head -2`) ends it quietly,
+    with the status of a command the closed pipe stopped, as other command-line tools do."""
+    try:
+        code = dispatch(sys.argv[1:] if argv is None else argv)
+        sys.stdout.flush()  # a pipe closed meanwhile shows here, not as a warning at exit
+    except BrokenPipeError:
+        # What is left in the buffer goes nowhere: the interpreter's flush at exit writes it.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+    return code
+
+
+def dispatch(args: list[str]) -> int:
     if not args or args[0] in {"-h", "--help", "help"}:
         print(USAGE, end="")
         return 0 if args else 2

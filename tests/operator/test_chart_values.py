@@ -4,6 +4,8 @@ Needs the pinned helm (e2e/build-binaries.sh): skipped until it is built, failed
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -120,3 +122,92 @@ def test_values_the_schema_refuses(values: list[str], named: str) -> None:
     assert proc.returncode != 0
     assert named in proc.stderr, proc.stderr
     assert "additional properties" not in proc.stderr  # a value the chart knows, refused
+
+
+@pytest.mark.parametrize(
+    ("values", "named"),
+    [
+        (["replicaCount=2"], "replicaCount"),  # the key is `replicas`
+        (["resources.request.cpu=1"], "request"),  # `requests`
+        (["tolerations[0].keys=gpu"], "keys"),
+        (["profiles.h100.tolerations[0].efect=NoSchedule"], "efect"),
+        (["image.name=x"], "name"),
+    ],
+)
+def test_unknown_values_keys_are_refused(values: list[str], named: str) -> None:
+    """A misspelt key used to be accepted and ignored (nothing read it): refused, named."""
+    proc = template(*values)
+    assert proc.returncode != 0, values
+    assert "additional properties" in proc.stderr and f"'{named}'" in proc.stderr, proc.stderr
+
+
+SCHEMA = json.loads((CHART / "values.schema.json").read_text())
+
+
+def resolved(schema: dict[str, Any]) -> dict[str, Any]:
+    ref = schema.get("$ref")
+    if ref is None:
+        return schema
+    found: Any = SCHEMA
+    for part in ref.removeprefix("#/").split("/"):
+        found = found[part]
+    return resolved(found)
+
+
+def schema_at(path: list[str]) -> dict[str, Any] | None:
+    """The schema of the value at `path` (keys; "*" an array's item), None where it takes none."""
+    schema = SCHEMA
+    for key in path:
+        schema = resolved(schema)
+        if key == "*":
+            schema = schema.get("items", {})
+        elif key in schema.get("properties", {}):
+            schema = schema["properties"][key]
+        elif isinstance(schema.get("additionalProperties"), dict):
+            schema = schema["additionalProperties"]
+        else:
+            return None
+    return resolved(schema)
+
+
+def every_object_schema(schema: Any, where: str = "") -> Any:
+    if isinstance(schema, dict):
+        if schema.get("type") == "object":
+            yield where, schema
+        for key, sub in schema.items():
+            yield from every_object_schema(sub, f"{where}/{key}")
+    elif isinstance(schema, list):
+        for i, sub in enumerate(schema):
+            yield from every_object_schema(sub, f"{where}/{i}")
+
+
+def test_every_object_of_the_schema_says_which_keys_it_takes() -> None:
+    """No object takes any key: each lists its keys (additionalProperties false) or says
+    what each of its free keys holds (a map of labels, of quantities, of profiles)."""
+    open_objects = [w for w, s in every_object_schema(SCHEMA) if "additionalProperties" not in s]
+    assert open_objects == []
+
+
+def values_paths(value: Any, path: list[str]) -> Any:
+    yield path
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            yield from values_paths(sub, [*path, key])
+    elif isinstance(value, list):
+        for sub in value:
+            yield from values_paths(sub, [*path, "*"])
+
+
+def test_every_key_of_values_yaml_and_of_the_templates_is_in_the_schema() -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    missing = [p for p in values_paths(values, []) if p and schema_at(p) is None]
+    assert missing == []
+    read = set()
+    for template_file in (CHART / "templates").iterdir():
+        read |= set(re.findall(r"\.Values((?:\.[A-Za-z0-9_]+)+)", template_file.read_text()))
+    assert read  # the templates read values
+    missing = [p for p in sorted(read) if schema_at(p.strip(".").split(".")) is None]
+    assert missing == []
+    # Each key the templates read is one values.yaml holds (a default, documented there).
+    held = {".".join(p) for p in values_paths(values, []) if p}
+    assert sorted(p.strip(".") for p in read if p.strip(".") not in held) == []

@@ -81,6 +81,7 @@ def test_the_golden_render_keeps_the_facts_of_its_example(example: Path) -> None
     if candidates:
         want |= {("Service", f"{name}-v{stable_version}")}
         want |= {("Deployment", f"{name}-router"), ("ConfigMap", f"{name}-router")}
+        want |= {("PodDisruptionBudget", f"{name}-router")}
     assert set(got) == want
     assert {d["metadata"]["namespace"] for d in got.values()} == {namespace}
 

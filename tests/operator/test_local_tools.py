@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +30,15 @@ VERSIONS = dict(
     if "=" in line and not line.startswith("#")
 )
 GO_VERSION = VERSIONS["GO_VERSION"]
+BINARIES = (
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kwok",
+    "kubectl",
+    "helm",
+)
 
 
 def fake_go(bin_dir: Path, version: str, log: Path | None = None) -> None:
@@ -79,6 +89,8 @@ def test_the_go_version_is_checked_against_the_pinned_modules(
     (line,) = run.stderr.splitlines()
     assert f"Go {GO_VERSION} or newer is needed" in line and f"not Go {found}" in line, line
     assert "https://go.dev/dl/" in line, line
+    # The way to get it without leaving the shell: this Go fetches the pinned one.
+    assert 'export PATH="$(bash e2e/build-binaries.sh --fetch-go)/bin:$PATH"' in line, line
 
 
 def test_no_go_is_one_line_naming_the_version(tmp_path: Path) -> None:
@@ -251,6 +263,59 @@ def test_a_second_make_dev_refuses_and_leaves_the_first_running(
         assert (cluster_dir / "state.json").read_text() == before
 
 
+@pytest.mark.parametrize(
+    ("args", "shown"),
+    [(["dev"], "make dev"), (["down", "dev"], "make dev-down"), (["up"], "make cluster-up")],
+)
+def test_a_command_while_another_starts_or_stops_the_cluster_refuses_in_one_line(
+    tmp_path: Path, args: list[str], shown: str
+) -> None:
+    """Two `make dev` within a second: the second used to start a control plane of its own
+    (both then failed, leaving both running with no state naming them). The first holds the
+    cluster directory's lock; the second refuses, touching nothing."""
+    import fcntl
+
+    cluster_dir = tmp_path / "cluster"
+    cluster_dir.mkdir()
+    with (cluster_dir / "lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a first `make dev` is starting it
+        run = cluster_cli(cluster_dir, *args)
+    assert run.returncode == 1, run.stderr
+    (line,) = run.stderr.splitlines()
+    assert "another command is starting or stopping the cluster" in line, line
+    assert f"`{shown}` refused" in line, line
+    assert sorted(p.name for p in cluster_dir.iterdir()) == ["lock"]
+    assert not (tmp_path / "cache").exists()  # no build started
+
+
+@pytest.mark.parametrize(
+    ("owner", "target", "other"),
+    [("demo", "dev-down", "demo-down"), ("dev", "demo-down", "dev-down")],
+)
+def test_make_dev_down_leaves_a_running_demos_cluster_alone(
+    tmp_path: Path, sleeper: subprocess.Popen[bytes], owner: str, target: str, other: str
+) -> None:
+    """`make dev-down` used to stop a running `make demo`'s cluster (the demo went on saying
+    it ran); it refuses, naming `make demo-down`, as `make demo-down` refuses a dev one."""
+    cluster_dir = tmp_path / "cluster"
+    identity = local_cluster.process_identity(sleeper.pid)
+    write_state(cluster_dir, owner, {"etcd": sleeper.pid}, started={"etcd": identity})
+    venv = Path(sys.executable).parent.parent
+    run = subprocess.run(
+        ["make", "-s", "-C", str(ROOT), f"VENV={venv}", "-o", f"{venv}/.installed", target],
+        env={**os.environ, "KUBEONNX_CLUSTER_DIR": str(cluster_dir)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode != 0, run.stderr
+    assert f"was started by `make {owner}`" in run.stderr, run.stderr
+    assert f"`make {other}` stops it" in run.stderr, run.stderr
+    assert sleeper.poll() is None
+    assert (cluster_dir / "state.json").exists()
+
+
 def test_the_demo_takes_a_stale_state_for_no_cluster(
     tmp_path: Path, sleeper: subprocess.Popen[bytes]
 ) -> None:
@@ -416,15 +481,89 @@ def test_ctrl_c_during_the_first_build_of_make_dev_is_one_line(tmp_path: Path) -
 
 
 def test_the_demos_operator_command_can_be_repeated(tmp_path: Path) -> None:
-    """The demo prints `kubeonnx operator --config operator-config.yaml`, whose file is in
-    its temporary folder: the lines printed before it write that file."""
+    """The demo prints `kubeonnx operator --config ...`, whose file is in its temporary
+    folder: the lines printed before it write that file again, into a new temporary folder
+    (they used to write operator-config.yaml into the current one, the user's clone)."""
     config = tmp_path / "demo" / "operator-config.yaml"
     config.parent.mkdir()
     config.write_text("healthPort: 18081\nresyncSeconds: 5\n")
     shown = operator_commands(config)
     commands = [line.strip().removeprefix("$ ") for line in shown.splitlines()]
-    assert commands[-1].startswith("kubeonnx operator --config operator-config.yaml")
-    repeat = tmp_path / "repeat"
+    assert commands[-1].startswith('kubeonnx operator --config "$config"'), commands
+    repeat, tmp = tmp_path / "repeat", tmp_path / "tmp"
     repeat.mkdir()
-    subprocess.run(["bash", "-c", commands[0]], cwd=repeat, check=True)
-    assert (repeat / "operator-config.yaml").read_text() == config.read_text()
+    tmp.mkdir()
+    written = subprocess.run(
+        ["bash", "-c", "\n".join([*commands[:-1], 'echo "$config"'])],
+        cwd=repeat,
+        env={**os.environ, "TMPDIR": str(tmp)},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert list(repeat.iterdir()) == []
+    assert Path(written).parent.parent == tmp and Path(written).name == config.name
+    assert Path(written).read_text() == config.read_text()
+
+
+# ---- the cluster's start ----
+
+
+@pytest.fixture
+def cluster_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """`e2e.cluster` in this process, its state and temporary folders under tmp_path."""
+    cluster_dir = tmp_path / "cluster"
+    monkeypatch.setattr(local_cluster, "STATE_DIR", cluster_dir)
+    monkeypatch.setattr(local_cluster, "STATE_FILE", cluster_dir / "state.json")
+    monkeypatch.setattr(local_cluster, "KUBECONFIG", cluster_dir / "kubeconfig")
+    monkeypatch.setattr(local_cluster, "OPERATOR_KUBECONFIG", cluster_dir / "operator.kubeconfig")
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    return cluster_dir
+
+
+@pytest.mark.parametrize("step", ["free_port", "_kubeconfig", "_start"])
+def test_ctrl_c_before_the_state_names_the_data_folder_leaves_none(
+    cluster_dir: Path, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    """Ctrl-C after the data folder (the admin token, the keys) is made, before, or just
+    after, the state names it: the folder and the kubeconfigs go."""
+
+    calls: list[object] = []
+
+    def interrupted(*args: object, **kwargs: object) -> str:
+        calls.append(args)
+        if step == "_kubeconfig" and len(calls) == 1:  # the admin's written, not the operator's
+            return "admin"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(local_cluster, step, interrupted)
+    tmp = Path(tempfile.gettempdir())
+    with pytest.raises(KeyboardInterrupt):
+        local_cluster.up(owner="dev", bins={"etcd": tmp / "etcd"})
+    assert list(tmp.iterdir()) == []
+    assert calls
+    left = {p.name for p in cluster_dir.glob("*")}
+    assert left & {"state.json", "kubeconfig", "operator.kubeconfig"} == set(), left
+
+
+def test_make_dev_and_demo_print_no_bare_kubeconfig_line(
+    cluster_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`up` for `make dev` and `make demo` wrote the kubeconfig's path alone on stdout after
+    "[cluster] up in ..." (a stray line in their output); `make cluster-up` prints it."""
+    for step in ("_start", "_wait", "_grant_chart_role"):
+        monkeypatch.setattr(local_cluster, step, lambda *args, **kwargs: None)
+    monkeypatch.setattr(local_cluster, "kubectl", lambda *args, **kwargs: "")
+    monkeypatch.setattr(
+        local_cluster, "build_binaries", lambda: dict.fromkeys(BINARIES, Path("bin"))
+    )
+    for owner in ("dev", "demo"):
+        local_cluster.up(owner=owner, bins=dict.fromkeys(BINARIES, Path("bin")))
+        out, err = capsys.readouterr()
+        assert out == "", out
+        assert "[cluster] up in" in err, err
+        local_cluster.down()
+    assert local_cluster.main(["up"]) == 0
+    assert capsys.readouterr().out == f"{cluster_dir / 'kubeconfig'}\n"
+    local_cluster.down()

@@ -281,3 +281,31 @@ def test_the_docs_objects_fit_the_crds() -> None:
                     jsonschema.validate(obj, schemas[obj["kind"]])
                     checked += 1
     assert checked >= 2
+
+
+def test_the_get_im_sample_is_what_kubectl_prints() -> None:
+    """The README's `kubectl get im` sample: the CRD's printer columns (those shown without
+    -o wide), aligned as kubectl aligns them, and blank where the model has no value (the
+    server's table prints no `<none>`): a model with no candidate has no CANARY nor PHASE."""
+    crd = yaml.safe_load((ROOT / "crds" / "inferencemodels.kubeonnx.io.yaml").read_text())
+    (served,) = [v for v in crd["spec"]["versions"] if v.get("served")]
+    shown = [c["name"].upper() for c in served["additionalPrinterColumns"] if not c.get("priority")]
+    text = README.read_text()
+    header = next(line for line in text.splitlines() if line.startswith("# NAME      READY"))
+    row = text.splitlines()[text.splitlines().index(header) + 1]
+    assert header[2:].split() == ["NAME", *shown], header
+    starts = [(header + " ").index(f" {name} ") + 1 for name in shown]
+    assert "<none>" not in row, row
+    cells = dict(
+        zip(
+            shown,
+            (row[a:b].strip() for a, b in zip(starts, [*starts[1:], None], strict=True)),
+            strict=True,
+        )
+    )
+    assert cells["CANARY"] == "" and cells["PHASE"] == "", cells
+    # kubectl pads each column to its widest cell and three spaces.
+    for name, start, end in zip(shown, starts, [*starts[1:], None], strict=True):
+        if end is not None:
+            width = max(len(name), len(cells[name]))
+            assert end - start == width + 3, (name, header, row)

@@ -110,6 +110,24 @@ def test_each_version_has_its_deployment_autoscaler_and_service_and_the_router_f
     assert all(c["metadata"]["labels"][MODEL_LABEL] == "mlp" for c in got.values())
 
 
+def test_the_router_has_a_disruption_budget_as_each_version_has() -> None:
+    """The router (two replicas in front of every version) had no PodDisruptionBudget: a
+    node drain could evict both at once, and the model's Service reached nothing."""
+    got = children(raw(candidate("2", weight=10)))
+    router = got[("Deployment", "mlp-router")]
+    pdb = got[("PodDisruptionBudget", "mlp-router")]
+    assert router["spec"]["replicas"] > pdb["spec"]["maxUnavailable"] == 1
+    selector = pdb["spec"]["selector"]["matchLabels"]
+    assert selector == router["spec"]["selector"]["matchLabels"]
+    # It counts the router's pods alone, no version's.
+    for (kind, name), child in got.items():
+        if kind == "Deployment":
+            labels = child["spec"]["template"]["metadata"]["labels"]
+            assert (selector.items() <= labels.items()) == (name == "mlp-router"), name
+    assert pdb["metadata"]["labels"][MODEL_LABEL] == "mlp"  # watched and pruned as the model's
+    assert ("PodDisruptionBudget", "mlp-router") not in children(raw())
+
+
 def test_the_router_file_is_the_runtimes_contract(tmp_path: Any) -> None:
     quota = ResolvedQuota(config={"tenantHeader": "X-Tenant-Key", "tenants": []})
     spec = raw(
@@ -395,6 +413,7 @@ async def test_status_versions_and_an_idle_reconcile_writes_nothing() -> None:
     assert ("Deployment", "m-v2", "m-v2-uid") in kube.deleted
     pruned = {name for kind, name, _ in kube.deleted}
     assert {"m-router", "m-v1", "m-v2"} <= pruned and "m" not in pruned
+    assert "PodDisruptionBudget" in {kind for kind, name, _ in kube.deleted if name == "m-router"}
 
 
 def test_status_versions_is_documented_for_the_printer_columns() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 from collections.abc import Iterator
 from importlib.metadata import version
@@ -233,6 +234,28 @@ def test_infer_sends_a_npy_and_prints_the_outputs(mlp_server: Served, tmp_path: 
     assert code == 0, err
     assert "model mlp version 1" in out
     assert re.search(r"FP32 \[2, 3\]", out), out
+
+
+def test_infer_into_a_closed_pipe_ends_quietly(mlp_server: Served, tmp_path: Path) -> None:
+    """`kubeonnx infer URL rows.npy | head -2`: head closes the pipe; a BrokenPipeError
+    traceback used to follow. Here the pipe is closed before anything is written."""
+    array = tmp_path / "rows.npy"
+    np.save(array, np.arange(8, dtype=np.float32).reshape(2, 4))
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run(
+            [KUBEONNX, "infer", mlp_server.url, str(array), "--model", "mlp"],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        os.close(write)
+    assert done.stderr == "", done.stderr
+    assert done.returncode == 128 + signal.SIGPIPE
 
 
 def test_infer_sends_a_json_request_as_it_is(mlp_server: Served, tmp_path: Path) -> None:

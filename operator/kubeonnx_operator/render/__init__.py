@@ -25,6 +25,7 @@ from .versions import (
     relabel_version,
     render_router,
     render_router_config_map,
+    render_router_pdb,
     router_selector,
     version_deployment,
     version_model,
@@ -48,6 +49,7 @@ def render_children(
         children += [version_service(model, p) for p in placed]
         config_map = render_router_config_map(model, config, placed)
         children += [config_map, render_router(model, config, config_map)]
+        children.append(render_router_pdb(model))
         # Not before the router can answer: the stable's pods serve until then.
         selector = router_selector(model) if model.router_ready is not False else placed[0].selector
     else:

@@ -322,6 +322,21 @@ def render_router_config_map(
     }
 
 
+def render_router_pdb(model: Model) -> dict[str, Any]:
+    """The router's PodDisruptionBudget, as each version's (render/pdb.py): a node drain
+    takes one of its replicas at a time, so the model's Service always has one to reach."""
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": {
+            "name": router_name(model),
+            "namespace": model.namespace,
+            "labels": _router_labels(model),
+        },
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": router_selector(model)}},
+    }
+
+
 def render_router(
     model: Model, config: OperatorConfig, config_map: dict[str, Any]
 ) -> dict[str, Any]:
