@@ -7,7 +7,8 @@ restarted mid-rollout resumes at the same step; the operator never writes spec.
 Steps run in order. A weight step sets the candidate's weight and ends once an analysis made
 a full `interval` after the step began passes. A pause keeps the weight: with a duration it
 ends when that has passed; without one it waits for a person, who resumes it by annotating
-the model `kubeonnx.io/rollout-resume=<step>` (phase Paused meanwhile). While the candidate
+the model `kubeonnx.io/rollout-resume=<candidate version>/<step>` (phase Paused meanwhile; a
+value already there when the rollout starts is left over from another and ignored). While the candidate
 has a weight, an analysis runs every `interval` (analysis.py): `failureLimit` failed
 analyses in a row set the weight to 0 for good (RolledBack) until the candidate's spec
 changes; too little traffic or an unreadable Prometheus holds (Holding), never passes and
@@ -30,7 +31,8 @@ from .spec import duration_seconds
 
 Phase = Literal["Progressing", "Paused", "Holding", "RolledBack", "Promoted", "Succeeded"]
 PHASES: tuple[str, ...] = get_args(Phase)
-# A person resumes an open-ended pause by setting this annotation to the step's index.
+# A person resumes an open-ended pause by setting this annotation to "VERSION/STEP": the
+# candidate's version and the step's index.
 RESUME_ANNOTATION = "kubeonnx.io/rollout-resume"
 HOLDS = frozenset({"InsufficientTraffic", "Unavailable"})
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
@@ -178,6 +180,9 @@ class _State:
     failures: int = 0
     last: dict[str, Any] | None = None
     message: str = ""
+    # The resume annotation's value when this rollout started (left over from another, never
+    # honoured); dropped once the annotation changes.
+    stale_resume: str | None = None
 
     @property
     def last_time(self) -> datetime | None:
@@ -200,6 +205,8 @@ class _State:
         }
         if self.last is not None:
             out["lastAnalysis"] = self.last
+        if self.stale_resume is not None:
+            out["staleResume"] = self.stale_resume
         return out
 
 
@@ -228,6 +235,7 @@ def _load(prev: Mapping[str, Any] | None) -> _State | None:
             failures=max(0, int(prev.get("consecutiveFailures", 0))),
             last=dict(prev["lastAnalysis"]) if prev.get("lastAnalysis") else None,
             message=str(prev.get("message", "")),
+            stale_resume=str(prev["staleResume"]) if prev.get("staleResume") else None,
         )
         _ = state.last_time  # a lastAnalysis without a readable time is not ours either
         return state
@@ -266,10 +274,14 @@ async def advance(
             if state is not None and state.candidate == candidate
             else f"version {candidate} is a candidate"
         )
-        state = _State(candidate, candidate_spec_hash, "Progressing", 0, now)
+        state = _State(
+            candidate, candidate_spec_hash, "Progressing", 0, now, stale_resume=resume or None
+        )
         before_phase = None  # a new rollout: its first phase is news
     else:
         why, before_phase = "", state.phase
+    if state.stale_resume is not None and resume != state.stale_resume:
+        state = replace(state, stale_resume=None)  # the annotation changed: no longer stale
     if state.phase != "RolledBack":
         state = await _run(spec, state, candidate_ready, now, analyse, resume)
     weight = 0 if state.phase == "RolledBack" else spec.weight_at(state.step)
@@ -345,8 +357,14 @@ def _step_done(spec: RolloutSpec, state: _State, now: datetime, resume: str | No
     if step.weight is not None:
         return _passed_in_step(spec, state)
     if step.duration is None:
-        return resume == str(state.step)  # a person said so, for this very step
+        # A person said so, for this very step of this very rollout.
+        return resume == resume_value(state.candidate, state.step) and resume != state.stale_resume
     return state.failures == 0 and now >= state.since + step.duration
+
+
+def resume_value(candidate: str, step: int) -> str:
+    """The resume annotation's value that ends the open-ended pause at `step`."""
+    return f"{candidate}/{step}"
 
 
 def _describe(spec: RolloutSpec, state: _State, now: datetime) -> _State:
@@ -395,7 +413,7 @@ def _describe(spec: RolloutSpec, state: _State, now: datetime) -> _State:
             state,
             phase="Paused",
             message=f"{at}, weight {weight}: paused until a person resumes it (annotate the "
-            f"model {RESUME_ANNOTATION}={state.step})",
+            f"model {RESUME_ANNOTATION}={resume_value(c, state.step)})",
         )
     until = state.since + step.duration
     return replace(

@@ -244,11 +244,12 @@ async def test_an_open_ended_pause_waits_for_the_annotation_naming_its_step() ->
     a = Analyses([passed()] * 10)
     d = await r.at(MIN, a)
     assert (d.status["step"], d.status["phase"], d.weight) == (1, "Paused", 10)
-    assert f"{RESUME_ANNOTATION}=1" in d.status["message"]
-    # Time does not end it, nor a resume meant for another step.
-    d = await r.at(timedelta(hours=2), a, resume="0")
-    assert (d.status["step"], d.status["phase"]) == (1, "Paused")
-    d = await r.at(MIN, a, resume="1")
+    assert f"{RESUME_ANNOTATION}=2/1" in d.status["message"]
+    # Time does not end it, nor a resume meant for another step or another candidate.
+    for other in ("2/0", "1/1", "1"):
+        d = await r.at(timedelta(hours=2), a, resume=other)
+        assert (d.status["step"], d.status["phase"]) == (1, "Paused")
+    d = await r.at(MIN, a, resume="2/1")
     assert (d.status["step"], d.status["phase"], d.weight) == (2, "Progressing", 50)
     # The annotation left in place does not skip a later pause.
     assert [e[1] for e in r.events] == ["RolloutProgressing", "RolloutPaused", "RolloutProgressing"]
@@ -341,7 +342,7 @@ SCRIPT = [
     (MIN, [failed()], True, None),
     (MIN, [passed()], False, None),
     (MIN, [passed()], True, None),
-    (MIN, [passed()], True, "3"),
+    (MIN, [passed()], True, "2/3"),
     (MIN, [failed()], True, None),
     (MIN, [failed()], True, None),
     (MIN, [], True, None),
@@ -474,3 +475,27 @@ def test_the_candidate_spec_hash_changes_with_what_is_served_only() -> None:
     assert candidate_spec_hash({**same, "version": "2"}) == h
     assert candidate_spec_hash({**entry, "model": {"uri": "s3://m/2b.onnx", "sha256": "ab"}}) != h
     assert candidate_spec_hash({**entry, "resources": {"limits": {"cpu": "2"}}}) != h
+
+
+async def test_a_resume_left_from_a_previous_rollout_does_not_skip_the_next_pause() -> None:
+    """The annotation that resumed step 1 of one rollout is still there when the candidate's
+    spec changes (or another candidate comes): the new rollout's pause at step 1 waits."""
+    r = Rollout(spec(W10, PAUSE, W50))
+    await r.at(timedelta(0))
+    a = Analyses([passed()] * 10)
+    await r.at(MIN, a)
+    d = await r.at(MIN, a, resume="2/1")
+    assert (d.status["step"], d.status["phase"]) == (2, "Progressing")
+    # A new rollout of the same version (its spec changed), the annotation left in place.
+    r.hash = "h2"
+    d = await r.at(MIN, a, resume="2/1")
+    assert (d.status["step"], d.status["staleResume"]) == (0, "2/1")
+    d = await r.at(MIN, a, resume="2/1")
+    assert (d.status["step"], d.status["phase"]) == (1, "Paused")
+    d = await r.at(timedelta(hours=1), a, resume="2/1")
+    assert (d.status["step"], d.status["phase"]) == (1, "Paused")
+    # The person removes it and sets it again: now it is meant for this rollout.
+    d = await r.at(MIN, a, resume=None)
+    assert "staleResume" not in d.status
+    d = await r.at(MIN, a, resume="2/1")
+    assert (d.status["step"], d.status["phase"]) == (2, "Progressing")

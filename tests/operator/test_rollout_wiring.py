@@ -125,7 +125,7 @@ async def test_the_reconciler_runs_the_rollout_step_by_step() -> None:
     assert rollout["lastAnalysis"]["result"] == "Passed"
     assert rollout["lastAnalysis"]["candidate"]["errorRate"] == "0.0000"  # a string
     assert kube.events[-1][:2] == ("Normal", "RolloutPaused")
-    assert RESUME_ANNOTATION + "=1" in kube.events[-1][2]
+    assert RESUME_ANNOTATION + "=2/1" in kube.events[-1][2]
 
     # Idle: the same model again writes nothing (no apply, status, Event, analysis).
     show(kube, observed, candidate_ready=1)
@@ -136,7 +136,7 @@ async def test_the_reconciler_runs_the_rollout_step_by_step() -> None:
     assert len(h.analysed) == 1
 
     # A person resumes the pause: step 2, weight 50 in the router's file.
-    im["metadata"]["annotations"] = {RESUME_ANNOTATION: "1"}
+    im["metadata"]["annotations"] = {RESUME_ANNOTATION: "2/1"}
     im = await h.reconcile(im)
     rollout = im["status"]["rollout"]
     assert (rollout["phase"], rollout["step"], rollout["weight"]) == ("Progressing", 2, 50)
