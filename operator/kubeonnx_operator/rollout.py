@@ -8,8 +8,8 @@ Steps run in order. A weight step sets the candidate's weight and ends once an a
 a full `interval` after the step began passes. A pause keeps the weight: with a duration it
 ends when that has passed; without one it waits for a person, who resumes it by annotating
 the model `kubeonnx.io/rollout-resume=<candidate version>/<step>` (phase Paused meanwhile; a
-value already there when the rollout starts is left over from another and ignored). While the candidate
-has a weight, an analysis runs every `interval` (analysis.py): `failureLimit` failed
+value already there when the rollout starts is left over from another and ignored). While
+the candidate has a weight, an analysis runs every `interval` (analysis.py): `failureLimit` failed
 analyses in a row set the weight to 0 for good (RolledBack) until the candidate's spec
 changes; too little traffic or an unreadable Prometheus holds (Holding), never passes and
 never rolls back. After the last step the candidate keeps its weight and a person promotes
