@@ -100,7 +100,7 @@ def _step(raw: Any, where: str) -> Step:
     duration = pause.get("duration") if isinstance(pause, Mapping) else None
     if duration is None:
         return Step(pause=True)
-    return Step(pause=True, duration=_duration(duration, f"{where}.pause.duration"))
+    return Step(pause=True, duration=_duration(duration, f"{where}.pause.duration", MAX_PAUSE))
 
 
 def _int(value: Any, where: str, low: int, high: int | None = None) -> int:
@@ -121,17 +121,30 @@ def _decimal(value: Any, where: str) -> Decimal:
     return out
 
 
-def _duration(value: Any, where: str) -> timedelta:
+# The longest analysis interval and the longest pause (a longer one is a typo, and one past
+# what a timedelta holds would crash the reconcile).
+MAX_INTERVAL = timedelta(hours=24)
+MAX_PAUSE = timedelta(days=30)
+
+
+def _duration(value: Any, where: str, most: timedelta) -> timedelta:
     try:
-        return timedelta(seconds=duration_seconds(str(value)))
+        seconds = duration_seconds(str(value))
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from None
+    if seconds > most.total_seconds():
+        raise ValueError(f"{where}: at most {_hours(most)}, not {value!r}")
+    return timedelta(seconds=seconds)
+
+
+def _hours(span: timedelta) -> str:
+    return f"{int(span.total_seconds()) // 3600}h"
 
 
 def _interval(value: Any, where: str, default: timedelta) -> timedelta:
     if value is None:
         return default
-    interval = _duration(value, where)
+    interval = _duration(value, where, MAX_INTERVAL)
     if interval < timedelta(seconds=1):
         raise ValueError(f"{where}: at least 1s, not {value!r}")
     return interval

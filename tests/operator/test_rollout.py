@@ -7,6 +7,7 @@ import json
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -460,6 +461,23 @@ def test_the_spec_is_read_as_the_yaml_writes_it() -> None:
             {"steps": [{"weight": 1}], "analysis": {"failureLimit": 0}},
             "analysis.failureLimit: an integer of at least 1",
         ),
+        (
+            {"steps": [{"weight": 1}], "analysis": {"minRequests": 0}},
+            "analysis.minRequests: an integer of at least 1",
+        ),
+        (
+            {"steps": [{"weight": 1}], "analysis": {"interval": "99999999999h"}},
+            "analysis.interval: at most 24h, not '99999999999h'",
+        ),
+        (
+            {"steps": [{"weight": 1}], "analysis": {"interval": "24h1s"}},
+            "analysis.interval: at most 24h",
+        ),
+        (
+            {"steps": [{"pause": {"duration": "99999999999h"}}]},
+            "steps[0].pause.duration: at most 720h, not '99999999999h'",
+        ),
+        ({"steps": [{"pause": {"duration": "721h"}}]}, "steps[0].pause.duration: at most 720h"),
     ],
 )
 def test_a_bad_spec_is_refused_naming_the_field(rollout: dict[str, Any], problem: str) -> None:
@@ -499,3 +517,19 @@ async def test_a_resume_left_from_a_previous_rollout_does_not_skip_the_next_paus
     assert "staleResume" not in d.status
     d = await r.at(MIN, a, resume="2/1")
     assert (d.status["step"], d.status["phase"]) == (2, "Progressing")
+
+
+def test_the_crd_refuses_a_min_requests_the_operator_would_refuse() -> None:
+    """The CRD's minimum for analysis.minRequests is the operator's (1): a spec the API
+    server admits is never one the reconcile refuses."""
+    import yaml
+
+    crd = Path(__file__).resolve().parents[2] / "crds" / "inferencemodels.kubeonnx.io.yaml"
+    doc = yaml.safe_load(crd.read_text())
+    spec = doc["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    analysis = spec["properties"]["traffic"]["properties"]["rollout"]["properties"]["analysis"]
+    assert analysis["properties"]["minRequests"]["minimum"] == 1
+    RolloutSpec.from_dict({"steps": [{"weight": 1}], "analysis": {"minRequests": 1}})
+    RolloutSpec.from_dict(
+        {"steps": [{"pause": {"duration": "720h"}}], "analysis": {"interval": "24h"}}
+    )
