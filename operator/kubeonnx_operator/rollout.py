@@ -295,6 +295,7 @@ async def advance(
         why, before_phase = "", state.phase
     if state.stale_resume is not None and resume != state.stale_resume:
         state = replace(state, stale_resume=None)  # the annotation changed: no longer stale
+    before_result = state.last_result if before_phase is not None else None
     if state.phase != "RolledBack":
         state = await _run(spec, state, candidate_ready, now, analyse, resume)
     weight = 0 if state.phase == "RolledBack" else spec.weight_at(state.step)
@@ -307,6 +308,13 @@ async def advance(
             kind = "Warning"
         message = f"{why}, the rollout starts: {state.message}" if why else state.message
         events = (RolloutEvent(kind, f"Rollout{state.phase}", message),)
+    elif state.last_result == "Unavailable" and before_result != "Unavailable":
+        # Prometheus became unreadable without a change of phase (Holding on too little
+        # traffic, or Paused): a Warning all the same, once per change.
+        assert state.last is not None
+        events = (
+            RolloutEvent("Warning", "RolloutAnalysisUnavailable", str(state.last["message"])),
+        )
     return RolloutDecision(
         state.status(weight), weight, events, _requeue(spec, state, candidate_ready, now)
     )

@@ -533,3 +533,29 @@ def test_the_crd_refuses_a_min_requests_the_operator_would_refuse() -> None:
     RolloutSpec.from_dict(
         {"steps": [{"pause": {"duration": "720h"}}], "analysis": {"interval": "24h"}}
     )
+
+
+async def test_prometheus_going_unreadable_without_a_phase_change_posts_one_warning() -> None:
+    r = Rollout(spec(W10, PAUSE, W50))
+    await r.at(timedelta(0))
+    d = await r.at(MIN, Analyses([scarce()]))
+    assert d.status["phase"] == "Holding"
+    n = len(r.events)
+    # Holding on too little traffic, then Holding on an unreadable Prometheus: a Warning.
+    d = await r.at(MIN, Analyses([unavailable()]))
+    assert d.status["phase"] == "Holding"
+    assert r.events[n:] == [
+        ("Warning", "RolloutAnalysisUnavailable", "Prometheus at http://p:9090 cannot be reached")
+    ]
+    # Still unreadable: no second Warning.
+    await r.at(MIN, Analyses([unavailable()]))
+    assert len(r.events) == n + 1
+    # Paused at the open-ended pause, Prometheus goes away again: one Warning.
+    await r.at(MIN, Analyses([passed()]))
+    await r.at(MIN, Analyses([passed()]))
+    assert r.phase == "Paused"
+    n = len(r.events)
+    await r.at(MIN, Analyses([unavailable()]))
+    await r.at(MIN, Analyses([unavailable()]))
+    assert r.phase == "Paused"
+    assert [e[:2] for e in r.events[n:]] == [("Warning", "RolloutAnalysisUnavailable")]
