@@ -256,6 +256,19 @@ def _load(prev: Mapping[str, Any] | None) -> _State | None:
         return None  # not a status this operator wrote: the rollout starts over
 
 
+def _clamped(state: _State | None, now: datetime) -> _State | None:
+    """Times in status that lie ahead of now (written by an operator whose clock ran fast)
+    taken as now: a step never waits on another clock's future."""
+    if state is None:
+        return None
+    if state.since > now:
+        state = replace(state, since=now)
+    last = state.last_time
+    if state.last is not None and last is not None and last > now:
+        state = replace(state, last={**state.last, "time": now.strftime(TIME_FORMAT)})
+    return state
+
+
 Analyse = Callable[[], Awaitable[Analysis]]
 
 
@@ -275,7 +288,7 @@ async def advance(
     model's kubeonnx.io/rollout-resume annotation, if any; `analyse`: measures and judges
     the window ending now (called only when an analysis is due)."""
     now = _seconds(now)
-    state = _load(prev)
+    state = _clamped(_load(prev), now)
     if (
         state is None
         or state.candidate != candidate

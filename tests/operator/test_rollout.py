@@ -14,6 +14,7 @@ import pytest
 from kubeonnx_operator.analysis import Analysis, Measurement, Thresholds
 from kubeonnx_operator.rollout import (
     RESUME_ANNOTATION,
+    TIME_FORMAT,
     RolloutDecision,
     RolloutSpec,
     Step,
@@ -559,3 +560,20 @@ async def test_prometheus_going_unreadable_without_a_phase_change_posts_one_warn
     await r.at(MIN, Analyses([unavailable()]))
     assert r.phase == "Paused"
     assert [e[:2] for e in r.events[n:]] == [("Warning", "RolloutAnalysisUnavailable")]
+
+
+async def test_times_ahead_of_the_clock_are_taken_as_now() -> None:
+    """An earlier leader whose clock ran an hour fast wrote since and lastAnalysis.time in
+    the future: the next analysis is due an interval from now, not from its future."""
+    r = Rollout(spec(W10, W50))
+    await r.at(timedelta(0))
+    d = await r.at(MIN, Analyses([scarce()]))
+    assert r.status is not None
+    ahead = (r.now + timedelta(hours=1)).strftime(TIME_FORMAT)
+    r.status["since"] = ahead
+    r.status["lastAnalysis"]["time"] = ahead
+    d = await r.at(timedelta(0), Analyses())
+    assert d.requeue_after == 60
+    assert d.status["since"] == r.now.strftime(TIME_FORMAT)
+    d = await r.at(MIN, Analyses([passed()]))
+    assert (d.status["step"], d.weight) == (1, 50)
