@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from kubeonnx_operator.analysis import Analysis, Measurement, Thresholds
 from kubeonnx_operator.config import OperatorConfig
@@ -274,3 +275,28 @@ async def test_a_rollback_is_kept_while_the_candidates_secret_is_missing() -> No
     rollout = im["status"]["rollout"]
     assert (rollout["phase"], rollout["weight"]) == ("RolledBack", 0)
     assert ("Warning", "RolloutRolledBack") in [e[:2] for e in kube.events]
+
+
+class DyingKube(FakeKube):
+    """FakeKube whose process dies (an exception) when it writes the status, once told to."""
+
+    die = False
+
+    async def patch_model_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        if self.die:
+            raise SystemExit("SIGKILL")
+        await super().patch_model_status(namespace, name, status)
+
+
+async def test_an_operator_killed_at_the_status_write_has_posted_the_phase_event() -> None:
+    kube, observed = DyingKube(), ObservedChildren()
+    h = Harness(kube, observed)
+    im = await h.reconcile(rollout_model())
+    show(kube, observed, candidate_ready=1)
+    im = await h.reconcile(im)
+    h.results = ["Passed"]
+    h.now += timedelta(minutes=1)
+    kube.die = True
+    with pytest.raises(SystemExit):
+        await h.reconcile(im)
+    assert rollout_events(kube)[-1][:2] == ("Normal", "RolloutPaused")
