@@ -180,7 +180,7 @@ def test_the_operator_runs_a_rollout_and_resumes_it_after_sigkill(
     assert rollout_of(cluster, namespace, "ro") == first
 
     # Resumed by a person: weight 10, a passing analysis, then the next pause.
-    cluster.kubectl("annotate", "inferencemodel", "ro", "-n", namespace, f"{RESUME}=0")
+    cluster.kubectl("annotate", "inferencemodel", "ro", "-n", namespace, f"{RESUME}=2/0")
     paused = at(cluster, namespace, "ro", "Paused", 2)
     assert paused["weight"] == 10 and paused["lastAnalysis"]["result"] == "Passed"
     assert router_weights(cluster, namespace, "ro") == {"1": 90, "2": 10}
@@ -192,7 +192,7 @@ def test_the_operator_runs_a_rollout_and_resumes_it_after_sigkill(
 
     # Resumed again: weight 40, passed, every step done (Paused for the person to promote).
     cluster.kubectl(
-        "annotate", "--overwrite", "inferencemodel", "ro", "-n", namespace, f"{RESUME}=2"
+        "annotate", "--overwrite", "inferencemodel", "ro", "-n", namespace, f"{RESUME}=2/2"
     )
     at(cluster, namespace, "ro", "Paused", 4)
     assert router_weights(cluster, namespace, "ro") == {"1": 60, "2": 40}

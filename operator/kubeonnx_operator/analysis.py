@@ -12,6 +12,7 @@ on both (it neither advances nor counts a failure)."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -23,6 +24,9 @@ import httpx2
 
 Result = Literal["Passed", "Failed", "InsufficientTraffic", "Unavailable"]
 QUERY_TIMEOUT_S = 10.0
+# All of one analysis's queries (a Prometheus trickling its answers byte by byte never trips
+# the per-read timeout).
+ANALYSIS_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,11 @@ def queries(namespace: str, model: str, version: str, interval: timedelta) -> di
     sel, w = selector(namespace, model, version), window(interval)
     return {
         "requests": f"sum(increase(kubeonnx_requests_total{{{sel}}}[{w}]))",
-        "errors": f'sum(increase(kubeonnx_requests_total{{{sel},code=~"5.."}}[{w}]))',
+        # The runtime's 5xx, and the 502/504 the router answers itself (no runtime saw them).
+        "errors": f'(sum(increase(kubeonnx_requests_total{{{sel},code=~"5.."}}[{w}])) '
+        "or vector(0)) + "
+        f'(sum(increase(kubeonnx_router_requests_total{{{sel},code=~"502|504"}}[{w}])) '
+        "or vector(0))",
         "p95": "histogram_quantile(0.95, sum by (le) "
         f"(rate(kubeonnx_request_duration_seconds_bucket{{{sel}}}[{w}])))",
     }
@@ -117,25 +125,48 @@ def prometheus_query(address: str, client: httpx2.AsyncClient) -> Query:
             body = answer.json()
         except ValueError:
             body = {}
+        if not isinstance(body, dict):
+            body = {}
         if answer.status_code != 200 or body.get("status") != "success":
             why = body.get("error") or answer.text[:200]
             raise PrometheusUnavailable(
                 f"Prometheus at {address} answered {answer.status_code} to {expr}: {why}"
             )
-        result = body["data"]["result"]
-        if not result:
-            return None
-        value = float(result[0]["value"][1])
-        return None if math.isnan(value) or math.isinf(value) else value
+        return _value(body, f"Prometheus at {address} answered {expr} with")
 
     return query
+
+
+def _value(body: dict[str, object], what: str) -> float | None:
+    """An instant vector's single value: None when the vector is empty or NaN (a quantile of
+    no observation); +Inf as is (the judge takes a p95 of +Inf as the worst).
+    PrometheusUnavailable naming what was wrong for anything that is not such an answer."""
+    data = body.get("data")
+    result = data.get("result") if isinstance(data, dict) else None
+    if (
+        not isinstance(data, dict)
+        or data.get("resultType") != "vector"
+        or not isinstance(result, list)
+    ):
+        raise PrometheusUnavailable(f"{what} no instant vector: {str(body)[:200]}")
+    if not result:
+        return None
+    try:
+        value = float(result[0]["value"][1])
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise PrometheusUnavailable(f"{what} no readable number: {str(body)[:200]}") from None
+    return None if math.isnan(value) else value
 
 
 async def measure(
     query: Query, namespace: str, model: str, version: str, interval: timedelta
 ) -> Measurement:
     q = queries(namespace, model, version, interval)
-    return Measurement(await query(q["requests"]), await query(q["errors"]), await query(q["p95"]))
+    requests, errors = await query(q["requests"]), await query(q["errors"])
+    for name, count in (("requests", requests), ("errors", errors)):
+        if count is not None and (math.isinf(count) or count < 0):
+            raise PrometheusUnavailable(f"Prometheus answered {count} {name} of version {version}")
+    return Measurement(requests, errors, await query(q["p95"]))
 
 
 def judge(candidate: Measurement, stable: Measurement, t: Thresholds) -> Analysis:
@@ -162,7 +193,13 @@ def judge(candidate: Measurement, stable: Measurement, t: Thresholds) -> Analysi
     if rate > float(t.max_error_rate):
         failures.append(f"5xx error rate {rate:.4f} > maxErrorRate {t.max_error_rate}")
     latency = "latency not compared"
-    if candidate.p95 is not None and stable.p95 and (stable.requests or 0) >= t.min_requests:
+    if candidate.p95 is not None and math.isinf(candidate.p95):
+        # Every request over the histogram's largest bucket: the worst latency there is.
+        failures.append("p95 latency +Inf (over the largest histogram bucket)")
+        latency = "p95 +Inf"
+    elif candidate.p95 is None:
+        latency = "latency not compared: Prometheus has no p95 of the candidate in the window"
+    elif stable.p95 and (stable.requests or 0) >= t.min_requests:
         ratio = candidate.p95 / stable.p95
         if ratio > float(t.max_latency_ratio):
             failures.append(
@@ -196,14 +233,27 @@ async def analyse(
     stable_version: str,
     candidate_version: str,
     thresholds: Thresholds,
+    deadline_s: float = ANALYSIS_TIMEOUT_S,
 ) -> Analysis:
     """Measure both versions over the same window (ending now) and judge; Unavailable (never
-    Passed, never Failed) when Prometheus cannot be read."""
+    Passed, never Failed) when Prometheus cannot be read, answers what is not an instant
+    vector of numbers, or has not answered every query within `deadline_s` seconds."""
+
+    async def both() -> tuple[Measurement, Measurement]:
+        interval = thresholds.interval
+        candidate = await measure(query, namespace, model, candidate_version, interval)
+        return candidate, await measure(query, namespace, model, stable_version, interval)
+
     try:
-        candidate = await measure(query, namespace, model, candidate_version, thresholds.interval)
-        stable = await measure(query, namespace, model, stable_version, thresholds.interval)
+        candidate, stable = await asyncio.wait_for(both(), deadline_s)
     except PrometheusUnavailable as exc:
         return Analysis("Unavailable", f"{exc}; the rollout holds")
+    except TimeoutError:
+        return Analysis(
+            "Unavailable",
+            f"Prometheus did not answer the analysis's queries within {deadline_s:g}s; "
+            "the rollout holds",
+        )
     return judge(candidate, stable, thresholds)
 
 

@@ -261,8 +261,9 @@ class Reconciler:
         missing = await self._missing_reference(model)
         if missing is not None:
             # Found here rather than by the kubelet (a pod stuck in CreateContainerConfigError):
-            # nothing is applied until it exists; what runs already keeps running.
-            await self._report(body, missing, self.deployment(key), model)
+            # nothing is applied until it exists; what runs already keeps running. The
+            # rollout's analysis ran on what serves: its result (a rollback) is kept.
+            await self._finish(key, body, missing, self.deployment(key), model, decision)
             return
 
         owner = owner_reference(body)
@@ -272,14 +273,12 @@ class Reconciler:
         except ChildConflict as exc:
             # Another model's (or someone's) object under a version's name: nothing is
             # applied, so neither Service NAME nor the router is pointed at it.
-            await self._report(
-                body, Verdict(False, "ChildConflict", str(exc)), self.deployment(key), model
-            )
+            verdict = Verdict(False, "ChildConflict", str(exc))
+            await self._finish(key, body, verdict, self.deployment(key), model, decision)
             return
         except PreviousOwner as exc:
-            await self._report(
-                body, Verdict(False, "Progressing", str(exc)), self.deployment(key), model
-            )
+            verdict = Verdict(False, "Progressing", str(exc))
+            await self._finish(key, body, verdict, self.deployment(key), model, decision)
             return
         self.stable_names[key] = stable_name
         rendered: set[tuple[str, str, str]] = set()
@@ -355,18 +354,37 @@ class Reconciler:
             verdict = gateway_verdict(self.observed.gateway(key), model.gateway_name) or verdict
         if problem is not None:  # a child we could not create outranks what the pods show
             verdict = problem
+        await self._finish(
+            key, body, verdict, deployment, model, decision, self._versions(key, placed), mirror
+        )
+
+    async def _finish(
+        self,
+        key: tuple[str, str],
+        body: dict[str, Any],
+        verdict: Verdict,
+        deployment: dict[str, Any] | None,
+        model: Model,
+        decision: rollout.RolloutDecision | None,
+        versions: list[dict[str, Any]] | None = None,
+        mirror: tuple[MirrorVerdict, ...] | None = None,
+    ) -> None:
+        """Report, with the rollout's status, its Events and its requeue: on every return
+        once the rollout has advanced (an analysis made is never lost). The Events go
+        before the status that tells of them: an operator killed in between posts them
+        again rather than never."""
+        if decision is not None:
+            for event in decision.events:
+                await self.kube.event(body, event.type, event.reason, event.message)
         await self._report(
             body,
             verdict,
             deployment,
             model,
-            self._versions(key, placed),
+            versions,
             mirror=mirror,
             rollout_status=decision.status if decision is not None else {},
         )
-        if decision is not None:
-            for event in decision.events:  # after the status that they tell of
-                await self.kube.event(body, event.type, event.reason, event.message)
         after = decision.requeue_after if decision is not None else None
         self.requeue(key, None if after is None else max(after, MIN_REQUEUE_S))
 

@@ -7,8 +7,9 @@ restarted mid-rollout resumes at the same step; the operator never writes spec.
 Steps run in order. A weight step sets the candidate's weight and ends once an analysis made
 a full `interval` after the step began passes. A pause keeps the weight: with a duration it
 ends when that has passed; without one it waits for a person, who resumes it by annotating
-the model `kubeonnx.io/rollout-resume=<step>` (phase Paused meanwhile). While the candidate
-has a weight, an analysis runs every `interval` (analysis.py): `failureLimit` failed
+the model `kubeonnx.io/rollout-resume=<candidate version>/<step>` (phase Paused meanwhile; a
+value already there when the rollout starts is left over from another and ignored). While
+the candidate has a weight, an analysis runs every `interval` (analysis.py): `failureLimit` failed
 analyses in a row set the weight to 0 for good (RolledBack) until the candidate's spec
 changes; too little traffic or an unreadable Prometheus holds (Holding), never passes and
 never rolls back. After the last step the candidate keeps its weight and a person promotes
@@ -30,7 +31,8 @@ from .spec import duration_seconds
 
 Phase = Literal["Progressing", "Paused", "Holding", "RolledBack", "Promoted", "Succeeded"]
 PHASES: tuple[str, ...] = get_args(Phase)
-# A person resumes an open-ended pause by setting this annotation to the step's index.
+# A person resumes an open-ended pause by setting this annotation to "VERSION/STEP": the
+# candidate's version and the step's index.
 RESUME_ANNOTATION = "kubeonnx.io/rollout-resume"
 HOLDS = frozenset({"InsufficientTraffic", "Unavailable"})
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
@@ -98,7 +100,7 @@ def _step(raw: Any, where: str) -> Step:
     duration = pause.get("duration") if isinstance(pause, Mapping) else None
     if duration is None:
         return Step(pause=True)
-    return Step(pause=True, duration=_duration(duration, f"{where}.pause.duration"))
+    return Step(pause=True, duration=_duration(duration, f"{where}.pause.duration", MAX_PAUSE))
 
 
 def _int(value: Any, where: str, low: int, high: int | None = None) -> int:
@@ -119,17 +121,30 @@ def _decimal(value: Any, where: str) -> Decimal:
     return out
 
 
-def _duration(value: Any, where: str) -> timedelta:
+# The longest analysis interval and the longest pause (a longer one is a typo, and one past
+# what a timedelta holds would crash the reconcile).
+MAX_INTERVAL = timedelta(hours=24)
+MAX_PAUSE = timedelta(days=30)
+
+
+def _duration(value: Any, where: str, most: timedelta) -> timedelta:
     try:
-        return timedelta(seconds=duration_seconds(str(value)))
+        seconds = duration_seconds(str(value))
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from None
+    if seconds > most.total_seconds():
+        raise ValueError(f"{where}: at most {_hours(most)}, not {value!r}")
+    return timedelta(seconds=seconds)
+
+
+def _hours(span: timedelta) -> str:
+    return f"{int(span.total_seconds()) // 3600}h"
 
 
 def _interval(value: Any, where: str, default: timedelta) -> timedelta:
     if value is None:
         return default
-    interval = _duration(value, where)
+    interval = _duration(value, where, MAX_INTERVAL)
     if interval < timedelta(seconds=1):
         raise ValueError(f"{where}: at least 1s, not {value!r}")
     return interval
@@ -178,6 +193,9 @@ class _State:
     failures: int = 0
     last: dict[str, Any] | None = None
     message: str = ""
+    # The resume annotation's value when this rollout started (left over from another, never
+    # honoured); dropped once the annotation changes.
+    stale_resume: str | None = None
 
     @property
     def last_time(self) -> datetime | None:
@@ -200,6 +218,8 @@ class _State:
         }
         if self.last is not None:
             out["lastAnalysis"] = self.last
+        if self.stale_resume is not None:
+            out["staleResume"] = self.stale_resume
         return out
 
 
@@ -228,11 +248,25 @@ def _load(prev: Mapping[str, Any] | None) -> _State | None:
             failures=max(0, int(prev.get("consecutiveFailures", 0))),
             last=dict(prev["lastAnalysis"]) if prev.get("lastAnalysis") else None,
             message=str(prev.get("message", "")),
+            stale_resume=str(prev["staleResume"]) if prev.get("staleResume") else None,
         )
         _ = state.last_time  # a lastAnalysis without a readable time is not ours either
         return state
     except (KeyError, TypeError, ValueError):
         return None  # not a status this operator wrote: the rollout starts over
+
+
+def _clamped(state: _State | None, now: datetime) -> _State | None:
+    """Times in status that lie ahead of now (written by an operator whose clock ran fast)
+    taken as now: a step never waits on another clock's future."""
+    if state is None:
+        return None
+    if state.since > now:
+        state = replace(state, since=now)
+    last = state.last_time
+    if state.last is not None and last is not None and last > now:
+        state = replace(state, last={**state.last, "time": now.strftime(TIME_FORMAT)})
+    return state
 
 
 Analyse = Callable[[], Awaitable[Analysis]]
@@ -254,7 +288,7 @@ async def advance(
     model's kubeonnx.io/rollout-resume annotation, if any; `analyse`: measures and judges
     the window ending now (called only when an analysis is due)."""
     now = _seconds(now)
-    state = _load(prev)
+    state = _clamped(_load(prev), now)
     if (
         state is None
         or state.candidate != candidate
@@ -266,10 +300,15 @@ async def advance(
             if state is not None and state.candidate == candidate
             else f"version {candidate} is a candidate"
         )
-        state = _State(candidate, candidate_spec_hash, "Progressing", 0, now)
+        state = _State(
+            candidate, candidate_spec_hash, "Progressing", 0, now, stale_resume=resume or None
+        )
         before_phase = None  # a new rollout: its first phase is news
     else:
         why, before_phase = "", state.phase
+    if state.stale_resume is not None and resume != state.stale_resume:
+        state = replace(state, stale_resume=None)  # the annotation changed: no longer stale
+    before_result = state.last_result if before_phase is not None else None
     if state.phase != "RolledBack":
         state = await _run(spec, state, candidate_ready, now, analyse, resume)
     weight = 0 if state.phase == "RolledBack" else spec.weight_at(state.step)
@@ -282,6 +321,13 @@ async def advance(
             kind = "Warning"
         message = f"{why}, the rollout starts: {state.message}" if why else state.message
         events = (RolloutEvent(kind, f"Rollout{state.phase}", message),)
+    elif state.last_result == "Unavailable" and before_result != "Unavailable":
+        # Prometheus became unreadable without a change of phase (Holding on too little
+        # traffic, or Paused): a Warning all the same, once per change.
+        assert state.last is not None
+        events = (
+            RolloutEvent("Warning", "RolloutAnalysisUnavailable", str(state.last["message"])),
+        )
     return RolloutDecision(
         state.status(weight), weight, events, _requeue(spec, state, candidate_ready, now)
     )
@@ -345,8 +391,14 @@ def _step_done(spec: RolloutSpec, state: _State, now: datetime, resume: str | No
     if step.weight is not None:
         return _passed_in_step(spec, state)
     if step.duration is None:
-        return resume == str(state.step)  # a person said so, for this very step
+        # A person said so, for this very step of this very rollout.
+        return resume == resume_value(state.candidate, state.step) and resume != state.stale_resume
     return state.failures == 0 and now >= state.since + step.duration
+
+
+def resume_value(candidate: str, step: int) -> str:
+    """The resume annotation's value that ends the open-ended pause at `step`."""
+    return f"{candidate}/{step}"
 
 
 def _describe(spec: RolloutSpec, state: _State, now: datetime) -> _State:
@@ -395,7 +447,7 @@ def _describe(spec: RolloutSpec, state: _State, now: datetime) -> _State:
             state,
             phase="Paused",
             message=f"{at}, weight {weight}: paused until a person resumes it (annotate the "
-            f"model {RESUME_ANNOTATION}={state.step})",
+            f"model {RESUME_ANNOTATION}={resume_value(c, state.step)})",
         )
     until = state.since + step.duration
     return replace(

@@ -7,12 +7,14 @@ import json
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
 from kubeonnx_operator.analysis import Analysis, Measurement, Thresholds
 from kubeonnx_operator.rollout import (
     RESUME_ANNOTATION,
+    TIME_FORMAT,
     RolloutDecision,
     RolloutSpec,
     Step,
@@ -244,11 +246,12 @@ async def test_an_open_ended_pause_waits_for_the_annotation_naming_its_step() ->
     a = Analyses([passed()] * 10)
     d = await r.at(MIN, a)
     assert (d.status["step"], d.status["phase"], d.weight) == (1, "Paused", 10)
-    assert f"{RESUME_ANNOTATION}=1" in d.status["message"]
-    # Time does not end it, nor a resume meant for another step.
-    d = await r.at(timedelta(hours=2), a, resume="0")
-    assert (d.status["step"], d.status["phase"]) == (1, "Paused")
-    d = await r.at(MIN, a, resume="1")
+    assert f"{RESUME_ANNOTATION}=2/1" in d.status["message"]
+    # Time does not end it, nor a resume meant for another step or another candidate.
+    for other in ("2/0", "1/1", "1"):
+        d = await r.at(timedelta(hours=2), a, resume=other)
+        assert (d.status["step"], d.status["phase"]) == (1, "Paused")
+    d = await r.at(MIN, a, resume="2/1")
     assert (d.status["step"], d.status["phase"], d.weight) == (2, "Progressing", 50)
     # The annotation left in place does not skip a later pause.
     assert [e[1] for e in r.events] == ["RolloutProgressing", "RolloutPaused", "RolloutProgressing"]
@@ -341,7 +344,7 @@ SCRIPT = [
     (MIN, [failed()], True, None),
     (MIN, [passed()], False, None),
     (MIN, [passed()], True, None),
-    (MIN, [passed()], True, "3"),
+    (MIN, [passed()], True, "2/3"),
     (MIN, [failed()], True, None),
     (MIN, [failed()], True, None),
     (MIN, [], True, None),
@@ -459,6 +462,23 @@ def test_the_spec_is_read_as_the_yaml_writes_it() -> None:
             {"steps": [{"weight": 1}], "analysis": {"failureLimit": 0}},
             "analysis.failureLimit: an integer of at least 1",
         ),
+        (
+            {"steps": [{"weight": 1}], "analysis": {"minRequests": 0}},
+            "analysis.minRequests: an integer of at least 1",
+        ),
+        (
+            {"steps": [{"weight": 1}], "analysis": {"interval": "99999999999h"}},
+            "analysis.interval: at most 24h, not '99999999999h'",
+        ),
+        (
+            {"steps": [{"weight": 1}], "analysis": {"interval": "24h1s"}},
+            "analysis.interval: at most 24h",
+        ),
+        (
+            {"steps": [{"pause": {"duration": "99999999999h"}}]},
+            "steps[0].pause.duration: at most 720h, not '99999999999h'",
+        ),
+        ({"steps": [{"pause": {"duration": "721h"}}]}, "steps[0].pause.duration: at most 720h"),
     ],
 )
 def test_a_bad_spec_is_refused_naming_the_field(rollout: dict[str, Any], problem: str) -> None:
@@ -474,3 +494,86 @@ def test_the_candidate_spec_hash_changes_with_what_is_served_only() -> None:
     assert candidate_spec_hash({**same, "version": "2"}) == h
     assert candidate_spec_hash({**entry, "model": {"uri": "s3://m/2b.onnx", "sha256": "ab"}}) != h
     assert candidate_spec_hash({**entry, "resources": {"limits": {"cpu": "2"}}}) != h
+
+
+async def test_a_resume_left_from_a_previous_rollout_does_not_skip_the_next_pause() -> None:
+    """The annotation that resumed step 1 of one rollout is still there when the candidate's
+    spec changes (or another candidate comes): the new rollout's pause at step 1 waits."""
+    r = Rollout(spec(W10, PAUSE, W50))
+    await r.at(timedelta(0))
+    a = Analyses([passed()] * 10)
+    await r.at(MIN, a)
+    d = await r.at(MIN, a, resume="2/1")
+    assert (d.status["step"], d.status["phase"]) == (2, "Progressing")
+    # A new rollout of the same version (its spec changed), the annotation left in place.
+    r.hash = "h2"
+    d = await r.at(MIN, a, resume="2/1")
+    assert (d.status["step"], d.status["staleResume"]) == (0, "2/1")
+    d = await r.at(MIN, a, resume="2/1")
+    assert (d.status["step"], d.status["phase"]) == (1, "Paused")
+    d = await r.at(timedelta(hours=1), a, resume="2/1")
+    assert (d.status["step"], d.status["phase"]) == (1, "Paused")
+    # The person removes it and sets it again: now it is meant for this rollout.
+    d = await r.at(MIN, a, resume=None)
+    assert "staleResume" not in d.status
+    d = await r.at(MIN, a, resume="2/1")
+    assert (d.status["step"], d.status["phase"]) == (2, "Progressing")
+
+
+def test_the_crd_refuses_a_min_requests_the_operator_would_refuse() -> None:
+    """The CRD's minimum for analysis.minRequests is the operator's (1): a spec the API
+    server admits is never one the reconcile refuses."""
+    import yaml
+
+    crd = Path(__file__).resolve().parents[2] / "crds" / "inferencemodels.kubeonnx.io.yaml"
+    doc = yaml.safe_load(crd.read_text())
+    spec = doc["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    analysis = spec["properties"]["traffic"]["properties"]["rollout"]["properties"]["analysis"]
+    assert analysis["properties"]["minRequests"]["minimum"] == 1
+    RolloutSpec.from_dict({"steps": [{"weight": 1}], "analysis": {"minRequests": 1}})
+    RolloutSpec.from_dict(
+        {"steps": [{"pause": {"duration": "720h"}}], "analysis": {"interval": "24h"}}
+    )
+
+
+async def test_prometheus_going_unreadable_without_a_phase_change_posts_one_warning() -> None:
+    r = Rollout(spec(W10, PAUSE, W50))
+    await r.at(timedelta(0))
+    d = await r.at(MIN, Analyses([scarce()]))
+    assert d.status["phase"] == "Holding"
+    n = len(r.events)
+    # Holding on too little traffic, then Holding on an unreadable Prometheus: a Warning.
+    d = await r.at(MIN, Analyses([unavailable()]))
+    assert d.status["phase"] == "Holding"
+    assert r.events[n:] == [
+        ("Warning", "RolloutAnalysisUnavailable", "Prometheus at http://p:9090 cannot be reached")
+    ]
+    # Still unreadable: no second Warning.
+    await r.at(MIN, Analyses([unavailable()]))
+    assert len(r.events) == n + 1
+    # Paused at the open-ended pause, Prometheus goes away again: one Warning.
+    await r.at(MIN, Analyses([passed()]))
+    await r.at(MIN, Analyses([passed()]))
+    assert r.phase == "Paused"
+    n = len(r.events)
+    await r.at(MIN, Analyses([unavailable()]))
+    await r.at(MIN, Analyses([unavailable()]))
+    assert r.phase == "Paused"
+    assert [e[:2] for e in r.events[n:]] == [("Warning", "RolloutAnalysisUnavailable")]
+
+
+async def test_times_ahead_of_the_clock_are_taken_as_now() -> None:
+    """An earlier leader whose clock ran an hour fast wrote since and lastAnalysis.time in
+    the future: the next analysis is due an interval from now, not from its future."""
+    r = Rollout(spec(W10, W50))
+    await r.at(timedelta(0))
+    d = await r.at(MIN, Analyses([scarce()]))
+    assert r.status is not None
+    ahead = (r.now + timedelta(hours=1)).strftime(TIME_FORMAT)
+    r.status["since"] = ahead
+    r.status["lastAnalysis"]["time"] = ahead
+    d = await r.at(timedelta(0), Analyses())
+    assert d.requeue_after == 60
+    assert d.status["since"] == r.now.strftime(TIME_FORMAT)
+    d = await r.at(MIN, Analyses([passed()]))
+    assert (d.status["step"], d.weight) == (1, 50)

@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from kubeonnx_operator.analysis import Analysis, Measurement, Thresholds
 from kubeonnx_operator.config import OperatorConfig
@@ -78,6 +79,11 @@ def _merged(previous: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def rollout_events(kube: FakeKube) -> list[tuple[str, ...]]:
+    """The rollout's Events (posted before the status write, so before a Ready change's)."""
+    return [tuple(e) for e in kube.events if e[1].startswith("Rollout")]
+
+
 def router_weights(kube: FakeKube) -> dict[str, int]:
     text = kube.live[("ConfigMap", "m-router")]["data"]["router.json"]
     return {v["name"]: v["weight"] for v in json.loads(text)["versions"]}
@@ -104,7 +110,7 @@ async def test_the_reconciler_runs_the_rollout_step_by_step() -> None:
     assert (rollout["phase"], rollout["step"], rollout["weight"]) == ("Holding", 0, 10)
     assert rollout["candidate"] == "2"
     assert router_weights(kube) == {"1": 90, "2": 10}
-    assert kube.events[-1][:2] == ("Normal", "RolloutHolding")
+    assert rollout_events(kube)[-1][:2] == ("Normal", "RolloutHolding")
     assert h.requeues[-1] is None  # only the candidate's readiness moves it on
 
     show(kube, observed, candidate_ready=1)
@@ -124,8 +130,8 @@ async def test_the_reconciler_runs_the_rollout_step_by_step() -> None:
     assert (rollout["phase"], rollout["step"], rollout["weight"]) == ("Paused", 1, 10)
     assert rollout["lastAnalysis"]["result"] == "Passed"
     assert rollout["lastAnalysis"]["candidate"]["errorRate"] == "0.0000"  # a string
-    assert kube.events[-1][:2] == ("Normal", "RolloutPaused")
-    assert RESUME_ANNOTATION + "=1" in kube.events[-1][2]
+    assert rollout_events(kube)[-1][:2] == ("Normal", "RolloutPaused")
+    assert RESUME_ANNOTATION + "=2/1" in rollout_events(kube)[-1][2]
 
     # Idle: the same model again writes nothing (no apply, status, Event, analysis).
     show(kube, observed, candidate_ready=1)
@@ -136,7 +142,7 @@ async def test_the_reconciler_runs_the_rollout_step_by_step() -> None:
     assert len(h.analysed) == 1
 
     # A person resumes the pause: step 2, weight 50 in the router's file.
-    im["metadata"]["annotations"] = {RESUME_ANNOTATION: "1"}
+    im["metadata"]["annotations"] = {RESUME_ANNOTATION: "2/1"}
     im = await h.reconcile(im)
     rollout = im["status"]["rollout"]
     assert (rollout["phase"], rollout["step"], rollout["weight"]) == ("Progressing", 2, 50)
@@ -162,7 +168,7 @@ async def test_the_reconciler_runs_the_rollout_step_by_step() -> None:
     rollout = im["status"]["rollout"]
     assert (rollout["phase"], rollout["weight"]) == ("RolledBack", 0)
     assert router_weights(kube) == {"1": 100, "2": 0}
-    assert kube.events[-1][:2] == ("Warning", "RolloutRolledBack")
+    assert rollout_events(kube)[-1][:2] == ("Warning", "RolloutRolledBack")
     assert h2.requeues[-1] is None
     # Every key written is one the CRD's status schema has, of its type (else the API
     # server drops it and the rollout cannot resume).
@@ -199,7 +205,7 @@ async def test_promotion_concludes_the_rollout_and_abandoning_removes_it() -> No
     promoted["spec"] = {"model": {"uri": "s3://models/mlp/2/model.onnx", "version": "2"}}
     promoted = await h.reconcile(promoted)
     assert promoted["status"]["rollout"]["phase"] == "Succeeded"
-    assert kube.events[-1][:2] == ("Normal", "RolloutSucceeded")
+    assert rollout_events(kube)[-1][:2] == ("Normal", "RolloutSucceeded")
     # Abandoned instead (the candidate removed, the stable unchanged): status.rollout goes.
     abandoned = copy.deepcopy(im)
     abandoned["spec"] = {"model": {"uri": "s3://b/m.onnx"}}
@@ -229,3 +235,68 @@ async def test_the_httproute_serves_the_rollouts_weight_once_the_candidate_is_re
     show(kube, observed, candidate_ready=1)
     await h.reconcile(im)
     assert route_weights(kube) == [90, 10]
+
+
+class MissingSecretKube(FakeKube):
+    """FakeKube whose namespace lacks the Secrets named in `missing`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.missing: set[str] = set()
+
+    async def secret_metadata(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return None if name in self.missing else {"kind": "PartialObjectMetadata"}
+
+
+async def test_a_rollback_is_kept_while_the_candidates_secret_is_missing() -> None:
+    """The reconcile returns early (nothing applied while a Secret is missing), yet the
+    analyses it ran are recorded, the rollback included, and it is reconciled again."""
+    kube, observed = MissingSecretKube(), ObservedChildren()
+    h = Harness(kube, observed)
+    s3 = {"credentialsSecret": "cand-creds"}
+    entry = candidate("2")
+    entry["model"]["s3"] = s3
+    im = body(traffic={"candidates": [entry], "rollout": ROLLOUT})
+    im = await h.reconcile(im)
+    show(kube, observed, candidate_ready=1)
+    im = await h.reconcile(im)
+    assert im["status"]["rollout"]["phase"] == "Progressing"
+    # The candidate's Secret goes (an operator started afresh asks about it again).
+    kube.missing.add("cand-creds")
+    h2 = Harness(kube, observed)
+    h2.now = h.now + timedelta(minutes=1)
+    h2.results = ["Failed", "Failed"]
+    im = await h2.reconcile(im)
+    assert any("CredentialsSecretNotFound" in str(s) for s in kube.statuses[-1:])
+    assert im["status"]["rollout"]["consecutiveFailures"] == 1
+    assert h2.requeues[-1] == 60.0
+    h2.now += timedelta(minutes=1)
+    im = await h2.reconcile(im)
+    rollout = im["status"]["rollout"]
+    assert (rollout["phase"], rollout["weight"]) == ("RolledBack", 0)
+    assert ("Warning", "RolloutRolledBack") in [e[:2] for e in kube.events]
+
+
+class DyingKube(FakeKube):
+    """FakeKube whose process dies (an exception) when it writes the status, once told to."""
+
+    die = False
+
+    async def patch_model_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        if self.die:
+            raise SystemExit("SIGKILL")
+        await super().patch_model_status(namespace, name, status)
+
+
+async def test_an_operator_killed_at_the_status_write_has_posted_the_phase_event() -> None:
+    kube, observed = DyingKube(), ObservedChildren()
+    h = Harness(kube, observed)
+    im = await h.reconcile(rollout_model())
+    show(kube, observed, candidate_ready=1)
+    im = await h.reconcile(im)
+    h.results = ["Passed"]
+    h.now += timedelta(minutes=1)
+    kube.die = True
+    with pytest.raises(SystemExit):
+        await h.reconcile(im)
+    assert rollout_events(kube)[-1][:2] == ("Normal", "RolloutPaused")
