@@ -128,6 +128,7 @@ def test_go_version_is_the_newest_go_line_of_the_pinned_modules() -> None:
         "KWOK_VERSION": "sigs.k8s.io/kwok",
         "HELM_VERSION": "helm.sh/helm/v3",
         "PROMETHEUS_VERSION": "github.com/prometheus/prometheus",
+        "METRICS_SERVER_VERSION": "sigs.k8s.io/metrics-server",
     }
     lines = {}
     for var, module in modules.items():
