@@ -27,7 +27,7 @@ unit: venv binaries  ## unit and runtime integration tests (no cluster; helm for
 	$(VENV)/bin/pytest tests
 
 # Built for the e2e suite only, so that `make demo` never waits for them.
-E2E_BINARIES := prometheus keda
+E2E_BINARIES := prometheus keda metrics-server
 
 e2e: venv binaries   ## the e2e suite against the local control plane (or E2E_KUBECONFIG)
 	bash e2e/build-binaries.sh $(E2E_BINARIES) >/dev/null

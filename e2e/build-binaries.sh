@@ -151,16 +151,26 @@ build_installable() {  # NAME VERSION PACKAGE LDFLAGS VAR
 
 build_kwok() {
   local v=$KWOK_VERSION dir="$cache/bin/kwok-$KWOK_VERSION"
-  if have "$dir" kwok stages.yaml; then log "kwok $v: cached"; echo "KWOK_BIN=$dir"; return; fi
-  rm -rf "$dir"
-  build_installable kwok "$v" sigs.k8s.io/kwok/cmd/kwok \
-    "-X sigs.k8s.io/kwok/pkg/consts.Version=$v" KWOK_BIN >/dev/null
+  if have "$dir" kwok stages.yaml metrics.yaml; then log "kwok $v: cached"; echo "KWOK_BIN=$dir"; return; fi
+  if ! have "$dir" kwok; then  # a cache of before metrics.yaml keeps its binary
+    rm -rf "$dir"
+    build_installable kwok "$v" sigs.k8s.io/kwok/cmd/kwok \
+      "-X sigs.k8s.io/kwok/pkg/consts.Version=$v" KWOK_BIN >/dev/null
+  fi
+  need_go
+  local src; src=$(go mod download -json "sigs.k8s.io/kwok@$v" | json_field Dir)/kustomize
   # kwok needs Stage objects to drive node and pod status; take the "fast" set shipped in
   # its own module (already in the module cache from the build above).
-  local src; src=$(go mod download -json "sigs.k8s.io/kwok@$v" | json_field Dir)/kustomize/stage
   local f out="$dir/stages.yaml"; : > "$out.tmp"
   for f in node/fast/node-initialize.yaml node/heartbeat/node-heartbeat.yaml \
            pod/fast/pod-ready.yaml pod/fast/pod-complete.yaml pod/fast/pod-delete.yaml; do
+    printf -- '---\n' >> "$out.tmp"; cat "$src/stage/$f" >> "$out.tmp"
+  done
+  mv "$out.tmp" "$out"
+  # And its simulation of each node's kubelet /metrics/resource (what metrics-server reads),
+  # with each pod's usage taken from its kwok.x-k8s.io/usage-cpu and -memory annotations.
+  out="$dir/metrics.yaml"; : > "$out.tmp"
+  for f in metrics/resource/metrics-resource.yaml metrics/usage/usage-from-annotation.yaml; do
     printf -- '---\n' >> "$out.tmp"; cat "$src/$f" >> "$out.tmp"
   done
   mv "$out.tmp" "$out"
@@ -237,6 +247,11 @@ for c in $want; do
             "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean $(helm_k8s_ldflags)" HELM_BIN ;;
     prometheus) build_prometheus ;;
     keda) build_keda ;;
+    # No replace directives in its go.mod: `go install pkg@version` builds it as pinned. Its
+    # version is client-go's (what `metrics-server --version` prints), as its Makefile sets it.
+    metrics-server) build_installable metrics-server "$METRICS_SERVER_VERSION" \
+            sigs.k8s.io/metrics-server/cmd/metrics-server \
+            "-X k8s.io/client-go/pkg/version.gitVersion=$METRICS_SERVER_VERSION -X k8s.io/client-go/pkg/version.gitTreeState=clean" METRICS_SERVER_BIN ;;
     *) log "unknown component: $c"; exit 2 ;;
   esac
   unlock

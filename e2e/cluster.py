@@ -74,7 +74,7 @@ def build_binaries() -> dict[str, Path]:
             "kubectl",
         ],
         "ETCD_BIN": ["etcd"],
-        "KWOK_BIN": ["kwok"],
+        "KWOK_BIN": ["kwok", "stages.yaml", "metrics.yaml"],
         "HELM_BIN": ["helm"],
     }.items():
         for name in names:
@@ -309,7 +309,13 @@ def node_manifest(name: str, gpus: int, labels: dict[str, str]) -> dict[str, obj
         "metadata": {
             "name": name,
             "labels": node_labels,
-            "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
+            "annotations": {
+                "kwok.x-k8s.io/node": "fake",
+                "node.alpha.kubernetes.io/ttl": "0",
+                # Where metrics-server reads this node's kubelet /metrics/resource: kwok
+                # serves every node's on its own port (--node-port), under the node's name.
+                "metrics.k8s.io/resource-metrics-path": f"/metrics/nodes/{name}/metrics/resource",
+            },
         },
         "spec": {"taints": taints},
         "status": {
@@ -395,6 +401,28 @@ def exclusive(command: str) -> Iterator[None]:
             yield
         finally:
             _locked = 0
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+def front_proxy_certificates(pki: Path) -> dict[str, Path]:
+    """The aggregation layer's certificates: a CA, and the client certificate kube-apiserver
+    presents, signed by it, when it proxies a request to an aggregated API server
+    (metrics-server's metrics.k8s.io), which trusts the CA through the
+    extension-apiserver-authentication ConfigMap."""
+    ca, ca_key = pki / "front-proxy-ca.crt", pki / "front-proxy-ca.key"
+    cert, key, csr = (pki / f"front-proxy-client.{x}" for x in ("crt", "key", "csr"))
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    _openssl("req", "-x509", *ec, "-keyout", str(ca_key), "-out", str(ca), "-days", "7",
+             "-subj", "/CN=kubeonnx-front-proxy-ca")  # fmt: skip
+    _openssl("req", *ec, "-keyout", str(key), "-out", str(csr), "-subj", "/CN=front-proxy-client")
+    ext = pki / "front-proxy-client.ext"
+    ext.write_text("extendedKeyUsage=clientAuth\n")
+    _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
+             "-CAcreateserial", "-out", str(cert), "-days", "7", "-extfile", str(ext))  # fmt: skip
+    return {"ca": ca, "cert": cert, "key": key}
 
 
 def stop_command(owner: str) -> str:
@@ -483,6 +511,7 @@ def _up(owner: str, bins: dict[str, Path], data: Path, started: float) -> Cluste
         check=True,
         capture_output=True,
     )
+    front_proxy = front_proxy_certificates(pki)
     ports = {k: free_port() for k in ("etcd", "etcd-peer", "apiserver", "kcm", "scheduler", "kwok")}
     server = f"https://127.0.0.1:{ports['apiserver']}"
     STATE_DIR.mkdir(exist_ok=True)
@@ -545,6 +574,16 @@ def _up(owner: str, bins: dict[str, Path], data: Path, started: float) -> Cluste
             "--service-cluster-ip-range=10.96.0.0/16",
             "--allow-privileged=true",
             "--endpoint-reconciler-type=none",
+            # The aggregation layer (metrics.k8s.io from metrics-server, for the HPA):
+            # requests proxied with the front proxy's client certificate and the
+            # user in these headers.
+            f"--requestheader-client-ca-file={front_proxy['ca']}",
+            "--requestheader-allowed-names=front-proxy-client",
+            "--requestheader-username-headers=X-Remote-User",
+            "--requestheader-group-headers=X-Remote-Group",
+            "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+            f"--proxy-client-cert-file={front_proxy['cert']}",
+            f"--proxy-client-key-file={front_proxy['key']}",
             "--v=1",
         ],
     )
@@ -598,9 +637,13 @@ def _up(owner: str, bins: dict[str, Path], data: Path, started: float) -> Cluste
             "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
             "--manage-nodes-with-label-selector=",
             "--cidr=10.244.0.0/16",
-            "--node-ip=10.244.0.1",
+            # Each node's address and kubelet port are kwok's own server, which serves
+            # the nodes' /metrics/resource (metrics.yaml) for metrics-server.
+            "--node-ip=127.0.0.1",
+            f"--node-port={ports['kwok']}",
             f"--server-address=127.0.0.1:{ports['kwok']}",
             f"--config={Path(bins['kwok']).parent / 'stages.yaml'}",
+            f"--config={Path(bins['kwok']).parent / 'metrics.yaml'}",
         ],
     )
     nodes = "\n---\n".join(json.dumps(node_manifest(*n)) for n in NODES)

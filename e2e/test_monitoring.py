@@ -32,6 +32,7 @@ from e2e.generate_models import generate
 from e2e.operator_process import OperatorProcess
 from e2e.prometheus import SCRAPE_INTERVAL, LocalPrometheus, Pod, pod_monitor_scrape_configs
 from e2e.redis_server import LocalRedis
+from e2e.render_dashboard import DPI, picture_size, render
 from e2e.serving import wait_serving
 from e2e.test_operator import model, ready
 
@@ -44,7 +45,8 @@ RULES = MONITORING / "kubeonnx-alerts.yaml"
 UNIT_TESTS = Path(__file__).resolve().parent / "monitoring" / "alerts.test.yaml"
 KUBEONNX = str(Path(sys.executable).parent / "kubeonnx")
 
-NAMESPACE, NAME, VERSION = "ml-team", "scorer", "v2"
+NAMESPACE, NAME, VERSION = "ml-team", "scorer", "2"  # as examples/canary.yaml numbers them
+PREVIOUS = "1"  # a replica of the version before, as during a rollout
 KEYS = {"alpha": "alpha-key", "beta": "beta-key"}  # beta's limit is 0: always refused
 # Metrics of programs this test bed does not run: their expressions can only come back empty.
 NEEDS_KUBE_STATE_METRICS = {
@@ -106,8 +108,16 @@ class Runtime:
 
 
 def start_runtime(
-    pod: str, role: str, model_path: Path, redis_url: str, quota: Path, work: Path
+    pod: str,
+    role: str,
+    model_path: Path,
+    redis_url: str | None,
+    quota: Path,
+    work: Path,
+    version: str = VERSION,
 ) -> Runtime:
+    """A replica of the model; without `redis_url`, one that takes no asynchronous
+    requests."""
     port, metrics_port = free_port(), free_port()
     work.mkdir(parents=True)
     env = {
@@ -115,7 +125,7 @@ def start_runtime(
         "KUBEONNX_ROLE": role,
         "KUBEONNX_MODEL_URI": f"file://{model_path}",
         "KUBEONNX_MODEL_NAME": NAME,
-        "KUBEONNX_MODEL_VERSION": VERSION,
+        "KUBEONNX_MODEL_VERSION": version,
         "KUBEONNX_HOST": "127.0.0.1",
         "KUBEONNX_PORT": str(port),
         "KUBEONNX_METRICS_PORT": str(metrics_port),  # as the operator renders it
@@ -123,13 +133,14 @@ def start_runtime(
         "KUBEONNX_TERMINATION_LOG": str(work / "termination-log"),
         "KUBEONNX_DRAIN_SECONDS": "0",
         "KUBEONNX_MAX_BATCH_SIZE": "4",
-        "KUBEONNX_ASYNC_REDIS_URL": redis_url,
         # One attempt, taken over after 1 s: the request a stand-in for a dead replica held
         # is dead-lettered as soon as this replica reclaims it.
         "KUBEONNX_ASYNC_MAX_ATTEMPTS": "1",
         "KUBEONNX_ASYNC_CLAIM_AFTER_S": "1",
         "KUBEONNX_QUOTA_CONFIG": str(quota),
     }
+    if redis_url is not None:
+        env["KUBEONNX_ASYNC_REDIS_URL"] = redis_url
     log = work / "serve.log"
     with log.open("wb") as out:
         proc = subprocess.Popen([KUBEONNX, "serve"], env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -168,6 +179,7 @@ class Bed:
     prometheus: LocalPrometheus
     runtimes: list[Runtime]
     operator_pod: str
+    started: float  # when Prometheus started (seconds since the epoch)
 
 
 @pytest.fixture(scope="module")
@@ -204,6 +216,7 @@ def bed(
         )
     )
     prometheus = LocalPrometheus().start()
+    started = time.time()
     runtimes: list[Runtime] = []
     try:
         # A gateway takes an asynchronous request; a stand-in for a replica that then died
@@ -225,6 +238,16 @@ def bed(
             f"{NAME}-7c9f6d5b8-0", "server", mlp, redis.url, quota, work / "server"
         )
         runtimes.append(server)
+        previous = start_runtime(
+            f"{NAME}-{PREVIOUS}-5c8d7b6f4-0",
+            "server",
+            mlp,
+            None,
+            quota,
+            work / "previous",
+            version=PREVIOUS,
+        )
+        runtimes.append(previous)
         monitor = {
             "metadata": {"namespace": NAMESPACE, "name": NAME},
             "spec": {"podMetricsEndpoints": [{"port": "metrics"}]},
@@ -259,8 +282,8 @@ def bed(
         cluster.kubectl("create", "namespace", ns, check=False)
         assert cluster.apply(model("watched"), ns).returncode == 0
         ready(cluster, ns, "watched", timeout=120)
-        traffic(server, redis)
-        yield Bed(prometheus, runtimes, operator_pod)
+        traffic(server, previous, redis)
+        yield Bed(prometheus, runtimes, operator_pod, started)
         cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
     finally:
         for r in runtimes:
@@ -269,17 +292,19 @@ def bed(
         redis.kill()
 
 
-def traffic(server: Runtime, redis: LocalRedis) -> None:
+def traffic(server: Runtime, previous: Runtime, redis: LocalRedis) -> None:
     """Requests of each kind the dashboard shows, sent twice: a series starts at its first
-    sample, and rate() needs a second."""
+    sample, and rate() needs a second. Both versions answer; only the new one takes
+    asynchronous requests."""
     alpha, beta = ({"X-Api-Key": KEYS[t]} for t in ("alpha", "beta"))
-    infer = f"{server.http}/v2/models/{NAME}/infer"
+    infers = [f"{r.http}/v2/models/{NAME}/infer" for r in (server, previous)]
     with httpx.Client(timeout=30) as http:
         for _ in range(2):
-            for _ in range(5):
-                assert http.post(infer, json=INFER, headers=alpha).status_code == 200
-            assert http.post(infer, json={"inputs": []}, headers=alpha).status_code == 400
-            assert http.post(infer, json=INFER, headers=beta).status_code == 429
+            for infer in infers:
+                for _ in range(5):
+                    assert http.post(infer, json=INFER, headers=alpha).status_code == 200
+                assert http.post(infer, json={"inputs": []}, headers=alpha).status_code == 400
+                assert http.post(infer, json=INFER, headers=beta).status_code == 429
             answer = http.post(
                 f"{server.http}/v2/models/{NAME}/async-infer", json=INFER, headers=alpha
             )
@@ -289,7 +314,8 @@ def traffic(server: Runtime, redis: LocalRedis) -> None:
         redis.pause()
         try:
             for _ in range(2):
-                assert http.post(infer, json=INFER, headers=alpha).status_code == 503
+                for infer in infers:
+                    assert http.post(infer, json=INFER, headers=alpha).status_code == 503
                 time.sleep(3)
         finally:
             redis.resume()
@@ -349,7 +375,7 @@ def test_the_dashboards_variables_list_this_model(bed: Bed) -> None:
         ).json()
         assert answer["status"] == "success", answer
         found[var["name"]] = answer["data"]
-    assert found == {"namespace": [NAMESPACE], "model": [NAME], "version": [VERSION]}
+    assert found == {"namespace": [NAMESPACE], "model": [NAME], "version": [PREVIOUS, VERSION]}
 
 
 def test_every_alert_expression_is_valid_and_its_signal_has_data(bed: Bed) -> None:
@@ -394,3 +420,36 @@ def test_the_ready_model_is_not_alerted_and_its_gauge_is_the_leaders(bed: Bed) -
     assert ready_series[0]["metric"]["namespace"].startswith("mon-")  # the model's
     not_ready = bed.prometheus.query(alerts()["KubeonnxModelNotReady"])
     assert not [s for s in not_ready if s["metric"]["model"] == "watched"]
+
+
+def test_the_dashboard_picture_draws_every_panel_the_traffic_gave_data(
+    bed: Bed, tmp_path: Path
+) -> None:
+    """e2e/render_dashboard.py evaluates every panel's targets as range queries over the
+    traffic (both versions: `$version` as the dashboard's "All") and draws them: each panel
+    has series, of both versions where it counts requests, except the kube-state-metrics
+    series this test bed does not have. KUBEONNX_DASHBOARD_PNG keeps the picture (that is how
+    docs/dashboard.png was made)."""
+    out = Path(os.environ.get("KUBEONNX_DASHBOARD_PNG") or tmp_path / "dashboard.png")
+    variables = {"namespace": NAMESPACE, "model": NAME, "version": ".*"}
+    # Every expression has data at the end of the range (as the test above waits for).
+    for _title, expr in dashboard_targets():
+        if not metric_names(expr) & NEEDS_KUBE_STATE_METRICS:
+            wait_for(lambda e=expr: bed.prometheus.query(filled(e)), expr)
+    panels = render(bed.prometheus.url, variables, bed.started, time.time(), out)
+    drawn = [p for p in panels if p.kind != "row"]
+    assert [p.title for p in drawn] == list(dict.fromkeys(t for t, _ in dashboard_targets()))
+    for panel in drawn:
+        assert not panel.errors, panel.errors
+        points = [v for s in panel.series for v in s.values]
+        assert points, f"{panel.title}: no data in {panel.queries}"
+    requests = next(p for p in drawn if p.title == "Requests/s by code")
+    labels = {s.label for s in requests.series}
+    assert {"v1 200", "v2 200", "v1 400", "v2 429", "v2 503"} <= labels, labels
+    assert any(s.label == "alpha admitted" for p in drawn for s in p.series)
+    assert any(s.label == "beta refused" for p in drawn for s in p.series)
+    # A PNG of the dashboard's grid: 24 columns, as tall as its lowest panel goes.
+    head = out.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    assert (width, height) == tuple(round(inches * DPI) for inches in picture_size(panels))

@@ -141,6 +141,7 @@ def test_go_version_is_the_newest_go_line_of_the_pinned_modules() -> None:
         "HELM_VERSION": "helm.sh/helm/v3",
         "PROMETHEUS_VERSION": "github.com/prometheus/prometheus",
         "KEDA_VERSION": "github.com/kedacore/keda/v2",
+        "METRICS_SERVER_VERSION": "sigs.k8s.io/metrics-server",
     }
     lines = {}
     for var, module in modules.items():
