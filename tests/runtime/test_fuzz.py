@@ -7,6 +7,7 @@ import concurrent.futures
 import contextlib
 import gzip
 import json
+import select
 import signal
 import socket
 import struct
@@ -222,46 +223,39 @@ def rss(pid: int) -> int:
 
 
 class LivenessProbe(threading.Thread):
-    """Asks `url`/v2/health/live every 20 ms until stopped, each time together with the
-    probes that share its `rounds` barrier; records the slowest answer. The client's timeout
-    is generous: a starved machine makes an answer late, not a failure."""
+    """Asks `url`/v2/health/live every 20 ms until stopped; records the slowest answer. The
+    client's timeout is generous: a starved machine makes an answer late, not a failure."""
 
-    def __init__(self, url: str, rounds: threading.Barrier, timeout: float = 30.0) -> None:
+    def __init__(self, url: str, timeout: float = 30.0) -> None:
         super().__init__(daemon=True)
         self.url = f"{url}/v2/health/live"
-        self.rounds = rounds
         self.timeout = timeout
         self.worst = 0.0
         self.failures: list[str] = []
         self.answers = 0
         self._stop_event = threading.Event()
-        self._asked = threading.Event()  # once: a probe stopped at once still asks
 
     def run(self) -> None:
         with httpx.Client(timeout=self.timeout) as http:
             while True:
-                try:
-                    self.rounds.wait()
-                except threading.BrokenBarrierError:  # another probe has stopped
-                    return
                 started = time.monotonic()
                 try:
                     status = http.get(self.url).status_code
                     if status != 200:
                         self.failures.append(f"status {status}")
                     self.answers += 1
-                except httpx.HTTPError as exc:
+                except Exception as exc:  # any failure is recorded, none ends the probe unseen
                     self.failures.append(repr(exc))
                 self.worst = max(self.worst, time.monotonic() - started)
-                self._asked.set()
                 if self._stop_event.wait(0.02):
                     return
 
     def stop(self) -> None:
         self._stop_event.set()
-        self._asked.wait(60)  # the others have begun their first round too
-        self.rounds.abort()
         self.join()
+
+    def __str__(self) -> str:
+        return f"{self.url}: {self.answers} answers, worst {self.worst:.2f}s, {self.failures[:3]}"
 
 
 @pytest.fixture(scope="module")
@@ -296,8 +290,7 @@ def unharmed(
     if peak is not None:  # Linux resets the peak (VmHWM) on writing 5 to clear_refs
         Path(f"/proc/{served.proc.pid}/clear_refs").write_text("5")
     before = rss(served.proc.pid)
-    rounds = threading.Barrier(2)  # the two are asked at the same moments
-    probe, baseline = LivenessProbe(served.url, rounds), LivenessProbe(control, rounds)
+    probe, baseline = LivenessProbe(served.url), LivenessProbe(control)
     probe.start()
     baseline.start()
     try:
@@ -305,8 +298,8 @@ def unharmed(
     finally:
         probe.stop()
         baseline.stop()
-    assert not probe.failures and probe.answers > 0, probe.failures[:3]
-    assert not baseline.failures and baseline.answers > 0, baseline.failures[:3]
+    assert not baseline.failures and baseline.answers > 0, f"the control failed: {baseline}"
+    assert not probe.failures and probe.answers > 0, f"{probe}; the control {baseline}"
     assert probe.worst < probe_bound + baseline.worst, (
         f"/v2/health/live took {probe.worst:.2f}s, the control's slowest {baseline.worst:.2f}s"
     )
@@ -537,32 +530,45 @@ def open_slowly(served: Served, n: int) -> list[socket.socket]:
     return socks
 
 
+def answered_or_closed(sock: socket.socket) -> bool:
+    """Whether the server has answered or closed the connection: it is readable at once."""
+    readable, _, _ = select.select([sock], [], [], 0)
+    return bool(readable)
+
+
 def test_slow_clients_are_timed_out_and_do_not_hold_others_back(
     guarded: Served, control: str
 ) -> None:
     """200 slowloris connections, one header byte each per 0.2 s: each is answered 408 and
-    closed after the read timeout, while a well-behaved client is served all along."""
+    closed after the read timeout, while a well-behaved client is served all along: every
+    request of its is answered 200, and (however slowly the machine opened the 200) some
+    before the slow connections still waiting have been answered."""
     with unharmed(guarded, control):
         socks = open_slowly(guarded, 200)
         try:
-            deadline = time.monotonic() + 3 * READ_TIMEOUT
-            ok = 0
-            with httpx.Client(timeout=5) as http:
-                while time.monotonic() < deadline:
-                    for s in socks:
+            beside = 0  # answers that came while slow connections were still waiting
+            deadline = time.monotonic() + 60
+            with httpx.Client(timeout=30) as http:
+                while (waiting := [s for s in socks if not answered_or_closed(s)]) and (
+                    time.monotonic() < deadline
+                ):
+                    for s in waiting:
                         with contextlib.suppress(OSError):
                             s.send(b"X")
                     r = http.post(f"{guarded.url}{INFER}", content=json_body(mixed_inputs()))
-                    ok += r.status_code == 200
+                    assert r.status_code == 200, r.text
+                    beside += any(not answered_or_closed(s) for s in waiting)
                     time.sleep(0.2)
-            assert ok >= 5
+            assert not waiting, f"{len(waiting)} slow connections still open after 60 s"
+            assert beside > 0, "no request was answered while slow connections were open"
             closed = 0
             for s in socks:
-                s.settimeout(2)
-                with contextlib.suppress(OSError):
+                try:
                     data = s.recv(4096)
-                    closed += data.startswith(b"HTTP/1.1 408") or data == b""
-            assert closed == len(socks), f"{len(socks) - closed} slow connections still open"
+                except ConnectionResetError:  # closed with a header byte unread
+                    data = b""
+                closed += data.startswith(b"HTTP/1.1 408") or data == b""
+            assert closed == len(socks), f"{len(socks) - closed} slow connections not answered 408"
         finally:
             for s in socks:
                 s.close()
