@@ -20,7 +20,12 @@ import pytest
 from e2e import gateway_api
 from e2e.conftest import Cluster, eventually
 from e2e.operator_process import OperatorProcess
-from e2e.test_operator import condition, prepare_namespace, resyncs, until_reason
+from e2e.test_operator import (
+    assert_idle_resync,
+    condition,
+    prepare_namespace,
+    until_reason,
+)
 from e2e.test_traffic import apply, candidate
 
 pytestmark = pytest.mark.e2e
@@ -202,17 +207,7 @@ def test_the_route_follows_readiness_and_the_gateways_mirror_feature(
         found = route(cluster, namespace, "gw") or {}
         return im["metadata"]["resourceVersion"], found["metadata"]["resourceVersion"]
 
-    def settled() -> tuple[Any, ...] | None:
-        first = snapshot()
-        resyncs(operator, 1)
-        return first if snapshot() == first else None
-
-    before = eventually(settled, 240, interval=0, what="nothing left to reconcile")
-    writes = cluster.operator_writes(namespace) if cluster.audit_log else None
-    resyncs(operator, 2)
-    assert snapshot() == before
-    if writes is not None:
-        assert cluster.operator_writes(namespace) == writes
+    assert_idle_resync(cluster, operator, namespace, snapshot, settle_s=240)
 
     # A Gateway whose class lists no mirror feature: the route carries no mirror, and the
     # model says why.

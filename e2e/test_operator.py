@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,29 @@ def settled(cluster: Cluster, ns: str, name: str) -> None:
         )
 
     eventually(check, 60, what=f"{name}'s Deployment and status to settle")
+
+
+def assert_idle_resync(
+    cluster: Cluster,
+    operator: OperatorProcess,
+    namespace: str,
+    snapshot: Callable[[], Any],
+    settle_s: float = 240,
+) -> None:
+    """Once a resync changes nothing `snapshot` sees, two more resyncs change nothing either
+    and (where the audit log is on) the operator sends no write to `namespace`."""
+
+    def settled() -> Any:
+        first = snapshot()
+        resyncs(operator, 1)
+        return first if snapshot() == first else None
+
+    before = eventually(settled, settle_s, interval=0, what="nothing left to reconcile")
+    writes = cluster.operator_writes(namespace) if cluster.audit_log else None
+    resyncs(operator, 2)
+    assert snapshot() == before
+    if writes is not None:
+        assert cluster.operator_writes(namespace) == writes
 
 
 def resyncs(operator: OperatorProcess, rounds: int) -> None:

@@ -23,7 +23,7 @@ import pytest
 from e2e.cluster import free_port
 from e2e.conftest import Cluster, eventually
 from e2e.operator_process import OperatorProcess
-from e2e.test_operator import prepare_namespace, resyncs
+from e2e.test_operator import assert_idle_resync, prepare_namespace, resyncs
 from e2e.test_traffic import apply, candidate, model
 
 pytestmark = pytest.mark.e2e
@@ -141,14 +141,7 @@ def quiet(cluster: Cluster, operator: OperatorProcess, ns: str, name: str) -> No
             ),
         )
 
-    def settled() -> tuple[Any, ...] | None:
-        first = snapshot()
-        resyncs(operator, 1)
-        return first if snapshot() == first else None
-
-    before = eventually(settled, 120, interval=0, what="nothing left to reconcile")
-    resyncs(operator, 2)
-    assert snapshot() == before
+    assert_idle_resync(cluster, operator, ns, snapshot, settle_s=120)
 
 
 def test_the_operator_runs_a_rollout_and_resumes_it_after_sigkill(

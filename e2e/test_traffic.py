@@ -12,7 +12,7 @@ import pytest
 
 from e2e.conftest import Cluster, eventually
 from e2e.operator_process import OperatorProcess
-from e2e.test_operator import prepare_namespace, ready, resyncs, until_reason
+from e2e.test_operator import assert_idle_resync, prepare_namespace, ready, until_reason
 
 pytestmark = pytest.mark.e2e
 MODEL_LABEL = "kubeonnx.io/inferencemodel"
@@ -209,17 +209,7 @@ def test_an_idle_resync_writes_nothing_with_candidates(
             sorted((k, written(k[0], o)) for k, o in found.items()),
         )
 
-    def settled() -> tuple[Any, ...] | None:
-        first = snapshot()
-        resyncs(operator, 1)
-        return first if snapshot() == first else None
-
-    before = eventually(settled, 240, interval=0, what="nothing left to reconcile")
-    writes = cluster.operator_writes(namespace) if cluster.audit_log else None
-    resyncs(operator, 2)
-    assert snapshot() == before
-    if writes is not None:
-        assert cluster.operator_writes(namespace) == writes
+    assert_idle_resync(cluster, operator, namespace, snapshot, settle_s=240)
     columns = cluster.kubectl("get", "inferencemodel", "idle", "-n", namespace).stdout.split("\n")
     header = columns[0].split()
     assert {"VERSION", "CANARY", "PHASE"} <= set(header)
