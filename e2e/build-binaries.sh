@@ -31,7 +31,10 @@ trap 'log "stopped: nothing half-built is kept (the next run builds it again)"; 
 json_field() {
   python3 -c 'import json, signal, sys
 signal.signal(signal.SIGINT, signal.SIG_DFL)
-d = json.load(sys.stdin)
+raw = sys.stdin.read()
+if not raw.strip():
+    sys.exit(1)  # go printed nothing: it said why itself, or was interrupted (the trap says so)
+d = json.loads(raw)
 print(d.get(sys.argv[1]) or sys.exit("[build-binaries] go mod download: " + d.get("Error", "no " + sys.argv[1])))' "$1"
 }
 # Whether version $1 (1.26.7) is at least $2.

@@ -724,6 +724,10 @@ def test_trailer_fields_neither_route_nor_go_upstream(tmp_path: Path) -> None:
         got = json.loads(data)
         assert got["bytes"] == 2
         assert not {"x-model-version", "x-api-key", "authorization"} & set(got["headers"]), got
+        # The stand-in records an answer after sending it: wait for the record, not a race.
+        deadline = time.monotonic() + 30
+        while not stable.answered and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert len(stable.answered) == 1 and other.answered == []
     finally:
         router.stop()
