@@ -71,11 +71,16 @@ def test_admitted_usage_reaches_the_ledger_once_even_across_an_outage(
     env = {"LEDGER_DSN": postgres.dsn}
     replicas = [serve_mlp(serve, models, config, env=env) for _ in range(2)]
 
+    started = time.monotonic()
     admitted = load(replicas, 150)
+    healthy = time.monotonic() - started
     postgres.stop()  # mid-run: inference goes on, rows wait in memory
     started = time.monotonic()
     admitted += load(replicas, 150)
-    assert time.monotonic() - started < 30
+    # Not slowed by the outage: the ledger is written off the request path. Compared with the
+    # same load while the ledger was up (a timeout per request would add seconds each), not
+    # with a fixed bound that a loaded machine can pass.
+    assert time.monotonic() - started < 3 * healthy + 10, healthy
     assert sum(pending(r) for r in replicas) > 0
     postgres.start()
     deadline = time.monotonic() + 60
