@@ -199,9 +199,16 @@ build_prometheus() {
 
 build_keda() {
   local v=$KEDA_VERSION dir="$cache/bin/keda-$KEDA_VERSION"
-  if have "$dir" keda crds/keda.sh_scaledobjects.yaml; then log "keda $v: cached"; echo "KEDA_BIN=$dir"; return; fi
+  # keda: the operator; keda-adapter: its metrics API server (external.metrics.k8s.io, what
+  # the HPA KEDA creates reads above one replica).
+  local bins=(keda keda-adapter crds/keda.sh_scaledobjects.yaml)
+  if have "$dir" "${bins[@]}"; then log "keda $v: cached"; echo "KEDA_BIN=$dir"; return; fi
   need_go
-  log "keda $v: building its operator (a cold build takes a while on 2 cores)"
+  # A cache of before the adapter keeps its operator and CRDs: only what is missing is built.
+  local missing=() b
+  for b in keda keda-adapter; do have "$dir" "$b" || missing+=("$b"); done
+  have "$dir" crds/keda.sh_scaledobjects.yaml || missing+=(crds)
+  log "keda $v: building ${missing[*]} (a cold build takes a while on 2 cores)"
   local work; new_work
   (
     cd "$work"
@@ -213,14 +220,26 @@ build_keda() {
     while read -r r; do go mod edit -replace "$r"; done < <(
       sed -n 's#^replace \([^ ]*\) \([^ ]*\) => \([^ ]*\) \([^ ]*\)$#\1@\2=\3@\4#p' "$gomod")
     while read -r r; do go mod edit -exclude "$r"; done < <(sed -n 's#^exclude \([^ ]*\) \([^ ]*\)$#\1@\2#p' "$gomod")
-    go get "github.com/kedacore/keda/v2/cmd/operator@$v" >&2
+    go get "github.com/kedacore/keda/v2/cmd/operator@$v" "github.com/kedacore/keda/v2/cmd/adapter@$v" >&2
     mkdir -p out
-    go build -ldflags "-s -w -X github.com/kedacore/keda/v2/version.Version=${v#v} -X github.com/kedacore/keda/v2/version.GitCommit=$v" \
-      -o out/keda github.com/kedacore/keda/v2/cmd/operator
+    local ld="-s -w -X github.com/kedacore/keda/v2/version.Version=${v#v} -X github.com/kedacore/keda/v2/version.GitCommit=$v"
+    have "$dir" keda || go build -ldflags "$ld" -o out/keda github.com/kedacore/keda/v2/cmd/operator
+    have "$dir" keda-adapter || go build -ldflags "$ld" -o out/keda-adapter github.com/kedacore/keda/v2/cmd/adapter
     # The custom resource definitions of this version, for the e2e cluster.
-    mkdir -p out/crds
-    cp "$(go mod download -json "github.com/kedacore/keda/v2@$v" | json_field Dir)"/config/crd/bases/*.yaml out/crds/
-    mkdir -p "$cache/bin" && rm -rf "$dir" && mv out "$dir"
+    if ! have "$dir" crds/keda.sh_scaledobjects.yaml; then
+      mkdir -p out/crds
+      cp "$(go mod download -json "github.com/kedacore/keda/v2@$v" | json_field Dir)"/config/crd/bases/*.yaml out/crds/
+    fi
+    # Each piece moves in whole (copied beside it, then renamed over), so a run using the
+    # cached operator meanwhile never sees a half-written file nor a missing one.
+    mkdir -p "$dir"
+    local f
+    for f in out/*; do
+      f=${f#out/}
+      rm -rf "$dir/.$f.tmp" && cp -a "out/$f" "$dir/.$f.tmp"
+      [ ! -d "$dir/$f" ] || rm -rf "${dir:?}/$f"  # a directory cannot be renamed over
+      mv -T "$dir/.$f.tmp" "$dir/$f"
+    done
   )
   echo "KEDA_BIN=$dir"
 }

@@ -1,22 +1,18 @@
 """metrics-server (the pinned build of e2e/build-binaries.sh) as a local process serving
-metrics.k8s.io through the test cluster's aggregation layer: it reads each node's kubelet
-/metrics/resource from kwok (pods' CPU and memory as kwok's ResourceUsage reports them), and
-the HPA controller of the real kube-controller-manager reads it back through kube-apiserver.
-
-kube-apiserver reaches it as an APIService whose Service is of type ExternalName
-`localhost` (the aggregator proxies to https://<externalName>:<port>): a Service's
-Endpoints may not be loopback addresses, and there is no kube-proxy here."""
+metrics.k8s.io through the test cluster's aggregation layer (e2e/aggregated_api.py): it
+reads each node's kubelet /metrics/resource from kwok (pods' CPU and memory as kwok's
+ResourceUsage reports them), and the HPA controller of the real kube-controller-manager
+reads it back through kube-apiserver."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
+from e2e import aggregated_api
 from e2e.cluster import E2E, free_port
 
 APISERVICE = "v1beta1.metrics.k8s.io"
@@ -38,28 +34,7 @@ def metrics_server_binary() -> Path:
 
 def registration(port: int) -> list[dict[str, Any]]:
     """The Service and the APIService that route metrics.k8s.io to 127.0.0.1:`port`."""
-    return [
-        {
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": {"name": SERVICE, "namespace": NAMESPACE},
-            "spec": {"type": "ExternalName", "externalName": "localhost"},
-        },
-        {
-            "apiVersion": "apiregistration.k8s.io/v1",
-            "kind": "APIService",
-            "metadata": {"name": APISERVICE},
-            "spec": {
-                "group": "metrics.k8s.io",
-                "version": "v1beta1",
-                "service": {"namespace": NAMESPACE, "name": SERVICE, "port": port},
-                # Its certificate is self-signed (--cert-dir): loopback only.
-                "insecureSkipTLSVerify": True,
-                "groupPriorityMinimum": 100,
-                "versionPriority": 100,
-            },
-        },
-    ]
+    return aggregated_api.registration("metrics.k8s.io", "v1beta1", NAMESPACE, SERVICE, port)
 
 
 class LocalMetricsServer:
@@ -105,35 +80,20 @@ class LocalMetricsServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        applied = self.kubectl(
-            "apply", "-f", "-", input="\n---\n".join(json.dumps(d) for d in registration(self.port))
-        )
-        assert applied.returncode == 0, applied.stderr
+        aggregated_api.register(self.kubectl, registration(self.port))
         self.wait_available(timeout)
         return self
 
     def wait_available(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        conditions: list[dict[str, Any]] = []
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"metrics-server exited:\n{self.logs()}")
-            got = self.kubectl("get", "apiservice", APISERVICE, "-o", "json")
-            if got.returncode == 0:
-                conditions = json.loads(got.stdout).get("status", {}).get("conditions", [])
-                if any(c["type"] == "Available" and c["status"] == "True" for c in conditions):
-                    return
-            time.sleep(1)
-        raise AssertionError(
-            f"APIService {APISERVICE} not Available in {timeout:g}s: {conditions}\n{self.logs()}"
+        assert self.proc is not None
+        aggregated_api.wait_available(
+            self.kubectl, APISERVICE, self.proc, "metrics-server", self.logs, timeout
         )
 
     def stop(self) -> None:
         """Unregister first: an APIService without its server makes every client's discovery
         report metrics.k8s.io as unavailable."""
-        self.kubectl("delete", "apiservice", APISERVICE, "--ignore-not-found")
-        self.kubectl("delete", "service", SERVICE, "-n", NAMESPACE, "--ignore-not-found")
+        aggregated_api.unregister(self.kubectl, APISERVICE, NAMESPACE, SERVICE)
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:

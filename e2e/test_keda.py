@@ -6,7 +6,11 @@ control plane, with a real redis-server and a real Prometheus for its triggers:
   a wrong password is not Ready, so Ready is KEDA's verdict on the live source;
 - an async model at zero replicas is woken by one request queued as the gateway queues it,
   and goes back to zero once the queue is drained and the (shortened) cooldown has passed;
-- the operator never fights KEDA: replicas stay KEDA's, and an idle resync writes nothing.
+- the operator never fights KEDA: replicas stay KEDA's, and an idle resync writes nothing;
+- above one replica: requests held in flight on a real `kubeonnx serve` process, scraped by
+  the real Prometheus with the PodMonitor's labels, make the in-flight query exceed its
+  target; the HPA KEDA creates reads it from KEDA's metrics adapter (e2e/keda_process.py)
+  through the aggregation layer, and the real HPA controller scales the Deployment up.
 
 The operator's ScaledObjects are made with KEDA's own CustomResourceDefinitions of the
 version run (they replace the cluster's stand-in schema for this module, which is put back
@@ -17,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import secrets
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,12 +32,23 @@ import yaml
 from kubeonnx_runtime.asyncinfer import AsyncKeys, AsyncStore
 
 from e2e.conftest import Cluster, eventually
+from e2e.generate_models import generate
 from e2e.keda_process import NAMESPACE as KEDA_NAMESPACE
-from e2e.keda_process import KedaProcess, keda_dir
+from e2e.keda_process import KedaAdapterProcess, KedaProcess, keda_dir
 from e2e.operator_process import OperatorProcess
-from e2e.prometheus import LocalPrometheus
+from e2e.prometheus import LocalPrometheus, pod_monitor_scrape_configs
 from e2e.redis_server import LocalRedis
-from e2e.test_operator import condition, prepare_namespace, ready, resyncs, until_reason
+from e2e.serving import wait_serving
+from e2e.test_operator import (
+    assert_idle_resync,
+    condition,
+    model,
+    prepare_namespace,
+    ready,
+    resyncs,
+    until_reason,
+)
+from e2e.test_prometheus_queries import start_replica
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,7 +113,8 @@ def keda_crds(cluster: Cluster) -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def prometheus() -> Iterator[LocalPrometheus]:
-    """What the in-flight (and demand) triggers query: empty, so they answer 0."""
+    """What the in-flight (and demand) triggers query: empty, so they answer 0, but for the
+    runtime process a test has it scrape."""
     server = LocalPrometheus().start()
     yield server
     server.stop()
@@ -158,6 +175,29 @@ def keda(
     )
     process.stop()
     print(process.logs()[-5000:])
+
+
+@pytest.fixture(scope="module")
+def adapter(
+    cluster: Cluster, keda: KedaProcess, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[KedaAdapterProcess]:
+    """KEDA's metrics adapter, serving external.metrics.k8s.io from `keda`'s gRPC service."""
+
+    def kubectl(*args: str, input: str | None = None) -> Any:
+        return cluster.kubectl(*args, input=input, check=False)
+
+    process = KedaAdapterProcess(
+        keda_dir() / "keda-adapter",
+        cluster.kubeconfig,
+        tmp_path_factory.mktemp("keda-adapter"),
+        keda,
+        kubectl,
+    )
+    try:
+        yield process.start()
+    finally:
+        process.stop()
+        print(process.logs()[-5000:])
 
 
 def keda_ready(cluster: Cluster, ns: str, name: str) -> dict[str, Any]:
@@ -373,3 +413,140 @@ def test_the_operator_does_not_fight_keda_at_zero(
     eventually(lambda: replicas(cluster, namespace, "idle") == 0, 120, what="KEDA at 0")
     until_reason(cluster, namespace, "idle", "ScaledToZero")
     idle_writes_nothing(cluster, operator, namespace, "idle", expect=0)
+
+
+TARGET_INFLIGHT = 2  # the model's targetInflightRequests
+HELD = 5  # requests held in flight: ceil(5 / 2) = 3 replicas, the model's maximum
+LOAD_S = 600  # each held request is cut by the runtime after this long, whatever happens
+
+
+def external_metric(cluster: Cluster, ns: str, hpa: dict[str, Any]) -> float | None:
+    """The value KEDA's adapter serves, through the aggregation layer, for the HPA's one
+    external metric (the request the HPA controller makes); None while there is none."""
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "External", metric
+    name = metric["external"]["metric"]["name"]
+    labels = metric["external"]["metric"]["selector"]["matchLabels"]
+    selector = urllib.parse.quote(",".join(f"{k}={v}" for k, v in labels.items()))
+    raw = cluster.kubectl(
+        "get",
+        "--raw",
+        f"/apis/external.metrics.k8s.io/v1beta1/namespaces/{ns}/{name}?labelSelector={selector}",
+        check=False,
+    )
+    if raw.returncode != 0:
+        return None
+    items = yaml.safe_load(raw.stdout)["items"]
+    return quantity(items[0]["value"]) if items else None
+
+
+def quantity(q: str) -> float:
+    return int(q[:-1]) / 1000 if q.endswith("m") else float(q)
+
+
+# Run alone, it carries the module's setup too (control plane, operator, KEDA and its
+# adapter started), and the HPA controller acts on its 15 s sync period: more than the
+# suite's 300 s on a loaded machine.
+@pytest.mark.timeout(600)
+def test_requests_in_flight_scale_a_model_past_one_replica_through_the_adapter(
+    cluster: Cluster,
+    operator: OperatorProcess,
+    keda: KedaProcess,
+    adapter: KedaAdapterProcess,
+    prometheus: LocalPrometheus,
+    namespace: str,
+    tmp_path: Path,
+) -> None:
+    name = "busy"
+    scaling = {
+        "autoscaler": "keda",
+        "minReplicas": 1,
+        "maxReplicas": 3,
+        "targetInflightRequests": TARGET_INFLIGHT,
+    }
+    assert cluster.apply(model(name, scaling=scaling), namespace).returncode == 0
+    until_keda_ready(cluster, keda, namespace, name)
+    ready(cluster, namespace, name, timeout=120)
+    so = cluster.get("scaledobject.keda.sh", name, "-n", namespace) or {}
+    (query,) = [t["metadata"]["query"] for t in so["spec"]["triggers"] if t["name"] == "inflight"]
+    hpa_name = eventually(
+        lambda: (
+            (so := cluster.get("scaledobject.keda.sh", name, "-n", namespace))
+            and (so.get("status") or {}).get("hpaName")
+        ),
+        120,
+        what="the HPA KEDA creates for the ScaledObject",
+    )
+
+    # The one pod, as a real runtime process of the Deployment the operator wrote, scraped
+    # as the operator's PodMonitor says.
+    deployment = cluster.get("deployment", name, "-n", namespace) or {}
+    monitor = cluster.get("podmonitor", name, "-n", namespace)
+    assert monitor is not None, "the operator renders a PodMonitor where its CRD is installed"
+    found = cluster.get("pods", "-n", namespace, "-l", f"kubeonnx.io/inferencemodel={name}")
+    (pod,) = (found or {})["items"]
+    replica = start_replica(
+        deployment,
+        namespace,
+        pod["metadata"]["name"],
+        generate(tmp_path / "models", ["mlp"])["mlp"],
+        tmp_path / "replica",
+        read_timeout_s=LOAD_S,
+    )
+    try:
+        wait_serving(
+            f"{replica.http}/v2/health/ready",
+            replica.proc,
+            180,
+            what="kubeonnx serve",
+            logs=lambda: replica.log.read_text(errors="replace"),
+            ok=lambda status: status == 200,
+        )
+        prometheus.scrape(pod_monitor_scrape_configs(monitor, [replica.pod]))
+        hpa = cluster.get("hpa", hpa_name, "-n", namespace) or {}
+        # Idle: the adapter serves KEDA's value of the query, 0; one replica.
+        eventually(
+            lambda: external_metric(cluster, namespace, hpa) == 0,
+            120,
+            what="the adapter serving the idle in-flight value",
+        )
+        assert replicas(cluster, namespace, name) == 1
+
+        for _ in range(HELD):
+            replica.hold(name)
+        eventually(lambda: prometheus.value(query) == HELD, 120, what=f"{HELD} in flight: {query}")
+        # What the HPA controller reads: the same value, from KEDA's operator over gRPC.
+        eventually(
+            lambda: external_metric(cluster, namespace, hpa) == HELD,
+            120,
+            what="the adapter serving the held requests",
+        )
+
+        def scaled() -> dict[str, Any] | None:
+            status = (cluster.get("hpa", hpa_name, "-n", namespace) or {}).get("status") or {}
+            if (
+                status.get("desiredReplicas", 0) > 1
+                and (replicas(cluster, namespace, name) or 0) > 1
+            ):
+                return status
+            return None
+
+        status = eventually(scaled, 240, what=f"the HPA scaling {name} past one replica")
+        # 5 in flight over a target of 2 per replica: ceil(5 / 2) = 3 (its maximum).
+        assert replicas(cluster, namespace, name) == 3, status
+        eventually(lambda: ready_replicas(cluster, namespace, name) == 3, 120, what="3 Ready")
+        ready(cluster, namespace, name, timeout=120)
+
+        # The operator leaves the replicas to KEDA's HPA: it does not own them, and once
+        # settled its resyncs write nothing.
+        assert not operator_owns_replicas(cluster, namespace, name)
+
+        def snapshot() -> Any:
+            so = cluster.get("scaledobject.keda.sh", name, "-n", namespace) or {}
+            return (replicas(cluster, namespace, name), so.get("spec"))
+
+        assert_idle_resync(cluster, operator, namespace, snapshot)
+        assert replicas(cluster, namespace, name) == 3
+    finally:
+        replica.stop()
+        prometheus.scrape([])

@@ -112,11 +112,17 @@ class Replica:
 
 
 def start_replica(
-    deployment: dict[str, Any], namespace: str, pod_name: str, model: Path, work: Path
+    deployment: dict[str, Any],
+    namespace: str,
+    pod_name: str,
+    model: Path,
+    work: Path,
+    read_timeout_s: float = 600,
 ) -> Replica:
     """Run the rendered runtime container as a local process: its environment as written
     (ports become free loopback ports, named as the container names them), the model a
-    generated one."""
+    generated one. A held request is cut after `read_timeout_s`: longer than any wait of
+    the test that holds it."""
     container = next(
         c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == CONTAINER
     )
@@ -136,8 +142,7 @@ def start_replica(
         "KUBEONNX_TERMINATION_LOG": str(work / "termination-log"),
         "KUBEONNX_HOST": "127.0.0.1",
         "KUBEONNX_DRAIN_SECONDS": "0",
-        # A held request is cut after this long: longer than any wait here.
-        "KUBEONNX_READ_TIMEOUT_S": "600",
+        "KUBEONNX_READ_TIMEOUT_S": f"{read_timeout_s:g}",
     }
     base = {k: v for k, v in os.environ.items() if not k.startswith("KUBEONNX_")}
     log = work / "serve.log"

@@ -570,3 +570,65 @@ def test_make_dev_and_demo_print_no_bare_kubeconfig_line(
     assert local_cluster.main(["up"]) == 0
     assert capsys.readouterr().out == f"{cluster_dir / 'kubeconfig'}\n"
     local_cluster.down()
+
+
+def keda_fake_go(bin_dir: Path, module: Path, log: Path) -> None:
+    """A `go` for KEDA's build: `mod download -json` names `module` (its go.mod, its CRDs);
+    `build -o FILE` writes FILE saying which package; every call is logged."""
+    (module / "config" / "crd" / "bases").mkdir(parents=True)
+    (module / "config" / "crd" / "bases" / "keda.sh_scaledobjects.yaml").write_text("new crd\n")
+    (module / "go.mod").write_text("module github.com/kedacore/keda/v2\n")
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "go").write_text(
+        "#!/bin/bash\n"
+        f'echo "$*" >> {log}\n'
+        f'case "$*" in "env GOVERSION") echo go{GO_VERSION} ;;\n'
+        f' "mod download -json "*) echo \'{{"Dir": "{module}", "GoMod": "{module}/go.mod"}}\' ;;\n'
+        ' build\\ *) a="$*"; out=${a#*-o }; out=${out%% *}; echo "built ${a##* }" > "$out" ;;\n'
+        "esac\n"
+    )
+    (bin_dir / "go").chmod(0o755)
+
+
+def test_a_keda_cache_without_the_adapter_builds_only_the_adapter(tmp_path: Path) -> None:
+    """A cache of before the adapter (its operator and CRDs): the operator and CRDs are kept
+    as they are, only the adapter is built; then everything is cached."""
+    cache = tmp_path / "cache"
+    keda = cache / "bin" / f"keda-{VERSIONS['KEDA_VERSION']}"
+    (keda / "crds").mkdir(parents=True)
+    (keda / "keda").write_text("the cached operator\n")
+    (keda / "crds" / "keda.sh_scaledobjects.yaml").write_text("cached crd\n")
+    log = tmp_path / "go.log"
+    keda_fake_go(tmp_path / "bin", tmp_path / "module", log)
+    path = f"{tmp_path / 'bin'}:/usr/bin:/bin"
+
+    built = build("keda", path=path, cache=cache, TMPDIR=str(tmp_path))
+    assert built.returncode == 0, built.stderr
+    assert built.stdout == f"KEDA_BIN={keda}\n"
+    assert "building keda-adapter " in built.stderr, built.stderr
+    builds = [line for line in log.read_text().splitlines() if line.startswith("build ")]
+    (only,) = builds
+    assert only.endswith("-o out/keda-adapter github.com/kedacore/keda/v2/cmd/adapter"), only
+    assert (keda / "keda-adapter").read_text() == "built github.com/kedacore/keda/v2/cmd/adapter\n"
+    assert (keda / "keda").read_text() == "the cached operator\n"
+    assert (keda / "crds" / "keda.sh_scaledobjects.yaml").read_text() == "cached crd\n"
+    assert not list(keda.glob(".*"))  # no piece left half-moved
+
+    log.unlink()
+    again = build("keda", path=path, cache=cache)
+    assert again.returncode == 0 and "cached" in again.stderr, again.stderr
+    assert not log.exists() or "build " not in log.read_text()
+
+
+def test_an_empty_keda_cache_builds_the_operator_the_adapter_and_the_crds(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    log = tmp_path / "go.log"
+    keda_fake_go(tmp_path / "bin", tmp_path / "module", log)
+    built = build(
+        "keda", path=f"{tmp_path / 'bin'}:/usr/bin:/bin", cache=cache, TMPDIR=str(tmp_path)
+    )
+    assert built.returncode == 0, built.stderr
+    keda = cache / "bin" / f"keda-{VERSIONS['KEDA_VERSION']}"
+    assert (keda / "keda").read_text() == "built github.com/kedacore/keda/v2/cmd/operator\n"
+    assert (keda / "keda-adapter").read_text() == "built github.com/kedacore/keda/v2/cmd/adapter\n"
+    assert (keda / "crds" / "keda.sh_scaledobjects.yaml").read_text() == "new crd\n"
