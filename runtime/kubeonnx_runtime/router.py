@@ -441,9 +441,10 @@ class Router:
             return
         chosen, pinned = self.choose(path, headers)
         if chosen == "" or (isinstance(chosen, Upstream) and not chosen.ready):
-            chosen, pinned = await self.hold(scope, headers, chosen, pinned, send)
-            if chosen is None:
+            waited, pinned = await self.hold(scope, headers, chosen, pinned, send)
+            if waited is None:
                 return
+            chosen = waited
         if isinstance(chosen, str):
             self.count("", 404)
             await _send_error(send, 404, chosen)

@@ -40,9 +40,12 @@ def test_a_holding_model_is_fronted_by_the_router_and_woken_by_what_it_holds() -
     # The router, in front of the model's own Service, never scaled to zero.
     router = got[("Deployment", "mlp-router")]
     assert router["spec"]["replicas"] >= 1
-    assert not any(
-        k == "HorizontalPodAutoscaler" or k == "ScaledObject" and n == "mlp-router" for k, n in got
-    )
+    autoscaled = [
+        c["spec"]["scaleTargetRef"]["name"]
+        for (kind, _), c in got.items()
+        if kind in ("HorizontalPodAutoscaler", "ScaledObject")
+    ]
+    assert autoscaled == ["mlp"]
     config = json.loads(got[("ConfigMap", "mlp-router")]["data"]["router.json"])
     RouterConfig.model_validate(config)  # the router starts on it
     assert config["model"] == "mlp"
