@@ -126,6 +126,11 @@ REFUSALS: list[tuple[str, dict[str, Any], str]] = [
         "spec.scaling.minReplicas must not be greater than spec.scaling.maxReplicas",
     ),
     (
+        "!has(self.holdRequests) || !self.holdRequests ||",
+        model(scaling={"holdRequests": True}),
+        "spec.scaling.holdRequests needs autoscaler keda",
+    ),
+    (
         '!self.enabled || (has(self.host) && self.host != "")',
         model(ingress={"enabled": True}),
         "spec.ingress.host is required when spec.ingress.enabled is true",
@@ -171,6 +176,11 @@ REFUSALS: list[tuple[str, dict[str, Any], str]] = [
         "metadata.name must be at most 56 characters with spec.traffic.candidates",
     ),
     (
+        "!has(self.spec.scaling) || !has(self.spec.scaling.holdRequests) ||",
+        model("a" * 57, scaling={"autoscaler": "keda", "holdRequests": True}),
+        "metadata.name must be at most 56 characters with spec.scaling.holdRequests",
+    ),
+    (
         "!has(self.traffic) || !has(self.traffic.candidates) ||",
         model(**traffic(candidate("1"))),
         "spec.traffic.candidates[].version must differ from spec.model.version",
@@ -209,6 +219,11 @@ REFUSALS: list[tuple[str, dict[str, Any], str]] = [
         "!has(self.scaling) || self.scaling.minReplicas > 0 ||",
         model(**traffic(candidate(scaling={"minReplicas": 0, "maxReplicas": 2}))),
         "spec.traffic.candidates[].scaling.minReplicas 0 needs autoscaler keda",
+    ),
+    (
+        "!has(self.scaling) || !has(self.scaling.holdRequests) ||",
+        model(**traffic(candidate(scaling={"autoscaler": "keda", "holdRequests": True}))),
+        "spec.traffic.candidates[].scaling.holdRequests is not taken",
     ),
     (
         "self.matches('^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$')",

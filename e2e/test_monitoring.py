@@ -47,6 +47,7 @@ KUBEONNX = str(Path(sys.executable).parent / "kubeonnx")
 
 NAMESPACE, NAME, VERSION = "ml-team", "scorer", "2"  # as examples/canary.yaml numbers them
 PREVIOUS = "1"  # a replica of the version before, as during a rollout
+NEVER = "3"  # a version of the router's that no replica serves: a request pinned to it waits
 KEYS = {"alpha": "alpha-key", "beta": "beta-key"}  # beta's limit is 0: always refused
 # Metrics of programs this test bed does not run: their expressions can only come back empty.
 NEEDS_KUBE_STATE_METRICS = {
@@ -164,6 +165,52 @@ def start_runtime(
     return runtime
 
 
+def start_router(server: Runtime, previous: Runtime, work: Path) -> Runtime:
+    """The model's router in front of both versions, as the operator runs it (its file names
+    the model), with a third version that never answers: a request pinned to it is held,
+    and after `max_hold_s` refused."""
+    port, metrics_port = free_port(), free_port()
+    work.mkdir(parents=True)
+    config = work / "router.json"
+    never = f"http://127.0.0.1:{free_port()}"
+    config.write_text(
+        json.dumps(
+            {
+                "model": NAME,
+                "versions": [
+                    {"name": VERSION, "url": server.http, "weight": 1},
+                    {"name": PREVIOUS, "url": previous.http, "weight": 1},
+                    {"name": NEVER, "url": never, "weight": 0},
+                ],
+                "max_hold_s": 2,
+            }
+        )
+    )
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("KUBEONNX_")},
+        "KUBEONNX_ROLE": "router",
+        "KUBEONNX_ROUTER_CONFIG": str(config),
+        "KUBEONNX_HOST": "127.0.0.1",
+        "KUBEONNX_PORT": str(port),
+        "KUBEONNX_METRICS_PORT": str(metrics_port),
+        "KUBEONNX_TERMINATION_LOG": str(work / "termination-log"),
+    }
+    log = work / "serve.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([KUBEONNX, "serve"], env=env, stdout=out, stderr=subprocess.STDOUT)
+    addresses = {"http": f"127.0.0.1:{port}", "metrics": f"127.0.0.1:{metrics_port}"}
+    router = Runtime(Pod(f"{NAME}-router-6d9c8b7f5-0", "runtime", addresses), proc, log)
+    wait_serving(
+        f"{router.http}/v2/health/ready",
+        proc,
+        180,
+        what="kubeonnx serve (router)",
+        logs=lambda: log.read_text(errors="replace"),
+        ok=lambda status: status == 200,
+    )
+    return router
+
+
 def wait_for(check: Any, what: str, timeout: float = 120) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -248,14 +295,22 @@ def bed(
             version=PREVIOUS,
         )
         runtimes.append(previous)
+        router = start_router(server, previous, work / "router")
+        runtimes.append(router)
         monitor = {
             "metadata": {"namespace": NAMESPACE, "name": NAME},
+            "spec": {"podMetricsEndpoints": [{"port": "metrics"}]},
+        }
+        # The router's own PodMonitor (NAME-router), as the operator renders it.
+        router_monitor = {
+            "metadata": {"namespace": NAMESPACE, "name": f"{NAME}-router"},
             "spec": {"podMetricsEndpoints": [{"port": "metrics"}]},
         }
         operator_pod = "kubeonnx-operator-5b6c7d8f9-0"
         prometheus.scrape(
             [
-                *pod_monitor_scrape_configs(monitor, [r.pod for r in runtimes]),
+                *pod_monitor_scrape_configs(monitor, [r.pod for r in runtimes if r != router]),
+                *pod_monitor_scrape_configs(router_monitor, [router.pod]),
                 {
                     # The operator's metrics Service, scraped with honorLabels: its
                     # kubeonnx_operator_model_ready keeps the model's namespace.
@@ -282,7 +337,7 @@ def bed(
         cluster.kubectl("create", "namespace", ns, check=False)
         assert cluster.apply(model("watched"), ns).returncode == 0
         ready(cluster, ns, "watched", timeout=120)
-        traffic(server, previous, redis)
+        traffic(server, previous, redis, router)
         yield Bed(prometheus, runtimes, operator_pod, started)
         cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
     finally:
@@ -292,14 +347,20 @@ def bed(
         redis.kill()
 
 
-def traffic(server: Runtime, previous: Runtime, redis: LocalRedis) -> None:
+def traffic(server: Runtime, previous: Runtime, redis: LocalRedis, router: Runtime) -> None:
     """Requests of each kind the dashboard shows, sent twice: a series starts at its first
     sample, and rate() needs a second. Both versions answer; only the new one takes
-    asynchronous requests."""
+    asynchronous requests. The router holds a request pinned to the version no replica
+    serves, and refuses it after its `max_hold_s`."""
     alpha, beta = ({"X-Api-Key": KEYS[t]} for t in ("alpha", "beta"))
     infers = [f"{r.http}/v2/models/{NAME}/infer" for r in (server, previous)]
     with httpx.Client(timeout=30) as http:
         for _ in range(2):
+            held = http.post(
+                f"{router.http}/v2/models/{NAME}/versions/{NEVER}/infer", json=INFER, headers=alpha
+            )
+            assert held.status_code == 503, held.text
+            assert "(max_hold_s)" in held.json()["error"]
             for infer in infers:
                 for _ in range(5):
                     assert http.post(infer, json=INFER, headers=alpha).status_code == 200

@@ -32,6 +32,7 @@ from .render.versions import (
     mirror_secret_name,
     mirrored,
     place,
+    routed,
     router_selector,
 )
 from .spec import InvalidSpec, RouteRefused
@@ -334,8 +335,9 @@ class Reconciler:
             if current is not None and version.spec.scaling.autoscaler == "hpa":
                 await self._wake_from_zero(key, version, current)
         deployment = self.deployment(key, stable_name)
-        if self.observed.service_selector(key) == router_selector(model) and len(placed) == 1:
-            # The last candidate went: Service NAME is switched back to the stable's pods
+        if self.observed.service_selector(key) == router_selector(model) and not routed(model):
+            # The router is no longer needed (the last candidate went, holdRequests was
+            # turned off): Service NAME is switched back to the stable's pods
             # above; the router (and what it forwards to) goes once the watch shows that.
             log.info("%s/%s: pruning waits for Service %s to select the stable", *key, name)
         else:
@@ -437,10 +439,12 @@ class Reconciler:
         """Whether the HTTPRoute may carry the mirrored candidates' RequestMirror filters:
         only where the class of every Gateway it attaches to lists the features they need
         in status.supportedFeatures. () where nothing is mirrored through a Gateway (none
-        named, no mirror, or `sticky`: the router mirrors). Read by name on each reconcile
-        that needs it, so a class that gains the feature is seen by the next resync."""
+        named, no mirror, `sticky` or `holdRequests`: the router mirrors). Read by name on
+        each reconcile that needs it, so a class that gains the feature is seen by the next
+        resync."""
         needed = mirror_features(placed)
-        if model.spec.ingress.gateway is None or not needed or model.spec.traffic.sticky:
+        through_router = model.spec.traffic.sticky or model.holds_requests
+        if model.spec.ingress.gateway is None or not needed or through_router:
             return ()
         off = "spec.traffic.candidates[].mirrorPercent is not applied to requests through the"
         for namespace, name in parent_gateways(model):

@@ -109,6 +109,8 @@ class ScalingSpec(_Spec):
     target_cpu_utilization: int = Field(70, ge=1, le=100, alias="targetCPUUtilization")
     target_inflight_requests: int = Field(8, ge=1, le=100000)
     demand: DemandSpec | None = None
+    # The router in front holds requests while no replica is ready; their count wakes it.
+    hold_requests: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -126,14 +128,23 @@ class ScalingSpec(_Spec):
                 "spec.scaling.minReplicas must not be greater than spec.scaling.maxReplicas "
                 f"({self.min_replicas} > {self.max_replicas})"
             )
+        if self.hold_requests and self.autoscaler != "keda":
+            raise ValueError(HOLD_NEEDS_KEDA)
         return self
+
+
+HOLD_NEEDS_KEDA = (
+    "spec.scaling.holdRequests needs autoscaler keda: the count of held requests is the "
+    "KEDA trigger that wakes the model"
+)
 
 
 SCALE_TO_ZERO_NEEDS = (
     "spec.scaling.minReplicas 0 (scale to zero) needs autoscaler keda and a demand signal "
-    "that exists while no replica runs: spec.async.enabled (the queue's length), or "
-    "spec.scaling.demand.prometheusQuery (the ingress controller's request rate for the "
-    "route, for example); at zero replicas the runtime's own in-flight metric does not exist"
+    "that exists while no replica runs: spec.scaling.holdRequests (the requests the router "
+    "holds), spec.async.enabled (the queue's length), or spec.scaling.demand.prometheusQuery "
+    "(the ingress controller's request rate for the route, for example); at zero replicas "
+    "the runtime's own in-flight metric does not exist"
 )
 DURATION = r"^([0-9]+h)?([0-9]+m)?([0-9]+s)?$"
 
@@ -393,6 +404,12 @@ class CandidateSource(_Spec):
         return self
 
 
+CANDIDATE_HOLD = (
+    "spec.traffic.candidates[].scaling.holdRequests is not taken: set spec.scaling.holdRequests "
+    "(the router holds the requests of every version)"
+)
+
+
 class CandidateSpec(_Spec):
     """A version served beside the stable one (spec.model), in a Deployment of its own."""
 
@@ -407,6 +424,8 @@ class CandidateSpec(_Spec):
     @model_validator(mode="after")
     def _scale_to_zero(self) -> CandidateSpec:
         scaling = self.scaling
+        if scaling is not None and scaling.hold_requests:
+            raise ValueError(CANDIDATE_HOLD)
         woken = scaling is not None and scaling.autoscaler == "keda" and scaling.demand is not None
         if scaling is not None and scaling.min_replicas == 0 and not woken:
             raise ValueError(
@@ -509,7 +528,7 @@ class InferenceModelSpec(_Spec):
     @model_validator(mode="after")
     def _scale_to_zero(self) -> InferenceModelSpec:
         scaling = self.scaling
-        woken = scaling.demand is not None or self.async_.enabled
+        woken = scaling.demand is not None or self.async_.enabled or scaling.hold_requests
         if scaling.min_replicas == 0 and (scaling.autoscaler != "keda" or not woken):
             raise ValueError(SCALE_TO_ZERO_NEEDS)
         return self

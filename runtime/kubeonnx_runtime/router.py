@@ -11,6 +11,13 @@ readiness: it probes the version at once, and only the probe marks it not ready.
 whose connection was refused goes to another version (nothing was sent, so this is safe for
 any method); that request alone, the weights stay.
 
+With no version ready that may take a request (the model scaled to zero, say), the request is
+held: at most `max_held_requests` at a time, each at most `max_hold_s`, and forwarded as
+soon as the probes see a version it may go to ready (a first hold has every version probed
+at once). A request over the count, or held that long, is answered 503 with Retry-After,
+naming why; a client that leaves while held is dropped (code 499). The held count is a
+gauge: the demand signal that wakes a model scaled to zero (KEDA's trigger).
+
 A version with `mirror_percent` gets that share of the inference requests copied to it as
 well, exactly counted the same way; its answers are dropped. A copy is made only for a body
 of known length up to `mirror_max_body_bytes`, is sent after the client's request is
@@ -59,6 +66,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from starlette.types import Message, Receive, Scope, Send
 
 from .errors import FatalStartupError
+from .metrics import ConstantLabels
 from .settings import VERSION_PATTERN, ServeSettings
 from .upstream import (
     ClientGone,
@@ -95,6 +103,7 @@ HOP_BY_HOP = {
 NOT_FORWARDED = HOP_BY_HOP | {b"content-length", MIRROR_HEADER, b"expect"}
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}  # sent again on a fresh connection if need be
 HOLD_HEAD = "kubeonnx.hold_head"  # in the scope: hold the answer's head for its body
+GONE = "kubeonnx.gone"  # in the scope: an event set once the client's connection is lost
 
 
 class VersionConfig(BaseModel):
@@ -118,6 +127,9 @@ class RouterConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    model: str | None = Field(
+        None, min_length=1, description="the model's name: every series carries it as `model`"
+    )
     versions: list[VersionConfig] = Field(min_length=1, max_length=8)
     sticky: bool = Field(False, description="one tenant (API key) always reaches one version")
     pin_header: str = Field("X-Model-Version", min_length=1)
@@ -128,6 +140,10 @@ class RouterConfig(BaseModel):
     timeout_s: float = Field(60.0, gt=0, description="longest wait for each read or write")
     max_mirrors_in_flight: int = Field(64, ge=1, le=10000)
     mirror_max_body_bytes: int = Field(4 * 1024 * 1024, ge=0)
+    max_held_requests: int = Field(
+        100, ge=0, le=100000, description="requests held while no version is ready; 0: none"
+    )
+    max_hold_s: float = Field(60.0, gt=0, le=3600, description="longest a request is held")
 
     @model_validator(mode="after")
     def _check(self) -> RouterConfig:
@@ -163,8 +179,14 @@ def load_config(path: Path) -> RouterConfig:
 
 
 class RouterMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    """The router's metrics on `registry`; with `model`, each series carries it as `model`
+    (added at collection, as the runtime adds its version)."""
+
+    def __init__(self, registry: CollectorRegistry, model: str | None = None) -> None:
         self.registry = registry
+        if model is not None:
+            registry = CollectorRegistry()
+            self.registry.register(ConstantLabels(registry, {"model": model}))
         self.requests = Counter(
             "kubeonnx_router_requests",
             "Requests the router answered, by version sent to and status code",
@@ -184,6 +206,25 @@ class RouterMetrics:
             ["version"],
             registry=registry,
         )
+        self.held = Gauge(
+            "kubeonnx_router_held_requests",
+            "Requests held now because no version that may take them is ready: the demand "
+            "that wakes a model scaled to zero",
+            registry=registry,
+        )
+        self.holds = Counter(
+            "kubeonnx_router_holds",
+            "Requests held, by outcome (forwarded: a version became ready; full: "
+            "max_held_requests were held already, 503; timeout: held max_hold_s, 503; gone: "
+            "the client left, 499)",
+            ["outcome"],
+            registry=registry,
+        )
+        for outcome in HOLD_OUTCOMES:
+            self.holds.labels(outcome)
+
+
+HOLD_OUTCOMES = ("forwarded", "full", "timeout", "gone")
 
 
 class Upstream:
@@ -276,6 +317,9 @@ class Router:
         self.counted: dict[tuple[str, int], Any] = {}  # requests' metric children, by label
         self.mirroring: set[asyncio.Task[None]] = set()
         self.probes: list[asyncio.Task[None]] = []
+        self.held = 0
+        # Set (and replaced) each time a version turns ready: what held requests wait on.
+        self.turned_ready = asyncio.Event()
         for u in self.upstreams:
             metrics.ready.labels(u.name).set(0)
 
@@ -286,6 +330,9 @@ class Router:
             log.info(
                 "upstream %s", "ready" if ready else "not ready", extra={"version": upstream.name}
             )
+            if ready:
+                self.turned_ready.set()
+                self.turned_ready = asyncio.Event()
         upstream.ready = ready
         self.metrics.ready.labels(upstream.name).set(1 if ready else 0)
 
@@ -393,15 +440,14 @@ class Router:
             )
             return
         chosen, pinned = self.choose(path, headers)
+        if chosen == "" or (isinstance(chosen, Upstream) and not chosen.ready):
+            waited, pinned = await self.hold(scope, headers, chosen, pinned, send)
+            if waited is None:
+                return
+            chosen = waited
         if isinstance(chosen, str):
-            if chosen:
-                self.count("", 404)
-                await _send_error(send, 404, chosen)
-            else:
-                await self._unavailable(send, "no version of the model is ready")
-            return
-        if not chosen.ready:
-            await self._unavailable(send, f"model version '{chosen.name}' is not ready")
+            self.count("", 404)
+            await _send_error(send, 404, chosen)
             return
         target: bytes = scope.get("raw_path") or path.encode()
         if scope.get("query_string"):
@@ -439,6 +485,69 @@ class Router:
         finally:
             self.pool.release(chosen.host, chosen.port, conn)
         self.count(chosen.name, conn.status)
+
+    async def hold(
+        self,
+        scope: Scope,
+        headers: list[tuple[bytes, bytes]],
+        chosen: Upstream | str,
+        pinned: bool,
+        send: Send,
+    ) -> tuple[Upstream | None, bool]:
+        """A request no ready version may take, held until one may (that version, and
+        whether the request named it), or answered 503 (None) when the hold is full or
+        lasts `max_hold_s`, or dropped (None, 499) when the client leaves meanwhile."""
+        why = "no version of the model is ready"
+        if isinstance(chosen, Upstream):
+            why = f"model version '{chosen.name}' is not ready"
+        limit = self.config.max_held_requests
+        if limit == 0:
+            await self._unavailable(send, why)
+            return None, pinned
+        if self.held >= limit:
+            self.metrics.holds.labels("full").inc()
+            await self._unavailable(
+                send, f"{why}, and {limit} requests are held already (max_held_requests)"
+            )
+            return None, pinned
+        gone: asyncio.Event | None = scope.get(GONE)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.max_hold_s
+        self.held += 1
+        self.metrics.held.set(self.held)
+        if self.held == 1:  # a first request held: ask every version now, not at the interval
+            for u in self.upstreams:
+                u.recheck.set()
+        outcome = "timeout"
+        try:
+            while True:
+                waits = [asyncio.ensure_future(self.turned_ready.wait())]
+                if gone is not None:
+                    waits.append(asyncio.ensure_future(gone.wait()))
+                try:
+                    await asyncio.wait(
+                        waits, timeout=deadline - loop.time(), return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    for w in waits:
+                        w.cancel()
+                if gone is not None and gone.is_set():
+                    outcome = "gone"
+                    self.count("", 499)
+                    return None, pinned
+                again, pinned = self.choose(scope["path"], headers)
+                if isinstance(again, Upstream) and again.ready:
+                    outcome = "forwarded"
+                    return again, pinned
+                if loop.time() >= deadline:
+                    break
+        finally:
+            self.held -= 1
+            self.metrics.held.set(self.held)
+            self.metrics.holds.labels(outcome).inc()
+        waited = self.config.max_hold_s
+        await self._unavailable(send, f"{why}: the request was held {waited:g} s (max_hold_s)")
+        return None, pinned
 
     async def _mirrorable(
         self, mirrors: list[Upstream], headers: list[tuple[bytes, bytes]], body: Body
@@ -778,10 +887,16 @@ def router_protocol(max_head: int, read_timeout: float) -> type[Any]:
         def connection_made(self, transport: asyncio.Transport) -> None:
             super().connection_made(transport)
             self.transport = _HeadHolder(transport)
+            self.gone = asyncio.Event()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.gone.set()
+            super().connection_lost(exc)
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
             self.scope[HOLD_HEAD] = self.transport.hold
+            self.scope[GONE] = self.gone
 
         def on_response_complete(self) -> None:
             self.transport.flush()  # a HEAD answer's head: no body follows
@@ -802,7 +917,8 @@ def serve_router(settings: ServeSettings) -> int:
             raise FatalStartupError("role router needs --router-config (KUBEONNX_ROUTER_CONFIG)")
         config = load_config(settings.router_config)
         secret = settings.mirror_secret.get_secret_value() if settings.mirror_secret else None
-        router = Router(config, RouterMetrics(CollectorRegistry()), secret, settings.metrics_port)
+        metrics = RouterMetrics(CollectorRegistry(), config.model)
+        router = Router(config, metrics, secret, settings.metrics_port)
         sockets = [listen(settings.host, settings.port)]
         if settings.metrics_port is not None:
             sockets.append(listen(settings.host, settings.metrics_port))

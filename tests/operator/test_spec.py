@@ -23,7 +23,26 @@ URI = {"uri": "s3://b/k.onnx"}
         # Nothing would wake it: at zero replicas no runtime exports the in-flight gauge.
         (
             {"model": URI, "scaling": {"minReplicas": 0, "autoscaler": "keda"}},
-            "a demand signal that exists while no replica runs: spec.async.enabled",
+            "a demand signal that exists while no replica runs: spec.scaling.holdRequests",
+        ),
+        (
+            {"model": URI, "scaling": {"holdRequests": True}},
+            "spec.scaling.holdRequests needs autoscaler keda",
+        ),
+        (
+            {
+                "model": URI,
+                "traffic": {
+                    "candidates": [
+                        {
+                            "version": "2",
+                            "model": URI,
+                            "scaling": {"autoscaler": "keda", "holdRequests": True},
+                        }
+                    ]
+                },
+            },
+            "scaling.holdRequests is not taken: set spec.scaling.holdRequests",
         ),
         (
             {"model": URI, "async": {"enabled": True}},

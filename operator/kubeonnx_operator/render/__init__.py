@@ -26,6 +26,8 @@ from .versions import (
     render_router,
     render_router_config_map,
     render_router_pdb,
+    render_router_pod_monitor,
+    routed,
     router_selector,
     version_deployment,
     version_model,
@@ -45,7 +47,7 @@ def render_children(
     versions = [_version_children(model, config, p, pod_monitor, len(placed) > 1) for p in placed]
     children = [render_quota_config(model)] if model.quota is not None else []
     children += [v["deployment"] for v in versions]
-    if len(placed) > 1:
+    if routed(model):
         children += [version_service(model, p) for p in placed]
         config_map = render_router_config_map(model, config, placed)
         children += [config_map, render_router(model, config, config_map)]
@@ -65,6 +67,8 @@ def render_children(
     if spec.ingress.gateway is not None:
         children.append(render_http_route(model, placed))
     children += [v[kind] for kind in ("pdb", "monitor") for v in versions if kind in v]
+    if routed(model) and pod_monitor and config.pod_monitor:
+        children.append(render_router_pod_monitor(model))
     return children
 
 

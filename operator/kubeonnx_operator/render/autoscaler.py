@@ -100,6 +100,20 @@ def render_scaled_object(model: Model, config: OperatorConfig) -> dict[str, Any]
                 },
             }
         )
+    if scaling.hold_requests:
+        # The requests the router holds while no replica is ready: at zero replicas too.
+        triggers.append(
+            {
+                "type": "prometheus",
+                "name": "held",
+                "metadata": {
+                    "serverAddress": config.prometheus_address,
+                    "query": model.held_query(),
+                    "threshold": str(scaling.target_inflight_requests),
+                    "activationThreshold": "0",
+                },
+            }
+        )
     if model.spec.async_.enabled:
         triggers.append(queue_trigger(model))
     return {

@@ -9,8 +9,9 @@ renders the same object). A request naming its version (the pin header, or the p
 RequestMirror filter only where every parent Gateway's class supports it
 (`model.gateway_mirror`, decided by the reconciler from the GatewayClass's
 status.supportedFeatures). With `sticky` the main rule goes to the router (Service NAME),
-which alone knows the caller's version. Without candidates the route has one backend, the
-model's Service.
+which alone knows the caller's version. Without candidates, or with spec.scaling.holdRequests
+(the router holds requests while nothing is ready, and serves the pins itself), the route has
+one backend, the model's Service.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def render_http_route(model: Model, placed: list[Placed]) -> dict[str, Any]:
             _rule([_prefix(f"{base}/async-infer")], [_backend(model.gateway_name)]),
             _rule([_prefix(f"{base}/requests")], [_backend(model.gateway_name)]),
         ]
-    if len(placed) > 1:
+    if len(placed) > 1 and not model.holds_requests:
         pin = model.spec.traffic.pin_header
         for p in placed:
             path = f"{root}/v2/models/{model.name}/versions/{p.version}"
@@ -108,6 +109,8 @@ def render_http_route(model: Model, placed: list[Placed]) -> dict[str, Any]:
                 main["filters"] = [_mirror(p) for p in placed if p.mirror_percent]
             rules.append(main)
     else:
+        # One version, or requests held by the router (which also serves the pins): the
+        # model's Service, which selects the router whenever the model has one.
         rules.append(_rule([_prefix(model.route_path)], [_backend(model.name)]))
     spec: dict[str, Any] = {
         "parentRefs": [_parent(model, ref) for ref in gateway.parent_refs],

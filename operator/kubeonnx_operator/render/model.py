@@ -136,9 +136,25 @@ class Model:
         query = demand.prometheus_query.replace("${namespace}", self.namespace)
         return query.replace("${name}", self.name)
 
+    @property
+    def holds_requests(self) -> bool:
+        """spec.scaling.holdRequests: the router holds requests while nothing is ready."""
+        return self.spec.scaling.hold_requests
+
+    def held_query(self) -> str:
+        """The PromQL of the requests the router holds: what wakes a model that holds them."""
+        return (
+            f'sum(kubeonnx_router_held_requests{{namespace="{self.namespace}",'
+            f'model="{self.name}"}}) or vector(0)'
+        )
+
     def wake_signal(self) -> str | None:
         """What wakes the model from zero replicas, as the ScaledToZero message says it."""
         signals = []
+        if self.holds_requests:
+            signals.append(
+                f"the router {self.name}{ROUTER_SUFFIX} holds a request ({self.held_query()} > 0)"
+            )
         query = self.demand_query()
         if query is not None:
             signals.append(f"{query} > 0")
@@ -180,10 +196,15 @@ def load_model(
             f"spec.async.enabled is true: the gateway's Service is NAME{GATEWAY_SUFFIX}, "
             "a DNS label of at most 63 characters"
         )
-    if model.spec.traffic.candidates and len(name) > ROUTER_NAME_MAX:
+    if (model.spec.traffic.candidates or model.holds_requests) and len(name) > ROUTER_NAME_MAX:
+        why = (
+            "spec.traffic.candidates"
+            if model.spec.traffic.candidates
+            else "spec.scaling.holdRequests"
+        )
         raise InvalidSpec(
             f"metadata.name must be at most {ROUTER_NAME_MAX} characters with "
-            f"spec.traffic.candidates: the router's Deployment is NAME{ROUTER_SUFFIX}"
+            f"{why}: the router's Deployment is NAME{ROUTER_SUFFIX}"
         )
     check_route(model.spec.ingress.path, namespace)
     profile = model.spec.accelerator.profile

@@ -118,7 +118,7 @@ def _candidate_spec(spec: InferenceModelSpec, index: int) -> InferenceModelSpec:
     source = ModelSource.model_construct(
         uri=c.model.uri, sha256=c.model.sha256, version=c.version, s3=c.model.s3
     )
-    scaling = c.scaling or spec.scaling
+    scaling = (c.scaling or spec.scaling).model_copy(update={"hold_requests": False})
     if scaling.min_replicas == 0 and scaling.demand is None:
         scaling = scaling.model_copy(update={"min_replicas": 1})  # nothing would wake it
     return spec.model_copy(
@@ -274,6 +274,12 @@ def version_service(model: Model, placed: Placed) -> dict[str, Any]:
     }
 
 
+def routed(model: Model) -> bool:
+    """Whether the model's requests go through the router: it has candidates, or holds
+    requests while no replica is ready (spec.scaling.holdRequests)."""
+    return bool(model.spec.traffic.candidates) or model.holds_requests
+
+
 def router_name(model: Model) -> str:
     return f"{model.name}{ROUTER_SUFFIX}"
 
@@ -293,6 +299,7 @@ def router_config(model: Model, config: OperatorConfig, placed: list[Placed]) ->
             entry["mirror_percent"] = p.mirror_percent
         versions.append(entry)
     out: dict[str, Any] = {
+        "model": model.name,
         "versions": versions,
         "sticky": traffic.sticky,
         "pin_header": traffic.pin_header,
@@ -370,7 +377,11 @@ def render_router(
             {"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
             {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
         ],
-        "readinessProbe": probe("/v2/health/ready", 2, 2),
+        # Holding, the router takes requests while no version is ready: it is ready itself
+        # as soon as it answers (else Service NAME would have no endpoint at zero).
+        "readinessProbe": probe(
+            "/v2/health/live" if model.holds_requests else "/v2/health/ready", 2, 2
+        ),
         "livenessProbe": probe("/v2/health/live", 10, 3),
         "resources": ROUTER_RESOURCES,
         "terminationMessagePath": TERMINATION_LOG,
@@ -422,5 +433,23 @@ def render_router(
                 },
                 "spec": pod_spec,
             },
+        },
+    }
+
+
+def render_router_pod_monitor(model: Model) -> dict[str, Any]:
+    """The router's PodMonitor (as each version's, render/monitor.py): its metrics, the
+    held requests that wake a model scaled to zero among them."""
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PodMonitor",
+        "metadata": {
+            "name": router_name(model),
+            "namespace": model.namespace,
+            "labels": _router_labels(model),
+        },
+        "spec": {
+            "selector": {"matchLabels": router_selector(model)},
+            "podMetricsEndpoints": [{"port": "metrics", "path": "/metrics", "interval": "15s"}],
         },
     }
