@@ -16,6 +16,9 @@ Models:
            the run (Gather), which poisons any batch it is merged into
   valid    a 3x3 convolution without padding, FP32 [1,1,H,W] with dynamic H and W: a
            warm-up on 1x1 cannot run it
+  text     a tiny text classifier, INT64 input_ids and attention_mask [-1,-1] -> FP32
+           logits [-1,2]: the mean of the embeddings (vocabulary 0..99) of the tokens the
+           mask keeps, so padding (mask 0) changes nothing; for token budgets
 """
 
 from __future__ import annotations
@@ -220,6 +223,41 @@ def valid_conv_model() -> onnx.ModelProto:
     return _model(graph)
 
 
+def text_model() -> onnx.ModelProto:
+    rng = np.random.default_rng(3)
+    table = rng.standard_normal((100, 4)).astype(np.float32)
+    weights = rng.standard_normal((4, 2)).astype(np.float32)
+    inits = [
+        numpy_helper.from_array(table, "table"),
+        numpy_helper.from_array(weights, "w"),
+        numpy_helper.from_array(np.array([2], dtype=np.int64), "last"),
+        numpy_helper.from_array(np.array([1], dtype=np.int64), "seq"),
+        numpy_helper.from_array(np.array(1.0, dtype=np.float32), "one"),
+    ]
+    nodes = [
+        helper.make_node("Gather", ["table", "input_ids"], ["embedded"], axis=0),
+        helper.make_node("Cast", ["attention_mask"], ["maskf"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["maskf", "last"], ["mask3"]),
+        helper.make_node("Mul", ["embedded", "mask3"], ["kept"]),
+        helper.make_node("ReduceSum", ["kept", "seq"], ["summed"], keepdims=0),
+        helper.make_node("ReduceSum", ["maskf", "seq"], ["count"], keepdims=1),
+        helper.make_node("Max", ["count", "one"], ["count1"]),
+        helper.make_node("Div", ["summed", "count1"], ["mean"]),
+        helper.make_node("MatMul", ["mean", "w"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "text",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"]),
+        ],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 2])],
+        initializer=inits,
+    )
+    return _model(graph)
+
+
 MODELS = {
     "mlp": lambda: _dense_layers([4, 16, 3], "batch", 1, "mlp"),
     "fixed": lambda: _dense_layers([4, 16, 3], 2, 1, "fixed"),
@@ -230,6 +268,7 @@ MODELS = {
     "centered": centered_model,
     "lookup": lookup_model,
     "valid": valid_conv_model,
+    "text": text_model,
 }
 
 

@@ -52,8 +52,12 @@ def policy(**spec: Any) -> dict[str, Any]:
     }
 
 
-def tenant_policy(name: str = "acme", key: str = "token") -> dict[str, Any]:
-    tenant = {"name": name, "apiKeySecret": {"name": "k", "key": key}}
+def tenant_policy(
+    name: str = "acme", key: str = "token", limits: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    tenant: dict[str, Any] = {"name": name, "apiKeySecret": {"name": "k", "key": key}}
+    if limits is not None:
+        tenant["limits"] = limits
     return {**policy(), "spec": {"tenants": [tenant]}}
 
 
@@ -62,6 +66,7 @@ def ingress(path: str) -> dict[str, Any]:
 
 
 TWICE = [{"unit": "requests", "limit": 1, "window": "1m"}] * 2
+TOKENS = {"unit": "tokens", "limit": 1000, "window": "1m"}
 
 
 def gateway(*refs: dict[str, Any]) -> dict[str, Any]:
@@ -340,6 +345,16 @@ REFUSALS: list[tuple[str, dict[str, Any], str]] = [
         policy(backend={"redis": {"url": "redis://user:pw@redis:6379"}}),
         "spec.backend.redis.url must not carry credentials",
     ),
+    (
+        "has(self.tokens) ||",
+        policy(defaultTenant={"limits": [TOKENS]}),
+        "a limit of unit tokens needs spec.tokens",
+    ),
+    (
+        "has(self.tokens) ||",
+        tenant_policy(limits=[TOKENS]),
+        "a limit of unit tokens needs spec.tokens",
+    ),
 ]
 
 
@@ -454,6 +469,10 @@ def test_the_objects_refused_below_come_from_valid_ones(api: tuple[Cluster, str]
             }
         ),
         policy(),
+        policy(
+            tokens={"input": "attention_mask", "count": "nonzero"},
+            defaultTenant={"limits": [TOKENS]},
+        ),
     ]:
         accepted = dry_run(cluster, namespace, obj)
         assert accepted.returncode == 0, (obj, accepted.stderr)

@@ -121,6 +121,8 @@ class PolicyReconciler:
                     )
                     + (" (shadow: never refuses)" if spec.shadow else "")
                 )
+                if spec.tokens is not None:
+                    message += "; " + spec.tokens_message()
             if ignored:  # written under a newer CRD: served without them, and said so
                 unknown = (
                     "NOT applied, unknown to this operator (set under a newer CRD?): "

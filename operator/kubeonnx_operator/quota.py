@@ -13,7 +13,14 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from .spec import POLICY_MUST_UNDERSTAND, InvalidSpec, validate_tolerant
@@ -41,7 +48,7 @@ class SecretKey(_Spec):
 
 
 class Limit(_Spec):
-    unit: Literal["requests", "rows"]
+    unit: Literal["requests", "rows", "tokens"]
     limit: int = Field(ge=0)
     window: Literal["1s", "1m", "1h", "1d"]
 
@@ -88,6 +95,14 @@ class LedgerSpec(_Spec):
     postgres: PostgresLedger
 
 
+class TokensSpec(_Spec):
+    """What a request's tokens are: the elements of one integer input of the models, every
+    one (`elements`) or the non-zero ones (`nonzero`: an attention mask without padding)."""
+
+    input: str = Field(min_length=1, max_length=256)
+    count: Literal["elements", "nonzero"]
+
+
 class QuotaPolicySpec(_Spec):
     tenant_header: str = "X-Api-Key"
     tenants: list[Tenant] = []
@@ -97,6 +112,29 @@ class QuotaPolicySpec(_Spec):
     backend: Backend = Backend()
     ledger: LedgerSpec | None = None
     decision_budget_ms: int = Field(25, ge=1, le=10000)
+    tokens: TokensSpec | None = None
+
+    @model_validator(mode="after")
+    def _tokens_counted(self) -> QuotaPolicySpec:
+        if self.tokens is not None:
+            return self
+        limits = [(f"spec.tenants[{t.name}]", t.limits) for t in self.tenants]
+        if self.default_tenant is not None:
+            limits.append(("spec.defaultTenant", self.default_tenant.limits))
+        for where, those in limits:
+            if any(lim.unit == "tokens" for lim in those):
+                raise ValueError(
+                    f"{where}.limits: a limit of unit tokens needs spec.tokens (the input "
+                    "whose elements are counted)"
+                )
+        return self
+
+    def tokens_message(self) -> str:
+        """How tokens are counted, as the policy's status says it ("" without tokens)."""
+        if self.tokens is None:
+            return ""
+        what = "non-zero elements" if self.tokens.count == "nonzero" else "elements"
+        return f"tokens: the {what} of input {self.tokens.input}"
 
 
 def read_policy(raw: dict[str, Any] | None) -> tuple[QuotaPolicySpec, list[str]]:
@@ -232,4 +270,6 @@ def runtime_config(
             config["redis"]["passwordEnv"] = REDIS_PASSWORD_ENV
     if spec.ledger is not None:
         config["ledger"] = {"dsnEnv": LEDGER_DSN_ENV}
+    if spec.tokens is not None:
+        config["tokens"] = spec.tokens.model_dump()
     return config

@@ -587,7 +587,7 @@ class NotUnderstood(InvalidSpec):
 # model, what a tenant may use): there an unknown field is refused, not ignored, since
 # ignoring it would serve the object more openly than its author asked (fail-open).
 MODEL_MUST_UNDERSTAND = ("ingress",)
-POLICY_MUST_UNDERSTAND = ("tenants", "defaultTenant")
+POLICY_MUST_UNDERSTAND = ("tenants", "defaultTenant", "tokens")
 
 
 def validate_tolerant(

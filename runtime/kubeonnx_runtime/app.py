@@ -42,6 +42,7 @@ from .logs import request_id_var
 from .metrics import RuntimeMetrics
 from .quota import Decision, Quota, QuotaExceeded, QuotaUnavailable, Unauthorized
 from .router import is_mirror_copy
+from .tokens import count_tokens
 
 log = logging.getLogger(__name__)
 
@@ -160,12 +161,12 @@ INFER_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/(infer|async
 # (status, content type, extra headers, body) of an inference answer
 InferAnswer = tuple[int, str, list[tuple[bytes, bytes]], bytes]
 
-# The quota charges (decision, rows) of the request being answered, settled by `metered`
+# The quota charges (decision, rows, tokens) of the request being answered, settled by `metered`
 # once its status is known: kept, and written to the ledger, when it was served (2xx) or the
 # model itself refused its input (400: the work was done); otherwise refunded.
 # Set while answering the router's mirrored copy (it bears the mirror secret): no charge.
 _mirror_copy: ContextVar[bool] = ContextVar("kubeonnx_mirror_copy", default=False)
-_charges: ContextVar[list[tuple[Decision, int]] | None] = ContextVar(
+_charges: ContextVar[list[tuple[Decision, int, int]] | None] = ContextVar(
     "kubeonnx_charges", default=None
 )
 
@@ -269,7 +270,7 @@ class InferHandler:
         started = time.perf_counter()
         self.inflight.inc()
         status = 500
-        charges: list[tuple[Decision, int]] = []
+        charges: list[tuple[Decision, int, int]] = []
         token = _charges.set(charges)
         try:
             answer = await work
@@ -293,15 +294,15 @@ class InferHandler:
             self.latency.observe(time.perf_counter() - started)
             self.count(status)
 
-    def _settle(self, charges: list[tuple[Decision, int]], status: int) -> None:
+    def _settle(self, charges: list[tuple[Decision, int, int]], status: int) -> None:
         """Write a served request's charge to the ledger, or refund one that was not (in the
         background: the answer does not wait for it)."""
-        for decision, rows in charges:
+        for decision, rows, tokens in charges:
             if not charge_stands(status):
                 assert self.quota is not None
                 self.quota.refund(decision)
             elif self.ledger is not None:
-                self.ledger.record(decision.tenant, rows, request_id_var.get())
+                self.ledger.record(decision.tenant, rows, request_id_var.get(), tokens)
 
     def identify(self, headers: Mapping[str, str]) -> str:
         """The tenant a request comes from ("" without quotas): 401 before the body is read."""
@@ -335,17 +336,26 @@ class InferHandler:
         if declared is not None and declared > self.max_json:
             raise PayloadTooLarge(json_limit_message(self.max_json))
 
-    async def charge(self, tenant: str, rows: Callable[[], int]) -> list[tuple[bytes, bytes]]:
-        """Admit `rows` against the tenant's quota (429 when over); the budget headers to
-        answer with. Without quotas, nothing. Call it after the cheap checks and before the
-        expensive work: the answer's status settles the charge (`metered`)."""
+    async def charge(
+        self,
+        tenant: str,
+        rows: Callable[[], int],
+        inputs: Mapping[str, Any] | None = None,
+    ) -> list[tuple[bytes, bytes]]:
+        """Admit `rows` (and the tokens of `inputs`, when the policy counts tokens) against
+        the tenant's quota (429 when over; 400 when the token input is missing or not an
+        integer); the budget headers to answer with. Without quotas, nothing. Call it after
+        the cheap checks and before the expensive work: the answer's status settles the
+        charge (`metered`)."""
         if self.quota is None or _mirror_copy.get():
             return []
         n = rows()
-        decision = await self.quota.admit(tenant, n)
+        spec = self.quota.config.tokens
+        tokens = count_tokens(spec, inputs) if spec is not None else 0
+        decision = await self.quota.admit(tenant, n, tokens)
         charges = _charges.get()
         assert charges is not None, "charge() runs under metered(), which settles it"
-        charges.append((decision, n))
+        charges.append((decision, n, tokens))
         return decision.headers(time.time())
 
     async def _answer(
@@ -401,7 +411,7 @@ class InferHandler:
                 f"the request queue is full ({batcher.max_queue} waiting); retry shortly"
             )
         # Rows are known now, before the model runs.
-        extra = await self.charge(tenant, lambda: request_rows(decoded.inputs))
+        extra = await self.charge(tenant, lambda: request_rows(decoded.inputs), decoded.inputs)
         if respond_async and jobs is not None:
             request_id = await jobs.submit(
                 raw, header_length, tenant=tenant, callback=headers.get(CALLBACK_HEADER)

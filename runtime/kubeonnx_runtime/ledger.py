@@ -18,7 +18,7 @@ line, instead of holding up the rows behind it.
 
     KUBEONNX_LEDGER_DSN=postgresql://... kubeonnx usage [--since 2026-11-01] [--tenant acme]
 
-prints requests and rows per day, tenant and model.
+prints requests, rows and tokens per day, tenant and model.
 """
 
 from __future__ import annotations
@@ -52,16 +52,19 @@ CREATE TABLE IF NOT EXISTS {TABLE} (
     tenant      text NOT NULL,
     model       text NOT NULL,
     rows        bigint NOT NULL,
-    request_id  text                    -- the client's X-Request-Id, or the runtime's
+    request_id  text,                   -- the client's X-Request-Id, or the runtime's
+    tokens      bigint NOT NULL DEFAULT 0
 );
+-- A table made before the unit tokens existed gets its column (0 for the rows before).
+ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS tokens bigint NOT NULL DEFAULT 0;
 CREATE INDEX IF NOT EXISTS {TABLE}_at ON {TABLE} (at);
 """
 INSERT = (
-    f"INSERT INTO {TABLE} (id, at, policy, tenant, model, rows, request_id) "
-    "VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING"
+    f"INSERT INTO {TABLE} (id, at, policy, tenant, model, rows, request_id, tokens) "
+    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING"
 )
 
-Row = tuple[str, datetime, str, str, str, int, str | None]
+Row = tuple[str, datetime, str, str, str, int, str | None, int]
 
 # At shutdown: seconds for a last write before what is left is spilled (the pod's grace
 # period holds the HTTP drain, the queue worker's stop and this).
@@ -71,16 +74,19 @@ REJECTED_SUFFIX = ".rejected"
 
 
 def _row_line(row: Row) -> str:
-    rid, at, policy, tenant, model, rows, request_id = row
-    return json.dumps([rid, at.isoformat(), policy, tenant, model, rows, request_id]) + "\n"
+    rid, at, policy, tenant, model, rows, request_id, tokens = row
+    return json.dumps([rid, at.isoformat(), policy, tenant, model, rows, request_id, tokens]) + "\n"
 
 
 def _parse_row(line: str) -> Row:
-    """One spill line, every field type-checked (ValueError names what is wrong)."""
+    """One spill line, every field type-checked (ValueError names what is wrong). A line of
+    7 fields (spilled before the unit tokens existed) has 0 tokens."""
     fields = json.loads(line)
-    if not isinstance(fields, list) or len(fields) != 7:
-        raise ValueError("a row is a list of 7 fields")
-    rid, at, policy, tenant, model, rows, request_id = fields
+    if isinstance(fields, list) and len(fields) == 7:
+        fields.append(0)
+    if not isinstance(fields, list) or len(fields) != 8:
+        raise ValueError("a row is a list of 8 fields")
+    rid, at, policy, tenant, model, rows, request_id, tokens = fields
     for name, value in (("id", rid), ("at", at), ("policy", policy), ("tenant", tenant)):
         if not isinstance(value, str) or not value:
             raise ValueError(f"{name} must be a non-empty string")
@@ -88,12 +94,14 @@ def _parse_row(line: str) -> Row:
         raise ValueError("model must be a non-empty string")
     if not isinstance(rows, int) or isinstance(rows, bool) or rows < 0:
         raise ValueError("rows must be a non-negative integer")
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+        raise ValueError("tokens must be a non-negative integer")
     if request_id is not None and not isinstance(request_id, str):
         raise ValueError("request_id must be a string or null")
     when = datetime.fromisoformat(at)
     if when.tzinfo is None:
         raise ValueError("at must carry a time zone")
-    return (rid, when, policy, tenant, model, rows, request_id)
+    return (rid, when, policy, tenant, model, rows, request_id, tokens)
 
 
 class Ledger:
@@ -135,7 +143,7 @@ class Ledger:
     def pending(self) -> int:
         return len(self._pending) + len(self._writing)
 
-    def record(self, tenant: str, rows: int, request_id: str | None) -> None:
+    def record(self, tenant: str, rows: int, request_id: str | None, tokens: int = 0) -> None:
         """Note an admitted request; never blocks, never fails."""
         if self.pending >= self.max_buffer and self._pending:
             self._dropped([self._pending.popleft()])
@@ -148,6 +156,7 @@ class Ledger:
                 self.model,
                 rows,
                 request_id,
+                tokens,
             )
         )
 
@@ -403,7 +412,7 @@ class Ledger:
 
 REPORT = f"""
 SELECT date_trunc('day', at AT TIME ZONE 'UTC')::date AS day, tenant, model,
-       count(*) AS requests, sum(rows) AS rows
+       count(*) AS requests, sum(rows) AS rows, sum(tokens) AS tokens
 FROM {TABLE}
 WHERE at >= %(since)s AND at < %(until)s
   AND (%(tenant)s::text IS NULL OR tenant = %(tenant)s)
@@ -429,12 +438,14 @@ def _has_password(dsn: str) -> bool:
 
 
 def usage_report(argv: list[str]) -> int:
-    """`kubeonnx usage`: requests and rows per day, tenant and model, from the ledger."""
+    """`kubeonnx usage`: requests, rows and tokens per day, tenant and model, from the
+    ledger."""
     import psycopg
 
     parser = argparse.ArgumentParser(
         prog="kubeonnx usage",
-        description="Requests and rows per day (UTC), tenant and model, from the usage ledger.",
+        description="Requests, rows and tokens per day (UTC), tenant and model, from the usage "
+        "ledger.",
     )
     parser.add_argument(
         "--dsn",
@@ -481,7 +492,10 @@ def usage_report(argv: list[str]) -> int:
     except psycopg.Error as exc:
         print(f"kubeonnx usage: {redact(str(exc)).strip()}", file=sys.stderr)
         return 1
-    print(f"{'DAY':<10}  {'TENANT':<20}  {'MODEL':<24}  {'REQUESTS':>10}  {'ROWS':>12}")
-    for day, tenant, model, requests, total in rows:
-        print(f"{day!s:<10}  {tenant:<20}  {model:<24}  {requests:>10}  {total:>12}")
+    print(
+        f"{'DAY':<10}  {'TENANT':<20}  {'MODEL':<24}  {'REQUESTS':>10}  {'ROWS':>12}  "
+        f"{'TOKENS':>12}"
+    )
+    for day, tenant, model, requests, total, tokens in rows:
+        print(f"{day!s:<10}  {tenant:<20}  {model:<24}  {requests:>10}  {total:>12}  {tokens:>12}")
     return 0

@@ -1,10 +1,11 @@
 """Per-tenant quotas: who is asking, and whether their budget allows this request.
 
 A tenant is named by an API key, of which the runtime knows only the sha256. Each tenant
-has limits, each a number of requests or of rows (dim 0 of the request's inputs) per window
-of 1s, 1m, 1h or 1d. Windows are calendar buckets in UTC (the minute, the hour, the day
-that is under way), so every replica agrees on when a window resets without talking to the
-others, and the reset time a client is told is exact.
+has limits, each a number of requests, of rows (dim 0 of the request's inputs) or of tokens
+(the elements of one integer input, `QuotaConfig.tokens`) per window of 1s, 1m, 1h or 1d.
+Windows are calendar buckets in UTC (the minute, the hour, the day that is under way), so
+every replica agrees on when a window resets without talking to the others, and the reset
+time a client is told is exact.
 
 A decision checks every window of the tenant and counts the request in all of them, or in
 none (a refused request costs nothing): in Redis with one Lua script, one round trip, shared
@@ -46,7 +47,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -80,7 +88,7 @@ class _Config(BaseModel):
 
 
 class Limit(_Config):
-    unit: Literal["requests", "rows"]
+    unit: Literal["requests", "rows", "tokens"]
     limit: int = Field(ge=0)
     window: Literal["1s", "1m", "1h", "1d"]
 
@@ -118,6 +126,14 @@ class DefaultTenant(_Config):
     limits: list[Limit] = Field(default_factory=list)
 
 
+class TokenCount(_Config):
+    """What a request's tokens are (the unit `tokens`): the elements of one integer input of
+    the model, all of them or only the non-zero ones (an attention mask's)."""
+
+    input: str = Field(min_length=1)
+    count: Literal["elements", "nonzero"]
+
+
 class RedisBackend(_Config):
     url: str
     password_env: str | None = None  # the variable that holds the password, if any
@@ -140,6 +156,7 @@ class QuotaConfig(_Config):
     shadow: bool = False
     redis: RedisBackend | None = None
     ledger: LedgerBackend | None = None  # admitted usage, appended to PostgreSQL
+    tokens: TokenCount | None = None  # how the unit `tokens` is counted
     replicas: int = Field(1, ge=1)  # how many replicas share the limits (failureMode Local)
     # How long a decision waits for Redis before failureMode decides (see _within_budget).
     decision_budget_ms: int = Field(DEFAULT_BUDGET_MS, ge=1, le=10000)
@@ -156,6 +173,14 @@ class QuotaConfig(_Config):
                 "(defaultTenant)"
             )
         return tenants
+
+    @model_validator(mode="after")
+    def _tokens_counted(self) -> QuotaConfig:
+        limits = [*(lim for t in self.tenants for lim in t.limits)]
+        limits += self.default_tenant.limits if self.default_tenant is not None else []
+        if self.tokens is None and any(lim.unit == "tokens" for lim in limits):
+            raise ValueError("a limit of unit tokens needs 'tokens' (the input counted)")
+        return self
 
 
 def load_quota_config(path: Path) -> QuotaConfig:
@@ -473,6 +498,8 @@ class Quota:
         self._on_redis_seconds = on_redis_seconds or (lambda s: None)
         self._on_refund_lost = on_refund_lost or (lambda: None)
         self._refunds: set[asyncio.Task[None]] = set()
+        # Checks a reloaded configuration against the model (FatalStartupError: not taken).
+        self.check_config: Callable[[QuotaConfig], None] = lambda config: None
         # Request ids: unique across replicas and restarts while a charge record lives.
         self._ids = map(f"{os.urandom(8).hex()}-{{:x}}".format, itertools.count())
         self.use(config)
@@ -515,6 +542,7 @@ class Quota:
             seen = content
             try:
                 config = await asyncio.to_thread(load_quota_config, path)
+                self.check_config(config)
             except FatalStartupError as exc:
                 log.error("quota configuration not reloaded, the last one stays: %s", exc)
                 continue
@@ -543,12 +571,15 @@ class Quota:
         what = "no" if not raw else "an unknown"
         raise Unauthorized(f"{what} API key in {self.config.tenant_header}")
 
-    async def admit(self, tenant: str, rows: int) -> Decision:
+    async def admit(self, tenant: str, rows: int, tokens: int = 0) -> Decision:
         """Count the request against every window of the tenant, or refuse it (QuotaExceeded,
         QuotaUnavailable); the Decision's headers go on the answer either way."""
         limits = self._limits.get(tenant, [])
         now = self._clock()
-        costs = [(lim, 1 if lim.unit == "requests" else rows) for lim in limits]
+        costs = [
+            (lim, 1 if lim.unit == "requests" else rows if lim.unit == "rows" else tokens)
+            for lim in limits
+        ]
         if not costs:
             return self._decided(Decision(tenant, ()), "admitted")
         if self._redis is None:

@@ -32,6 +32,7 @@ from .metrics import RuntimeMetrics
 from .model import OnnxModel, cpu_quota_threads
 from .quota import Quota, connect_redis, load_quota_config
 from .settings import ServeSettings
+from .tokens import check_token_input
 
 log = logging.getLogger("kubeonnx.serve")
 
@@ -378,6 +379,12 @@ def serve(settings: ServeSettings) -> int:
                 )
         else:
             model = load(settings, metrics)
+            if quota is not None:
+                # The input tokens are counted in is the model's, and an integer one; a
+                # reloaded configuration is held to the same (or not taken).
+                check_token_input(quota.config, model.inputs)
+                inputs = model.inputs
+                quota.check_config = lambda config: check_token_input(config, inputs)
             if settings.processing:
                 labels = load_labels(settings.labels_file) if settings.labels_file else None
                 images = ImagePipeline(

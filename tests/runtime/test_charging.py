@@ -35,7 +35,7 @@ class Ledger:
     def __init__(self) -> None:
         self.rows: list[tuple[str, int]] = []
 
-    def record(self, tenant: str, rows: int, request_id: str | None) -> None:
+    def record(self, tenant: str, rows: int, request_id: str | None, tokens: int = 0) -> None:
         self.rows.append((tenant, rows))
 
 

@@ -7,6 +7,7 @@ import concurrent.futures
 import json
 import subprocess
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from e2e.postgres_server import LocalPostgres
 from e2e.redis_server import LocalRedis
 from tests.runtime.conftest import KUBEONNX, Served
 from tests.runtime.test_quota_redis import infer, not_near_midnight, serve_mlp, write_policy
+from tests.runtime.test_quota_tokens import IDS, NONZERO, serve_text
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +107,90 @@ def test_admitted_usage_reaches_the_ledger_once_even_across_an_outage(
         text=True,
         check=True,
     ).stdout.splitlines()
-    assert report[0].split() == ["DAY", "TENANT", "MODEL", "REQUESTS", "ROWS"]
+    assert report[0].split() == ["DAY", "TENANT", "MODEL", "REQUESTS", "ROWS", "TOKENS"]
     (line,) = report[1:]  # a fresh database: this test's rows only
     today = time.strftime("%Y-%m-%d", time.gmtime())
     c = admitted[("c", "requests")], admitted[("c", "rows")]
-    assert line.split() == [today, "c", "mlp", str(c[0]), str(c[1])]
+    assert line.split() == [today, "c", "mlp", str(c[0]), str(c[1]), "0"]  # no tokens counted
+
+
+def test_tokens_reach_the_ledger_and_the_report_and_an_older_table_gets_their_column(
+    serve, models, redis_server: LocalRedis, postgres: LocalPostgres, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    import psycopg
+
+    not_near_midnight()
+    # The table as the ledger made it before the unit tokens existed, with a row of then, in
+    # a schema of its own (the connection's search_path) so no other test's rows are in it.
+    schema = f"s{uuid.uuid4().hex[:8]}"
+    dsn = f"{postgres.dsn}?options=-csearch_path%3D{schema}"
+    with psycopg.connect(postgres.dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+        conn.execute(
+            f"CREATE TABLE {schema}.kubeonnx_usage (id text PRIMARY KEY, at timestamptz NOT "
+            "NULL, policy text NOT NULL, tenant text NOT NULL, model text NOT NULL, rows bigint "
+            "NOT NULL, request_id text)"
+        )
+        conn.execute(
+            f"INSERT INTO {schema}.kubeonnx_usage VALUES ('old', now(), 'p', 'tk', 'text', 1, NULL)"
+        )
+    limits = {"tk": [{"unit": "tokens", "limit": 15, "window": "1d"}]}
+    config = write_policy(
+        tmp_path,
+        redis_server.url,
+        limits,
+        tokens=NONZERO,
+        ledger={"dsnEnv": "LEDGER_DSN"},
+        decisionBudgetMs=10000,
+    )
+    policy = json.loads(config.read_text())["policy"]
+    served = serve_text(serve, models, config, env={"LEDGER_DSN": dsn})
+    # (attention_mask, its rows): 3, 5, 1 and 2 + 4 tokens, 15 in all; then 3 more, refused.
+    masks = [
+        [[1, 1, 1, 0, 0]],
+        [[1, 1, 1, 1, 1]],
+        [[1, 0, 0, 0, 0]],
+        [[1, 1, 0, 0, 0], [1, 1, 1, 1, 0]],
+        [[1, 1, 1, 0, 0]],
+    ]
+    codes = []
+    with httpx.Client(timeout=30) as http:
+        for mask in masks:
+            shape = [len(mask), 5]
+            body = {
+                "inputs": [
+                    {
+                        "name": "input_ids",
+                        "shape": shape,
+                        "datatype": "INT64",
+                        "data": IDS * len(mask),
+                    },
+                    {"name": "attention_mask", "shape": shape, "datatype": "INT64", "data": mask},
+                ]
+            }
+            answer = http.post(
+                f"{served.url}/v2/models/text/infer", json=body, headers={"X-Api-Key": "tk-key"}
+            )
+            codes.append(answer.status_code)
+    assert codes == [200, 200, 200, 200, 429]
+    deadline = time.monotonic() + 60
+    while pending(served) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert pending(served) == 0
+
+    (written,) = postgres.query(
+        f"SELECT count(*), sum(rows), sum(tokens) FROM {schema}.kubeonnx_usage "
+        f"WHERE policy = '{policy}'"
+    )
+    assert written == (4, 5, 15)  # the refused request is not in it
+    assert postgres.query(f"SELECT tokens FROM {schema}.kubeonnx_usage WHERE id = 'old'") == [(0,)]
+
+    report = subprocess.run(
+        [KUBEONNX, "usage", "--dsn", dsn, "--tenant", "tk"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    assert report[0].split() == ["DAY", "TENANT", "MODEL", "REQUESTS", "ROWS", "TOKENS"]
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    assert [line.split() for line in report[1:]] == [[today, "tk", "text", "5", "6", "15"]]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 import socket
 import subprocess
@@ -38,7 +39,7 @@ def postgres() -> Iterator[LocalPostgres]:
 
 def spill_file(path: Path, ids: list[str]) -> None:
     now = datetime.now(UTC)
-    path.write_text("".join(_row_line((rid, now, "p", "t", "m", 1, rid)) for rid in ids))
+    path.write_text("".join(_row_line((rid, now, "p", "t", "m", 1, rid, 0)) for rid in ids))
 
 
 def ids_on_disk(spill: Path) -> list[str]:
@@ -171,7 +172,7 @@ async def test_rows_postgres_refuses_are_set_aside_and_the_rest_written(
     # Valid JSON that no longer parses as a row, and one PostgreSQL refuses (a NUL byte).
     (spill / "1-dead.rows").write_text(
         '[null, "2026-11-30T00:00:00+00:00", "p", "t", "m", 1, null]\n'
-        + _row_line(("ok-spilled", datetime.now(UTC), "poison", "t", "m", 1, "ok-spilled"))
+        + _row_line(("ok-spilled", datetime.now(UTC), "poison", "t", "m", 1, "ok-spilled", 0))
     )
     led = Ledger(postgres.dsn, policy="poison", model="m", spill_dir=spill, flush_every_s=0.05)
     task = asyncio.create_task(led.run())
@@ -276,3 +277,16 @@ def test_the_stop_budget_fits_the_grace_period() -> None:
             assert spent_drain + in_flight + LEDGER_RESERVE_S + STOP_MARGIN_S <= grace
             assert in_flight >= 1.0
     assert stop_budget(30.0, 5.0) == (5.0, 18.0)
+
+
+def test_a_spilled_row_keeps_its_tokens_and_an_older_processs_line_has_none() -> None:
+    """A spill line carries the row's tokens; one spilled by a process from before the unit
+    tokens existed (7 fields) is replayed with 0, not set aside."""
+    at = datetime.now(UTC)
+    row = ("id-1", at, "p", "t", "m", 2, "req-1", 37)
+    assert ledger_module._parse_row(_row_line(row)) == row
+    older = json.dumps(["id-2", at.isoformat(), "p", "t", "m", 2, None])
+    assert ledger_module._parse_row(older) == ("id-2", at, "p", "t", "m", 2, None, 0)
+    negative = _row_line(("id-3", at, "p", "t", "m", 2, None, -1))
+    with pytest.raises(ValueError, match="tokens must be a non-negative integer"):
+        ledger_module._parse_row(negative)

@@ -259,7 +259,7 @@ def test_kubeonnx_usage_since_and_model_against_a_real_table(postgres: LocalPost
     ):
         for k in range(count):
             at = datetime.fromisoformat(day).replace(tzinfo=UTC) + timedelta(hours=k)
-            rows.append((f"{policy}-{n}-{k}", at, policy, tenant, model, k + 1, None))
+            rows.append((f"{policy}-{n}-{k}", at, policy, tenant, model, k + 1, None, 7 * k))
     with psycopg.connect(postgres.dsn) as conn:
         conn.execute(SCHEMA)
         with conn.cursor() as cur:
@@ -272,23 +272,26 @@ def test_kubeonnx_usage_since_and_model_against_a_real_table(postgres: LocalPost
             text=True,
             check=True,
         ).stdout.splitlines()
-        assert out[0].split() == ["DAY", "TENANT", "MODEL", "REQUESTS", "ROWS"]
+        assert out[0].split() == ["DAY", "TENANT", "MODEL", "REQUESTS", "ROWS", "TOKENS"]
         return [line.split() for line in out[1:]]
 
     def expected(since: str, model: str | None) -> list[list[str]]:
         totals: dict[tuple[str, str, str], list[int]] = {}
-        for _, at, _, tenant, m, n, _ in rows:
+        for _, at, _, tenant, m, n, _, tokens in rows:
             if at.date().isoformat() >= since and model in (None, m):
-                t = totals.setdefault((at.date().isoformat(), tenant, m), [0, 0])
+                t = totals.setdefault((at.date().isoformat(), tenant, m), [0, 0, 0])
                 t[0] += 1
                 t[1] += n
-        return [[d, t, m, str(c), str(r)] for (d, t, m), (c, r) in sorted(totals.items())]
+                t[2] += tokens
+        return [
+            [d, t, m, str(c), str(r), str(k)] for (d, t, m), (c, r, k) in sorted(totals.items())
+        ]
 
     assert report("--since", "2001-03-02", "--model", "m1") == expected("2001-03-02", "m1")
     assert report("--since", "2001-03-02", "--model", "m1") == [
-        ["2001-03-02", "acme", "m1", "3", "6"],
-        ["2001-03-02", "globex", "m1", "4", "10"],
-        ["2001-03-03", "acme", "m1", "5", "15"],
+        ["2001-03-02", "acme", "m1", "3", "6", "21"],
+        ["2001-03-02", "globex", "m1", "4", "10", "42"],
+        ["2001-03-03", "acme", "m1", "5", "15", "70"],
     ]
     assert report("--since", "2001-03-01") == expected("2001-03-01", None)
     assert report("--since", "2001-03-03", "--model", "m2") == []
