@@ -16,7 +16,9 @@ Reported per server and protocol: requests/s, p50/p99 (wrk --latency), CPU per r
 peak RSS of the whole process tree (utime+stime from /proc of every process in the
 server's session; VmHWM summed over them), and the average rows per model run over the
 timed load (kubeonnx: its kubeonnx_batch_size metric; peers: the adapter's own count).
-Then the raw onnxruntime limits on CPU 0: a bare session.run loop at batch 1 and at 32.
+Also the same CPU split by process and thread name (a profile at /proc's grain: which of a
+server's processes and threads spent it). Then the raw onnxruntime limits on CPU 0: a bare
+session.run loop at batch 1 and at 32.
 Every server is killed after its point; wrk stops itself after --seconds.
 """
 
@@ -43,6 +45,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
+from procstat import thread_cpu  # noqa: E402
 from runtime_bench import LUA, PLAN, bodies, raw_limit, run_wrk, serve_env  # noqa: E402
 from runtime_profile import batch_stats  # noqa: E402
 
@@ -259,7 +262,13 @@ def check_answers(url: str, kind: str, model_path: Path, shape: tuple[int, ...])
     from common import session
 
     sess = session(str(model_path))
-    rows = np.random.default_rng(1).standard_normal((16, *shape)).astype(np.float32)
+    # The first row is the one in wrk's body (runtime_bench.bodies draws it so), then 15 more.
+    rows = np.concatenate(
+        [
+            np.random.default_rng(0).standard_normal((1, *shape)),
+            np.random.default_rng(1).standard_normal((15, *shape)),
+        ]
+    ).astype(np.float32)
     expected = sess.run(None, {"input": rows})[0]
     with httpx.Client(timeout=30) as client:
 
@@ -332,6 +341,21 @@ def tree_cpu(pids: list[int]) -> float:
     return total
 
 
+def split_cpu(pids: list[int]) -> dict[str, float]:
+    """CPU seconds by 'process name/thread name' over the tree (threads of one name summed)."""
+    out: dict[str, float] = {}
+    for pid in pids:
+        try:
+            process = Path(f"/proc/{pid}/comm").read_text().strip()
+            threads = thread_cpu(pid)
+        except OSError:
+            continue
+        for key, seconds in threads.items():
+            name = f"{process}/{key.split(' ', 1)[1]}"
+            out[name] = out.get(name, 0.0) + seconds
+    return out
+
+
 def tree_status(pids: list[int]) -> tuple[float, set[str]]:
     """(VmHWM summed in MB, the CPU lists the processes may run on)."""
     peak, cpus = 0.0, set()
@@ -382,6 +406,7 @@ class Row:
     batch: float = 0.0
     processes: int = 0
     failure: str = ""
+    split: dict[str, float] = field(default_factory=dict)  # CPU us per request by thread
 
 
 def measure(
@@ -448,6 +473,7 @@ def measure(
             run_wrk(url, script, 4, 1)  # warm-up
             pids = tree(proc.pid)
             before = tree_cpu(pids)
+            split_before = split_cpu(pids)
             batches = batch_stats(base) if server.venv is None else peer_batches(stats)
             try:
                 row.rps, row.p50_ms, row.p99_ms, total, _ = run_wrk(
@@ -459,6 +485,12 @@ def measure(
             after = batch_stats(base) if server.venv is None else peer_batches(stats)
             pids = tree(proc.pid)
             row.cpu_ms = 1000 * (tree_cpu(pids) - before) / total
+            split_after = split_cpu(pids)
+            row.split = {
+                name: 1e6 * (seconds - split_before.get(name, 0.0)) / total
+                for name, seconds in sorted(split_after.items(), key=lambda kv: -kv[1])
+                if seconds - split_before.get(name, 0.0) > 0
+            }
             row.peak_mb, cpus = tree_status(pids)
             row.processes = len(pids)
             if cpus != {"0"}:
@@ -516,10 +548,26 @@ def main() -> None:
             f"| {r.p99_ms:.1f} | {r.cpu_ms:.3f} | {r.peak_mb:.0f} | {r.processes} "
             f"| {r.batch:.1f} |"
         )
+    split = ["Where the CPU went (us per request, by process/thread name, the five largest):", ""]
+    for r in rows:
+        if not r.failure:
+            top = sorted(r.split.items(), key=lambda kv: -kv[1])[:5]
+            parts = ", ".join(f"{name} {us:.0f}" for name, us in top)
+            split.append(f"- {r.model}, {r.server}, {r.protocol}: {parts}")
     settings = ["| server | batching |", "|---|---|"]
     settings += [f"| {s.label} | {s.settings} |" for s in servers]
     report = "\n".join(
-        [*limits, "", *table, "", *settings, "", f"({time.monotonic() - started:.0f} s)"]
+        [
+            *limits,
+            "",
+            *table,
+            "",
+            *settings,
+            "",
+            *split,
+            "",
+            f"({time.monotonic() - started:.0f} s)",
+        ]
     )
     print(report)
     if args.out:
