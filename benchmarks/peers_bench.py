@@ -57,6 +57,8 @@ PEERS = HERE / "peers"
 MAX_BATCH = 32
 MAX_WAIT_MS = 2
 START_TIMEOUT_S = 180
+# wrk's own 2 s would drop the slowest answers from the latencies on a loaded machine.
+WRK_TIMEOUT_S = 60
 
 
 def venv(name: str) -> Path:
@@ -154,9 +156,14 @@ def _bentoml(model: str, path: Path, port: int, work: Path) -> Launch:
     return Launch(cmd, cwd=PEERS, env=env)
 
 
-def _litserve(model: str, path: Path, port: int, work: Path) -> Launch:
+def _litserve(model: str, path: Path, port: int, work: Path, fast: bool = False) -> Launch:
     python = str(venv("litserve") / "bin/python")
-    return Launch([python, str(PEERS / "litserve_server.py"), str(path), str(port)])
+    env = {"PEER_FAST_QUEUE": "1" if fast else "0"}
+    return Launch([python, str(PEERS / "litserve_server.py"), str(path), str(port)], env=env)
+
+
+def _litserve_fast(model: str, path: Path, port: int, work: Path) -> Launch:
+    return _litserve(model, path, port, work, fast=True)
 
 
 BATCH = f"max batch {MAX_BATCH}, wait {MAX_WAIT_MS} ms"
@@ -208,6 +215,15 @@ SERVERS = [
         venv("litserve"),
         ("own-json",),
         _litserve,
+        health="/health",
+        infer="/predict",
+    ),
+    Server(
+        "LitServe 0.2.19, fast_queue",
+        "the same, with fast_queue=True (ZeroMQ queues)",
+        venv("litserve"),
+        ("own-json",),
+        _litserve_fast,
         health="/health",
         infer="/predict",
     ),
@@ -341,12 +357,23 @@ def tree_cpu(pids: list[int]) -> float:
     return total
 
 
+def label(pid: int) -> str:
+    """A process's name for the CPU split: its script or module when it runs Python."""
+    args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    for i, arg in enumerate(args):
+        if arg.endswith(".py") or arg.endswith("/bentoml"):
+            return Path(arg).name
+        if arg in ("-m", "-c") and i + 1 < len(args):
+            return f"python {arg} {args[i + 1][:40]}"
+    return Path(args[0]).name
+
+
 def split_cpu(pids: list[int]) -> dict[str, float]:
     """CPU seconds by 'process name/thread name' over the tree (threads of one name summed)."""
     out: dict[str, float] = {}
     for pid in pids:
         try:
-            process = Path(f"/proc/{pid}/comm").read_text().strip()
+            process = label(pid)
             threads = thread_cpu(pid)
         except OSError:
             continue
@@ -477,7 +504,7 @@ def measure(
             batches = batch_stats(base) if server.venv is None else peer_batches(stats)
             try:
                 row.rps, row.p50_ms, row.p99_ms, total, _ = run_wrk(
-                    url, script, concurrency, seconds
+                    url, script, concurrency, seconds, timeout_s=WRK_TIMEOUT_S
                 )
             except RuntimeError as exc:
                 row.failure = str(exc).splitlines()[0]

@@ -1,9 +1,11 @@
 """LitServe peer: `python litserve_server.py MODEL.onnx PORT`. POST /predict with
 {"input": [[row]]} answers {"output": [[...]]}; LitServe batches up to PEER_MAX_BATCH
-requests, waiting at most PEER_MAX_WAIT_MS, into one session.run."""
+requests, waiting at most PEER_MAX_WAIT_MS, into one session.run. PEER_FAST_QUEUE=1 turns on
+its fast_queue (ZeroMQ between the API server and the inference worker)."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -36,7 +38,9 @@ class OnnxAPI(ls.LitAPI):
 
 if __name__ == "__main__":
     api = OnnxAPI(max_batch_size=MAX_BATCH, batch_timeout=MAX_WAIT_S)
-    server = ls.LitServer(api, accelerator="cpu", devices=1, workers_per_device=1)
+    # fast_queue: LitServe's ZeroMQ queues instead of multiprocessing's (PEER_FAST_QUEUE=1).
+    fast = os.environ.get("PEER_FAST_QUEUE") == "1"
+    server = ls.LitServer(api, accelerator="cpu", devices=1, workers_per_device=1, fast_queue=fast)
     server.run(
         host="127.0.0.1",
         port=int(sys.argv[2]),
