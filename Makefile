@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: venv binaries lint unit e2e check cluster-up cluster-down dev dev-down models demo demo-down bench
+.PHONY: venv binaries lint unit e2e check cluster-up cluster-down dev dev-down models demo demo-down peers bench
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -56,14 +56,31 @@ demo: venv           ## the whole flow on an embedded default (README's first co
 demo-down: venv      ## after a killed demo: stops its cluster, operator and runtime (only the demo's)
 	$(PY) -m e2e.cluster down demo
 
-benchmarks/.venv-peer/bin/mlserver:
-	python3 -m venv benchmarks/.venv-peer
-	benchmarks/.venv-peer/bin/pip install --quiet mlserver==1.7.1 onnxruntime numpy
+# The servers a user would pick instead of kubeonnx (benchmarks/peers_bench.py), each in its
+# own virtual environment with the onnxruntime kubeonnx is measured with. A peer that does not
+# install is left without its .installed: the benchmark names it, with pip's log.
+PEERS := mlserver kserve pytriton bentoml litserve
+PEER_PKG_mlserver := mlserver==1.7.1
+PEER_PKG_kserve := kserve==0.21.0
+PEER_PKG_pytriton := nvidia-pytriton==0.7.0
+PEER_PKG_bentoml := bentoml==1.4.40
+PEER_PKG_litserve := litserve==0.2.19
+PEER_ORT := onnxruntime==1.32.0 numpy
 
-bench: venv benchmarks/.venv-peer/bin/mlserver   ## runtime and operator benchmarks (docs/performance.md)
+benchmarks/.venv-peer-%/.installed:
+	python3 -m venv benchmarks/.venv-peer-$*
+	if benchmarks/.venv-peer-$*/bin/pip install --quiet $(PEER_PKG_$*) $(PEER_ORT) \
+	    >benchmarks/.venv-peer-$*/pip.log 2>&1; then touch $@; \
+	else echo "peer $*: pip failed (benchmarks/.venv-peer-$*/pip.log):"; \
+	    tail -5 benchmarks/.venv-peer-$*/pip.log; fi
+
+peers: $(foreach p,$(PEERS),benchmarks/.venv-peer-$(p)/.installed)  ## the peers' environments
+
+bench: venv peers    ## runtime, peers and operator benchmarks (docs/performance.md)
 	command -v wrk >/dev/null || (apt-get install -y -qq wrk || sudo apt-get install -y -qq wrk)
 	mkdir -p benchmarks/results
 	$(PY) benchmarks/runtime_bench.py --out benchmarks/results/runtime.md
+	$(PY) benchmarks/peers_bench.py --out benchmarks/results/peers.md
 	$(PY) benchmarks/image_bench.py --out benchmarks/results/images.md
 	$(PY) benchmarks/async_bench.py --out benchmarks/results/async.md
 	$(PY) benchmarks/operator_bench.py --out benchmarks/results/operator.md

@@ -68,8 +68,11 @@ def _ms(text: str) -> float:
 
 
 def run_wrk(
-    url: str, script: Path, connections: int, seconds: int
+    url: str, script: Path, connections: int, seconds: int, *, timeout_s: int | None = None
 ) -> tuple[float, float, float, int, float]:
+    """(req/s, p50 ms, p99 ms, requests, wrk's CPU s). With timeout_s, wrk waits that long for
+    an answer (its default is 2 s, and a request it gave up on is left out of its latencies)
+    and a request that still timed out fails the point."""
     cmd = [
         "taskset",
         "-c",
@@ -79,6 +82,7 @@ def run_wrk(
         f"-c{connections}",
         f"-d{seconds}s",
         "--latency",
+        *([f"--timeout={timeout_s}s"] if timeout_s else []),
         "-s",
         str(script),
         url,
@@ -96,6 +100,9 @@ def run_wrk(
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if non2xx:
         raise RuntimeError(f"{non2xx.group(1)} failed responses:\n{out}")
+    timeouts = re.search(r"Socket errors:.*timeout (\d+)", out)
+    if timeout_s and timeouts and int(timeouts.group(1)):
+        raise RuntimeError(f"{timeouts.group(1)} requests timed out after {timeout_s} s:\n{out}")
     return rps, p50, p99, total, usage.ru_utime + usage.ru_stime
 
 
@@ -206,39 +213,6 @@ PLAN: dict[str, tuple[int, ...]] = {
     "wide": (256,),  # model and server cost about the same per row
     "convnet": (3, 32, 32),  # medium: compute dominates
 }
-PEER = ROOT / "benchmarks" / ".venv-peer" / "bin" / "mlserver"
-
-
-def peer_dir(work: Path, model: str, path: Path, port: int) -> Path:
-    """An MLServer model repository serving `path` with benchmarks/peer_mlserver."""
-    d = work / f"peer-{model}-{port}"
-    d.mkdir()
-    (d / "onnx_runtime.py").write_text(
-        (ROOT / "benchmarks/peer_mlserver/onnx_runtime.py").read_text()
-    )
-    # parallel_workers 0: inference in the server process. MLServer 1.7.1's default worker
-    # pool fails to start here ("There is no current event loop"), see docs/performance.md.
-    (d / "settings.json").write_text(
-        json.dumps(
-            {
-                "http_port": port,
-                "grpc_port": free_port(),
-                "metrics_port": free_port(),
-                "parallel_workers": 0,
-                "debug": False,
-            }
-        )
-    )
-    (d / "model-settings.json").write_text(
-        json.dumps(
-            {
-                "name": model,
-                "implementation": "onnx_runtime.OnnxModel",
-                "parameters": {"uri": str(path)},
-            }
-        )
-    )
-    return d
 
 
 def main() -> None:
@@ -301,8 +275,6 @@ def main() -> None:
                 {"KUBEONNX_MAX_BATCH_SIZE": "32"},
             ),
         }
-        if PEER.exists():
-            servers["MLServer 1.7.1 (JSON)"] = ([str(PEER), "start", "{peer_dir}"], "json", {})
         if args.baseline:
             # The baseline's runtime package shadows this checkout's (PYTHONPATH comes first).
             baseline_env = {
@@ -316,14 +288,10 @@ def main() -> None:
             servers = {k: v for k, v in servers.items() if any(w in k for w in args.only)}
         for label, (cmd, kind, extra_env) in servers.items():
             port = free_port()
-            cwd = None
-            if "{peer_dir}" in cmd:
-                cwd = peer_dir(work, model, models[model], port)
-                cmd = [c.replace("{peer_dir}", str(cwd)) for c in cmd]
             env = {**serve_env(model, models[model], port, work), **extra_env}
             cmd = [c.replace("{port}", str(port)) for c in cmd]
             url = f"http://127.0.0.1:{port}/v2/models/{model}/infer"
-            proc = start(cmd, f"http://127.0.0.1:{port}/v2/health/live", env, cwd)
+            proc = start(cmd, f"http://127.0.0.1:{port}/v2/health/live", env)
             try:
                 run_wrk(url, scripts[kind], 4, 1)  # warm-up
                 for c in concurrencies:

@@ -14,11 +14,13 @@ lines of each.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -43,6 +45,59 @@ def batch_stats(url: str) -> tuple[float, float]:
         return next(float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith(prefix))
 
     return value("kubeonnx_batch_size_sum"), value("kubeonnx_batch_size_count")
+
+
+# Loaded into the server (as its sitecustomize) by --gc: every collection's generation, start
+# (monotonic) and length, rewritten to KUBEONNX_GC_PROBE every 0.2 s by a daemon thread, which
+# also calls gc.freeze() once KUBEONNX_GC_PROBE.freeze exists (--gc-freeze).
+GC_PROBE = """
+import gc, json, os, threading, time
+_path = os.environ.get("KUBEONNX_GC_PROBE")
+_done, _start = [], [0.0]
+
+def _timer(phase, info):
+    if phase == "start":
+        _start[0] = time.monotonic()
+    else:
+        _done.append((info["generation"], _start[0], time.monotonic() - _start[0]))
+
+def _dump():
+    frozen = False
+    while True:
+        time.sleep(0.2)
+        if not frozen and os.path.exists(_path + ".freeze"):
+            # The benchmark asks once the server answers (before the warm-up load): what
+            # exists then is kept out of every later collection. An experiment for a fix,
+            # not what the runtime does.
+            gc.freeze()
+            frozen = True
+        tmp = _path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(list(_done), f)
+        os.replace(tmp, _path)
+
+if _path:
+    gc.callbacks.append(_timer)
+    threading.Thread(target=_dump, daemon=True).start()
+"""
+
+
+def gc_pauses(path: Path) -> list[list[float]]:
+    """[generation, start, seconds] of every collection the server has made so far."""
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def summarize_gc(pauses: list[list[float]], seconds: float) -> str:
+    lines = [f"garbage collections during the load ({seconds} s):"]
+    for gen in (0, 1, 2):
+        mine = [p[2] for p in pauses if p[0] == gen]
+        if mine:
+            long = sum(m >= 0.01 for m in mine)
+            lines.append(
+                f"  generation {gen}: {len(mine)} collections, {1000 * sum(mine):.0f} ms in all, "
+                f"longest {1000 * max(mine):.1f} ms, {long} of 10 ms or more"
+            )
+    return "\n".join(lines)
 
 
 def summarize_profile(raw: Path) -> list[str]:
@@ -81,6 +136,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--batching", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--py-spy", help="path to a py-spy binary: also sample the main thread")
+    parser.add_argument(
+        "--gc", action="store_true", help="also time the server's garbage collections"
+    )
+    parser.add_argument(
+        "--gc-freeze",
+        action="store_true",
+        help="with --gc: gc.freeze() in the server once it has started (an experiment)",
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="kubeonnx-profile-"))
@@ -90,8 +153,18 @@ def main() -> None:
     base = f"http://127.0.0.1:{port}"
     env = serve_env(args.model, path, port, work)
     env["KUBEONNX_MAX_BATCH_SIZE"] = "32" if args.batching else "1"
+    gc_file = work / "gc.json"
+    if args.gc:
+        probe = work / "gc-probe"
+        probe.mkdir()
+        (probe / "sitecustomize.py").write_text(GC_PROBE)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(probe), env.get("PYTHONPATH")]))
+        env["KUBEONNX_GC_PROBE"] = str(gc_file)
     kubeonnx = str(Path(sys.executable).parent / "kubeonnx")
     proc = start([kubeonnx, "serve"], f"{base}/v2/health/live", env)
+    if args.gc_freeze:
+        Path(f"{gc_file}.freeze").touch()
+        time.sleep(0.5)  # the probe looks every 0.2 s
     url = f"{base}/v2/models/{args.model}/infer"
     try:
         run_wrk(url, script, 4, 1)  # warm-up
@@ -109,7 +182,9 @@ def main() -> None:
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
-        rps, _, _, total, _ = run_wrk(url, script, args.concurrency, args.seconds)
+        gc_before = gc_pauses(gc_file) if args.gc else []
+        rps, p50, p99, total, _ = run_wrk(url, script, args.concurrency, args.seconds)
+        gc_after = gc_pauses(gc_file) if args.gc else []
         if spy is not None:
             spy.wait()
         cpu_after = thread_cpu(proc.pid)
@@ -118,7 +193,12 @@ def main() -> None:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
 
-    print(f"{args.model}, {args.body}, concurrency {args.concurrency}: {rps:,.0f} req/s")
+    print(
+        f"{args.model}, {args.body}, concurrency {args.concurrency}: {rps:,.0f} req/s, "
+        f"p50 {p50:.1f} ms, p99 {p99:.1f} ms"
+    )
+    if args.gc:
+        print(summarize_gc(gc_after[len(gc_before) :], args.seconds))
     runs = runs_after - runs_before
     if runs:
         print(f"rows per model run: {(rows_after - rows_before) / runs:.1f} over {runs:.0f} runs")
