@@ -324,8 +324,9 @@ def _until(at: float, now: float) -> int:
 # kept, per window its limit, per window its TTL, then the costs: one string, per request its
 # cost in each window, all comma-separated. Requests are decided in arrival order against
 # running totals, each counted in every window or in none; the totals are written once. An
-# admitted request's costs are recorded under its charge key; a request whose key already
-# exists was abandoned (its refund came first) and is neither decided nor counted. Returns one
+# admitted request's costs are recorded under its charge key, where no record is yet (SET NX:
+# one command for the admission and the check); a request whose key already exists was
+# abandoned (its refund came first) and is not counted. Returns one
 # string, comma-separated, per request: admitted (1/0), the violated window (0 if none, -1
 # abandoned), and each window's count after it (before it, when refused). (Costs and answers
 # travel as one string each: a protocol element per number cost more to write and to read
@@ -345,23 +346,23 @@ local r = n
 for base = 0, #costs - n, n do
   r = r + 1
   local violated = 0
-  if redis.call('EXISTS', KEYS[r]) == 1 then
-    violated = -1
-  else
-    for i = 1, n do
-      if used[i] + costs[base + i] > limit[i] then
-        violated = i
-        break
-      end
+  for i = 1, n do
+    if used[i] + costs[base + i] > limit[i] then
+      violated = i
+      break
     end
   end
   if violated == 0 then
+    -- The record is written only where none is (NX): one there means abandoned.
     local added = {}
-    for i = 1, n do
-      used[i] = used[i] + costs[base + i]
-      added[i] = costs[base + i]
+    for i = 1, n do added[i] = costs[base + i] end
+    if redis.call('SET', KEYS[r], table.concat(added, ','), 'EX', tonumber(ARGV[2]), 'NX') then
+      for i = 1, n do used[i] = used[i] + costs[base + i] end
+    else
+      violated = -1
     end
-    redis.call('SET', KEYS[r], table.concat(added, ','), 'EX', tonumber(ARGV[2]))
+  elseif redis.call('EXISTS', KEYS[r]) == 1 then
+    violated = -1
   end
   out[#out + 1] = violated == 0 and 1 or 0
   out[#out + 1] = violated
