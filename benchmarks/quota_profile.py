@@ -1,7 +1,8 @@
 """Where a quota's cost per request goes, in one process (no HTTP server, no model): CPU
 per call, which a loaded machine disturbs far less than requests/s.
 
-    .venv/bin/python benchmarks/quota_profile.py [--requests 20000] [--rounds 3] [--cprofile]
+    .venv/bin/python benchmarks/quota_profile.py [--requests 20000] [--rounds 3] \
+        [--concurrency 64] [--cprofile]
 
 Part one times each step a quota adds to a request on its own (finding the tenant, the
 decision in memory, the budget headers, the decision's metric, and uvicorn's writing of
@@ -10,7 +11,8 @@ the runtime's front door (`FrontDoor`, the fast path wrk's requests take) to a m
 answers on the event loop's next turn (uvloop, as the server runs), `--concurrency` at a time: with no quota, a quota counted in memory, and
 one counted in a real redis-server; it reports this process's CPU per request (Redis's own
 CPU is not in it) and how many requests shared each script call. Rounds alternate the
-three; the median is printed.
+three; the median is printed. Part three counts the function calls per request of each
+(cProfile's count, which the load does not change; `--cprofile` prints the profiles).
 """
 
 from __future__ import annotations
@@ -273,19 +275,35 @@ def end_to_end(args: argparse.Namespace, redis_url: str) -> None:
     print("requests per script call (redis): " + " / ".join(f"{s:.1f}" for s in shared))
 
 
-def profile(args: argparse.Namespace, redis_url: str | None, label: str) -> None:
-    async def go() -> None:
-        quota = make_quota(config(redis_url), RuntimeMetrics(CollectorRegistry()))
-        _, one = front_door(quota)
-        await load(one, 500, args.concurrency)
-        profiler = cProfile.Profile()
-        profiler.enable()
-        await load(one, args.requests, args.concurrency)
-        profiler.disable()
-        print(f"\ncProfile, quota in {label} (tottime, the top 25)")
-        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+def calls(args: argparse.Namespace, redis_url: str) -> None:
+    """Function calls per request (Python's and built-ins', as cProfile counts them): a
+    measure of the work that the machine's load does not move."""
+    print(f"\nfunction calls per request, concurrency {args.concurrency}")
+    print("| quota | calls per request | added |\n|---|---|---|")
+    base = 0.0
+    for label in ("no quota", "memory", "redis"):
 
-    uvloop.run(go())
+        async def go(label: str = label) -> float:
+            quota = None
+            if label != "no quota":
+                cfg = config(redis_url if label == "redis" else None)
+                quota = make_quota(cfg, RuntimeMetrics(CollectorRegistry()))
+            _, one = front_door(quota)
+            await load(one, 500, args.concurrency)
+            profiler = cProfile.Profile()
+            profiler.enable()
+            await load(one, args.requests, args.concurrency)
+            profiler.disable()
+            if args.cprofile:
+                print(f"\ncProfile, quota: {label} (tottime, the top 25)")
+                pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+            if quota is not None and quota._redis is not None:
+                await quota._redis.aclose()
+            return float(pstats.Stats(profiler).total_calls) / args.requests  # type: ignore[attr-defined]
+
+        n = uvloop.run(go())
+        base = base or n
+        print(f"| {label} | {n:.1f} | {n - base:+.1f} |")
 
 
 def main() -> None:
@@ -293,15 +311,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--cprofile", action="store_true")
+    parser.add_argument("--cprofile", action="store_true", help="print each one's profile")
     args = parser.parse_args()
     steps(args.requests)
     redis = LocalRedis().start()
     try:
         end_to_end(args, redis.url)
-        if args.cprofile:
-            profile(args, None, "memory")
-            profile(args, redis.url, "redis")
+        calls(args, redis.url)
     finally:
         redis.stop()
 

@@ -275,12 +275,14 @@ class Decision:
             if violated is None and remaining / (limit or 1) < share:
                 tightest, share = w, remaining / (limit or 1)
         assert tightest is not None
+        limit, used = tightest.limit.limit, tightest.used
+        until = math.ceil(tightest.reset_at - now)
         headers = [
             (b"ratelimit-policy", _policy_header(tuple(limits))),
             (b"ratelimit", ", ".join(parts).encode()),
-            (b"x-ratelimit-limit", b"%d" % tightest.limit.limit),
-            (b"x-ratelimit-remaining", b"%d" % tightest.remaining),
-            (b"x-ratelimit-reset", b"%d" % _until(tightest.reset_at, now)),
+            (b"x-ratelimit-limit", b"%d" % limit),
+            (b"x-ratelimit-remaining", b"%d" % (limit - used if used < limit else 0)),
+            (b"x-ratelimit-reset", b"%d" % (until if until > 1 else 1)),
         ]
         if violated is not None:
             headers.append((b"retry-after", b"%d" % _until(violated.reset_at, now)))
