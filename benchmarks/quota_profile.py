@@ -8,11 +8,12 @@ Part one times each step a quota adds to a request on its own (finding the tenan
 decision in memory, the budget headers, the decision's metric, and uvicorn's writing of
 those headers). Part two sends binary inference requests for the tiny model's shape through
 the runtime's front door (`FrontDoor`, the fast path wrk's requests take) to a model that
-answers on the event loop's next turn (uvloop, as the server runs), `--concurrency` at a time: with no quota, a quota counted in memory, and
-one counted in a real redis-server; it reports this process's CPU per request (Redis's own
-CPU is not in it) and how many requests shared each script call. Rounds alternate the
-three; the median is printed. Part three counts the function calls per request of each
-(cProfile's count, which the load does not change; `--cprofile` prints the profiles).
+answers on the event loop's next turn (uvloop, as the server runs), `--concurrency` at a
+time: with no quota, a quota counted in memory, and one counted in a real redis-server; it
+reports this process's CPU per request (Redis's own CPU is not in it) and how many requests
+shared each script call. Rounds alternate the three; the median is printed. Part three
+counts the function calls per request of each (cProfile's count, which the load does not
+change; `--cprofile` prints the profiles).
 """
 
 from __future__ import annotations
@@ -35,12 +36,13 @@ import uvloop
 from prometheus_client import CollectorRegistry
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from e2e.redis_server import LocalRedis
 from kubeonnx_runtime.app import FrontDoor, InferHandler
 from kubeonnx_runtime.dataplane import DataPlane
 from kubeonnx_runtime.datatypes import TensorSpec
 from kubeonnx_runtime.metrics import RuntimeMetrics
 from kubeonnx_runtime.quota import Quota, QuotaConfig, connect_redis, key_hash
+
+from e2e.redis_server import LocalRedis
 
 KEY = "bench-key"
 # uvicorn's checks of every response header (httptools_impl), repeated for their cost.
@@ -269,8 +271,7 @@ def end_to_end(args: argparse.Namespace, redis_url: str) -> None:
     for label, runs in results.items():
         med = statistics.median(runs)
         print(
-            f"| {label} | {med:.1f} | {' / '.join(f'{r:.1f}' for r in runs)} | "
-            f"{med - base:+.1f} |"
+            f"| {label} | {med:.1f} | {' / '.join(f'{r:.1f}' for r in runs)} | {med - base:+.1f} |"
         )
     print("requests per script call (redis): " + " / ".join(f"{s:.1f}" for s in shared))
 

@@ -551,13 +551,14 @@ class Quota:
         raw = headers.get(self.header)
         if raw is not None and self._bearer:
             raw = raw[7:] if raw[:7].lower() == "bearer " else None
-        tenant = self._by_key.get(raw) if raw else None
+        tenant = None
+        if raw:
+            tenant = self._by_key.get(raw)
+            if tenant is None:
+                tenant = self._by_hash.get(key_hash(raw.strip()))
+                if tenant is not None and len(self._by_key) < len(self._by_hash):
+                    self._by_key[raw] = tenant
         if tenant is not None:
-            return tenant
-        tenant = self._by_hash.get(key_hash(raw.strip())) if raw else None
-        if tenant is not None:
-            if len(self._by_key) < len(self._by_hash):
-                self._by_key[raw] = tenant
             return tenant
         if self.config.default_tenant is not None:
             return DEFAULT_TENANT
@@ -842,7 +843,9 @@ class Quota:
 
 def _numbers(reply: bytes | str) -> list[int]:
     """The check-and-count script's answer: comma-separated integers."""
-    return list(map(int, reply.split(b"," if isinstance(reply, bytes) else ",")))
+    if isinstance(reply, bytes):
+        return list(map(int, reply.split(b",")))
+    return list(map(int, reply.split(",")))
 
 
 def _rfc3339(epoch: float) -> str:
