@@ -328,11 +328,10 @@ def _until(at: float, now: float) -> int:
 # running totals, each counted in every window or in none; the totals are written once. An
 # admitted request's costs are recorded under its charge key, where no record is yet (SET NX:
 # one command for the admission and the check); a request whose key already exists was
-# abandoned (its refund came first) and is not counted. Returns one
-# string, comma-separated, per request: admitted (1/0), the violated window (0 if none, -1
-# abandoned), and each window's count after it (before it, when refused). (Costs and answers
-# travel as one string each: a protocol element per number cost more to write and to read
-# than the script itself.)
+# abandoned (its refund came first) and is not counted. Returns one string, comma-separated,
+# per request: admitted (1/0), the violated window (0 if none, -1 abandoned), and each
+# window's count after it (before it, when refused). (Costs and answers travel as one string
+# each: a protocol element per number cost more to write and to read than the script.)
 _CHECK_AND_COUNT = """
 local n = tonumber(ARGV[1])
 local used, limit, start = {}, {}, {}
