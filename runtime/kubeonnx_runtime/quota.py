@@ -367,7 +367,8 @@ for base = 0, #costs - n, n do
   end
   out[#out + 1] = violated == 0 and 1 or 0
   out[#out + 1] = violated
-  for i = 1, n do out[#out + 1] = used[i] end
+  -- %d: concat would write a count from 1e14 up as 1e+14
+  for i = 1, n do out[#out + 1] = string.format('%d', used[i]) end
 end
 for i = 1, n do
   if used[i] > start[i] then

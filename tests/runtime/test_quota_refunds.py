@@ -358,3 +358,20 @@ def test_an_image_batch_is_charged_for_every_image_the_model_ran(
     usage = httpx.get(f"{served.url}/v2/quota", headers=key).json()
     assert (runs, usage["limits"][0]["used"]) == (4 * codes.count(200),) * 2, (codes, errors)
     assert set(codes) <= {200, 503} and 200 in codes, codes  # a batch alone gets in
+
+
+def test_the_script_answers_a_count_past_1e14_exactly(redis_server: LocalRedis) -> None:
+    """The script's answer is one string of integers: a count from 1e14 up is written in full
+    (Lua writes such a number as 1e+15 by itself, which no integer parse reads)."""
+    from kubeonnx_runtime.quota import _CHECK_AND_COUNT, charge_key
+
+    not_near_midnight()
+    client = redis_server.client()
+    decide = client.register_script(_CHECK_AND_COUNT)
+    policy = f"p-{uuid.uuid4().hex[:8]}"
+    counter = counter_key("ns", policy, "a", "rows", "1d", time.time())
+    client.set(counter, 10**15)
+    reply = decide(
+        keys=[counter, charge_key("ns", policy, "a", "r1")], args=[1, 120, 10**16, 9, "7"]
+    )
+    assert reply == b"1,0,1000000000000007"
