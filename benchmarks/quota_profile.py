@@ -13,7 +13,8 @@ time: with no quota, a quota counted in memory, and one counted in a real redis-
 reports this process's CPU per request (Redis's own CPU is not in it) and how many requests
 shared each script call. Rounds alternate the three; the median is printed. Part three
 counts the function calls per request of each (cProfile's count, which the load does not
-change; `--cprofile` prints the profiles).
+change; `--cprofile` prints the profiles). Part four times one script call's round trip,
+batches of 64 and 16 requests.
 """
 
 from __future__ import annotations
@@ -307,6 +308,31 @@ def calls(args: argparse.Namespace, redis_url: str) -> None:
         print(f"| {label} | {n:.1f} | {n - base:+.1f} |")
 
 
+def round_trips(redis_url: str, calls: int = 150) -> None:
+    """The time of one script call (redis-py's writing and reading included), batches of
+    64 and 16 requests: what the decision budget (25 ms) is measured against."""
+    raw = config(redis_url).model_dump(by_alias=True)
+    raw["decisionBudgetMs"] = 10000
+    cfg = QuotaConfig.model_validate(raw)
+    assert cfg.redis is not None
+    times: list[float] = []
+
+    async def go() -> None:
+        quota = Quota(cfg, redis_client=connect_redis(cfg.redis, {}), on_redis_seconds=times.append)
+        print("\n| requests a call | calls | p50 ms | p90 ms | p99 ms | max ms |")
+        print("|---|---|---|---|---|---|")
+        for batch in (64, 16):
+            times.clear()
+            for _ in range(calls):
+                await asyncio.gather(*(quota.admit("bench", 1) for _ in range(batch)))
+            t = sorted(times)
+            p50, p90, p99 = (t[int(len(t) * f)] * 1e3 for f in (0.5, 0.9, 0.99))
+            print(f"| {batch} | {len(t)} | {p50:.2f} | {p90:.2f} | {p99:.2f} | {t[-1] * 1e3:.2f} |")
+        await quota._redis.aclose()
+
+    uvloop.run(go())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=20000)
@@ -319,6 +345,7 @@ def main() -> None:
     try:
         end_to_end(args, redis.url)
         calls(args, redis.url)
+        round_trips(redis.url)
     finally:
         redis.stop()
 
