@@ -4,11 +4,11 @@ in the same run.
     .venv/bin/python benchmarks/quota_bench.py [--seconds 8] [--rounds 2]
 
 The tiny model (`mlp`, server overhead dominates, so the quota's share is the largest it can
-be), binary tensors, batching on, concurrency 64; server pinned to CPU 0, wrk to CPU 1, a
-real redis-server unpinned. Three servers, measured in turn, `--rounds` times over:
-no quota; a quota counted in memory; a quota counted in Redis (one Lua round trip a
-request). Every request names a tenant whose limits it never reaches, so each one is
-counted in two windows and admitted.
+be), binary tensors, batching on, concurrency 64 (`--concurrency 64 16` for several); server
+pinned to CPU 0, wrk to CPU 1, a real redis-server unpinned. Three servers, measured in turn,
+`--rounds` times over: no quota; a quota counted in memory; a quota counted in Redis (the
+requests of a tenant that wait at once share one Lua round trip). Every request names a
+tenant whose limits it never reaches, so each one is counted in two windows and admitted.
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[64])
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kubeonnx-quota-bench-"))
     model = "mlp"
@@ -82,7 +83,9 @@ def main() -> None:
         "quota, memory": policy(work, "memory", None),
         "quota, redis": policy(work, "redis", redis.url),
     }
-    results: dict[str, list[tuple[float, float, float]]] = {k: [] for k in configs}
+    results: dict[tuple[str, int], list[tuple[float, float, float]]] = {
+        (k, c): [] for c in args.concurrency for k in configs
+    }
     kubeonnx = str(Path(sys.executable).parent / "kubeonnx")
     try:
         for _ in range(args.rounds):
@@ -95,26 +98,29 @@ def main() -> None:
                 url = f"http://127.0.0.1:{port}/v2/models/{model}/infer"
                 try:
                     run_wrk(url, script, 4, 1)  # warm-up
-                    rps, p50, p99, total, _ = run_wrk(url, script, 64, args.seconds)
-                    unchecked = unchecked_count(f"http://127.0.0.1:{port}/metrics")
+                    for c in args.concurrency:
+                        before = unchecked_count(f"http://127.0.0.1:{port}/metrics")
+                        rps, p50, p99, total, _ = run_wrk(url, script, c, args.seconds)
+                        unchecked = unchecked_count(f"http://127.0.0.1:{port}/metrics") - before
+                        results[(label, c)].append((rps, p50, p99))
+                        print(
+                            f"{label}, c{c}: {rps:,.0f} req/s, p50 {p50:.2f} ms, "
+                            f"p99 {p99:.2f} ms, {unchecked:.0f} of {total} admitted unchecked "
+                            "(Redis over 25 ms)",
+                            flush=True,
+                        )
                 finally:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
-                results[label].append((rps, p50, p99))
-                print(
-                    f"{label}: {rps:,.0f} req/s, p50 {p50:.2f} ms, p99 {p99:.2f} ms, "
-                    f"{unchecked:.0f} of {total} admitted unchecked (Redis over 25 ms)",
-                    flush=True,
-                )
     finally:
         redis.stop()
-    base = results["no quota"]
-    print("\n| server | req/s | p50 ms | p99 ms | req/s vs no quota | p50 added ms |")
-    print("|---|---|---|---|---|---|")
-    for label, runs in results.items():
+    print("\n| server | c | req/s | p50 ms | p99 ms | req/s vs no quota | p50 added ms |")
+    print("|---|---|---|---|---|---|---|")
+    for (label, c), runs in results.items():
+        base = results[("no quota", c)]
         for (rps, p50, p99), (b_rps, b_p50, _) in zip(runs, base, strict=True):
             print(
-                f"| {label} | {rps:,.0f} | {p50:.2f} | {p99:.2f} | {rps / b_rps:.2f} | "
+                f"| {label} | {c} | {rps:,.0f} | {p50:.2f} | {p99:.2f} | {rps / b_rps:.2f} | "
                 f"{p50 - b_p50:+.2f} |"
             )
 

@@ -583,7 +583,12 @@ async def _all_or_none(receive: Receive, work: list[Awaitable[Any]]) -> list[Any
 
 def request_rows(inputs: Mapping[str, Any]) -> int:
     """The rows a request counts for in a quota: its inputs' largest first dimension."""
-    return max((a.shape[0] if a.ndim else 1 for a in inputs.values()), default=0)
+    rows = 0
+    for a in inputs.values():  # a loop, not max() over a generator: on every request
+        n = a.shape[0] if a.ndim else 1
+        if n > rows:
+            rows = n
+    return rows
 
 
 def _int_header(headers: Mapping[str, str], name: str) -> int | None:
@@ -731,7 +736,7 @@ class FrontDoor:
 
 
 def _count(headers: list[tuple[bytes, bytes]], name: bytes) -> int:
-    return sum(1 for k, _ in headers if k == name)
+    return [k for k, _ in headers].count(name)
 
 
 async def _send(send: Send, status: int, content_type: str, body: bytes) -> None:

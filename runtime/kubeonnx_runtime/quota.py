@@ -283,28 +283,34 @@ class Decision:
     def headers(self, now: float) -> list[tuple[bytes, bytes]]:
         """RateLimit-Policy and RateLimit (IETF httpapi ratelimit-headers draft), and the
         X-RateLimit-* trio for the window closest to its limit; Retry-After when refused.
-        Reset times are seconds from now."""
-        if not self.windows:
+        Reset times are seconds from now. (On every answer: written for speed.)"""
+        windows = self.windows
+        if not windows:
             return []
+        violated = self.violated
         parts, limits = [], []
-        tightest, share = self.violated, 2.0
-        for w in self.windows:
+        tightest, share = violated, 2.0
+        for w in windows:
             lim = w.limit
-            remaining = lim.limit - w.used if w.used < lim.limit else 0
-            parts.append(f'"{lim.name}";r={remaining};t={_until(w.reset_at, now)}')
-            limits.append((lim.name, lim.limit, lim.seconds))
-            if self.violated is None and remaining / (lim.limit or 1) < share:
-                tightest, share = w, remaining / (lim.limit or 1)
+            limit, used = lim.limit, w.used
+            remaining = limit - used if used < limit else 0
+            until = math.ceil(w.reset_at - now)
+            parts.append(f'"{lim.name}";r={remaining};t={until if until > 1 else 1}')
+            limits.append((lim.name, limit, lim.seconds))
+            if violated is None and remaining / (limit or 1) < share:
+                tightest, share = w, remaining / (limit or 1)
         assert tightest is not None
+        limit, used = tightest.limit.limit, tightest.used
+        until = math.ceil(tightest.reset_at - now)
         headers = [
             (b"ratelimit-policy", _policy_header(tuple(limits))),
             (b"ratelimit", ", ".join(parts).encode()),
-            (b"x-ratelimit-limit", str(tightest.limit.limit).encode()),
-            (b"x-ratelimit-remaining", str(tightest.remaining).encode()),
-            (b"x-ratelimit-reset", str(_until(tightest.reset_at, now)).encode()),
+            (b"x-ratelimit-limit", b"%d" % limit),
+            (b"x-ratelimit-remaining", b"%d" % (limit - used if used < limit else 0)),
+            (b"x-ratelimit-reset", b"%d" % (until if until > 1 else 1)),
         ]
-        if self.violated is not None:
-            headers.append((b"retry-after", str(_until(self.violated.reset_at, now)).encode()))
+        if violated is not None:
+            headers.append((b"retry-after", b"%d" % _until(violated.reset_at, now)))
         return headers
 
 
@@ -342,12 +348,15 @@ def _until(at: float, now: float) -> int:
 # Decides a batch of one tenant's requests: every request that arrived while the previous
 # round trip was in flight goes in one call. KEYS: the tenant's counters, one per window, then
 # per request its charge key (charge_key). ARGV: the number of windows, how long a record is
-# kept, per window its limit, per window its TTL, then per request its cost in each window.
-# Requests are decided in arrival order against running totals, each counted in every window
-# or in none; the totals are written once. An admitted request's costs are recorded under its
-# charge key; a request whose key already exists was abandoned (its refund came first) and is
-# neither decided nor counted. Returns, per request: admitted (1/0), the violated window (0 if
-# none, -1 abandoned), and each window's count after it (before it, when refused).
+# kept, per window its limit, per window its TTL, then the costs: one string, per request its
+# cost in each window, all comma-separated. Requests are decided in arrival order against
+# running totals, each counted in every window or in none; the totals are written once. An
+# admitted request's costs are recorded under its charge key, where no record is yet (SET NX:
+# one command for the admission and the check); a request whose key already exists was
+# abandoned (its refund came first) and is not counted. Returns one string, comma-separated,
+# per request: admitted (1/0), the violated window (0 if none, -1 abandoned), and each
+# window's count after it (before it, when refused). (Costs and answers travel as one string
+# each: a protocol element per number cost more to write and to read than the script.)
 _CHECK_AND_COUNT = """
 local n = tonumber(ARGV[1])
 local used, limit, start = {}, {}, {}
@@ -356,32 +365,35 @@ for i = 1, n do
   start[i] = used[i]
   limit[i] = tonumber(ARGV[2 + i])
 end
+local costs = {}
+for cost in string.gmatch(ARGV[3 + 2 * n], '[^,]+') do costs[#costs + 1] = tonumber(cost) end
 local out = {}
 local r = n
-for base = 2 + 2 * n, #ARGV - n, n do
+for base = 0, #costs - n, n do
   r = r + 1
   local violated = 0
-  if redis.call('EXISTS', KEYS[r]) == 1 then
-    violated = -1
-  else
-    for i = 1, n do
-      if used[i] + tonumber(ARGV[base + i]) > limit[i] then
-        violated = i
-        break
-      end
+  for i = 1, n do
+    if used[i] + costs[base + i] > limit[i] then
+      violated = i
+      break
     end
   end
   if violated == 0 then
+    -- The record is written only where none is (NX): one there means abandoned.
     local added = {}
-    for i = 1, n do
-      used[i] = used[i] + tonumber(ARGV[base + i])
-      added[i] = ARGV[base + i]
+    for i = 1, n do added[i] = costs[base + i] end
+    if redis.call('SET', KEYS[r], table.concat(added, ','), 'EX', tonumber(ARGV[2]), 'NX') then
+      for i = 1, n do used[i] = used[i] + costs[base + i] end
+    else
+      violated = -1
     end
-    redis.call('SET', KEYS[r], table.concat(added, ','), 'EX', tonumber(ARGV[2]))
+  elseif redis.call('EXISTS', KEYS[r]) == 1 then
+    violated = -1
   end
   out[#out + 1] = violated == 0 and 1 or 0
   out[#out + 1] = violated
-  for i = 1, n do out[#out + 1] = used[i] end
+  -- %d: concat would write a count from 1e14 up as 1e+14
+  for i = 1, n do out[#out + 1] = string.format('%d', used[i]) end
 end
 for i = 1, n do
   if used[i] > start[i] then
@@ -391,7 +403,7 @@ for i = 1, n do
     end
   end
 end
-return out
+return table.concat(out, ',')
 """
 MAX_COALESCED = 256  # requests decided in one script call
 
@@ -428,10 +440,10 @@ class _Waiting:
 
 
 class MemoryCounters:
-    """The same windows in this process: (tenant, limit name) -> (bucket, used)."""
+    """The same windows in this process: (tenant, limit name) -> [bucket, used]."""
 
     def __init__(self) -> None:
-        self._counts: dict[tuple[str, str], tuple[int, int]] = {}
+        self._counts: dict[tuple[str, str], list[int]] = {}
 
     def used(self, tenant: str, limit: Limit, now: float) -> int:
         bucket = int(now // limit.seconds)
@@ -441,32 +453,34 @@ class MemoryCounters:
     def check_and_count(
         self, tenant: str, costs: list[tuple[Limit, int]], now: float
     ) -> tuple[bool, int, list[int]]:
+        # On every request: one pass that reads each window (its entry made if new), and
+        # one that counts in all of them, unless a window refuses.
         counts = self._counts
-        keys, buckets, used = [], [], []
+        entries, used = [], []
         violated = 0
-        for i, (lim, cost) in enumerate(costs):
-            key, bucket = (tenant, lim.name), int(now // lim.seconds)
-            seen, count = counts.get(key, (bucket, 0))
-            count = count if seen == bucket else 0
-            keys.append(key)
-            buckets.append(bucket)
-            used.append(count)
-            if not violated and count + cost > lim.limit:
-                violated = i + 1
+        for lim, cost in costs:
+            bucket = int(now // lim.seconds)
+            entry = counts.get((tenant, lim.name))
+            if entry is None:
+                entry = counts[(tenant, lim.name)] = [bucket, 0]
+            elif entry[0] != bucket:
+                entry[0], entry[1] = bucket, 0
+            entries.append(entry)
+            used.append(entry[1])
+            if not violated and entry[1] + cost > lim.limit:
+                violated = len(used)
         if violated:
             return False, violated, used
         for i, (_, cost) in enumerate(costs):
-            used[i] += cost
-            counts[keys[i]] = (buckets[i], used[i])
+            used[i] = entries[i][1] = used[i] + cost
         return True, 0, used
 
     def refund(self, tenant: str, costs: list[tuple[Limit, int]], at: float) -> None:
         """Take back what `check_and_count` counted at `at` (if its windows are still on)."""
         for lim, cost in costs:
-            key, bucket = (tenant, lim.name), int(at // lim.seconds)
-            seen, count = self._counts.get(key, (bucket, 0))
-            if seen == bucket:
-                self._counts[key] = (bucket, max(0, count - cost))
+            entry = self._counts.get((tenant, lim.name))
+            if entry is not None and entry[0] == int(at // lim.seconds):
+                entry[1] = max(0, entry[1] - cost)
 
 
 class Quota:
@@ -511,6 +525,9 @@ class Quota:
         self._budget_s = config.decision_budget_ms / 1000
         self._bearer = self.header == "authorization"
         self._by_hash = {h: t.name for t in config.tenants for h in t.key_sha256}
+        # Known keys seen, by key: a key is hashed once, not on every request. Only keys of
+        # the configuration go in, so it holds at most one entry per keySha256.
+        self._by_key: dict[str, str] = {}
         self._limits = {t.name: t.limits for t in config.tenants}
         if config.default_tenant is not None:
             self._limits[DEFAULT_TENANT] = config.default_tenant.limits
@@ -562,7 +579,13 @@ class Quota:
         raw = headers.get(self.header)
         if raw is not None and self._bearer:
             raw = raw[7:] if raw[:7].lower() == "bearer " else None
-        tenant = self._by_hash.get(key_hash(raw.strip())) if raw else None
+        tenant = None
+        if raw:
+            tenant = self._by_key.get(raw)
+            if tenant is None:
+                tenant = self._by_hash.get(key_hash(raw.strip()))
+                if tenant is not None and len(self._by_key) < len(self._by_hash):
+                    self._by_key[raw] = tenant
         if tenant is not None:
             return tenant
         if self.config.default_tenant is not None:
@@ -689,11 +712,10 @@ class Quota:
                 else:
                     del self._waiting[group]
                 now = self._clock()
-                args: list[int] = [len(limits), CHARGE_RECORD_S]
+                args: list[int | str] = [len(limits), CHARGE_RECORD_S]
                 args += [lim.limit for lim in limits]
                 args += [lim.seconds * 2 for lim in limits]  # outlive the window
-                for w in batch:
-                    args += w.costs
+                args.append(",".join([str(c) for w in batch for c in w.costs]))
                 keys = [self._key(tenant, lim, now) for lim in limits]
                 ns, policy = self.config.namespace, self.config.policy
                 keys += [charge_key(ns, policy, tenant, w.ref) for w in batch]
@@ -714,13 +736,12 @@ class Quota:
                 if self._failures >= BREAKER_FAILURES:
                     log.info("quota store reachable again")
                 self._failures = 0
+                values = _numbers(reply)
                 step = len(limits) + 2
                 for j, w in enumerate(batch):
                     if not w.future.done():
-                        part = reply[j * step : (j + 1) * step]
-                        w.future.set_result(
-                            (bool(part[0]), int(part[1]), [int(u) for u in part[2:]], now)
-                        )
+                        part = values[j * step : (j + 1) * step]
+                        w.future.set_result((part[0] == 1, part[1], part[2:], now))
         finally:
             self._senders.pop(group, None)
             # A sender that ends abnormally (cancelled at shutdown) leaves no request waiting.
@@ -787,15 +808,22 @@ class Quota:
         counted_in: str,
         ref: str = "",
     ) -> Decision:
+        # On every request: written for speed (no generators, no strict zip: the lengths
+        # are checked once).
+        if len(used) != len(costs):
+            raise ValueError(f"{len(used)} counts for {len(costs)} windows")
         windows = tuple(
-            WindowState(lim, u, _reset_at(lim, now))
-            for (lim, _), u in zip(costs, used, strict=True)
+            [
+                WindowState(lim, u, float((int(now // lim.seconds) + 1) * lim.seconds))
+                for (lim, _), u in zip(costs, used)  # noqa: B905 - lengths checked above
+            ]
         )
         if admitted:
-            spent = tuple(c for _, c in costs)
-            return self._decided(
-                Decision(tenant, windows, None, counted_in, now, spent, ref), "admitted"
+            decision = Decision(
+                tenant, windows, None, counted_in, now, tuple([c for _, c in costs]), ref
             )
+            self._on_decision(tenant, "admitted")
+            return decision
         if self.config.shadow:
             return self._decided(Decision(tenant, windows), "shadow_refused")
         broken = windows[violated - 1]
@@ -842,6 +870,13 @@ class Quota:
                 for lim, u in zip(limits, used, strict=True)
             ],
         }
+
+
+def _numbers(reply: bytes | str) -> list[int]:
+    """The check-and-count script's answer: comma-separated integers."""
+    if isinstance(reply, bytes):
+        return list(map(int, reply.split(b",")))
+    return list(map(int, reply.split(",")))
 
 
 def _rfc3339(epoch: float) -> str:

@@ -114,3 +114,38 @@ def test_a_bad_configuration_is_refused_by_name(tmp_path) -> None:  # type: igno
     path.write_text("policy: p\nnamespace: tests\ntenants: [{name: a}, {name: a}]")
     with pytest.raises(FatalStartupError, match="tenant names must be unique"):
         load_quota_config(path)
+
+
+def test_a_key_seen_before_a_reload_that_removes_it_is_refused_after_it() -> None:
+    """Keys are remembered once hashed (not hashed on every request); a reload forgets them,
+    so a rotated-out key stops naming its tenant at once, whichever way it was written."""
+    quota = Quota(config())
+    for _ in range(2):
+        assert quota.identify({"x-api-key": "acme-key"}) == "acme"
+        assert quota.identify({"x-api-key": " acme-key "}) == "acme"
+    rotated = config().model_copy(deep=True)
+    rotated.tenants[0].key_sha256 = [key_hash("acme-new-key")]
+    quota.use(rotated)
+    for written in ("acme-key", " acme-key "):
+        with pytest.raises(Unauthorized, match="an unknown API key"):
+            quota.identify({"x-api-key": written})
+    assert quota.identify({"x-api-key": "acme-new-key"}) == "acme"
+
+
+async def test_a_refund_after_its_window_ended_leaves_the_new_window_alone() -> None:
+    """In memory: a request counted in one minute and refunded in the next takes nothing
+    from the next minute's count, nor from the day's once a refused request read it."""
+    clock = Clock()
+    quota = Quota(config(), clock=clock)
+    first = await quota.admit("acme", 4)
+    clock.now += 60
+    second = await quota.admit("acme", 4)
+    assert [w.used for w in second.windows] == [1, 8]
+    with pytest.raises(QuotaExceeded):
+        await quota.admit("acme", 4)  # 8 + 4 rows > 10
+    quota.refund(first)
+    usage = await quota.usage("acme")
+    assert [u["used"] for u in usage["limits"]] == [1, 4]  # the day's rows: 8 - 4
+    quota.refund(second)
+    usage = await quota.usage("acme")
+    assert [u["used"] for u in usage["limits"]] == [0, 0]

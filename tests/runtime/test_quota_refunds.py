@@ -134,15 +134,17 @@ def test_a_refund_takes_back_its_own_request_once_or_abandons_it(
     first, late = charge_key("ns", policy, "a", "r1"), charge_key("ns", policy, "a", "r2")
     # windows 1, record kept 120 s, limit 10, TTL 2 days; two requests costing 1 and 2
     args = [1, 120, 10, 172800]
-    assert decide(keys=[counter, first], args=[*args, 1]) == [1, 0, 1]
-    assert decide(keys=[counter, charge_key("ns", policy, "a", "r0")], args=[*args, 2])[0] == 1
+    assert decide(keys=[counter, first], args=[*args, "1"]) == b"1,0,1"
+    assert decide(keys=[counter, charge_key("ns", policy, "a", "r0")], args=[*args, "2"]) == (
+        b"1,0,3"
+    )
     assert int(client.get(counter)) == 3
     assert refund(keys=[counter, first], args=[3600]) == 1
     assert int(client.get(counter)) == 2  # its own 1, not the other request's 2
     assert refund(keys=[counter, first], args=[3600]) == 0  # once
     assert int(client.get(counter)) == 2
     assert refund(keys=[counter, late], args=[3600]) == 0  # before its decision ran
-    assert decide(keys=[counter, late], args=[*args, 1]) == [0, -1, 2]
+    assert decide(keys=[counter, late], args=[*args, "1"]) == b"0,-1,2"
     assert int(client.get(counter)) == 2
 
 
@@ -356,3 +358,20 @@ def test_an_image_batch_is_charged_for_every_image_the_model_ran(
     usage = httpx.get(f"{served.url}/v2/quota", headers=key).json()
     assert (runs, usage["limits"][0]["used"]) == (4 * codes.count(200),) * 2, (codes, errors)
     assert set(codes) <= {200, 503} and 200 in codes, codes  # a batch alone gets in
+
+
+def test_the_script_answers_a_count_past_1e14_exactly(redis_server: LocalRedis) -> None:
+    """The script's answer is one string of integers: a count from 1e14 up is written in full
+    (Lua writes such a number as 1e+15 by itself, which no integer parse reads)."""
+    from kubeonnx_runtime.quota import _CHECK_AND_COUNT, charge_key
+
+    not_near_midnight()
+    client = redis_server.client()
+    decide = client.register_script(_CHECK_AND_COUNT)
+    policy = f"p-{uuid.uuid4().hex[:8]}"
+    counter = counter_key("ns", policy, "a", "rows", "1d", time.time())
+    client.set(counter, 10**15)
+    reply = decide(
+        keys=[counter, charge_key("ns", policy, "a", "r1")], args=[1, 120, 10**16, 9, "7"]
+    )
+    assert reply == b"1,0,1000000000000007"
