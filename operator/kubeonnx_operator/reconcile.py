@@ -358,8 +358,8 @@ class Reconciler:
             verdict = gateway_verdict(self.observed.gateway(key), model.gateway_name) or verdict
         if verdict.ready and model.holds_requests:
             # Only the router holds the requests that wake the model: without it, neither.
-            router = router_verdict(self.observed.router(key), router_name(model), model.name)
-            verdict = router or verdict
+            unheld = router_verdict(self.observed.router(key), router_name(model), model.name)
+            verdict = unheld or verdict
         if problem is not None:  # a child we could not create outranks what the pods show
             verdict = problem
         await self._finish(
