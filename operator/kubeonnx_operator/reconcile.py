@@ -33,6 +33,7 @@ from .render.versions import (
     mirrored,
     place,
     routed,
+    router_name,
     router_selector,
 )
 from .spec import InvalidSpec, RouteRefused
@@ -46,6 +47,7 @@ from .status import (
     derive_verdict,
     fields_ignored_message,
     gateway_verdict,
+    router_verdict,
     version_statuses,
 )
 from .workqueue import Stopped
@@ -354,6 +356,10 @@ class Reconciler:
         )
         if verdict.ready and model.spec.async_.enabled:
             verdict = gateway_verdict(self.observed.gateway(key), model.gateway_name) or verdict
+        if verdict.ready and model.holds_requests:
+            # Only the router holds the requests that wake the model: without it, neither.
+            unheld = router_verdict(self.observed.router(key), router_name(model), model.name)
+            verdict = unheld or verdict
         if problem is not None:  # a child we could not create outranks what the pods show
             verdict = problem
         await self._finish(

@@ -48,6 +48,7 @@ ModelReason = Literal[
     "LabelsConfigMapNotFound",
     "MirrorSecretNotFound",
     "GatewayNotReady",
+    "RouterNotReady",
     "GatewayAPINotInstalled",
     "ChildConflict",
     "ReconcileError",
@@ -175,13 +176,40 @@ def gateway_verdict(gateway: dict[str, Any] | None, name: str) -> Verdict | None
     submissions, or None when at least one of its replicas is ready. While it rolls out
     that is Progressing; once it had rolled out, or when it cannot, GatewayNotReady:
     every submission fails, whatever the model's own replicas show."""
-    if gateway is None:
-        return Verdict(False, "Progressing", f"waiting for the async gateway {name} to be created")
-    spec, status = gateway.get("spec", {}), gateway.get("status", {})
+    return _helper_verdict(
+        gateway,
+        f"the async gateway {name}",
+        "GatewayNotReady",
+        "asynchronous submissions fail until one is",
+    )
+
+
+def router_verdict(router: dict[str, Any] | None, name: str, model: str) -> Verdict | None:
+    """What keeps the router of a model that holds its requests (spec.scaling.holdRequests,
+    Deployment `name`) from taking them, or None when one of its replicas is ready. Without
+    it the model's Service has no endpoint: no request is held, so nothing wakes the model
+    from zero, and none is answered. Progressing while it rolls out, RouterNotReady once
+    it had rolled out or cannot."""
+    return _helper_verdict(
+        router,
+        f"the router {name}",
+        "RouterNotReady",
+        "no request reaches the model, nor wakes it from zero, until one is "
+        f"(its pods: kubectl describe pods -l kubeonnx.io/router={model})",
+    )
+
+
+def _helper_verdict(
+    deployment: dict[str, Any] | None, what: str, reason: ModelReason, consequence: str
+) -> Verdict | None:
+    """The verdict on a Deployment the model needs beside its own (a gateway, a router)."""
+    if deployment is None:
+        return Verdict(False, "Progressing", f"waiting for {what} to be created")
+    spec, status = deployment.get("spec", {}), deployment.get("status", {})
     ready, desired = status.get("readyReplicas", 0), spec.get("replicas", 1)
     if ready >= 1:
         return None
-    counts = f"the async gateway {name} has {ready}/{desired} replicas ready"
+    counts = f"{what} has {ready}/{desired} replicas ready"
     stuck = ""
     for cond in status.get("conditions") or []:
         failed = cond.get("type") == "ReplicaFailure" and cond.get("status") == "True"
@@ -193,9 +221,7 @@ def gateway_verdict(gateway: dict[str, Any] | None, name: str) -> Verdict | None
             stuck = cond.get("message") or cond.get("reason") or ""
     if not stuck:
         return Verdict(False, "Progressing", counts)
-    return Verdict(
-        False, "GatewayNotReady", f"{counts}: asynchronous submissions fail until one is ({stuck})"
-    )
+    return Verdict(False, reason, f"{counts}: {consequence} ({stuck})")
 
 
 def version_statuses(

@@ -86,6 +86,12 @@ MIRROR_HEADER = b"x-kubeonnx-mirror"
 SMALL_BODY = 64 * 1024  # bodies up to this are read whole; larger ones stream
 VERSION_IN_PATH = re.compile(r"/v2/models/[^/]+/versions/([^/]+)(?:/|$)")
 MIRRORED_PATH = re.compile(r"/v2/models/[^/]+(?:/versions/[^/]+)?/(?:infer|predict|predict/batch)$")
+# What a client sends to run the model: the only requests held (and counted as demand).
+HELD_PATH = re.compile(
+    r"^/v2/models/([^/]+)(?:/versions/[^/]+)?/(?:infer|async-infer|predict|predict/batch)$"
+)
+OIP_PATH = re.compile(r"^/v2(?:/|$)")  # the protocol's paths: 503 while nothing is ready
+RETRY_AFTER_S = 5  # Retry-After of the router's own 503s (at least probe_interval_s)
 HOP_BY_HOP = {
     b"connection",
     b"keep-alive",
@@ -103,7 +109,13 @@ HOP_BY_HOP = {
 NOT_FORWARDED = HOP_BY_HOP | {b"content-length", MIRROR_HEADER, b"expect"}
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}  # sent again on a fresh connection if need be
 HOLD_HEAD = "kubeonnx.hold_head"  # in the scope: hold the answer's head for its body
+# In the scope: the connection's `holding(on)`, which stops the request's arrival clock
+# (the server's read timeout) while the router holds it and restarts it after.
+HOLDING = "kubeonnx.holding"
 GONE = "kubeonnx.gone"  # in the scope: an event set once the client's connection is lost
+
+
+MAX_HELD_REQUESTS = 2000
 
 
 class VersionConfig(BaseModel):
@@ -119,6 +131,11 @@ class VersionConfig(BaseModel):
     weight: int = Field(0, ge=0, le=10000, description="its share of requests, relative")
     mirror_percent: float = Field(
         0, ge=0, le=100, description="percent of inference requests also copied to it"
+    )
+    hold: bool = Field(
+        True,
+        strict=True,
+        description="a request pinned to it is held while it is not ready; false: 503 at once",
     )
 
 
@@ -137,13 +154,23 @@ class RouterConfig(BaseModel):
     probe_interval_s: float = Field(1.0, gt=0, le=60)
     probe_timeout_s: float = Field(1.0, gt=0, le=60)
     connect_timeout_s: float = Field(5.0, gt=0, le=60)
-    timeout_s: float = Field(60.0, gt=0, description="longest wait for each read or write")
+    timeout_s: float = Field(
+        60.0, gt=0, le=3600, strict=True, description="longest wait for each read or write"
+    )
     max_mirrors_in_flight: int = Field(64, ge=1, le=10000)
     mirror_max_body_bytes: int = Field(4 * 1024 * 1024, ge=0)
+    # Each held request costs up to ~140 KiB (its body's first part buffered by the server,
+    # the socket's buffers): 2000 fit in the router's 512 MiB limit.
     max_held_requests: int = Field(
-        100, ge=0, le=100000, description="requests held while no version is ready; 0: none"
+        100,
+        ge=0,
+        le=MAX_HELD_REQUESTS,
+        strict=True,
+        description="requests held while no version is ready; 0: none",
     )
-    max_hold_s: float = Field(60.0, gt=0, le=3600, description="longest a request is held")
+    max_hold_s: float = Field(
+        60.0, ge=0.1, le=3600, strict=True, description="longest a request is held"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> RouterConfig:
@@ -216,7 +243,7 @@ class RouterMetrics:
             "kubeonnx_router_holds",
             "Requests held, by outcome (forwarded: a version became ready; full: "
             "max_held_requests were held already, 503; timeout: held max_hold_s, 503; gone: "
-            "the client left, 499)",
+            "the client left, 499; shutdown: the router stopped, 503)",
             ["outcome"],
             registry=registry,
         )
@@ -224,7 +251,7 @@ class RouterMetrics:
             self.holds.labels(outcome)
 
 
-HOLD_OUTCOMES = ("forwarded", "full", "timeout", "gone")
+HOLD_OUTCOMES = ("forwarded", "full", "timeout", "gone", "shutdown")
 
 
 class Upstream:
@@ -237,6 +264,7 @@ class Upstream:
         self.netloc = split.netloc.encode()  # the Host header sent to it
         self.weight = config.weight
         self.mirror_percent = config.mirror_percent
+        self.hold = config.hold
         self.ready = False
         self.recheck = asyncio.Event()  # set: probe now, a connection to it failed
         self.current = 0  # smooth weighted round-robin state
@@ -312,7 +340,7 @@ class Router:
         self.mirrored = any(u.mirror_percent for u in self.upstreams)
         self.pin_header = config.pin_header.lower().encode()
         self.tenant_header = config.tenant_header.lower().encode()
-        self.retry_after = str(max(1, math.ceil(config.probe_interval_s))).encode()
+        self.retry_after = str(max(RETRY_AFTER_S, math.ceil(config.probe_interval_s))).encode()
         self.pool = Pool(config.connect_timeout_s)
         self.counted: dict[tuple[str, int], Any] = {}  # requests' metric children, by label
         self.mirroring: set[asyncio.Task[None]] = set()
@@ -320,6 +348,9 @@ class Router:
         self.held = 0
         # Set (and replaced) each time a version turns ready: what held requests wait on.
         self.turned_ready = asyncio.Event()
+        self.stopping = asyncio.Event()  # set when the server shuts down: held ones answered
+        # Whether an unpinned request is held: a weighted version may be woken for it.
+        self.holds_unpinned = any(u.weight and u.hold for u in self.upstreams)
         for u in self.upstreams:
             metrics.ready.labels(u.name).set(0)
 
@@ -339,6 +370,8 @@ class Router:
     async def probe(self, upstream: Upstream) -> None:
         while True:
             wait_s = self.config.probe_timeout_s
+            # Cleared before the probe: a recheck asked for during it makes another.
+            upstream.recheck.clear()
             try:
                 status = await asyncio.wait_for(
                     self.fetch(upstream, "GET", b"/v2/health/ready", [], None, wait_s), wait_s
@@ -346,7 +379,6 @@ class Router:
                 self.set_ready(upstream, status == 200)
             except (UpstreamError, TimeoutError):
                 self.set_ready(upstream, False)
-            upstream.recheck.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(upstream.recheck.wait(), self.config.probe_interval_s)
 
@@ -440,8 +472,13 @@ class Router:
             )
             return
         chosen, pinned = self.choose(path, headers)
+        deadline = None  # when held: the end of its hold
         if chosen == "" or (isinstance(chosen, Upstream) and not chosen.ready):
-            waited, pinned = await self.hold(scope, headers, chosen, pinned, send)
+            if not self.holdable(scope, chosen):
+                await self.refuse(path, chosen, send)
+                return
+            deadline = asyncio.get_running_loop().time() + self.config.max_hold_s
+            waited, pinned = await self.hold(scope, headers, chosen, pinned, send, deadline)
             if waited is None:
                 return
             chosen = waited
@@ -464,7 +501,9 @@ class Router:
                 await body.read_all()  # one write upstream, not a stream
             if mirrors:
                 mirrors = await self._mirrorable(mirrors, headers, body)
-            answer = await self.forward(chosen, pinned, method, target, headers, body, send)
+            answer = await self.forward(
+                chosen, pinned, method, target, headers, body, send, scope, deadline
+            )
         except ClientGone:
             # Nobody to answer (counted as nginx does, 499); the upstream connection, if
             # any, was closed: the request on it is incomplete. The upstream is not at fault.
@@ -486,6 +525,29 @@ class Router:
             self.pool.release(chosen.host, chosen.port, conn)
         self.count(chosen.name, conn.status)
 
+    def holdable(self, scope: Scope, chosen: Upstream | str) -> bool:
+        """Whether a request no ready version may take is held: a request to run the model
+        (not a metadata or readiness one, nor a stray path) that the version woken from
+        zero may take: unpinned, or pinned to a version that is held for (not a candidate)."""
+        if scope["method"] != "POST":
+            return False
+        match = HELD_PATH.match(scope["path"])
+        if match is None or (self.config.model is not None and match[1] != self.config.model):
+            return False
+        return chosen.hold if isinstance(chosen, Upstream) else self.holds_unpinned
+
+    async def refuse(self, path: str, chosen: Upstream | str, send: Send) -> None:
+        """A request not held, with no ready version to take it: 503 for the protocol's
+        paths (the model's readiness and metadata say it is not ready), else 404."""
+        if not OIP_PATH.match(path):
+            self.count("", 404)
+            await _send_error(send, 404, "not found")
+            return
+        if isinstance(chosen, Upstream):
+            await self._unavailable(send, f"model version '{chosen.name}' is not ready")
+        else:
+            await self._unavailable(send, "no version of the model is ready")
+
     async def hold(
         self,
         scope: Scope,
@@ -493,10 +555,12 @@ class Router:
         chosen: Upstream | str,
         pinned: bool,
         send: Send,
+        deadline: float,
     ) -> tuple[Upstream | None, bool]:
         """A request no ready version may take, held until one may (that version, and
-        whether the request named it), or answered 503 (None) when the hold is full or
-        lasts `max_hold_s`, or dropped (None, 499) when the client leaves meanwhile."""
+        whether the request named it), or answered 503 (None) when the hold is full, lasts
+        until `deadline` or the router stops, or dropped (None, 499) when the client leaves
+        meanwhile. The server's read timeout does not run while it is held."""
         why = "no version of the model is ready"
         if isinstance(chosen, Upstream):
             why = f"model version '{chosen.name}' is not ready"
@@ -504,29 +568,41 @@ class Router:
         if limit == 0:
             await self._unavailable(send, why)
             return None, pinned
-        if self.held >= limit:
-            self.metrics.holds.labels("full").inc()
-            await self._unavailable(
-                send, f"{why}, and {limit} requests are held already (max_held_requests)"
+        if self.held >= limit or self.stopping.is_set():
+            outcome = "full" if self.held >= limit else "shutdown"
+            self.metrics.holds.labels(outcome).inc()
+            more = (
+                f", and {limit} requests are held already (max_held_requests)"
+                if outcome == "full"
+                else ", and the router is shutting down"
             )
+            await self._unavailable(send, why + more)
             return None, pinned
         gone: asyncio.Event | None = scope.get(GONE)
+        holding = scope.get(HOLDING)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.max_hold_s
         self.held += 1
         self.metrics.held.set(self.held)
+        if holding is not None:
+            holding(True)
         if self.held == 1:  # a first request held: ask every version now, not at the interval
             for u in self.upstreams:
                 u.recheck.set()
         outcome = "timeout"
         try:
             while True:
-                waits = [asyncio.ensure_future(self.turned_ready.wait())]
+                waits = [
+                    asyncio.ensure_future(self.turned_ready.wait()),
+                    asyncio.ensure_future(self.stopping.wait()),
+                ]
                 if gone is not None:
                     waits.append(asyncio.ensure_future(gone.wait()))
+                # The probes' interval bounds a wait: a version ready all along (whose
+                # connection was refused, say) is tried again once its probe has run.
+                left = min(deadline - loop.time(), self.config.probe_interval_s)
                 try:
                     await asyncio.wait(
-                        waits, timeout=deadline - loop.time(), return_when=asyncio.FIRST_COMPLETED
+                        waits, timeout=max(left, 0), return_when=asyncio.FIRST_COMPLETED
                     )
                 finally:
                     for w in waits:
@@ -535,6 +611,9 @@ class Router:
                     outcome = "gone"
                     self.count("", 499)
                     return None, pinned
+                if self.stopping.is_set():
+                    outcome = "shutdown"
+                    break
                 again, pinned = self.choose(scope["path"], headers)
                 if isinstance(again, Upstream) and again.ready:
                     outcome = "forwarded"
@@ -545,6 +624,11 @@ class Router:
             self.held -= 1
             self.metrics.held.set(self.held)
             self.metrics.holds.labels(outcome).inc()
+            if holding is not None:
+                holding(False)
+        if outcome == "shutdown":
+            await self._unavailable(send, f"{why}, and the router is shutting down")
+            return None, pinned
         waited = self.config.max_hold_s
         await self._unavailable(send, f"{why}: the request was held {waited:g} s (max_hold_s)")
         return None, pinned
@@ -576,9 +660,13 @@ class Router:
         headers: list[tuple[bytes, bytes]],
         body: Body,
         send: Send,
+        scope: Scope,
+        deadline: float | None,
     ) -> tuple[Upstream, Connection] | None:
         """The request sent to `chosen` (or, refused, to another version) and its answer's
-        head read; None when an error was answered instead."""
+        head read; None when an error was answered instead. A request that was held
+        (`deadline`, the end of its hold) whose connections were all refused is held again
+        while time remains: nothing reached an upstream."""
         tried: set[str] = set()
         while True:
             try:
@@ -592,9 +680,18 @@ class Router:
                 chosen.recheck.set()
                 tried.add(chosen.name)
                 again = None if pinned else self.picker.weighted(exclude=tried)
+                time_left = deadline is not None and asyncio.get_running_loop().time() < deadline
+                if again is None and time_left:
+                    assert deadline is not None
+                    held, pinned = await self.hold(scope, headers, chosen, pinned, send, deadline)
+                    if held is None:
+                        return None
+                    tried.clear()
+                    chosen = held
+                    continue
                 if again is None:
                     await self._unavailable(
-                        send, f"model version '{chosen.name}' is unreachable", 502
+                        send, f"model version '{chosen.name}' is unreachable", 502, chosen.name
                     )
                     return None
                 chosen = again
@@ -716,8 +813,10 @@ class Router:
         self.mirroring.add(task)
         task.add_done_callback(self.mirroring.discard)
 
-    async def _unavailable(self, send: Send, error: str, status: int = 503) -> None:
-        self.count("", status)
+    async def _unavailable(
+        self, send: Send, error: str, status: int = 503, version: str = ""
+    ) -> None:
+        self.count(version, status)
         await send(
             {
                 "type": "http.response.start",
@@ -884,10 +983,26 @@ def router_protocol(max_head: int, read_timeout: float) -> type[Any]:
     base: Any = guarded_protocol(max_head, read_timeout)
 
     class RouterHttpProtocol(base):
+        _holding = False  # the request is held: its arrival clock does not run
+
         def connection_made(self, transport: asyncio.Transport) -> None:
             super().connection_made(transport)
             self.transport = _HeadHolder(transport)
             self.gone = asyncio.Event()
+
+        def holding(self, on: bool) -> None:
+            """While the router holds the request, the read timeout (its arrival) stops:
+            its body's rest is not read meanwhile. After, the body has the whole timeout."""
+            self._holding = on
+            if on:
+                self._disarm()
+            elif self._incomplete and not self.transport.is_closing():
+                self._started = self.loop.time()
+                self._arm()
+
+        def _arm(self) -> None:
+            if not self._holding:
+                super()._arm()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self.gone.set()
@@ -897,6 +1012,7 @@ def router_protocol(max_head: int, read_timeout: float) -> type[Any]:
             super().on_message_begin()
             self.scope[HOLD_HEAD] = self.transport.hold
             self.scope[GONE] = self.gone
+            self.scope[HOLDING] = self.holding
 
         def on_response_complete(self) -> None:
             self.transport.flush()  # a HEAD answer's head: no body follows
@@ -947,5 +1063,19 @@ def serve_router(settings: ServeSettings) -> int:
         "routing",
         extra={"port": settings.port, "versions": [(v.name, v.weight) for v in config.versions]},
     )
-    uvicorn.Server(config_).run(sockets=sockets)
+    RouterServer(config_, router).run(sockets=sockets)
     return 0
+
+
+class RouterServer(uvicorn.Server):
+    """uvicorn's server that, as it shuts down, answers the requests held at once (503 and
+    Retry-After: the client tries again, another replica) instead of letting them wait out
+    the graceful shutdown."""
+
+    def __init__(self, config: uvicorn.Config, router: Router) -> None:
+        super().__init__(config)
+        self.router = router
+
+    async def shutdown(self, sockets: list[Any] | None = None) -> None:
+        self.router.stopping.set()
+        await super().shutdown(sockets)

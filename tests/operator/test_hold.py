@@ -116,6 +116,10 @@ def test_with_candidates_the_stable_alone_is_woken_and_the_route_goes_to_the_rou
         ingress=gateway,
     )
     assert "held" in triggers(got[("ScaledObject", "mlp")])
+    # A request pinned to the candidate is not held (it is not woken): 503 at once.
+    config = json.loads(got[("ConfigMap", "mlp-router")]["data"]["router.json"])
+    assert [v.get("hold", True) for v in config["versions"]] == [True, False]
+    assert "max_held_requests" not in config  # the router's bound (100 per replica)
     candidate_so = got[("ScaledObject", "mlp-v2")]
     assert "held" not in triggers(candidate_so)
     assert candidate_so["spec"]["minReplicaCount"] == 1  # nothing would wake it
@@ -127,6 +131,16 @@ def test_with_candidates_the_stable_alone_is_woken_and_the_route_goes_to_the_rou
     assert ("PodMonitor", "mlp-router") in got
 
 
+def test_without_hold_requests_the_router_of_candidates_holds_nothing() -> None:
+    """Holding is opt-in: a model with candidates has a router, which refuses at once (503)
+    a request no ready version may take, as it did before holding existed."""
+    scaling = {"autoscaler": "keda", "minReplicas": 1, "maxReplicas": 3}
+    got = children(scaling, traffic={"candidates": [candidate("2", weight=10)]})
+    config = json.loads(got[("ConfigMap", "mlp-router")]["data"]["router.json"])
+    assert RouterConfig.model_validate(config).max_held_requests == 0
+    assert all("hold" not in v for v in config["versions"])
+
+
 async def test_scaled_to_zero_the_status_names_the_held_requests() -> None:
     kube, observed = FakeKube(), ObservedChildren()
     rec = reconciler(kube, observed)
@@ -134,6 +148,7 @@ async def test_scaled_to_zero_the_status_names_the_held_requests() -> None:
     await rec.reconcile(model)
     gen = kube.live[("Deployment", "m")]["metadata"]["generation"]
     observed.record(KEY, seen_deployment(gen, 0, owns_replicas=False), deleted=False)
+    observed.record(KEY, watched(kube, "m-router", ready=1), deleted=False)
     await rec.reconcile(model)
     cond = ready(kube)
     assert (cond["status"], cond["reason"]) == ("True", "ScaledToZero")
@@ -164,3 +179,32 @@ async def test_turning_hold_off_returns_the_service_to_the_model_before_the_rout
     observed.record(KEY, kube.live[("Service", "m")], deleted=False)
     await rec.reconcile(body(scaling=scaling))
     assert {"m-router", "m-v1"} <= {name for _, name, _ in kube.deleted}
+
+
+async def test_scaled_to_zero_without_a_ready_router_the_model_is_not_ready() -> None:
+    """Nothing holds a request, so nothing wakes the model, while no router pod is ready
+    (a bad image, a crash loop): not "KEDA wakes it", but RouterNotReady, naming it."""
+    kube, observed = FakeKube(), ObservedChildren()
+    rec = reconciler(kube, observed)
+    model = body(scaling=HOLD)
+    await rec.reconcile(model)
+    gen = kube.live[("Deployment", "m")]["metadata"]["generation"]
+    observed.record(KEY, seen_deployment(gen, 0, owns_replicas=False), deleted=False)
+    router = watched(kube, "m-router", ready=0)
+    observed.record(KEY, router, deleted=False)
+    await rec.reconcile(model)
+    cond = ready(kube)
+    assert (cond["status"], cond["reason"]) == ("False", "Progressing")  # rolling out
+    assert cond["message"] == "the router m-router has 0/1 replicas ready"
+
+    late = {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded"}
+    router["status"]["conditions"] = [{**late, "message": "ReplicaSet has timed out"}]
+    observed.record(KEY, router, deleted=False)
+    await rec.reconcile(model)
+    cond = ready(kube)
+    assert (cond["status"], cond["reason"]) == ("False", "RouterNotReady")
+    assert cond["message"] == (
+        "the router m-router has 0/1 replicas ready: no request reaches the model, nor wakes "
+        "it from zero, until one is (its pods: kubectl describe pods -l kubeonnx.io/router=m) "
+        "(ReplicaSet has timed out)"
+    )

@@ -4,7 +4,9 @@ then a real `kubeonnx serve` started there."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import signal
 import socket
 import threading
@@ -21,11 +23,17 @@ from tests.runtime.test_router import BODY, SECRET, metric
 WAIT_S = 120  # a loaded machine: conditions are waited for, never timed
 
 
-def start_holding_router(tmp: Path, port: int, **config: Any) -> Served:
-    """A router for version "1" of model mlp at `port`; it is not ready until a runtime
-    answers there, so it is started without waiting for its readiness."""
+def start_holding_router(
+    tmp: Path,
+    port: int,
+    env: dict[str, str] | None = None,
+    versions: list[dict[str, Any]] | None = None,
+    **config: Any,
+) -> Served:
+    """A router for version "1" of model mlp at `port` (or for `versions`); it is not ready
+    until a runtime answers there, so it is started without waiting for its readiness."""
     path = tmp / f"router-{free_port()}.json"
-    versions = [{"name": "1", "url": f"http://127.0.0.1:{port}", "weight": 100}]
+    versions = versions or [{"name": "1", "url": f"http://127.0.0.1:{port}", "weight": 100}]
     path.write_text(
         json.dumps({"model": "mlp", "versions": versions, "probe_interval_s": 0.3, **config})
     )
@@ -33,7 +41,11 @@ def start_holding_router(tmp: Path, port: int, **config: Any) -> Served:
         tmp,
         "--role",
         "router",
-        env={"KUBEONNX_ROUTER_CONFIG": str(path), "KUBEONNX_MIRROR_SECRET": SECRET},
+        env={
+            "KUBEONNX_ROUTER_CONFIG": str(path),
+            "KUBEONNX_MIRROR_SECRET": SECRET,
+            **(env or {}),
+        },
         wait_ready=False,
     )
     until(lambda: _live(router), "the router answering")
@@ -122,7 +134,7 @@ def test_over_the_count_is_refused_at_once_and_a_client_leaving_is_dropped(
         # The hold is full: the next one is refused without being held.
         refused = httpx.post(f"{router.url}/v2/models/mlp/infer", json=BODY, timeout=600)
         assert refused.status_code == 503, refused.text
-        assert refused.headers["retry-after"] == "1"
+        assert refused.headers["retry-after"] == "5"  # not 1: no retry storm
         assert "1 requests are held already (max_held_requests)" in refused.json()["error"]
         assert metric(router.url, "kubeonnx_router_holds_total", outcome="full") == 1
 
@@ -140,7 +152,7 @@ def test_a_request_held_max_hold_s_is_refused(tmp_path: Path) -> None:
     try:
         refused = httpx.post(f"{router.url}/v2/models/mlp/infer", json=BODY, timeout=600)
         assert refused.status_code == 503, refused.text
-        assert refused.headers["retry-after"] == "1"
+        assert refused.headers["retry-after"] == "5"  # not 1: no retry storm
         assert refused.json()["error"] == (
             "no version of the model is ready: the request was held 1 s (max_hold_s)"
         )
@@ -159,5 +171,140 @@ def test_holding_can_be_turned_off(tmp_path: Path) -> None:
         outcomes = ("forwarded", "full", "timeout", "gone")
         counted = [metric(router.url, "kubeonnx_router_holds_total", outcome=o) for o in outcomes]
         assert counted == [0, 0, 0, 0]
+    finally:
+        router.stop()
+
+
+def _send_raw(router: Served, head: bytes, body: bytes) -> socket.socket:
+    """A request on a connection of our own, sent by a thread: a large body's rest is not
+    read while the request is held, so sending it blocks."""
+    client = socket.create_connection(("127.0.0.1", int(router.url.rsplit(":", 1)[1])))
+
+    def send() -> None:
+        with contextlib.suppress(OSError):
+            client.sendall(head + body)
+
+    threading.Thread(target=send, daemon=True).start()
+    return client
+
+
+def _read_answer(client: socket.socket) -> bytes:
+    """The router's answer: its whole body, or all until it closes the connection."""
+    client.settimeout(120)
+    data = b""
+    with contextlib.suppress(OSError):
+        while chunk := client.recv(65536):
+            data += chunk
+            head, _, rest = data.partition(b"\r\n\r\n")
+            length = re.search(rb"content-length: *(\d+)", head.lower())
+            if (length and len(rest) >= int(length[1])) or rest.endswith(b"\r\n0\r\n\r\n"):
+                break
+    return data
+
+
+def test_a_held_request_with_a_large_body_outlives_the_read_timeout(tmp_path: Path) -> None:
+    """Its body's rest is not read while held: the read timeout (1 s here) must not cut it
+    (a 408, counted as gone); it is held its whole max_hold_s, then 503 with Retry-After."""
+    router = start_holding_router(
+        tmp_path, free_port(), env={"KUBEONNX_READ_TIMEOUT_S": "1"}, max_hold_s=4
+    )
+    try:
+        size = 1_000_000
+        client = _send_raw(
+            router,
+            b"POST /v2/models/mlp/infer HTTP/1.1\r\nhost: router\r\n"
+            b"content-type: application/json\r\ncontent-length: %d\r\n\r\n" % size,
+            b"a" * size,
+        )
+        answer = _read_answer(client)
+        client.close()
+        assert answer.startswith(b"HTTP/1.1 503 "), answer[:300]
+        assert b"retry-after: 5" in answer.lower()
+        assert b"the request was held 4 s (max_hold_s)" in answer
+        assert metric(router.url, "kubeonnx_router_holds_total", outcome="timeout") == 1
+        assert metric(router.url, "kubeonnx_router_holds_total", outcome="gone") == 0
+    finally:
+        router.stop()
+
+
+def test_only_requests_to_run_the_model_are_held(tmp_path: Path) -> None:
+    """Nothing ready: a stray path is a 404 and the model's readiness or metadata a 503 at
+    once, neither held nor counted as demand; an inference request is held."""
+    router = start_holding_router(tmp_path, free_port(), max_hold_s=600)
+    try:
+        for method, path, status in [
+            ("GET", "/wp-login.php", 404),
+            ("POST", "/wp-login.php", 404),
+            ("GET", "/v2", 503),
+            ("GET", "/v2/models/mlp", 503),
+            ("GET", "/v2/models/mlp/ready", 503),
+            ("POST", "/v2/models/other/infer", 503),  # another model's: not this one's demand
+        ]:
+            answer = httpx.request(method, f"{router.url}{path}", timeout=60)
+            assert answer.status_code == status, (path, answer.text)
+        outcomes = ("forwarded", "full", "timeout", "gone", "shutdown")
+        counted = [metric(router.url, "kubeonnx_router_holds_total", outcome=o) for o in outcomes]
+        assert counted == [0, 0, 0, 0, 0]
+        thread, answers = post_in_thread(router.url)  # the model's own infer: held
+        until(lambda: held(router) == 1, "the request held")
+        router.proc.send_signal(signal.SIGTERM)
+        thread.join(WAIT_S)
+        assert answers[0].status_code == 503
+    finally:
+        router.stop()
+
+
+def test_a_router_stopping_answers_its_held_requests_at_once(tmp_path: Path) -> None:
+    """SIGTERM: each held request is answered 503 with Retry-After at once (its client
+    tries another replica), not after the graceful shutdown's 30 s with a 500."""
+    router = start_holding_router(tmp_path, free_port(), max_hold_s=600)
+    try:
+        thread, answers = post_in_thread(router.url)
+        size = 1_000_000  # and one whose body's rest is unread: its answer arrives whole
+        client = _send_raw(
+            router,
+            b"POST /v2/models/mlp/infer HTTP/1.1\r\nhost: router\r\n"
+            b"content-type: application/json\r\ncontent-length: %d\r\n\r\n" % size,
+            b"a" * size,
+        )
+        until(lambda: held(router) == 2, "the requests held")
+        router.proc.send_signal(signal.SIGTERM)
+        thread.join(WAIT_S)
+        (answer,) = answers
+        assert answer.status_code == 503, answer.text
+        assert answer.headers["retry-after"] == "5"
+        error = "no version of the model is ready, and the router is shutting down"
+        assert answer.json()["error"] == error
+        raw = _read_answer(client)
+        client.close()
+        assert raw.startswith(b"HTTP/1.1 503 "), raw[:300]
+        assert error.encode() in raw
+        assert router.proc.wait(WAIT_S) == 0
+        assert "graceful shutdown exceeded" not in router.logs()
+    finally:
+        router.stop()
+
+
+def test_a_request_pinned_to_a_version_not_held_for_is_refused_at_once(
+    tmp_path: Path,
+) -> None:
+    """A candidate (`hold: false`) is not woken by held requests: one pinned to it while it
+    is not ready gets 503 at once, and is not counted as the stable's demand."""
+    versions = [
+        {"name": "1", "url": f"http://127.0.0.1:{free_port()}", "weight": 100},
+        {"name": "2", "url": f"http://127.0.0.1:{free_port()}", "weight": 0, "hold": False},
+    ]
+    router = start_holding_router(tmp_path, 0, versions=versions, max_hold_s=600)
+    try:
+        refused = httpx.post(
+            f"{router.url}/v2/models/mlp/infer",
+            json=BODY,
+            headers={"X-Model-Version": "2"},
+            timeout=60,
+        )
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"] == "model version '2' is not ready"
+        assert held(router) == 0
+        assert metric(router.url, "kubeonnx_router_holds_total", outcome="timeout") == 0
     finally:
         router.stop()

@@ -297,6 +297,10 @@ def router_config(model: Model, config: OperatorConfig, placed: list[Placed]) ->
         entry: dict[str, Any] = {"name": p.version, "url": f"http://{host}", "weight": p.weight}
         if p.mirror_percent:
             entry["mirror_percent"] = p.mirror_percent
+        if model.holds_requests and p.role == "candidate":
+            # Held requests wake the stable alone: one pinned to a candidate not ready is
+            # refused at once, not held (nor counted as the stable's demand).
+            entry["hold"] = False
         versions.append(entry)
     out: dict[str, Any] = {
         "model": model.name,
@@ -304,6 +308,8 @@ def router_config(model: Model, config: OperatorConfig, placed: list[Placed]) ->
         "sticky": traffic.sticky,
         "pin_header": traffic.pin_header,
     }
+    if not model.holds_requests:
+        out["max_held_requests"] = 0  # holding is opt-in: 503 at once, as without it
     if model.quota is not None:
         out["tenant_header"] = model.quota.config.get("tenantHeader", "X-Api-Key")
     return out
