@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import struct
 import time
 from collections import Counter
 from pathlib import Path
@@ -237,3 +238,101 @@ async def test_a_reloaded_policy_counting_an_input_the_model_lacks_is_not_taken(
         assert quota.config.tokens is not None and quota.config.tokens.input == "attention_mask"
     finally:
         follower.cancel()
+
+
+def binary_body(ids: list[int], mask: list[int], mask_shape: list[int]) -> tuple[bytes, int]:
+    """input_ids [1, len(ids)] and attention_mask of `mask_shape`, both as binary data."""
+    tensors = [("input_ids", [1, len(ids)], ids), ("attention_mask", mask_shape, mask)]
+    buffers = [struct.pack(f"<{len(data)}q", *data) for _, _, data in tensors]
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": name,
+                    "shape": shape,
+                    "datatype": "INT64",
+                    "parameters": {"binary_data_size": len(buf)},
+                }
+                for (name, shape, _), buf in zip(tensors, buffers, strict=True)
+            ]
+        }
+    ).encode()
+    return header + b"".join(buffers), len(header)
+
+
+def test_a_token_input_smaller_than_the_others_is_a_400_not_a_cheap_broadcast(
+    serve, models, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """The text model names its dimensions (batch, seq) in both inputs, and broadcasts the
+    mask: a mask of [1,1] over 1000 ids would be charged 1 token for a run over 1000. Sizes
+    differing in a dimension the model names alike are a 400 naming both inputs, as JSON and
+    as binary data, and nothing is charged; a mask of [1,0] too (it failed the run, a 500)."""
+    not_near_midnight()
+    limits = {"t": [{"unit": "tokens", "limit": 10000, "window": "1d"}]}
+    config = in_memory(write_policy(tmp_path, "redis://unused", limits, tokens=NONZERO))
+    served = serve_text(serve, models, config)
+    ids = [7] * 1000
+    url = f"{served.url}/v2/models/text/infer"
+    key = {"X-Api-Key": "t-key"}
+    with httpx.Client(timeout=30) as http:
+        for mask, shape in (([1], [1, 1]), ([], [1, 0])):
+            as_json = {
+                "inputs": [
+                    {"name": "input_ids", "shape": [1, 1000], "datatype": "INT64", "data": ids},
+                    {"name": "attention_mask", "shape": shape, "datatype": "INT64", "data": mask},
+                ]
+            }
+            body, length = binary_body(ids, mask, shape)
+            binary = {**key, "Inference-Header-Content-Length": str(length)}
+            for answer in (
+                http.post(url, json=as_json, headers=key),
+                http.post(url, content=body, headers=binary),
+            ):
+                assert answer.status_code == 400, answer.text
+                error = answer.json()["error"]
+                assert "input 'attention_mask' has" in error, error
+                assert f"has {shape[1]} in dimension 1 and input 'input_ids' has 1000" in error
+                assert "dimension 'seq'" in error, error
+        assert used(served, "t") == {"tokens-1d": 0}
+        # The same ids with a mask of their length are served and charged.
+        whole, length = binary_body(ids, [1] * 1000, [1, 1000])
+        answer = http.post(
+            url, content=whole, headers={**key, "Inference-Header-Content-Length": str(length)}
+        )
+        assert answer.status_code == 200, answer.text
+    assert used(served, "t") == {"tokens-1d": 1000}
+
+
+def test_a_token_input_the_model_ties_to_no_other_input_is_warned_of_at_start(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The decoder can hold a token input to the others' sizes only where the model names
+    their dimensions alike; where it does not, the start goes on with a warning naming the
+    dimensions left loose (none: the generated text model, and a model of one input)."""
+    from kubeonnx_runtime.datatypes import TensorSpec
+    from kubeonnx_runtime.quota import QuotaConfig
+    from kubeonnx_runtime.tokens import check_token_input
+
+    config = QuotaConfig.model_validate(
+        {
+            "policy": "team",
+            "namespace": "tests",
+            "tokens": NONZERO,
+            "defaultTenant": {"limits": [{"unit": "tokens", "limit": 100, "window": "1m"}]},
+        }
+    )
+    named = ((0, "batch"), (1, "seq"))
+    tied = [TensorSpec(n, "INT64", (-1, -1), named) for n in ("input_ids", "attention_mask")]
+    alone = [TensorSpec("attention_mask", "INT64", (-1, -1))]
+    unnamed = [TensorSpec(n, "INT64", (-1, -1)) for n in ("input_ids", "attention_mask")]
+    half = [tied[0], TensorSpec("attention_mask", "INT64", (-1, -1), ((0, "batch"),))]
+    for inputs, loose in ((tied, None), (alone, None), (unnamed, "0, 1"), (half, "1")):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="kubeonnx_runtime.tokens"):
+            check_token_input(config, inputs)
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        if loose is None:
+            assert warnings == [], warnings
+        else:
+            (warning,) = warnings
+            assert f"input 'attention_mask', whose dynamic dimension(s) {loose} the" in warning
