@@ -286,8 +286,10 @@ def test_kubeonnx_usage_reports_a_table_made_before_token_budgets_with_0_tokens(
     dsn = own_schema(
         postgres,
         OLD_TABLE,
-        "INSERT INTO {s}.kubeonnx_usage VALUES ('a', '2001-03-01T10:00Z', 'p', 'acme', 'm', 2, NULL)",
-        "INSERT INTO {s}.kubeonnx_usage VALUES ('b', '2001-03-01T11:00Z', 'p', 'acme', 'm', 3, NULL)",
+        "INSERT INTO {s}.kubeonnx_usage VALUES "
+        "('a', '2001-03-01T10:00Z', 'p', 'acme', 'm', 2, NULL)",
+        "INSERT INTO {s}.kubeonnx_usage VALUES "
+        "('b', '2001-03-01T11:00Z', 'p', 'acme', 'm', 3, NULL)",
     )
     done = subprocess.run(
         [KUBEONNX, "usage", "--dsn", dsn, "--until", "2001-04-01"], capture_output=True, text=True
