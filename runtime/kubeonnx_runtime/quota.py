@@ -257,6 +257,11 @@ class QuotaExceeded(RuntimeServeError):
         self.decision = decision
 
 
+class OverWholeLimit(RuntimeServeError):
+    """The request alone costs more rows or tokens than a window of the tenant's budget
+    holds: no wait admits it (HTTP 413, without Retry-After)."""
+
+
 @dataclass(slots=True)
 class WindowState:
     limit: Limit
@@ -582,6 +587,9 @@ class Quota:
         ]
         if not costs:
             return self._decided(Decision(tenant, ()), "admitted")
+        for lim, cost in costs:
+            if cost > lim.limit and lim.unit != "requests":
+                return self._never(tenant, lim, cost)
         if self._redis is None:
             return self._settle(
                 tenant,
@@ -805,6 +813,20 @@ class Quota:
             f"per {broken.limit.window} (window {broken.limit.name}); "
             f"retry in {_until(broken.reset_at, now)} s",
             Decision(tenant, windows, broken),
+        )
+
+    def _never(self, tenant: str, lim: Limit, cost: int) -> Decision:
+        """Refuse, uncounted, a request that costs more than the whole window `lim` holds:
+        a 429 would have the client retry after a reset that can never make room for it.
+        (A requests window costs 1: only a limit of 0 refuses it, a tenant shut out, which
+        stays a 429.)"""
+        if self.config.shadow:
+            return self._decided(Decision(tenant, ()), "shadow_refused")
+        self._on_decision(tenant, "refused")
+        raise OverWholeLimit(
+            f"the request alone needs {cost} {lim.unit}, over tenant '{tenant}''s whole limit "
+            f"of {lim.limit} {lim.unit} per {lim.window} (window {lim.name}): it can never be "
+            f"admitted; send it in smaller requests"
         )
 
     def _decided(self, decision: Decision, outcome: str) -> Decision:

@@ -336,3 +336,40 @@ def test_a_token_input_the_model_ties_to_no_other_input_is_warned_of_at_start(
         else:
             (warning,) = warnings
             assert f"input 'attention_mask', whose dynamic dimension(s) {loose} the" in warning
+
+
+def test_a_request_over_a_whole_window_is_a_413_that_says_it_never_fits(
+    serve, models, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """150 tokens against 100 per hour (or 3 rows against 2) was a 429 with a Retry-After,
+    though no reset ever makes room for it: a 413 saying so, without Retry-After, charged
+    nothing; a request that fits is served as before."""
+    not_near_midnight()
+    limits = {
+        "t": [
+            {"unit": "tokens", "limit": 100, "window": "1h"},
+            {"unit": "rows", "limit": 2, "window": "1h"},
+        ]
+    }
+    config = in_memory(write_policy(tmp_path, "redis://unused", limits, tokens=ELEMENTS))
+    served = serve_text(serve, models, config)
+
+    def body(rows: int, length: int) -> dict[str, Any]:
+        shape = [rows, length]
+        return {
+            "inputs": [
+                {"name": n, "shape": shape, "datatype": "INT64", "data": [1] * rows * length}
+                for n in ("input_ids", "attention_mask")
+            ]
+        }
+
+    with httpx.Client(timeout=30) as http:
+        for request, needs in ((body(1, 150), "150 tokens"), (body(3, 5), "3 rows")):
+            answer = infer(http, served, "t", request)
+            assert answer.status_code == 413, answer.text
+            assert "retry-after" not in answer.headers
+            error = answer.json()["error"]
+            assert f"the request alone needs {needs}, over tenant 't''s whole limit" in error
+            assert "it can never be admitted" in error, error
+        assert infer(http, served, "t", body(2, 50)).status_code == 200
+    assert used(served, "t") == {"tokens-1h": 100, "rows-1h": 2}
