@@ -486,6 +486,7 @@ class Quota:
         on_decision: Callable[[str, str], None] | None = None,
         on_redis_seconds: Callable[[float], None] | None = None,
         on_refund_lost: Callable[[], None] | None = None,
+        on_reload: Callable[[bool], None] | None = None,
     ) -> None:
         self.header = config.tenant_header.lower()  # fixed for the process: the front door reads it
         self._clock = clock
@@ -502,6 +503,8 @@ class Quota:
         self._on_decision = on_decision or (lambda tenant, decision: None)
         self._on_redis_seconds = on_redis_seconds or (lambda s: None)
         self._on_refund_lost = on_refund_lost or (lambda: None)
+        # Whether a changed configuration file was refused (True) or loaded (False).
+        self._on_reload = on_reload or (lambda refused: None)
         self._refunds: set[asyncio.Task[None]] = set()
         # Checks a reloaded configuration against the model (FatalStartupError: not taken).
         self.check_config: Callable[[QuotaConfig], None] = lambda config: None
@@ -531,7 +534,8 @@ class Quota:
     async def follow(self, path: Path, every_s: float) -> None:
         """Re-read the configuration file when it or a tenant's key file changes (mounted
         ConfigMap and Secrets are updated in place by the kubelet); a file that no longer loads
-        keeps the last good configuration in force and is logged."""
+        keeps the last good configuration in force, is logged, and is reported to `on_reload`
+        (the gauge kubeonnx_quota_config_refused) until a change loads."""
         # Nothing seen yet: the first look loads again, so a change made between the start's
         # load and this task's start is not missed.
         seen: tuple[bytes | None, ...] | None = None
@@ -550,7 +554,9 @@ class Quota:
                 self.check_config(config)
             except FatalStartupError as exc:
                 log.error("quota configuration not reloaded, the last one stays: %s", exc)
+                self._on_reload(True)
                 continue
+            self._on_reload(False)
             if config == self.config:
                 continue
             if config.tenant_header.lower() != self.header or (config.redis != self.config.redis):

@@ -224,7 +224,8 @@ async def test_a_reloaded_policy_counting_an_input_the_model_lacks_is_not_taken(
         "defaultTenant": {"limits": [{"unit": "tokens", "limit": 100, "window": "1m"}]},
     }
     path.write_text(json.dumps(policy))
-    quota = Quota(load_quota_config(path))
+    refused: list[bool] = []  # what the gauge kubeonnx_quota_config_refused is set to
+    quota = Quota(load_quota_config(path), on_reload=refused.append)
     quota.check_config = lambda config: check_token_input(config, inputs)
     follower = asyncio.create_task(quota.follow(path, 0.01))
     try:
@@ -236,6 +237,14 @@ async def test_a_reloaded_policy_counting_an_input_the_model_lacks_is_not_taken(
         (record,) = [r for r in caplog.records if "not reloaded" in r.getMessage()]
         assert "counts tokens in input 'ids', which the model does not have" in record.getMessage()
         assert quota.config.tokens is not None and quota.config.tokens.input == "attention_mask"
+        assert refused[-1] is True
+        # A change that loads clears it.
+        path.write_text(json.dumps({**policy, "tokens": ELEMENTS}))
+        for _ in range(3000):
+            if quota.config.tokens.count == "elements":
+                break
+            await asyncio.sleep(0.01)
+        assert quota.config.tokens.count == "elements" and refused[-1] is False
     finally:
         follower.cancel()
 
