@@ -19,7 +19,7 @@ import pytest
 
 from e2e.redis_server import LocalRedis
 from tests.runtime.conftest import Served
-from tests.runtime.test_async import start_gateway
+from tests.runtime.test_async import async_env, start_gateway
 from tests.runtime.test_quota_redis import not_near_midnight, write_policy
 
 # One sequence of 5 positions, 3 of them tokens and 2 padding: 3 tokens counted `nonzero`,
@@ -382,3 +382,33 @@ def test_a_request_over_a_whole_window_is_a_413_that_says_it_never_fits(
             assert "it can never be admitted" in error, error
         assert infer(http, served, "t", body(2, 50)).status_code == 200
     assert used(served, "t") == {"tokens-1h": 100, "rows-1h": 2}
+
+
+def test_an_asynchronous_request_to_a_replica_is_held_to_the_same_sizes(
+    serve, models, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """A replica that runs the model decodes an asynchronous request as a synchronous one:
+    the broadcast mask is a 400 at submission, nothing queued or charged."""
+    not_near_midnight()
+    store = LocalRedis().start()  # the queue
+    try:
+        limits = {"t": [{"unit": "tokens", "limit": 10000, "window": "1d"}]}
+        config = in_memory(write_policy(tmp_path, "redis://unused", limits, tokens=NONZERO))
+        served = serve_text(serve, models, config, env=async_env(store.url))
+        body = {
+            "inputs": [
+                {"name": "input_ids", "shape": [1, 1000], "datatype": "INT64", "data": [7] * 1000},
+                {"name": "attention_mask", "shape": [1, 1], "datatype": "INT64", "data": [1]},
+            ]
+        }
+        answer = httpx.post(
+            f"{served.url}/v2/models/text/async-infer",
+            json=body,
+            headers={"X-Api-Key": "t-key"},
+            timeout=30,
+        )
+        assert answer.status_code == 400, answer.text
+        assert "dimension 'seq'" in answer.json()["error"], answer.text
+        assert used(served, "t") == {"tokens-1d": 0}
+    finally:
+        store.stop()
