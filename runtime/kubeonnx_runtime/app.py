@@ -40,7 +40,14 @@ from .images import DecodeBudget, ImagePipeline, OpenedImage, parse_multipart
 from .ledger import Ledger
 from .logs import request_id_var
 from .metrics import RuntimeMetrics
-from .quota import Decision, Quota, QuotaExceeded, QuotaUnavailable, Unauthorized
+from .quota import (
+    Decision,
+    OverWholeLimit,
+    Quota,
+    QuotaExceeded,
+    QuotaUnavailable,
+    Unauthorized,
+)
 from .router import is_mirror_copy
 from .tokens import count_tokens
 
@@ -52,6 +59,7 @@ _STATUS: dict[type[RuntimeServeError], int] = {
     ModelNotFound: 404,
     RequestNotFound: 404,
     PayloadTooLarge: 413,
+    OverWholeLimit: 413,  # no Retry-After: no wait admits it
     QuotaExceeded: 429,
     ServerBusy: 503,
     QueueFull: 503,
@@ -122,7 +130,7 @@ def _error_parts(exc: RuntimeServeError) -> tuple[int, list[tuple[bytes, bytes]]
         extra = exc.decision.headers(time.time())
     elif status == 503:
         extra.append((b"retry-after", b"1"))
-    elif status == 413:  # the rest of the body is not worth reading
+    elif isinstance(exc, PayloadTooLarge):  # the rest of the body is not worth reading
         extra.append((b"connection", b"close"))
     return status, extra, orjson.dumps({"error": str(exc)})
 
@@ -343,10 +351,10 @@ class InferHandler:
         inputs: Mapping[str, Any] | None = None,
     ) -> list[tuple[bytes, bytes]]:
         """Admit `rows` (and the tokens of `inputs`, when the policy counts tokens) against
-        the tenant's quota (429 when over; 400 when the token input is missing or not an
-        integer); the budget headers to answer with. Without quotas, nothing. Call it after
-        the cheap checks and before the expensive work: the answer's status settles the
-        charge (`metered`)."""
+        the tenant's quota (429 when over; 413 when the request alone is over a whole window;
+        400 when the token input is missing or not an integer); the budget headers to answer
+        with. Without quotas, nothing. Call it after the cheap checks and before the expensive
+        work: the answer's status settles the charge (`metered`)."""
         if self.quota is None or _mirror_copy.get():
             return []
         n = rows()

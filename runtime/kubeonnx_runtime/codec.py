@@ -84,6 +84,27 @@ def _check_against_model(
         )
 
 
+def _check_named_dims(
+    spec: TensorSpec,
+    shape: tuple[int, ...],
+    seen: dict[str, tuple[str, int, int]],
+    where: str,
+) -> None:
+    """A dimension the model names (`batch`, `sequence`) has one size in a request: the
+    first input with it sets the size (`seen`: name -> input, axis, size), the others match.
+    Otherwise a model that broadcasts would run an input of size 1 against another's whole
+    length (an `attention_mask` of [1,1] over `input_ids` of [1,1000])."""
+    for axis, dim in spec.named_dims:
+        size = shape[axis]
+        first = seen.setdefault(dim, (spec.name, axis, size))
+        if first[2] != size:
+            raise InvalidRequest(
+                f"{where} has {size} in dimension {axis} and input '{first[0]}' has "
+                f"{first[2]} in dimension {first[1]}: the model names both dimension "
+                f"'{dim}', so they must be equal"
+            )
+
+
 def _decode_bytes_tensor(buf: memoryview, count: int, where: str) -> np.ndarray:
     items: list[bytes] = []
     offset = 0
@@ -261,7 +282,8 @@ def decode_request(
     """Decode an infer request body; `header_length` is the binary extension's JSON length.
 
     With `model_inputs`, every input's name, datatype and shape is checked against the model
-    before its data is read, and a missing input is refused. `max_json_bytes` bounds what
+    before its data is read (dimensions the model names alike, equal across inputs), and a
+    missing input is refused. `max_json_bytes` bounds what
     becomes Python objects, ten to twenty times its size in memory and all of it decoded
     holding the GIL: the JSON, and BYTES tensors sent as binary data (413 beyond)."""
     if len(body) < GC_PAUSE_FROM:
@@ -303,6 +325,7 @@ def _decode_request(
         raise InvalidRequest("'inputs' must be a non-empty list")
 
     inputs: dict[str, np.ndarray] = {}
+    named_sizes: dict[str, tuple[str, int, int]] = {}
     offset = 0
     for i, raw in enumerate(raw_inputs):
         if not isinstance(raw, dict):
@@ -327,6 +350,8 @@ def _decode_request(
                     f"unknown input '{name}'; the model's inputs are " + ", ".join(model_inputs)
                 )
             _check_against_model(spec, datatype, shape, where)
+            if spec.named_dims:
+                _check_named_dims(spec, shape, named_sizes, where)
         count = math.prod(shape)
         size = _parameters(raw, where).get("binary_data_size")
         if size is not None:

@@ -31,6 +31,9 @@ class TensorSpec:
     name: str
     datatype: str
     shape: tuple[int, ...]  # -1 for a dynamic dimension
+    # (axis, name) of each dynamic dimension the model names (ONNX dim_param: `batch`,
+    # `sequence`): inputs that name a dimension alike take the same size in a request.
+    named_dims: tuple[tuple[int, str], ...] = ()
 
     def metadata(self) -> dict[str, object]:
         return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}

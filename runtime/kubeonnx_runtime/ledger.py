@@ -55,9 +55,19 @@ CREATE TABLE IF NOT EXISTS {TABLE} (
     request_id  text,                   -- the client's X-Request-Id, or the runtime's
     tokens      bigint NOT NULL DEFAULT 0
 );
--- A table made before the unit tokens existed gets its column (0 for the rows before).
-ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS tokens bigint NOT NULL DEFAULT 0;
 CREATE INDEX IF NOT EXISTS {TABLE}_at ON {TABLE} (at);
+"""
+# A table made before the unit tokens existed gets its column (0 for the rows before).
+ADD_TOKENS = f"ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS tokens bigint NOT NULL DEFAULT 0"
+INDEX = f"CREATE INDEX IF NOT EXISTS {TABLE}_at ON {TABLE} (at)"
+# What of the schema is there, read from the catalogs (no lock on the table), resolving the
+# names as the statements do (the connection's search_path): the table, its index, and its
+# column tokens.
+SCHEMA_STATE = f"""
+SELECT to_regclass('{TABLE}') IS NOT NULL,
+       to_regclass('{TABLE}_at') IS NOT NULL,
+       EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('{TABLE}')
+               AND attname = 'tokens' AND NOT attisdropped)
 """
 INSERT = (
     f"INSERT INTO {TABLE} (id, at, policy, tenant, model, rows, request_id, tokens) "
@@ -366,9 +376,7 @@ class Ledger:
             self._connection = await psycopg.AsyncConnection.connect(
                 self.dsn, connect_timeout=3, autocommit=False
             )
-            async with self._connection.cursor() as cur:
-                await cur.execute(SCHEMA)
-            await self._connection.commit()
+            await self._make_schema()
         n = min(self.batch_rows, len(self._pending))
         self._writing = [self._pending.popleft() for _ in range(n)]
         try:
@@ -382,6 +390,27 @@ class Ledger:
         batch, self._writing = self._writing, []
         self._left_memory(batch)
         self._on_written(len(batch) - rejected)
+
+    async def _make_schema(self) -> None:
+        """Create what is missing of the table, its index and its column tokens, and only
+        that: ALTER TABLE takes an ACCESS EXCLUSIVE lock and CREATE INDEX a SHARE lock even
+        when IF NOT EXISTS finds nothing to do, so a replica (re)connecting would wait behind
+        any open transaction that read the table (a report), and every replica's inserts
+        would queue behind it."""
+        assert self._connection is not None
+        async with self._connection.cursor() as cur:
+            await cur.execute(SCHEMA_STATE)
+            state = await cur.fetchone()
+            assert state is not None
+            table, index, tokens = state
+            if not table:
+                await cur.execute(SCHEMA)
+            else:
+                if not tokens:
+                    await cur.execute(ADD_TOKENS)
+                if not index:
+                    await cur.execute(INDEX)
+        await self._connection.commit()
 
     async def _commit(self, rows: list[Row]) -> int:
         """Insert and commit `rows`; a batch PostgreSQL refuses as data (not a connection
@@ -410,15 +439,23 @@ class Ledger:
             self._connection = None
 
 
-REPORT = f"""
+# A table made before the unit tokens existed has no column tokens until a runtime of this
+# version connects: the report counts 0 tokens there (REPORT_NO_TOKENS).
+REPORT_TEMPLATE = """
 SELECT date_trunc('day', at AT TIME ZONE 'UTC')::date AS day, tenant, model,
-       count(*) AS requests, sum(rows) AS rows, sum(tokens) AS tokens
+       count(*) AS requests, sum(rows) AS rows, {tokens} AS tokens
 FROM {TABLE}
 WHERE at >= %(since)s AND at < %(until)s
   AND (%(tenant)s::text IS NULL OR tenant = %(tenant)s)
   AND (%(model)s::text IS NULL OR model = %(model)s)
 GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
 """
+REPORT = REPORT_TEMPLATE.replace("{tokens}", "sum(tokens)").replace("{TABLE}", TABLE)
+REPORT_NO_TOKENS = REPORT_TEMPLATE.replace("{tokens}", "0::bigint").replace("{TABLE}", TABLE)
+NO_TOKENS_NOTE = (
+    "kubeonnx usage: the ledger table has no column tokens yet (made before token budgets; "
+    "a runtime of this version adds it when it connects): tokens are shown as 0"
+)
 
 
 def _date(text: str) -> datetime:
@@ -488,10 +525,14 @@ def usage_report(argv: list[str]) -> int:
     params = {"since": args.since, "until": args.until, "tenant": args.tenant, "model": args.model}
     try:
         with psycopg.connect(args.dsn, connect_timeout=5) as conn:
-            rows = conn.execute(REPORT, params).fetchall()
+            state = conn.execute(SCHEMA_STATE).fetchone()
+            has_tokens = state is None or not state[0] or state[2]  # no table: its own error
+            rows = conn.execute(REPORT if has_tokens else REPORT_NO_TOKENS, params).fetchall()
     except psycopg.Error as exc:
         print(f"kubeonnx usage: {redact(str(exc)).strip()}", file=sys.stderr)
         return 1
+    if not has_tokens:
+        print(NO_TOKENS_NOTE, file=sys.stderr)
     print(
         f"{'DAY':<10}  {'TENANT':<20}  {'MODEL':<24}  {'REQUESTS':>10}  {'ROWS':>12}  "
         f"{'TOKENS':>12}"

@@ -97,6 +97,14 @@ class RuntimeMetrics:
             ["model"],
             registry=registry,
         )
+        self.quota_config_refused = Gauge(
+            "kubeonnx_quota_config_refused",
+            "1 while the last change to the quota configuration file was refused (invalid, or "
+            "not matching the model: the reason is in the log) and the last good one stays in "
+            "force; 0 once a change loads.",
+            ["model"],
+            registry=registry,
+        )
         self.quota_redis_seconds = Histogram(
             "kubeonnx_quota_redis_seconds",
             "Round trips to the quota store (Redis), timeouts included.",

@@ -51,8 +51,10 @@ def _tensor_spec(arg: ort.NodeArg) -> TensorSpec:
         raise FatalStartupError(
             f"model tensor '{arg.name}' has type {arg.type}, which the runtime cannot serve"
         )
-    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or []))
-    return TensorSpec(arg.name, datatype, shape)
+    dims = arg.shape or []
+    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in dims)
+    named = tuple((axis, d) for axis, d in enumerate(dims) if isinstance(d, str) and d)
+    return TensorSpec(arg.name, datatype, shape, named)
 
 
 def cpu_quota_threads(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:

@@ -257,6 +257,11 @@ class QuotaExceeded(RuntimeServeError):
         self.decision = decision
 
 
+class OverWholeLimit(RuntimeServeError):
+    """The request alone costs more rows or tokens than a window of the tenant's budget
+    holds: no wait admits it (HTTP 413, without Retry-After)."""
+
+
 @dataclass(slots=True)
 class WindowState:
     limit: Limit
@@ -495,6 +500,7 @@ class Quota:
         on_decision: Callable[[str, str], None] | None = None,
         on_redis_seconds: Callable[[float], None] | None = None,
         on_refund_lost: Callable[[], None] | None = None,
+        on_reload: Callable[[bool], None] | None = None,
     ) -> None:
         self.header = config.tenant_header.lower()  # fixed for the process: the front door reads it
         self._clock = clock
@@ -511,6 +517,8 @@ class Quota:
         self._on_decision = on_decision or (lambda tenant, decision: None)
         self._on_redis_seconds = on_redis_seconds or (lambda s: None)
         self._on_refund_lost = on_refund_lost or (lambda: None)
+        # Whether a changed configuration file was refused (True) or loaded (False).
+        self._on_reload = on_reload or (lambda refused: None)
         self._refunds: set[asyncio.Task[None]] = set()
         # Checks a reloaded configuration against the model (FatalStartupError: not taken).
         self.check_config: Callable[[QuotaConfig], None] = lambda config: None
@@ -543,7 +551,8 @@ class Quota:
     async def follow(self, path: Path, every_s: float) -> None:
         """Re-read the configuration file when it or a tenant's key file changes (mounted
         ConfigMap and Secrets are updated in place by the kubelet); a file that no longer loads
-        keeps the last good configuration in force and is logged."""
+        keeps the last good configuration in force, is logged, and is reported to `on_reload`
+        (the gauge kubeonnx_quota_config_refused) until a change loads."""
         # Nothing seen yet: the first look loads again, so a change made between the start's
         # load and this task's start is not missed.
         seen: tuple[bytes | None, ...] | None = None
@@ -562,7 +571,9 @@ class Quota:
                 self.check_config(config)
             except FatalStartupError as exc:
                 log.error("quota configuration not reloaded, the last one stays: %s", exc)
+                self._on_reload(True)
                 continue
+            self._on_reload(False)
             if config == self.config:
                 continue
             if config.tenant_header.lower() != self.header or (config.redis != self.config.redis):
@@ -605,6 +616,9 @@ class Quota:
         ]
         if not costs:
             return self._decided(Decision(tenant, ()), "admitted")
+        for lim, cost in costs:
+            if cost > lim.limit and lim.unit != "requests":
+                return self._never(tenant, lim, cost)
         if self._redis is None:
             return self._settle(
                 tenant,
@@ -833,6 +847,20 @@ class Quota:
             f"per {broken.limit.window} (window {broken.limit.name}); "
             f"retry in {_until(broken.reset_at, now)} s",
             Decision(tenant, windows, broken),
+        )
+
+    def _never(self, tenant: str, lim: Limit, cost: int) -> Decision:
+        """Refuse, uncounted, a request that costs more than the whole window `lim` holds:
+        a 429 would have the client retry after a reset that can never make room for it.
+        (A requests window costs 1: only a limit of 0 refuses it, a tenant shut out, which
+        stays a 429.)"""
+        if self.config.shadow:
+            return self._decided(Decision(tenant, ()), "shadow_refused")
+        self._on_decision(tenant, "refused")
+        raise OverWholeLimit(
+            f"the request alone needs {cost} {lim.unit}, over tenant '{tenant}''s whole limit "
+            f"of {lim.limit} {lim.unit} per {lim.window} (window {lim.name}): it can never be "
+            f"admitted; send it in smaller requests"
         )
 
     def _decided(self, decision: Decision, outcome: str) -> Decision:

@@ -241,6 +241,8 @@ def make_quota(settings: ServeSettings, metrics: RuntimeMetrics) -> Quota | None
     client = connect_redis(config.redis, os.environ) if config.redis else None
     label = settings.model_name
     decisions: dict[tuple[str, str], Any] = {}  # metric children, made once per tenant and outcome
+    refused_gauge = metrics.quota_config_refused.labels(label)
+    refused_gauge.set(0)  # the series exists from the start: an alert sees it change
 
     def count(tenant: str, outcome: str) -> None:
         child = decisions.get((tenant, outcome))
@@ -266,6 +268,7 @@ def make_quota(settings: ServeSettings, metrics: RuntimeMetrics) -> Quota | None
         on_decision=count,
         on_redis_seconds=metrics.quota_redis_seconds.labels(label).observe,
         on_refund_lost=metrics.quota_refunds_lost.labels(label).inc,
+        on_reload=lambda refused: refused_gauge.set(1 if refused else 0),
     )
 
 

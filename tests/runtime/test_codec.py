@@ -236,3 +236,34 @@ def test_inputs_are_checked_against_the_model_before_their_data_is_read() -> Non
     only_x = {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}
     with pytest.raises(InvalidRequest, match="missing input 'y'"):
         decode_request(_json_request(only_x), None, model)
+
+
+def test_dimensions_the_model_names_alike_take_one_size_across_inputs() -> None:
+    from kubeonnx_runtime.datatypes import TensorSpec
+
+    named = ((0, "batch"), (1, "seq"))
+    model = {
+        "ids": TensorSpec("ids", "INT64", (-1, -1), named),
+        "mask": TensorSpec("mask", "INT64", (-1, -1), named),
+    }
+
+    def request(ids_shape: list[int], mask_shape: list[int]) -> bytes:
+        ids = list(range(ids_shape[0] * ids_shape[1]))
+        return _json_request(
+            {"name": "ids", "shape": ids_shape, "datatype": "INT64", "data": ids},
+            {"name": "mask", "shape": mask_shape, "datatype": "INT64", "data": "junk"},
+        )
+
+    # Refused before the mask's data (not numbers) is read.
+    for ids_shape, mask_shape, message in [
+        ([1, 3], [1, 1], "input 'mask' has 1 in dimension 1 and input 'ids' has 3 in dimension 1"),
+        ([1, 3], [1, 0], "input 'mask' has 0 in dimension 1 and input 'ids' has 3"),
+        ([2, 3], [1, 3], "input 'mask' has 1 in dimension 0 and input 'ids' has 2"),
+    ]:
+        with pytest.raises(InvalidRequest, match=message + ".*dimension '(seq|batch)'"):
+            decode_request(request(ids_shape, mask_shape), None, model)
+    ok = _json_request(
+        {"name": "ids", "shape": [1, 2], "datatype": "INT64", "data": [1, 2]},
+        {"name": "mask", "shape": [1, 2], "datatype": "INT64", "data": [1, 0]},
+    )
+    assert decode_request(ok, None, model).inputs["mask"].shape == (1, 2)

@@ -194,3 +194,108 @@ def test_tokens_reach_the_ledger_and_the_report_and_an_older_table_gets_their_co
     assert report[0].split() == ["DAY", "TENANT", "MODEL", "REQUESTS", "ROWS", "TOKENS"]
     today = time.strftime("%Y-%m-%d", time.gmtime())
     assert [line.split() for line in report[1:]] == [[today, "tk", "text", "5", "6", "15"]]
+
+
+def own_schema(postgres: LocalPostgres, *statements: str) -> str:
+    """A DSN whose search_path is a schema of its own, where `statements` ran ({s}: its name),
+    so that no other test's rows or table are in it."""
+    import psycopg
+
+    schema = f"s{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(postgres.dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+        for statement in statements:
+            conn.execute(statement.format(s=schema))
+    return f"{postgres.dsn}?options=-csearch_path%3D{schema}"
+
+
+OLD_TABLE = (
+    "CREATE TABLE {s}.kubeonnx_usage (id text PRIMARY KEY, at timestamptz NOT NULL, policy text "
+    "NOT NULL, tenant text NOT NULL, model text NOT NULL, rows bigint NOT NULL, request_id text)"
+)
+
+
+async def test_a_connecting_replica_waits_on_no_open_transaction_that_read_the_table(
+    postgres: LocalPostgres,
+) -> None:
+    """ALTER TABLE ... ADD COLUMN IF NOT EXISTS takes an ACCESS EXCLUSIVE lock even when the
+    column is there: a replica (re)connecting waited behind a report's open transaction, and
+    every other replica's inserts queued behind it. The schema step reads the catalogs and
+    changes only what is missing."""
+    import asyncio
+
+    import psycopg
+    from kubeonnx_runtime.ledger import Ledger
+
+    dsn = own_schema(postgres)
+    first = Ledger(dsn, policy="p", model="m")
+    first.record("acme", 1, None, 3)
+    await first._write_batch()  # the table made, column and index included
+    reader = psycopg.connect(dsn)  # a report's transaction, left open, has read the table
+    reader.execute("SELECT count(*) FROM kubeonnx_usage").fetchone()
+    second = Ledger(dsn, policy="p", model="m")
+    second.record("acme", 2, None, 5)
+    connecting = asyncio.create_task(second._write_batch())
+    try:
+        # Until the connecting replica has written, or a session of the server waits on a lock.
+        waiting: list[tuple[str]] = []
+        while not connecting.done() and not waiting:
+            waiting = await asyncio.to_thread(
+                postgres.query,
+                "SELECT query FROM pg_stat_activity WHERE wait_event_type = 'Lock'",
+            )
+            await asyncio.sleep(0.05)
+        assert connecting.done(), f"the connecting replica waits on a lock: {waiting}"
+        await connecting
+        first.record("acme", 1, None, 4)
+        await first._write_batch()  # the other replica's insert, the report still open
+    finally:
+        reader.rollback()
+        reader.close()
+        await connecting
+        await first._disconnect()
+        await second._disconnect()
+    (written,) = postgres.query(
+        f"SELECT count(*), sum(tokens) FROM {dsn.rsplit('%3D', 1)[1]}.kubeonnx_usage"
+    )
+    assert written == (3, 12)
+
+
+async def test_an_older_table_gets_its_column_and_index_from_a_connecting_replica(
+    postgres: LocalPostgres,
+) -> None:
+    from kubeonnx_runtime.ledger import Ledger
+
+    dsn = own_schema(postgres, OLD_TABLE)
+    schema = dsn.rsplit("%3D", 1)[1]
+    led = Ledger(dsn, policy="p", model="m")
+    led.record("acme", 1, None, 3)
+    await led._write_batch()
+    await led._disconnect()
+    assert postgres.query(f"SELECT tokens FROM {schema}.kubeonnx_usage") == [(3,)]
+    assert postgres.query(
+        f"SELECT indexname FROM pg_indexes WHERE schemaname = '{schema}' ORDER BY 1"
+    ) == [("kubeonnx_usage_at",), ("kubeonnx_usage_pkey",)]
+
+
+def test_kubeonnx_usage_reports_a_table_made_before_token_budgets_with_0_tokens(
+    postgres: LocalPostgres,
+) -> None:
+    """Until a runtime of this version connects, the table has no column tokens: the report
+    is made all the same, saying so, instead of failing on the missing column."""
+    dsn = own_schema(
+        postgres,
+        OLD_TABLE,
+        "INSERT INTO {s}.kubeonnx_usage VALUES "
+        "('a', '2001-03-01T10:00Z', 'p', 'acme', 'm', 2, NULL)",
+        "INSERT INTO {s}.kubeonnx_usage VALUES "
+        "('b', '2001-03-01T11:00Z', 'p', 'acme', 'm', 3, NULL)",
+    )
+    done = subprocess.run(
+        [KUBEONNX, "usage", "--dsn", dsn, "--until", "2001-04-01"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "has no column tokens yet" in done.stderr and "shown as 0" in done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split() == ["DAY", "TENANT", "MODEL", "REQUESTS", "ROWS", "TOKENS"]
+    assert [line.split() for line in lines[1:]] == [["2001-03-01", "acme", "m", "2", "5", "0"]]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import struct
 import time
 from collections import Counter
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 
 from e2e.redis_server import LocalRedis
 from tests.runtime.conftest import Served
-from tests.runtime.test_async import start_gateway
+from tests.runtime.test_async import async_env, start_gateway
 from tests.runtime.test_quota_redis import not_near_midnight, write_policy
 
 # One sequence of 5 positions, 3 of them tokens and 2 padding: 3 tokens counted `nonzero`,
@@ -223,7 +224,8 @@ async def test_a_reloaded_policy_counting_an_input_the_model_lacks_is_not_taken(
         "defaultTenant": {"limits": [{"unit": "tokens", "limit": 100, "window": "1m"}]},
     }
     path.write_text(json.dumps(policy))
-    quota = Quota(load_quota_config(path))
+    refused: list[bool] = []  # what the gauge kubeonnx_quota_config_refused is set to
+    quota = Quota(load_quota_config(path), on_reload=refused.append)
     quota.check_config = lambda config: check_token_input(config, inputs)
     follower = asyncio.create_task(quota.follow(path, 0.01))
     try:
@@ -235,5 +237,178 @@ async def test_a_reloaded_policy_counting_an_input_the_model_lacks_is_not_taken(
         (record,) = [r for r in caplog.records if "not reloaded" in r.getMessage()]
         assert "counts tokens in input 'ids', which the model does not have" in record.getMessage()
         assert quota.config.tokens is not None and quota.config.tokens.input == "attention_mask"
+        assert refused[-1] is True
+        # A change that loads clears it.
+        path.write_text(json.dumps({**policy, "tokens": ELEMENTS}))
+        for _ in range(3000):
+            if quota.config.tokens.count == "elements":
+                break
+            await asyncio.sleep(0.01)
+        assert quota.config.tokens.count == "elements" and refused[-1] is False
     finally:
         follower.cancel()
+
+
+def binary_body(ids: list[int], mask: list[int], mask_shape: list[int]) -> tuple[bytes, int]:
+    """input_ids [1, len(ids)] and attention_mask of `mask_shape`, both as binary data."""
+    tensors = [("input_ids", [1, len(ids)], ids), ("attention_mask", mask_shape, mask)]
+    buffers = [struct.pack(f"<{len(data)}q", *data) for _, _, data in tensors]
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": name,
+                    "shape": shape,
+                    "datatype": "INT64",
+                    "parameters": {"binary_data_size": len(buf)},
+                }
+                for (name, shape, _), buf in zip(tensors, buffers, strict=True)
+            ]
+        }
+    ).encode()
+    return header + b"".join(buffers), len(header)
+
+
+def test_a_token_input_smaller_than_the_others_is_a_400_not_a_cheap_broadcast(
+    serve, models, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """The text model names its dimensions (batch, seq) in both inputs, and broadcasts the
+    mask: a mask of [1,1] over 1000 ids would be charged 1 token for a run over 1000. Sizes
+    differing in a dimension the model names alike are a 400 naming both inputs, as JSON and
+    as binary data, and nothing is charged; a mask of [1,0] too (it failed the run, a 500)."""
+    not_near_midnight()
+    limits = {"t": [{"unit": "tokens", "limit": 10000, "window": "1d"}]}
+    config = in_memory(write_policy(tmp_path, "redis://unused", limits, tokens=NONZERO))
+    served = serve_text(serve, models, config)
+    ids = [7] * 1000
+    url = f"{served.url}/v2/models/text/infer"
+    key = {"X-Api-Key": "t-key"}
+    with httpx.Client(timeout=30) as http:
+        for mask, shape in (([1], [1, 1]), ([], [1, 0])):
+            as_json = {
+                "inputs": [
+                    {"name": "input_ids", "shape": [1, 1000], "datatype": "INT64", "data": ids},
+                    {"name": "attention_mask", "shape": shape, "datatype": "INT64", "data": mask},
+                ]
+            }
+            body, length = binary_body(ids, mask, shape)
+            binary = {**key, "Inference-Header-Content-Length": str(length)}
+            for answer in (
+                http.post(url, json=as_json, headers=key),
+                http.post(url, content=body, headers=binary),
+            ):
+                assert answer.status_code == 400, answer.text
+                error = answer.json()["error"]
+                assert "input 'attention_mask' has" in error, error
+                assert f"has {shape[1]} in dimension 1 and input 'input_ids' has 1000" in error
+                assert "dimension 'seq'" in error, error
+        assert used(served, "t") == {"tokens-1d": 0}
+        # The same ids with a mask of their length are served and charged.
+        whole, length = binary_body(ids, [1] * 1000, [1, 1000])
+        answer = http.post(
+            url, content=whole, headers={**key, "Inference-Header-Content-Length": str(length)}
+        )
+        assert answer.status_code == 200, answer.text
+    assert used(served, "t") == {"tokens-1d": 1000}
+
+
+def test_a_token_input_the_model_ties_to_no_other_input_is_warned_of_at_start(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The decoder can hold a token input to the others' sizes only where the model names
+    their dimensions alike; where it does not, the start goes on with a warning naming the
+    dimensions left loose (none: the generated text model, and a model of one input)."""
+    from kubeonnx_runtime.datatypes import TensorSpec
+    from kubeonnx_runtime.quota import QuotaConfig
+    from kubeonnx_runtime.tokens import check_token_input
+
+    config = QuotaConfig.model_validate(
+        {
+            "policy": "team",
+            "namespace": "tests",
+            "tokens": NONZERO,
+            "defaultTenant": {"limits": [{"unit": "tokens", "limit": 100, "window": "1m"}]},
+        }
+    )
+    named = ((0, "batch"), (1, "seq"))
+    tied = [TensorSpec(n, "INT64", (-1, -1), named) for n in ("input_ids", "attention_mask")]
+    alone = [TensorSpec("attention_mask", "INT64", (-1, -1))]
+    unnamed = [TensorSpec(n, "INT64", (-1, -1)) for n in ("input_ids", "attention_mask")]
+    half = [tied[0], TensorSpec("attention_mask", "INT64", (-1, -1), ((0, "batch"),))]
+    for inputs, loose in ((tied, None), (alone, None), (unnamed, "0, 1"), (half, "1")):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="kubeonnx_runtime.tokens"):
+            check_token_input(config, inputs)
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        if loose is None:
+            assert warnings == [], warnings
+        else:
+            (warning,) = warnings
+            assert f"input 'attention_mask', whose dynamic dimension(s) {loose} the" in warning
+
+
+def test_a_request_over_a_whole_window_is_a_413_that_says_it_never_fits(
+    serve, models, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """150 tokens against 100 per hour (or 3 rows against 2) was a 429 with a Retry-After,
+    though no reset ever makes room for it: a 413 saying so, without Retry-After, charged
+    nothing; a request that fits is served as before."""
+    not_near_midnight()
+    limits = {
+        "t": [
+            {"unit": "tokens", "limit": 100, "window": "1h"},
+            {"unit": "rows", "limit": 2, "window": "1h"},
+        ]
+    }
+    config = in_memory(write_policy(tmp_path, "redis://unused", limits, tokens=ELEMENTS))
+    served = serve_text(serve, models, config)
+
+    def body(rows: int, length: int) -> dict[str, Any]:
+        shape = [rows, length]
+        return {
+            "inputs": [
+                {"name": n, "shape": shape, "datatype": "INT64", "data": [1] * rows * length}
+                for n in ("input_ids", "attention_mask")
+            ]
+        }
+
+    with httpx.Client(timeout=30) as http:
+        for request, needs in ((body(1, 150), "150 tokens"), (body(3, 5), "3 rows")):
+            answer = infer(http, served, "t", request)
+            assert answer.status_code == 413, answer.text
+            assert "retry-after" not in answer.headers
+            error = answer.json()["error"]
+            assert f"the request alone needs {needs}, over tenant 't''s whole limit" in error
+            assert "it can never be admitted" in error, error
+        assert infer(http, served, "t", body(2, 50)).status_code == 200
+    assert used(served, "t") == {"tokens-1h": 100, "rows-1h": 2}
+
+
+def test_an_asynchronous_request_to_a_replica_is_held_to_the_same_sizes(
+    serve, models, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """A replica that runs the model decodes an asynchronous request as a synchronous one:
+    the broadcast mask is a 400 at submission, nothing queued or charged."""
+    not_near_midnight()
+    store = LocalRedis().start()  # the queue
+    try:
+        limits = {"t": [{"unit": "tokens", "limit": 10000, "window": "1d"}]}
+        config = in_memory(write_policy(tmp_path, "redis://unused", limits, tokens=NONZERO))
+        served = serve_text(serve, models, config, env=async_env(store.url))
+        body = {
+            "inputs": [
+                {"name": "input_ids", "shape": [1, 1000], "datatype": "INT64", "data": [7] * 1000},
+                {"name": "attention_mask", "shape": [1, 1], "datatype": "INT64", "data": [1]},
+            ]
+        }
+        answer = httpx.post(
+            f"{served.url}/v2/models/text/async-infer",
+            json=body,
+            headers={"X-Api-Key": "t-key"},
+            timeout=30,
+        )
+        assert answer.status_code == 400, answer.text
+        assert "dimension 'seq'" in answer.json()["error"], answer.text
+        assert used(served, "t") == {"tokens-1d": 0}
+    finally:
+        store.stop()
