@@ -40,7 +40,7 @@ from e2e import cluster as local_cluster  # noqa: E402
 from e2e.operator_process import OperatorProcess  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from procstat import peak_mb  # noqa: E402
+from procstat import cpu_seconds, peak_mb  # noqa: E402
 
 # Small requests: the test cluster's two CPU nodes hold 512 CPUs, and 600 models of the
 # default 1 CPU would leave some Unschedulable.
@@ -139,6 +139,46 @@ def audit_writes(state: local_cluster.ClusterState) -> int:
     return len(audit_entries(state))
 
 
+def cpu_by_process(state: local_cluster.ClusterState, op: OperatorProcess) -> dict[str, float]:
+    """CPU seconds so far of each control-plane process and of the operator."""
+    pids = {name: state.pids[name] for name in state.running()}
+    assert op.proc is not None
+    pids["operator"] = op.proc.pid
+    out = {}
+    for name, pid in pids.items():
+        try:
+            out[name] = cpu_seconds(pid)
+        except OSError:  # ended meanwhile
+            continue
+    return out
+
+
+def requests_by_verb(op: OperatorProcess) -> dict[str, float]:
+    """The operator's own count of its API requests outside the watches, by verb (reads
+    also by kind), and its reconciles."""
+    out: dict[str, float] = {}
+    for name, value in op.metrics().items():
+        if name.startswith(
+            (
+                "kubeonnx_operator_api_writes_total",
+                "kubeonnx_operator_api_reads_total",
+                'kubeonnx_operator_reconciles_total{kind="InferenceModel"',
+            )
+        ):
+            out[name.removeprefix("kubeonnx_operator_")] = value
+    return out
+
+
+def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
+
+
+def profile_line(what: str, cpu: dict[str, float], n: int) -> str:
+    total = sum(cpu.values())
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1]))
+    return f"  {what}: CPU {total:.1f} s ({parts}); {1000 * total / n:.0f} ms a model"
+
+
 def all_ready(kubectl, ns: str, n: int) -> bool:  # type: ignore[no-untyped-def]
     ims = json.loads(kubectl("get", "inferencemodels", "-n", ns, "-o", "json"))["items"]
     return n == sum(
@@ -216,20 +256,34 @@ def main() -> None:
                     manifest["spec"]["replicas"] = 0
             floor_file = work / f"floor-{n}.yaml"
             floor_file.write_text(yaml.safe_dump_all(manifests))
+            cpu0 = cpu_by_process(state, op)
             t0 = time.monotonic()
             kubectl("apply", "--server-side", "--field-manager=floor", "-f", str(floor_file))
             floor_s = time.monotonic() - t0
+            floor_cpu = delta(cpu_by_process(state, op), cpu0)
 
             ims = "\n---\n".join(json.dumps(d) for d in inference_models(n))
+            cpu0, calls0 = cpu_by_process(state, op), requests_by_verb(op)
             t0 = time.monotonic()
             kubectl("apply", "-n", op_ns, "-f", "-", input=ims)
             while not converged(kubectl, op_ns, n):
                 time.sleep(0.5)
             op_s = time.monotonic() - t0
+            op_cpu = delta(cpu_by_process(state, op), cpu0)
+            calls = delta(requests_by_verb(op), calls0)
             rows.append((n, floor_s, op_s, peak_mb(op.proc.pid)))
             print(
                 f"N={n}: floor {floor_s:.1f}s, operator {op_s:.1f}s "
                 f"({op_s / floor_s:.2f}x), peak {rows[-1][3]:.0f} MB",
+                flush=True,
+            )
+            # Where the time went (kubectl's own CPU is not counted: it is not a process of
+            # the cluster), and what the operator asked of the API per model.
+            print(profile_line("floor", floor_cpu, n), flush=True)
+            print(profile_line("operator run", op_cpu, n), flush=True)
+            print(
+                "  operator requests a model: "
+                + ", ".join(f"{k} {v / n:.2f}" for k, v in sorted(calls.items())),
                 flush=True,
             )
 
@@ -252,6 +306,10 @@ def main() -> None:
         # wait until that is done, then count what 60 resyncs write.
         last = settle(state)
         restart_writes = last - before
+        if restart_writes:
+            from collections import Counter
+
+            print(f"restart writes: {dict(Counter(audit_entries(state)[before:last]))}")
         time.sleep(60)
         idle_writes = audit_writes(state) - last
         if idle_writes:

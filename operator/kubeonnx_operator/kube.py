@@ -232,6 +232,7 @@ class Kube:
     async def get(
         self, api_version: str, kind: str, namespace: str, name: str
     ) -> dict[str, Any] | None:
+        metrics.API_READS.labels("get", kind).inc()
         try:
             obj = await self._call(
                 self.client.get(resource(api_version, kind), name, namespace=namespace)
@@ -274,6 +275,7 @@ class Kube:
     async def metadata(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         """The metadata alone (a PartialObjectMetadata) of a core (v1) object, or None when it
         does not exist."""
+        metrics.API_READS.labels("get", kind).inc()
         generic = self.client._client
         request = generic.prepare_request(
             "get",
