@@ -582,17 +582,24 @@ class Reconciler:
         applied = self.applied.setdefault(key, {})
         wanted = digest(manifest)
         seen = self.observed.child(key, api_version, kind, name)
-        if seen is not None and owner_uid in seen.owner_uids:
-            if applied.get(ident) == (wanted, seen.fields):
-                return None
-        elif checked is None or ident not in checked:
-            # Not known as ours: look before applying, since a forced apply would adopt it.
-            live = await self.kube.get(api_version, kind, meta["namespace"], name)
-            if live is not None:
-                _check_controller(live, owner_uid, kind, name, key[1])
-        if kind == "Deployment":
-            await self._hand_over_replicas(key, manifest)
-        live = await self.kube.apply(manifest)
+        ours = seen is not None and owner_uid in seen.owner_uids
+        if ours and applied.get(ident) == (wanted, seen.fields):
+            return None
+        known = ours or (checked is not None and ident in checked)
+        live = None
+        if not known and seen is None:
+            # Never seen: most likely absent. Created only if absent, in one request; a 409
+            # says the name is taken (someone's object, or ours the watch has yet to show).
+            live = await self.kube.create_absent(manifest)
+        if live is None:
+            if not known:
+                # Not known as ours: look before applying, since a forced apply would adopt it.
+                found = await self.kube.get(api_version, kind, meta["namespace"], name)
+                if found is not None:
+                    _check_controller(found, owner_uid, kind, name, key[1])
+            if kind == "Deployment":
+                await self._hand_over_replicas(key, manifest)
+            live = await self.kube.apply(manifest)
         applied[ident] = (wanted, our_fields(live))
         return live
 

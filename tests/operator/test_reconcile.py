@@ -40,9 +40,11 @@ class FakeKube:
         self.events: list[tuple[str, str, str]] = []
         self.refuse: dict[str, ApiError] = {}
         self.generation = 1
+        self.requests: list[tuple[str, str]] = []  # (verb, kind) of every request
 
     async def apply(self, manifest: dict[str, Any], *, manager: str = "kubeonnx") -> dict[str, Any]:
         kind, name = manifest["kind"], manifest["metadata"]["name"]
+        self.requests.append(("apply", kind))
         if kind in self.refuse:
             raise self.refuse[kind]
         self.applied.append((manager, copy.deepcopy(manifest)))
@@ -58,7 +60,17 @@ class FakeKube:
         self.live[(kind, name)] = obj
         return obj
 
+    async def create_absent(self, manifest: dict[str, Any]) -> dict[str, Any] | None:
+        """The API server's answer to an apply with a resourceVersion no object has: created
+        if absent, 409 (None) if the name is taken."""
+        kind, name = manifest["kind"], manifest["metadata"]["name"]
+        if (kind, name) in self.live:
+            self.requests.append(("apply", kind))  # refused: the object is left as it is
+            return None
+        return await self.apply(manifest)
+
     async def get(self, api_version: str, kind: str, namespace: str, name: str) -> Any:
+        self.requests.append(("get", kind))
         return self.live.get((kind, name))
 
     async def delete(
@@ -283,6 +295,17 @@ async def test_an_invalid_spec_still_reports_the_replicas_that_serve() -> None:
     status = kube.statuses[-1]
     assert status["conditions"][0]["reason"] == "InvalidSpec"
     assert status["replicaSummary"] == "2/2"  # the old Deployment still serves
+
+
+async def test_a_fresh_models_first_reconcile_sends_one_request_a_child() -> None:
+    """Children the watch has never seen are created in one request each (an apply that
+    only creates), not looked up first; then one status write and one Event."""
+    kube = FakeKube()
+    await reconciler(kube).reconcile(body())
+    kinds = [m["kind"] for _, m in kube.applied]
+    assert kinds == ["Deployment", "Service", "HorizontalPodAutoscaler"]
+    assert kube.requests == [("apply", kind) for kind in kinds]
+    assert len(kube.statuses) == 1 and [r for _, r, _ in kube.events] == ["Progressing"]
 
 
 async def test_one_event_per_change_of_reason() -> None:
