@@ -18,7 +18,15 @@ from lightkube import ApiError
 from . import analysis, metrics, rollout
 from .config import OperatorConfig
 from .kube import Kube, is_not_found
-from .observed import ObservedChildren, digest, our_fields, slim_deployment
+from .observed import (
+    APPLIED_ANNOTATION,
+    ChildRef,
+    ObservedChildren,
+    digest,
+    our_fields,
+    owns_exactly,
+    slim_deployment,
+)
 from .presence import SecretPresence
 from .quota import QuotaProblem, ResolvedQuota, resolve_quota, secret_names
 from .render import Model, render_children
@@ -581,9 +589,14 @@ class Reconciler:
         ident = (api_version, kind, name)
         applied = self.applied.setdefault(key, {})
         wanted = digest(manifest)
+        meta["annotations"] = {**(meta.get("annotations") or {}), APPLIED_ANNOTATION: wanted}
         seen = self.observed.child(key, api_version, kind, name)
         ours = seen is not None and owner_uid in seen.owner_uids
         if ours and applied.get(ident) == (wanted, seen.fields):
+            return None
+        if ours and ident not in applied and _as_applied(seen, wanted, manifest):
+            # Applied by an earlier run of the operator, untouched since: nothing to send.
+            applied[ident] = (wanted, seen.fields)
             return None
         known = ours or (checked is not None and ident in checked)
         live = None
@@ -724,6 +737,13 @@ class Reconciler:
                 # Fail-open made loud: a field a newer CRD added (it may restrict something)
                 # is not applied; one Warning per change, for whoever alerts on Events.
                 await self.kube.event(body, "Warning", FIELDS_IGNORED, ignored)
+
+
+def _as_applied(seen: ChildRef, wanted: str, manifest: dict[str, Any]) -> bool:
+    """Whether the child, as the watch shows it, is what applying `manifest` would leave:
+    it carries the manifest's digest (the values were applied), and the operator's field
+    manager owns exactly the manifest's fields (none taken over or removed since)."""
+    return seen.applied == wanted and bool(seen.owned) and owns_exactly(seen.owned, manifest)
 
 
 def _selector_clash(placed: list[Placed]) -> Verdict | None:
