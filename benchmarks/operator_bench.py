@@ -169,6 +169,26 @@ def requests_by_verb(op: OperatorProcess) -> dict[str, float]:
     return out
 
 
+def api_requests(kubectl) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """The API server's own count of the requests it served, by verb and resource (every
+    client's: the controllers', kubectl's and the operator's)."""
+    out: dict[str, float] = {}
+    for line in kubectl("get", "--raw", "/metrics").splitlines():
+        if not line.startswith("apiserver_request_total{"):
+            continue
+        inside = line[line.index("{") + 1 : line.rindex("}")]
+        labels = {k: v.strip('"') for k, v in (p.split("=", 1) for p in inside.split(","))}
+        sub = labels.get("subresource", "")
+        what = f"{labels['verb']} {labels['resource']}" + (f"/{sub}" if sub else "")
+        out[what] = out.get(what, 0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def top_requests(calls: dict[str, float], n: int, count: int = 12) -> str:
+    ranked = sorted(calls.items(), key=lambda kv: -kv[1])[:count]
+    return ", ".join(f"{k} {v / n:.2f}" for k, v in ranked)
+
+
 def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
     return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
 
@@ -256,14 +276,16 @@ def main() -> None:
                     manifest["spec"]["replicas"] = 0
             floor_file = work / f"floor-{n}.yaml"
             floor_file.write_text(yaml.safe_dump_all(manifests))
-            cpu0 = cpu_by_process(state, op)
+            cpu0, api0 = cpu_by_process(state, op), api_requests(kubectl)
             t0 = time.monotonic()
             kubectl("apply", "--server-side", "--field-manager=floor", "-f", str(floor_file))
             floor_s = time.monotonic() - t0
             floor_cpu = delta(cpu_by_process(state, op), cpu0)
+            floor_api = delta(api_requests(kubectl), api0)
 
             ims = "\n---\n".join(json.dumps(d) for d in inference_models(n))
             cpu0, calls0 = cpu_by_process(state, op), requests_by_verb(op)
+            api0 = api_requests(kubectl)
             t0 = time.monotonic()
             kubectl("apply", "-n", op_ns, "-f", "-", input=ims)
             while not converged(kubectl, op_ns, n):
@@ -271,6 +293,7 @@ def main() -> None:
             op_s = time.monotonic() - t0
             op_cpu = delta(cpu_by_process(state, op), cpu0)
             calls = delta(requests_by_verb(op), calls0)
+            op_api = delta(api_requests(kubectl), api0)
             rows.append((n, floor_s, op_s, peak_mb(op.proc.pid)))
             print(
                 f"N={n}: floor {floor_s:.1f}s, operator {op_s:.1f}s "
@@ -281,6 +304,8 @@ def main() -> None:
             # the cluster), and what the operator asked of the API per model.
             print(profile_line("floor", floor_cpu, n), flush=True)
             print(profile_line("operator run", op_cpu, n), flush=True)
+            print(f"  API requests a model, floor: {top_requests(floor_api, n)}", flush=True)
+            print(f"  API requests a model, operator run: {top_requests(op_api, n)}", flush=True)
             print(
                 "  operator requests a model: "
                 + ", ".join(f"{k} {v / n:.2f}" for k, v in sorted(calls.items())),
