@@ -592,12 +592,13 @@ class Reconciler:
         meta["annotations"] = {**(meta.get("annotations") or {}), APPLIED_ANNOTATION: wanted}
         seen = self.observed.child(key, api_version, kind, name)
         ours = seen is not None and owner_uid in seen.owner_uids
-        if ours and applied.get(ident) == (wanted, seen.fields):
-            return None
-        if ours and ident not in applied and _as_applied(seen, wanted, manifest):
-            # Applied by an earlier run of the operator, untouched since: nothing to send.
-            applied[ident] = (wanted, seen.fields)
-            return None
+        if seen is not None and ours:
+            if applied.get(ident) == (wanted, seen.fields):
+                return None
+            if ident not in applied and _as_applied(seen, wanted, manifest):
+                # Applied by an earlier run of the operator, untouched since: nothing to send.
+                applied[ident] = (wanted, seen.fields)
+                return None
         known = ours or (checked is not None and ident in checked)
         live = None
         if not known and seen is None:
