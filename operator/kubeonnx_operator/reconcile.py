@@ -131,7 +131,8 @@ class Reconciler:
         # QuotaPolicy bodies by (namespace, name), kept current by their watch.
         self.policies = policies if policies is not None else {}
         # What was last applied to each child: (digest of the manifest, our_fields of the
-        # result). In memory only: after a restart every child is applied once again.
+        # result). After a restart, a child's digest is read from its annotation
+        # (APPLIED_ANNOTATION) and its fields from its managedFields (_as_applied).
         self.applied: dict[tuple[str, str], dict[tuple[str, str, str], tuple[str, str]]] = {}
         # The Deployments (by name, one per version) each model's last applies returned:
         # newer than the watch's copy until the watch delivers the change, and status is
