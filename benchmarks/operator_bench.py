@@ -289,6 +289,7 @@ def main() -> None:
             api0 = api_requests(kubectl)
             t0 = time.monotonic()
             kubectl("apply", "-n", op_ns, "-f", "-", input=ims)
+            created_s = time.monotonic() - t0
             while not converged(kubectl, op_ns, n):
                 time.sleep(0.5)
             op_s = time.monotonic() - t0
@@ -303,6 +304,11 @@ def main() -> None:
             )
             # Where the time went (kubectl's own CPU is not counted: it is not a process of
             # the cluster), and what the operator asked of the API per model.
+            print(
+                f"  kubectl's apply of the {n} InferenceModels returned after {created_s:.1f}s "
+                "of the operator run",
+                flush=True,
+            )
             print(profile_line("floor", floor_cpu, n), flush=True)
             print(profile_line("operator run", op_cpu, n), flush=True)
             print(f"  API requests a model, floor: {top_requests(floor_api, n)}", flush=True)
