@@ -40,7 +40,7 @@ from e2e import cluster as local_cluster  # noqa: E402
 from e2e.operator_process import OperatorProcess  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from procstat import peak_mb  # noqa: E402
+from procstat import cpu_seconds, peak_mb  # noqa: E402
 
 # Small requests: the test cluster's two CPU nodes hold 512 CPUs, and 600 models of the
 # default 1 CPU would leave some Unschedulable.
@@ -139,6 +139,67 @@ def audit_writes(state: local_cluster.ClusterState) -> int:
     return len(audit_entries(state))
 
 
+def cpu_by_process(state: local_cluster.ClusterState, op: OperatorProcess) -> dict[str, float]:
+    """CPU seconds so far of each control-plane process and of the operator."""
+    pids = {name: state.pids[name] for name in state.running()}
+    assert op.proc is not None
+    pids["operator"] = op.proc.pid
+    out = {}
+    for name, pid in pids.items():
+        try:
+            out[name] = cpu_seconds(pid)
+        except OSError:  # ended meanwhile
+            continue
+    return out
+
+
+def requests_by_verb(op: OperatorProcess) -> dict[str, float]:
+    """The operator's own count of its API requests outside the watches, by verb (reads
+    also by kind), and its reconciles."""
+    out: dict[str, float] = {}
+    for name, value in op.metrics().items():
+        if name.startswith(
+            (
+                "kubeonnx_operator_api_writes_total",
+                "kubeonnx_operator_api_reads_total",
+                'kubeonnx_operator_reconciles_total{kind="InferenceModel"',
+            )
+        ):
+            out[name.removeprefix("kubeonnx_operator_")] = value
+    return out
+
+
+def api_requests(kubectl) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """The API server's own count of the requests it served, by verb and resource (every
+    client's: the controllers', kubectl's and the operator's)."""
+    out: dict[str, float] = {}
+    for line in kubectl("get", "--raw", "/metrics").splitlines():
+        if not line.startswith("apiserver_request_total{"):
+            continue
+        inside = line[line.index("{") + 1 : line.rindex("}")]
+        labels = {k: v.strip('"') for k, v in (p.split("=", 1) for p in inside.split(","))}
+        sub = labels.get("subresource", "")
+        what = f"{labels['verb']} {labels['resource']}" + (f"/{sub}" if sub else "")
+        out[what] = out.get(what, 0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def top_requests(calls: dict[str, float], n: int, count: int = 12) -> str:
+    ranked = sorted(calls.items(), key=lambda kv: -kv[1])[:count]
+    top = ", ".join(f"{k} {v / n:.2f}" for k, v in ranked)
+    return f"{sum(calls.values()) / n:.1f} in all; {top}"
+
+
+def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
+
+
+def profile_line(what: str, cpu: dict[str, float], n: int) -> str:
+    total = sum(cpu.values())
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1]))
+    return f"  {what}: CPU {total:.1f} s ({parts}); {1000 * total / n:.0f} ms a model"
+
+
 def all_ready(kubectl, ns: str, n: int) -> bool:  # type: ignore[no-untyped-def]
     ims = json.loads(kubectl("get", "inferencemodels", "-n", ns, "-o", "json"))["items"]
     return n == sum(
@@ -216,20 +277,45 @@ def main() -> None:
                     manifest["spec"]["replicas"] = 0
             floor_file = work / f"floor-{n}.yaml"
             floor_file.write_text(yaml.safe_dump_all(manifests))
+            cpu0, api0 = cpu_by_process(state, op), api_requests(kubectl)
             t0 = time.monotonic()
             kubectl("apply", "--server-side", "--field-manager=floor", "-f", str(floor_file))
             floor_s = time.monotonic() - t0
+            floor_cpu = delta(cpu_by_process(state, op), cpu0)
+            floor_api = delta(api_requests(kubectl), api0)
 
             ims = "\n---\n".join(json.dumps(d) for d in inference_models(n))
+            cpu0, calls0 = cpu_by_process(state, op), requests_by_verb(op)
+            api0 = api_requests(kubectl)
             t0 = time.monotonic()
             kubectl("apply", "-n", op_ns, "-f", "-", input=ims)
+            created_s = time.monotonic() - t0
             while not converged(kubectl, op_ns, n):
                 time.sleep(0.5)
             op_s = time.monotonic() - t0
+            op_cpu = delta(cpu_by_process(state, op), cpu0)
+            calls = delta(requests_by_verb(op), calls0)
+            op_api = delta(api_requests(kubectl), api0)
             rows.append((n, floor_s, op_s, peak_mb(op.proc.pid)))
             print(
                 f"N={n}: floor {floor_s:.1f}s, operator {op_s:.1f}s "
                 f"({op_s / floor_s:.2f}x), peak {rows[-1][3]:.0f} MB",
+                flush=True,
+            )
+            # Where the time went (kubectl's own CPU is not counted: it is not a process of
+            # the cluster), and what the operator asked of the API per model.
+            print(
+                f"  kubectl's apply of the {n} InferenceModels returned after {created_s:.1f}s "
+                "of the operator run",
+                flush=True,
+            )
+            print(profile_line("floor", floor_cpu, n), flush=True)
+            print(profile_line("operator run", op_cpu, n), flush=True)
+            print(f"  API requests a model, floor: {top_requests(floor_api, n)}", flush=True)
+            print(f"  API requests a model, operator run: {top_requests(op_api, n)}", flush=True)
+            print(
+                "  operator requests a model: "
+                + ", ".join(f"{k} {v / n:.2f}" for k, v in sorted(calls.items())),
                 flush=True,
             )
 
@@ -248,10 +334,14 @@ def main() -> None:
         op = idle
         while not idle.leads():
             time.sleep(0.5)
-        # A restart applies each child once (what was applied is kept in memory only);
-        # wait until that is done, then count what 60 resyncs write.
+        # What a restart writes (nothing but the Lease, which is not counted: each child
+        # carries the digest of what was applied to it); then what 60 resyncs write.
         last = settle(state)
         restart_writes = last - before
+        if restart_writes:
+            from collections import Counter
+
+            print(f"restart writes: {dict(Counter(audit_entries(state)[before:last]))}")
         time.sleep(60)
         idle_writes = audit_writes(state) - last
         if idle_writes:
@@ -286,7 +376,8 @@ def main() -> None:
     lines.append(
         f"\nIdle: **{idle_writes}** API writes by the operator over an hour-equivalent "
         f"of resyncs (60 x 1 s) of {total} models. The restart before it wrote "
-        f"{restart_writes} (a no-op apply per child: what was applied is kept in memory)."
+        f"{restart_writes} (the Lease left out: each child carries the digest of what was "
+        "applied to it)."
     )
     lines.append(
         f"\nPeak RSS of an operator restarted into the cluster ({total} models, "

@@ -440,6 +440,33 @@ def test_operator_killed_and_restarted_converges_without_duplicates(
     ]
 
 
+def test_a_restarted_operator_writes_nothing_to_converged_models(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    """What an operator applied is on each child (the digest of its manifest), not only in
+    its memory: one restarted into converged models sends them no write (the audit log
+    counts every write to the namespace; the Lease lives elsewhere)."""
+    if cluster.audit_log is None:
+        pytest.skip("counts the operator's writes in the local control plane's audit log")
+    assert cluster.apply(model("calm", scaling={"maxReplicas": 2}), namespace).returncode == 0
+    ready(cluster, namespace, "calm")
+    eventually(lambda: cluster.get("pdb", "calm", "-n", namespace), 30, what="the PDB")
+    settled(cluster, namespace, "calm")
+    assert_idle_resync(
+        cluster,
+        operator,
+        namespace,
+        lambda: (cluster.get("inferencemodel", "calm", "-n", namespace) or {})["metadata"][
+            "resourceVersion"
+        ],
+    )
+    writes = cluster.operator_writes(namespace)
+    operator.stop()
+    operator.start()
+    resyncs(operator, 2)  # every model reconciled twice by the new process
+    assert cluster.operator_writes(namespace) == writes
+
+
 def test_deleting_the_model_removes_every_child(
     cluster: Cluster, operator: OperatorProcess, namespace: str
 ) -> None:

@@ -76,6 +76,9 @@ def is_not_found(exc: ApiError) -> bool:
     return exc.status.code == 404
 
 
+# A resourceVersion no object has: etcd's revision 1 is its empty store, and every write
+# makes a new revision (see Kube.create_absent).
+NO_OBJECT_VERSION = "1"
 REQUEST_TIMEOUT_S = 10.0  # connect, send, each read, wait for a pooled connection
 WATCH_READ_MARGIN_S = 30.0  # a watch's read timeout is this much above its server timeout
 
@@ -189,7 +192,9 @@ class Kube:
         metrics.API_WRITES.labels(verb).inc()
         return budget
 
-    async def _call(self, call: Any, budget: float = math.inf) -> Any:
+    async def _call(
+        self, call: Any, budget: float = math.inf, answers: tuple[int, ...] = (404,)
+    ) -> Any:
         try:
             # A write that passed the fence is abandoned if it has not been answered when
             # the Lease could pass to another replica: a slow pool, connect or server can
@@ -205,12 +210,16 @@ class Kube:
             metrics.API_ERRORS.labels("timeout").inc()
             raise
         except ApiError as exc:
-            if not is_not_found(exc):  # a 404 is an answer (absent), not a failure
+            if exc.status.code not in answers:  # a 404 is an answer (absent), not a failure
                 metrics.API_ERRORS.labels(str(exc.status.code)).inc()
             raise
 
     async def apply(
-        self, manifest: dict[str, Any], *, manager: str = FIELD_MANAGER
+        self,
+        manifest: dict[str, Any],
+        *,
+        manager: str = FIELD_MANAGER,
+        answers: tuple[int, ...] = (404,),
     ) -> dict[str, Any]:
         """Server-side apply with the operator's field manager; returns the live object."""
         budget = self._fence("apply")
@@ -226,12 +235,29 @@ class Kube:
                 force=True,
             ),
             budget,
+            answers,
         )
         return as_dict(obj)
+
+    async def create_absent(self, manifest: dict[str, Any]) -> dict[str, Any] | None:
+        """Server-side apply that only creates: the object it created, or None when the name
+        is taken (by anyone's object, which is left untouched). The apply carries a
+        resourceVersion no object has (etcd's revision 1 is its empty store): the API server
+        creates an absent object, and holds an existing one to the precondition, refusing
+        it with 409 Conflict. One request where a look-up and an apply take two."""
+        meta = manifest["metadata"]
+        precondition = {**manifest, "metadata": {**meta, "resourceVersion": NO_OBJECT_VERSION}}
+        try:
+            return await self.apply(precondition, answers=(404, 409))
+        except ApiError as exc:
+            if exc.status.code == 409:
+                return None
+            raise
 
     async def get(
         self, api_version: str, kind: str, namespace: str, name: str
     ) -> dict[str, Any] | None:
+        metrics.API_READS.labels("get", kind).inc()
         try:
             obj = await self._call(
                 self.client.get(resource(api_version, kind), name, namespace=namespace)
@@ -274,6 +300,7 @@ class Kube:
     async def metadata(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         """The metadata alone (a PartialObjectMetadata) of a core (v1) object, or None when it
         does not exist."""
+        metrics.API_READS.labels("get", kind).inc()
         generic = self.client._client
         request = generic.prepare_request(
             "get",

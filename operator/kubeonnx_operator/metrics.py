@@ -52,6 +52,11 @@ API_WRITES = Counter(
     "Writes sent to the API server (apply, delete, status, event).",
     ["verb"],
 )
+API_READS = Counter(
+    "kubeonnx_operator_api_reads_total",
+    "Reads sent to the API server outside the watches (get: one object by name), by kind.",
+    ["verb", "kind"],
+)
 API_ERRORS = Counter(
     "kubeonnx_operator_api_errors_total", "API calls refused or failed, by HTTP code.", ["code"]
 )

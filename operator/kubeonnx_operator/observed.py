@@ -31,6 +31,63 @@ def _our_entry(obj: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+# On every child: the digest of the manifest last applied to it (the annotation left out),
+# so that an operator that restarts knows what it had applied without applying it again.
+APPLIED_ANNOTATION = "kubeonnx.io/applied"
+# What server-side apply never records as owned (the object's identity and bookkeeping).
+_UNOWNED = {("apiVersion",), ("kind",), ("metadata", "name"), ("metadata", "namespace")}
+
+
+def _owned_paths(fields: dict[str, Any], prefix: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
+    """The paths a fieldsV1 owns, down to the first list element (a list's elements are
+    the list's path)."""
+    out: set[tuple[str, ...]] = set()
+    for key, sub in fields.items():
+        if key == ".":
+            continue
+        if not key.startswith("f:"):  # k:, v:, i: an element of the list `prefix`
+            out.add(prefix)
+            continue
+        path = (*prefix, key[2:])
+        below = _owned_paths(sub, path) if isinstance(sub, dict) else set()
+        out |= below or {path}
+    return out
+
+
+def manifest_paths(value: Any, prefix: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
+    """The paths an apply of `value` owns, as _owned_paths reads them from the result:
+    each scalar, list and empty map (a null is no field)."""
+    if not isinstance(value, dict) or not value:
+        return set() if prefix in _UNOWNED else {prefix}
+    out: set[tuple[str, ...]] = set()
+    for key, sub in value.items():
+        if sub is not None:
+            out |= manifest_paths(sub, (*prefix, key))
+    return out
+
+
+# Children of one kind and spec shape own the same paths: one copy of each set is kept.
+_PATH_SETS: dict[frozenset[tuple[str, ...]], frozenset[tuple[str, ...]]] = {}
+
+
+def owned_paths(obj: dict[str, Any]) -> frozenset[tuple[str, ...]]:
+    """The paths the operator's apply owns in `obj` (empty if none): an atomic field (a
+    selector) is one path, however deep the manifest sets it."""
+    entry = _our_entry(obj)
+    paths = frozenset(_owned_paths(entry.get("fieldsV1") or {})) if entry else frozenset()
+    return _PATH_SETS.setdefault(paths, paths)
+
+
+def owns_exactly(owned: frozenset[tuple[str, ...]], manifest: dict[str, Any]) -> bool:
+    """Whether `owned` is what an apply of `manifest` owns: each of its fields is owned
+    (itself, or the atomic field it is in), and nothing else is."""
+    wanted = manifest_paths(manifest)
+    prefixes = {path[:i] for path in wanted for i in range(1, len(path) + 1)}
+    return owned <= prefixes and all(
+        any(path[:i] in owned for i in range(1, len(path) + 1)) for path in wanted
+    )
+
+
 def our_fields(obj: dict[str, Any]) -> str:
     """A digest of the fields the operator's server-side apply owns in `obj`. Another
     writer changing one of them takes it over, and the digest changes: that is drift."""
@@ -52,6 +109,10 @@ class ChildRef:
     uid: str
     owner_uids: frozenset[str]
     fields: str  # our_fields() of the child as last seen
+    # Its APPLIED_ANNOTATION, and owned_paths(): with both, a restarted operator tells a
+    # child left as it applied it (nothing to send) from one changed since.
+    applied: str = ""
+    owned: frozenset[tuple[str, ...]] = frozenset()
 
 
 def _slim_pod(pod: dict[str, Any]) -> dict[str, Any]:
@@ -130,7 +191,10 @@ class ObservedChildren:
                 del versions[meta["name"]]
         else:
             uids = frozenset(r.get("uid", "") for r in meta.get("ownerReferences") or [])
-            children[ident] = ChildRef(*ident, uid, uids, our_fields(obj))
+            applied = (meta.get("annotations") or {}).get(APPLIED_ANNOTATION, "")
+            children[ident] = ChildRef(
+                *ident, uid, uids, our_fields(obj), str(applied), owned_paths(obj)
+            )
             if obj["kind"] == "Service" and meta["name"] == owner[1]:
                 self._service_selectors[owner] = dict((obj.get("spec") or {}).get("selector") or {})
             if obj["kind"] != "Deployment":

@@ -18,7 +18,15 @@ from lightkube import ApiError
 from . import analysis, metrics, rollout
 from .config import OperatorConfig
 from .kube import Kube, is_not_found
-from .observed import ObservedChildren, digest, our_fields, slim_deployment
+from .observed import (
+    APPLIED_ANNOTATION,
+    ChildRef,
+    ObservedChildren,
+    digest,
+    our_fields,
+    owns_exactly,
+    slim_deployment,
+)
 from .presence import SecretPresence
 from .quota import QuotaProblem, ResolvedQuota, resolve_quota, secret_names
 from .render import Model, render_children
@@ -126,7 +134,8 @@ class Reconciler:
         # QuotaPolicy bodies by (namespace, name), kept current by their watch.
         self.policies = policies if policies is not None else {}
         # What was last applied to each child: (digest of the manifest, our_fields of the
-        # result). In memory only: after a restart every child is applied once again.
+        # result). After a restart, a child's digest is read from its annotation
+        # (APPLIED_ANNOTATION) and its fields from its managedFields (_as_applied).
         self.applied: dict[tuple[str, str], dict[tuple[str, str, str], tuple[str, str]]] = {}
         # The Deployments (by name, one per version) each model's last applies returned:
         # newer than the watch's copy until the watch delivers the change, and status is
@@ -591,18 +600,31 @@ class Reconciler:
         ident = (api_version, kind, name)
         applied = self.applied.setdefault(key, {})
         wanted = digest(manifest)
+        meta["annotations"] = {**(meta.get("annotations") or {}), APPLIED_ANNOTATION: wanted}
         seen = self.observed.child(key, api_version, kind, name)
-        if seen is not None and owner_uid in seen.owner_uids:
+        ours = seen is not None and owner_uid in seen.owner_uids
+        if seen is not None and ours:
             if applied.get(ident) == (wanted, seen.fields):
                 return None
-        elif checked is None or ident not in checked:
-            # Not known as ours: look before applying, since a forced apply would adopt it.
-            live = await self.kube.get(api_version, kind, meta["namespace"], name)
-            if live is not None:
-                _check_controller(live, owner_uid, kind, name, key[1])
-        if kind == "Deployment":
-            await self._hand_over_replicas(key, manifest)
-        live = await self.kube.apply(manifest)
+            if ident not in applied and _as_applied(seen, wanted, manifest):
+                # Applied by an earlier run of the operator, untouched since: nothing to send.
+                applied[ident] = (wanted, seen.fields)
+                return None
+        known = ours or (checked is not None and ident in checked)
+        live = None
+        if not known and seen is None:
+            # Never seen: most likely absent. Created only if absent, in one request; a 409
+            # says the name is taken (someone's object, or ours the watch has yet to show).
+            live = await self.kube.create_absent(manifest)
+        if live is None:
+            if not known:
+                # Not known as ours: look before applying, since a forced apply would adopt it.
+                found = await self.kube.get(api_version, kind, meta["namespace"], name)
+                if found is not None:
+                    _check_controller(found, owner_uid, kind, name, key[1])
+            if kind == "Deployment":
+                await self._hand_over_replicas(key, manifest)
+            live = await self.kube.apply(manifest)
         applied[ident] = (wanted, our_fields(live))
         return live
 
@@ -727,6 +749,13 @@ class Reconciler:
                 # Fail-open made loud: a field a newer CRD added (it may restrict something)
                 # is not applied; one Warning per change, for whoever alerts on Events.
                 await self.kube.event(body, "Warning", FIELDS_IGNORED, ignored)
+
+
+def _as_applied(seen: ChildRef, wanted: str, manifest: dict[str, Any]) -> bool:
+    """Whether the child, as the watch shows it, is what applying `manifest` would leave:
+    it carries the manifest's digest (the values were applied), and the operator's field
+    manager owns exactly the manifest's fields (none taken over or removed since)."""
+    return seen.applied == wanted and bool(seen.owned) and owns_exactly(seen.owned, manifest)
 
 
 def _selector_clash(placed: list[Placed]) -> Verdict | None:

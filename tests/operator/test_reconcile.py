@@ -40,16 +40,20 @@ class FakeKube:
         self.events: list[tuple[str, str, str]] = []
         self.refuse: dict[str, ApiError] = {}
         self.generation = 1
+        self.requests: list[tuple[str, str]] = []  # (verb, kind) of every request
+        self.every_field = False  # managedFields as the server writes them (every_field_of)
 
     async def apply(self, manifest: dict[str, Any], *, manager: str = "kubeonnx") -> dict[str, Any]:
         kind, name = manifest["kind"], manifest["metadata"]["name"]
+        self.requests.append(("apply", kind))
         if kind in self.refuse:
             raise self.refuse[kind]
         self.applied.append((manager, copy.deepcopy(manifest)))
         obj = copy.deepcopy(manifest)
         obj["metadata"]["uid"] = f"{kind}-uid"
+        fields = every_field_of(manifest) if self.every_field else fields_of(manifest)
         obj["metadata"]["managedFields"] = [
-            {"manager": manager, "operation": "Apply", "fieldsV1": fields_of(manifest)}
+            {"manager": manager, "operation": "Apply", "fieldsV1": fields}
         ]
         if kind == "Deployment" and manager != HANDOVER_MANAGER:
             self.generation += 1
@@ -58,7 +62,17 @@ class FakeKube:
         self.live[(kind, name)] = obj
         return obj
 
+    async def create_absent(self, manifest: dict[str, Any]) -> dict[str, Any] | None:
+        """The API server's answer to an apply with a resourceVersion no object has: created
+        if absent, 409 (None) if the name is taken."""
+        kind, name = manifest["kind"], manifest["metadata"]["name"]
+        if (kind, name) in self.live:
+            self.requests.append(("apply", kind))  # refused: the object is left as it is
+            return None
+        return await self.apply(manifest)
+
     async def get(self, api_version: str, kind: str, namespace: str, name: str) -> Any:
+        self.requests.append(("get", kind))
         return self.live.get((kind, name))
 
     async def delete(
@@ -88,6 +102,23 @@ def fields_of(manifest: dict[str, Any]) -> dict[str, Any]:
     if "replicas" in manifest.get("spec", {}):
         fields["f:spec"]["f:replicas"] = {}
     return fields
+
+
+def every_field_of(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The server's fieldsV1 of an apply of `manifest`, in full: every field (not its
+    value), each list's elements as one, the object's identity left out."""
+
+    def fields(value: Any) -> dict[str, Any]:
+        if isinstance(value, list):
+            return {"i:0": {}} if value else {}
+        if not isinstance(value, dict):
+            return {}
+        return {f"f:{k}": fields(v) for k, v in value.items() if v is not None}
+
+    out = fields({k: v for k, v in manifest.items() if k not in ("apiVersion", "kind")})
+    meta = out.pop("f:metadata", {})
+    meta = {k: v for k, v in meta.items() if k not in ("f:name", "f:namespace")}
+    return {**out, **({"f:metadata": meta} if meta else {})}
 
 
 def body(**spec: Any) -> dict[str, Any]:
@@ -283,6 +314,51 @@ async def test_an_invalid_spec_still_reports_the_replicas_that_serve() -> None:
     status = kube.statuses[-1]
     assert status["conditions"][0]["reason"] == "InvalidSpec"
     assert status["replicaSummary"] == "2/2"  # the old Deployment still serves
+
+
+async def test_a_fresh_models_first_reconcile_sends_one_request_a_child() -> None:
+    """Children the watch has never seen are created in one request each (an apply that
+    only creates), not looked up first; then one status write and one Event."""
+    kube = FakeKube()
+    await reconciler(kube).reconcile(body())
+    kinds = [m["kind"] for _, m in kube.applied]
+    assert kinds == ["Deployment", "Service", "HorizontalPodAutoscaler"]
+    assert kube.requests == [("apply", kind) for kind in kinds]
+    assert len(kube.statuses) == 1 and [r for _, r, _ in kube.events] == ["Progressing"]
+
+
+def restarted(kube: FakeKube) -> ObservedChildren:
+    """The watch cache of an operator started anew: every child as the API holds it."""
+    observed = ObservedChildren()
+    for obj in kube.live.values():
+        observed.record(KEY, copy.deepcopy(obj), deleted=False)
+    kube.requests.clear()
+    return observed
+
+
+async def test_a_restarted_operator_applies_nothing_its_predecessor_applied() -> None:
+    kube = FakeKube()
+    kube.every_field = True
+    await reconciler(kube).reconcile(body(scaling={"maxReplicas": 2}))
+    assert len(kube.live) == 4  # Deployment, Service, HPA, PDB
+    # A new process: nothing in memory, the children as the watch lists them.
+    await reconciler(kube, restarted(kube)).reconcile(body(scaling={"maxReplicas": 2}))
+    assert [r for r in kube.requests if r[0] == "apply"] == []
+    # The spec changed while no operator ran: what it changes is applied, the rest is not.
+    await reconciler(kube, restarted(kube)).reconcile(body(scaling={"maxReplicas": 3}))
+    assert kube.requests == [("apply", "HorizontalPodAutoscaler")]
+
+
+async def test_a_restarted_operator_repairs_a_child_changed_while_it_was_away() -> None:
+    kube = FakeKube()
+    kube.every_field = True
+    await reconciler(kube).reconcile(body())
+    # While no operator ran, someone edited the Service's selector: the field left the
+    # operator's field set (taken over by the editor, or removed).
+    service = kube.live[("Service", "m")]
+    del service["metadata"]["managedFields"][0]["fieldsV1"]["f:spec"]["f:selector"]
+    await reconciler(kube, restarted(kube)).reconcile(body())
+    assert kube.requests == [("apply", "Service")]
 
 
 async def test_one_event_per_change_of_reason() -> None:
