@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from e2e.cluster import process_identity
+from e2e.terminal import as_from_a_terminal
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV = Path(sys.executable).parent.parent
@@ -148,6 +149,7 @@ def test_ctrl_c_during_make_dev_is_one_line_and_stops_what_it_started(tmp_path: 
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,  # signalled as a group, as a terminal does
+        preexec_fn=as_from_a_terminal,
     )
     pids: dict[str, int] = {}
     try:
@@ -201,6 +203,7 @@ def test_demo_interrupted_stops_everything_it_started(tmp_path: Path, sig: int) 
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        preexec_fn=as_from_a_terminal,
     )
     lines: list[str] = []
     reader = threading.Thread(target=pump, args=(demo, lines), daemon=True)
