@@ -27,15 +27,17 @@ trap 'log "interrupted: nothing half-built is kept (the next run builds it again
 trap 'log "stopped: nothing half-built is kept (the next run builds it again)"; exit 143' TERM
 
 # The field $1 of the JSON `go mod download -json` prints (or its error, in one line); quiet
-# on Ctrl-C, which the build's trap reports.
+# on Ctrl-C, which the build's trap reports. Python starts with Ctrl-C ignored: one
+# interrupted while it imports its own modules printed a traceback ("Fatal Python error");
+# once started, Ctrl-C ends it without a word.
 json_field() {
-  python3 -c 'import json, signal, sys
+  (trap '' INT; exec python3 -c 'import json, signal, sys
 signal.signal(signal.SIGINT, signal.SIG_DFL)
 raw = sys.stdin.read()
 if not raw.strip():
     sys.exit(1)  # go printed nothing: it said why itself, or was interrupted (the trap says so)
 d = json.loads(raw)
-print(d.get(sys.argv[1]) or sys.exit("[build-binaries] go mod download: " + d.get("Error", "no " + sys.argv[1])))' "$1"
+print(d.get(sys.argv[1]) or sys.exit("[build-binaries] go mod download: " + d.get("Error", "no " + sys.argv[1])))' "$1")
 }
 # Whether version $1 (1.26.7) is at least $2.
 version_ge() { [ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | head -n1)" = "$2" ]; }

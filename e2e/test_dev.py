@@ -20,20 +20,12 @@ from pathlib import Path
 import pytest
 
 from e2e.cluster import process_identity
+from e2e.terminal import as_from_a_terminal
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV = Path(sys.executable).parent.parent
 # `make` with the running venv, never reinstalling it (-o: its stamp counts as up to date).
 MAKE = ["make", "-C", str(ROOT), f"VENV={VENV}", "-o", f"{VENV}/.installed"]
-
-
-def as_in_a_terminal() -> None:
-    """Run in the child before exec: Ctrl-C's SIGINT and SIGQUIT at their defaults, as in a
-    terminal. A suite started in the background of a script (`cmd &`) inherits them
-    ignored, and the child would never see the signal the test sends (the test then failed
-    with the command run to its end, not interrupted)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
 
 
 def env_for(cluster_dir: Path, **extra: str) -> dict[str, str]:
@@ -157,7 +149,7 @@ def test_ctrl_c_during_make_dev_is_one_line_and_stops_what_it_started(tmp_path: 
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,  # signalled as a group, as a terminal does
-        preexec_fn=as_in_a_terminal,
+        preexec_fn=as_from_a_terminal,
     )
     pids: dict[str, int] = {}
     try:
@@ -210,7 +202,7 @@ def test_demo_interrupted_stops_everything_it_started(tmp_path: Path, sig: int) 
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
-        preexec_fn=as_in_a_terminal,
+        preexec_fn=as_from_a_terminal,
     )
     lines: list[str] = []
     reader = threading.Thread(target=pump, args=(demo, lines), daemon=True)

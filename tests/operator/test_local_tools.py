@@ -21,7 +21,7 @@ import pytest
 
 from e2e import cluster as local_cluster
 from e2e.demo import operator_commands
-from e2e.test_dev import as_in_a_terminal
+from e2e.terminal import as_from_a_terminal
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILD = ROOT / "e2e" / "build-binaries.sh"
@@ -412,7 +412,7 @@ def test_an_interrupted_build_says_so_in_one_line_and_leaves_no_work_folder(
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
-        preexec_fn=as_in_a_terminal,
+        preexec_fn=as_from_a_terminal,
     )
     try:
         assert build.stderr is not None
@@ -461,7 +461,7 @@ def test_ctrl_c_during_the_first_build_of_make_dev_is_one_line(tmp_path: Path) -
         stdout=subprocess.DEVNULL,
         text=True,
         start_new_session=True,
-        preexec_fn=as_in_a_terminal,
+        preexec_fn=as_from_a_terminal,
     )
     try:
         assert dev.stderr is not None
