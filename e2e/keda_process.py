@@ -69,6 +69,18 @@ def _certificates(certs: Path) -> None:
     (certs / "ca.crt").write_bytes((certs / "tls.crt").read_bytes())
 
 
+def keda_env(kubeconfig: str) -> dict[str, str]:
+    """What KEDA's operator and its metrics adapter both read: the cluster, every namespace
+    watched, and the namespace KEDA itself lives in."""
+    return {
+        **os.environ,
+        "KUBECONFIG": kubeconfig,
+        "WATCH_NAMESPACE": "",  # every namespace
+        "POD_NAMESPACE": NAMESPACE,
+        "KEDA_CLUSTER_OBJECT_NAMESPACE": NAMESPACE,
+    }
+
+
 class KedaProcess:
     def __init__(self, binary: Path, kubeconfig: str, workdir: Path) -> None:
         self.binary = binary
@@ -87,13 +99,7 @@ class KedaProcess:
     def start(self) -> None:
         certs = self.certs
         _certificates(certs)
-        env = {
-            **os.environ,
-            "KUBECONFIG": self.kubeconfig,
-            "WATCH_NAMESPACE": "",  # every namespace
-            "POD_NAMESPACE": NAMESPACE,
-            "KEDA_CLUSTER_OBJECT_NAMESPACE": NAMESPACE,
-        }
+        env = keda_env(self.kubeconfig)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [
@@ -169,13 +175,7 @@ class KedaAdapterProcess:
 
     def start(self, timeout: float = 180) -> KedaAdapterProcess:
         certs = self.operator.certs
-        env = {
-            **os.environ,
-            "KUBECONFIG": self.kubeconfig,  # controller-runtime's client: the ScaledObjects
-            "WATCH_NAMESPACE": "",
-            "POD_NAMESPACE": NAMESPACE,
-            "KEDA_CLUSTER_OBJECT_NAMESPACE": NAMESPACE,
-        }
+        env = keda_env(self.kubeconfig)  # controller-runtime's client: the ScaledObjects
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [
