@@ -141,13 +141,19 @@ def test_without_hold_requests_the_router_of_candidates_holds_nothing() -> None:
     assert all("hold" not in v for v in config["versions"])
 
 
-async def test_scaled_to_zero_the_status_names_the_held_requests() -> None:
+async def at_zero() -> tuple[FakeKube, ObservedChildren, Any, dict[str, Any]]:
+    """A holding model reconciled once, its Deployment seen at 0 replicas (KEDA's)."""
     kube, observed = FakeKube(), ObservedChildren()
     rec = reconciler(kube, observed)
     model = body(scaling=HOLD)
     await rec.reconcile(model)
     gen = kube.live[("Deployment", "m")]["metadata"]["generation"]
     observed.record(KEY, seen_deployment(gen, 0, owns_replicas=False), deleted=False)
+    return kube, observed, rec, model
+
+
+async def test_scaled_to_zero_the_status_names_the_held_requests() -> None:
+    kube, observed, rec, model = await at_zero()
     observed.record(KEY, watched(kube, "m-router", ready=1), deleted=False)
     await rec.reconcile(model)
     cond = ready(kube)
@@ -184,12 +190,7 @@ async def test_turning_hold_off_returns_the_service_to_the_model_before_the_rout
 async def test_scaled_to_zero_without_a_ready_router_the_model_is_not_ready() -> None:
     """Nothing holds a request, so nothing wakes the model, while no router pod is ready
     (a bad image, a crash loop): not "KEDA wakes it", but RouterNotReady, naming it."""
-    kube, observed = FakeKube(), ObservedChildren()
-    rec = reconciler(kube, observed)
-    model = body(scaling=HOLD)
-    await rec.reconcile(model)
-    gen = kube.live[("Deployment", "m")]["metadata"]["generation"]
-    observed.record(KEY, seen_deployment(gen, 0, owns_replicas=False), deleted=False)
+    kube, observed, rec, model = await at_zero()
     router = watched(kube, "m-router", ready=0)
     observed.record(KEY, router, deleted=False)
     await rec.reconcile(model)
