@@ -1,12 +1,19 @@
 """Operator benchmark on the local control plane, every figure from one run.
 
     .venv/bin/python benchmarks/operator_bench.py [--sizes 100 500] [--unrelated 5000]
-        [--baseline DIR] [--out FILE.md]
+        [--baseline DIR] [--out FILE.md] [--create server-side|client-side]
+        [--floor-replicas rendered|0]
 
 For each size N: the floor is one `kubectl apply --server-side` of the same manifests the
-operator renders for N InferenceModels (Deployment, Service, HPA each); the operator run is
-N InferenceModels applied at once, timed until every one has all three children and a
-written status. Then the operator's peak RSS (VmHWM), and the API writes it makes over an
+operator renders for N InferenceModels (Deployment, Service, HPA each), replicas as rendered,
+so that the cluster starts the floor's pods as it starts the operator's; the operator run is
+N InferenceModels applied at once the same way (`kubectl apply --server-side`: one request an
+object, as the floor's), timed until every one has all three children and a written status.
+`--create client-side --floor-replicas 0` measures as this benchmark did before these options
+(kubectl's client-side apply is a GET and a POST per InferenceModel, one after the other,
+inside the operator's window; the floor's Deployments at 0 replicas start no pods).
+
+Then the operator's peak RSS (VmHWM), and the API writes it makes over an
 hour-equivalent of idle resyncs: restarted with resyncSeconds 1 and watched for 60 s, its
 writes counted in the API server's audit log (the operator has an identity of its own).
 
@@ -236,6 +243,18 @@ def main() -> None:
     parser.add_argument("--unrelated", type=int, default=5000)
     parser.add_argument("--baseline", help="another checkout whose operator to measure too")
     parser.add_argument("--out")
+    parser.add_argument(
+        "--create",
+        choices=["server-side", "client-side"],
+        default="server-side",
+        help="how kubectl creates the InferenceModels (the floor is always server-side)",
+    )
+    parser.add_argument(
+        "--floor-replicas",
+        choices=["rendered", "0"],
+        default="rendered",
+        help="the floor's Deployments start pods as rendered, or none",
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kubeonnx-opbench-"))
     state = local_cluster.up()
@@ -270,11 +289,10 @@ def main() -> None:
                     Model(d["metadata"]["name"], floor_ns, parse_spec(d["spec"])), config
                 )
             ]
-            for manifest in manifests:
-                if manifest["kind"] == "Deployment":
-                    # The floor is the cost of the writes; its pods would only take the
-                    # nodes' CPU from the operator's models.
-                    manifest["spec"]["replicas"] = 0
+            if args.floor_replicas == "0":
+                for manifest in manifests:
+                    if manifest["kind"] == "Deployment":
+                        manifest["spec"]["replicas"] = 0
             floor_file = work / f"floor-{n}.yaml"
             floor_file.write_text(yaml.safe_dump_all(manifests))
             cpu0, api0 = cpu_by_process(state, op), api_requests(kubectl)
@@ -288,7 +306,19 @@ def main() -> None:
             cpu0, calls0 = cpu_by_process(state, op), requests_by_verb(op)
             api0 = api_requests(kubectl)
             t0 = time.monotonic()
-            kubectl("apply", "-n", op_ns, "-f", "-", input=ims)
+            if args.create == "server-side":
+                kubectl(
+                    "apply",
+                    "--server-side",
+                    "--field-manager=bench",
+                    "-n",
+                    op_ns,
+                    "-f",
+                    "-",
+                    input=ims,
+                )
+            else:
+                kubectl("apply", "-n", op_ns, "-f", "-", input=ims)
             created_s = time.monotonic() - t0
             while not converged(kubectl, op_ns, n):
                 time.sleep(0.5)
