@@ -150,7 +150,11 @@ def test_over_the_count_is_refused_at_once_and_a_client_leaving_is_dropped(
 def test_a_request_held_max_hold_s_is_refused(tmp_path: Path) -> None:
     router = start_holding_router(tmp_path, free_port(), max_hold_s=1)
     try:
+        sent = time.monotonic()
         refused = httpx.post(f"{router.url}/v2/models/mlp/infer", json=BODY, timeout=600)
+        # How long it was held, measured here: the message below is built from the config.
+        # A lower bound: a loaded machine only makes it longer.
+        assert time.monotonic() - sent >= 1
         assert refused.status_code == 503, refused.text
         assert refused.headers["retry-after"] == "5"  # not 1: no retry storm
         assert refused.json()["error"] == (
@@ -210,6 +214,7 @@ def test_a_held_request_with_a_large_body_outlives_the_read_timeout(tmp_path: Pa
     )
     try:
         size = 1_000_000
+        sent = time.monotonic()
         client = _send_raw(
             router,
             b"POST /v2/models/mlp/infer HTTP/1.1\r\nhost: router\r\n"
@@ -217,6 +222,9 @@ def test_a_held_request_with_a_large_body_outlives_the_read_timeout(tmp_path: Pa
             b"a" * size,
         )
         answer = _read_answer(client)
+        # Held its whole 4 s, four times the read timeout (measured: the message below is
+        # built from the config); a lower bound, which a loaded machine cannot break.
+        assert time.monotonic() - sent >= 4
         client.close()
         assert answer.startswith(b"HTTP/1.1 503 "), answer[:300]
         assert b"retry-after: 5" in answer.lower()
