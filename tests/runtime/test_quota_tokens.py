@@ -49,7 +49,7 @@ def in_memory(config: Path) -> Path:
     return config
 
 
-def serve_text(serve, models, config: Path, **kwargs) -> Served:  # type: ignore[no-untyped-def]
+def serve_text(serve, models, config: Path, *args: str, **kwargs) -> Served:  # type: ignore[no-untyped-def]
     return serve(
         "--model-uri",
         f"file://{models['text']}",
@@ -57,6 +57,7 @@ def serve_text(serve, models, config: Path, **kwargs) -> Served:  # type: ignore
         "text",
         "--quota-config",
         str(config),
+        *args,
         **kwargs,
     )
 
@@ -412,3 +413,49 @@ def test_an_asynchronous_request_to_a_replica_is_held_to_the_same_sizes(
         assert used(served, "t") == {"tokens-1d": 0}
     finally:
         store.stop()
+
+
+def test_a_served_model_refuses_a_reloaded_policy_naming_an_input_it_lacks_on_its_gauge(
+    serve, models, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """The real process: its own reload check (the model's inputs) keeps the policy in force,
+    and its gauge kubeonnx_quota_config_refused, which the alert reads, is 1 while the file
+    is refused and back to 0 once a good one loads."""
+    from tests.runtime.test_router import metric
+
+    not_near_midnight()
+    limits = {"t": [{"unit": "tokens", "limit": 1_000_000, "window": "1d"}]}
+    config = in_memory(write_policy(tmp_path, "redis://unused", limits, tokens=NONZERO))
+    served = serve_text(serve, models, config, "--quota-reload-s", "0.2")
+
+    def refused() -> float:
+        return metric(served.url, "kubeonnx_quota_config_refused", model="text")
+
+    def rewrite(tokens: dict[str, str]) -> None:
+        policy = json.loads(config.read_text())
+        staged = config.with_suffix(".new")
+        staged.write_text(json.dumps({**policy, "tokens": tokens}))
+        staged.replace(config)  # whole, as the kubelet swaps a mounted file
+
+    def until(check: Any, what: str) -> None:
+        deadline = time.monotonic() + 120  # a loaded machine: waited for, never timed
+        while not check():
+            assert time.monotonic() < deadline, f"not in 120 s: {what}\n{served.logs()}"
+            time.sleep(0.1)
+
+    with httpx.Client(timeout=30) as http:
+        assert refused() == 0
+        assert infer(http, served, "t", text_body()).status_code == 200
+        assert used(served, "t") == {"tokens-1d": 3}
+
+        rewrite({"input": "ids", "count": "elements"})
+        until(lambda: refused() == 1, "the gauge at 1")
+        assert "counts tokens in input 'ids', which the model does not have" in served.logs()
+        answer = infer(http, served, "t", text_body())
+        assert answer.status_code == 200, answer.text
+        assert used(served, "t") == {"tokens-1d": 6}  # still the mask's non-zero ones
+
+        rewrite(ELEMENTS)
+        until(lambda: refused() == 0, "the gauge back at 0")
+        assert infer(http, served, "t", text_body()).status_code == 200
+        assert used(served, "t") == {"tokens-1d": 11}  # every element now
