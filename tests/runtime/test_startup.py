@@ -20,6 +20,10 @@ from e2e.cluster import free_port
 from tests.runtime.conftest import Served, start_server
 
 ZERO_SHA = "0" * 64
+# What the server makes after its imports and before it serves, FastAPI's app above all
+# (its routes and their models): about 5,500 objects with the mlp model, of which a freeze
+# before the app is built (or before the model is loaded) would count under 700.
+FROZEN_BY_START_UP = 2_500
 
 
 def sha256(path: Path) -> str:
@@ -385,5 +389,20 @@ def test_the_start_up_heap_is_frozen_before_serving(serve, models: dict[str, Pat
     served = serve("--model-uri", f"file://{models['mlp']}", "--model-name", "mlp")
     lines = [json.loads(x) for x in served.logs().splitlines() if x.startswith("{")]
     serving = next(x for x in lines if x["msg"] == "serving")
-    # Modules, the onnxruntime session and FastAPI's app: tens of thousands of objects.
-    assert serving["frozen_objects"] > 10_000, serving
+    # The imports alone are tens of thousands of objects: what a freeze right after them
+    # would count is measured in a process of its own. Frozen once the model is loaded and
+    # the app built (just before serving), the server counts clearly more than that.
+    imports_only = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import gc, kubeonnx_runtime.server; gc.collect(); gc.freeze(); "
+            "print(gc.get_freeze_count())",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    baseline = int(imports_only.stdout)
+    frozen = serving["frozen_objects"]
+    assert frozen > baseline + FROZEN_BY_START_UP, (baseline, frozen)
