@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -86,10 +85,31 @@ def test_a_leader_paused_past_its_lease_writes_nothing_after_the_standby_took_ov
             woke = datetime.now(UTC)
         finally:
             os.killpg(old.proc.pid, signal.SIGCONT)
-        # A window for the woken replica to misbehave in: its watches deliver the change,
-        # its elector tries the Lease (every 2 s) and its resync (every 5 s) runs twice.
-        # What it did is read from the audit log below, not from its own word.
-        time.sleep(12)
+        # The woken replica's window to misbehave in, waited for, not timed: its watches
+        # deliver the change made while it slept, until its elector finds the Lease lost.
+        eventually(lambda: "lost the Lease" in old.logs(), 120, what="the old replica losing")
+        # Then one more change, which its watch delivers too (a replica that kept writing
+        # would apply it), made by the standby: once the standby's write of it is in the
+        # audit log, so is any the woken replica sent before it.
+        changed = datetime.now(UTC)
+        cluster.kubectl(
+            "patch",
+            "inferencemodel",
+            "fenced",
+            "-n",
+            namespace,
+            "--type=merge",
+            "-p",
+            json.dumps({"spec": {"scaling": {"maxReplicas": 2}}}),
+        )
+        eventually(
+            lambda: any(
+                received(e) >= changed and e["objectRef"].get("resource") != "leases"
+                for e in audited_writes(cluster, f"new-{tag}")
+            ),
+            120,
+            what="the standby applying the last change",
+        )
         late = [
             (e["verb"], e["objectRef"].get("resource"), e["responseStatus"].get("code"))
             for e in audited_writes(cluster, f"old-{tag}")
