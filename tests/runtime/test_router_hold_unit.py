@@ -116,6 +116,7 @@ async def test_a_held_request_whose_connection_is_refused_is_held_again() -> Non
         router.pool.close()
     assert sent[0]["status"] == 200
     assert router.held == 0
+    assert holds("forwarded") == 2  # held again: counted once more
 
 
 async def test_a_recheck_asked_during_a_probe_makes_another_probe() -> None:
@@ -142,3 +143,94 @@ async def test_a_recheck_asked_during_a_probe_makes_another_probe() -> None:
         await asyncio.wait_for(second.wait(), 30)
     finally:
         task.cancel()
+
+
+def _request(path: str = "/v2/models/mlp/infer") -> tuple[dict[str, Any], Any, Any, list]:  # type: ignore[type-arg]
+    """An ASGI POST to `path`, its receive and send, and what was sent."""
+    body = b"{}"
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"2")],
+    }
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    return scope, receive, send, sent
+
+
+def _router(**config: Any) -> Router:
+    return Router(
+        RouterConfig.model_validate({"model": "mlp", "versions": VERSIONS, **config}),
+        RouterMetrics(CollectorRegistry()),
+        None,
+    )
+
+
+async def test_the_first_request_held_has_every_version_probed_at_once() -> None:
+    """Not at the next interval (60 s here): the hold asks each version's probe now."""
+    router = _router(probe_interval_s=60, max_hold_s=600)
+    probes = [asyncio.Event(), asyncio.Event()]
+    count = 0
+
+    async def fetch(*args: Any) -> int:
+        nonlocal count
+        count += 1
+        probes[min(count, 2) - 1].set()
+        return 503  # never ready: the request stays held
+
+    router.fetch = fetch  # type: ignore[method-assign]
+    await router.start()
+    try:
+        await asyncio.wait_for(probes[0].wait(), 60)  # the start's probe
+        scope, receive, send, _ = _request()
+        request = asyncio.create_task(router(scope, receive, send))  # type: ignore[arg-type]
+        await asyncio.wait_for(probes[1].wait(), 30)  # well within half the interval
+        assert router.held == 1
+        request.cancel()
+    finally:
+        await router.stop()
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v2/models/mlp/infer",
+        "/v2/models/mlp/async-infer",
+        "/v2/models/mlp/predict",
+        "/v2/models/mlp/predict/batch",
+        "/v2/models/mlp/versions/1/infer",
+        "/v2/models/mlp/versions/1/predict",
+    ],
+)
+def test_every_way_to_run_the_model_is_held(path: str) -> None:
+    router = _router()
+    scope, *_ = _request(path)
+    assert router.holdable(scope, "")
+
+
+async def test_retry_after_is_the_probe_interval_rounded_up_when_longer_than_5_s() -> None:
+    router = _router(probe_interval_s=7.2, max_held_requests=0)
+    scope, receive, send, sent = _request()
+    await router(scope, receive, send)  # type: ignore[arg-type]
+    assert sent[0]["status"] == 503
+    assert dict(sent[0]["headers"])[b"retry-after"] == b"8"
+
+
+async def test_a_request_arriving_while_the_router_stops_is_answered_503_at_once() -> None:
+    router = _router(probe_interval_s=60, max_hold_s=600)  # "at once": not at a probe
+    router.stopping.set()  # SIGTERM: uvicorn still takes requests during its shutdown
+    scope, receive, send, sent = _request()
+    await asyncio.wait_for(router(scope, receive, send), 30)  # type: ignore[arg-type]
+    assert sent[0]["status"] == 503
+    assert dict(sent[0]["headers"])[b"retry-after"] == b"60"  # the probe interval
+    assert b"the router is shutting down" in sent[1]["body"]
+    assert router.metrics.holds.labels("shutdown")._value.get() == 1
