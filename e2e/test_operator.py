@@ -441,30 +441,67 @@ def test_operator_killed_and_restarted_converges_without_duplicates(
 
 
 def test_a_restarted_operator_writes_nothing_to_converged_models(
-    cluster: Cluster, operator: OperatorProcess, namespace: str
+    cluster: Cluster, operator: OperatorProcess, namespace: str, tmp_path: Path
 ) -> None:
     """What an operator applied is on each child (the digest of its manifest), not only in
     its memory: one restarted into converged models sends them no write (the audit log
-    counts every write to the namespace; the Lease lives elsewhere)."""
+    counts every write to the namespace; the Lease lives elsewhere). Every kind of child:
+    a plain model's Deployment, Service, HPA and PDB, and a holding model's router
+    ConfigMap and Deployment, ScaledObjects (its own and its candidate's), PodMonitor and
+    Ingress (lists and maps the API server keeps as sent)."""
     if cluster.audit_log is None:
         pytest.skip("counts the operator's writes in the local control plane's audit log")
     assert cluster.apply(model("calm", scaling={"maxReplicas": 2}), namespace).returncode == 0
+    held = model(
+        "calm-held",
+        scaling={"autoscaler": "keda", "minReplicas": 0, "maxReplicas": 2, "holdRequests": True},
+        ingress={"enabled": True, "host": "calm.example"},
+        traffic={
+            "candidates": [{"version": "2", "model": {"uri": "s3://models/calm-held/2/model.onnx"}}]
+        },
+    )
+    held["spec"]["model"]["version"] = "1"
+    assert cluster.apply(held, namespace).returncode == 0
     ready(cluster, namespace, "calm")
     eventually(lambda: cluster.get("pdb", "calm", "-n", namespace), 30, what="the PDB")
     settled(cluster, namespace, "calm")
-    assert_idle_resync(
-        cluster,
-        operator,
-        namespace,
-        lambda: (cluster.get("inferencemodel", "calm", "-n", namespace) or {})["metadata"][
-            "resourceVersion"
-        ],
-    )
+    kinds = [
+        ("configmap", "calm-held-router"),
+        ("deployment", "calm-held-router"),
+        ("scaledobject", "calm-held"),
+        ("scaledobject", "calm-held-v2"),
+        ("podmonitor", "calm-held-router"),
+        ("ingress", "calm-held"),
+    ]
+    for kind, name in kinds:
+        eventually(
+            lambda k=kind, n=name: cluster.get(k, n, "-n", namespace), 60, what=f"{kind} {name}"
+        )
+
+    def snapshot() -> Any:
+        return [
+            (cluster.get(kind, name, "-n", namespace) or {})
+            .get("metadata", {})
+            .get("resourceVersion")
+            for kind, name in [("inferencemodel", "calm"), ("inferencemodel", "calm-held")]
+        ]
+
+    assert_idle_resync(cluster, operator, namespace, snapshot)
     writes = cluster.operator_writes(namespace)
     operator.stop()
-    operator.start()
-    resyncs(operator, 2)  # every model reconciled twice by the new process
-    assert cluster.operator_writes(namespace) == writes
+    # Restarted to watch this namespace alone: its reconciles are these two models', not
+    # those of other tests' models, which could fill the count before these ran.
+    restarted = OperatorProcess(
+        cluster.operator_kubeconfig or cluster.kubeconfig, tmp_path, namespaces=[namespace]
+    )
+    restarted.start()
+    try:
+        resyncs(restarted, 2)  # each of the two models reconciled twice, on average
+        resyncs(restarted, 2)  # and twice more: neither can be left out by the other's
+        assert cluster.operator_writes(namespace) == writes
+    finally:
+        restarted.stop()
+        operator.start()
 
 
 def test_deleting_the_model_removes_every_child(
