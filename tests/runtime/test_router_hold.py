@@ -316,3 +316,23 @@ def test_a_request_pinned_to_a_version_not_held_for_is_refused_at_once(
         assert metric(router.url, "kubeonnx_router_holds_total", outcome="timeout") == 0
     finally:
         router.stop()
+
+
+def test_a_held_client_that_half_closes_its_connection_is_taken_as_gone(tmp_path: Path) -> None:
+    """As nginx takes it: a client that shuts its sending side after its request is no
+    longer held, nor counted as demand that would wake the model."""
+    router = start_holding_router(tmp_path, free_port(), max_hold_s=600)
+    try:
+        body = json.dumps(BODY).encode()
+        client = socket.create_connection(("127.0.0.1", int(router.url.rsplit(":", 1)[1])))
+        client.sendall(
+            b"POST /v2/models/mlp/infer HTTP/1.1\r\nhost: router\r\n"
+            b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        until(lambda: held(router) == 1, "the request held")
+        client.shutdown(socket.SHUT_WR)
+        until(lambda: held(router) == 0, "the half-closed client no longer held")
+        assert metric(router.url, "kubeonnx_router_holds_total", outcome="gone") == 1
+        client.close()
+    finally:
+        router.stop()
