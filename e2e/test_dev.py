@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pty
 import re
 import shutil
 import signal
@@ -243,6 +244,65 @@ def test_demo_interrupted_stops_everything_it_started(tmp_path: Path, sig: int) 
     assert wait_gone(list(pids.values())) == [], "".join(lines)
     assert not (cluster_dir / "state.json").exists()
     assert not work.exists() and not Path(str(state["data_dir"])).exists()
+    assert processes_naming(str(cluster_dir), str(state["data_dir"]), str(work)) == []
+
+
+def test_demo_down_stops_what_a_kill_9ed_demo_left(tmp_path: Path) -> None:
+    """README (Try it without a cluster): a demo killed with `kill -9` cleans nothing up;
+    `make demo-down` then stops what it left running (cluster, operator, runtime)."""
+    cluster_dir = tmp_path / "cluster"
+    # On a terminal the demo waits for Ctrl-C once it is done: everything it starts is up.
+    terminal, tty = pty.openpty()
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "e2e.demo"],
+        cwd=ROOT,
+        env=env_for(cluster_dir),
+        stdin=tty,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    os.close(tty)
+    lines: list[str] = []
+    reader = threading.Thread(target=pump, args=(demo, lines), daemon=True)
+    reader.start()
+    work: Path | None = None
+    try:
+        deadline = time.monotonic() + 600
+        while not any("press Ctrl-C to stop everything" in line for line in lines):
+            assert demo.poll() is None, "".join(lines)
+            assert time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.5)
+        state = state_of(cluster_dir)
+        pids: dict[str, int] = state["pids"]  # type: ignore[assignment]
+        assert {"runtime", "operator", "kube-apiserver", "etcd", "kwok"} <= set(pids), pids
+        operator_cmd = Path(f"/proc/{pids['operator']}/cmdline").read_bytes().split(b"\0")
+        work = Path(operator_cmd[operator_cmd.index(b"--config") + 1].decode()).parent
+        os.kill(demo.pid, signal.SIGKILL)  # `kill -9 PID`: the demo alone, nothing cleaned up
+        demo.wait(60)
+        assert all(alive(p) for p in pids.values()), pids  # what the killed demo left
+        down = subprocess.run(
+            [*MAKE, "demo-down"],
+            env=env_for(cluster_dir),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        os.close(terminal)
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGKILL)
+            demo.wait()
+        subprocess.run([sys.executable, "-m", "e2e.cluster", "down"], env=env_for(cluster_dir))
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
+    reader.join(10)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert wait_gone(list(pids.values())) == [], down.stderr
+    assert not (cluster_dir / "state.json").exists()
+    assert not Path(str(state["data_dir"])).exists()
     assert processes_naming(str(cluster_dir), str(state["data_dir"]), str(work)) == []
 
 

@@ -209,3 +209,29 @@ async def test_scaled_to_zero_without_a_ready_router_the_model_is_not_ready() ->
         "it from zero, until one is (its pods: kubectl describe pods -l kubeonnx.io/router=m) "
         "(ReplicaSet has timed out)"
     )
+
+
+async def test_a_router_that_cannot_create_its_pods_makes_the_model_not_ready() -> None:
+    """Pods the router's ReplicaSet cannot create (a missing ServiceAccount, a quota) never
+    become ready: RouterNotReady at once, with the API server's reason, not Progressing."""
+    kube, observed, rec, model = await at_zero()
+    router = watched(kube, "m-router", ready=0)
+    router["status"]["conditions"] = [
+        {"type": "Available", "status": "False", "reason": "MinimumReplicasUnavailable"},
+        {"type": "Progressing", "status": "True", "reason": "ReplicaSetUpdated"},
+        {
+            "type": "ReplicaFailure",
+            "status": "True",
+            "reason": "FailedCreate",
+            "message": 'pods "m-router-5d8f" is forbidden: exceeded quota: pods',
+        },
+    ]
+    observed.record(KEY, router, deleted=False)
+    await rec.reconcile(model)
+    cond = ready(kube)
+    assert (cond["status"], cond["reason"]) == ("False", "RouterNotReady")
+    assert cond["message"] == (
+        "the router m-router has 0/1 replicas ready: no request reaches the model, nor wakes "
+        "it from zero, until one is (its pods: kubectl describe pods -l kubeonnx.io/router=m) "
+        '(pods "m-router-5d8f" is forbidden: exceeded quota: pods)'
+    )

@@ -336,3 +336,50 @@ def test_a_held_client_that_half_closes_its_connection_is_taken_as_gone(tmp_path
         client.close()
     finally:
         router.stop()
+
+
+def test_after_a_hold_the_rest_of_a_large_body_has_the_whole_read_timeout(
+    tmp_path: Path, models: dict[str, Path]
+) -> None:
+    """The read timeout (5 s here) starts again when the hold ends: a request whose body
+    arrives over longer than the timeout, most of it after a hold that outlasted it, is
+    forwarded and answered, not cut with a 408 once the hold ends."""
+    port = free_port()
+    router = start_holding_router(
+        tmp_path, port, env={"KUBEONNX_READ_TIMEOUT_S": "5"}, max_hold_s=600
+    )
+    runtime: Served | None = None
+    try:
+        body = json.dumps(BODY).encode() + b" " * 1_000_000  # its rest unread while held
+        client = _send_raw(
+            router,
+            b"POST /v2/models/mlp/infer HTTP/1.1\r\nhost: router\r\n"
+            b"content-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body),
+            body,
+        )
+        until(lambda: held(router) == 1, "the request held")
+        # The request's first byte came before it was held: past this, its own read
+        # timeout is over (a lower bound, which a loaded machine only lengthens). After the
+        # hold, 5 s for the body's rest (1 MB on loopback): ample on a loaded machine.
+        time.sleep(5)
+        runtime = start_server(
+            tmp_path,
+            "--model-uri",
+            f"file://{models['mlp']}",
+            "--model-name",
+            "mlp",
+            env={"KUBEONNX_MODEL_VERSION": "1", "KUBEONNX_PORT": str(port)},
+            wait_ready=False,  # its own port: the router's probe finds it ready
+        )
+        answer = _read_answer(client)
+        client.close()
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+        direct = httpx.post(f"http://127.0.0.1:{port}/v2/models/mlp/infer", json=BODY)
+        outputs = json.loads(answer.partition(b"\r\n\r\n")[2])["outputs"]
+        assert outputs == direct.json()["outputs"]
+        assert metric(router.url, "kubeonnx_router_holds_total", outcome="forwarded") == 1
+        assert metric(router.url, "kubeonnx_router_requests_total", version="1", code="200") == 1
+    finally:
+        if runtime is not None:
+            runtime.stop(signal.SIGKILL)
+        router.stop()
