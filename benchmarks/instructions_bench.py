@@ -3,8 +3,8 @@ what the JSON path costs against bare onnxruntime, counted by valgrind's callgri
 figures do not move with the machine's load as requests/s do.
 
     .venv/bin/python benchmarks/instructions_bench.py [--requests 2048] [--concurrency 64 16]
-        [--convnet-requests 64] [--convnet-concurrency 64] [--skip-quota] [--skip-convnet]
-        [--annotate] [--out FILE.md]
+        [--convnet-requests 32] [--convnet-concurrency 32] [--skip-quota] [--skip-convnet]
+        [--annotate] [--steps] [--out FILE.md]
 
 Each `kubeonnx serve` (one intra-op thread, batching on, max batch 32) runs under
 `valgrind --tool=callgrind --instr-atstart=no`: it starts at nearly native speed, and once it
@@ -27,7 +27,8 @@ Instructions are CPU work in user space, not time: a syscall's kernel work, cach
 SIMD width are not in them. Under callgrind's slowdown batches fill differently than on a
 native server (more requests wait per model run and per Redis script call), so the batching
 measured is printed beside each figure. With --annotate, the functions (C level: the
-interpreter, uvicorn's parser, onnxruntime...) whose cost per request a quota raises most.
+interpreter, uvicorn's parser, onnxruntime...) whose own instructions per request a quota
+raises most; with --steps, the quota's steps counted one by one in one process.
 """
 
 from __future__ import annotations
@@ -88,11 +89,13 @@ def control(pid: int, *flags: str) -> None:
 
 def dump(pid: int, out: Path) -> Path:
     """Dump the counters since the last zeroing; return the file written (out.N)."""
-    before = set(out.parent.glob(f"{out.name}.*[0-9]"))
+    before = {p: p.stat().st_mtime_ns for p in out.parent.glob(f"{out.name}.*[0-9]")}
     control(pid, "-d")
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        for path in set(out.parent.glob(f"{out.name}.*[0-9]")) - before:
+        for path in out.parent.glob(f"{out.name}.*[0-9]"):
+            if before.get(path) == path.stat().st_mtime_ns:
+                continue
             if "\ntotals:" in path.read_text(errors="replace"):
                 return path
         time.sleep(0.2)
@@ -256,7 +259,10 @@ def measure_server(
     try:
         control(proc.pid, "-i", "on")
         for c in concurrencies:
-            send(port, request, 2 * c, c)  # warm-up: connections, caches, the Redis script
+            # Warm-up: caches, the Redis script. (Each send opens its connections: their set-up
+            # is in the window, once per connection.)
+            warm = min(2 * c, max(1, requests // 4))
+            send(port, request, warm, min(c, warm))
             before = scrape(port)
             redis_before = redis_command_usec(redis.url) if redis else 0.0
             redis_cpu = cpu_seconds(redis.proc.pid) if redis and redis.proc else 0.0
@@ -356,7 +362,7 @@ def measure_raw(model_path: Path, shape: tuple[int, ...], work: Path, batches: l
         control(proc.pid, "-i", "on")
         for batch in batches:
             runs = max(1, 16 // batch)  # callgrind counts the same for every run: few suffice
-            ask(f"{batch} 2")  # warm-up at this size
+            ask(f"{batch} 1")  # warm-up at this size
             control(proc.pid, "-z")
             ask(f"{batch} {runs}")
             per_row[batch] = instructions(dump(proc.pid, out)) / (batch * runs)
@@ -370,10 +376,12 @@ def measure_raw(model_path: Path, shape: tuple[int, ...], work: Path, batches: l
 # ------------------------------------------------------------------------- annotation
 
 
-def inclusive(dumped: Path) -> dict[str, int]:
-    """Inclusive instructions per function, as callgrind_annotate counts them."""
+def self_costs(dumped: Path) -> dict[str, int]:
+    """Instructions spent in each function itself (callgrind_annotate's exclusive cost), by
+    function and library. (Inclusive costs say nothing here: every Python function runs inside
+    the one recursive interpreter function, so they all include one another.)"""
     text = subprocess.run(
-        ["callgrind_annotate", "--inclusive=yes", "--threshold=100", str(dumped)],
+        ["callgrind_annotate", "--inclusive=no", "--threshold=100", str(dumped)],
         capture_output=True,
         text=True,
         check=True,
@@ -381,24 +389,27 @@ def inclusive(dumped: Path) -> dict[str, int]:
     ).stdout
     costs: dict[str, int] = {}
     for line in text.splitlines():
-        match = re.match(r"\s*([\d,]+)\s+(?:\([^)]*\)\s+)?(\S.*?)(?:\s+\[.*\])?$", line)
+        match = re.match(r"\s*([\d,]+)\s+\(\s*[\d.]+%\)\s+(\S.*?)(?:\s+\[(.*)\])?$", line)
         if match and ":" in match.group(2):
-            costs[match.group(2)] = int(match.group(1).replace(",", ""))
+            where = match.group(2).rsplit("/", 1)[-1]
+            library = (match.group(3) or "").rsplit("/", 1)[-1]
+            name = f"{where} ({library})" if library else where
+            costs[name] = costs.get(name, 0) + int(match.group(1).replace(",", ""))
     return costs
 
 
-def annotate(base: Window, other: Window, top: int = 25) -> list[str]:
-    """The functions whose inclusive cost per request `other` raises most over `base`."""
-    a, b = inclusive(base.dumped), inclusive(other.dumped)
+def annotate(base: Window, other: Window, top: int = 20) -> list[str]:
+    """The functions whose own instructions per request `other` raises most over `base`."""
+    a, b = self_costs(base.dumped), self_costs(other.dumped)
     delta = {
         name: b.get(name, 0) / other.requests - a.get(name, 0) / base.requests
         for name in a.keys() | b.keys()
     }
     lines = [
-        f"\n{other.server} against {base.server}, c{other.concurrency}: inclusive instructions "
-        "a request, the largest increases",
+        f"\n{other.server} against {base.server}, c{other.concurrency}: instructions a request "
+        "in the function itself, the largest increases",
         "",
-        "| function | without | with | added |",
+        "| function (library) | without | with | added |",
         "|---|---|---|---|",
     ]
     for name in sorted(delta, key=lambda n: -delta[n])[:top]:
@@ -406,6 +417,97 @@ def annotate(base: Window, other: Window, top: int = 25) -> list[str]:
             f"| `{name}` | {a.get(name, 0) / base.requests:,.0f} | "
             f"{b.get(name, 0) / other.requests:,.0f} | {delta[name]:+,.0f} |"
         )
+    return lines
+
+
+# ------------------------------------------------------------ the quota's steps, counted
+
+STEPS_WORKER = """
+import json, re, sys, time
+from prometheus_client import CollectorRegistry
+from kubeonnx_runtime.metrics import RuntimeMetrics
+from kubeonnx_runtime.quota import Quota, QuotaConfig
+
+config = QuotaConfig.model_validate_json(open(sys.argv[1]).read())
+tenant = config.tenants[0].name
+decided = RuntimeMetrics(CollectorRegistry()).quota_decisions.labels("mlp", tenant, "admitted")
+quota = Quota(config, on_decision=lambda t, d: decided.inc())
+headers = {quota.header: sys.argv[2]}
+
+
+def admit():
+    step = quota.admit(tenant, 1)
+    try:
+        step.send(None)
+    except StopIteration as done:
+        return done.value
+
+
+decision = admit()
+answer = decision.headers(time.time())
+# uvicorn's checks of each header of an answer (as its httptools protocol makes them)
+from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE
+
+
+def uvicorn_checks():
+    for name, value in answer:
+        if HEADER_RE.search(name) or HEADER_VALUE_RE.search(value):
+            raise RuntimeError(name)
+        name.lower()
+
+
+steps = {
+    "nothing (the loop's own cost, subtracted)": lambda: None,
+    "identify: the tenant of the key": lambda: quota.identify(headers),
+    "admit, in memory (its metric included)": admit,
+    "the decision's metric alone": decided.inc,
+    "the budget headers (Decision.headers)": lambda: decision.headers(time.time()),
+    "uvicorn's checks of those headers": uvicorn_checks,
+}
+print("ready", flush=True)
+for line in sys.stdin:
+    name, runs = line.rsplit(" ", 1)
+    for _ in range(int(runs)):
+        steps[name]()
+    print("done", flush=True)
+"""
+STEP_NAMES = re.findall(r'^    "([^"]+)": ', STEPS_WORKER, re.M)
+
+
+def measure_steps(config: Path, work: Path, runs: int = 2000) -> list[str]:
+    """Instructions per call of each step a quota adds to a request, one at a time in one
+    process: where the cost the first table shows goes."""
+    out = work / "callgrind-steps.out"
+    proc = subprocess.Popen(
+        [*valgrind(out), sys.executable, "-c", STEPS_WORKER, str(config), KEY],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert proc.stdin and proc.stdout
+    lines = ["", "| step (in memory) | instructions a call |", "|---|---|"]
+    try:
+        if not proc.stdout.readline():
+            raise RuntimeError(f"the steps worker exited (see {out}.log)")
+        control(proc.pid, "-i", "on")
+        empty = 0.0
+        for i, name in enumerate(STEP_NAMES):
+            for n in (runs // 10, runs):  # a warm-up, then the count
+                if n == runs:
+                    control(proc.pid, "-z")
+                proc.stdin.write(f"{name} {n}\n")
+                proc.stdin.flush()
+                if not proc.stdout.readline():
+                    raise RuntimeError(f"the steps worker exited (see {out}.log)")
+            per_call = instructions(dump(proc.pid, out)) / runs
+            if i == 0:
+                empty = per_call
+            else:
+                lines.append(f"| {name} | {per_call - empty:,.0f} |")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
     return lines
 
 
@@ -435,12 +537,13 @@ def quota_table(windows: list[Window]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=2048, help="per point, mlp")
-    parser.add_argument("--convnet-requests", type=int, default=64, help="per point, convnet")
+    parser.add_argument("--convnet-requests", type=int, default=32, help="per point, convnet")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[64, 16])
-    parser.add_argument("--convnet-concurrency", type=int, nargs="+", default=[64])
+    parser.add_argument("--convnet-concurrency", type=int, nargs="+", default=[32])
     parser.add_argument("--skip-convnet", action="store_true")
     parser.add_argument("--skip-quota", action="store_true")
     parser.add_argument("--annotate", action="store_true")
+    parser.add_argument("--steps", action="store_true", help="the quota's steps, one by one")
     parser.add_argument("--out")
     args = parser.parse_args()
     # A stopped run (timeout, Ctrl-C) still kills its servers (the finally blocks).
@@ -485,6 +588,9 @@ def main() -> None:
                 point = {w.server: w for w in windows if w.concurrency == c}
                 report += annotate(point["no quota"], point["quota, memory"])
                 report += annotate(point["quota, memory"], point["quota, redis"])
+
+    if args.steps:
+        report += measure_steps(with_budget(policy(work, "steps", None)), work)
 
     if not args.skip_convnet:
         bodies(work, "convnet", PLAN["convnet"])
