@@ -10,8 +10,8 @@ Each `kubeonnx serve` (one intra-op thread, batching on, max batch 32) runs unde
 `valgrind --tool=callgrind --instr-atstart=no`: it starts at nearly native speed, and once it
 answers, instrumentation is turned on (`callgrind_control -i on`) and it is warmed up. For
 each concurrency, the counters are zeroed (`-z`), a fixed number of requests is sent by a
-small asyncio client outside valgrind (on CPU 1; the server is pinned to CPU 0), and the
-counters are dumped (`-d`). The server's own /metrics, read before the zeroing and after the
+small asyncio client outside valgrind (the server is pinned to CPU 0, the client is not),
+and the counters are dumped (`-d`). The server's own /metrics, read before the zeroing and after the
 dump, says how many requests were answered, in how many model runs, and (Redis) in how many
 script calls, in that window exactly: instructions per request = instructions in the window /
 requests in it.
