@@ -107,7 +107,12 @@ def run_wrk(
 
 
 def start(
-    cmd: list[str], url: str, env: dict[str, str] | None = None, cwd: Path | None = None
+    cmd: list[str],
+    url: str,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    *,
+    timeout_s: float = 60,
 ) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
         ["taskset", "-c", "0", *cmd],
@@ -118,7 +123,7 @@ def start(
         cwd=cwd,
     )
     try:
-        wait_serving(url, proc, 60, what=" ".join(cmd))
+        wait_serving(url, proc, timeout_s, what=" ".join(cmd))
     except RuntimeError:
         proc.kill()
         raise
