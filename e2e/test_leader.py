@@ -53,6 +53,19 @@ def test_a_leader_paused_past_its_lease_writes_nothing_after_the_standby_took_ov
     lease = f"fence-{tag}"
     old = replica(cluster, tmp_path / "old", f"old-{tag}", lease, namespace)
     new = replica(cluster, tmp_path / "new", f"new-{tag}", lease, namespace)
+
+    def scale_to(replicas: int) -> None:  # a new generation of the model
+        cluster.kubectl(
+            "patch",
+            "inferencemodel",
+            "fenced",
+            "-n",
+            namespace,
+            "--type=merge",
+            "-p",
+            json.dumps({"spec": {"scaling": {"maxReplicas": replicas}}}),
+        )
+
     old.start()
     try:
         eventually(old.leads, 30, what="the first replica leading")
@@ -65,16 +78,7 @@ def test_a_leader_paused_past_its_lease_writes_nothing_after_the_standby_took_ov
             eventually(new.leads, 60, what="the standby leading")
             # Work the paused leader would do at once if its fence let it: a new generation
             # (a Deployment to apply, a status to write) and a child deleted by hand.
-            cluster.kubectl(
-                "patch",
-                "inferencemodel",
-                "fenced",
-                "-n",
-                namespace,
-                "--type=merge",
-                "-p",
-                json.dumps({"spec": {"scaling": {"maxReplicas": 3}}}),
-            )
+            scale_to(3)
             cluster.kubectl("delete", "service", "fenced", "-n", namespace)
             ready(cluster, namespace, "fenced")
             eventually(
@@ -92,16 +96,7 @@ def test_a_leader_paused_past_its_lease_writes_nothing_after_the_standby_took_ov
         # would apply it), made by the standby: once the standby's write of it is in the
         # audit log, so is any the woken replica sent before it.
         changed = datetime.now(UTC)
-        cluster.kubectl(
-            "patch",
-            "inferencemodel",
-            "fenced",
-            "-n",
-            namespace,
-            "--type=merge",
-            "-p",
-            json.dumps({"spec": {"scaling": {"maxReplicas": 2}}}),
-        )
+        scale_to(2)
         eventually(
             lambda: any(
                 received(e) >= changed and e["objectRef"].get("resource") != "leases"

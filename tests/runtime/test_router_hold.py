@@ -117,18 +117,24 @@ def test_a_request_held_at_zero_is_answered_once_a_runtime_is_ready(
         router.stop()
 
 
+def _held_connection(router: Served) -> socket.socket:
+    """One inference request on a connection of our own (the caller closes it)."""
+    body = json.dumps(BODY).encode()
+    client = socket.create_connection(("127.0.0.1", int(router.url.rsplit(":", 1)[1])))
+    client.sendall(
+        b"POST /v2/models/mlp/infer HTTP/1.1\r\nhost: router\r\n"
+        b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    return client
+
+
 def test_over_the_count_is_refused_at_once_and_a_client_leaving_is_dropped(
     tmp_path: Path,
 ) -> None:
     router = start_holding_router(tmp_path, free_port(), max_held_requests=1, max_hold_s=600)
     try:
         # One request held, on a connection of our own (closed below).
-        body = json.dumps(BODY).encode()
-        client = socket.create_connection(("127.0.0.1", int(router.url.rsplit(":", 1)[1])))
-        client.sendall(
-            b"POST /v2/models/mlp/infer HTTP/1.1\r\nhost: router\r\n"
-            b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
-        )
+        client = _held_connection(router)
         until(lambda: held(router) == 1, "the request held")
 
         # The hold is full: the next one is refused without being held.
@@ -323,12 +329,7 @@ def test_a_held_client_that_half_closes_its_connection_is_taken_as_gone(tmp_path
     longer held, nor counted as demand that would wake the model."""
     router = start_holding_router(tmp_path, free_port(), max_hold_s=600)
     try:
-        body = json.dumps(BODY).encode()
-        client = socket.create_connection(("127.0.0.1", int(router.url.rsplit(":", 1)[1])))
-        client.sendall(
-            b"POST /v2/models/mlp/infer HTTP/1.1\r\nhost: router\r\n"
-            b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
-        )
+        client = _held_connection(router)
         until(lambda: held(router) == 1, "the request held")
         client.shutdown(socket.SHUT_WR)
         until(lambda: held(router) == 0, "the half-closed client no longer held")
