@@ -204,10 +204,15 @@ async def test_scaled_to_zero_without_a_ready_router_the_model_is_not_ready() ->
     await rec.reconcile(model)
     cond = ready(kube)
     assert (cond["status"], cond["reason"]) == ("False", "RouterNotReady")
-    assert cond["message"] == (
+    assert cond["message"] == not_ready_because("ReplicaSet has timed out")
+
+
+def not_ready_because(reason: str) -> str:
+    """RouterNotReady's message for the router of model m, ending in the API server's reason."""
+    return (
         "the router m-router has 0/1 replicas ready: no request reaches the model, nor wakes "
         "it from zero, until one is (its pods: kubectl describe pods -l kubeonnx.io/router=m) "
-        "(ReplicaSet has timed out)"
+        f"({reason})"
     )
 
 
@@ -230,8 +235,6 @@ async def test_a_router_that_cannot_create_its_pods_makes_the_model_not_ready() 
     await rec.reconcile(model)
     cond = ready(kube)
     assert (cond["status"], cond["reason"]) == ("False", "RouterNotReady")
-    assert cond["message"] == (
-        "the router m-router has 0/1 replicas ready: no request reaches the model, nor wakes "
-        "it from zero, until one is (its pods: kubectl describe pods -l kubeonnx.io/router=m) "
-        '(pods "m-router-5d8f" is forbidden: exceeded quota: pods)'
+    assert cond["message"] == not_ready_because(
+        'pods "m-router-5d8f" is forbidden: exceeded quota: pods'
     )

@@ -82,6 +82,20 @@ def post_in_thread(url: str) -> tuple[threading.Thread, list[httpx.Response]]:
     return thread, answers
 
 
+def _runtime_on(tmp_path: Path, models: dict[str, Path], port: int) -> Served:
+    """Version 1 of the mlp model on the router's upstream port, not waited for: the
+    router's probe finds it ready."""
+    return start_server(
+        tmp_path,
+        "--model-uri",
+        f"file://{models['mlp']}",
+        "--model-name",
+        "mlp",
+        env={"KUBEONNX_MODEL_VERSION": "1", "KUBEONNX_PORT": str(port)},
+        wait_ready=False,
+    )
+
+
 def test_a_request_held_at_zero_is_answered_once_a_runtime_is_ready(
     tmp_path: Path, models: dict[str, Path]
 ) -> None:
@@ -93,15 +107,7 @@ def test_a_request_held_at_zero_is_answered_once_a_runtime_is_ready(
         thread, answers = post_in_thread(router.url)
         until(lambda: held(router) == 1, "the request held")
         assert answers == []
-        runtime = start_server(
-            tmp_path,
-            "--model-uri",
-            f"file://{models['mlp']}",
-            "--model-name",
-            "mlp",
-            env={"KUBEONNX_MODEL_VERSION": "1", "KUBEONNX_PORT": str(port)},
-            wait_ready=False,  # its own port: the router's probe finds it ready
-        )
+        runtime = _runtime_on(tmp_path, models, port)
         thread.join(WAIT_S)
         (answer,) = answers
         assert answer.status_code == 200, answer.text
@@ -363,15 +369,7 @@ def test_after_a_hold_the_rest_of_a_large_body_has_the_whole_read_timeout(
         # timeout is over (a lower bound, which a loaded machine only lengthens). After the
         # hold, 5 s for the body's rest (1 MB on loopback): ample on a loaded machine.
         time.sleep(5)
-        runtime = start_server(
-            tmp_path,
-            "--model-uri",
-            f"file://{models['mlp']}",
-            "--model-name",
-            "mlp",
-            env={"KUBEONNX_MODEL_VERSION": "1", "KUBEONNX_PORT": str(port)},
-            wait_ready=False,  # its own port: the router's probe finds it ready
-        )
+        runtime = _runtime_on(tmp_path, models, port)
         answer = _read_answer(client)
         client.close()
         assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
