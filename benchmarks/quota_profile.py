@@ -100,22 +100,12 @@ def config(redis_url: str | None) -> QuotaConfig:
 
 
 def make_quota(cfg: QuotaConfig, metrics: RuntimeMetrics) -> Quota:
-    """As server.make_quota builds it: the decision's metric child cached per outcome."""
-    children: dict[tuple[str, str], Any] = {}
-
-    def count(tenant: str, outcome: str) -> None:
-        child = children.get((tenant, outcome))
-        if child is None:
-            child = children[(tenant, outcome)] = metrics.quota_decisions.labels(
-                "mlp", tenant, outcome
-            )
-        child.inc()
-
+    """As server.make_quota builds it."""
     client = connect_redis(cfg.redis, {}) if cfg.redis else None
     return Quota(
         cfg,
         redis_client=client,
-        on_decision=count,
+        on_decision=metrics.quota_decisions.counter("mlp"),
         on_redis_seconds=metrics.quota_redis_seconds.labels("mlp").observe,
     )
 

@@ -240,18 +240,8 @@ def make_quota(settings: ServeSettings, metrics: RuntimeMetrics) -> Quota | None
     config = load_quota_config(settings.quota_config)
     client = connect_redis(config.redis, os.environ) if config.redis else None
     label = settings.model_name
-    decisions: dict[tuple[str, str], Any] = {}  # metric children, made once per tenant and outcome
     refused_gauge = metrics.quota_config_refused.labels(label)
     refused_gauge.set(0)  # the series exists from the start: an alert sees it change
-
-    def count(tenant: str, outcome: str) -> None:
-        child = decisions.get((tenant, outcome))
-        if child is None:
-            child = decisions[(tenant, outcome)] = metrics.quota_decisions.labels(
-                label, tenant, outcome
-            )
-        child.inc()
-
     log.info(
         "quota policy",
         extra={
@@ -265,7 +255,7 @@ def make_quota(settings: ServeSettings, metrics: RuntimeMetrics) -> Quota | None
     return Quota(
         config,
         redis_client=client,
-        on_decision=count,
+        on_decision=metrics.quota_decisions.counter(label),
         on_redis_seconds=metrics.quota_redis_seconds.labels(label).observe,
         on_refund_lost=metrics.quota_refunds_lost.labels(label).inc,
         on_reload=lambda refused: refused_gauge.set(1 if refused else 0),
