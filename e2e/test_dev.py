@@ -333,7 +333,10 @@ def test_the_demo_answers_then_refuses_the_fourth_request_and_stops(tmp_path: Pa
         if match:
             requests[int(match[1])] = (int(match[2]), json.loads(match[3]))
     assert [requests[n][0] for n in (1, 2, 3, 4)] == [200, 200, 200, 429], out
-    assert [requests[n][1]["x-ratelimit-remaining"] for n in (1, 2, 3, 4)] == ["2", "1", "0", "0"]
+    left = [re.search(r";r=(\d+);", requests[n][1]["ratelimit"]) for n in (1, 2, 3, 4)]
+    assert [m[1] if m else None for m in left] == ["2", "1", "0", "0"], requests
+    # The X-RateLimit-* trio and Retry-After come with the refusal only (design change 91).
+    assert "x-ratelimit-remaining" not in requests[3][1], requests
     refused = requests[4][1]
     assert 0 < int(refused["retry-after"]) <= 60, refused
     assert "is over its limit of 3 requests per 1m" in out, out

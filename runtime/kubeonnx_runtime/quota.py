@@ -41,7 +41,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -262,9 +262,50 @@ class OverWholeLimit(RuntimeServeError):
     holds: no wait admits it (HTTP 413, without Retry-After)."""
 
 
+@dataclass(frozen=True, slots=True)
+class Window:
+    """A tenant's Limit as every request reads it: a plain object, because reading a pydantic
+    model's attribute costs some 40 times a slot's (its `__getattr__` keeps CPython from
+    specialising the read), with its name and length made once."""
+
+    unit: str
+    limit: int
+    window: str
+    name: str
+    seconds: int
+
+    @classmethod
+    def of(cls, lim: Limit, limit: int | None = None) -> Window:
+        return cls(
+            lim.unit, lim.limit if limit is None else limit, lim.window, lim.name, lim.seconds
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """A tenant's windows, each one's key in MemoryCounters; their RateLimit-Policy header
+    (the same on every answer), and their RateLimit header with a `%d` for what is left of
+    each window and one for when it resets."""
+
+    windows: tuple[Window, ...]
+    keys: tuple[tuple[str, str], ...]
+    policy_header: bytes
+    ratelimit: bytes
+
+    @classmethod
+    def of(cls, tenant: str, windows: list[Window]) -> Budget:
+        policy = ", ".join(f'"{w.name}";q={w.limit};w={w.seconds}' for w in windows)
+        ratelimit = ", ".join(f'"{w.name}";r=%d;t=%d' for w in windows)
+        keys = tuple((tenant, w.name) for w in windows)
+        return cls(tuple(windows), keys, policy.encode(), ratelimit.encode())
+
+
+NO_BUDGET = Budget((), (), b"", b"")
+
+
 @dataclass(slots=True)
 class WindowState:
-    limit: Limit
+    limit: Window
     used: int  # after this request when admitted, before it when refused
     reset_at: float  # epoch seconds
 
@@ -276,56 +317,68 @@ class WindowState:
 @dataclass(slots=True)
 class Decision:
     tenant: str
-    windows: tuple[WindowState, ...]
-    violated: WindowState | None = None  # the window that refused the request, if one did
-    # Where the request was counted ("redis", "memory", "local"; "" nowhere), when, and its
-    # cost in each window: what `Quota.refund` takes back.
+    budget: Budget = NO_BUDGET
+    # What each window held after the request when admitted, before it when refused.
+    used: list[int] | tuple[int, ...] = ()
+    at: float = 0.0  # when it was decided (its windows are those under way then)
+    broken: int = 0  # the window that refused the request, counted from 1; 0 if none did
+    # Where the request was counted ("redis", "memory", "local"; "" nowhere) and its cost in
+    # each window: what `Quota.refund` takes back.
     counted_in: str = ""
-    at: float = 0.0
-    costs: tuple[int, ...] = ()
-    ref: str = ""  # the request's id in Redis (counted_in "redis")
+    costs: list[int] | tuple[int, ...] = ()
+    ref: bytes = b""  # the request's id in Redis (counted_in "redis")
+
+    @property
+    def windows(self) -> tuple[WindowState, ...]:
+        at = self.at
+        return tuple(
+            WindowState(w, u, float((int(at // w.seconds) + 1) * w.seconds))
+            for w, u in zip(self.budget.windows, self.used, strict=True)
+        )
+
+    @property
+    def violated(self) -> WindowState | None:
+        """The window that refused the request, if one did."""
+        return self.windows[self.broken - 1] if self.broken else None
 
     def headers(self, now: float) -> list[tuple[bytes, bytes]]:
-        """RateLimit-Policy and RateLimit (IETF httpapi ratelimit-headers draft), and the
-        X-RateLimit-* trio for the window closest to its limit; Retry-After when refused.
-        Reset times are seconds from now. (On every answer: written for speed.)"""
-        windows = self.windows
+        """The budget headers. On every answer, RateLimit-Policy and RateLimit (IETF httpapi
+        ratelimit-headers draft): every window's limit, and what is left of it and until
+        when. On a refused one, also Retry-After and the X-RateLimit-* trio, for the window
+        that refused it. Reset times are seconds from now. (On every answer: written for
+        speed.)"""
+        budget = self.budget
+        windows = budget.windows
         if not windows:
             return []
-        violated = self.violated
-        parts, limits = [], []
-        tightest, share = violated, 2.0
-        for w in windows:
-            lim = w.limit
-            limit, used = lim.limit, w.used
-            remaining = limit - used if used < limit else 0
-            until = math.ceil(w.reset_at - now)
-            parts.append(f'"{lim.name}";r={remaining};t={until if until > 1 else 1}')
-            limits.append((lim.name, limit, lim.seconds))
-            if violated is None and remaining / (limit or 1) < share:
-                tightest, share = w, remaining / (limit or 1)
-        assert tightest is not None
-        limit, used = tightest.limit.limit, tightest.used
-        until = math.ceil(tightest.reset_at - now)
+        used = self.used
+        # Whole seconds: a window resets on a whole second, so the wait, rounded up, is its
+        # reset less the whole seconds of now (and at least 1).
+        at, since = int(self.at), int(now)
+        values = []
+        for i in range(len(windows)):
+            w = windows[i]
+            cap, u, seconds = w.limit, used[i], w.seconds
+            wait = (at // seconds + 1) * seconds - since
+            values.append(cap - u if u < cap else 0)
+            values.append(wait if wait > 1 else 1)
         headers = [
-            (b"ratelimit-policy", _policy_header(tuple(limits))),
-            (b"ratelimit", ", ".join(parts).encode()),
-            (b"x-ratelimit-limit", b"%d" % limit),
-            (b"x-ratelimit-remaining", b"%d" % (limit - used if used < limit else 0)),
-            (b"x-ratelimit-reset", b"%d" % (until if until > 1 else 1)),
+            (b"ratelimit-policy", budget.policy_header),
+            (b"ratelimit", budget.ratelimit % tuple(values)),
         ]
-        if violated is not None:
-            headers.append((b"retry-after", b"%d" % _until(violated.reset_at, now)))
+        if self.broken:
+            i = self.broken - 1
+            cap, left, wait = windows[i].limit, values[2 * i], values[2 * i + 1]
+            headers += [
+                (b"retry-after", b"%d" % wait),
+                (b"x-ratelimit-limit", b"%d" % cap),
+                (b"x-ratelimit-remaining", b"%d" % left),
+                (b"x-ratelimit-reset", b"%d" % wait),
+            ]
         return headers
 
 
-@functools.lru_cache(maxsize=1024)
-def _policy_header(limits: tuple[tuple[str, int, int], ...]) -> bytes:
-    """RateLimit-Policy for a tenant's limits: the same on every answer, so made once."""
-    return ", ".join(f'"{name}";q={limit};w={seconds}' for name, limit, seconds in limits).encode()
-
-
-def _reset_at(limit: Limit, now: float) -> float:
+def _reset_at(limit: Window, now: float) -> float:
     return float((int(now // limit.seconds) + 1) * limit.seconds)
 
 
@@ -439,7 +492,7 @@ return 1
 @dataclass(slots=True)
 class _Waiting:
     costs: list[int]
-    ref: str  # the request's id: its charge key's last part
+    ref: bytes  # the request's id: its charge key's last part
     # admitted, violated window, counts, and the time the request was counted at
     future: asyncio.Future[tuple[bool, int, list[int], float]]
 
@@ -450,41 +503,42 @@ class MemoryCounters:
     def __init__(self) -> None:
         self._counts: dict[tuple[str, str], list[int]] = {}
 
-    def used(self, tenant: str, limit: Limit, now: float) -> int:
+    def used(self, tenant: str, limit: Window, now: float) -> int:
         bucket = int(now // limit.seconds)
         seen, used = self._counts.get((tenant, limit.name), (bucket, 0))
         return used if seen == bucket else 0
 
     def check_and_count(
-        self, tenant: str, costs: list[tuple[Limit, int]], now: float
+        self, budget: Budget, costs: list[int], now: float
     ) -> tuple[bool, int, list[int]]:
         # On every request: one pass that reads each window (its entry made if new), and
         # one that counts in all of them, unless a window refuses.
-        counts = self._counts
+        counts, windows, keys = self._counts, budget.windows, budget.keys
         entries, used = [], []
         violated = 0
-        for lim, cost in costs:
-            bucket = int(now // lim.seconds)
-            entry = counts.get((tenant, lim.name))
+        for i in range(len(windows)):
+            w = windows[i]
+            bucket = int(now // w.seconds)
+            entry = counts.get(keys[i])
             if entry is None:
-                entry = counts[(tenant, lim.name)] = [bucket, 0]
+                entry = counts[keys[i]] = [bucket, 0]
             elif entry[0] != bucket:
                 entry[0], entry[1] = bucket, 0
             entries.append(entry)
             used.append(entry[1])
-            if not violated and entry[1] + cost > lim.limit:
-                violated = len(used)
+            if not violated and entry[1] + costs[i] > w.limit:
+                violated = i + 1
         if violated:
             return False, violated, used
-        for i, (_, cost) in enumerate(costs):
-            used[i] = entries[i][1] = used[i] + cost
+        for i in range(len(entries)):
+            used[i] = entries[i][1] = used[i] + costs[i]
         return True, 0, used
 
-    def refund(self, tenant: str, costs: list[tuple[Limit, int]], at: float) -> None:
+    def refund(self, budget: Budget, costs: Sequence[int], at: float) -> None:
         """Take back what `check_and_count` counted at `at` (if its windows are still on)."""
-        for lim, cost in costs:
-            entry = self._counts.get((tenant, lim.name))
-            if entry is not None and entry[0] == int(at // lim.seconds):
+        for w, key, cost in zip(budget.windows, budget.keys, costs, strict=True):
+            entry = self._counts.get(key)
+            if entry is not None and entry[0] == int(at // w.seconds):
                 entry[1] = max(0, entry[1] - cost)
 
 
@@ -509,7 +563,7 @@ class Quota:
         self._refund = redis_client.register_script(_REFUND) if redis_client else None
         self._memory = MemoryCounters()
         # Requests waiting for Redis, by tenant and limits: one sender task each at a time.
-        self._waiting: dict[tuple[str, int], tuple[list[Limit], list[_Waiting]]] = {}
+        self._waiting: dict[tuple[str, int], tuple[Budget, list[_Waiting]]] = {}
         self._senders: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._failures = 0
         self._breaker_until = 0.0
@@ -523,7 +577,8 @@ class Quota:
         # Checks a reloaded configuration against the model (FatalStartupError: not taken).
         self.check_config: Callable[[QuotaConfig], None] = lambda config: None
         # Request ids: unique across replicas and restarts while a charge record lives.
-        self._ids = map(f"{os.urandom(8).hex()}-{{:x}}".format, itertools.count())
+        # (bytes: each goes into a Redis key, which redis-py then need not encode)
+        self._ids = map(f"{os.urandom(8).hex()}-%x".encode().__mod__, itertools.count())
         self.use(config)
 
     def use(self, config: QuotaConfig) -> None:
@@ -536,15 +591,19 @@ class Quota:
         # Known keys seen, by key: a key is hashed once, not on every request. Only keys of
         # the configuration go in, so it holds at most one entry per keySha256.
         self._by_key: dict[str, str] = {}
-        self._limits = {t.name: t.limits for t in config.tenants}
+        limits = {t.name: t.limits for t in config.tenants}
         if config.default_tenant is not None:
-            self._limits[DEFAULT_TENANT] = config.default_tenant.limits
+            limits[DEFAULT_TENANT] = config.default_tenant.limits
+        self._budgets = {
+            tenant: Budget.of(tenant, [Window.of(lim) for lim in those])
+            for tenant, those in limits.items()
+        }
         # failureMode Local: each replica's share of every limit, counted in its own memory.
-        self._local_limits = {
-            tenant: [
-                lim.model_copy(update={"limit": lim.limit // config.replicas}) for lim in limits
-            ]
-            for tenant, limits in self._limits.items()
+        self._local_budgets = {
+            tenant: Budget.of(
+                tenant, [Window.of(lim, lim.limit // config.replicas) for lim in those]
+            )
+            for tenant, those in limits.items()
         }
         self._local = MemoryCounters()
 
@@ -608,24 +667,25 @@ class Quota:
     async def admit(self, tenant: str, rows: int, tokens: int = 0) -> Decision:
         """Count the request against every window of the tenant, or refuse it (QuotaExceeded,
         QuotaUnavailable); the Decision's headers go on the answer either way."""
-        limits = self._limits.get(tenant, [])
+        budget = self._budgets.get(tenant, NO_BUDGET)
+        windows = budget.windows
         now = self._clock()
-        costs = [
-            (lim, 1 if lim.unit == "requests" else rows if lim.unit == "rows" else tokens)
-            for lim in limits
-        ]
-        if not costs:
-            return self._decided(Decision(tenant, ()), "admitted")
-        for lim, cost in costs:
-            if cost > lim.limit and lim.unit != "requests":
-                return self._never(tenant, lim, cost)
+        if not windows:
+            return self._decided(Decision(tenant), "admitted")
+        costs = []
+        for w in windows:
+            unit = w.unit
+            cost = 1 if unit == "requests" else rows if unit == "rows" else tokens
+            if cost > w.limit and unit != "requests":
+                return self._never(tenant, w, cost)
+            costs.append(cost)
         if self._redis is None:
+            admitted, violated, used = self._memory.check_and_count(budget, costs, now)
+            if admitted:  # the usual case, written out
+                self._on_decision(tenant, "admitted")
+                return Decision(tenant, budget, used, now, 0, "memory", costs)
             return self._settle(
-                tenant,
-                costs,
-                now,
-                *self._memory.check_and_count(tenant, costs, now),
-                counted_in="memory",
+                tenant, budget, costs, now, admitted, violated, used, counted_in="memory"
             )
         if now < self._breaker_until:
             return self._fallback(tenant, costs, now, self._breaker_why)
@@ -633,14 +693,12 @@ class Quota:
             # The sender bounds each round trip (_within_budget) and answers every request it
             # took, whatever happens to it.
             ref = next(self._ids)
-            admitted, violated, used, at = await self._ask_redis(
-                tenant, limits, [c for _, c in costs], ref
-            )
+            admitted, violated, used, at = await self._ask_redis(tenant, budget, costs, ref)
         except QuotaUnavailable as exc:
             return self._fallback(tenant, costs, now, str(exc))
         # The windows are those of the time the script was sent with (its keys), not `now`.
         return self._settle(
-            tenant, costs, at, admitted, violated, used, counted_in="redis", ref=ref
+            tenant, budget, costs, at, admitted, violated, used, counted_in="redis", ref=ref
         )
 
     def refund(self, decision: Decision) -> None:
@@ -650,17 +708,16 @@ class Quota:
         answer."""
         if not decision.counted_in:
             return
-        tenant, at = decision.tenant, decision.at
-        costs = [(w.limit, c) for w, c in zip(decision.windows, decision.costs, strict=True)]
+        tenant, at, windows = decision.tenant, decision.at, decision.budget.windows
         if decision.counted_in == "redis":
-            self._refund_later(tenant, [lim for lim, _ in costs], at, decision.ref, True)
+            self._refund_later(tenant, windows, at, decision.ref, True)
             return
         counters = self._memory if decision.counted_in == "memory" else self._local
-        counters.refund(tenant, costs, at)
+        counters.refund(decision.budget, decision.costs, at)
         self._on_decision(tenant, "refunded")
 
     def _refund_later(
-        self, tenant: str, limits: list[Limit], at: float, ref: str, counted: bool
+        self, tenant: str, limits: tuple[Window, ...], at: float, ref: bytes, counted: bool
     ) -> None:
         """Take back, in the background, what request `ref` (sent at `at`) added in Redis, if
         anything; `counted`: it was an admission (a refund is a decision outcome), not a
@@ -671,8 +728,8 @@ class Quota:
         if len(self._refunds) >= REFUNDS_IN_FLIGHT:
             self._lost(tenant, f"{REFUNDS_IN_FLIGHT} refunds already in flight", counted)
             return
-        keys = [self._key(tenant, lim, at) for lim in limits]
-        keys.append(charge_key(self.config.namespace, self.config.policy, tenant, ref))
+        keys: list[str | bytes] = [self._key(tenant, lim, at) for lim in limits]
+        keys.append(self._charge_prefix(tenant) + ref)
         call = self._refund(keys=keys, args=[ABANDONED_S])
 
         async def send() -> None:
@@ -701,14 +758,14 @@ class Quota:
             await asyncio.wait(set(self._refunds), timeout=timeout_s)
 
     async def _ask_redis(
-        self, tenant: str, limits: list[Limit], costs: list[int], ref: str
+        self, tenant: str, budget: Budget, costs: list[int], ref: bytes
     ) -> tuple[bool, int, list[int], float]:
         """Queue the request for the tenant's next script call, and start the sender if none
         runs: requests arriving during a round trip share the next one."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[tuple[bool, int, list[int], float]] = loop.create_future()
-        group = (tenant, id(limits))
-        self._waiting.setdefault(group, (limits, []))[1].append(_Waiting(costs, ref, future))
+        group = (tenant, id(budget))
+        self._waiting.setdefault(group, (budget, []))[1].append(_Waiting(costs, ref, future))
         if group not in self._senders:
             self._senders[group] = loop.create_task(self._send(group))
         return await future
@@ -719,10 +776,11 @@ class Quota:
         batch: list[_Waiting] = []
         try:
             while group in self._waiting:
-                limits, waiting = self._waiting[group]
+                budget, waiting = self._waiting[group]
+                limits = budget.windows
                 batch, rest = waiting[:MAX_COALESCED], waiting[MAX_COALESCED:]
                 if rest:
-                    self._waiting[group] = (limits, rest)
+                    self._waiting[group] = (budget, rest)
                 else:
                     del self._waiting[group]
                 now = self._clock()
@@ -730,9 +788,9 @@ class Quota:
                 args += [lim.limit for lim in limits]
                 args += [lim.seconds * 2 for lim in limits]  # outlive the window
                 args.append(",".join([str(c) for w in batch for c in w.costs]))
-                keys = [self._key(tenant, lim, now) for lim in limits]
-                ns, policy = self.config.namespace, self.config.policy
-                keys += [charge_key(ns, policy, tenant, w.ref) for w in batch]
+                keys: list[str | bytes] = [self._key(tenant, lim, now) for lim in limits]
+                prefix = self._charge_prefix(tenant)
+                keys += [prefix + w.ref for w in batch]
                 started = time.perf_counter()
                 try:
                     reply = await _within_budget(self._script(keys=keys, args=args), self._budget_s)
@@ -786,76 +844,72 @@ class Quota:
                 )
         return why
 
-    def _key(self, tenant: str, limit: Limit, now: float) -> str:
+    def _charge_prefix(self, tenant: str) -> bytes:
+        """The charge keys of the tenant's requests (`charge_key`) but for their ids."""
+        return charge_key(self.config.namespace, self.config.policy, tenant, "").encode()
+
+    def _key(self, tenant: str, limit: Window, now: float) -> str:
         return counter_key(
             self.config.namespace, self.config.policy, tenant, limit.unit, limit.window, now
         )
 
-    def _fallback(
-        self, tenant: str, costs: list[tuple[Limit, int]], now: float, why: str
-    ) -> Decision:
+    def _fallback(self, tenant: str, costs: list[int], now: float, why: str) -> Decision:
         mode = self.config.failure_mode
         if mode == "Local":
-            shares = self._local_limits.get(tenant, [])
-            local = [(share, cost) for share, (_, cost) in zip(shares, costs, strict=True)]
+            shares = self._local_budgets[tenant]
             return self._settle(
                 tenant,
-                local,
+                shares,
+                costs,
                 now,
-                *self._local.check_and_count(tenant, local, now),
+                *self._local.check_and_count(shares, costs, now),
                 counted_in="local",
             )
         if mode == "Open":
-            return self._decided(Decision(tenant, ()), "admitted_unchecked")
+            return self._decided(Decision(tenant), "admitted_unchecked")
         self._on_decision(tenant, "unavailable")
         raise QuotaUnavailable(f"{why}; the quota policy refuses requests until it is back")
 
     def _settle(
         self,
         tenant: str,
-        costs: list[tuple[Limit, int]],
+        budget: Budget,
+        costs: list[int],
         now: float,
         admitted: bool,
         violated: int,
         used: list[int],
         *,
         counted_in: str,
-        ref: str = "",
+        ref: bytes = b"",
     ) -> Decision:
-        # On every request: written for speed (no generators, no strict zip: the lengths
-        # are checked once).
+        # On every request: written for speed.
         if len(used) != len(costs):
             raise ValueError(f"{len(used)} counts for {len(costs)} windows")
-        windows = tuple(
-            [
-                WindowState(lim, u, float((int(now // lim.seconds) + 1) * lim.seconds))
-                for (lim, _), u in zip(costs, used)  # noqa: B905 - lengths checked above
-            ]
-        )
         if admitted:
-            decision = Decision(
-                tenant, windows, None, counted_in, now, tuple([c for _, c in costs]), ref
-            )
+            decision = Decision(tenant, budget, used, now, 0, counted_in, costs, ref)
             self._on_decision(tenant, "admitted")
             return decision
         if self.config.shadow:
-            return self._decided(Decision(tenant, windows), "shadow_refused")
-        broken = windows[violated - 1]
+            return self._decided(Decision(tenant, budget, used, now), "shadow_refused")
+        refused = Decision(tenant, budget, used, now, violated)
+        broken = refused.violated
+        assert broken is not None
         self._on_decision(tenant, "refused")
         raise QuotaExceeded(
             f"tenant '{tenant}' is over its limit of {broken.limit.limit} {broken.limit.unit} "
             f"per {broken.limit.window} (window {broken.limit.name}); "
             f"retry in {_until(broken.reset_at, now)} s",
-            Decision(tenant, windows, broken),
+            refused,
         )
 
-    def _never(self, tenant: str, lim: Limit, cost: int) -> Decision:
+    def _never(self, tenant: str, lim: Window, cost: int) -> Decision:
         """Refuse, uncounted, a request that costs more than the whole window `lim` holds:
         a 429 would have the client retry after a reset that can never make room for it.
         (A requests window costs 1: only a limit of 0 refuses it, a tenant shut out, which
         stays a 429.)"""
         if self.config.shadow:
-            return self._decided(Decision(tenant, ()), "shadow_refused")
+            return self._decided(Decision(tenant), "shadow_refused")
         self._on_decision(tenant, "refused")
         raise OverWholeLimit(
             f"the request alone needs {cost} {lim.unit}, over tenant '{tenant}''s whole limit "
@@ -870,7 +924,7 @@ class Quota:
     async def usage(self, tenant: str) -> dict[str, Any]:
         """The tenant's limits, what is used of each and when each resets (GET /v2/quota)."""
         now = self._clock()
-        limits = self._limits.get(tenant, [])
+        limits = self._budgets.get(tenant, NO_BUDGET).windows
         source = "memory"
         used = [self._memory.used(tenant, lim, now) for lim in limits]
         if self._redis is not None and limits:

@@ -67,6 +67,8 @@ async def test_every_window_counts_and_a_refused_request_counts_nothing() -> Non
     quota = Quota(config(), clock=clock)
     first = await quota.admit("acme", 4)
     assert [w.used for w in first.windows] == [1, 4]
+    # An admitted answer carries the IETF pair only; the trio is for refusals (change 91).
+    assert [k for k, _ in first.headers(clock.now)] == [b"ratelimit-policy", b"ratelimit"]
     await quota.admit("acme", 4)
     # 8 + 4 rows > 10 a day: refused, and neither window counts it.
     with pytest.raises(QuotaExceeded, match="limit of 10 rows per 1d") as refused:
