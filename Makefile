@@ -76,11 +76,14 @@ benchmarks/.venv-peer-%/.installed:
 
 peers: $(foreach p,$(PEERS),benchmarks/.venv-peer-$(p)/.installed)  ## the peers' environments
 
-bench: venv peers    ## runtime, peers and operator benchmarks (docs/performance.md)
+bench: venv peers    ## runtime, peers, quota and operator benchmarks (docs/performance.md)
 	command -v wrk >/dev/null || (apt-get install -y -qq wrk || sudo apt-get install -y -qq wrk)
+	command -v valgrind >/dev/null || (apt-get install -y -qq valgrind || sudo apt-get install -y -qq valgrind)
 	mkdir -p benchmarks/results
 	$(PY) benchmarks/runtime_bench.py --out benchmarks/results/runtime.md
 	$(PY) benchmarks/peers_bench.py --out benchmarks/results/peers.md
 	$(PY) benchmarks/image_bench.py --out benchmarks/results/images.md
 	$(PY) benchmarks/async_bench.py --out benchmarks/results/async.md
+	$(PY) benchmarks/quota_bench.py --seconds 6 --concurrency 64 16 --out benchmarks/results/quota.md
+	$(PY) benchmarks/instructions_bench.py --steps --out benchmarks/results/instructions.md
 	$(PY) benchmarks/operator_bench.py --out benchmarks/results/operator.md

@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[64])
+    parser.add_argument("--out", type=Path, help="also write the table to this file")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kubeonnx-quota-bench-"))
     model = "mlp"
@@ -114,15 +115,20 @@ def main() -> None:
                     proc.wait()
     finally:
         redis.stop()
-    print("\n| server | c | req/s | p50 ms | p99 ms | req/s vs no quota | p50 added ms |")
-    print("|---|---|---|---|---|---|---|")
+    table = [
+        "| server | c | req/s | p50 ms | p99 ms | req/s vs no quota | p50 added ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for (label, c), runs in results.items():
         base = results[("no quota", c)]
         for (rps, p50, p99), (b_rps, b_p50, _) in zip(runs, base, strict=True):
-            print(
+            table.append(
                 f"| {label} | {c} | {rps:,.0f} | {p50:.2f} | {p99:.2f} | {rps / b_rps:.2f} | "
                 f"{p50 - b_p50:+.2f} |"
             )
+    print("\n" + "\n".join(table))
+    if args.out:
+        args.out.write_text("\n".join(table) + "\n")
 
 
 if __name__ == "__main__":
