@@ -283,24 +283,56 @@ class Window:
 
 @dataclass(frozen=True, slots=True)
 class Budget:
-    """A tenant's windows, each one's key in MemoryCounters; their RateLimit-Policy header
-    (the same on every answer), and their RateLimit header with a `%d` for what is left of
-    each window and one for when it resets."""
+    """A tenant's windows under one configuration: each one's key in MemoryCounters; their
+    RateLimit-Policy header (the same on every answer) and their RateLimit header with a `%d`
+    for what is left of each window and one for when it resets; where they are counted in
+    Redis; and, for failureMode Local, this replica's share of each. A decision keeps the
+    Budget it was charged under, so its refund, or its fallback when Redis fails, uses the
+    windows and keys of that charge even after a reload has changed them."""
 
+    tenant: str
     windows: tuple[Window, ...]
     keys: tuple[tuple[str, str], ...]
     policy_header: bytes
     ratelimit: bytes
+    namespace: str = ""
+    policy: str = ""
+    charge_prefix: bytes = b""  # the charge keys of the tenant's requests, but for their ids
+    local: Budget | None = None
 
     @classmethod
-    def of(cls, tenant: str, windows: list[Window]) -> Budget:
-        policy = ", ".join(f'"{w.name}";q={w.limit};w={w.seconds}' for w in windows)
+    def of(
+        cls,
+        tenant: str,
+        windows: list[Window],
+        namespace: str = "",
+        policy: str = "",
+        local: Budget | None = None,
+    ) -> Budget:
+        header = ", ".join(f'"{w.name}";q={w.limit};w={w.seconds}' for w in windows)
         ratelimit = ", ".join(f'"{w.name}";r=%d;t=%d' for w in windows)
         keys = tuple((tenant, w.name) for w in windows)
-        return cls(tuple(windows), keys, policy.encode(), ratelimit.encode())
+        prefix = charge_key(namespace, policy, tenant, "").encode()
+        return cls(
+            tenant,
+            tuple(windows),
+            keys,
+            header.encode(),
+            ratelimit.encode(),
+            namespace,
+            policy,
+            prefix,
+            local,
+        )
+
+    def key(self, window: Window, now: float) -> str:
+        """The Redis key of the window's count at `now`."""
+        return counter_key(
+            self.namespace, self.policy, self.tenant, window.unit, window.window, now
+        )
 
 
-NO_BUDGET = Budget((), (), b"", b"")
+NO_BUDGET = Budget("", (), (), b"", b"")
 
 
 @dataclass(slots=True)
@@ -397,6 +429,19 @@ def charge_key(namespace: str, policy: str, tenant: str, ref: str) -> str:
     """The Redis key under which a request's id records what its decision added (or that it
     was abandoned); in the tenant's slot, beside its counters."""
     return f"kubeonnx:{{{namespace}/{policy}/{tenant}}}:charge:{ref}"
+
+
+def _last_to_reset(budget: Budget, used: list[int], costs: list[int], now: float) -> int:
+    """Of the windows a refused request does not fit (`used`: each one's count before it),
+    the one that resets last, counted from 1: its reset is the first time the request can
+    be admitted, so it is what Retry-After and the refusal's message name."""
+    last, last_reset = 0, 0
+    for i, w in enumerate(budget.windows):
+        if used[i] + costs[i] > w.limit:
+            reset = (int(now // w.seconds) + 1) * w.seconds
+            if reset > last_reset:
+                last, last_reset = i + 1, reset
+    return last
 
 
 def _until(at: float, now: float) -> int:
@@ -594,17 +639,14 @@ class Quota:
         limits = {t.name: t.limits for t in config.tenants}
         if config.default_tenant is not None:
             limits[DEFAULT_TENANT] = config.default_tenant.limits
-        self._budgets = {
-            tenant: Budget.of(tenant, [Window.of(lim) for lim in those])
-            for tenant, those in limits.items()
-        }
-        # failureMode Local: each replica's share of every limit, counted in its own memory.
-        self._local_budgets = {
-            tenant: Budget.of(
-                tenant, [Window.of(lim, lim.limit // config.replicas) for lim in those]
-            )
-            for tenant, those in limits.items()
-        }
+        ns, policy = config.namespace, config.policy
+        self._budgets = {}
+        for tenant, those in limits.items():
+            # failureMode Local: each replica's share of every limit, counted in its memory.
+            shares = [Window.of(lim, lim.limit // config.replicas) for lim in those]
+            local = Budget.of(tenant, shares, ns, policy)
+            windows = [Window.of(lim) for lim in those]
+            self._budgets[tenant] = Budget.of(tenant, windows, ns, policy, local)
         self._local = MemoryCounters()
 
     async def follow(self, path: Path, every_s: float) -> None:
@@ -688,14 +730,14 @@ class Quota:
                 tenant, budget, costs, now, admitted, violated, used, counted_in="memory"
             )
         if now < self._breaker_until:
-            return self._fallback(tenant, costs, now, self._breaker_why)
+            return self._fallback(budget, costs, now, self._breaker_why)
         try:
             # The sender bounds each round trip (_within_budget) and answers every request it
             # took, whatever happens to it.
             ref = next(self._ids)
             admitted, violated, used, at = await self._ask_redis(tenant, budget, costs, ref)
         except QuotaUnavailable as exc:
-            return self._fallback(tenant, costs, now, str(exc))
+            return self._fallback(budget, costs, now, str(exc))
         # The windows are those of the time the script was sent with (its keys), not `now`.
         return self._settle(
             tenant, budget, costs, at, admitted, violated, used, counted_in="redis", ref=ref
@@ -708,38 +750,43 @@ class Quota:
         answer."""
         if not decision.counted_in:
             return
-        tenant, at, windows = decision.tenant, decision.at, decision.budget.windows
+        tenant, at = decision.tenant, decision.at
         if decision.counted_in == "redis":
-            self._refund_later(tenant, windows, at, decision.ref, True)
+            self._refund_later(decision.budget, at, decision.ref, True)
             return
         counters = self._memory if decision.counted_in == "memory" else self._local
         counters.refund(decision.budget, decision.costs, at)
         self._on_decision(tenant, "refunded")
 
-    def _refund_later(
-        self, tenant: str, limits: tuple[Window, ...], at: float, ref: bytes, counted: bool
-    ) -> None:
-        """Take back, in the background, what request `ref` (sent at `at`) added in Redis, if
-        anything; `counted`: it was an admission (a refund is a decision outcome), not a
-        decision abandoned on its way (which may never have reached Redis). At most
-        REFUNDS_IN_FLIGHT at a time: past that, or when Redis does not take it within
-        REFUND_TIMEOUT_S, the refund is lost, logged, and counted if it was an admission's."""
+    def _refund_later(self, budget: Budget, at: float, ref: bytes, counted: bool) -> None:
+        """Take back, in the background, what request `ref` (charged under `budget`, sent at
+        `at`) added in Redis, if anything; `counted`: it was an admission (a refund is a
+        decision outcome), not a decision abandoned on its way (which may never have reached
+        Redis). At most REFUNDS_IN_FLIGHT at a time: past that, or when Redis does not take
+        it within REFUND_TIMEOUT_S, or when the admission's record has expired
+        (CHARGE_RECORD_S), the refund is lost, logged, and counted if it was an
+        admission's."""
         assert self._refund is not None
+        tenant = budget.tenant
         if len(self._refunds) >= REFUNDS_IN_FLIGHT:
             self._lost(tenant, f"{REFUNDS_IN_FLIGHT} refunds already in flight", counted)
             return
-        keys: list[str | bytes] = [self._key(tenant, lim, at) for lim in limits]
-        keys.append(self._charge_prefix(tenant) + ref)
+        keys: list[str | bytes] = [budget.key(w, at) for w in budget.windows]
+        keys.append(budget.charge_prefix + ref)
         call = self._refund(keys=keys, args=[ABANDONED_S])
 
         async def send() -> None:
             try:
-                await asyncio.wait_for(call, REFUND_TIMEOUT_S)
+                took_back = await asyncio.wait_for(call, REFUND_TIMEOUT_S)
             except Exception as exc:
                 self._lost(tenant, redact(f"{type(exc).__name__}: {exc}"), counted)
                 return
-            if counted:
+            if not counted:
+                return
+            if took_back == 1:
                 self._on_decision(tenant, "refunded")
+            else:  # an admission always leaves a record: only its expiry removes it
+                self._lost(tenant, f"its charge record expired ({CHARGE_RECORD_S} s)", counted)
 
         task = asyncio.get_running_loop().create_task(send())
         self._refunds.add(task)
@@ -772,7 +819,6 @@ class Quota:
 
     async def _send(self, group: tuple[str, int]) -> None:
         assert self._script is not None
-        tenant = group[0]
         batch: list[_Waiting] = []
         try:
             while group in self._waiting:
@@ -788,8 +834,8 @@ class Quota:
                 args += [lim.limit for lim in limits]
                 args += [lim.seconds * 2 for lim in limits]  # outlive the window
                 args.append(",".join([str(c) for w in batch for c in w.costs]))
-                keys: list[str | bytes] = [self._key(tenant, lim, now) for lim in limits]
-                prefix = self._charge_prefix(tenant)
+                keys: list[str | bytes] = [budget.key(w, now) for w in limits]
+                prefix = budget.charge_prefix
                 keys += [prefix + w.ref for w in batch]
                 started = time.perf_counter()
                 try:
@@ -799,7 +845,7 @@ class Quota:
                     why = self._store_failed(exc, now)
                     # The script may still run after this (it was on its way): undo it.
                     for w in batch:
-                        self._refund_later(tenant, limits, now, w.ref, False)
+                        self._refund_later(budget, now, w.ref, False)
                     for w in batch:
                         if not w.future.done():
                             w.future.set_exception(QuotaUnavailable(why))
@@ -844,19 +890,22 @@ class Quota:
                 )
         return why
 
-    def _charge_prefix(self, tenant: str) -> bytes:
-        """The charge keys of the tenant's requests (`charge_key`) but for their ids."""
-        return charge_key(self.config.namespace, self.config.policy, tenant, "").encode()
-
-    def _key(self, tenant: str, limit: Window, now: float) -> str:
-        return counter_key(
-            self.config.namespace, self.config.policy, tenant, limit.unit, limit.window, now
-        )
-
-    def _fallback(self, tenant: str, costs: list[int], now: float, why: str) -> Decision:
-        mode = self.config.failure_mode
+    def _fallback(self, budget: Budget, costs: list[int], now: float, why: str) -> Decision:
+        """Decide without Redis, as failureMode says, with the request's own `budget` (the
+        configuration it was charged under, whatever a reload did since)."""
+        mode, tenant = self.config.failure_mode, budget.tenant
         if mode == "Local":
-            shares = self._local_budgets[tenant]
+            shares = budget.local
+            assert shares is not None
+            for share, cost in zip(shares.windows, costs, strict=True):
+                if cost > share.limit and share.unit != "requests":
+                    # Not a 429: no reset makes room in this replica's share; Redis back does.
+                    self._on_decision(tenant, "unavailable")
+                    raise QuotaUnavailable(
+                        f"{why}; meanwhile each replica enforces its share of tenant "
+                        f"'{tenant}''s limits, {share.limit} {share.unit} per {share.window} "
+                        f"(window {share.name}) here, and the request alone needs {cost}"
+                    )
             return self._settle(
                 tenant,
                 shares,
@@ -892,7 +941,8 @@ class Quota:
             return decision
         if self.config.shadow:
             return self._decided(Decision(tenant, budget, used, now), "shadow_refused")
-        refused = Decision(tenant, budget, used, now, violated)
+        broken_at = _last_to_reset(budget, used, costs, now) or violated
+        refused = Decision(tenant, budget, used, now, broken_at)
         broken = refused.violated
         assert broken is not None
         self._on_decision(tenant, "refused")
@@ -924,13 +974,14 @@ class Quota:
     async def usage(self, tenant: str) -> dict[str, Any]:
         """The tenant's limits, what is used of each and when each resets (GET /v2/quota)."""
         now = self._clock()
-        limits = self._budgets.get(tenant, NO_BUDGET).windows
+        budget = self._budgets.get(tenant, NO_BUDGET)
+        limits = budget.windows
         source = "memory"
         used = [self._memory.used(tenant, lim, now) for lim in limits]
         if self._redis is not None and limits:
             source = "redis"
             try:
-                keys = [self._key(tenant, lim, now) for lim in limits]
+                keys = [budget.key(lim, now) for lim in limits]
                 values = await _within_budget(self._redis.mget(keys), self._budget_s * 4)
                 used = [int(v or 0) for v in values]
             except Exception:
