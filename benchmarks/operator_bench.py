@@ -2,16 +2,21 @@
 
     .venv/bin/python benchmarks/operator_bench.py [--sizes 100 500] [--unrelated 5000]
         [--baseline DIR] [--out FILE.md] [--create server-side|client-side]
-        [--floor-replicas rendered|0]
+        [--floor-replicas rendered|0] [--keep-floor]
 
 For each size N: the floor is one `kubectl apply --server-side` of the same manifests the
 operator renders for N InferenceModels (Deployment, Service, HPA each), replicas as rendered,
 so that the cluster starts the floor's pods as it starts the operator's; the operator run is
 N InferenceModels applied at once the same way (`kubectl apply --server-side`: one request an
 object, as the floor's), timed until every one has all three children and a written status.
-`--create client-side --floor-replicas 0` measures as this benchmark did before these options
-(kubectl's client-side apply is a GET and a POST per InferenceModel, one after the other,
-inside the operator's window; the floor's Deployments at 0 replicas start no pods).
+Between the two windows the floor's models are left to start (every Deployment Available) and
+then deleted, and each window opens once the API server is quiet, so that the operator's
+window starts from the cluster the floor's started from (`--keep-floor` leaves the floor's
+models running and waits for nothing, as measured before 2026-12-08: the floor's start-up
+then falls in the operator's window). `--create client-side --floor-replicas 0` measures as
+this benchmark did before these options (kubectl's client-side apply is a GET and a POST per
+InferenceModel, one after the other, inside the operator's window; the floor's Deployments at
+0 replicas start no pods).
 
 Then the operator's peak RSS (VmHWM), and the API writes it makes over an
 hour-equivalent of idle resyncs: restarted with resyncSeconds 1 and watched for 60 s, its
@@ -237,6 +242,43 @@ def converged(kubectl, ns: str, n: int) -> bool:  # type: ignore[no-untyped-def]
     return with_status == n and len(kids) == 3 * n
 
 
+MUTATING = ("POST ", "PUT ", "PATCH ", "APPLY ", "DELETE ")
+
+
+def wait_quiet(kubectl, what: str, limit_s: float = 600) -> None:  # type: ignore[no-untyped-def]
+    """Wait until the API server serves fewer than 5 writes a second (every client's, over
+    5 s): what an earlier step set going (the unrelated objects' ReplicaSets, the pod
+    garbage collector deleting the unrelated pods, which are bound to a node that does not
+    exist; a deleted floor) is then done or nearly, and does not fall in the next window."""
+    t0 = time.monotonic()
+    before = api_requests(kubectl)
+    while time.monotonic() - t0 < limit_s:
+        time.sleep(5)
+        now = api_requests(kubectl)
+        writes = sum(v for k, v in delta(now, before).items() if k.startswith(MUTATING))
+        if writes < 25:
+            break
+        before = now
+    print(f"  quiet before {what} after {time.monotonic() - t0:.0f}s", flush=True)
+
+
+def clear_floor(kubectl, ns: str) -> None:  # type: ignore[no-untyped-def]
+    """Let the floor's models start, then delete them: the operator's window starts from the
+    cluster the floor's started from. The floor's window ends when kubectl returns, before
+    the cluster has started the floor's pods; left running, their ReplicaSets, pods,
+    bindings, endpoints and status writes, and the HPA controller's reads of N more HPAs
+    every 15 s, would fall inside the operator's window."""
+    t0 = time.monotonic()
+    kubectl("wait", "--for=condition=Available", "deployment", "--all", "-n", ns, "--timeout=900s")
+    available_s = time.monotonic() - t0
+    kubectl("delete", "namespace", ns, "--wait=true", "--timeout=900s")
+    print(
+        f"  the floor's Deployments were all available {available_s:.1f}s after its apply "
+        f"returned; deleted {time.monotonic() - t0 - available_s:.1f}s later",
+        flush=True,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 500])
@@ -254,6 +296,12 @@ def main() -> None:
         choices=["rendered", "0"],
         default="rendered",
         help="the floor's Deployments start pods as rendered, or none",
+    )
+    parser.add_argument(
+        "--keep-floor",
+        action="store_true",
+        help="leave the floor's models running while the operator's window is timed (as "
+        "measured before 2026-12-08) instead of letting them start and deleting them first",
     )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kubeonnx-opbench-"))
@@ -295,12 +343,17 @@ def main() -> None:
                         manifest["spec"]["replicas"] = 0
             floor_file = work / f"floor-{n}.yaml"
             floor_file.write_text(yaml.safe_dump_all(manifests))
+            if not args.keep_floor:
+                wait_quiet(kubectl, "the floor")
             cpu0, api0 = cpu_by_process(state, op), api_requests(kubectl)
             t0 = time.monotonic()
             kubectl("apply", "--server-side", "--field-manager=floor", "-f", str(floor_file))
             floor_s = time.monotonic() - t0
             floor_cpu = delta(cpu_by_process(state, op), cpu0)
             floor_api = delta(api_requests(kubectl), api0)
+            if not args.keep_floor:
+                clear_floor(kubectl, floor_ns)
+                wait_quiet(kubectl, "the operator run")
 
             ims = "\n---\n".join(json.dumps(d) for d in inference_models(n))
             cpu0, calls0 = cpu_by_process(state, op), requests_by_verb(op)
@@ -348,6 +401,9 @@ def main() -> None:
                 + ", ".join(f"{k} {v / n:.2f}" for k, v in sorted(calls.items())),
                 flush=True,
             )
+            # The next size's floor, like this size's, starts from a cluster at rest.
+            while not args.keep_floor and not all_ready(kubectl, op_ns, n):
+                time.sleep(1)
 
         # Idle: an hour of 60 s resyncs, compressed to 60 s of 1 s resyncs; a restart first.
         # Every model Ready first, so that what follows is resyncs, not pods catching up.
