@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 from kubeonnx_runtime.quota import (
     DEFAULT_TENANT,
@@ -151,3 +154,23 @@ async def test_a_refund_after_its_window_ended_leaves_the_new_window_alone() -> 
     quota.refund(second)
     usage = await quota.usage("acme")
     assert [u["used"] for u in usage["limits"]] == [0, 0]
+
+
+async def test_the_budget_counts_only_the_time_the_loop_was_there_to_read_the_answer() -> None:
+    """A call that takes 20 turns of a loop blocked 15 ms a turn (300 ms, a pod starved of
+    CPU) is not cut by a 25 ms budget: every tick woke late. A call that never answers is
+    cut, naming the budget, and cancelled."""
+    from kubeonnx_runtime.quota import _within_budget
+
+    async def twenty_turns() -> str:
+        for _ in range(20):
+            time.sleep(0.015)  # noqa: ASYNC251 - the loop held, as CPU-bound work holds it
+            await asyncio.sleep(0)
+        return "answered"
+
+    assert await _within_budget(twenty_turns(), 0.025) == "answered"
+
+    never = asyncio.get_running_loop().create_future()
+    with pytest.raises(TimeoutError, match="no answer from Redis within 25 ms"):
+        await _within_budget(never, 0.025)
+    assert never.cancelled()  # the call is cancelled, not left running
