@@ -6,11 +6,12 @@ Pure functions from bytes to numpy arrays and back; the HTTP layer only passes b
 from __future__ import annotations
 
 import gc
+import itertools
 import math
 import struct
 import threading
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,8 +23,11 @@ from .errors import InvalidRequest, PayloadTooLarge
 
 HEADER_LENGTH = "inference-header-content-length"
 # A value too large for its float datatype is refused by name (_decode_json_data); numpy's
-# warning about the cast that found it would only repeat that, outside the log's format.
-warnings.filterwarnings("ignore", "overflow encountered in cast", RuntimeWarning, __name__)
+# warning about the cast that found it would only repeat that, outside the log's format. The
+# search for booleans squares the values, which may overflow too, to no harm (_may_hold_booleans).
+warnings.filterwarnings(
+    "ignore", "overflow encountered in (cast|multiply)", RuntimeWarning, __name__
+)
 
 
 @dataclass(frozen=True)
@@ -174,6 +178,21 @@ def _plain_floats(data: list[Any], datatype: str) -> np.ndarray | None:
     return arr.astype(np.float16) if datatype == "FP16" else arr
 
 
+def _may_hold_booleans(values: np.ndarray) -> bool:
+    """Whether JSON numbers, converted, hold a 0 or a 1 (x * x == x), what numpy and struct make
+    of a boolean among them. A pass of C over the array; the JSON values' types, the answer
+    itself, cost a Python call each, and are only looked up after a yes."""
+    return bool((values * values == values).any())
+
+
+def _flattened(data: list[Any], depth: int) -> Iterable[Any]:
+    """The values of `data`, a list nested `depth` deep (1: a flat list)."""
+    items: Iterable[Any] = data
+    for _ in range(depth - 1):
+        items = itertools.chain.from_iterable(items)
+    return items
+
+
 def _decode_json_data(data: Any, datatype: str, count: int, where: str) -> np.ndarray:
     if not isinstance(data, list):
         data = [data]
@@ -198,7 +217,8 @@ def _decode_json_data(data: Any, datatype: str, count: int, where: str) -> np.nd
     # float first is what makes the answers numpy's: a list of integers numpy would round once
     # from int64 (struct twice, through a double), a list of booleans it refuses. Short lists
     # stay on numpy's path, whose overflow check reads their Python values; a long one is
-    # checked as numpy's path checks it, after the conversion.
+    # checked as numpy's path checks it, after the conversion. struct, like numpy, makes 1 or 0
+    # of a boolean, and a boolean is not a number of these datatypes.
     if (
         datatype in _STRUCT_CODE
         and flat_count is not None
@@ -207,6 +227,8 @@ def _decode_json_data(data: Any, datatype: str, count: int, where: str) -> np.nd
     ):
         floats = _plain_floats(data, datatype)
         if floats is not None:
+            if _may_hold_booleans(floats) and bool in set(map(type, data)):
+                raise InvalidRequest(f"{where}: booleans given for datatype {datatype}")
             if not np.isfinite(floats).all():
                 raise InvalidRequest(f"{where}: a value is out of range for datatype {datatype}")
             return floats
@@ -224,8 +246,7 @@ def _decode_json_data(data: Any, datatype: str, count: int, where: str) -> np.nd
         if arr.dtype != np.bool_:
             raise InvalidRequest(f"{where}: BOOL data must be true or false")
         return arr.ravel()
-    if arr.dtype == np.bool_:
-        raise InvalidRequest(f"{where}: booleans given for datatype {datatype}")
+    _refuse_nulls_and_booleans(arr, data, datatype, where)
     if dtype.kind in {"i", "u"}:
         return _integers(arr, data, datatype, where)
     try:
@@ -244,6 +265,26 @@ def _decode_json_data(data: Any, datatype: str, count: int, where: str) -> np.nd
     if overflow:
         raise InvalidRequest(f"{where}: a value is out of range for datatype {datatype}")
     return out
+
+
+def _refuse_nulls_and_booleans(arr: np.ndarray, data: list[Any], datatype: str, where: str) -> None:
+    """numpy makes NaN of a null among numbers and 1 or 0 of a boolean: neither is a number of
+    `datatype`, and each is named, not taken for an overflow or a number."""
+    kind = arr.dtype.kind
+    if kind == "b":
+        raise InvalidRequest(f"{where}: booleans given for datatype {datatype}")
+    if kind == "O":  # numpy kept the JSON values: a null is among them, or a non-number
+        types = set(map(type, arr.ravel().tolist()))
+    elif arr.size <= FEW_NUMBERS or _may_hold_booleans(arr):  # numbers, booleans as 1 or 0
+        types = set(map(type, data if arr.ndim == 1 else _flattened(data, arr.ndim)))
+    else:
+        return
+    if type(None) in types:
+        raise InvalidRequest(
+            f"{where}: 'data' holds null, which is not a number of datatype {datatype}"
+        )
+    if bool in types:
+        raise InvalidRequest(f"{where}: booleans given for datatype {datatype}")
 
 
 def _integers(arr: np.ndarray, data: list[Any], datatype: str, where: str) -> np.ndarray:

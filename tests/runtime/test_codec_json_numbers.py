@@ -1,7 +1,7 @@
-"""JSON tensor data for the float datatypes: what the decode accepts, what it refuses, and the
-values it makes. Each case runs on a short list (the codec checks up to 32 numbers one by one)
-and on longer ones (a convnet image is 3,072), so a faster path for either is held to the
-same answers."""
+"""JSON tensor data for the float datatypes (and the integer ones, for booleans and nulls): what
+the decode accepts, what it refuses, and the values it makes. Each case runs on a short list
+(the codec checks up to 32 numbers one by one) and on longer ones (a convnet image is 3,072), so
+a faster path for either is held to the same answers."""
 
 from __future__ import annotations
 
@@ -59,15 +59,73 @@ def test_integers_are_accepted_alone_or_among_floats(datatype: str, n: int) -> N
     np.testing.assert_array_equal(decode(datatype, ints), np.array(ints).astype(dtype))
 
 
+def with_item(data: list[Any], at: int, item: Any) -> list[Any]:
+    data = list(data)
+    data[at] = item
+    return data
+
+
+def nested(data: list[Any]) -> list[Any]:
+    """`data` as rows of two, as a [n/2, 2] tensor is often sent."""
+    return [data[i : i + 2] for i in range(0, len(data), 2)]
+
+
+# Where a boolean sits decides which path of the decode meets it.
+WITH_BOOLEANS = {
+    "only booleans": lambda numbers: [i % 2 == 0 for i in range(len(numbers))],
+    "second": lambda numbers: with_item(numbers, 1, True),  # after a float: a long list's fast path
+    "last": lambda numbers: with_item(numbers, -1, False),
+    "first": lambda numbers: with_item(numbers, 0, True),  # numpy's path
+    "among integers": lambda numbers: [True, 2] * (len(numbers) // 2),
+    "nested": lambda numbers: nested(with_item(numbers, len(numbers) // 2, False)),
+}
+
+
 @pytest.mark.parametrize("n", LENGTHS)
-@pytest.mark.parametrize("datatype", FLOATS)
-def test_booleans_are_refused_unless_among_numbers(datatype: str, n: int) -> None:
+@pytest.mark.parametrize("case", WITH_BOOLEANS)
+@pytest.mark.parametrize("datatype", [*FLOATS, "INT8", "INT32", "INT64", "UINT8", "UINT64"])
+def test_booleans_are_refused_alone_or_among_numbers(datatype: str, case: str, n: int) -> None:
+    numbers = padded(n) if datatype in FLOATS else [i % 5 for i in range(n)]
     with pytest.raises(InvalidRequest, match=f"booleans given for datatype {datatype}"):
-        decode(datatype, [True, False] * (n // 2))
-    # As numpy's type discovery has it (and has had it): a boolean among numbers is 1 or 0.
-    for data in (padded(n, 0.5, True, False), padded(n, True, 0.5), [True, 2] * (n // 2)):
-        want = np.array([float(v) for v in data]).astype(FLOATS[datatype])
-        np.testing.assert_array_equal(decode(datatype, data), want)
+        decode(datatype, WITH_BOOLEANS[case](numbers), shape=[n])
+
+
+@pytest.mark.parametrize("n", LENGTHS)
+def test_booleans_among_integers_beyond_64_bits_are_refused(n: int) -> None:
+    # Integers of both signs beyond int64 make numpy keep the Python objects.
+    data = with_item(with_item([2**63 + i for i in range(n)], 0, -1), -1, True)
+    with pytest.raises(InvalidRequest, match="booleans given for datatype INT64"):
+        decode("INT64", data)
+
+
+@pytest.mark.parametrize("n", LENGTHS)
+def test_numbers_among_booleans_are_refused_for_bool(n: int) -> None:
+    flags = [i % 3 == 0 for i in range(n)]
+    for item in (1, 0, 0.5, 1.0, None):
+        for data in (with_item(flags, -1, item), with_item(flags, 0, item)):
+            with pytest.raises(InvalidRequest, match="BOOL data must be true or false"):
+                decode("BOOL", data)
+            with pytest.raises(InvalidRequest, match="BOOL data must be true or false"):
+                decode("BOOL", nested(data), shape=[n])
+    np.testing.assert_array_equal(decode("BOOL", nested(flags), shape=[n]), flags)
+
+
+@pytest.mark.parametrize("n", LENGTHS)
+@pytest.mark.parametrize("datatype", [*FLOATS, "INT8", "INT32", "INT64", "UINT64"])
+def test_null_is_refused_as_not_a_number(datatype: str, n: int) -> None:
+    numbers = padded(n) if datatype in FLOATS else [i % 5 for i in range(n)]
+    message = f"'data' holds null, which is not a number of datatype {datatype}"
+    for data in (
+        with_item(numbers, 1, None),
+        with_item(numbers, 0, None),
+        with_item(numbers, -1, None),
+        [None] * n,
+        nested(with_item(numbers, n // 2, None)),
+    ):
+        with pytest.raises(InvalidRequest, match=message):
+            decode(datatype, data, shape=[n])
+    with pytest.raises(InvalidRequest, match=message):
+        decode(datatype, None, shape=[])  # "data": null
 
 
 @pytest.mark.parametrize("n", LENGTHS)
@@ -78,8 +136,7 @@ def test_booleans_are_refused_unless_among_numbers(datatype: str, n: int) -> Non
         (-1, "1.5", "non-numeric values for datatype FP32"),
         (-1, "a", "non-numeric values for datatype FP32"),
         (-1, {}, "non-numeric values for datatype FP32"),
-        # numpy turns null into NaN, and a non-finite value is refused as an overflow.
-        (-1, None, "out of range for datatype FP32"),
+        (-1, None, "holds null, which is not a number of datatype FP32"),
         (-1, [1.0], "ragged nested list"),
     ],
 )
