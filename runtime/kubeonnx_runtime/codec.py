@@ -54,7 +54,10 @@ def _parameters(obj: dict[str, Any], where: str) -> dict[str, Any]:
     return params
 
 
-_FLOAT_MAX = {name: float(np.finfo(OIP_TO_NUMPY[name]).max) for name in ("FP16", "FP32", "FP64")}
+# The least magnitude that rounds to infinity in each float datatype (its largest value plus
+# half a unit in the last place; round-half-even takes that to infinity): what the cast
+# refuses, so the short lists' check in Python refuses exactly the same.
+_ROUNDS_TO_INF = {"FP16": 65520.0, "FP32": float(2**128 - 2**103), "FP64": math.inf}
 # numpy's limit on dimensions; no model takes more.
 MAX_RANK = 32
 
@@ -255,11 +258,13 @@ def _decode_json_data(data: Any, datatype: str, count: int, where: str) -> np.nd
         raise InvalidRequest(
             f"{where}: 'data' holds non-numeric values for datatype {datatype}"
         ) from None
+    except OverflowError:  # an integer past any double (orjson gives none today)
+        raise InvalidRequest(f"{where}: a value is out of range for datatype {datatype}") from None
     # JSON cannot carry inf or NaN, so a non-finite value here overflowed the datatype. A
     # few plain numbers are checked in Python, faster than a numpy reduction's set-up.
     if flat_count is not None and flat_count <= FEW_NUMBERS and arr.dtype.kind in {"i", "u", "f"}:
-        largest = _FLOAT_MAX[datatype]
-        overflow = any(v > largest or v < -largest for v in data)
+        past = _ROUNDS_TO_INF[datatype]
+        overflow = any(v >= past or v <= -past for v in data)
     else:
         overflow = not np.isfinite(out).all()
     if overflow:
