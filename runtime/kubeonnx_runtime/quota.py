@@ -1023,36 +1023,47 @@ async def _within_budget(call: Awaitable[Any], budget_s: float) -> Any:
     own length or more counts nothing, since the replica was starved of CPU or its loop busy
     elsewhere (and the answer may be sitting unread). A frozen Redis fails after the budget
     on an idle loop, and after at most LATE_GRACE_S more on a loop that is never on time.
-    (Once a script call: a timer rescheduled each tick cancels the call in place, where a
-    task of its own and `asyncio.wait` cost as much again as the rest of the call.)"""
+    The call runs as a task of its own, so a call cut by the budget is cancelled without
+    holding the decision while it unwinds; a caller cancelled (shutdown) cancels it too.
+    (One timer, rescheduled each tick, and a future the task's end or the budget's wakes:
+    `asyncio.wait` a tick cost a sixth more.)"""
     loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(call)
+    woken = loop.create_future()
     tick = budget_s / BUDGET_TICKS
     spent = 0.0
     started = loop.time()
     give_up = started + budget_s + LATE_GRACE_S
     handle: asyncio.TimerHandle
+
+    def wake(_: object = None) -> None:
+        if not woken.done():
+            woken.set_result(None)
+
+    def on_tick() -> None:
+        nonlocal spent, started, handle
+        now = loop.time()
+        spent += max(0.0, tick - (now - started - tick))
+        if spent >= budget_s * 0.999 or now >= give_up:  # (float sums of ticks)
+            wake()
+        else:
+            started = now
+            handle = loop.call_at(min(now + tick, give_up), on_tick)
+
+    task.add_done_callback(wake)
+    handle = loop.call_at(min(started + tick, give_up), on_tick)
     try:
-        async with asyncio.timeout(None) as deadline:
-
-            def on_tick() -> None:
-                nonlocal spent, started, handle
-                now = loop.time()
-                spent += max(0.0, tick - (now - started - tick))
-                if spent >= budget_s * 0.999 or now >= give_up:  # (float sums of ticks)
-                    deadline.reschedule(now)  # cancels the call now: TimeoutError below
-                else:
-                    started = now
-                    handle = loop.call_at(min(now + tick, give_up), on_tick)
-
-            handle = loop.call_at(min(started + tick, give_up), on_tick)
-            try:
-                return await call
-            finally:
-                handle.cancel()
-    except TimeoutError:
-        if not deadline.expired():
-            raise  # the call's own
-        raise TimeoutError(f"no answer from Redis within {budget_s * 1000:.0f} ms") from None
+        await woken
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        handle.cancel()
+        task.remove_done_callback(wake)
+    if task.done():
+        return task.result()
+    task.cancel()
+    raise TimeoutError(f"no answer from Redis within {budget_s * 1000:.0f} ms")
 
 
 def connect_redis(backend: RedisBackend, environ: Mapping[str, str]) -> Any:

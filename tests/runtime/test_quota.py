@@ -174,3 +174,35 @@ async def test_the_budget_counts_only_the_time_the_loop_was_there_to_read_the_an
     with pytest.raises(TimeoutError, match="no answer from Redis within 25 ms"):
         await _within_budget(never, 0.025)
     assert never.cancelled()  # the call is cancelled, not left running
+
+
+async def test_the_budget_does_not_wait_for_a_cancelled_call_to_clean_up() -> None:
+    """A call cut by the budget may take its time to unwind (a connection closed, a pool's
+    lock awaited): the decision is not held for it. And a caller cancelled (shutdown)
+    cancels the call with it."""
+    from kubeonnx_runtime.quota import _within_budget
+
+    release = asyncio.Event()
+    cleaning = asyncio.Event()
+
+    async def slow_to_unwind() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cleaning.set()
+            await release.wait()  # a slow disconnect
+            raise
+
+    with pytest.raises(TimeoutError, match="no answer from Redis within 25 ms"):
+        await asyncio.wait_for(_within_budget(slow_to_unwind(), 0.025), 10)
+    await cleaning.wait()
+    assert not release.is_set()  # answered while the call was still unwinding
+    release.set()
+
+    never = asyncio.get_running_loop().create_future()
+    caller = asyncio.ensure_future(_within_budget(never, 10.0))
+    await asyncio.sleep(0.01)
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    assert never.cancelled()
