@@ -4,6 +4,7 @@ front of them."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -383,6 +384,11 @@ class FakeUpstream:
             threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
 
     def _serve(self, sock: socket.socket) -> None:
+        # The router may give up on an answer (a head over its limit), as it should.
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+            self._serve_on(sock)
+
+    def _serve_on(self, sock: socket.socket) -> None:
         conn = h11.Connection(h11.SERVER)
         nth = served = 0  # requests answered on this connection: not probes, and all
         with sock:
