@@ -68,6 +68,9 @@ DEFAULT_BUDGET_MS = 25
 BUDGET_TICKS = 5  # the decision budget is measured in ticks of a fifth (see _within_budget)
 # What a replica whose event loop is late grants Redis beyond the budget, at most.
 LATE_GRACE_S = 1.0
+# How late a timer may fire on a loop doing nothing else (its clock's granularity, about a
+# millisecond): a tick woken within this was on time (_on_time).
+TIMER_SLACK_S = 0.002
 CONNECT_TIMEOUT_S = 1.0  # a refused connection fails at once, a dropped one after this
 BREAKER_FAILURES = 3
 BREAKER_OPEN_S = 1.0
@@ -1016,12 +1019,21 @@ def _rfc3339(epoch: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
 
+def _on_time(tick: float, waited: float) -> float:
+    """The part of a tick of the decision budget the event loop was there for: a tick that
+    took `waited` seconds to fire was late by what exceeds its length and TIMER_SLACK_S, and
+    that much of it does not count."""
+    late = waited - tick - TIMER_SLACK_S
+    return tick if late <= 0 else max(0.0, tick - late)
+
+
 async def _within_budget(call: Awaitable[Any], budget_s: float) -> Any:
     """Await a Redis call (connecting included) for `budget_s` of time this process was there
     to read the answer. The wait is cut into ticks of a fifth of the budget, and a tick
-    counts only the part of it the event loop was on time for: a tick that woke late by its
-    own length or more counts nothing, since the replica was starved of CPU or its loop busy
-    elsewhere (and the answer may be sitting unread). A frozen Redis fails after the budget
+    counts only the part of it the event loop was on time for (`_on_time`): a tick that woke
+    late by its own length or more, beyond the timers' own slack, counts nothing, since the
+    replica was starved of CPU or its loop busy elsewhere (and the answer may be sitting
+    unread). A frozen Redis fails after the budget
     on an idle loop, and after at most LATE_GRACE_S more on a loop that is never on time.
     The call runs as a task of its own, so a call cut by the budget is cancelled without
     holding the decision while it unwinds; a caller cancelled (shutdown) cancels it too.
@@ -1043,7 +1055,7 @@ async def _within_budget(call: Awaitable[Any], budget_s: float) -> Any:
     def on_tick() -> None:
         nonlocal spent, started, handle
         now = loop.time()
-        spent += max(0.0, tick - (now - started - tick))
+        spent += _on_time(tick, now - started)
         if spent >= budget_s * 0.999 or now >= give_up:  # (float sums of ticks)
             wake()
         else:
