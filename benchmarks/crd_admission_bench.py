@@ -42,6 +42,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from operator_bench import idle_deployment  # noqa: E402
 from procstat import cpu_seconds  # noqa: E402
 
 from e2e import cluster as local_cluster  # noqa: E402
@@ -100,23 +101,7 @@ def objects(what: str, n: int) -> list[dict[str, Any]]:
             for i in range(n)
         ]
     if what == "deployments":
-        labels = {"app": "bench"}
-        return [
-            {
-                "apiVersion": "apps/v1",
-                "kind": "Deployment",
-                "metadata": {"name": f"m{i:04d}"},
-                "spec": {
-                    "replicas": 0,
-                    "selector": {"matchLabels": labels},
-                    "template": {
-                        "metadata": {"labels": labels},
-                        "spec": {"containers": [{"name": "c", "image": "busybox"}]},
-                    },
-                },
-            }
-            for i in range(n)
-        ]
+        return [idle_deployment(f"m{i:04d}", {"app": "bench"}) for i in range(n)]
     variant = what.removesuffix("-create")
     return [
         {

@@ -86,23 +86,25 @@ def unrelated_objects(n: int) -> list[dict[str, Any]]:
         }
         for i in range(n)
     ]
-    deployments = [
-        {
-            "apiVersion": "apps/v1",
-            "kind": "Deployment",
-            "metadata": {"name": f"d{i:05d}", "labels": labels},
-            "spec": {
-                "replicas": 0,
-                "selector": {"matchLabels": labels},
-                "template": {
-                    "metadata": {"labels": labels},
-                    "spec": {"containers": [{"name": "c", "image": "busybox"}]},
-                },
-            },
-        }
-        for i in range(n)
-    ]
+    deployments = [idle_deployment(f"d{i:05d}", labels) for i in range(n)]
     return pods + deployments
+
+
+def idle_deployment(name: str, labels: dict[str, str]) -> dict[str, Any]:
+    """A Deployment of 0 replicas: stored, watched and listed, never run."""
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {
+            "replicas": 0,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {"containers": [{"name": "c", "image": "busybox"}]},
+            },
+        },
+    }
 
 
 def settle(state: local_cluster.ClusterState, quiet_s: float = 5) -> int:

@@ -230,8 +230,7 @@ def _decode_json_data(data: Any, datatype: str, count: int, where: str) -> np.nd
     ):
         floats = _plain_floats(data, datatype)
         if floats is not None:
-            if _may_hold_booleans(floats) and bool in set(map(type, data)):
-                raise InvalidRequest(f"{where}: booleans given for datatype {datatype}")
+            _refuse_nulls_and_booleans(floats, data, datatype, where)
             if not np.isfinite(floats).all():
                 raise InvalidRequest(f"{where}: a value is out of range for datatype {datatype}")
             return floats

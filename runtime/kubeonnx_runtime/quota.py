@@ -365,9 +365,8 @@ class Decision:
 
     @property
     def windows(self) -> tuple[WindowState, ...]:
-        at = self.at
         return tuple(
-            WindowState(w, u, float((int(at // w.seconds) + 1) * w.seconds))
+            WindowState(w, u, _reset_at(w, self.at))
             for w, u in zip(self.budget.windows, self.used, strict=True)
         )
 
@@ -438,10 +437,10 @@ def _last_to_reset(budget: Budget, used: list[int], costs: list[int], now: float
     """Of the windows a refused request does not fit (`used`: each one's count before it),
     the one that resets last, counted from 1: its reset is the first time the request can
     be admitted, so it is what Retry-After and the refusal's message name."""
-    last, last_reset = 0, 0
+    last, last_reset = 0, 0.0
     for i, w in enumerate(budget.windows):
         if used[i] + costs[i] > w.limit:
-            reset = (int(now // w.seconds) + 1) * w.seconds
+            reset = _reset_at(w, now)
             if reset > last_reset:
                 last, last_reset = i + 1, reset
     return last
@@ -610,7 +609,7 @@ class Quota:
         self._script = redis_client.register_script(_CHECK_AND_COUNT) if redis_client else None
         self._refund = redis_client.register_script(_REFUND) if redis_client else None
         self._memory = MemoryCounters()
-        # Requests waiting for Redis, by tenant and limits: one sender task each at a time.
+        # Requests waiting for Redis, by tenant and Budget: one sender task each at a time.
         self._waiting: dict[tuple[str, int], tuple[Budget, list[_Waiting]]] = {}
         self._senders: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._failures = 0
